@@ -1,0 +1,145 @@
+//! `llmq publish`: send one request the way any AMQP client would, optionally waiting for
+//! its result through Direct Reply-to.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties,
+    options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions},
+    types::FieldTable,
+};
+use serde_json::json;
+
+use crate::{amqp, config::Config};
+
+/// The pseudo-queue of RabbitMQ's Direct Reply-to.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// What to send.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PublishArgs {
+    /// The prompt (a chat request), or the text to embed with `--embed`.
+    pub prompt: String,
+    /// AMQP priority, 0 to 10; higher goes first.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=10))]
+    pub priority: u8,
+    /// Wait for the result and print it (JSON) on stdout.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long `--wait` waits, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
+    /// Model to ask for (the worker's default otherwise).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Send an embedding request instead of a chat request.
+    #[arg(long)]
+    pub embed: bool,
+    /// The request id (a random one otherwise).
+    #[arg(long)]
+    pub request_id: Option<String>,
+}
+
+/// Why `llmq publish` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The broker could not be reached.
+    #[error(transparent)]
+    Connect(#[from] amqp::ConnectError),
+    /// A broker operation failed.
+    #[error("broker error: {0}")]
+    Broker(#[from] lapin::Error),
+    /// The broker did not take the request.
+    #[error("the broker did not confirm the request (is the topology declared? start a worker once)")]
+    NotConfirmed,
+    /// No result within the timeout.
+    #[error("no result within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Publishes one request; with `wait`, returns the result body.
+pub async fn publish(config: &Config, args: &PublishArgs) -> Result<(String, Option<String>), ClientError> {
+    let conn = amqp::connect(&config.amqp, "llmq publish").await?;
+    let channel = conn.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let topo = &config.topology;
+    let request_id = args
+        .request_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let (key, mut body) = if args.embed {
+        (&topo.embeddings_key, json!({"kind": "embedding", "input": args.prompt}))
+    } else {
+        (&topo.processing_key, json!({"prompt": args.prompt}))
+    };
+    body["request_id"] = json!(request_id);
+    if let Some(model) = &args.model {
+        body["model"] = json!(model);
+    }
+    let mut props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_priority(args.priority)
+        .with_message_id(request_id.as_str().into())
+        .with_correlation_id(request_id.as_str().into());
+    // Direct Reply-to: consume the pseudo-queue (no-ack) before publishing.
+    let mut replies = if args.wait {
+        props = props.with_reply_to(DIRECT_REPLY_TO.into());
+        Some(
+            channel
+                .basic_consume(
+                    DIRECT_REPLY_TO.into(),
+                    "llmq-publish".into(),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?,
+        )
+    } else {
+        None
+    };
+    let confirm = channel
+        .basic_publish(
+            topo.request_exchange.as_str().into(),
+            key.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body.to_string().as_bytes(),
+            props,
+        )
+        .await?
+        .await?;
+    if !matches!(confirm, lapin::Confirmation::Ack(None)) {
+        return Err(ClientError::NotConfirmed);
+    }
+    let Some(replies) = replies.as_mut() else {
+        let _ = conn.close(200, "done".into()).await;
+        return Ok((request_id, None));
+    };
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let wait = async {
+        while let Some(delivery) = replies.next().await {
+            let delivery = delivery?;
+            let matches = delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .is_some_and(|c| c.as_str() == request_id);
+            if matches {
+                return Ok(Some(String::from_utf8_lossy(&delivery.data).into_owned()));
+            }
+        }
+        Ok::<_, ClientError>(None)
+    };
+    let result = tokio::time::timeout(timeout, wait)
+        .await
+        .map_err(|_| ClientError::Timeout(timeout))??;
+    let _ = conn.close(200, "done".into()).await;
+    Ok((request_id, result))
+}

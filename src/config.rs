@@ -1,0 +1,671 @@
+//! Configuration: defaults, then a TOML file, then `LLMQ_*` environment variables.
+//!
+//! Every key has a default, so an empty file (or none) is a valid configuration. Nested keys
+//! map to environment variables with `__`: `worker.prefetch` is `LLMQ_WORKER__PREFETCH`.
+//! [`Config::load`] reports every problem at once (unknown keys, wrong types, values out of
+//! range), each naming its key; the binary exits 64 (EX_USAGE) on any of them.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Toml},
+    value::{Dict, Value},
+};
+use serde::{Deserialize, Deserializer, de::DeserializeOwned};
+
+/// The environment variable prefix; `__` separates nesting levels.
+pub const ENV_PREFIX: &str = "LLMQ_";
+
+/// The whole configuration of a worker (and of the built-in tools that talk to the broker).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Broker connection.
+    pub amqp: AmqpConfig,
+    /// Exchange, queue and routing-key names.
+    pub topology: TopologyConfig,
+    /// The OpenAI-compatible upstream.
+    pub llm: LlmConfig,
+    /// Consumers, prefetch, limits on messages.
+    pub worker: WorkerConfig,
+    /// Retries of transient upstream failures.
+    pub retry: RetryConfig,
+    /// Log format and filter.
+    pub log: LogConfig,
+}
+
+/// Broker connection settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// `amqp://` or `amqps://` URL; its password is redacted wherever it is printed.
+    pub url: AmqpUrl,
+    /// AMQP heartbeat, so a dead TCP connection is noticed within about two intervals.
+    pub heartbeat_secs: u16,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: AmqpUrl("amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+            heartbeat_secs: 10,
+        }
+    }
+}
+
+/// Names of everything the worker declares. Tests override them to run in parallel.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopologyConfig {
+    /// Direct exchange that callers publish requests to.
+    pub request_exchange: String,
+    /// Work queue for chat requests.
+    pub processing_queue: String,
+    /// Routing key binding `processing_queue` to `request_exchange`.
+    pub processing_key: String,
+    /// Work queue for embedding requests.
+    pub embeddings_queue: String,
+    /// Routing key binding `embeddings_queue` to `request_exchange`.
+    pub embeddings_key: String,
+    /// `x-max-priority` of both work queues. Clients that declare the queue themselves must
+    /// use the same value, so the default is the one common tutorials use.
+    pub max_priority: u8,
+    /// Direct exchange results are published to.
+    pub results_exchange: String,
+    /// Routing key of results on `results_exchange`.
+    pub results_key: String,
+    /// Durable queue that keeps results when nobody listens.
+    pub results_queue: String,
+    /// Whether to declare and bind `results_queue`. Off: results only reach `reply_to` and
+    /// whatever the users bind to `results_exchange` themselves.
+    pub keep_results: bool,
+    /// Direct exchange for dead letters (requests that cannot succeed).
+    pub dead_letter_exchange: String,
+    /// Queue that keeps dead letters.
+    pub dead_letter_queue: String,
+    /// Routing key of dead letters; the broker-side DLX policy uses the same one.
+    pub dead_letter_key: String,
+}
+
+impl Default for TopologyConfig {
+    fn default() -> Self {
+        Self {
+            request_exchange: "llm_requests".into(),
+            processing_queue: "llm_processing".into(),
+            processing_key: "process".into(),
+            embeddings_queue: "llm_embeddings".into(),
+            embeddings_key: "embed".into(),
+            max_priority: 10,
+            results_exchange: "llm_results".into(),
+            results_key: "result".into(),
+            results_queue: "llm_results".into(),
+            keep_results: true,
+            dead_letter_exchange: "llm_requests.dlx".into(),
+            dead_letter_queue: "llm_processing.dlq".into(),
+            dead_letter_key: "dead".into(),
+        }
+    }
+}
+
+/// The OpenAI-compatible upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlmConfig {
+    /// Base URL including `/v1`; requests go to `{base_url}/chat/completions` and
+    /// `{base_url}/embeddings`.
+    pub base_url: String,
+    /// Bearer token; empty falls back to `OPENAI_API_KEY`, and stays empty for servers that
+    /// need none (vLLM, Ollama).
+    pub api_key: Secret,
+    /// Chat model used when a request names none.
+    pub model: String,
+    /// Embedding model used when a request names none.
+    pub embedding_model: String,
+    /// Deadline of one upstream call. Keep it well under the broker's consumer timeout.
+    pub timeout_secs: u64,
+    /// Idle pooled connections kept per upstream host.
+    pub pool_max_idle: usize,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:8080/v1".into(),
+            api_key: Secret::default(),
+            model: "gpt-4o-mini".into(),
+            embedding_model: "text-embedding-3-small".into(),
+            timeout_secs: 60,
+            pool_max_idle: 256,
+        }
+    }
+}
+
+impl LlmConfig {
+    /// [`Self::timeout_secs`] as a duration.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+}
+
+/// Consumers and per-message limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Consumer tasks, each on its own channel.
+    pub consumers: u16,
+    /// `basic.qos` of each consumer: deliveries it holds at once. In flight per replica is at
+    /// most `consumers * prefetch` per work queue.
+    pub prefetch: u16,
+    /// Name of this worker in results and logs; empty means the host name.
+    pub id: String,
+    /// Bodies larger than this are dead-lettered as `too_large` without being parsed.
+    pub max_body_bytes: usize,
+    /// On SIGTERM, how long in-flight work may take to finish before it is handed back.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            consumers: 4,
+            prefetch: 32,
+            id: String::new(),
+            max_body_bytes: 1024 * 1024,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// The worker's name: [`Self::id`], else the host name, else `llmq-<pid>`.
+    pub fn worker_id(&self) -> String {
+        if !self.id.is_empty() {
+            return self.id.clone();
+        }
+        std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| format!("llmq-{}", std::process::id()))
+    }
+}
+
+/// Retries of transient failures (429, 5xx, timeouts, connection errors).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Upstream calls per request at most, the first one included.
+    pub max_attempts: u32,
+    /// First backoff delay; each later one doubles, with full jitter.
+    pub initial_delay_ms: u64,
+    /// Cap of one backoff delay (a longer `Retry-After` still wins).
+    pub max_delay_secs: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_delay_ms: 500,
+            max_delay_secs: 30,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log pipelines.
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter, e.g. `info` or `llmq=debug,lapin=warn`. `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info,lapin=warn".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A secret string: prints as `***` in `Debug` and `Display`, so it never reaches a log.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The value itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// Whether no secret is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// An AMQP URL whose password prints as `***` (`amqp://user:***@host:5672/%2f`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct AmqpUrl(String);
+
+impl AmqpUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+    /// The URL with its password, for the one place that connects.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// The URL as it may be printed.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for AmqpUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(AmqpUrl)
+    }
+}
+
+impl fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Replaces the password of a URL with `***`; a string that does not parse is hidden whole
+/// past its scheme, since it may still hold a password.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() && url.set_password(Some("***")).is_err() {
+                return format!("{}://***", url.scheme());
+            }
+            url.to_string()
+        }
+        Err(_) => match raw.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://***"),
+            None => "***".into(),
+        },
+    }
+}
+
+/// Every problem found in a configuration, each naming its key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .problems.join("\n  - "))]
+pub struct ConfigError {
+    /// One line per problem.
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    /// Loads defaults, then `path` (or `./config.toml` if it exists), then `LLMQ_*`
+    /// environment variables, then the `OPENAI_API_KEY` fallback.
+    ///
+    /// An explicit `path` that does not exist is an error; the implicit `./config.toml` is
+    /// optional.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut problems = Vec::new();
+        let file: Option<PathBuf> = match path {
+            Some(p) if !p.exists() => {
+                problems.push(format!("config file {}: not found", p.display()));
+                None
+            }
+            Some(p) => Some(p.to_path_buf()),
+            None => Some(PathBuf::from("config.toml")).filter(|p| p.exists()),
+        };
+        let mut figment = Figment::new();
+        if let Some(file) = &file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        let mut config = Self::from_figment(&figment, &mut problems);
+        if config.llm.api_key.is_empty()
+            && let Ok(key) = std::env::var("OPENAI_API_KEY")
+        {
+            config.llm.api_key = Secret::new(key);
+        }
+        problems.extend(config.validate());
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Extracts each section on its own, so that a problem in one does not hide the others.
+    fn from_figment(figment: &Figment, problems: &mut Vec<String>) -> Self {
+        let mut config = Config::default();
+        let root: Dict = match figment.extract() {
+            Ok(root) => root,
+            Err(e) => {
+                problems.push(e.to_string());
+                return config;
+            }
+        };
+        for (key, value) in &root {
+            match key.as_str() {
+                "amqp" => section(key, value, &mut config.amqp, problems),
+                "topology" => section(key, value, &mut config.topology, problems),
+                "llm" => section(key, value, &mut config.llm, problems),
+                "worker" => section(key, value, &mut config.worker, problems),
+                "retry" => section(key, value, &mut config.retry, problems),
+                "log" => section(key, value, &mut config.log, problems),
+                other => problems.push(format!(
+                    "{other} ({}): unknown key; sections are amqp, topology, llm, worker, retry, log",
+                    env_name(other)
+                )),
+            }
+        }
+        config
+    }
+
+    /// Checks values that parse but make no sense; one line per problem.
+    pub fn validate(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let mut check = |ok: bool, key: &str, msg: &str| {
+            if !ok {
+                p.push(format!("{key} ({}): {msg}", env_name(key)));
+            }
+        };
+        match url::Url::parse(self.amqp.url.expose()) {
+            Ok(u) => check(
+                matches!(u.scheme(), "amqp" | "amqps"),
+                "amqp.url",
+                &format!("scheme must be amqp or amqps, got {}", u.scheme()),
+            ),
+            Err(e) => check(
+                false,
+                "amqp.url",
+                &format!("not a URL ({e}): {}", self.amqp.url),
+            ),
+        }
+        match url::Url::parse(&self.llm.base_url) {
+            Ok(u) => check(
+                matches!(u.scheme(), "http" | "https"),
+                "llm.base_url",
+                &format!("scheme must be http or https, got {}", u.scheme()),
+            ),
+            Err(e) => check(
+                false,
+                "llm.base_url",
+                &format!("not a URL ({e}): {:?}", self.llm.base_url),
+            ),
+        }
+        check(!self.llm.model.is_empty(), "llm.model", "must not be empty");
+        check(
+            !self.llm.embedding_model.is_empty(),
+            "llm.embedding_model",
+            "must not be empty",
+        );
+        check(
+            (1..=3600).contains(&self.llm.timeout_secs),
+            "llm.timeout_secs",
+            "must be between 1 and 3600",
+        );
+        check(
+            (1..=1024).contains(&self.worker.consumers),
+            "worker.consumers",
+            "must be between 1 and 1024",
+        );
+        check(self.worker.prefetch >= 1, "worker.prefetch", "must be at least 1");
+        check(
+            self.worker.max_body_bytes >= 64,
+            "worker.max_body_bytes",
+            "must be at least 64",
+        );
+        check(
+            self.retry.max_attempts >= 1,
+            "retry.max_attempts",
+            "must be at least 1",
+        );
+        check(
+            self.retry.initial_delay_ms >= 1,
+            "retry.initial_delay_ms",
+            "must be at least 1",
+        );
+        check(
+            self.retry.max_delay_secs >= 1,
+            "retry.max_delay_secs",
+            "must be at least 1",
+        );
+        check(
+            self.topology.max_priority >= 1,
+            "topology.max_priority",
+            "must be between 1 and 255",
+        );
+        let t = &self.topology;
+        for (key, value) in [
+            ("topology.request_exchange", &t.request_exchange),
+            ("topology.processing_queue", &t.processing_queue),
+            ("topology.embeddings_queue", &t.embeddings_queue),
+            ("topology.results_exchange", &t.results_exchange),
+            ("topology.results_queue", &t.results_queue),
+            ("topology.dead_letter_exchange", &t.dead_letter_exchange),
+            ("topology.dead_letter_queue", &t.dead_letter_queue),
+        ] {
+            check(
+                !value.is_empty() && value.len() <= 255,
+                key,
+                "must be 1 to 255 bytes",
+            );
+            check(
+                !value.starts_with("amq."),
+                key,
+                "names starting with amq. are reserved by the broker",
+            );
+        }
+        check(
+            t.processing_queue != t.embeddings_queue,
+            "topology.embeddings_queue",
+            "must differ from topology.processing_queue",
+        );
+        check(
+            t.processing_key != t.embeddings_key,
+            "topology.embeddings_key",
+            "must differ from topology.processing_key",
+        );
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            check(false, "log.level", &format!("not a valid filter: {e}"));
+        }
+        p
+    }
+}
+
+/// Deserializes one section; on failure, finds every bad key by deserializing each key
+/// alone (all fields have defaults, so a one-key section fails only for that key).
+fn section<T: DeserializeOwned>(name: &str, value: &Value, out: &mut T, problems: &mut Vec<String>) {
+    match value.deserialize::<T>() {
+        Ok(v) => *out = v,
+        Err(_) => {
+            let Value::Dict(_, dict) = value else {
+                problems.push(format!(
+                    "{name} ({}): must be a table of keys",
+                    env_name(name)
+                ));
+                return;
+            };
+            for (key, v) in dict {
+                let mut one = Dict::new();
+                one.insert(key.clone(), v.clone());
+                if let Err(e) = Value::from(one).deserialize::<T>() {
+                    let full = format!("{name}.{key}");
+                    problems.push(format!("{full} ({}): {}", env_name(&full), e.kind));
+                }
+            }
+        }
+    }
+}
+
+/// `worker.prefetch` -> `LLMQ_WORKER__PREFETCH`.
+pub fn env_name(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.replace('.', "__").to_ascii_uppercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    /// Loads inside a jail (its own cwd and environment) with `file` as `./config.toml`.
+    fn problems(file: Option<&str>, vars: &[(&str, &str)]) -> Vec<String> {
+        let mut out = Vec::new();
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            if let Some(text) = file {
+                jail.create_file("config.toml", text)?;
+            }
+            for (k, v) in vars {
+                jail.set_env(k, v);
+            }
+            if let Err(e) = Config::load(None) {
+                out = e.problems;
+            }
+            Ok(())
+        });
+        out
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert!(problems(None, &[]).is_empty());
+        let c = Config::default();
+        assert_eq!(c.topology.request_exchange, "llm_requests");
+        assert_eq!(c.topology.max_priority, 10);
+        assert_eq!(c.worker.consumers, 4);
+        assert_eq!(c.worker.prefetch, 32);
+        assert_eq!(c.llm.timeout_secs, 60);
+        assert!(c.validate().is_empty());
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("c.toml", "[worker]\nprefetch = 7\nconsumers = 2\n")?;
+            jail.set_env("LLMQ_WORKER__PREFETCH", "9");
+            let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.worker.prefetch, 9);
+            assert_eq!(c.worker.consumers, 2);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn api_key_falls_back_to_openai_api_key() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("OPENAI_API_KEY", "sk-x");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.llm.api_key.expose(), "sk-x");
+            jail.set_env("LLMQ_LLM__API_KEY", "sk-y");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.llm.api_key.expose(), "sk-y");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let p = problems(
+            Some("[worker]\nprefetch = \"many\"\nconsumers = -1\nbogus = 1\n[nope]\nx = 1\n"),
+            &[
+                ("LLMQ_LLM__BASE_URL", "not a url"),
+                ("LLMQ_RETRY__MAX_ATTEMPTS", "0"),
+            ],
+        );
+        let all = p.join("\n");
+        assert!(all.contains("worker.prefetch (LLMQ_WORKER__PREFETCH)"), "{all}");
+        assert!(all.contains("worker.consumers"), "{all}");
+        assert!(all.contains("worker.bogus"), "{all}");
+        assert!(all.contains("nope"), "{all}");
+        assert!(all.contains("llm.base_url"), "{all}");
+        assert!(all.contains("retry.max_attempts"), "{all}");
+        assert_eq!(p.len(), 6, "{all}");
+    }
+
+    #[test]
+    fn range_rules() {
+        let cases = [
+            ("LLMQ_WORKER__CONSUMERS", "0", "worker.consumers"),
+            ("LLMQ_WORKER__PREFETCH", "0", "worker.prefetch"),
+            ("LLMQ_LLM__TIMEOUT_SECS", "0", "llm.timeout_secs"),
+            ("LLMQ_AMQP__URL", "http://x", "amqp.url"),
+            ("LLMQ_LLM__MODEL", "", "llm.model"),
+            ("LLMQ_TOPOLOGY__PROCESSING_QUEUE", "amq.x", "topology.processing_queue"),
+            ("LLMQ_TOPOLOGY__EMBEDDINGS_KEY", "process", "topology.embeddings_key"),
+            ("LLMQ_LOG__FORMAT", "xml", "log.format"),
+            ("LLMQ_LOG__LEVEL", "[[[", "log.level"),
+            ("LLMQ_WORKER__MAX_BODY_BYTES", "1", "worker.max_body_bytes"),
+        ];
+        for (var, value, key) in cases {
+            let p = problems(None, &[(var, value)]);
+            assert!(p.len() == 1 && p[0].starts_with(key), "{var}={value}: {p:?}");
+        }
+    }
+
+    #[test]
+    fn explicit_missing_file_is_an_error() {
+        let e = Config::load(Some(Path::new("/nonexistent/llmq.toml"))).expect_err("missing");
+        assert!(e.problems[0].contains("not found"), "{e}");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("LLMQ_AMQP__URL", "amqp://user:canary-pw@host:5672/%2f");
+            jail.set_env("LLMQ_LLM__API_KEY", "sk-canary");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            let printed = format!("{c:?} {} {}", c.amqp.url, c.llm.api_key);
+            assert!(!printed.contains("canary"), "{printed}");
+            assert!(printed.contains("amqp://user:***@host:5672/%2f"), "{printed}");
+            Ok(())
+        });
+        let bad = problems(None, &[("LLMQ_AMQP__URL", "amqp://u:canary-pw@[bad/")]).join(" ");
+        assert!(!bad.contains("canary"), "{bad}");
+    }
+}

@@ -1,0 +1,287 @@
+//! The upstream: an OpenAI-compatible HTTP API (OpenAI, vLLM, Ollama, LiteLLM, the mock).
+//!
+//! Every failure is classified here, once: [`LlmError::Transient`] (429, 408, 409, 5xx,
+//! timeouts, connection errors; retried, no sooner than `Retry-After`) or
+//! [`LlmError::Permanent`] (other 4xx, answers that do not parse; dead-lettered at once).
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::{StatusCode, header};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use crate::config::{LlmConfig, Secret};
+
+/// Longest error text kept from an upstream answer.
+const MAX_ERROR_TEXT: usize = 1024;
+
+/// A failed upstream call, classified.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LlmError {
+    /// Worth retrying later.
+    #[error("transient upstream failure: {message}")]
+    Transient {
+        /// What happened.
+        message: String,
+        /// The upstream's `Retry-After`, if it gave one.
+        retry_after: Option<Duration>,
+    },
+    /// Will fail the same way every time.
+    #[error("permanent upstream failure: {message}")]
+    Permanent {
+        /// What happened.
+        message: String,
+    },
+}
+
+impl LlmError {
+    /// Whether a retry may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, LlmError::Transient { .. })
+    }
+    /// The upstream's `Retry-After`, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            LlmError::Transient { retry_after, .. } => *retry_after,
+            LlmError::Permanent { .. } => None,
+        }
+    }
+}
+
+/// What a chat completion returned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatAnswer {
+    /// The first choice's text (empty when the model answered only with tool calls).
+    pub content: String,
+    /// The model that answered, as the upstream names it.
+    pub model: String,
+    /// Token usage as reported.
+    pub usage: Option<Value>,
+    /// Why generation stopped.
+    pub finish_reason: Option<String>,
+}
+
+/// What an embeddings call returned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingAnswer {
+    /// One vector per input, in input order.
+    pub vectors: Vec<Vec<f32>>,
+    /// The model that answered.
+    pub model: String,
+    /// Token usage as reported.
+    pub usage: Option<Value>,
+}
+
+/// A pooled HTTP client for one upstream.
+#[derive(Clone)]
+pub struct LlmClient {
+    http: reqwest::Client,
+    chat_url: String,
+    embeddings_url: String,
+    api_key: Secret,
+}
+
+impl LlmClient {
+    /// Builds the client: pooled keep-alive connections, the configured timeout.
+    pub fn new(cfg: &LlmConfig) -> Result<Self, reqwest::Error> {
+        crate::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .timeout(cfg.timeout())
+            .connect_timeout(Duration::from_secs(10).min(cfg.timeout()))
+            .pool_max_idle_per_host(cfg.pool_max_idle)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .user_agent(concat!("llmq/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let base = cfg.base_url.trim_end_matches('/');
+        Ok(Self {
+            http,
+            chat_url: format!("{base}/chat/completions"),
+            embeddings_url: format!("{base}/embeddings"),
+            api_key: cfg.api_key.clone(),
+        })
+    }
+
+    /// `POST {base_url}/chat/completions`.
+    pub async fn chat(
+        &self,
+        model: &str,
+        messages: &[Value],
+        params: &Map<String, Value>,
+    ) -> Result<ChatAnswer, LlmError> {
+        let mut body = params.clone();
+        body.insert("model".into(), json!(model));
+        body.insert("messages".into(), json!(messages));
+        let answer: ChatResponse = self.post(&self.chat_url, &body).await?;
+        let choice = answer.choices.into_iter().next().ok_or_else(|| LlmError::Permanent {
+            message: "upstream answer has no choices".into(),
+        })?;
+        Ok(ChatAnswer {
+            content: choice.message.content.unwrap_or_default(),
+            model: answer.model.unwrap_or_else(|| model.to_string()),
+            usage: answer.usage,
+            finish_reason: choice.finish_reason,
+        })
+    }
+
+    /// `POST {base_url}/embeddings`.
+    pub async fn embed(
+        &self,
+        model: &str,
+        input: &[String],
+        params: &Map<String, Value>,
+    ) -> Result<EmbeddingAnswer, LlmError> {
+        let mut body = params.clone();
+        body.insert("model".into(), json!(model));
+        body.insert("input".into(), json!(input));
+        let answer: EmbeddingResponse = self.post(&self.embeddings_url, &body).await?;
+        let mut data = answer.data;
+        if data.len() != input.len() {
+            return Err(LlmError::Permanent {
+                message: format!(
+                    "upstream returned {} embeddings for {} inputs",
+                    data.len(),
+                    input.len()
+                ),
+            });
+        }
+        data.sort_by_key(|d| d.index);
+        Ok(EmbeddingAnswer {
+            vectors: data.into_iter().map(|d| d.embedding).collect(),
+            model: answer.model.unwrap_or_else(|| model.to_string()),
+            usage: answer.usage,
+        })
+    }
+
+    async fn post<T: for<'de> Deserialize<'de>>(
+        &self,
+        url: &str,
+        body: &Map<String, Value>,
+    ) -> Result<T, LlmError> {
+        let mut req = self.http.post(url).json(body);
+        if !self.api_key.is_empty() {
+            req = req.bearer_auth(self.api_key.expose());
+        }
+        let resp = req.send().await.map_err(classify_reqwest)?;
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let bytes = resp.bytes().await.map_err(classify_reqwest)?;
+        if !status.is_success() {
+            let text = crate::truncate(&String::from_utf8_lossy(&bytes), MAX_ERROR_TEXT).to_string();
+            let message = format!("HTTP {status}: {text}");
+            return Err(if is_transient_status(status) {
+                LlmError::Transient {
+                    message,
+                    retry_after,
+                }
+            } else {
+                LlmError::Permanent { message }
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| LlmError::Permanent {
+            message: format!("unparseable upstream answer: {e}"),
+        })
+    }
+}
+
+/// 429, 408, 409 and 5xx may succeed later; every other failure status will not.
+pub fn is_transient_status(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 408 | 409 | 429) || status.is_server_error()
+}
+
+fn classify_reqwest(e: reqwest::Error) -> LlmError {
+    // Timeouts, refused or reset connections and broken bodies are all worth a retry; the
+    // URL is left out because it may carry credentials.
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    let mut message = kind.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    LlmError::Transient {
+        message,
+        retry_after: None,
+    }
+}
+
+/// `Retry-After` as seconds or as an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+#[derive(Deserialize)]
+struct ChatResponse {
+    model: Option<String>,
+    choices: Vec<ChatChoice>,
+    usage: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct ChatChoice {
+    message: ChatMessage,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct EmbeddingResponse {
+    model: Option<String>,
+    data: Vec<EmbeddingData>,
+    usage: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct EmbeddingData {
+    #[serde(default)]
+    index: usize,
+    embedding: Vec<f32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_classes() {
+        for s in [429, 408, 409, 500, 502, 503, 504] {
+            assert!(is_transient_status(StatusCode::from_u16(s).expect("status")), "{s}");
+        }
+        for s in [400, 401, 403, 404, 413, 422] {
+            assert!(!is_transient_status(StatusCode::from_u16(s).expect("status")), "{s}");
+        }
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after("0.5"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_retry_after("-1"), None);
+        let later = SystemTime::now() + Duration::from_secs(120);
+        let d = parse_retry_after(&httpdate::fmt_http_date(later)).expect("date");
+        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+}

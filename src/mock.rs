@@ -1,0 +1,293 @@
+//! `llmq mock-llm`: a deterministic OpenAI-compatible upstream for local runs, docker
+//! compose and the tests.
+//!
+//! `/v1/chat/completions` answers `mock reply to: <last message>`, `/v1/embeddings` answers a
+//! vector derived from each input's hash, `/v1/models` lists `mock-model`. Latency and
+//! failures are injectable, and can be changed while it runs (the tests do), and it counts
+//! what it served.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Dimensions of the mock's embedding vectors.
+pub const EMBEDDING_DIMS: usize = 8;
+
+/// How the mock behaves.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MockOptions {
+    /// Delay before every answer, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Extra delay per embedding input, in microseconds (batched calls cost more).
+    #[arg(long, default_value_t = 0)]
+    pub per_item_us: u64,
+    /// Fraction of calls that fail, spread evenly and deterministically (0.25 = every 4th).
+    #[arg(long, default_value_t = 0.0)]
+    pub error_rate: f64,
+    /// The status of injected failures.
+    #[arg(long, default_value_t = 500)]
+    pub status: u16,
+    /// `Retry-After` seconds sent with injected failures.
+    #[arg(long)]
+    pub retry_after: Option<u64>,
+    /// Require this bearer token (401 otherwise).
+    #[arg(long)]
+    pub require_key: Option<String>,
+    /// Keep every prompt in [`MockStats::prompts`] (tests; unbounded, so off by default).
+    #[arg(skip)]
+    pub record_prompts: bool,
+}
+
+impl Default for MockOptions {
+    fn default() -> Self {
+        Self {
+            latency_ms: 0,
+            per_item_us: 0,
+            error_rate: 0.0,
+            status: 500,
+            retry_after: None,
+            require_key: None,
+            record_prompts: false,
+        }
+    }
+}
+
+/// What the mock has served.
+#[derive(Debug, Default)]
+pub struct MockStats {
+    /// Chat completion calls, failed ones included.
+    pub chat_calls: AtomicU64,
+    /// Embedding calls, failed ones included.
+    pub embedding_calls: AtomicU64,
+    /// Embedding inputs over all calls.
+    pub embedding_items: AtomicU64,
+    /// Injected failures.
+    pub failures: AtomicU64,
+    /// Prompts seen, in arrival order (last user message of each chat call).
+    pub prompts: std::sync::Mutex<Vec<String>>,
+}
+
+struct MockState {
+    options: RwLock<MockOptions>,
+    stats: Arc<MockStats>,
+    calls: AtomicU64,
+}
+
+/// A running mock, stopped when dropped.
+pub struct MockServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    state: Arc<MockState>,
+    stop: CancellationToken,
+}
+
+impl MockServer {
+    /// Binds `addr` (port 0 picks a free one) and serves in the background.
+    pub async fn start(addr: SocketAddr, options: MockOptions) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(MockState {
+            options: RwLock::new(options),
+            stats: Arc::default(),
+            calls: AtomicU64::new(0),
+        });
+        let stop = CancellationToken::new();
+        let app = router(state.clone());
+        let token = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await;
+        });
+        Ok(Self { addr, state, stop })
+    }
+
+    /// `http://addr/v1`, the worker's `llm.base_url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// What it served so far.
+    pub fn stats(&self) -> &MockStats {
+        &self.state.stats
+    }
+
+    /// Changes its behaviour from now on.
+    pub fn set_options(&self, options: MockOptions) {
+        if let Ok(mut o) = self.state.options.write() {
+            *o = options;
+        }
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn router(state: Arc<MockState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .with_state(state)
+}
+
+/// Checks the key, waits the latency, and decides whether this call fails.
+async fn gate(state: &MockState, headers: &HeaderMap, items: u64) -> Option<Response> {
+    let options = match state.options.read() {
+        Ok(o) => o.clone(),
+        Err(_) => MockOptions::default(),
+    };
+    if let Some(key) = &options.require_key {
+        let expected = format!("Bearer {key}");
+        if headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) != Some(&expected) {
+            let body = json!({"error": {"message": "invalid api key", "type": "invalid_request_error"}});
+            return Some((StatusCode::UNAUTHORIZED, Json(body)).into_response());
+        }
+    }
+    let delay = Duration::from_millis(options.latency_ms)
+        + Duration::from_micros(options.per_item_us.saturating_mul(items));
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let n = state.calls.fetch_add(1, Ordering::Relaxed);
+    let rate = options.error_rate.clamp(0.0, 1.0);
+    // Fails call n when the running count of failures due steps up: evenly spread, no RNG.
+    let fail = ((n + 1) as f64 * rate).floor() > (n as f64 * rate).floor();
+    if !fail {
+        return None;
+    }
+    state.stats.failures.fetch_add(1, Ordering::Relaxed);
+    let status = StatusCode::from_u16(options.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = json!({"error": {"message": format!("injected failure {status}"), "type": "mock_error"}});
+    let mut response = (status, Json(body)).into_response();
+    if let Some(secs) = options.retry_after
+        && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    Some(response)
+}
+
+async fn chat(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    state.stats.chat_calls.fetch_add(1, Ordering::Relaxed);
+    let last = body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .map(|m| match &m["content"] {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .unwrap_or_default();
+    let record = state.options.read().map(|o| o.record_prompts).unwrap_or(false);
+    if record && let Ok(mut prompts) = state.stats.prompts.lock() {
+        prompts.push(last.clone());
+    }
+    if let Some(failure) = gate(&state, &headers, 1).await {
+        return failure;
+    }
+    let content = format!("mock reply to: {last}");
+    let prompt_tokens = body["messages"].to_string().len() / 4;
+    let completion_tokens = content.len() / 4;
+    Json(json!({
+        "id": "chatcmpl-mock",
+        "object": "chat.completion",
+        "created": 0,
+        "model": body["model"].as_str().unwrap_or("mock-model"),
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "finish_reason": "stop"
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens
+        }
+    }))
+    .into_response()
+}
+
+async fn embeddings(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let inputs: Vec<String> = match &body["input"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+            .collect(),
+        _ => {
+            let body = json!({"error": {"message": "input must be a string or a list", "type": "invalid_request_error"}});
+            return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+        }
+    };
+    state.stats.embedding_calls.fetch_add(1, Ordering::Relaxed);
+    state
+        .stats
+        .embedding_items
+        .fetch_add(inputs.len() as u64, Ordering::Relaxed);
+    if let Some(failure) = gate(&state, &headers, inputs.len() as u64).await {
+        return failure;
+    }
+    let tokens: usize = inputs.iter().map(|s| s.len() / 4 + 1).sum();
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| json!({"object": "embedding", "index": i, "embedding": mock_embedding(s)}))
+        .collect();
+    Json(json!({
+        "object": "list",
+        "model": body["model"].as_str().unwrap_or("mock-embedding"),
+        "data": data,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens}
+    }))
+    .into_response()
+}
+
+async fn models() -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [
+            {"id": "mock-model", "object": "model", "owned_by": "llmq"},
+            {"id": "mock-embedding", "object": "model", "owned_by": "llmq"}
+        ]
+    }))
+}
+
+/// The deterministic vector the mock returns for `input`: [`EMBEDDING_DIMS`] values in
+/// [-1, 1] from its SHA-256.
+pub fn mock_embedding(input: &str) -> Vec<f32> {
+    let digest = Sha256::digest(input.as_bytes());
+    digest
+        .iter()
+        .take(EMBEDDING_DIMS)
+        .map(|b| (f32::from(*b) / 127.5) - 1.0)
+        .collect()
+}

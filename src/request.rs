@@ -1,0 +1,512 @@
+//! The request contract: a message body and its AMQP properties parsed into a [`Job`].
+//!
+//! Accepted bodies (JSON objects; unknown fields are ignored):
+//! - the seed form `{"prompt": "...", "timestamp": 1732000000.0}`;
+//! - the full chat form `{"request_id", "model", "messages" | "prompt", "system",
+//!   "max_tokens", "temperature", "params", "metadata"}`;
+//! - embeddings `{"kind": "embedding", "input": "text" | ["a", "b"], "model"}`.
+//!
+//! Anything else is an [`InvalidRequest`] with a reason precise enough to fix the sender.
+
+use lapin::{BasicProperties, types::AMQPValue};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// Longest `request_id` accepted (it becomes the AMQP `message_id`, a short string).
+const MAX_REQUEST_ID: usize = 255;
+/// Most embedding inputs in one request (the OpenAI limit).
+const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// What kind of upstream call a request needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `/chat/completions`.
+    Chat,
+    /// `/embeddings`.
+    Embedding,
+}
+
+impl Kind {
+    /// The name used in results and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Chat => "chat",
+            Kind::Embedding => "embedding",
+        }
+    }
+}
+
+/// A validated request, ready for the upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// Stable id: the body's, else the AMQP `message_id`, else derived from the content.
+    pub request_id: String,
+    /// Model asked for, if any (the configured default applies otherwise).
+    pub model: Option<String>,
+    /// The call to make.
+    pub call: Call,
+    /// Echoed back in the result untouched.
+    pub metadata: Option<Value>,
+    /// Where the caller waits for its result, if anywhere.
+    pub reply_to: Option<String>,
+    /// Copied to the result's `correlation_id` (defaults to `request_id`).
+    pub correlation_id: Option<String>,
+    /// AMQP priority, 0 when absent.
+    pub priority: u8,
+}
+
+impl Job {
+    /// The kind of call.
+    pub fn kind(&self) -> Kind {
+        match self.call {
+            Call::Chat { .. } => Kind::Chat,
+            Call::Embedding { .. } => Kind::Embedding,
+        }
+    }
+}
+
+/// The upstream call a job makes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Call {
+    /// A chat completion.
+    Chat {
+        /// OpenAI-style messages, system prompt first when one was given.
+        messages: Vec<Value>,
+        /// Extra body fields: `max_tokens`, `temperature` and everything in `params`.
+        params: Map<String, Value>,
+    },
+    /// Embeddings of one or several inputs.
+    Embedding {
+        /// The texts.
+        input: Vec<String>,
+        /// Whether the caller sent a single string (the result then has `embedding`, not
+        /// `embeddings`).
+        single: bool,
+        /// Extra body fields from `params`.
+        params: Map<String, Value>,
+    },
+}
+
+/// Why a message can never be processed; it goes to the dead-letter queue with this reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct InvalidRequest {
+    /// `invalid_request` or `too_large`.
+    pub kind: &'static str,
+    /// What is wrong, naming the field where there is one.
+    pub message: String,
+}
+
+impl InvalidRequest {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            kind: "invalid_request",
+            message: message.into(),
+        }
+    }
+}
+
+/// The body as sent; every field optional so that each absence gets its own message.
+#[derive(Deserialize)]
+struct RawRequest {
+    request_id: Option<String>,
+    kind: Option<String>,
+    model: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Vec<RawMessage>>,
+    system: Option<String>,
+    max_tokens: Option<u32>,
+    temperature: Option<f64>,
+    params: Option<Map<String, Value>>,
+    metadata: Option<Value>,
+    input: Option<RawInput>,
+}
+
+#[derive(Deserialize)]
+struct RawMessage {
+    role: String,
+    #[serde(default)]
+    content: Value,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
+
+/// Parses one delivery. `default_kind` is the kind its queue implies when the body names none.
+pub fn parse(
+    body: &[u8],
+    props: &BasicProperties,
+    default_kind: Kind,
+    max_body_bytes: usize,
+) -> Result<Job, InvalidRequest> {
+    if body.len() > max_body_bytes {
+        return Err(InvalidRequest {
+            kind: "too_large",
+            message: format!(
+                "body is {} bytes, over worker.max_body_bytes = {max_body_bytes}",
+                body.len()
+            ),
+        });
+    }
+    if let Some(ct) = props.content_type() {
+        let ct = ct.as_str().to_ascii_lowercase();
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if !essence.is_empty() && essence != "application/json" && !essence.ends_with("+json") {
+            return Err(InvalidRequest::new(format!(
+                "content-type {essence:?} is not JSON; send application/json"
+            )));
+        }
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(InvalidRequest::new("empty body; expected a JSON object"));
+    }
+    let text = std::str::from_utf8(body).map_err(|e| {
+        InvalidRequest::new(format!(
+            "body is not UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ))
+    })?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| InvalidRequest::new(format!("invalid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(InvalidRequest::new(format!(
+            "body must be a JSON object, got {}",
+            json_type(&value)
+        )));
+    }
+    let raw: RawRequest = serde_path_to_error::deserialize(&value).map_err(|e| {
+        let path = e.path().to_string();
+        InvalidRequest::new(format!("field `{path}`: {}", e.into_inner()))
+    })?;
+
+    let kind = match raw.kind.as_deref() {
+        None => default_kind,
+        Some("chat") => Kind::Chat,
+        Some("embedding" | "embeddings") => Kind::Embedding,
+        Some(other) => {
+            return Err(InvalidRequest::new(format!(
+                "unknown kind {other:?}; expected \"chat\" or \"embedding\""
+            )));
+        }
+    };
+    let request_id = match raw.request_id {
+        Some(id) if id.is_empty() => {
+            return Err(InvalidRequest::new("field `request_id`: must not be empty"));
+        }
+        Some(id) if id.len() > MAX_REQUEST_ID => {
+            return Err(InvalidRequest::new(format!(
+                "field `request_id`: {} bytes, at most {MAX_REQUEST_ID}",
+                id.len()
+            )));
+        }
+        Some(id) => id,
+        None => fallback_request_id(body, props),
+    };
+    if let Some(model) = &raw.model
+        && model.is_empty()
+    {
+        return Err(InvalidRequest::new("field `model`: must not be empty"));
+    }
+    let mut params = raw.params.unwrap_or_default();
+    let call = match kind {
+        Kind::Chat => {
+            if raw.input.is_some() && raw.prompt.is_none() && raw.messages.is_none() {
+                return Err(InvalidRequest::new(
+                    "chat request has `input` but no `prompt` or `messages`; \
+                     set \"kind\": \"embedding\" for embeddings",
+                ));
+            }
+            let mut messages = Vec::new();
+            if let Some(system) = raw.system {
+                messages.push(serde_json::json!({"role": "system", "content": system}));
+            }
+            match (raw.prompt, raw.messages) {
+                (Some(_), Some(_)) => {
+                    return Err(InvalidRequest::new(
+                        "give either `prompt` or `messages`, not both",
+                    ));
+                }
+                (None, None) => {
+                    return Err(InvalidRequest::new(
+                        "missing `prompt` (a string) or `messages` (a list of {role, content})",
+                    ));
+                }
+                (Some(prompt), None) => {
+                    if prompt.trim().is_empty() {
+                        return Err(InvalidRequest::new("field `prompt`: must not be empty"));
+                    }
+                    messages.push(serde_json::json!({"role": "user", "content": prompt}));
+                }
+                (None, Some(list)) => {
+                    if list.is_empty() {
+                        return Err(InvalidRequest::new("field `messages`: must not be empty"));
+                    }
+                    for (i, m) in list.into_iter().enumerate() {
+                        messages.push(check_message(i, m)?);
+                    }
+                }
+            }
+            if let Some(max_tokens) = raw.max_tokens {
+                params.insert("max_tokens".into(), max_tokens.into());
+            }
+            if let Some(t) = raw.temperature {
+                if !(0.0..=2.0).contains(&t) {
+                    return Err(InvalidRequest::new(format!(
+                        "field `temperature`: {t} is outside 0..=2"
+                    )));
+                }
+                params.insert("temperature".into(), t.into());
+            }
+            Call::Chat { messages, params }
+        }
+        Kind::Embedding => {
+            let (input, single) = match raw.input {
+                None => {
+                    return Err(InvalidRequest::new(
+                        "missing `input` (a string or a list of strings) for an embedding",
+                    ));
+                }
+                Some(RawInput::One(s)) => (vec![s], true),
+                Some(RawInput::Many(v)) => (v, false),
+            };
+            if input.is_empty() {
+                return Err(InvalidRequest::new("field `input`: must not be empty"));
+            }
+            if input.len() > MAX_EMBEDDING_INPUTS {
+                return Err(InvalidRequest::new(format!(
+                    "field `input`: {} items, at most {MAX_EMBEDDING_INPUTS}",
+                    input.len()
+                )));
+            }
+            if let Some(i) = input.iter().position(|s| s.is_empty()) {
+                return Err(InvalidRequest::new(format!(
+                    "field `input[{i}]`: must not be empty"
+                )));
+            }
+            Call::Embedding {
+                input,
+                single,
+                params,
+            }
+        }
+    };
+    for reserved in ["model", "messages", "input", "stream"] {
+        if let Call::Chat { params, .. } | Call::Embedding { params, .. } = &call
+            && params.contains_key(reserved)
+        {
+            return Err(InvalidRequest::new(format!(
+                "field `params.{reserved}`: set by llmq, not allowed in params"
+            )));
+        }
+    }
+    Ok(Job {
+        request_id,
+        model: raw.model,
+        call,
+        metadata: raw.metadata,
+        reply_to: props
+            .reply_to()
+            .as_ref()
+            .map(|s| s.to_string())
+            .filter(|s| !s.is_empty()),
+        correlation_id: props
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .filter(|s| !s.is_empty()),
+        priority: props.priority().unwrap_or(0),
+    })
+}
+
+fn check_message(i: usize, m: RawMessage) -> Result<Value, InvalidRequest> {
+    if !ROLES.contains(&m.role.as_str()) {
+        return Err(InvalidRequest::new(format!(
+            "field `messages[{i}].role`: {:?} is not one of {}",
+            m.role,
+            ROLES.join(", ")
+        )));
+    }
+    let has_tool_calls = m.rest.contains_key("tool_calls");
+    match &m.content {
+        Value::String(_) | Value::Array(_) => {}
+        Value::Null if m.role == "assistant" && has_tool_calls => {}
+        Value::Null => {
+            return Err(InvalidRequest::new(format!(
+                "field `messages[{i}].content`: missing"
+            )));
+        }
+        other => {
+            return Err(InvalidRequest::new(format!(
+                "field `messages[{i}].content`: expected a string or a list of parts, got {}",
+                json_type(other)
+            )));
+        }
+    }
+    let mut out = m.rest;
+    out.insert("role".into(), Value::String(m.role));
+    out.insert("content".into(), m.content);
+    Ok(Value::Object(out))
+}
+
+/// The id of a message whose body names none: its `message_id`, else a digest of the body,
+/// so that a redelivered copy maps to the same id.
+pub fn fallback_request_id(body: &[u8], props: &BasicProperties) -> String {
+    if let Some(id) = props.message_id().as_ref().filter(|s| !s.as_str().is_empty()) {
+        return id.to_string();
+    }
+    let digest = Sha256::digest(body);
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256-{hex}")
+}
+
+/// Best-effort id of a message that failed to parse, for its dead letter and error result.
+pub fn request_id_of_invalid(body: &[u8], props: &BasicProperties) -> String {
+    #[derive(Deserialize)]
+    struct OnlyId {
+        request_id: Option<String>,
+    }
+    serde_json::from_slice::<OnlyId>(body)
+        .ok()
+        .and_then(|o| o.request_id)
+        .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID)
+        .unwrap_or_else(|| fallback_request_id(body, props))
+}
+
+/// Reads an integer header (any AMQP integer type), e.g. an attempt count.
+pub fn header_u32(props: &BasicProperties, name: &str) -> Option<u32> {
+    let value = props.headers().as_ref()?.inner().get(name)?;
+    let n: i64 = match value {
+        AMQPValue::ShortShortInt(v) => (*v).into(),
+        AMQPValue::ShortShortUInt(v) => (*v).into(),
+        AMQPValue::ShortInt(v) => (*v).into(),
+        AMQPValue::ShortUInt(v) => (*v).into(),
+        AMQPValue::LongInt(v) => (*v).into(),
+        AMQPValue::LongUInt(v) => (*v).into(),
+        AMQPValue::LongLongInt(v) => *v,
+        _ => return None,
+    };
+    u32::try_from(n).ok()
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props() -> BasicProperties {
+        BasicProperties::default()
+    }
+
+    fn ok(body: &str) -> Job {
+        parse(body.as_bytes(), &props(), Kind::Chat, 1 << 20).expect("valid request")
+    }
+
+    fn err(body: &[u8]) -> String {
+        parse(body, &props(), Kind::Chat, 1 << 20)
+            .expect_err("invalid request")
+            .message
+    }
+
+    #[test]
+    fn seed_form_works_as_is() {
+        let job = ok(r#"{"prompt": "Hello", "timestamp": 1732000000.0}"#);
+        assert_eq!(job.kind(), Kind::Chat);
+        let Call::Chat { messages, params } = &job.call else {
+            panic!("chat expected")
+        };
+        assert_eq!(messages, &vec![serde_json::json!({"role":"user","content":"Hello"})]);
+        assert!(params.is_empty());
+        assert!(job.request_id.starts_with("sha256-"));
+        // A redelivered copy maps to the same id.
+        assert_eq!(job.request_id, ok(r#"{"prompt": "Hello", "timestamp": 1732000000.0}"#).request_id);
+    }
+
+    #[test]
+    fn full_form() {
+        let job = ok(r#"{"request_id":"r1","model":"m","system":"be brief",
+            "messages":[{"role":"user","content":"hi"}],"max_tokens":5,"temperature":0.5,
+            "params":{"top_p":0.9},"metadata":{"k":[1]}}"#);
+        assert_eq!(job.request_id, "r1");
+        assert_eq!(job.model.as_deref(), Some("m"));
+        assert_eq!(job.metadata, Some(serde_json::json!({"k":[1]})));
+        let Call::Chat { messages, params } = &job.call else {
+            panic!("chat expected")
+        };
+        assert_eq!(messages.len(), 2);
+        assert_eq!(messages[0]["role"], "system");
+        assert_eq!(params["max_tokens"], 5);
+        assert_eq!(params["top_p"], 0.9);
+    }
+
+    #[test]
+    fn embeddings() {
+        let job = ok(r#"{"kind":"embedding","input":["a","b"]}"#);
+        assert_eq!(
+            job.call,
+            Call::Embedding { input: vec!["a".into(), "b".into()], single: false, params: Map::new() }
+        );
+        let job = parse(br#"{"input":"a"}"#, &props(), Kind::Embedding, 1024).expect("valid");
+        assert!(matches!(job.call, Call::Embedding { single: true, .. }));
+    }
+
+    #[test]
+    fn ids_come_from_body_then_message_id() {
+        let p = BasicProperties::default().with_message_id("m-1".into());
+        let job = parse(br#"{"prompt":"x"}"#, &p, Kind::Chat, 1024).expect("valid");
+        assert_eq!(job.request_id, "m-1");
+        let job = parse(br#"{"prompt":"x","request_id":"b-1"}"#, &p, Kind::Chat, 1024).expect("valid");
+        assert_eq!(job.request_id, "b-1");
+    }
+
+    #[test]
+    fn bad_input_has_precise_reasons() {
+        assert!(err(b"{\"prompt\": \n  nope}").contains("line 2 column"));
+        assert!(err(b"").contains("empty body"));
+        assert!(err(b"\xff\xfe{}").contains("not UTF-8"));
+        assert!(err(b"[1,2]").contains("got an array"));
+        assert!(err(b"{}").contains("missing `prompt`"));
+        assert!(err(br#"{"prompt": 5}"#).contains("field `prompt`"));
+        assert!(err(br#"{"max_tokens": "5", "prompt": "x"}"#).contains("field `max_tokens`"));
+        assert!(err(br#"{"kind":"image","prompt":"x"}"#).contains("unknown kind"));
+        assert!(err(br#"{"messages":[{"role":"wizard","content":"x"}]}"#).contains("messages[0].role"));
+        assert!(err(br#"{"messages":[{"role":"user","content":5}]}"#).contains("messages[0].content"));
+        assert!(err(br#"{"kind":"embedding"}"#).contains("missing `input`"));
+        assert!(err(br#"{"prompt":"x","params":{"model":"y"}}"#).contains("params.model"));
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(err(deep.as_bytes()).contains("recursion limit"));
+    }
+
+    #[test]
+    fn too_large_is_rejected_without_parsing() {
+        let e = parse(&[b'x'; 100], &props(), Kind::Chat, 64).expect_err("too large");
+        assert_eq!(e.kind, "too_large");
+    }
+
+    #[test]
+    fn content_type() {
+        let json = BasicProperties::default().with_content_type("application/json; charset=utf-8".into());
+        assert!(parse(br#"{"prompt":"x"}"#, &json, Kind::Chat, 1024).is_ok());
+        let text = BasicProperties::default().with_content_type("text/plain".into());
+        let e = parse(br#"{"prompt":"x"}"#, &text, Kind::Chat, 1024).expect_err("not json");
+        assert!(e.message.contains("text/plain"));
+    }
+}

@@ -1,0 +1,110 @@
+//! The result contract: what a caller receives on `llm_results` and on its `reply_to`.
+//!
+//! `{"request_id", "status": "ok", "kind", "model", "content" | "embedding" | "embeddings",
+//! "usage", "attempts", "latency_ms", "worker", "metadata"}`, or on failure
+//! `{"request_id", "status": "error", "kind", "error": {"kind", "message"}, "attempts", ...}`.
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// One result message.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct JobResult {
+    /// The request's id (also the AMQP `message_id` of the result).
+    pub request_id: String,
+    /// `ok` or `error`.
+    pub status: Status,
+    /// `chat` or `embedding`, when the request got far enough to tell.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    /// The model that answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Chat answer text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// Why generation stopped (chat).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+    /// The vector, when the request's `input` was one string.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<Vec<f32>>,
+    /// The vectors, when the request's `input` was a list.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embeddings: Option<Vec<Vec<f32>>>,
+    /// Token usage as the upstream reported it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Value>,
+    /// Why the request failed, on `status: error`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    /// Upstream calls made for this request.
+    pub attempts: u32,
+    /// Milliseconds from the delivery reaching the worker to the result being ready.
+    pub latency_ms: u64,
+    /// The worker that produced the result.
+    pub worker: String,
+    /// The request's `metadata`, untouched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+}
+
+/// Result status.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The upstream answered.
+    Ok,
+    /// The request was dead-lettered; see `error`.
+    Error,
+}
+
+/// The failure of a dead-lettered request.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ErrorInfo {
+    /// `invalid_request`, `too_large`, `upstream_permanent`, `retries_exhausted`, ...
+    pub kind: String,
+    /// The reason, at most 1 KiB.
+    pub message: String,
+}
+
+impl JobResult {
+    /// An empty `ok` result, filled in by the caller.
+    pub fn ok(request_id: String, worker: String) -> Self {
+        Self {
+            request_id,
+            status: Status::Ok,
+            kind: None,
+            model: None,
+            content: None,
+            finish_reason: None,
+            embedding: None,
+            embeddings: None,
+            usage: None,
+            error: None,
+            attempts: 0,
+            latency_ms: 0,
+            worker,
+            metadata: None,
+        }
+    }
+
+    /// An `error` result.
+    pub fn error(request_id: String, worker: String, kind: &str, message: &str) -> Self {
+        Self {
+            status: Status::Error,
+            error: Some(ErrorInfo {
+                kind: kind.to_string(),
+                message: message.to_string(),
+            }),
+            ..Self::ok(request_id, worker)
+        }
+    }
+
+    /// The JSON body.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Serializing plain structs of strings, numbers and JSON values cannot fail; an
+        // empty object is a safe answer should serde ever disagree.
+        serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec())
+    }
+}
