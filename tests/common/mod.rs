@@ -1,0 +1,272 @@
+//! Shared test helpers: a worker with unique names against the real broker at `AMQP_URL`,
+//! the mock upstream in-process, and small publish/receive helpers.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties,
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+        ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+    },
+    types::FieldTable,
+};
+use llmq::{
+    config::{AmqpUrl, Config},
+    mock::{MockOptions, MockServer},
+    topology,
+};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The broker the tests use.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A name no other test uses.
+pub fn unique(what: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("llmq-test-{what}-{}", &id[..10])
+}
+
+/// A configuration whose every exchange and queue name is unique to this test.
+pub fn test_config(base_url: &str) -> Config {
+    let p = unique("t");
+    let mut c = Config::default();
+    c.amqp.url = AmqpUrl::new(amqp_url());
+    c.llm.base_url = base_url.to_string();
+    c.llm.timeout_secs = 10;
+    c.worker.id = format!("{p}-worker");
+    c.worker.consumers = 2;
+    c.worker.prefetch = 16;
+    c.worker.shutdown_grace_secs = 10;
+    c.retry.initial_delay_ms = 50;
+    c.retry.max_delay_secs = 1;
+    let t = &mut c.topology;
+    t.request_exchange = format!("{p}.requests");
+    t.processing_queue = format!("{p}.processing");
+    t.embeddings_queue = format!("{p}.embeddings");
+    t.results_exchange = format!("{p}.results");
+    t.results_queue = format!("{p}.results");
+    t.dead_letter_exchange = format!("{p}.dlx");
+    t.dead_letter_queue = format!("{p}.dlq");
+    c
+}
+
+/// A test's world: the mock upstream, a broker connection of its own, the config.
+pub struct TestEnv {
+    pub config: Config,
+    pub mock: MockServer,
+    pub conn: Connection,
+    /// A confirm-mode channel for publishing requests and inspecting queues.
+    pub channel: Channel,
+}
+
+/// A worker running in-process.
+pub struct Worker {
+    pub stop: CancellationToken,
+    pub task: JoinHandle<Result<(), llmq::consume::WorkerError>>,
+}
+
+impl Worker {
+    /// Graceful shutdown; returns the worker's own result.
+    pub async fn stop(self) -> Result<(), llmq::consume::WorkerError> {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("worker stops within 30 s")
+            .expect("worker task does not panic")
+    }
+}
+
+impl TestEnv {
+    /// Starts the mock and connects; declares the topology so requests can be published
+    /// before the worker runs.
+    pub async fn new(mock: MockOptions) -> Self {
+        Self::with(mock, |_| {}).await
+    }
+
+    /// Like [`Self::new`], with the config adjusted first.
+    pub async fn with(mock: MockOptions, adjust: impl FnOnce(&mut Config)) -> Self {
+        let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), mock)
+            .await
+            .expect("mock starts");
+        let mut config = test_config(&mock.base_url());
+        adjust(&mut config);
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("the broker at AMQP_URL answers");
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        topology::declare(&channel, &config.topology).await.unwrap();
+        Self {
+            config,
+            mock,
+            conn,
+            channel,
+        }
+    }
+
+    /// Starts a worker with this env's config.
+    pub fn start_worker(&self) -> Worker {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(llmq::consume::run(self.config.clone(), stop.clone()));
+        Worker { stop, task }
+    }
+
+    /// Publishes a request (persistent, JSON) with extra properties; waits for the confirm.
+    pub async fn publish(&self, key: &str, body: &[u8], props: BasicProperties) {
+        let props = props.with_delivery_mode(2);
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.config.topology.request_exchange.as_str().into(),
+                key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(confirm, lapin::Confirmation::Ack(None), "request routed");
+    }
+
+    /// Publishes a chat request on the processing key.
+    pub async fn publish_chat(&self, body: &Value, props: BasicProperties) {
+        let key = self.config.topology.processing_key.clone();
+        self.publish(
+            &key,
+            body.to_string().as_bytes(),
+            props.with_content_type("application/json".into()),
+        )
+        .await;
+    }
+
+    /// Takes `n` messages from `queue`, acking them, or panics after `timeout`.
+    pub async fn take(&self, queue: &str, n: usize, timeout: Duration) -> Vec<Delivery> {
+        take(&self.conn, queue, n, timeout).await
+    }
+
+    /// Takes `n` results from the results queue, parsed.
+    pub async fn results(&self, n: usize) -> Vec<(BasicProperties, Value)> {
+        let q = self.config.topology.results_queue.clone();
+        self.take(&q, n, Duration::from_secs(30))
+            .await
+            .into_iter()
+            .map(|d| (d.properties.clone(), json(&d.data)))
+            .collect()
+    }
+
+    /// Ready messages in `queue`.
+    pub async fn queue_len(&self, queue: &str) -> u32 {
+        let ch = self.conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = ch.close(200, "ok".into()).await;
+        q.message_count()
+    }
+
+    /// Whether `queue` is empty right now (nothing ready).
+    pub async fn basic_get(&self, queue: &str) -> Option<Delivery> {
+        let ch = self.conn.create_channel().await.unwrap();
+        let got = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        let _ = ch.close(200, "ok".into()).await;
+        got.map(|m| m.delivery)
+    }
+
+    /// Deletes everything this test declared.
+    pub async fn cleanup(self) {
+        let t = &self.config.topology;
+        let ch = self.conn.create_channel().await.unwrap();
+        for q in [
+            &t.processing_queue,
+            &t.embeddings_queue,
+            &t.results_queue,
+            &t.dead_letter_queue,
+        ] {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for x in [
+            &t.request_exchange,
+            &t.results_exchange,
+            &t.dead_letter_exchange,
+        ] {
+            let _ = ch
+                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = self.conn.close(200, "test done".into()).await;
+    }
+}
+
+/// Takes `n` messages from `queue` on a fresh channel, acking each.
+pub async fn take(conn: &Connection, queue: &str, n: usize, timeout: Duration) -> Vec<Delivery> {
+    let ch = conn.create_channel().await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            unique("c").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut out = Vec::with_capacity(n);
+    let collect = async {
+        while out.len() < n {
+            let d = consumer.next().await.expect("consumer open").expect("delivery");
+            d.acker.ack(BasicAckOptions::default()).await.unwrap();
+            out.push(d);
+        }
+    };
+    if tokio::time::timeout(timeout, collect).await.is_err() {
+        panic!(
+            "only {} of {n} messages arrived on {queue} within {timeout:?}",
+            out.len()
+        );
+    }
+    let _ = ch.close(200, "ok".into()).await;
+    out
+}
+
+/// Parses a JSON body.
+pub fn json(data: &[u8]) -> Value {
+    serde_json::from_slice(data).expect("JSON body")
+}
+
+/// Reads a string header.
+pub fn header(d: &Delivery, name: &str) -> Option<String> {
+    llmq::publish::header_str(d.properties.headers().as_ref()?, name)
+}
+
+/// The path of the built binary.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_llmq")
+}
