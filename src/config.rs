@@ -528,13 +528,23 @@ fn section<T: DeserializeOwned>(name: &str, value: &Value, out: &mut T, problems
                 ));
                 return;
             };
+            let mut good = Dict::new();
             for (key, v) in dict {
                 let mut one = Dict::new();
                 one.insert(key.clone(), v.clone());
-                if let Err(e) = Value::from(one).deserialize::<T>() {
-                    let full = format!("{name}.{key}");
-                    problems.push(format!("{full} ({}): {}", env_name(&full), e.kind));
+                match Value::from(one).deserialize::<T>() {
+                    Ok(_) => {
+                        good.insert(key.clone(), v.clone());
+                    }
+                    Err(e) => {
+                        let full = format!("{name}.{key}");
+                        problems.push(format!("{full} ({}): {}", env_name(&full), e.kind));
+                    }
                 }
+            }
+            // The good keys still apply, so that validation sees (and reports) their values.
+            if let Ok(v) = Value::from(good).deserialize::<T>() {
+                *out = v;
             }
         }
     }
@@ -625,6 +635,9 @@ mod tests {
         assert!(all.contains("llm.base_url"), "{all}");
         assert!(all.contains("retry.max_attempts"), "{all}");
         assert_eq!(p.len(), 6, "{all}");
+        // A bad key does not hide a bad value next to it.
+        let p = problems(Some("[worker]\nprefetch = 0\nconsumers = \"four\"\n"), &[]).join("\n");
+        assert!(p.contains("worker.prefetch") && p.contains("worker.consumers"), "{p}");
     }
 
     #[test]

@@ -65,6 +65,7 @@ pub struct TestEnv {
     pub conn: Connection,
     /// A confirm-mode channel for publishing requests and inspecting queues.
     pub channel: Channel,
+    cleaned: bool,
 }
 
 /// A worker running in-process.
@@ -112,6 +113,7 @@ impl TestEnv {
             mock,
             conn,
             channel,
+            cleaned: false,
         }
     }
 
@@ -200,29 +202,59 @@ impl TestEnv {
     }
 
     /// Deletes everything this test declared.
-    pub async fn cleanup(self) {
-        let t = &self.config.topology;
-        let ch = self.conn.create_channel().await.unwrap();
-        for q in [
-            &t.processing_queue,
-            &t.embeddings_queue,
-            &t.results_queue,
-            &t.dead_letter_queue,
-        ] {
-            let _ = ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for x in [
-            &t.request_exchange,
-            &t.results_exchange,
-            &t.dead_letter_exchange,
-        ] {
-            let _ = ch
-                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+    pub async fn cleanup(mut self) {
+        delete_topology(&self.conn, &self.config.topology).await;
+        self.cleaned = true;
         let _ = self.conn.close(200, "test done".into()).await;
+    }
+}
+
+impl Drop for TestEnv {
+    /// A test that failed before `cleanup` still leaves nothing behind.
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let topo = self.config.topology.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+                    delete_topology(&conn, &topo).await;
+                    let _ = conn.close(200, "test cleanup".into()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Deletes the queues and exchanges of `t`.
+pub async fn delete_topology(conn: &Connection, t: &llmq::config::TopologyConfig) {
+    let Ok(ch) = conn.create_channel().await else {
+        return;
+    };
+    for q in [
+        &t.processing_queue,
+        &t.embeddings_queue,
+        &t.results_queue,
+        &t.dead_letter_queue,
+    ] {
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for x in [
+        &t.request_exchange,
+        &t.results_exchange,
+        &t.dead_letter_exchange,
+    ] {
+        let _ = ch
+            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
     }
 }
 

@@ -1,0 +1,128 @@
+//! The binary as users run it: configuration errors, `llmq publish`, `llmq mock-llm`,
+//! `llmq probe`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::{TestEnv, bin};
+use llmq::mock::MockOptions;
+
+/// The binary with a clean `LLMQ_*` environment.
+fn llmq() -> Command {
+    let mut cmd = Command::new(bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("LLMQ_") || k == "OPENAI_API_KEY" || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.current_dir(std::env::temp_dir());
+    cmd
+}
+
+#[test]
+fn invalid_configuration_exits_64_listing_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, "[worker]\nprefetch = 0\nconsumers = \"four\"\n").unwrap();
+    let out = llmq()
+        .args(["--config", file.to_str().unwrap(), "run"])
+        .env("LLMQ_LLM__BASE_URL", "ftp://nowhere")
+        .env("LLMQ_AMQP__URL", "amqp://u:canary-secret@[::1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in ["worker.prefetch", "worker.consumers", "llm.base_url", "amqp.url"] {
+        assert!(err.contains(key), "{key} missing from: {err}");
+    }
+    assert!(!err.contains("canary-secret"), "{err}");
+}
+
+#[test]
+fn env_overrides_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, "[worker]\nprefetch = 0\n").unwrap();
+    // The file alone is invalid; the environment fixes it, so the only error left is the
+    // broker being unreachable (exit 1, not 64).
+    let out = llmq()
+        .args(["--config", file.to_str().unwrap(), "run"])
+        .env("LLMQ_WORKER__PREFETCH", "8")
+        .env("LLMQ_AMQP__URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_wait_prints_the_result() {
+    let env = TestEnv::new(MockOptions::default()).await;
+    let worker = env.start_worker();
+    let t = &env.config.topology;
+    let out = tokio::process::Command::new(bin())
+        .args(["publish", "Hello from the CLI", "--priority", "5", "--wait", "--timeout-secs", "30"])
+        .env("LLMQ_AMQP__URL", common::amqp_url())
+        .env("LLMQ_TOPOLOGY__REQUEST_EXCHANGE", &t.request_exchange)
+        .env("LLMQ_TOPOLOGY__PROCESSING_KEY", &t.processing_key)
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["status"], "ok", "{result}");
+    assert_eq!(result["content"], "mock reply to: Hello from the CLI");
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_llm_serves_and_probe_checks_it() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let mut mock = tokio::process::Command::new(bin())
+        .args(["mock-llm", "--addr", &addr])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("http://{addr}/v1/models");
+    let mut up = false;
+    for _ in 0..100 {
+        let status = llmq().args(["probe", &url]).status().unwrap();
+        if status.success() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "probe succeeds once the mock listens");
+    llmq::install_crypto_provider();
+    let body: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .json(&serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "ping"}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "mock reply to: ping");
+    mock.kill().await.unwrap();
+    let status = llmq()
+        .args(["probe", &format!("http://{addr}/nothing")])
+        .status()
+        .unwrap();
+    assert!(!status.success(), "probe fails when nothing answers");
+}
