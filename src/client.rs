@@ -51,7 +51,9 @@ pub enum ClientError {
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
     /// The broker did not take the request.
-    #[error("the broker did not confirm the request (is the topology declared? start a worker once)")]
+    #[error(
+        "the broker did not confirm the request (is the topology declared? start a worker once)"
+    )]
     NotConfirmed,
     /// No result within the timeout.
     #[error("no result within {0:?}")]
@@ -59,17 +61,25 @@ pub enum ClientError {
 }
 
 /// Publishes one request; with `wait`, returns the result body.
-pub async fn publish(config: &Config, args: &PublishArgs) -> Result<(String, Option<String>), ClientError> {
+pub async fn publish(
+    config: &Config,
+    args: &PublishArgs,
+) -> Result<(String, Option<String>), ClientError> {
     let conn = amqp::connect(&config.amqp, "llmq publish").await?;
     let channel = conn.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let topo = &config.topology;
     let request_id = args
         .request_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let (key, mut body) = if args.embed {
-        (&topo.embeddings_key, json!({"kind": "embedding", "input": args.prompt}))
+        (
+            &topo.embeddings_key,
+            json!({"kind": "embedding", "input": args.prompt}),
+        )
     } else {
         (&topo.processing_key, json!({"prompt": args.prompt}))
     };

@@ -361,7 +361,14 @@ impl Config {
         if let Some(file) = &file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        // Only nested names are keys (every key lives in a section), so that an unrelated
+        // LLMQ_SOMETHING in the environment is no error, while a typo such as
+        // LLMQ_WORKER__PREFECH still is.
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|k| k.as_str().contains("__"))
+                .split("__"),
+        );
         let mut config = Self::from_figment(&figment, &mut problems);
         if config.llm.api_key.is_empty()
             && let Ok(key) = std::env::var("OPENAI_API_KEY")
@@ -451,7 +458,11 @@ impl Config {
             "worker.consumers",
             "must be between 1 and 1024",
         );
-        check(self.worker.prefetch >= 1, "worker.prefetch", "must be at least 1");
+        check(
+            self.worker.prefetch >= 1,
+            "worker.prefetch",
+            "must be at least 1",
+        );
         check(
             self.worker.max_body_bytes >= 64,
             "worker.max_body_bytes",
@@ -517,7 +528,12 @@ impl Config {
 
 /// Deserializes one section; on failure, finds every bad key by deserializing each key
 /// alone (all fields have defaults, so a one-key section fails only for that key).
-fn section<T: DeserializeOwned>(name: &str, value: &Value, out: &mut T, problems: &mut Vec<String>) {
+fn section<T: DeserializeOwned>(
+    name: &str,
+    value: &Value,
+    out: &mut T,
+    problems: &mut Vec<String>,
+) {
     match value.deserialize::<T>() {
         Ok(v) => *out = v,
         Err(_) => {
@@ -552,10 +568,15 @@ fn section<T: DeserializeOwned>(name: &str, value: &Value, out: &mut T, problems
 
 /// `worker.prefetch` -> `LLMQ_WORKER__PREFETCH`.
 pub fn env_name(key: &str) -> String {
-    format!("{ENV_PREFIX}{}", key.replace('.', "__").to_ascii_uppercase())
+    format!(
+        "{ENV_PREFIX}{}",
+        key.replace('.', "__").to_ascii_uppercase()
+    )
 }
 
 #[cfg(test)]
+// figment's Jail API fixes the closure's error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;
@@ -628,16 +649,26 @@ mod tests {
             ],
         );
         let all = p.join("\n");
-        assert!(all.contains("worker.prefetch (LLMQ_WORKER__PREFETCH)"), "{all}");
+        assert!(
+            all.contains("worker.prefetch (LLMQ_WORKER__PREFETCH)"),
+            "{all}"
+        );
         assert!(all.contains("worker.consumers"), "{all}");
         assert!(all.contains("worker.bogus"), "{all}");
         assert!(all.contains("nope"), "{all}");
         assert!(all.contains("llm.base_url"), "{all}");
         assert!(all.contains("retry.max_attempts"), "{all}");
         assert_eq!(p.len(), 6, "{all}");
+        // Unrelated LLMQ_ variables are not keys; typos in a section are.
+        assert!(problems(None, &[("LLMQ_HOME", "/x")]).is_empty());
+        let p = problems(None, &[("LLMQ_WORKER__PREFECH", "1")]);
+        assert!(p.len() == 1 && p[0].starts_with("worker.prefech"), "{p:?}");
         // A bad key does not hide a bad value next to it.
         let p = problems(Some("[worker]\nprefetch = 0\nconsumers = \"four\"\n"), &[]).join("\n");
-        assert!(p.contains("worker.prefetch") && p.contains("worker.consumers"), "{p}");
+        assert!(
+            p.contains("worker.prefetch") && p.contains("worker.consumers"),
+            "{p}"
+        );
     }
 
     #[test]
@@ -648,15 +679,26 @@ mod tests {
             ("LLMQ_LLM__TIMEOUT_SECS", "0", "llm.timeout_secs"),
             ("LLMQ_AMQP__URL", "http://x", "amqp.url"),
             ("LLMQ_LLM__MODEL", "", "llm.model"),
-            ("LLMQ_TOPOLOGY__PROCESSING_QUEUE", "amq.x", "topology.processing_queue"),
-            ("LLMQ_TOPOLOGY__EMBEDDINGS_KEY", "process", "topology.embeddings_key"),
+            (
+                "LLMQ_TOPOLOGY__PROCESSING_QUEUE",
+                "amq.x",
+                "topology.processing_queue",
+            ),
+            (
+                "LLMQ_TOPOLOGY__EMBEDDINGS_KEY",
+                "process",
+                "topology.embeddings_key",
+            ),
             ("LLMQ_LOG__FORMAT", "xml", "log.format"),
             ("LLMQ_LOG__LEVEL", "[[[", "log.level"),
             ("LLMQ_WORKER__MAX_BODY_BYTES", "1", "worker.max_body_bytes"),
         ];
         for (var, value, key) in cases {
             let p = problems(None, &[(var, value)]);
-            assert!(p.len() == 1 && p[0].starts_with(key), "{var}={value}: {p:?}");
+            assert!(
+                p.len() == 1 && p[0].starts_with(key),
+                "{var}={value}: {p:?}"
+            );
         }
     }
 
@@ -675,7 +717,10 @@ mod tests {
             let c = Config::load(None).map_err(|e| e.to_string())?;
             let printed = format!("{c:?} {} {}", c.amqp.url, c.llm.api_key);
             assert!(!printed.contains("canary"), "{printed}");
-            assert!(printed.contains("amqp://user:***@host:5672/%2f"), "{printed}");
+            assert!(
+                printed.contains("amqp://user:***@host:5672/%2f"),
+                "{printed}"
+            );
             Ok(())
         });
         let bad = problems(None, &[("LLMQ_AMQP__URL", "amqp://u:canary-pw@[bad/")]).join(" ");

@@ -20,7 +20,9 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::{
     Connection,
     message::Delivery,
-    options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    },
     types::FieldTable,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -135,7 +137,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
 
     tracker.close();
     let grace = Duration::from_secs(ctx.config.worker.shutdown_grace_secs);
-    info!(in_flight = tracker.len(), grace_secs = grace.as_secs(), "draining in-flight work");
+    info!(
+        in_flight = tracker.len(),
+        grace_secs = grace.as_secs(),
+        "draining in-flight work"
+    );
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         warn!(
             unfinished = tracker.len(),
@@ -265,9 +271,18 @@ async fn handle(ctx: Arc<Context>, publisher: Publisher, kind: Kind, delivery: D
                 kind: invalid.kind,
                 reason: invalid.message,
             };
-            settle(&ctx, &publisher, &delivery, &route, None, outcome, 0, unix_now())
-                .instrument(span)
-                .await;
+            settle(
+                &ctx,
+                &publisher,
+                &delivery,
+                &route,
+                None,
+                outcome,
+                0,
+                unix_now(),
+            )
+            .instrument(span)
+            .await;
             return;
         }
     };
@@ -328,7 +343,17 @@ async fn process_job(
         }
     };
     let first = first_failure.unwrap_or_else(unix_now);
-    settle(&ctx, &publisher, &delivery, &route, Some(&job), outcome, attempt, first).await;
+    settle(
+        &ctx,
+        &publisher,
+        &delivery,
+        &route,
+        Some(&job),
+        outcome,
+        attempt,
+        first,
+    )
+    .await;
 }
 
 /// Publishes what an outcome produced, confirmed, then acks; or hands the delivery back.
@@ -422,9 +447,9 @@ where
 async fn ack(delivery: &Delivery) {
     match delivery.acker.ack(BasicAckOptions::default()).await {
         Ok(true) => {}
-        Ok(false) => warn!(
-            "ack not sent: the delivery's channel is gone; the broker redelivers the request"
-        ),
+        Ok(false) => {
+            warn!("ack not sent: the delivery's channel is gone; the broker redelivers the request")
+        }
         Err(e) => warn!(error = %e, "ack failed; the broker redelivers the request"),
     }
 }
@@ -436,8 +461,12 @@ async fn nack(delivery: &Delivery) {
     };
     match delivery.acker.nack(requeue).await {
         Ok(true) => {}
-        Ok(false) => debug!("nack not sent: the delivery's channel is gone; the broker requeues it"),
-        Err(e) => warn!(error = %e, "nack failed; the broker requeues the request when the channel closes"),
+        Ok(false) => {
+            debug!("nack not sent: the delivery's channel is gone; the broker requeues it")
+        }
+        Err(e) => {
+            warn!(error = %e, "nack failed; the broker requeues the request when the channel closes")
+        }
     }
 }
 

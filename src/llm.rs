@@ -113,9 +113,13 @@ impl LlmClient {
         body.insert("model".into(), json!(model));
         body.insert("messages".into(), json!(messages));
         let answer: ChatResponse = self.post(&self.chat_url, &body).await?;
-        let choice = answer.choices.into_iter().next().ok_or_else(|| LlmError::Permanent {
-            message: "upstream answer has no choices".into(),
-        })?;
+        let choice = answer
+            .choices
+            .into_iter()
+            .next()
+            .ok_or_else(|| LlmError::Permanent {
+                message: "upstream answer has no choices".into(),
+            })?;
         Ok(ChatAnswer {
             content: choice.message.content.unwrap_or_default(),
             model: answer.model.unwrap_or_else(|| model.to_string()),
@@ -171,7 +175,8 @@ impl LlmClient {
             .and_then(parse_retry_after);
         let bytes = resp.bytes().await.map_err(classify_reqwest)?;
         if !status.is_success() {
-            let text = crate::truncate(&String::from_utf8_lossy(&bytes), MAX_ERROR_TEXT).to_string();
+            let text =
+                crate::truncate(&String::from_utf8_lossy(&bytes), MAX_ERROR_TEXT).to_string();
             let message = format!("HTTP {status}: {text}");
             return Err(if is_transient_status(status) {
                 LlmError::Transient {
@@ -220,10 +225,14 @@ fn classify_reqwest(e: reqwest::Error) -> LlmError {
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)));
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs.min(86_400.0)));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 #[derive(Deserialize)]
@@ -265,10 +274,16 @@ mod tests {
     #[test]
     fn status_classes() {
         for s in [429, 408, 409, 500, 502, 503, 504] {
-            assert!(is_transient_status(StatusCode::from_u16(s).expect("status")), "{s}");
+            assert!(
+                is_transient_status(StatusCode::from_u16(s).expect("status")),
+                "{s}"
+            );
         }
         for s in [400, 401, 403, 404, 413, 422] {
-            assert!(!is_transient_status(StatusCode::from_u16(s).expect("status")), "{s}");
+            assert!(
+                !is_transient_status(StatusCode::from_u16(s).expect("status")),
+                "{s}"
+            );
         }
     }
 
@@ -279,9 +294,14 @@ mod tests {
         assert_eq!(parse_retry_after("-1"), None);
         let later = SystemTime::now() + Duration::from_secs(120);
         let d = parse_retry_after(&httpdate::fmt_http_date(later)).expect("date");
-        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
-
 }

@@ -127,5 +127,9 @@ async fn probe(url: &str) -> ExitCode {
             .is_ok_and(|r| r.status().is_success()),
         Err(_) => false,
     };
-    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

@@ -160,8 +160,13 @@ async fn gate(state: &MockState, headers: &HeaderMap, items: u64) -> Option<Resp
     };
     if let Some(key) = &options.require_key {
         let expected = format!("Bearer {key}");
-        if headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) != Some(&expected) {
-            let body = json!({"error": {"message": "invalid api key", "type": "invalid_request_error"}});
+        if headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            != Some(&expected)
+        {
+            let body =
+                json!({"error": {"message": "invalid api key", "type": "invalid_request_error"}});
             return Some((StatusCode::UNAUTHORIZED, Json(body)).into_response());
         }
     }
@@ -179,7 +184,8 @@ async fn gate(state: &MockState, headers: &HeaderMap, items: u64) -> Option<Resp
     }
     state.stats.failures.fetch_add(1, Ordering::Relaxed);
     let status = StatusCode::from_u16(options.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = json!({"error": {"message": format!("injected failure {status}"), "type": "mock_error"}});
+    let body =
+        json!({"error": {"message": format!("injected failure {status}"), "type": "mock_error"}});
     let mut response = (status, Json(body)).into_response();
     if let Some(secs) = options.retry_after
         && let Ok(v) = HeaderValue::from_str(&secs.to_string())
@@ -203,7 +209,11 @@ async fn chat(
             other => other.to_string(),
         })
         .unwrap_or_default();
-    let record = state.options.read().map(|o| o.record_prompts).unwrap_or(false);
+    let record = state
+        .options
+        .read()
+        .map(|o| o.record_prompts)
+        .unwrap_or(false);
     if record && let Ok(mut prompts) = state.stats.prompts.lock() {
         prompts.push(last.clone());
     }
@@ -241,7 +251,11 @@ async fn embeddings(
         Value::String(s) => vec![s.clone()],
         Value::Array(items) => items
             .iter()
-            .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string())
+            })
             .collect(),
         _ => {
             let body = json!({"error": {"message": "input must be a string or a list", "type": "invalid_request_error"}});

@@ -94,7 +94,8 @@ impl Processor {
         };
         match answer {
             Ok(()) => {
-                result.latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                result.latency_ms =
+                    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 Outcome::Done(Box::new(result))
             }
             Err(e @ LlmError::Transient { .. }) => Outcome::Retry {

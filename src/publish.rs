@@ -153,11 +153,7 @@ impl Publisher {
         failure: &Failure<'_>,
     ) -> Result<(), PublishError> {
         let now = unix_now();
-        let mut headers = delivery
-            .properties
-            .headers()
-            .clone()
-            .unwrap_or_default();
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         let mut put = |k: &str, v: AMQPValue| {
             headers.insert(k.into(), v);
         };
@@ -166,8 +162,14 @@ impl Publisher {
             "x-error",
             long_string(crate::truncate(failure.reason, MAX_ERROR_HEADER)),
         );
-        put("x-attempts", AMQPValue::LongInt(failure.attempts.min(i32::MAX as u32) as i32));
-        put("x-first-failure", AMQPValue::Timestamp(failure.first_failure.max(0) as u64));
+        put(
+            "x-attempts",
+            AMQPValue::LongInt(failure.attempts.min(i32::MAX as u32) as i32),
+        );
+        put(
+            "x-first-failure",
+            AMQPValue::Timestamp(failure.first_failure.max(0) as u64),
+        );
         put("x-last-failure", AMQPValue::Timestamp(now.max(0) as u64));
         put("x-worker", long_string(failure.worker));
         put(

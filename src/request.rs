@@ -360,7 +360,11 @@ fn check_message(i: usize, m: RawMessage) -> Result<Value, InvalidRequest> {
 /// The id of a message whose body names none: its `message_id`, else a digest of the body,
 /// so that a redelivered copy maps to the same id.
 pub fn fallback_request_id(body: &[u8], props: &BasicProperties) -> String {
-    if let Some(id) = props.message_id().as_ref().filter(|s| !s.as_str().is_empty()) {
+    if let Some(id) = props
+        .message_id()
+        .as_ref()
+        .filter(|s| !s.as_str().is_empty())
+    {
         return id.to_string();
     }
     let digest = Sha256::digest(body);
@@ -433,11 +437,17 @@ mod tests {
         let Call::Chat { messages, params } = &job.call else {
             panic!("chat expected")
         };
-        assert_eq!(messages, &vec![serde_json::json!({"role":"user","content":"Hello"})]);
+        assert_eq!(
+            messages,
+            &vec![serde_json::json!({"role":"user","content":"Hello"})]
+        );
         assert!(params.is_empty());
         assert!(job.request_id.starts_with("sha256-"));
         // A redelivered copy maps to the same id.
-        assert_eq!(job.request_id, ok(r#"{"prompt": "Hello", "timestamp": 1732000000.0}"#).request_id);
+        assert_eq!(
+            job.request_id,
+            ok(r#"{"prompt": "Hello", "timestamp": 1732000000.0}"#).request_id
+        );
     }
 
     #[test]
@@ -462,7 +472,11 @@ mod tests {
         let job = ok(r#"{"kind":"embedding","input":["a","b"]}"#);
         assert_eq!(
             job.call,
-            Call::Embedding { input: vec!["a".into(), "b".into()], single: false, params: Map::new() }
+            Call::Embedding {
+                input: vec!["a".into(), "b".into()],
+                single: false,
+                params: Map::new()
+            }
         );
         let job = parse(br#"{"input":"a"}"#, &props(), Kind::Embedding, 1024).expect("valid");
         assert!(matches!(job.call, Call::Embedding { single: true, .. }));
@@ -473,7 +487,13 @@ mod tests {
         let p = BasicProperties::default().with_message_id("m-1".into());
         let job = parse(br#"{"prompt":"x"}"#, &p, Kind::Chat, 1024).expect("valid");
         assert_eq!(job.request_id, "m-1");
-        let job = parse(br#"{"prompt":"x","request_id":"b-1"}"#, &p, Kind::Chat, 1024).expect("valid");
+        let job = parse(
+            br#"{"prompt":"x","request_id":"b-1"}"#,
+            &p,
+            Kind::Chat,
+            1024,
+        )
+        .expect("valid");
         assert_eq!(job.request_id, "b-1");
     }
 
@@ -487,8 +507,12 @@ mod tests {
         assert!(err(br#"{"prompt": 5}"#).contains("field `prompt`"));
         assert!(err(br#"{"max_tokens": "5", "prompt": "x"}"#).contains("field `max_tokens`"));
         assert!(err(br#"{"kind":"image","prompt":"x"}"#).contains("unknown kind"));
-        assert!(err(br#"{"messages":[{"role":"wizard","content":"x"}]}"#).contains("messages[0].role"));
-        assert!(err(br#"{"messages":[{"role":"user","content":5}]}"#).contains("messages[0].content"));
+        assert!(
+            err(br#"{"messages":[{"role":"wizard","content":"x"}]}"#).contains("messages[0].role")
+        );
+        assert!(
+            err(br#"{"messages":[{"role":"user","content":5}]}"#).contains("messages[0].content")
+        );
         assert!(err(br#"{"kind":"embedding"}"#).contains("missing `input`"));
         assert!(err(br#"{"prompt":"x","params":{"model":"y"}}"#).contains("params.model"));
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
@@ -503,7 +527,8 @@ mod tests {
 
     #[test]
     fn content_type() {
-        let json = BasicProperties::default().with_content_type("application/json; charset=utf-8".into());
+        let json =
+            BasicProperties::default().with_content_type("application/json; charset=utf-8".into());
         assert!(parse(br#"{"prompt":"x"}"#, &json, Kind::Chat, 1024).is_ok());
         let text = BasicProperties::default().with_content_type("text/plain".into());
         let e = parse(br#"{"prompt":"x"}"#, &text, Kind::Chat, 1024).expect_err("not json");

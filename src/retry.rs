@@ -87,7 +87,10 @@ mod tests {
         let p = policy();
         for _ in 0..50 {
             assert!(p.delay(1, Some(Duration::from_secs(1))) >= Duration::from_secs(1));
-            assert_eq!(p.delay(1, Some(Duration::from_secs(7))), Duration::from_secs(7));
+            assert_eq!(
+                p.delay(1, Some(Duration::from_secs(7))),
+                Duration::from_secs(7)
+            );
         }
     }
 

@@ -37,7 +37,12 @@ fn invalid_configuration_exits_64_listing_every_problem() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
-    for key in ["worker.prefetch", "worker.consumers", "llm.base_url", "amqp.url"] {
+    for key in [
+        "worker.prefetch",
+        "worker.consumers",
+        "llm.base_url",
+        "amqp.url",
+    ] {
         assert!(err.contains(key), "{key} missing from: {err}");
     }
     assert!(!err.contains("canary-secret"), "{err}");
@@ -56,7 +61,12 @@ fn env_overrides_the_file() {
         .env("LLMQ_AMQP__URL", "amqp://guest:guest@127.0.0.1:1/%2f")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,7 +75,15 @@ async fn publish_wait_prints_the_result() {
     let worker = env.start_worker();
     let t = &env.config.topology;
     let out = tokio::process::Command::new(bin())
-        .args(["publish", "Hello from the CLI", "--priority", "5", "--wait", "--timeout-secs", "30"])
+        .args([
+            "publish",
+            "Hello from the CLI",
+            "--priority",
+            "5",
+            "--wait",
+            "--timeout-secs",
+            "30",
+        ])
         .env("LLMQ_AMQP__URL", common::amqp_url())
         .env("LLMQ_TOPOLOGY__REQUEST_EXCHANGE", &t.request_exchange)
         .env("LLMQ_TOPOLOGY__PROCESSING_KEY", &t.processing_key)
@@ -74,7 +92,11 @@ async fn publish_wait_prints_the_result() {
         .output()
         .await
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["status"], "ok", "{result}");
     assert_eq!(result["content"], "mock reply to: Hello from the CLI");
@@ -118,7 +140,10 @@ async fn mock_llm_serves_and_probe_checks_it() {
         .json()
         .await
         .unwrap();
-    assert_eq!(body["choices"][0]["message"]["content"], "mock reply to: ping");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "mock reply to: ping"
+    );
     mock.kill().await.unwrap();
     let status = llmq()
         .args(["probe", &format!("http://{addr}/nothing")])

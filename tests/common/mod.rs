@@ -222,7 +222,9 @@ impl Drop for TestEnv {
                 .build()
                 .unwrap();
             rt.block_on(async {
-                if let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+                if let Ok(conn) =
+                    Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+                {
                     delete_topology(&conn, &topo).await;
                     let _ = conn.close(200, "test cleanup".into()).await;
                 }
@@ -273,7 +275,11 @@ pub async fn take(conn: &Connection, queue: &str, n: usize, timeout: Duration) -
     let mut out = Vec::with_capacity(n);
     let collect = async {
         while out.len() < n {
-            let d = consumer.next().await.expect("consumer open").expect("delivery");
+            let d = consumer
+                .next()
+                .await
+                .expect("consumer open")
+                .expect("delivery");
             d.acker.ack(BasicAckOptions::default()).await.unwrap();
             out.push(d);
         }
