@@ -35,11 +35,17 @@ async fn seed_form_chat_gets_a_result_on_the_results_queue() {
     let request_id = body["request_id"].as_str().unwrap();
     assert!(request_id.starts_with("sha256-"), "{request_id}");
     assert_eq!(props.message_id().as_ref().unwrap().as_str(), request_id);
-    assert_eq!(props.correlation_id().as_ref().unwrap().as_str(), request_id);
+    assert_eq!(
+        props.correlation_id().as_ref().unwrap().as_str(),
+        request_id
+    );
     assert_eq!(*props.delivery_mode(), Some(2), "results are persistent");
     // The request itself was acked: nothing is left in the work queue.
     worker.stop().await.unwrap();
-    assert_eq!(env.queue_len(&env.config.topology.processing_queue).await, 0);
+    assert_eq!(
+        env.queue_len(&env.config.topology.processing_queue).await,
+        0
+    );
     env.cleanup().await;
 }
 
@@ -87,7 +93,12 @@ async fn full_form_chat_replies_to_reply_to_with_correlation_id() {
     let replies = env.take(&reply_queue, 1, Duration::from_secs(30)).await;
     let body = json(&replies[0].data);
     assert_eq!(
-        replies[0].properties.correlation_id().as_ref().unwrap().as_str(),
+        replies[0]
+            .properties
+            .correlation_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
         "corr-42"
     );
     assert_eq!(body["request_id"], "full-1");
@@ -112,8 +123,12 @@ async fn embeddings_single_and_list() {
     let many = json!({"request_id": "e-2", "kind": "embedding", "input": ["beta", "gamma"]});
     env.publish(&key, one.to_string().as_bytes(), BasicProperties::default())
         .await;
-    env.publish(&key, many.to_string().as_bytes(), BasicProperties::default())
-        .await;
+    env.publish(
+        &key,
+        many.to_string().as_bytes(),
+        BasicProperties::default(),
+    )
+    .await;
     let mut results: Vec<_> = env.results(2).await.into_iter().map(|(_, b)| b).collect();
     results.sort_by_key(|b| b["request_id"].as_str().unwrap().to_string());
     assert_eq!(results[0]["status"], "ok", "{}", results[0]);
@@ -187,16 +202,32 @@ async fn invalid_message_is_dead_lettered_and_the_next_one_succeeds() {
             .with_priority(3),
     )
     .await;
-    env.publish_chat(&json!({"prompt": "after", "request_id": "good-1"}), BasicProperties::default())
-        .await;
+    env.publish_chat(
+        &json!({"prompt": "after", "request_id": "good-1"}),
+        BasicProperties::default(),
+    )
+    .await;
     let dlq = env.config.topology.dead_letter_queue.clone();
     let dead = env.take(&dlq, 1, Duration::from_secs(30)).await;
     assert_eq!(dead[0].data, b"{\"prompt\": oops", "body unchanged");
-    assert_eq!(*dead[0].properties.priority(), Some(3), "properties unchanged");
-    assert_eq!(header(&dead[0], "x-error-kind").as_deref(), Some("invalid_request"));
+    assert_eq!(
+        *dead[0].properties.priority(),
+        Some(3),
+        "properties unchanged"
+    );
+    assert_eq!(
+        header(&dead[0], "x-error-kind").as_deref(),
+        Some("invalid_request")
+    );
     let reason = header(&dead[0], "x-error").unwrap();
-    assert!(reason.contains("invalid JSON") && reason.contains("line 1 column"), "{reason}");
-    assert_eq!(header(&dead[0], "x-worker").as_deref(), Some(env.config.worker.id.as_str()));
+    assert!(
+        reason.contains("invalid JSON") && reason.contains("line 1 column"),
+        "{reason}"
+    );
+    assert_eq!(
+        header(&dead[0], "x-worker").as_deref(),
+        Some(env.config.worker.id.as_str())
+    );
     let mut results: Vec<_> = env.results(2).await.into_iter().map(|(_, b)| b).collect();
     results.sort_by_key(|b| b["request_id"].as_str().unwrap().to_string());
     assert_eq!(results[0]["request_id"], "bad-1");
@@ -204,7 +235,11 @@ async fn invalid_message_is_dead_lettered_and_the_next_one_succeeds() {
     assert_eq!(results[0]["error"]["kind"], "invalid_request");
     assert_eq!(results[1]["request_id"], "good-1");
     assert_eq!(results[1]["status"], "ok");
-    assert_eq!(env.mock.stats().chat_calls.load(Ordering::Relaxed), 1, "the bad one never reached the upstream");
+    assert_eq!(
+        env.mock.stats().chat_calls.load(Ordering::Relaxed),
+        1,
+        "the bad one never reached the upstream"
+    );
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
@@ -218,11 +253,17 @@ async fn permanent_upstream_error_is_dead_lettered_without_retries() {
     })
     .await;
     let worker = env.start_worker();
-    env.publish_chat(&json!({"prompt": "x", "request_id": "perm-1"}), BasicProperties::default())
-        .await;
+    env.publish_chat(
+        &json!({"prompt": "x", "request_id": "perm-1"}),
+        BasicProperties::default(),
+    )
+    .await;
     let dlq = env.config.topology.dead_letter_queue.clone();
     let dead = env.take(&dlq, 1, Duration::from_secs(30)).await;
-    assert_eq!(header(&dead[0], "x-error-kind").as_deref(), Some("upstream_permanent"));
+    assert_eq!(
+        header(&dead[0], "x-error-kind").as_deref(),
+        Some("upstream_permanent")
+    );
     assert_eq!(env.mock.stats().chat_calls.load(Ordering::Relaxed), 1);
     let (_, result) = &env.results(1).await[0];
     assert_eq!(result["status"], "error");
@@ -243,12 +284,22 @@ async fn transient_errors_are_retried_then_dead_lettered() {
     )
     .await;
     let worker = env.start_worker();
-    env.publish_chat(&json!({"prompt": "x", "request_id": "tr-1"}), BasicProperties::default())
-        .await;
+    env.publish_chat(
+        &json!({"prompt": "x", "request_id": "tr-1"}),
+        BasicProperties::default(),
+    )
+    .await;
     let dlq = env.config.topology.dead_letter_queue.clone();
     let dead = env.take(&dlq, 1, Duration::from_secs(30)).await;
-    assert_eq!(header(&dead[0], "x-error-kind").as_deref(), Some("retries_exhausted"));
-    assert_eq!(env.mock.stats().chat_calls.load(Ordering::Relaxed), 3, "exactly max_attempts calls");
+    assert_eq!(
+        header(&dead[0], "x-error-kind").as_deref(),
+        Some("retries_exhausted")
+    );
+    assert_eq!(
+        env.mock.stats().chat_calls.load(Ordering::Relaxed),
+        3,
+        "exactly max_attempts calls"
+    );
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
@@ -262,10 +313,17 @@ async fn request_is_not_acked_until_its_result_is_confirmed() {
     let blocker = unique("blocker");
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongInt(0));
-    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
     let t = &env.config.topology;
     env.channel
-        .queue_declare(blocker.as_str().into(), QueueDeclareOptions::default(), args)
+        .queue_declare(
+            blocker.as_str().into(),
+            QueueDeclareOptions::default(),
+            args,
+        )
         .await
         .unwrap();
     env.channel
@@ -279,12 +337,18 @@ async fn request_is_not_acked_until_its_result_is_confirmed() {
         .await
         .unwrap();
     let worker = env.start_worker();
-    env.publish_chat(&json!({"prompt": "blocked", "request_id": "blk-1"}), BasicProperties::default())
-        .await;
+    env.publish_chat(
+        &json!({"prompt": "blocked", "request_id": "blk-1"}),
+        BasicProperties::default(),
+    )
+    .await;
     // Let the worker call the upstream and fail to get its result confirmed.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while env.mock.stats().chat_calls.load(Ordering::Relaxed) < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "the worker keeps trying");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker keeps trying"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     worker.stop().await.unwrap();
@@ -300,11 +364,18 @@ async fn request_is_not_acked_until_its_result_is_confirmed() {
     let worker = env.start_worker();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while env.queue_len(&t.processing_queue).await > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the request is processed once unblocked");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the request is processed once unblocked"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     worker.stop().await.unwrap();
-    assert_eq!(env.queue_len(&t.processing_queue).await, 0, "acked for good");
+    assert_eq!(
+        env.queue_len(&t.processing_queue).await,
+        0,
+        "acked for good"
+    );
     env.cleanup().await;
 }
 
@@ -327,8 +398,11 @@ async fn high_priority_overtakes_the_backlog() {
     const LOW: usize = 40;
     const HIGH: usize = 5;
     for i in 0..LOW {
-        env.publish_chat(&json!({"prompt": format!("low-{i}")}), BasicProperties::default().with_priority(1))
-            .await;
+        env.publish_chat(
+            &json!({"prompt": format!("low-{i}")}),
+            BasicProperties::default().with_priority(1),
+        )
+        .await;
     }
     let worker = env.start_worker();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -337,17 +411,31 @@ async fn high_priority_overtakes_the_backlog() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     for i in 0..HIGH {
-        env.publish_chat(&json!({"prompt": format!("high-{i}")}), BasicProperties::default().with_priority(9))
-            .await;
+        env.publish_chat(
+            &json!({"prompt": format!("high-{i}")}),
+            BasicProperties::default().with_priority(9),
+        )
+        .await;
     }
     let results = env.results(LOW + HIGH).await;
     let order: Vec<String> = results
         .iter()
-        .map(|(_, b)| b["content"].as_str().unwrap().replace("mock reply to: ", ""))
+        .map(|(_, b)| {
+            b["content"]
+                .as_str()
+                .unwrap()
+                .replace("mock reply to: ", "")
+        })
         .collect();
     for i in 0..HIGH {
-        let pos = order.iter().position(|p| *p == format!("high-{i}")).unwrap();
-        assert!(pos < (LOW + HIGH) / 3, "high-{i} finished at position {pos}: {order:?}");
+        let pos = order
+            .iter()
+            .position(|p| *p == format!("high-{i}"))
+            .unwrap();
+        assert!(
+            pos < (LOW + HIGH) / 3,
+            "high-{i} finished at position {pos}: {order:?}"
+        );
     }
     worker.stop().await.unwrap();
     env.cleanup().await;
