@@ -9,7 +9,7 @@ export INTEROP_PYTHON
 .PHONY: test lint fmt build run mock broker venv compose-config clean
 
 ## Every test: unit, integration (real broker), the Python interop client, the compose file.
-test: broker venv
+test: broker venv compose-config
 	@if cargo nextest --version >/dev/null 2>&1; then \
 		cargo nextest run --all-targets --no-fail-fast; \
 	else \
@@ -44,9 +44,13 @@ $(VENV)/.installed: tests/interop/requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/interop/requirements.txt
 	@touch $@
 
-## Validates docker-compose.yml (needs Debian's docker-compose package).
+## Validates docker-compose.yml with Debian's docker-compose (installed when missing and root).
 compose-config:
+	@command -v docker-compose >/dev/null 2>&1 || { \
+		[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; }
 	docker-compose -f docker-compose.yml config --quiet
+	@echo "compose: docker-compose.yml is valid"
 
 clean:
 	cargo clean
