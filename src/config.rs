@@ -35,6 +35,8 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// Retries of transient upstream failures.
     pub retry: RetryConfig,
+    /// Deduplication by request_id.
+    pub idempotency: IdempotencyConfig,
     /// Log format and filter.
     pub log: LogConfig,
 }
@@ -44,7 +46,7 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpConfig {
     /// `amqp://` or `amqps://` URL; its password is redacted wherever it is printed.
-    pub url: AmqpUrl,
+    pub url: SecretUrl,
     /// AMQP heartbeat, so a dead TCP connection is noticed within about two intervals.
     pub heartbeat_secs: u16,
 }
@@ -52,7 +54,7 @@ pub struct AmqpConfig {
 impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
-            url: AmqpUrl("amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+            url: SecretUrl("amqp://guest:guest@127.0.0.1:5672/%2f".into()),
             heartbeat_secs: 10,
         }
     }
@@ -90,6 +92,11 @@ pub struct TopologyConfig {
     pub dead_letter_queue: String,
     /// Routing key of dead letters; the broker-side DLX policy uses the same one.
     pub dead_letter_key: String,
+    /// Headers exchange in front of the delayed-retry queues.
+    pub retry_exchange: String,
+    /// Prefix of the delayed-retry queues (`<prefix>.5s`, `<prefix>.30s`, ...). Messages wait
+    /// there for their per-message TTL, then dead-letter back to `request_exchange`.
+    pub retry_queue_prefix: String,
 }
 
 impl Default for TopologyConfig {
@@ -108,6 +115,8 @@ impl Default for TopologyConfig {
             dead_letter_exchange: "llm_requests.dlx".into(),
             dead_letter_queue: "llm_processing.dlq".into(),
             dead_letter_key: "dead".into(),
+            retry_exchange: "llm_requests.retry".into(),
+            retry_queue_prefix: "llm_requests.retry".into(),
         }
     }
 }
@@ -206,6 +215,9 @@ pub struct RetryConfig {
     pub initial_delay_ms: u64,
     /// Cap of one backoff delay (a longer `Retry-After` still wins).
     pub max_delay_secs: u64,
+    /// Waits up to this long happen in the worker; longer ones go through the durable retry
+    /// queues, so they hold no prefetch slot and cannot hit the broker's consumer timeout.
+    pub inline_max_ms: u64,
 }
 
 impl Default for RetryConfig {
@@ -214,8 +226,63 @@ impl Default for RetryConfig {
             max_attempts: 5,
             initial_delay_ms: 500,
             max_delay_secs: 30,
+            inline_max_ms: 2000,
         }
     }
+}
+
+/// Deduplication by `request_id`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// `memory` (per replica), `redis` (fleet-wide) or `off`.
+    pub store: StoreKind,
+    /// How long finished results are remembered.
+    pub ttl_secs: u64,
+    /// Redis URL for `store = "redis"`; its password is redacted when printed.
+    pub redis_url: SecretUrl,
+    /// Results kept at most by the memory store.
+    pub memory_capacity: u64,
+    /// Prefix of the Redis keys (`<prefix>:result:<id>`, `<prefix>:lease:<id>`).
+    pub key_prefix: String,
+    /// When the store cannot be reached: `requeue` (default: the request waits in the retry
+    /// queue, nothing is lost, nothing is duplicated) or `proceed` (process without dedupe).
+    pub on_store_error: OnStoreError,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            store: StoreKind::Memory,
+            ttl_secs: 86_400,
+            redis_url: SecretUrl("redis://127.0.0.1:6379".into()),
+            memory_capacity: 100_000,
+            key_prefix: "llmq".into(),
+            on_store_error: OnStoreError::Requeue,
+        }
+    }
+}
+
+/// Which idempotency store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// No deduplication.
+    Off,
+    /// Per replica.
+    Memory,
+    /// Fleet-wide.
+    Redis,
+}
+
+/// What to do when the idempotency store is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreError {
+    /// Put the request back (through the retry queue) until the store answers.
+    Requeue,
+    /// Process it anyway, without deduplication.
+    Proceed,
 }
 
 /// Log output.
@@ -279,11 +346,11 @@ impl fmt::Display for Secret {
     }
 }
 
-/// An AMQP URL whose password prints as `***` (`amqp://user:***@host:5672/%2f`).
+/// A URL whose password prints as `***` (`amqp://user:***@host:5672/%2f`).
 #[derive(Clone, PartialEq, Eq)]
-pub struct AmqpUrl(String);
+pub struct SecretUrl(String);
 
-impl AmqpUrl {
+impl SecretUrl {
     /// Wraps a URL.
     pub fn new(url: impl Into<String>) -> Self {
         Self(url.into())
@@ -298,19 +365,19 @@ impl AmqpUrl {
     }
 }
 
-impl<'de> Deserialize<'de> for AmqpUrl {
+impl<'de> Deserialize<'de> for SecretUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(AmqpUrl)
+        String::deserialize(d).map(SecretUrl)
     }
 }
 
-impl fmt::Debug for AmqpUrl {
+impl fmt::Debug for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?}", self.redacted())
     }
 }
 
-impl fmt::Display for AmqpUrl {
+impl fmt::Display for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted())
     }
@@ -400,9 +467,10 @@ impl Config {
                 "llm" => section(key, value, &mut config.llm, problems),
                 "worker" => section(key, value, &mut config.worker, problems),
                 "retry" => section(key, value, &mut config.retry, problems),
+                "idempotency" => section(key, value, &mut config.idempotency, problems),
                 "log" => section(key, value, &mut config.log, problems),
                 other => problems.push(format!(
-                    "{other} ({}): unknown key; sections are amqp, topology, llm, worker, retry, log",
+                    "{other} ({}): unknown key; sections are amqp, topology, llm, worker, retry, idempotency, log",
                     env_name(other)
                 )),
             }
@@ -484,6 +552,30 @@ impl Config {
             "must be at least 1",
         );
         check(
+            self.idempotency.ttl_secs >= 1,
+            "idempotency.ttl_secs",
+            "must be at least 1",
+        );
+        check(
+            self.idempotency.memory_capacity >= 1,
+            "idempotency.memory_capacity",
+            "must be at least 1",
+        );
+        if self.idempotency.store == StoreKind::Redis {
+            match url::Url::parse(self.idempotency.redis_url.expose()) {
+                Ok(u) => check(
+                    matches!(u.scheme(), "redis" | "rediss"),
+                    "idempotency.redis_url",
+                    &format!("scheme must be redis or rediss, got {}", u.scheme()),
+                ),
+                Err(e) => check(
+                    false,
+                    "idempotency.redis_url",
+                    &format!("not a URL ({e}): {}", self.idempotency.redis_url),
+                ),
+            }
+        }
+        check(
             self.topology.max_priority >= 1,
             "topology.max_priority",
             "must be between 1 and 255",
@@ -497,6 +589,8 @@ impl Config {
             ("topology.results_queue", &t.results_queue),
             ("topology.dead_letter_exchange", &t.dead_letter_exchange),
             ("topology.dead_letter_queue", &t.dead_letter_queue),
+            ("topology.retry_exchange", &t.retry_exchange),
+            ("topology.retry_queue_prefix", &t.retry_queue_prefix),
         ] {
             check(
                 !value.is_empty() && value.len() <= 255,

@@ -1,14 +1,19 @@
-//! The worker: consumer tasks that take deliveries and settle each one.
+//! The worker: a broker connection kept alive, consumer slots, and the settling of every
+//! delivery.
 //!
 //! `worker.consumers` slots, each with its own consuming channel (`basic.qos` =
 //! `worker.prefetch`) subscribed to both work queues, and its own confirm-mode publishing
 //! channel. Every delivery is handled in its own task, so one slow upstream call never
 //! blocks the others; in flight per replica is bounded by the prefetch.
 //!
-//! Settling a delivery: parse ([`crate::request`]), call ([`crate::process`]) with retries
-//! ([`crate::retry`]), then publish the result or the dead letter and wait for the broker's
-//! confirm ([`crate::publish`]), and only then ack. A delivery whose outcome cannot be
-//! confirmed is nacked back to its queue, never acked.
+//! Settling a delivery: parse ([`crate::request`]), deduplicate ([`crate::dedupe`]), call
+//! ([`crate::process`]) with retries ([`crate::retry`]), then publish the result, the retry or
+//! the dead letter and wait for the broker's confirm ([`crate::publish`]), and only then ack.
+//! A delivery whose outcome cannot be confirmed is handed back to its queue, never acked.
+//!
+//! A lost connection is reopened with backoff, the topology redeclared and consuming resumed;
+//! deliveries of the dead connection are redelivered by the broker, and the idempotency store
+//! absorbs the duplicates.
 
 use std::{
     panic::AssertUnwindSafe,
@@ -16,6 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::{FutureExt, StreamExt};
 use lapin::{
     Connection,
@@ -30,30 +36,25 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{
     amqp,
-    config::Config,
+    config::{Config, OnStoreError},
+    dedupe::{Claim, Store},
     process::{Outcome, Processor},
-    publish::{Failure, PublishError, Publisher, ReplyRoute, unix_now},
+    publish::{Failure, PublishError, Publisher, ReplyRoute, unix_now, unix_now_ms},
     request::{self, Job, Kind},
     response::JobResult,
-    retry::RetryPolicy,
+    retry::{self, RetryPolicy},
     topology,
 };
 
-/// Why the worker stopped other than by a shutdown request.
+/// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    /// The broker could not be reached.
-    #[error(transparent)]
-    Connect(#[from] amqp::ConnectError),
-    /// A broker operation failed at start-up.
-    #[error("broker error: {0}")]
-    Broker(#[from] lapin::Error),
-    /// The connection failed while consuming.
-    #[error("broker connection lost: {0}")]
-    ConnectionLost(SessionEnd),
     /// The HTTP client could not be built.
     #[error("cannot build the upstream HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    /// The idempotency store is misconfigured.
+    #[error(transparent)]
+    Store(#[from] crate::dedupe::StoreError),
 }
 
 /// Why a consumer session ended other than by shutdown.
@@ -74,65 +75,81 @@ pub enum SessionEnd {
 const PUBLISH_ATTEMPTS: u32 = 5;
 /// Pause before a consumer slot reopens its channels after a channel-level failure.
 const SLOT_RESTART_DELAY: Duration = Duration::from_secs(1);
+/// After the shutdown grace period, how long aborted tasks get to hand their work back.
+const ABORT_GRACE: Duration = Duration::from_secs(3);
+/// Messages that come back this early (ms) before their not-before time wait again.
+const NOT_BEFORE_SLACK_MS: i64 = 100;
 
 /// What every delivery task shares.
 struct Context {
     config: Config,
     processor: Processor,
     policy: RetryPolicy,
-    /// Cancelled on shutdown (or a fatal error): stop taking deliveries, cut retry waits short.
+    store: Store,
+    /// Cancelled on shutdown: stop taking deliveries, cut retry waits short.
     stop: CancellationToken,
+    /// Cancelled when the shutdown grace period is over: abandon upstream calls.
+    abort: CancellationToken,
 }
 
-/// Runs the worker until `shutdown` is cancelled (then drains in-flight work within
-/// `worker.shutdown_grace_secs` and returns `Ok`) or the broker connection fails.
+/// Runs the worker until `shutdown` is cancelled, then drains in-flight work within
+/// `worker.shutdown_grace_secs` and returns. Broker outages are waited out, not returned.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let worker = config.worker.worker_id();
     let processor = Processor::new(&config.llm, worker.clone())?;
-    let conn = amqp::connect(&config.amqp, &format!("llmq worker {worker}")).await?;
-    let setup = conn.create_channel().await?;
-    topology::declare(&setup, &config.topology).await?;
-    info!(
-        url = %config.amqp.url,
-        worker = %worker,
-        consumers = config.worker.consumers,
-        prefetch = config.worker.prefetch,
-        queues = ?[&config.topology.processing_queue, &config.topology.embeddings_queue],
-        upstream = %config.llm.base_url,
-        "worker started"
-    );
+    let lease = config.llm.timeout()
+        + Duration::from_millis(config.retry.inline_max_ms)
+        + Duration::from_secs(10);
+    let store = Store::new(&config.idempotency, lease)?;
     let ctx = Arc::new(Context {
         policy: RetryPolicy::new(&config.retry),
         processor,
-        stop: shutdown.child_token(),
+        store,
+        stop: shutdown,
+        abort: CancellationToken::new(),
         config,
     });
-    let conn = Arc::new(conn);
     let tracker = TaskTracker::new();
-    let mut slots = tokio::task::JoinSet::new();
-    for slot in 0..ctx.config.worker.consumers {
-        slots.spawn(consumer_slot(
-            ctx.clone(),
-            conn.clone(),
-            slot,
-            tracker.clone(),
-        ));
-    }
-    let mut outcome = Ok(());
-    while let Some(joined) = slots.join_next().await {
-        let failed = match joined {
-            Ok(Ok(())) => continue,
-            Ok(Err(e)) => e,
-            Err(join) => {
-                error!(error = %join, "a consumer task panicked");
+    let mut backoff = reconnect_backoff();
+    let mut last_conn: Option<Arc<Connection>> = None;
+    let conn_name = format!("llmq worker {worker}");
+    while !ctx.stop.is_cancelled() {
+        let conn = tokio::select! {
+            _ = ctx.stop.cancelled() => break,
+            conn = amqp::connect(&ctx.config.amqp, &conn_name) => conn,
+        };
+        let conn = match conn {
+            Ok(conn) => Arc::new(conn),
+            Err(e) => {
+                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker unreachable");
+                pause(&ctx.stop, delay).await;
                 continue;
             }
         };
-        if outcome.is_ok() {
-            error!(error = %failed, "stopping: the broker connection failed");
-            outcome = Err(WorkerError::ConnectionLost(failed));
+        if let Err(e) = declare(&conn, &ctx.config).await {
+            let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+            warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "declaring the topology failed");
+            let _ = conn.close(200, "topology failed".into()).await;
+            pause(&ctx.stop, delay).await;
+            continue;
         }
-        ctx.stop.cancel();
+        backoff = reconnect_backoff();
+        info!(
+            url = %ctx.config.amqp.url,
+            worker = %worker,
+            consumers = ctx.config.worker.consumers,
+            prefetch = ctx.config.worker.prefetch,
+            queues = ?[&ctx.config.topology.processing_queue, &ctx.config.topology.embeddings_queue],
+            upstream = %ctx.config.llm.base_url,
+            "connected; consuming"
+        );
+        let lost = consume_on(&ctx, &conn, &tracker).await;
+        last_conn = Some(conn);
+        match lost {
+            None => break,
+            Some(e) => warn!(error = %e, "broker connection lost; reconnecting"),
+        }
     }
 
     tracker.close();
@@ -145,29 +162,92 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         warn!(
             unfinished = tracker.len(),
-            "shutdown grace period over; unfinished requests go back to the broker"
+            "shutdown grace period over; handing unfinished requests back to the broker"
         );
+        ctx.abort.cancel();
+        let _ = tokio::time::timeout(ABORT_GRACE, tracker.wait()).await;
     }
-    if conn.status().connected()
+    if let Some(conn) = last_conn
+        && conn.status().connected()
         && let Err(e) = conn.close(200, "llmq worker shutdown".into()).await
     {
         warn!(error = %e, "closing the broker connection failed");
     }
     info!("worker stopped");
-    outcome
+    Ok(())
+}
+
+/// Reconnection delays: 0.5 s doubling to 30 s, jittered, forever.
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+async fn pause(stop: &CancellationToken, delay: Duration) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = tokio::time::sleep(delay) => {}
+    }
+}
+
+async fn declare(conn: &Connection, config: &Config) -> Result<(), lapin::Error> {
+    let setup = conn.create_channel().await?;
+    topology::declare(&setup, &config.topology).await?;
+    let _ = setup.close(200, "topology declared".into()).await;
+    Ok(())
+}
+
+/// Consumes on `conn` until shutdown (`None`) or until the connection fails (`Some`).
+async fn consume_on(
+    ctx: &Arc<Context>,
+    conn: &Arc<Connection>,
+    tracker: &TaskTracker,
+) -> Option<SessionEnd> {
+    let lost = ctx.stop.child_token();
+    let mut slots = tokio::task::JoinSet::new();
+    for slot in 0..ctx.config.worker.consumers {
+        slots.spawn(consumer_slot(
+            ctx.clone(),
+            conn.clone(),
+            slot,
+            tracker.clone(),
+            lost.clone(),
+        ));
+    }
+    let mut failure = None;
+    while let Some(joined) = slots.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                failure.get_or_insert(e);
+                lost.cancel();
+            }
+            Err(join) => error!(error = %join, "a consumer task panicked"),
+        }
+    }
+    if ctx.stop.is_cancelled() {
+        None
+    } else {
+        failure
+    }
 }
 
 /// Keeps one consumer slot subscribed: a channel-level failure (a channel closed by the
 /// broker, a consumer cancelled because its queue was deleted) reopens the channels after a
-/// pause, redeclaring the topology; a connection-level failure ends the worker.
+/// pause, redeclaring the topology; a connection-level failure is returned.
 async fn consumer_slot(
     ctx: Arc<Context>,
     conn: Arc<Connection>,
     slot: u16,
     tracker: TaskTracker,
+    stop: CancellationToken,
 ) -> Result<(), SessionEnd> {
     loop {
-        let failure = match session(&ctx, &conn, slot, &tracker).await {
+        let failure = match session(&ctx, &conn, slot, &tracker, &stop).await {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
@@ -176,23 +256,22 @@ async fn consumer_slot(
         }
         warn!(slot, error = %failure, "consumer channel failed; reopening");
         tokio::select! {
-            _ = ctx.stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(SLOT_RESTART_DELAY) => {}
         }
-        let setup = conn.create_channel().await?;
-        if let Err(e) = topology::declare(&setup, &ctx.config.topology).await {
+        if let Err(e) = declare(&conn, &ctx.config).await {
             warn!(slot, error = %e, "redeclaring the topology failed");
         }
-        let _ = setup.close(200, "topology declared".into()).await;
     }
 }
 
-/// One subscription of a slot, until shutdown or a failure.
+/// One subscription of a slot, until `stop` or a failure.
 async fn session(
     ctx: &Arc<Context>,
     conn: &Connection,
     slot: u16,
     tracker: &TaskTracker,
+    stop: &CancellationToken,
 ) -> Result<(), SessionEnd> {
     let topo = &ctx.config.topology;
     let channel = conn.create_channel().await?;
@@ -227,9 +306,11 @@ async fn session(
     loop {
         let next = tokio::select! {
             biased;
-            _ = ctx.stop.cancelled() => {
+            _ = stop.cancelled() => {
                 for tag in [chat_tag, embed_tag] {
-                    let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                    let _ = channel
+                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                        .await;
                 }
                 return Ok(());
             }
@@ -248,7 +329,16 @@ async fn session(
     }
 }
 
-/// Settles one delivery: parse, call with retries, publish confirmed, then ack.
+/// One delivery being settled.
+struct Settling<'a> {
+    ctx: &'a Context,
+    publisher: &'a Publisher,
+    delivery: &'a Delivery,
+    kind: Kind,
+    route: ReplyRoute,
+}
+
+/// Settles one delivery: parse, deduplicate, call with retries, publish confirmed, then ack.
 async fn handle(ctx: Arc<Context>, publisher: Publisher, kind: Kind, delivery: Delivery) {
     let started = Instant::now();
     let max_body = ctx.config.worker.max_body_bytes;
@@ -261,152 +351,240 @@ async fn handle(ctx: Arc<Context>, publisher: Publisher, kind: Kind, delivery: D
             message: "the worker panicked while parsing this message".into(),
         })
     });
-    let job = match parsed {
-        Ok(job) => job,
-        Err(invalid) => {
-            let request_id = request::request_id_of_invalid(&delivery.data, &delivery.properties);
-            let span = info_span!("job", %request_id, delivery_tag = delivery.delivery_tag);
-            let route = route_of(&delivery, &request_id);
-            let outcome = Outcome::DeadLetter {
-                kind: invalid.kind,
-                reason: invalid.message,
-            };
-            settle(
-                &ctx,
-                &publisher,
-                &delivery,
-                &route,
-                None,
-                outcome,
-                0,
-                unix_now(),
-            )
-            .instrument(span)
-            .await;
-            return;
-        }
+    let attempts = prior_attempts(&delivery);
+    let request_id = match &parsed {
+        Ok(job) => job.request_id.clone(),
+        Err(_) => request::request_id_of_invalid(&delivery.data, &delivery.properties),
     };
     let span = info_span!(
         "job",
-        request_id = %job.request_id,
-        kind = job.kind().as_str(),
-        priority = job.priority,
+        %request_id,
+        kind = kind.as_str(),
+        priority = delivery.properties.priority().unwrap_or(0),
+        attempt = attempts + 1,
         delivery_tag = delivery.delivery_tag,
     );
-    process_job(ctx, publisher, delivery, job, started)
-        .instrument(span)
-        .await;
-}
-
-async fn process_job(
-    ctx: Arc<Context>,
-    publisher: Publisher,
-    delivery: Delivery,
-    job: Job,
-    started: Instant,
-) {
-    let route = ReplyRoute {
-        request_id: job.request_id.clone(),
-        correlation_id: job.correlation_id.clone(),
-        reply_to: job.reply_to.clone(),
+    let s = Settling {
+        ctx: &ctx,
+        publisher: &publisher,
+        delivery: &delivery,
+        kind,
+        route: route_of(&delivery, &request_id),
     };
-    let mut attempt = 0;
-    let mut first_failure = None;
-    let outcome = loop {
-        attempt += 1;
-        let outcome = AssertUnwindSafe(ctx.processor.attempt(&job, attempt, started))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|_| Outcome::DeadLetter {
-                kind: "internal_error",
-                reason: "the worker panicked while processing this request".into(),
-            });
-        let Outcome::Retry { after, reason } = outcome else {
-            break outcome;
-        };
-        first_failure.get_or_insert_with(unix_now);
-        if !ctx.policy.may_retry(attempt) {
-            break Outcome::DeadLetter {
-                kind: "retries_exhausted",
-                reason: format!("gave up after {attempt} attempts; last error: {reason}"),
-            };
-        }
-        let delay = ctx.policy.delay(attempt, after);
-        warn!(attempt, delay_ms = delay.as_millis() as u64, error = %reason, "transient failure; retrying");
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = ctx.stop.cancelled() => {
-                info!(attempt, "shutting down during a retry wait; handing the request back");
-                nack(&delivery).await;
-                return;
+    async {
+        match parsed {
+            Ok(job) => s.process(job, attempts, started).await,
+            Err(invalid) => {
+                let outcome = Outcome::DeadLetter {
+                    kind: invalid.kind,
+                    reason: invalid.message,
+                };
+                s.settle(None, outcome, attempts, None).await;
             }
         }
-    };
-    let first = first_failure.unwrap_or_else(unix_now);
-    settle(
-        &ctx,
-        &publisher,
-        &delivery,
-        &route,
-        Some(&job),
-        outcome,
-        attempt,
-        first,
-    )
+    }
+    .instrument(span)
     .await;
 }
 
-/// Publishes what an outcome produced, confirmed, then acks; or hands the delivery back.
-#[allow(clippy::too_many_arguments)]
-async fn settle(
-    ctx: &Context,
-    publisher: &Publisher,
-    delivery: &Delivery,
-    route: &ReplyRoute,
-    job: Option<&Job>,
-    outcome: Outcome,
-    attempts: u32,
-    first_failure: i64,
-) {
-    let worker = ctx.processor.worker();
-    let (kind, reason) = match outcome {
-        Outcome::Done(result) => {
-            let published = with_publish_retries(|| publisher.result(route, &result)).await;
-            if published.is_ok() {
-                debug!(attempts, latency_ms = result.latency_ms, "done");
+/// Upstream attempts made before this delivery: the count in its header, plus one when the
+/// broker redelivers it (its previous delivery was being processed when a worker died or
+/// handed it back), so a message that keeps killing workers still runs out of attempts.
+fn prior_attempts(delivery: &Delivery) -> u32 {
+    request::header_u32(&delivery.properties, retry::ATTEMPTS_HEADER)
+        .unwrap_or(0)
+        .saturating_add(u32::from(delivery.redelivered))
+}
+
+impl Settling<'_> {
+    async fn process(&self, job: Job, prior: u32, started: Instant) {
+        let ctx = self.ctx;
+        let props = &self.delivery.properties;
+        let mut first_failure = request::header_i64(props, retry::FIRST_FAILURE_HEADER);
+        // Back before its time (a wait longer than the last retry tier): wait again.
+        if let Some(not_before) = request::header_i64(props, retry::NOT_BEFORE_HEADER) {
+            let early = not_before - unix_now_ms();
+            if early > NOT_BEFORE_SLACK_MS {
+                let attempts = request::header_u32(props, retry::ATTEMPTS_HEADER).unwrap_or(0);
+                let wait = Duration::from_millis(early as u64);
+                return self
+                    .schedule_retry(wait, attempts, first_failure, "waiting for not-before")
+                    .await;
             }
-            return finish(delivery, published).await;
         }
-        Outcome::DeadLetter { kind, reason } => (kind, reason),
-        // Retries are decided before settling; one reaching here has run out of them.
-        Outcome::Retry { reason, .. } => ("retries_exhausted", reason),
-    };
-    let failure = Failure {
-        kind,
-        reason: &reason,
-        attempts,
-        first_failure,
-        worker,
-    };
-    let published = with_publish_retries(|| publisher.dead_letter(delivery, &failure)).await;
-    if published.is_ok() {
-        error!(error_kind = kind, attempts, reason = %reason, "dead-lettered");
-        // The caller hears of it too, so that an RPC caller never waits forever. The dead
-        // letter is the durable record; this result is best effort.
-        let mut result = JobResult::error(
-            route.request_id.clone(),
-            worker.to_string(),
+        if !ctx.policy.may_retry(prior) {
+            let outcome = Outcome::DeadLetter {
+                kind: "retries_exhausted",
+                reason: format!(
+                    "{prior} attempts already made (counting deliveries interrupted by a worker crash)"
+                ),
+            };
+            return self.settle(Some(&job), outcome, prior, first_failure).await;
+        }
+        match ctx
+            .store
+            .claim(&job.request_id, ctx.processor.worker())
+            .await
+        {
+            Ok(Claim::Acquired) => {}
+            Ok(Claim::Done(body)) => {
+                info!("duplicate of a finished request; re-publishing the stored result");
+                let published =
+                    with_publish_retries(|| self.publisher.result_body(&self.route, &body)).await;
+                return finish(self.delivery, published).await;
+            }
+            Ok(Claim::Busy) => {
+                debug!("another worker is processing this request; checking back later");
+                let wait = retry::TIERS[0].max;
+                return self
+                    .schedule_retry(wait, prior, first_failure, "duplicate in progress")
+                    .await;
+            }
+            Err(e) => match ctx.config.idempotency.on_store_error {
+                OnStoreError::Requeue => {
+                    warn!(error = %e, "idempotency store unreachable; requeueing the request");
+                    let wait = retry::TIERS[0].max;
+                    return self
+                        .schedule_retry(wait, prior, first_failure, &e.to_string())
+                        .await;
+                }
+                OnStoreError::Proceed => {
+                    warn!(error = %e, "idempotency store unreachable; processing without deduplication");
+                }
+            },
+        }
+        let mut attempt = prior;
+        let outcome = loop {
+            attempt += 1;
+            let call =
+                AssertUnwindSafe(ctx.processor.attempt(&job, attempt, started)).catch_unwind();
+            let outcome = tokio::select! {
+                outcome = call => outcome.unwrap_or_else(|_| Outcome::DeadLetter {
+                    kind: "internal_error",
+                    reason: "the worker panicked while processing this request".into(),
+                }),
+                _ = ctx.abort.cancelled() => {
+                    info!(attempt, "shutdown deadline reached mid-call; handing the request back");
+                    ctx.store.release(&job.request_id).await;
+                    return nack(self.delivery).await;
+                }
+            };
+            let Outcome::Retry { after, reason } = outcome else {
+                break outcome;
+            };
+            first_failure.get_or_insert_with(unix_now);
+            if !ctx.policy.may_retry(attempt) {
+                break Outcome::DeadLetter {
+                    kind: "retries_exhausted",
+                    reason: format!("gave up after {attempt} attempts; last error: {reason}"),
+                };
+            }
+            let delay = ctx.policy.delay(attempt, after);
+            if delay > ctx.policy.inline_max() {
+                ctx.store.release(&job.request_id).await;
+                warn!(attempt, delay_ms = delay.as_millis() as u64, error = %reason, "transient failure; retrying through the retry queue");
+                return self
+                    .schedule_retry(delay, attempt, first_failure, &reason)
+                    .await;
+            }
+            warn!(attempt, delay_ms = delay.as_millis() as u64, error = %reason, "transient failure; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = ctx.stop.cancelled() => {
+                    info!(attempt, "shutting down during a retry wait; handing the request back");
+                    ctx.store.release(&job.request_id).await;
+                    return nack(self.delivery).await;
+                }
+            }
+        };
+        self.settle(Some(&job), outcome, attempt, first_failure)
+            .await;
+    }
+
+    /// Sends the delivery to a delayed-retry queue (confirmed), then acks it.
+    async fn schedule_retry(
+        &self,
+        wait: Duration,
+        attempts: u32,
+        first_failure: Option<i64>,
+        reason: &str,
+    ) {
+        let topo = &self.ctx.config.topology;
+        let key = match self.kind {
+            Kind::Chat => &topo.processing_key,
+            Kind::Embedding => &topo.embeddings_key,
+        };
+        let published = with_publish_retries(|| {
+            self.publisher
+                .retry(self.delivery, key, wait, attempts, first_failure, reason)
+        })
+        .await;
+        finish(self.delivery, published).await;
+    }
+
+    /// Publishes what an outcome produced, confirmed, then acks; or hands the delivery back.
+    async fn settle(
+        &self,
+        job: Option<&Job>,
+        outcome: Outcome,
+        attempts: u32,
+        first_failure: Option<i64>,
+    ) {
+        let ctx = self.ctx;
+        let worker = ctx.processor.worker();
+        let (kind, reason) = match outcome {
+            Outcome::Done(result) => {
+                let body = result.to_bytes();
+                self.save(&body).await;
+                let published =
+                    with_publish_retries(|| self.publisher.result_body(&self.route, &body)).await;
+                if published.is_ok() {
+                    debug!(attempts, latency_ms = result.latency_ms, "done");
+                }
+                return finish(self.delivery, published).await;
+            }
+            Outcome::DeadLetter { kind, reason } => (kind, reason),
+            // Retries are decided before settling; one reaching here has run out of them.
+            Outcome::Retry { reason, .. } => ("retries_exhausted", reason),
+        };
+        let failure = Failure {
             kind,
-            crate::truncate(&reason, 1024),
-        );
-        result.attempts = attempts;
-        result.kind = job.map(|j| j.kind().as_str());
-        result.metadata = job.and_then(|j| j.metadata.clone());
-        if let Err(e) = publisher.result(route, &result).await {
-            warn!(error = %e, "the error result could not be published; the dead letter is kept");
+            reason: &reason,
+            attempts,
+            first_failure: first_failure.unwrap_or_else(unix_now),
+            worker,
+        };
+        let published =
+            with_publish_retries(|| self.publisher.dead_letter(self.delivery, &failure)).await;
+        if published.is_ok() {
+            error!(error_kind = kind, attempts, reason = %reason, "dead-lettered");
+            // The caller hears of it too, so that an RPC caller never waits forever. The dead
+            // letter is the durable record; this result is best effort.
+            let mut result = JobResult::error(
+                self.route.request_id.clone(),
+                worker.to_string(),
+                kind,
+                crate::truncate(&reason, 1024),
+            );
+            result.attempts = attempts;
+            result.kind = Some(self.kind.as_str());
+            result.metadata = job.and_then(|j| j.metadata.clone());
+            let body = result.to_bytes();
+            if job.is_some() {
+                self.save(&body).await;
+            }
+            if let Err(e) = self.publisher.result_body(&self.route, &body).await {
+                warn!(error = %e, "the error result could not be published; the dead letter is kept");
+            }
+        }
+        finish(self.delivery, published).await;
+    }
+
+    async fn save(&self, body: &[u8]) {
+        if let Err(e) = self.ctx.store.save(&self.route.request_id, body).await {
+            warn!(error = %e, "could not store the result; a duplicate would call the upstream again");
         }
     }
-    finish(delivery, published).await;
 }
 
 /// Acks a delivery whose outcome the broker confirmed; hands it back otherwise.

@@ -8,9 +8,10 @@
 //! 4. [`request`]: the message body and properties parsed and validated into a [`request::Job`].
 //! 5. [`llm`]: the upstream call, every failure classified as transient or permanent.
 //! 6. [`process`]: one step of work as a function returning an [`process::Outcome`].
-//! 7. [`retry`]: the backoff policy for transient failures.
-//! 8. [`response`]: the result message sent back to callers.
-//! 9. [`publish`]: confirmed publishing of results and dead letters, then the ack.
+//! 7. [`retry`]: the backoff policy for transient failures, and the delayed-retry queues.
+//! 8. [`dedupe`]: idempotency by request_id (stored results and leases).
+//! 9. [`response`]: the result message sent back to callers.
+//! 10. [`publish`]: confirmed publishing of results and dead letters, then the ack.
 //!
 //! Around them: [`shutdown`] (signals, cancellation), [`telemetry`] (logs), [`amqp`]
 //! (connections) and the built-in tools [`mock`] (an OpenAI-compatible mock upstream) and
@@ -22,6 +23,7 @@ pub mod amqp;
 pub mod client;
 pub mod config;
 pub mod consume;
+pub mod dedupe;
 pub mod llm;
 pub mod mock;
 pub mod process;

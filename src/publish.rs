@@ -13,7 +13,7 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 
-use crate::{config::TopologyConfig, response::JobResult};
+use crate::{config::TopologyConfig, response::JobResult, retry};
 
 /// Longest `x-error` header value.
 const MAX_ERROR_HEADER: usize = 1024;
@@ -104,7 +104,11 @@ impl Publisher {
     /// is still on the results exchange. An unroutable result on the results exchange is one
     /// when the worker keeps results (`topology.keep_results`), since the queue must exist.
     pub async fn result(&self, route: &ReplyRoute, result: &JobResult) -> Result<(), PublishError> {
-        let body = result.to_bytes();
+        self.result_body(route, &result.to_bytes()).await
+    }
+
+    /// [`Self::result`] for a result already serialized (a stored one, for a duplicate).
+    pub async fn result_body(&self, route: &ReplyRoute, body: &[u8]) -> Result<(), PublishError> {
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
@@ -122,13 +126,13 @@ impl Publisher {
             &self.topo.results_exchange,
             &self.topo.results_key,
             self.topo.keep_results,
-            &body,
+            body,
             props.clone(),
         );
         match &route.reply_to {
             None => results.await,
             Some(reply_to) => {
-                let reply = self.send("", reply_to, true, &body, props);
+                let reply = self.send("", reply_to, true, body, props);
                 let (results, reply) = tokio::join!(results, reply);
                 match reply {
                     Err(PublishError::Returned { destination, .. }) => {
@@ -188,6 +192,53 @@ impl Publisher {
         self.send(
             &self.topo.dead_letter_exchange,
             &self.topo.dead_letter_key,
+            true,
+            &delivery.data,
+            props,
+        )
+        .await
+    }
+
+    /// Republishes the delivery to the delayed-retry tier for `delay`, with the work queue's
+    /// `routing_key` so it returns where it came from, and the attempt count, first failure
+    /// and not-before time in headers; returns once the broker confirmed it.
+    pub async fn retry(
+        &self,
+        delivery: &Delivery,
+        routing_key: &str,
+        delay: std::time::Duration,
+        attempts: u32,
+        first_failure: Option<i64>,
+        last_error: &str,
+    ) -> Result<(), PublishError> {
+        let (tier, wait) = retry::tier_for(delay);
+        let not_before =
+            unix_now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        let mut put = |k: &str, v: AMQPValue| {
+            headers.insert(k.into(), v);
+        };
+        put(retry::TIER_HEADER, long_string(tier.name));
+        put(
+            retry::ATTEMPTS_HEADER,
+            AMQPValue::LongInt(attempts.min(i32::MAX as u32) as i32),
+        );
+        put(retry::NOT_BEFORE_HEADER, AMQPValue::LongLongInt(not_before));
+        put(
+            retry::LAST_ERROR_HEADER,
+            long_string(crate::truncate(last_error, MAX_ERROR_HEADER)),
+        );
+        if let Some(first) = first_failure {
+            put(retry::FIRST_FAILURE_HEADER, AMQPValue::LongLongInt(first));
+        }
+        let props = BasicProperties::default()
+            .with_headers(headers)
+            .with_delivery_mode(2)
+            .with_expiration(wait.as_millis().max(1).to_string().into());
+        let props = copy_properties(&delivery.properties, props);
+        self.send(
+            &self.topo.retry_exchange,
+            routing_key,
             true,
             &delivery.data,
             props,
@@ -285,6 +336,14 @@ fn copy_properties(from: &BasicProperties, mut to: BasicProperties) -> BasicProp
 
 fn long_string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Seconds since the Unix epoch.

@@ -385,8 +385,13 @@ pub fn request_id_of_invalid(body: &[u8], props: &BasicProperties) -> String {
         .unwrap_or_else(|| fallback_request_id(body, props))
 }
 
-/// Reads an integer header (any AMQP integer type), e.g. an attempt count.
+/// Reads a non-negative integer header that fits a `u32`, e.g. an attempt count.
 pub fn header_u32(props: &BasicProperties, name: &str) -> Option<u32> {
+    u32::try_from(header_i64(props, name)?).ok()
+}
+
+/// Reads an integer header of any AMQP integer type (or a timestamp).
+pub fn header_i64(props: &BasicProperties, name: &str) -> Option<i64> {
     let value = props.headers().as_ref()?.inner().get(name)?;
     let n: i64 = match value {
         AMQPValue::ShortShortInt(v) => (*v).into(),
@@ -396,9 +401,10 @@ pub fn header_u32(props: &BasicProperties, name: &str) -> Option<u32> {
         AMQPValue::LongInt(v) => (*v).into(),
         AMQPValue::LongUInt(v) => (*v).into(),
         AMQPValue::LongLongInt(v) => *v,
+        AMQPValue::Timestamp(v) => i64::try_from(*v).ok()?,
         _ => return None,
     };
-    u32::try_from(n).ok()
+    Some(n)
 }
 
 fn json_type(v: &Value) -> &'static str {

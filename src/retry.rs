@@ -1,5 +1,11 @@
 //! When to try a transient failure again: exponential backoff with full jitter, never
-//! sooner than the upstream's `Retry-After`.
+//! sooner than the upstream's `Retry-After`; and where to wait.
+//!
+//! Short waits (up to `retry.inline_max_ms`) happen in the worker. Longer ones go through
+//! durable delayed-retry queues: the request is republished, with its attempt count in a
+//! header, to a queue whose messages expire after their per-message TTL and dead-letter back
+//! to the request exchange. The queues are tiered by delay, because a classic queue only
+//! expires the message at its head: a 10 s retry never waits behind a 10 min one.
 
 use std::time::Duration;
 
@@ -7,12 +13,69 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 
 use crate::config::RetryConfig;
 
+/// Upstream attempts made before this delivery (a count that travels with the message).
+pub const ATTEMPTS_HEADER: &str = "x-llmq-attempts";
+/// Unix seconds of the request's first failure.
+pub const FIRST_FAILURE_HEADER: &str = "x-llmq-first-failure";
+/// Unix milliseconds before which the request must not be tried again.
+pub const NOT_BEFORE_HEADER: &str = "x-llmq-not-before";
+/// The last transient error, for people reading a retry queue.
+pub const LAST_ERROR_HEADER: &str = "x-llmq-last-error";
+/// Which delayed-retry queue a message goes to (the retry exchange is a headers exchange).
+pub const TIER_HEADER: &str = "x-llmq-retry-tier";
+
+/// One delayed-retry queue: messages waiting up to `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tier {
+    /// Suffix of the queue name and value of [`TIER_HEADER`].
+    pub name: &'static str,
+    /// Longest wait it takes.
+    pub max: Duration,
+}
+
+/// The delayed-retry tiers, shortest first.
+pub const TIERS: [Tier; 5] = [
+    Tier {
+        name: "5s",
+        max: Duration::from_secs(5),
+    },
+    Tier {
+        name: "30s",
+        max: Duration::from_secs(30),
+    },
+    Tier {
+        name: "2m",
+        max: Duration::from_secs(120),
+    },
+    Tier {
+        name: "10m",
+        max: Duration::from_secs(600),
+    },
+    Tier {
+        name: "1h",
+        max: Duration::from_secs(3600),
+    },
+];
+
+/// The tier for a wait of `delay`, and the wait it actually gets there (a wait longer than
+/// the last tier is cut to it; the not-before header sends the message round again).
+pub fn tier_for(delay: Duration) -> (Tier, Duration) {
+    let last = TIERS[TIERS.len() - 1];
+    let tier = TIERS
+        .iter()
+        .copied()
+        .find(|t| delay <= t.max)
+        .unwrap_or(last);
+    (tier, delay.min(tier.max))
+}
+
 /// The retry policy of a worker.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     max_attempts: u32,
     schedule: ExponentialBuilder,
     max_delay: Duration,
+    inline_max: Duration,
 }
 
 impl RetryPolicy {
@@ -27,12 +90,18 @@ impl RetryPolicy {
                 .with_factor(2.0)
                 .without_max_times(),
             max_delay,
+            inline_max: Duration::from_millis(cfg.inline_max_ms),
         }
     }
 
     /// Upstream calls allowed per request.
     pub fn max_attempts(&self) -> u32 {
         self.max_attempts
+    }
+
+    /// Longest wait done in the worker rather than in a retry queue.
+    pub fn inline_max(&self) -> Duration {
+        self.inline_max
     }
 
     /// Whether another attempt is allowed after `attempts` calls.
@@ -64,6 +133,7 @@ mod tests {
             max_attempts: 5,
             initial_delay_ms: 100,
             max_delay_secs: 2,
+            inline_max_ms: 1000,
         })
     }
 
@@ -92,6 +162,16 @@ mod tests {
                 Duration::from_secs(7)
             );
         }
+    }
+
+    #[test]
+    fn tiers_never_shorten_a_wait() {
+        assert_eq!(tier_for(Duration::from_secs(3)).0.name, "5s");
+        assert_eq!(tier_for(Duration::from_secs(5)).0.name, "5s");
+        assert_eq!(tier_for(Duration::from_secs(6)).0.name, "30s");
+        assert_eq!(tier_for(Duration::from_secs(6)).1, Duration::from_secs(6));
+        let (t, d) = tier_for(Duration::from_secs(7200));
+        assert_eq!((t.name, d), ("1h", Duration::from_secs(3600)));
     }
 
     #[test]

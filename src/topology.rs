@@ -7,6 +7,9 @@
 //! - `llm_results` (direct) -> durable queue `llm_results` (key `result`), optional.
 //! - `llm_requests.dlx` (direct) -> `llm_processing.dlq` (key `dead`). The worker publishes
 //!   its dead letters there itself, so it does not depend on the policy.
+//! - `llm_requests.retry` (headers) -> `llm_requests.retry.{5s,30s,2m,10m,1h}`, each matched
+//!   on the `x-llmq-retry-tier` header and dead-lettering expired messages back to
+//!   `llm_requests` with their routing key (see [`crate::retry`]).
 
 use lapin::{
     Channel, ExchangeKind,
@@ -14,7 +17,7 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 
-use crate::config::TopologyConfig;
+use crate::{config::TopologyConfig, retry};
 
 /// The arguments of both work queues: `x-max-priority` and nothing else.
 pub fn work_queue_arguments(topo: &TopologyConfig) -> FieldTable {
@@ -71,6 +74,42 @@ pub async fn declare(channel: &Channel, topo: &TopologyConfig) -> Result<(), lap
             FieldTable::default(),
         ),
     ];
+    channel
+        .exchange_declare(
+            topo.retry_exchange.as_str().into(),
+            ExchangeKind::Headers,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    for tier in retry::TIERS {
+        let queue = retry_queue(topo, tier.name);
+        let mut args = FieldTable::default();
+        // No dead-letter routing key: an expired message keeps the work queue's key it was
+        // republished with, so it lands back in the queue it came from.
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(topo.request_exchange.as_str().into()),
+        );
+        channel
+            .queue_declare(queue.as_str().into(), durable_queue, args)
+            .await?;
+        let mut bind = FieldTable::default();
+        bind.insert("x-match".into(), AMQPValue::LongString("all".into()));
+        bind.insert(
+            retry::TIER_HEADER.into(),
+            AMQPValue::LongString(tier.name.into()),
+        );
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                topo.retry_exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                bind,
+            )
+            .await?;
+    }
     if topo.keep_results {
         queues.push((
             &topo.results_queue,
@@ -94,4 +133,9 @@ pub async fn declare(channel: &Channel, topo: &TopologyConfig) -> Result<(), lap
             .await?;
     }
     Ok(())
+}
+
+/// The name of a delayed-retry queue.
+pub fn retry_queue(topo: &TopologyConfig, tier: &str) -> String {
+    format!("{}.{tier}", topo.retry_queue_prefix)
 }

@@ -49,24 +49,40 @@ fn invalid_configuration_exits_64_listing_every_problem() {
 }
 
 #[test]
-fn env_overrides_the_file() {
+fn env_overrides_the_file_and_an_unreachable_broker_is_waited_for() {
+    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("config.toml");
     std::fs::write(&file, "[worker]\nprefetch = 0\n").unwrap();
-    // The file alone is invalid; the environment fixes it, so the only error left is the
-    // broker being unreachable (exit 1, not 64).
-    let out = llmq()
+    // The file alone is invalid; the environment fixes it, so the worker starts and keeps
+    // trying the (unreachable) broker instead of exiting.
+    let mut child = llmq()
         .args(["--config", file.to_str().unwrap(), "run"])
         .env("LLMQ_WORKER__PREFETCH", "8")
-        .env("LLMQ_AMQP__URL", "amqp://guest:guest@127.0.0.1:1/%2f")
-        .output()
+        .env("LLMQ_AMQP__URL", "amqp://guest:canary-pw@127.0.0.1:1/%2f")
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        let done = lines
+            .iter()
+            .filter(|l: &&String| l.contains("broker unreachable"))
+            .count()
+            >= 2;
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let all = lines.join("\n");
+    assert!(all.contains("broker unreachable"), "{all}");
+    assert!(all.contains("amqp://guest:***@127.0.0.1:1"), "{all}");
+    assert!(!all.contains("canary-pw"), "{all}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,13 +15,22 @@ use lapin::{
     types::FieldTable,
 };
 use llmq::{
-    config::{AmqpUrl, Config},
+    config::{Config, SecretUrl},
     mock::{MockOptions, MockServer},
     topology,
 };
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// Worker logs in test output (shown for failed tests), filtered by `TEST_LOG`.
+pub fn init_logs() {
+    let filter = std::env::var("TEST_LOG").unwrap_or_else(|_| "llmq=info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_test_writer()
+        .try_init();
+}
 
 /// The broker the tests use.
 pub fn amqp_url() -> String {
@@ -38,7 +47,7 @@ pub fn unique(what: &str) -> String {
 pub fn test_config(base_url: &str) -> Config {
     let p = unique("t");
     let mut c = Config::default();
-    c.amqp.url = AmqpUrl::new(amqp_url());
+    c.amqp.url = SecretUrl::new(amqp_url());
     c.llm.base_url = base_url.to_string();
     c.llm.timeout_secs = 10;
     c.worker.id = format!("{p}-worker");
@@ -55,6 +64,9 @@ pub fn test_config(base_url: &str) -> Config {
     t.results_queue = format!("{p}.results");
     t.dead_letter_exchange = format!("{p}.dlx");
     t.dead_letter_queue = format!("{p}.dlq");
+    t.retry_exchange = format!("{p}.retry");
+    t.retry_queue_prefix = format!("{p}.retry");
+    c.idempotency.key_prefix = p;
     c
 }
 
@@ -94,6 +106,7 @@ impl TestEnv {
 
     /// Like [`Self::new`], with the config adjusted first.
     pub async fn with(mock: MockOptions, adjust: impl FnOnce(&mut Config)) -> Self {
+        init_logs();
         let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), mock)
             .await
             .expect("mock starts");
@@ -239,12 +252,19 @@ pub async fn delete_topology(conn: &Connection, t: &llmq::config::TopologyConfig
     let Ok(ch) = conn.create_channel().await else {
         return;
     };
+    let retry_queues: Vec<String> = llmq::retry::TIERS
+        .iter()
+        .map(|tier| llmq::topology::retry_queue(t, tier.name))
+        .collect();
     for q in [
         &t.processing_queue,
         &t.embeddings_queue,
         &t.results_queue,
         &t.dead_letter_queue,
-    ] {
+    ]
+    .into_iter()
+    .chain(&retry_queues)
+    {
         let _ = ch
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await;
@@ -253,6 +273,7 @@ pub async fn delete_topology(conn: &Connection, t: &llmq::config::TopologyConfig
         &t.request_exchange,
         &t.results_exchange,
         &t.dead_letter_exchange,
+        &t.retry_exchange,
     ] {
         let _ = ch
             .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())

@@ -1,0 +1,269 @@
+//! Idempotency by `request_id`: a store of finished results and short leases.
+//!
+//! Before calling the upstream a worker looks up the request's stored result (a duplicate
+//! gets it re-published, no upstream call) and takes a lease on the id (`SET NX` with an
+//! expiry), so two replicas never call the LLM at once for one request. The result is saved
+//! before it is published, so a crash between the two costs no second upstream call.
+//!
+//! `memory` is per replica and bounded; `redis` is fleet-wide.
+
+use std::{sync::Arc, time::Duration};
+
+use moka::future::Cache;
+use redis::{AsyncCommands, aio::ConnectionManager};
+use tokio::sync::OnceCell;
+
+use crate::config::{IdempotencyConfig, StoreKind};
+
+/// The store could not answer; the caller decides (`idempotency.on_store_error`).
+#[derive(Debug, thiserror::Error)]
+#[error("idempotency store unavailable: {0}")]
+pub struct StoreError(String);
+
+/// What the store says about a request about to be processed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// No result yet and the lease is ours: call the upstream.
+    Acquired,
+    /// Already finished: re-publish this stored result body.
+    Done(Vec<u8>),
+    /// Another worker holds the lease right now: try again later.
+    Busy,
+}
+
+/// The configured store.
+#[derive(Clone)]
+pub enum Store {
+    /// No deduplication.
+    Off,
+    /// Per replica, bounded, with TTL.
+    Memory(Arc<MemoryStore>),
+    /// Fleet-wide.
+    Redis(Arc<RedisStore>),
+}
+
+impl Store {
+    /// Builds the store; Redis is connected lazily, so a worker starts while Redis is down.
+    pub fn new(cfg: &IdempotencyConfig, lease: Duration) -> Result<Self, StoreError> {
+        let ttl = Duration::from_secs(cfg.ttl_secs);
+        Ok(match cfg.store {
+            StoreKind::Off => Store::Off,
+            StoreKind::Memory => {
+                Store::Memory(Arc::new(MemoryStore::new(cfg.memory_capacity, ttl, lease)))
+            }
+            StoreKind::Redis => {
+                let client = redis::Client::open(cfg.redis_url.expose())
+                    .map_err(|e| StoreError(format!("bad idempotency.redis_url: {e}")))?;
+                Store::Redis(Arc::new(RedisStore {
+                    client,
+                    conn: OnceCell::new(),
+                    prefix: cfg.key_prefix.clone(),
+                    ttl,
+                    lease,
+                }))
+            }
+        })
+    }
+
+    /// Looks up a stored result, else takes the lease for `worker`.
+    pub async fn claim(&self, request_id: &str, worker: &str) -> Result<Claim, StoreError> {
+        match self {
+            Store::Off => Ok(Claim::Acquired),
+            Store::Memory(m) => Ok(m.claim(request_id, worker).await),
+            Store::Redis(r) => r.claim(request_id, worker).await,
+        }
+    }
+
+    /// Saves a finished result (ok or error) for `idempotency.ttl_secs`.
+    pub async fn save(&self, request_id: &str, body: &[u8]) -> Result<(), StoreError> {
+        match self {
+            Store::Off => Ok(()),
+            Store::Memory(m) => {
+                m.save(request_id, body).await;
+                Ok(())
+            }
+            Store::Redis(r) => r.save(request_id, body).await,
+        }
+    }
+
+    /// Gives the lease up (the request was handed back unfinished).
+    pub async fn release(&self, request_id: &str) {
+        match self {
+            Store::Off => {}
+            Store::Memory(m) => m.leases.invalidate(request_id).await,
+            Store::Redis(r) => r.release(request_id).await,
+        }
+    }
+}
+
+/// The per-replica store.
+pub struct MemoryStore {
+    results: Cache<String, Arc<Vec<u8>>>,
+    leases: Cache<String, String>,
+}
+
+impl MemoryStore {
+    fn new(capacity: u64, ttl: Duration, lease: Duration) -> Self {
+        Self {
+            results: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(ttl)
+                .build(),
+            leases: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(lease)
+                .build(),
+        }
+    }
+
+    async fn claim(&self, request_id: &str, worker: &str) -> Claim {
+        if let Some(body) = self.results.get(request_id).await {
+            return Claim::Done(body.as_ref().clone());
+        }
+        let entry = self
+            .leases
+            .entry(request_id.to_string())
+            .or_insert(worker.to_string())
+            .await;
+        if entry.is_fresh() {
+            Claim::Acquired
+        } else {
+            Claim::Busy
+        }
+    }
+
+    async fn save(&self, request_id: &str, body: &[u8]) {
+        self.results
+            .insert(request_id.to_string(), Arc::new(body.to_vec()))
+            .await;
+        self.leases.invalidate(request_id).await;
+    }
+}
+
+/// The fleet-wide store.
+pub struct RedisStore {
+    client: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    prefix: String,
+    ttl: Duration,
+    lease: Duration,
+}
+
+impl RedisStore {
+    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2);
+        self.conn
+            .get_or_try_init(|| async {
+                self.client
+                    .get_connection_manager_with_config(cfg)
+                    .await
+                    .map_err(redis_error)
+            })
+            .await
+            .cloned()
+    }
+
+    fn result_key(&self, id: &str) -> String {
+        format!("{}:result:{id}", self.prefix)
+    }
+
+    fn lease_key(&self, id: &str) -> String {
+        format!("{}:lease:{id}", self.prefix)
+    }
+
+    async fn claim(&self, request_id: &str, worker: &str) -> Result<Claim, StoreError> {
+        let mut conn = self.conn().await?;
+        let stored: Option<Vec<u8>> = conn
+            .get(self.result_key(request_id))
+            .await
+            .map_err(redis_error)?;
+        if let Some(body) = stored {
+            return Ok(Claim::Done(body));
+        }
+        let opts = redis::SetOptions::default()
+            .conditional_set(redis::ExistenceCheck::NX)
+            .with_expiration(redis::SetExpiry::PX(millis(self.lease)));
+        let acquired: Option<String> = conn
+            .set_options(self.lease_key(request_id), worker, opts)
+            .await
+            .map_err(redis_error)?;
+        Ok(if acquired.is_some() {
+            Claim::Acquired
+        } else {
+            Claim::Busy
+        })
+    }
+
+    async fn save(&self, request_id: &str, body: &[u8]) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let _: () = redis::pipe()
+            .set_ex(self.result_key(request_id), body, self.ttl.as_secs().max(1))
+            .del(self.lease_key(request_id))
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(())
+    }
+
+    async fn release(&self, request_id: &str) {
+        if let Ok(mut conn) = self.conn().await {
+            let _: Result<(), _> = conn.del(self.lease_key(request_id)).await;
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Redis errors can quote the URL; keep only the kind and the server's words.
+fn redis_error(e: redis::RedisError) -> StoreError {
+    StoreError(format!(
+        "{:?}: {}",
+        e.kind(),
+        e.detail().unwrap_or("no detail")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory() -> Store {
+        Store::Memory(Arc::new(MemoryStore::new(
+            100,
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        )))
+    }
+
+    #[tokio::test]
+    async fn lease_then_result() {
+        let s = memory();
+        assert_eq!(s.claim("a", "w1").await.unwrap(), Claim::Acquired);
+        assert_eq!(s.claim("a", "w2").await.unwrap(), Claim::Busy);
+        s.save("a", b"{\"ok\":1}").await.unwrap();
+        assert_eq!(
+            s.claim("a", "w2").await.unwrap(),
+            Claim::Done(b"{\"ok\":1}".to_vec())
+        );
+    }
+
+    #[tokio::test]
+    async fn released_lease_can_be_taken_again() {
+        let s = memory();
+        assert_eq!(s.claim("b", "w1").await.unwrap(), Claim::Acquired);
+        s.release("b").await;
+        assert_eq!(s.claim("b", "w2").await.unwrap(), Claim::Acquired);
+    }
+
+    #[tokio::test]
+    async fn off_always_acquires() {
+        let s = Store::Off;
+        s.save("c", b"x").await.unwrap();
+        assert_eq!(s.claim("c", "w").await.unwrap(), Claim::Acquired);
+    }
+}
