@@ -259,9 +259,11 @@ async fn consumer_slot(
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(SLOT_RESTART_DELAY) => {}
         }
+        debug!(slot, "redeclaring the topology");
         if let Err(e) = declare(&conn, &ctx.config).await {
             warn!(slot, error = %e, "redeclaring the topology failed");
         }
+        debug!(slot, "resubscribing");
     }
 }
 
@@ -298,10 +300,15 @@ async fn session(
             FieldTable::default(),
         )
         .await?;
-    let mut deliveries = futures_util::stream::select(
-        chat.map(|d| (Kind::Chat, d)),
-        embed.map(|d| (Kind::Embedding, d)),
-    );
+    // `select` ends only when both streams do; the end marker makes one queue's cancelled
+    // consumer visible at once.
+    let tagged = |kind: Kind, consumer: lapin::Consumer| {
+        consumer
+            .map(move |d| Some((kind, d)))
+            .chain(futures_util::stream::iter([None]))
+    };
+    let mut deliveries =
+        futures_util::stream::select(tagged(Kind::Chat, chat), tagged(Kind::Embedding, embed));
     debug!(slot, "consuming");
     loop {
         let next = tokio::select! {
@@ -316,9 +323,16 @@ async fn session(
             }
             next = deliveries.next() => next,
         };
-        match next {
+        match next.flatten() {
             Some((kind, Ok(delivery))) => {
-                tracker.spawn(handle(ctx.clone(), publisher.clone(), kind, delivery));
+                // The task keeps the consuming channel open until it has acked: dropping the
+                // last handle closes the channel, and the broker would requeue the delivery.
+                let keep_open = channel.clone();
+                let task = handle(ctx.clone(), publisher.clone(), kind, delivery);
+                tracker.spawn(async move {
+                    task.await;
+                    drop(keep_open);
+                });
             }
             Some((_, Err(e))) => return Err(e.into()),
             None => return Err(SessionEnd::Cancelled),

@@ -81,8 +81,8 @@ pub struct MockStats {
     pub embedding_items: AtomicU64,
     /// Injected failures.
     pub failures: AtomicU64,
-    /// Prompts seen, in arrival order (last user message of each chat call).
-    pub prompts: std::sync::Mutex<Vec<String>>,
+    /// Chat calls seen when recording, in arrival order: the last message and when it came.
+    pub prompts: std::sync::Mutex<Vec<(String, std::time::Instant)>>,
 }
 
 struct MockState {
@@ -215,7 +215,7 @@ async fn chat(
         .map(|o| o.record_prompts)
         .unwrap_or(false);
     if record && let Ok(mut prompts) = state.stats.prompts.lock() {
-        prompts.push(last.clone());
+        prompts.push((last.clone(), std::time::Instant::now()));
     }
     if let Some(failure) = gate(&state, &headers, 1).await {
         return failure;

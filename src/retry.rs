@@ -21,8 +21,9 @@ pub const FIRST_FAILURE_HEADER: &str = "x-llmq-first-failure";
 pub const NOT_BEFORE_HEADER: &str = "x-llmq-not-before";
 /// The last transient error, for people reading a retry queue.
 pub const LAST_ERROR_HEADER: &str = "x-llmq-last-error";
-/// Which delayed-retry queue a message goes to (the retry exchange is a headers exchange).
-pub const TIER_HEADER: &str = "x-llmq-retry-tier";
+/// Which delayed-retry queue a message goes to (the retry exchange is a headers exchange,
+/// which ignores header names starting with `x-` when matching, hence no prefix).
+pub const TIER_HEADER: &str = "llmq-retry-tier";
 
 /// One delayed-retry queue: messages waiting up to `max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,7 @@
 //! - `llm_requests.dlx` (direct) -> `llm_processing.dlq` (key `dead`). The worker publishes
 //!   its dead letters there itself, so it does not depend on the policy.
 //! - `llm_requests.retry` (headers) -> `llm_requests.retry.{5s,30s,2m,10m,1h}`, each matched
-//!   on the `x-llmq-retry-tier` header and dead-lettering expired messages back to
+//!   on the `llmq-retry-tier` header and dead-lettering expired messages back to
 //!   `llm_requests` with their routing key (see [`crate::retry`]).
 
 use lapin::{

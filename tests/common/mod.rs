@@ -329,3 +329,247 @@ pub fn header(d: &Delivery, name: &str) -> Option<String> {
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_llmq")
 }
+
+/// The `LLMQ_*` environment that makes the `llmq` binary run with `config`.
+pub fn worker_env(config: &Config) -> Vec<(String, String)> {
+    let t = &config.topology;
+    let mut env = vec![
+        ("LLMQ_AMQP__URL", config.amqp.url.expose().to_string()),
+        ("LLMQ_LLM__BASE_URL", config.llm.base_url.clone()),
+        ("LLMQ_LLM__API_KEY", config.llm.api_key.expose().to_string()),
+        (
+            "LLMQ_LLM__TIMEOUT_SECS",
+            config.llm.timeout_secs.to_string(),
+        ),
+        ("LLMQ_WORKER__ID", config.worker.id.clone()),
+        (
+            "LLMQ_WORKER__CONSUMERS",
+            config.worker.consumers.to_string(),
+        ),
+        ("LLMQ_WORKER__PREFETCH", config.worker.prefetch.to_string()),
+        (
+            "LLMQ_WORKER__SHUTDOWN_GRACE_SECS",
+            config.worker.shutdown_grace_secs.to_string(),
+        ),
+        (
+            "LLMQ_RETRY__MAX_ATTEMPTS",
+            config.retry.max_attempts.to_string(),
+        ),
+        (
+            "LLMQ_RETRY__INITIAL_DELAY_MS",
+            config.retry.initial_delay_ms.to_string(),
+        ),
+        (
+            "LLMQ_RETRY__MAX_DELAY_SECS",
+            config.retry.max_delay_secs.to_string(),
+        ),
+        (
+            "LLMQ_RETRY__INLINE_MAX_MS",
+            config.retry.inline_max_ms.to_string(),
+        ),
+        (
+            "LLMQ_IDEMPOTENCY__KEY_PREFIX",
+            config.idempotency.key_prefix.clone(),
+        ),
+        (
+            "LLMQ_TOPOLOGY__REQUEST_EXCHANGE",
+            t.request_exchange.clone(),
+        ),
+        (
+            "LLMQ_TOPOLOGY__PROCESSING_QUEUE",
+            t.processing_queue.clone(),
+        ),
+        (
+            "LLMQ_TOPOLOGY__EMBEDDINGS_QUEUE",
+            t.embeddings_queue.clone(),
+        ),
+        (
+            "LLMQ_TOPOLOGY__RESULTS_EXCHANGE",
+            t.results_exchange.clone(),
+        ),
+        ("LLMQ_TOPOLOGY__RESULTS_QUEUE", t.results_queue.clone()),
+        (
+            "LLMQ_TOPOLOGY__DEAD_LETTER_EXCHANGE",
+            t.dead_letter_exchange.clone(),
+        ),
+        (
+            "LLMQ_TOPOLOGY__DEAD_LETTER_QUEUE",
+            t.dead_letter_queue.clone(),
+        ),
+        ("LLMQ_TOPOLOGY__RETRY_EXCHANGE", t.retry_exchange.clone()),
+        (
+            "LLMQ_TOPOLOGY__RETRY_QUEUE_PREFIX",
+            t.retry_queue_prefix.clone(),
+        ),
+    ];
+    if std::env::var("TEST_LOG").is_ok() {
+        env.push(("LLMQ_LOG__LEVEL", "llmq=debug".into()));
+    }
+    env.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// Starts the `llmq` binary as a worker with `config`; its output goes to `log`.
+pub fn spawn_worker_process(config: &Config, log: &std::path::Path) -> tokio::process::Child {
+    let out = std::fs::File::create(log).unwrap();
+    let err = out.try_clone().unwrap();
+    let mut cmd = tokio::process::Command::new(bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("LLMQ_") || k == "OPENAI_API_KEY" || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.arg("run")
+        .envs(worker_env(config))
+        .current_dir(std::env::temp_dir())
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// Sends a signal to a child process.
+pub fn signal(child: &tokio::process::Child, sig: &str) {
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A TCP proxy between the worker and the broker that can cut every connection.
+pub struct Proxy {
+    /// Where the worker connects.
+    pub addr: std::net::SocketAddr,
+    refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Proxies 127.0.0.1:<random> to `upstream`.
+    pub async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (r, c) = (refusing.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if r.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                c.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Self {
+            addr,
+            refusing,
+            conns,
+            accept,
+        }
+    }
+
+    /// Drops every proxied connection and refuses new ones for `outage`.
+    pub async fn cut_for(&self, outage: Duration) {
+        self.refusing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for conn in self.conns.lock().unwrap().drain(..) {
+            conn.abort();
+        }
+        tokio::time::sleep(outage).await;
+        self.refusing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for conn in self.conns.lock().unwrap().drain(..) {
+            conn.abort();
+        }
+    }
+}
+
+/// The broker's address from `AMQP_URL`.
+pub fn broker_addr() -> std::net::SocketAddr {
+    let url = url::Url::parse(&amqp_url()).unwrap();
+    let host = url.host_str().unwrap_or("127.0.0.1");
+    let port = url.port().unwrap_or(5672);
+    std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .unwrap()
+        .next()
+        .unwrap()
+}
+
+/// `AMQP_URL` with its host and port replaced by `addr`.
+pub fn amqp_url_via(addr: std::net::SocketAddr) -> String {
+    let mut url = url::Url::parse(&amqp_url()).unwrap();
+    url.set_ip_host(addr.ip()).unwrap();
+    url.set_port(Some(addr.port())).unwrap();
+    url.to_string()
+}
+
+/// Drains every result now in the results queue (waiting `idle` for more), keyed by
+/// request_id; returns (all results, unique ok ids).
+pub async fn drain_results(
+    env: &TestEnv,
+    expected_unique: usize,
+    timeout: Duration,
+) -> (Vec<Value>, std::collections::HashSet<String>) {
+    let ch = env.conn.create_channel().await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            env.config.topology.results_queue.as_str().into(),
+            unique("drain").as_str().into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    let mut ok = std::collections::HashSet::new();
+    let _ = tokio::time::timeout(timeout, async {
+        while ok.len() < expected_unique {
+            let Some(Ok(d)) = consumer.next().await else {
+                break;
+            };
+            let v = json(&d.data);
+            if v["status"] == "ok" {
+                ok.insert(v["request_id"].as_str().unwrap().to_string());
+            }
+            all.push(v);
+        }
+    })
+    .await;
+    let _ = ch.close(200, "ok".into()).await;
+    (all, ok)
+}
