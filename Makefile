@@ -1,15 +1,16 @@
-# llmq: `make test` runs every test against a real RabbitMQ (started when none answers).
+# llmq: `make test` runs every test against a real RabbitMQ and Redis (started when they do not answer).
 AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
-export AMQP_URL
+REDIS_URL ?= redis://127.0.0.1:6379
+export AMQP_URL REDIS_URL
 VENV := .venv
 PYTHON ?= python3
 INTEROP_PYTHON := $(CURDIR)/$(VENV)/bin/python
 export INTEROP_PYTHON
 
-.PHONY: test lint fmt build run mock broker venv compose-config clean
+.PHONY: test lint fmt build run mock services venv compose-config clean
 
 ## Every test: unit, integration (real broker), the Python interop client, the compose file.
-test: broker venv compose-config
+test: services venv compose-config
 	@if cargo nextest --version >/dev/null 2>&1; then \
 		cargo nextest run --all-targets --no-fail-fast; \
 	else \
@@ -34,8 +35,9 @@ run:
 mock:
 	cargo run --release -- mock-llm --addr 127.0.0.1:8080
 
-broker:
-	@scripts/ensure-broker.sh
+## RabbitMQ and Redis for the tests (started when they do not answer).
+services:
+	@scripts/ensure-services.sh
 
 ## A venv with aio-pika for tests/interop (from PyPI).
 venv: $(VENV)/.installed

@@ -67,6 +67,9 @@ pub fn test_config(base_url: &str) -> Config {
     t.retry_exchange = format!("{p}.retry");
     t.retry_queue_prefix = format!("{p}.retry");
     c.idempotency.key_prefix = p;
+    if let Ok(redis) = std::env::var("REDIS_URL") {
+        c.idempotency.redis_url = llmq::config::SecretUrl::new(redis);
+    }
     c
 }
 
