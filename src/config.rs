@@ -37,6 +37,10 @@ pub struct Config {
     pub retry: RetryConfig,
     /// Deduplication by request_id.
     pub idempotency: IdempotencyConfig,
+    /// Fleet-wide rate limits.
+    pub limits: LimitsConfig,
+    /// Embedding micro-batching.
+    pub batch: BatchConfig,
     /// Log format and filter.
     pub log: LogConfig,
 }
@@ -127,7 +131,7 @@ impl Default for TopologyConfig {
 pub struct LlmConfig {
     /// Base URL including `/v1`; requests go to `{base_url}/chat/completions` and
     /// `{base_url}/embeddings`.
-    pub base_url: String,
+    pub base_url: SecretUrl,
     /// Bearer token; empty falls back to `OPENAI_API_KEY`, and stays empty for servers that
     /// need none (vLLM, Ollama).
     pub api_key: Secret,
@@ -139,17 +143,28 @@ pub struct LlmConfig {
     pub timeout_secs: u64,
     /// Idle pooled connections kept per upstream host.
     pub pool_max_idle: usize,
+    /// Requests per minute this replica (or, with `limits.redis_url`, the fleet) may send;
+    /// 0 = no limit.
+    pub max_requests_per_minute: u64,
+    /// Tokens per minute (estimated as prompt characters / 4 + `max_tokens`, corrected by the
+    /// reported usage); 0 = no limit.
+    pub max_tokens_per_minute: u64,
+    /// `max_tokens` assumed for the token estimate of a chat request that sets none.
+    pub default_max_tokens: u64,
 }
 
 impl Default for LlmConfig {
     fn default() -> Self {
         Self {
-            base_url: "http://127.0.0.1:8080/v1".into(),
+            base_url: SecretUrl("http://127.0.0.1:8080/v1".into()),
             api_key: Secret::default(),
             model: "gpt-4o-mini".into(),
             embedding_model: "text-embedding-3-small".into(),
             timeout_secs: 60,
             pool_max_idle: 256,
+            max_requests_per_minute: 0,
+            max_tokens_per_minute: 0,
+            default_max_tokens: 256,
         }
     }
 }
@@ -167,9 +182,14 @@ impl LlmConfig {
 pub struct WorkerConfig {
     /// Consumer tasks, each on its own channel.
     pub consumers: u16,
-    /// `basic.qos` of each consumer: deliveries it holds at once. In flight per replica is at
-    /// most `consumers * prefetch` per work queue.
+    /// `basic.qos` of each consumer. 0 (the default) follows the concurrency limit: each
+    /// consumer prefetches `ceil(limit / consumers)`, so a throttled replica does not hoard
+    /// messages another replica could take.
     pub prefetch: u16,
+    /// Most upstream calls running at once in this replica (the AIMD ceiling).
+    pub max_inflight: u16,
+    /// The AIMD floor: 429s and timeouts never push the limit below this.
+    pub min_inflight: u16,
     /// Name of this worker in results and logs; empty means the host name.
     pub id: String,
     /// Bodies larger than this are dead-lettered as `too_large` without being parsed.
@@ -182,7 +202,9 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             consumers: 4,
-            prefetch: 32,
+            prefetch: 0,
+            max_inflight: 256,
+            min_inflight: 4,
             id: String::new(),
             max_body_bytes: 1024 * 1024,
             shutdown_grace_secs: 30,
@@ -259,6 +281,45 @@ impl Default for IdempotencyConfig {
             memory_capacity: 100_000,
             key_prefix: "llmq".into(),
             on_store_error: OnStoreError::Requeue,
+        }
+    }
+}
+
+/// Fleet-wide rate limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// When set, `llm.max_requests_per_minute` and `llm.max_tokens_per_minute` are one budget
+    /// shared by every replica through this Redis; empty = per replica.
+    pub redis_url: SecretUrl,
+    /// Prefix of the budget keys.
+    pub key_prefix: String,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: SecretUrl(String::new()),
+            key_prefix: "llmq:limits".into(),
+        }
+    }
+}
+
+/// Embedding micro-batching.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Most inputs in one `/embeddings` call; 1 turns batching off.
+    pub max_items: usize,
+    /// Longest wait for a batch to fill, in milliseconds.
+    pub max_wait_ms: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_items: 64,
+            max_wait_ms: 10,
         }
     }
 }
@@ -387,6 +448,8 @@ impl fmt::Display for SecretUrl {
 /// past its scheme, since it may still hold a password.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
+        // Without a host (`amqp:user:pw@host`) the parser sees no password to replace.
+        Ok(url) if url.cannot_be_a_base() || !url.has_host() => format!("{}://***", url.scheme()),
         Ok(mut url) => {
             if url.password().is_some() && url.set_password(Some("***")).is_err() {
                 return format!("{}://***", url.scheme());
@@ -456,7 +519,7 @@ impl Config {
         let root: Dict = match figment.extract() {
             Ok(root) => root,
             Err(e) => {
-                problems.push(e.to_string());
+                problems.push(without_source(&e.to_string()));
                 return config;
             }
         };
@@ -468,9 +531,11 @@ impl Config {
                 "worker" => section(key, value, &mut config.worker, problems),
                 "retry" => section(key, value, &mut config.retry, problems),
                 "idempotency" => section(key, value, &mut config.idempotency, problems),
+                "limits" => section(key, value, &mut config.limits, problems),
+                "batch" => section(key, value, &mut config.batch, problems),
                 "log" => section(key, value, &mut config.log, problems),
                 other => problems.push(format!(
-                    "{other} ({}): unknown key; sections are amqp, topology, llm, worker, retry, idempotency, log",
+                    "{other} ({}): unknown key; sections are amqp, topology, llm, worker, retry, idempotency, limits, batch, log",
                     env_name(other)
                 )),
             }
@@ -487,10 +552,18 @@ impl Config {
             }
         };
         match url::Url::parse(self.amqp.url.expose()) {
-            Ok(u) => check(
-                matches!(u.scheme(), "amqp" | "amqps"),
+            Ok(u) if !matches!(u.scheme(), "amqp" | "amqps") => check(
+                false,
                 "amqp.url",
                 &format!("scheme must be amqp or amqps, got {}", u.scheme()),
+            ),
+            Ok(u) => check(
+                u.has_host() && !u.cannot_be_a_base(),
+                "amqp.url",
+                &format!(
+                    "needs a host: amqp://user:password@host:5672/vhost, got {}",
+                    self.amqp.url
+                ),
             ),
             Err(e) => check(
                 false,
@@ -498,7 +571,7 @@ impl Config {
                 &format!("not a URL ({e}): {}", self.amqp.url),
             ),
         }
-        match url::Url::parse(&self.llm.base_url) {
+        match url::Url::parse(self.llm.base_url.expose()) {
             Ok(u) => check(
                 matches!(u.scheme(), "http" | "https"),
                 "llm.base_url",
@@ -507,7 +580,7 @@ impl Config {
             Err(e) => check(
                 false,
                 "llm.base_url",
-                &format!("not a URL ({e}): {:?}", self.llm.base_url),
+                &format!("not a URL ({e}): {}", self.llm.base_url),
             ),
         }
         check(!self.llm.model.is_empty(), "llm.model", "must not be empty");
@@ -527,10 +600,41 @@ impl Config {
             "must be between 1 and 1024",
         );
         check(
-            self.worker.prefetch >= 1,
-            "worker.prefetch",
+            self.worker.max_inflight >= 1,
+            "worker.max_inflight",
             "must be at least 1",
         );
+        check(
+            self.worker.max_inflight == 0
+                || (1..=self.worker.max_inflight).contains(&self.worker.min_inflight),
+            "worker.min_inflight",
+            "must be between 1 and worker.max_inflight",
+        );
+        check(
+            (1..=2048).contains(&self.batch.max_items),
+            "batch.max_items",
+            "must be between 1 and 2048",
+        );
+        check(
+            self.batch.max_wait_ms <= 10_000,
+            "batch.max_wait_ms",
+            "must be at most 10000",
+        );
+        let limits_url = self.limits.redis_url.expose();
+        if !limits_url.is_empty() {
+            match url::Url::parse(limits_url) {
+                Ok(u) => check(
+                    matches!(u.scheme(), "redis" | "rediss"),
+                    "limits.redis_url",
+                    &format!("scheme must be redis or rediss, got {}", u.scheme()),
+                ),
+                Err(e) => check(
+                    false,
+                    "limits.redis_url",
+                    &format!("not a URL ({e}): {}", self.limits.redis_url),
+                ),
+            }
+        }
         check(
             self.worker.max_body_bytes >= 64,
             "worker.max_body_bytes",
@@ -648,7 +752,11 @@ fn section<T: DeserializeOwned>(
                     }
                     Err(e) => {
                         let full = format!("{name}.{key}");
-                        problems.push(format!("{full} ({}): {}", env_name(&full), e.kind));
+                        problems.push(format!(
+                            "{full} ({}): {}",
+                            env_name(&full),
+                            describe(key, &e)
+                        ));
                     }
                 }
             }
@@ -657,6 +765,46 @@ fn section<T: DeserializeOwned>(
                 *out = v;
             }
         }
+    }
+}
+
+/// Keys whose values are secret or may hold one: their errors never quote the value.
+const SECRET_KEYS: [&str; 3] = ["api_key", "url", "redis_url"];
+
+/// A key's error, without its value when the key is secret.
+fn describe(key: &str, e: &figment::Error) -> String {
+    if SECRET_KEYS.contains(&key) {
+        use figment::error::Kind;
+        match &e.kind {
+            Kind::InvalidType(_, expected) => {
+                format!("invalid type (value hidden), expected {expected}")
+            }
+            Kind::InvalidValue(_, expected) => {
+                format!("invalid value (hidden), expected {expected}")
+            }
+            _ => "invalid value (hidden)".into(),
+        }
+    } else {
+        e.kind.to_string()
+    }
+}
+
+/// A configuration file error without the quoted source line (it may hold a secret).
+fn without_source(message: &str) -> String {
+    let mut lines = message.lines().filter(|l| {
+        let t = l.trim_start();
+        !(t.starts_with('|')
+            || t.chars().next().is_some_and(|c| c.is_ascii_digit()) && t.contains(" | "))
+    });
+    let first = lines.next().unwrap_or("").trim();
+    let rest: Vec<&str> = lines
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('^'))
+        .collect();
+    if rest.is_empty() {
+        first.to_string()
+    } else {
+        format!("{first}: {}", rest.join(" "))
     }
 }
 
@@ -701,7 +849,8 @@ mod tests {
         assert_eq!(c.topology.request_exchange, "llm_requests");
         assert_eq!(c.topology.max_priority, 10);
         assert_eq!(c.worker.consumers, 4);
-        assert_eq!(c.worker.prefetch, 32);
+        assert_eq!(c.worker.prefetch, 0, "follows the concurrency limit");
+        assert_eq!(c.worker.max_inflight, 256);
         assert_eq!(c.llm.timeout_secs, 60);
         assert!(c.validate().is_empty());
     }
@@ -758,9 +907,13 @@ mod tests {
         let p = problems(None, &[("LLMQ_WORKER__PREFECH", "1")]);
         assert!(p.len() == 1 && p[0].starts_with("worker.prefech"), "{p:?}");
         // A bad key does not hide a bad value next to it.
-        let p = problems(Some("[worker]\nprefetch = 0\nconsumers = \"four\"\n"), &[]).join("\n");
+        let p = problems(
+            Some("[worker]\nmax_inflight = 0\nconsumers = \"four\"\n"),
+            &[],
+        )
+        .join("\n");
         assert!(
-            p.contains("worker.prefetch") && p.contains("worker.consumers"),
+            p.contains("worker.max_inflight") && p.contains("worker.consumers"),
             "{p}"
         );
     }
@@ -769,7 +922,10 @@ mod tests {
     fn range_rules() {
         let cases = [
             ("LLMQ_WORKER__CONSUMERS", "0", "worker.consumers"),
-            ("LLMQ_WORKER__PREFETCH", "0", "worker.prefetch"),
+            ("LLMQ_WORKER__MAX_INFLIGHT", "0", "worker.max_inflight"),
+            ("LLMQ_WORKER__MIN_INFLIGHT", "300", "worker.min_inflight"),
+            ("LLMQ_BATCH__MAX_ITEMS", "0", "batch.max_items"),
+            ("LLMQ_LIMITS__REDIS_URL", "http://x", "limits.redis_url"),
             ("LLMQ_LLM__TIMEOUT_SECS", "0", "llm.timeout_secs"),
             ("LLMQ_AMQP__URL", "http://x", "amqp.url"),
             ("LLMQ_LLM__MODEL", "", "llm.model"),
@@ -817,7 +973,22 @@ mod tests {
             );
             Ok(())
         });
-        let bad = problems(None, &[("LLMQ_AMQP__URL", "amqp://u:canary-pw@[bad/")]).join(" ");
+        for (var, value) in [
+            ("LLMQ_AMQP__URL", "amqp://u:canary-pw@[bad/"),
+            ("LLMQ_AMQP__URL", "amqp:u:canary-pw@host"),
+            ("LLMQ_LLM__API_KEY", "12345canary"),
+            ("LLMQ_LLM__API_KEY", "[\"canary\"]"),
+        ] {
+            let bad = problems(None, &[(var, value)]).join(" ");
+            assert!(
+                !bad.is_empty() || var.contains("API_KEY"),
+                "{var}={value} accepted"
+            );
+            assert!(!bad.contains("canary"), "{bad}");
+        }
+        let bad = problems(Some("[llm]\napi_key = sk-canary-unquoted\n"), &[]).join(" ");
+        assert!(bad.contains("line 2"), "{bad}");
         assert!(!bad.contains("canary"), "{bad}");
+        assert_eq!(redact_url("amqp:u:canary@h"), "amqp://***");
     }
 }

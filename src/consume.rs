@@ -38,8 +38,10 @@ use crate::{
     amqp,
     config::{Config, OnStoreError},
     dedupe::{Claim, Store},
+    flow::Flow,
     process::{Outcome, Processor},
     publish::{Failure, PublishError, Publisher, ReplyRoute, unix_now, unix_now_ms},
+    ratelimit::Budget,
     request::{self, Job, Kind},
     response::JobResult,
     retry::{self, RetryPolicy},
@@ -79,6 +81,10 @@ const SLOT_RESTART_DELAY: Duration = Duration::from_secs(1);
 const ABORT_GRACE: Duration = Duration::from_secs(3);
 /// Messages that come back this early (ms) before their not-before time wait again.
 const NOT_BEFORE_SLACK_MS: i64 = 100;
+/// A not-before further away than this (ms) is not one llmq set: ignored.
+const MAX_NOT_BEFORE_MS: i64 = 48 * 3600 * 1000;
+/// How long closing the connection may take at shutdown (a blocked broker never answers).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What every delivery task shares.
 struct Context {
@@ -86,6 +92,8 @@ struct Context {
     processor: Processor,
     policy: RetryPolicy,
     store: Store,
+    /// Concurrency limit, pauses and budgets toward the upstream.
+    flow: Arc<Flow>,
     /// Cancelled on shutdown: stop taking deliveries, cut retry waits short.
     stop: CancellationToken,
     /// Cancelled when the shutdown grace period is over: abandon upstream calls.
@@ -96,7 +104,16 @@ struct Context {
 /// `worker.shutdown_grace_secs` and returns. Broker outages are waited out, not returned.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let worker = config.worker.worker_id();
-    let processor = Processor::new(&config.llm, worker.clone())?;
+    let processor = Processor::new(&config.llm, &config.batch, worker.clone())?;
+    let flow = Flow::new(
+        usize::from(config.worker.min_inflight),
+        usize::from(config.worker.max_inflight),
+        Budget::new(
+            config.llm.max_requests_per_minute,
+            config.llm.max_tokens_per_minute,
+            &config.limits,
+        ),
+    );
     let lease = config.llm.timeout()
         + Duration::from_millis(config.retry.inline_max_ms)
         + Duration::from_secs(10);
@@ -105,6 +122,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         policy: RetryPolicy::new(&config.retry),
         processor,
         store,
+        flow,
         stop: shutdown,
         abort: CancellationToken::new(),
         config,
@@ -139,7 +157,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
             url = %ctx.config.amqp.url,
             worker = %worker,
             consumers = ctx.config.worker.consumers,
-            prefetch = ctx.config.worker.prefetch,
+            max_inflight = ctx.config.worker.max_inflight,
             queues = ?[&ctx.config.topology.processing_queue, &ctx.config.topology.embeddings_queue],
             upstream = %ctx.config.llm.base_url,
             "connected; consuming"
@@ -169,9 +187,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     }
     if let Some(conn) = last_conn
         && conn.status().connected()
-        && let Err(e) = conn.close(200, "llmq worker shutdown".into()).await
     {
-        warn!(error = %e, "closing the broker connection failed");
+        match tokio::time::timeout(
+            CLOSE_TIMEOUT,
+            conn.close(200, "llmq worker shutdown".into()),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "closing the broker connection failed"),
+            Err(_) => warn!("the broker did not answer the close; exiting anyway"),
+        }
     }
     info!("worker stopped");
     Ok(())
@@ -267,7 +293,24 @@ async fn consumer_slot(
     }
 }
 
+/// Shortest time between two resubscriptions of a slot when the prefetch follows the
+/// concurrency limit.
+const RESUBSCRIBE_EVERY: Duration = Duration::from_secs(1);
+
+/// A delivery from one of a slot's consumers, or the end of that consumer's stream.
+type Tagged = (String, Kind, Option<Result<Delivery, lapin::Error>>);
+
+/// The merged deliveries of a slot's consumers.
+type Streams = futures_util::stream::SelectAll<
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Tagged> + Send>>,
+>;
+
 /// One subscription of a slot, until `stop` or a failure.
+///
+/// When `worker.prefetch` is 0 the prefetch follows the concurrency limit. RabbitMQ applies
+/// `basic.qos` to consumers created after it, so a new limit means new consumers: the slot
+/// subscribes again with the new prefetch and cancels the old consumers, whose unacked
+/// deliveries stay valid on the same channel and whose buffered ones are still handled.
 async fn session(
     ctx: &Arc<Context>,
     conn: &Connection,
@@ -275,72 +318,138 @@ async fn session(
     tracker: &TaskTracker,
     stop: &CancellationToken,
 ) -> Result<(), SessionEnd> {
-    let topo = &ctx.config.topology;
     let channel = conn.create_channel().await?;
-    channel
-        .basic_qos(ctx.config.worker.prefetch, BasicQosOptions::default())
-        .await?;
-    let publisher = Publisher::open(conn, topo.clone()).await?;
-    let tag = |queue: &str| format!("llmq-{}-{slot}-{queue}", ctx.processor.worker());
-    let chat_tag = tag("chat");
-    let embed_tag = tag("embed");
-    let chat = channel
-        .basic_consume(
-            topo.processing_queue.as_str().into(),
-            chat_tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let embed = channel
-        .basic_consume(
-            topo.embeddings_queue.as_str().into(),
-            embed_tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    // `select` ends only when both streams do; the end marker makes one queue's cancelled
-    // consumer visible at once.
-    let tagged = |kind: Kind, consumer: lapin::Consumer| {
-        consumer
-            .map(move |d| Some((kind, d)))
-            .chain(futures_util::stream::iter([None]))
-    };
-    let mut deliveries =
-        futures_util::stream::select(tagged(Kind::Chat, chat), tagged(Kind::Embedding, embed));
-    debug!(slot, "consuming");
+    let publisher = Publisher::open(conn, ctx.config.topology.clone()).await?;
+    let mut limit = ctx.flow.watch_limit();
+    let mut prefetch = prefetch_for(&ctx.config, *limit.borrow_and_update());
+    let mut generation = 0u32;
+    let mut streams = Streams::new();
+    let mut live = subscribe(ctx, &channel, slot, generation, prefetch, &mut streams).await?;
+    let mut cancelled: Vec<String> = Vec::new();
+    let mut last_change = Instant::now();
+    debug!(slot, prefetch, "consuming");
     loop {
         let next = tokio::select! {
             biased;
             _ = stop.cancelled() => {
-                for tag in [chat_tag, embed_tag] {
+                for tag in &live {
                     let _ = channel
                         .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                         .await;
                 }
                 return Ok(());
             }
-            next = deliveries.next() => next,
+            changed = limit.changed(), if ctx.config.worker.prefetch == 0 => {
+                if changed.is_err() {
+                    continue;
+                }
+                let wanted = prefetch_for(&ctx.config, *limit.borrow_and_update());
+                if wanted == prefetch {
+                    continue;
+                }
+                if last_change.elapsed() < RESUBSCRIBE_EVERY {
+                    // Let the limit settle; whatever it is then wins.
+                    tokio::time::sleep(RESUBSCRIBE_EVERY.saturating_sub(last_change.elapsed())).await;
+                    limit.mark_changed();
+                    continue;
+                }
+                generation += 1;
+                let old = std::mem::take(&mut live);
+                live = subscribe(ctx, &channel, slot, generation, wanted, &mut streams).await?;
+                for tag in old {
+                    channel
+                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                        .await?;
+                    cancelled.push(tag);
+                }
+                debug!(slot, from = prefetch, to = wanted, "prefetch follows the concurrency limit");
+                prefetch = wanted;
+                last_change = Instant::now();
+                continue;
+            }
+            next = streams.next() => next,
         };
-        match next.flatten() {
-            Some((kind, Ok(delivery))) => {
+        match next {
+            Some((_, kind, Some(Ok(delivery)))) => {
                 // The task keeps the consuming channel open until it has acked: dropping the
                 // last handle closes the channel, and the broker would requeue the delivery.
                 let keep_open = channel.clone();
-                let task = handle(ctx.clone(), publisher.clone(), kind, delivery);
+                let (ctx, publisher) = (ctx.clone(), publisher.clone());
                 tracker.spawn(async move {
-                    task.await;
+                    let task = handle(&ctx, &publisher, kind, &delivery);
+                    if AssertUnwindSafe(task).catch_unwind().await.is_err() {
+                        dead_letter_after_panic(&publisher, &delivery, ctx.processor.worker())
+                            .await;
+                    }
                     drop(keep_open);
                 });
             }
-            Some((_, Err(e))) => return Err(e.into()),
+            Some((_, _, Some(Err(e)))) => return Err(e.into()),
+            Some((tag, _, None)) => {
+                // A stream we cancelled ends quietly; any other was cancelled by the broker.
+                if let Some(i) = cancelled.iter().position(|t| *t == tag) {
+                    cancelled.swap_remove(i);
+                } else {
+                    return Err(SessionEnd::Cancelled);
+                }
+            }
             None => return Err(SessionEnd::Cancelled),
         }
         if !publisher.is_usable() {
             return Err(SessionEnd::PublisherClosed);
         }
     }
+}
+
+/// Sets the prefetch and subscribes to both work queues; returns the consumer tags.
+async fn subscribe(
+    ctx: &Context,
+    channel: &lapin::Channel,
+    slot: u16,
+    generation: u32,
+    prefetch: u16,
+    streams: &mut Streams,
+) -> Result<Vec<String>, lapin::Error> {
+    let topo = &ctx.config.topology;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let mut tags = Vec::with_capacity(2);
+    for (kind, queue) in [
+        (Kind::Chat, &topo.processing_queue),
+        (Kind::Embedding, &topo.embeddings_queue),
+    ] {
+        let tag = format!(
+            "llmq-{}-{slot}.{generation}-{}",
+            ctx.processor.worker(),
+            kind.as_str()
+        );
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let (t1, t2) = (tag.clone(), tag.clone());
+        // The end marker tells a cancelled consumer apart from an idle one.
+        let stream = consumer
+            .map(move |d| (t1.clone(), kind, Some(d)))
+            .chain(futures_util::stream::iter([(t2, kind, None)]));
+        streams.push(Box::pin(stream));
+        tags.push(tag);
+    }
+    Ok(tags)
+}
+
+/// Each consumer's prefetch: fixed by `worker.prefetch`, else an equal share of the limit.
+fn prefetch_for(config: &Config, limit: usize) -> u16 {
+    if config.worker.prefetch > 0 {
+        return config.worker.prefetch;
+    }
+    let consumers = usize::from(config.worker.consumers.max(1));
+    u16::try_from(limit.div_ceil(consumers).max(1)).unwrap_or(u16::MAX)
 }
 
 /// One delivery being settled.
@@ -353,7 +462,7 @@ struct Settling<'a> {
 }
 
 /// Settles one delivery: parse, deduplicate, call with retries, publish confirmed, then ack.
-async fn handle(ctx: Arc<Context>, publisher: Publisher, kind: Kind, delivery: Delivery) {
+async fn handle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Delivery) {
     let started = Instant::now();
     let max_body = ctx.config.worker.max_body_bytes;
     let parsed = std::panic::catch_unwind(|| {
@@ -365,7 +474,7 @@ async fn handle(ctx: Arc<Context>, publisher: Publisher, kind: Kind, delivery: D
             message: "the worker panicked while parsing this message".into(),
         })
     });
-    let attempts = prior_attempts(&delivery);
+    let attempts = prior_attempts(delivery);
     let request_id = match &parsed {
         Ok(job) => job.request_id.clone(),
         Err(_) => request::request_id_of_invalid(&delivery.data, &delivery.properties),
@@ -379,11 +488,11 @@ async fn handle(ctx: Arc<Context>, publisher: Publisher, kind: Kind, delivery: D
         delivery_tag = delivery.delivery_tag,
     );
     let s = Settling {
-        ctx: &ctx,
-        publisher: &publisher,
-        delivery: &delivery,
+        ctx,
+        publisher,
+        delivery,
         kind,
-        route: route_of(&delivery, &request_id),
+        route: route_of(delivery, &request_id),
     };
     async {
         match parsed {
@@ -417,23 +526,16 @@ impl Settling<'_> {
         let mut first_failure = request::header_i64(props, retry::FIRST_FAILURE_HEADER);
         // Back before its time (a wait longer than the last retry tier): wait again.
         if let Some(not_before) = request::header_i64(props, retry::NOT_BEFORE_HEADER) {
-            let early = not_before - unix_now_ms();
-            if early > NOT_BEFORE_SLACK_MS {
+            // The header comes from the message: saturate, and ignore a time beyond any wait
+            // llmq sets, so a forged one can neither overflow nor park a request forever.
+            let early = not_before.saturating_sub(unix_now_ms());
+            if early > NOT_BEFORE_SLACK_MS && early <= MAX_NOT_BEFORE_MS {
                 let attempts = request::header_u32(props, retry::ATTEMPTS_HEADER).unwrap_or(0);
                 let wait = Duration::from_millis(early as u64);
                 return self
                     .schedule_retry(wait, attempts, first_failure, "waiting for not-before")
                     .await;
             }
-        }
-        if !ctx.policy.may_retry(prior) {
-            let outcome = Outcome::DeadLetter {
-                kind: "retries_exhausted",
-                reason: format!(
-                    "{prior} attempts already made (counting deliveries interrupted by a worker crash)"
-                ),
-            };
-            return self.settle(Some(&job), outcome, prior, first_failure).await;
         }
         match ctx
             .store
@@ -467,9 +569,34 @@ impl Settling<'_> {
                 }
             },
         }
+        // Checked after the lookup, so that a finished request redelivered after its last
+        // attempt gets its stored result instead of a dead letter.
+        if !ctx.policy.may_retry(prior) {
+            let outcome = Outcome::DeadLetter {
+                kind: "retries_exhausted",
+                reason: format!(
+                    "{prior} attempts already made (counting deliveries interrupted by a worker crash)"
+                ),
+            };
+            return self.settle(Some(&job), outcome, prior, first_failure).await;
+        }
         let mut attempt = prior;
+        let estimate = job.token_estimate(ctx.config.llm.default_max_tokens);
         let outcome = loop {
             attempt += 1;
+            if attempt > prior + 1 {
+                ctx.store
+                    .renew(&job.request_id, ctx.processor.worker())
+                    .await;
+            }
+            // Waiting for a slot is not in-flight work: on shutdown it goes straight back.
+            let permit = tokio::select! {
+                permit = ctx.flow.acquire(job.priority, estimate) => permit,
+                _ = ctx.stop.cancelled() => {
+                    ctx.store.release(&job.request_id, ctx.processor.worker()).await;
+                    return nack(self.delivery).await;
+                }
+            };
             let call =
                 AssertUnwindSafe(ctx.processor.attempt(&job, attempt, started)).catch_unwind();
             let outcome = tokio::select! {
@@ -479,11 +606,34 @@ impl Settling<'_> {
                 }),
                 _ = ctx.abort.cancelled() => {
                     info!(attempt, "shutdown deadline reached mid-call; handing the request back");
-                    ctx.store.release(&job.request_id).await;
+                    ctx.store.release(&job.request_id, ctx.processor.worker()).await;
                     return nack(self.delivery).await;
                 }
             };
-            let Outcome::Retry { after, reason } = outcome else {
+            drop(permit);
+            match &outcome {
+                Outcome::Done(result) => {
+                    ctx.flow.on_success();
+                    let used = result
+                        .usage
+                        .as_ref()
+                        .and_then(|u| u["total_tokens"].as_u64())
+                        .unwrap_or(estimate);
+                    ctx.flow.settle_tokens(estimate, used).await;
+                }
+                Outcome::Retry {
+                    after, throttle, ..
+                } => {
+                    if *throttle {
+                        ctx.flow.on_throttle();
+                    }
+                    if let Some(after) = after {
+                        ctx.flow.pause_for(*after);
+                    }
+                }
+                Outcome::DeadLetter { .. } => {}
+            }
+            let Outcome::Retry { after, reason, .. } = outcome else {
                 break outcome;
             };
             first_failure.get_or_insert_with(unix_now);
@@ -495,7 +645,9 @@ impl Settling<'_> {
             }
             let delay = ctx.policy.delay(attempt, after);
             if delay > ctx.policy.inline_max() {
-                ctx.store.release(&job.request_id).await;
+                ctx.store
+                    .release(&job.request_id, ctx.processor.worker())
+                    .await;
                 warn!(attempt, delay_ms = delay.as_millis() as u64, error = %reason, "transient failure; retrying through the retry queue");
                 return self
                     .schedule_retry(delay, attempt, first_failure, &reason)
@@ -506,7 +658,7 @@ impl Settling<'_> {
                 _ = tokio::time::sleep(delay) => {}
                 _ = ctx.stop.cancelled() => {
                     info!(attempt, "shutting down during a retry wait; handing the request back");
-                    ctx.store.release(&job.request_id).await;
+                    ctx.store.release(&job.request_id, ctx.processor.worker()).await;
                     return nack(self.delivery).await;
                 }
             }
@@ -595,10 +747,34 @@ impl Settling<'_> {
     }
 
     async fn save(&self, body: &[u8]) {
-        if let Err(e) = self.ctx.store.save(&self.route.request_id, body).await {
+        let worker = self.ctx.processor.worker();
+        if let Err(e) = self
+            .ctx
+            .store
+            .save(&self.route.request_id, worker, body)
+            .await
+        {
             warn!(error = %e, "could not store the result; a duplicate would call the upstream again");
         }
     }
+}
+
+/// A panic anywhere in handling a delivery: dead-letter it (confirmed) and ack, so it is
+/// neither lost nor left unacked until the broker's consumer timeout.
+async fn dead_letter_after_panic(publisher: &Publisher, delivery: &Delivery, worker: &str) {
+    error!(
+        delivery_tag = delivery.delivery_tag,
+        "the worker panicked while handling a message; dead-lettering it"
+    );
+    let failure = Failure {
+        kind: "internal_error",
+        reason: "the worker panicked while handling this message",
+        attempts: prior_attempts(delivery),
+        first_failure: unix_now(),
+        worker,
+    };
+    let published = with_publish_retries(|| publisher.dead_letter(delivery, &failure)).await;
+    finish(delivery, published).await;
 }
 
 /// Acks a delivery whose outcome the broker confirmed; hands it back otherwise.

@@ -10,10 +10,25 @@
 use std::{sync::Arc, time::Duration};
 
 use moka::future::Cache;
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::{AsyncCommands, Script, aio::ConnectionManager};
 use tokio::sync::OnceCell;
 
 use crate::config::{IdempotencyConfig, StoreKind};
+
+/// Deletes a lease only if `worker` holds it.
+const DELETE_IF_OWNER: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// Extends a lease only if `worker` holds it (or takes it again if it lapsed).
+const RENEW_IF_OWNER: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] or not holder then
+  return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) and 1 or 0
+end
+return 0
+";
 
 /// The store could not answer; the caller decides (`idempotency.on_store_error`).
 #[derive(Debug, thiserror::Error)]
@@ -74,24 +89,44 @@ impl Store {
         }
     }
 
-    /// Saves a finished result (ok or error) for `idempotency.ttl_secs`.
-    pub async fn save(&self, request_id: &str, body: &[u8]) -> Result<(), StoreError> {
+    /// Saves a finished result (ok or error) for `idempotency.ttl_secs` and gives the lease
+    /// up. A result already stored is kept: the first answer is the answer.
+    pub async fn save(
+        &self,
+        request_id: &str,
+        worker: &str,
+        body: &[u8],
+    ) -> Result<(), StoreError> {
         match self {
             Store::Off => Ok(()),
             Store::Memory(m) => {
                 m.save(request_id, body).await;
                 Ok(())
             }
-            Store::Redis(r) => r.save(request_id, body).await,
+            Store::Redis(r) => r.save(request_id, worker, body).await,
         }
     }
 
-    /// Gives the lease up (the request was handed back unfinished).
-    pub async fn release(&self, request_id: &str) {
+    /// Extends `worker`'s lease before another attempt, so that it outlives retries.
+    pub async fn renew(&self, request_id: &str, worker: &str) {
+        match self {
+            Store::Off => {}
+            Store::Memory(m) => {
+                m.leases
+                    .insert(request_id.to_string(), worker.to_string())
+                    .await
+            }
+            Store::Redis(r) => r.renew(request_id, worker).await,
+        }
+    }
+
+    /// Gives `worker`'s lease up (the request was handed back unfinished); a lease that has
+    /// passed to another worker is left alone.
+    pub async fn release(&self, request_id: &str, worker: &str) {
         match self {
             Store::Off => {}
             Store::Memory(m) => m.leases.invalidate(request_id).await,
-            Store::Redis(r) => r.release(request_id).await,
+            Store::Redis(r) => r.release(request_id, worker).await,
         }
     }
 }
@@ -134,7 +169,8 @@ impl MemoryStore {
 
     async fn save(&self, request_id: &str, body: &[u8]) {
         self.results
-            .insert(request_id.to_string(), Arc::new(body.to_vec()))
+            .entry(request_id.to_string())
+            .or_insert(Arc::new(body.to_vec()))
             .await;
         self.leases.invalidate(request_id).await;
     }
@@ -190,27 +226,52 @@ impl RedisStore {
             .set_options(self.lease_key(request_id), worker, opts)
             .await
             .map_err(redis_error)?;
-        Ok(if acquired.is_some() {
-            Claim::Acquired
-        } else {
-            Claim::Busy
-        })
-    }
-
-    async fn save(&self, request_id: &str, body: &[u8]) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        let _: () = redis::pipe()
-            .set_ex(self.result_key(request_id), body, self.ttl.as_secs().max(1))
-            .del(self.lease_key(request_id))
-            .query_async(&mut conn)
+        if acquired.is_none() {
+            return Ok(Claim::Busy);
+        }
+        // A result saved between the lookup and the lease: no second call.
+        let stored: Option<Vec<u8>> = conn
+            .get(self.result_key(request_id))
             .await
             .map_err(redis_error)?;
+        if let Some(body) = stored {
+            self.release(request_id, worker).await;
+            return Ok(Claim::Done(body));
+        }
+        Ok(Claim::Acquired)
+    }
+
+    async fn save(&self, request_id: &str, worker: &str, body: &[u8]) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let opts = redis::SetOptions::default()
+            .conditional_set(redis::ExistenceCheck::NX)
+            .with_expiration(redis::SetExpiry::EX(self.ttl.as_secs().max(1)));
+        let _: Option<String> = conn
+            .set_options(self.result_key(request_id), body, opts)
+            .await
+            .map_err(redis_error)?;
+        self.release(request_id, worker).await;
         Ok(())
     }
 
-    async fn release(&self, request_id: &str) {
+    async fn renew(&self, request_id: &str, worker: &str) {
         if let Ok(mut conn) = self.conn().await {
-            let _: Result<(), _> = conn.del(self.lease_key(request_id)).await;
+            let _: Result<i64, _> = Script::new(RENEW_IF_OWNER)
+                .key(self.lease_key(request_id))
+                .arg(worker)
+                .arg(millis(self.lease))
+                .invoke_async(&mut conn)
+                .await;
+        }
+    }
+
+    async fn release(&self, request_id: &str, worker: &str) {
+        if let Ok(mut conn) = self.conn().await {
+            let _: Result<i64, _> = Script::new(DELETE_IF_OWNER)
+                .key(self.lease_key(request_id))
+                .arg(worker)
+                .invoke_async(&mut conn)
+                .await;
         }
     }
 }
@@ -245,7 +306,8 @@ mod tests {
         let s = memory();
         assert_eq!(s.claim("a", "w1").await.unwrap(), Claim::Acquired);
         assert_eq!(s.claim("a", "w2").await.unwrap(), Claim::Busy);
-        s.save("a", b"{\"ok\":1}").await.unwrap();
+        s.save("a", "w1", b"{\"ok\":1}").await.unwrap();
+        s.save("a", "w2", b"{\"ok\":2}").await.unwrap();
         assert_eq!(
             s.claim("a", "w2").await.unwrap(),
             Claim::Done(b"{\"ok\":1}".to_vec())
@@ -256,14 +318,14 @@ mod tests {
     async fn released_lease_can_be_taken_again() {
         let s = memory();
         assert_eq!(s.claim("b", "w1").await.unwrap(), Claim::Acquired);
-        s.release("b").await;
+        s.release("b", "w1").await;
         assert_eq!(s.claim("b", "w2").await.unwrap(), Claim::Acquired);
     }
 
     #[tokio::test]
     async fn off_always_acquires() {
         let s = Store::Off;
-        s.save("c", b"x").await.unwrap();
+        s.save("c", "w", b"x").await.unwrap();
         assert_eq!(s.claim("c", "w").await.unwrap(), Claim::Acquired);
     }
 }

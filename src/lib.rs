@@ -20,14 +20,17 @@
 #![warn(clippy::unwrap_in_result, clippy::unwrap_used, missing_docs)]
 
 pub mod amqp;
+pub mod batch;
 pub mod client;
 pub mod config;
 pub mod consume;
 pub mod dedupe;
+pub mod flow;
 pub mod llm;
 pub mod mock;
 pub mod process;
 pub mod publish;
+pub mod ratelimit;
 pub mod request;
 pub mod response;
 pub mod retry;

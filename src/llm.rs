@@ -25,6 +25,8 @@ pub enum LlmError {
         message: String,
         /// The upstream's `Retry-After`, if it gave one.
         retry_after: Option<Duration>,
+        /// The upstream pushed back (429 or a timeout): the concurrency limit should drop.
+        throttle: bool,
     },
     /// Will fail the same way every time.
     #[error("permanent upstream failure: {message}")]
@@ -39,6 +41,11 @@ impl LlmError {
     pub fn is_transient(&self) -> bool {
         matches!(self, LlmError::Transient { .. })
     }
+    /// Whether the upstream pushed back (429 or a timeout).
+    pub fn is_throttle(&self) -> bool {
+        matches!(self, LlmError::Transient { throttle: true, .. })
+    }
+
     /// The upstream's `Retry-After`, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -93,7 +100,7 @@ impl LlmClient {
             .tcp_nodelay(true)
             .user_agent(concat!("llmq/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        let base = cfg.base_url.trim_end_matches('/');
+        let base = cfg.base_url.expose().trim_end_matches('/');
         Ok(Self {
             http,
             chat_url: format!("{base}/chat/completions"),
@@ -182,6 +189,7 @@ impl LlmClient {
                 LlmError::Transient {
                     message,
                     retry_after,
+                    throttle: status == StatusCode::TOO_MANY_REQUESTS,
                 }
             } else {
                 LlmError::Permanent { message }
@@ -218,6 +226,7 @@ fn classify_reqwest(e: reqwest::Error) -> LlmError {
     LlmError::Transient {
         message,
         retry_after: None,
+        throttle: e.is_timeout(),
     }
 }
 

@@ -6,7 +6,8 @@
 use std::time::{Duration, Instant};
 
 use crate::{
-    config::LlmConfig,
+    batch::Batcher,
+    config::{BatchConfig, LlmConfig},
     llm::{LlmClient, LlmError},
     request::{Call, Job},
     response::JobResult,
@@ -23,6 +24,8 @@ pub enum Outcome {
         after: Option<Duration>,
         /// What failed.
         reason: String,
+        /// The upstream pushed back (429 or a timeout).
+        throttle: bool,
     },
     /// Will never succeed; dead-letter it.
     DeadLetter {
@@ -37,6 +40,8 @@ pub enum Outcome {
 #[derive(Clone)]
 pub struct Processor {
     llm: LlmClient,
+    /// Embedding calls go through the micro-batcher unless batching is off.
+    batcher: Option<Batcher>,
     chat_model: String,
     embedding_model: String,
     worker: String,
@@ -44,9 +49,23 @@ pub struct Processor {
 
 impl Processor {
     /// A processor for the configured upstream; `worker` names this replica in results.
-    pub fn new(cfg: &LlmConfig, worker: String) -> Result<Self, reqwest::Error> {
+    /// Starts the embedding batcher, so it must run inside the runtime.
+    pub fn new(
+        cfg: &LlmConfig,
+        batch: &BatchConfig,
+        worker: String,
+    ) -> Result<Self, reqwest::Error> {
+        let llm = LlmClient::new(cfg)?;
+        let batcher = (batch.max_items > 1).then(|| {
+            Batcher::spawn(
+                llm.clone(),
+                batch.max_items,
+                Duration::from_millis(batch.max_wait_ms),
+            )
+        });
         Ok(Self {
-            llm: LlmClient::new(cfg)?,
+            llm,
+            batcher,
             chat_model: cfg.model.clone(),
             embedding_model: cfg.embedding_model.clone(),
             worker,
@@ -81,7 +100,11 @@ impl Processor {
                 params,
             } => {
                 let model = job.model.as_deref().unwrap_or(&self.embedding_model);
-                self.llm.embed(model, input, params).await.map(|a| {
+                let answer = match &self.batcher {
+                    Some(batcher) => batcher.embed(model, input, params).await,
+                    None => self.llm.embed(model, input, params).await,
+                };
+                answer.map(|a| {
                     result.model = Some(a.model);
                     result.usage = a.usage;
                     if *single {
@@ -100,6 +123,7 @@ impl Processor {
             }
             Err(e @ LlmError::Transient { .. }) => Outcome::Retry {
                 after: e.retry_after(),
+                throttle: e.is_throttle(),
                 reason: e.to_string(),
             },
             Err(e @ LlmError::Permanent { .. }) => Outcome::DeadLetter {

@@ -132,7 +132,10 @@ impl Publisher {
         match &route.reply_to {
             None => results.await,
             Some(reply_to) => {
-                let reply = self.send("", reply_to, true, body, props);
+                // Not mandatory: a caller that left is common, and lapin cannot tell which
+                // publish on a shared confirm channel a returned message belongs to, so
+                // returns are kept for publishes whose route must exist.
+                let reply = self.send("", reply_to, false, body, props);
                 let (results, reply) = tokio::join!(results, reply);
                 match reply {
                     Err(PublishError::Returned { destination, .. }) => {

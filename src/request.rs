@@ -57,6 +57,30 @@ pub struct Job {
 }
 
 impl Job {
+    /// Tokens this job is expected to use, for the token budget: prompt characters / 4 plus
+    /// `max_tokens` (or `default_max_tokens`) for chat; input characters / 4 for embeddings.
+    pub fn token_estimate(&self, default_max_tokens: u64) -> u64 {
+        match &self.call {
+            Call::Chat { messages, params } => {
+                let chars: usize = messages
+                    .iter()
+                    .map(|m| match &m["content"] {
+                        Value::String(s) => s.len(),
+                        other => other.to_string().len(),
+                    })
+                    .sum();
+                let completion = params
+                    .get("max_tokens")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(default_max_tokens);
+                (chars / 4) as u64 + completion
+            }
+            Call::Embedding { input, .. } => {
+                (input.iter().map(String::len).sum::<usize>() / 4).max(1) as u64
+            }
+        }
+    }
+
     /// The kind of call.
     pub fn kind(&self) -> Kind {
         match self.call {
@@ -523,6 +547,16 @@ mod tests {
         assert!(err(br#"{"prompt":"x","params":{"model":"y"}}"#).contains("params.model"));
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(err(deep.as_bytes()).contains("recursion limit"));
+    }
+
+    #[test]
+    fn token_estimates() {
+        let job = ok(r#"{"prompt": "12345678", "max_tokens": 10}"#);
+        assert_eq!(job.token_estimate(256), 12);
+        let job = ok(r#"{"prompt": "12345678"}"#);
+        assert_eq!(job.token_estimate(256), 258);
+        let job = ok(r#"{"kind": "embedding", "input": ["abcd", "efgh"]}"#);
+        assert_eq!(job.token_estimate(256), 2);
     }
 
     #[test]

@@ -28,7 +28,7 @@ fn llmq() -> Command {
 fn invalid_configuration_exits_64_listing_every_problem() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("config.toml");
-    std::fs::write(&file, "[worker]\nprefetch = 0\nconsumers = \"four\"\n").unwrap();
+    std::fs::write(&file, "[worker]\nmax_inflight = 0\nconsumers = \"four\"\n").unwrap();
     let out = llmq()
         .args(["--config", file.to_str().unwrap(), "run"])
         .env("LLMQ_LLM__BASE_URL", "ftp://nowhere")
@@ -38,7 +38,7 @@ fn invalid_configuration_exits_64_listing_every_problem() {
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     for key in [
-        "worker.prefetch",
+        "worker.max_inflight",
         "worker.consumers",
         "llm.base_url",
         "amqp.url",
@@ -53,12 +53,12 @@ fn env_overrides_the_file_and_an_unreachable_broker_is_waited_for() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("config.toml");
-    std::fs::write(&file, "[worker]\nprefetch = 0\n").unwrap();
+    std::fs::write(&file, "[worker]\nmax_inflight = 0\n").unwrap();
     // The file alone is invalid; the environment fixes it, so the worker starts and keeps
     // trying the (unreachable) broker instead of exiting.
     let mut child = llmq()
         .args(["--config", file.to_str().unwrap(), "run"])
-        .env("LLMQ_WORKER__PREFETCH", "8")
+        .env("LLMQ_WORKER__MAX_INFLIGHT", "8")
         .env("LLMQ_AMQP__URL", "amqp://guest:canary-pw@127.0.0.1:1/%2f")
         .stderr(Stdio::piped())
         .spawn()

@@ -48,7 +48,7 @@ pub fn test_config(base_url: &str) -> Config {
     let p = unique("t");
     let mut c = Config::default();
     c.amqp.url = SecretUrl::new(amqp_url());
-    c.llm.base_url = base_url.to_string();
+    c.llm.base_url = SecretUrl::new(base_url);
     c.llm.timeout_secs = 10;
     c.worker.id = format!("{p}-worker");
     c.worker.consumers = 2;
@@ -338,7 +338,10 @@ pub fn worker_env(config: &Config) -> Vec<(String, String)> {
     let t = &config.topology;
     let mut env = vec![
         ("LLMQ_AMQP__URL", config.amqp.url.expose().to_string()),
-        ("LLMQ_LLM__BASE_URL", config.llm.base_url.clone()),
+        (
+            "LLMQ_LLM__BASE_URL",
+            config.llm.base_url.expose().to_string(),
+        ),
         ("LLMQ_LLM__API_KEY", config.llm.api_key.expose().to_string()),
         (
             "LLMQ_LLM__TIMEOUT_SECS",

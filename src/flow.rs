@@ -1,0 +1,359 @@
+//! Flow control toward the upstream: how many calls may run at once, and when.
+//!
+//! - A concurrency limit between `worker.min_inflight` and `worker.max_inflight`, adapted by
+//!   AIMD: a 429 or a timeout halves it (at most once per [`DECREASE_COOLDOWN`]), each window
+//!   of `limit` successes adds one. Deliveries waiting for a slot start highest priority
+//!   first, then in arrival order.
+//! - A replica-wide pause: a 429 with `Retry-After` stops new calls for that long.
+//! - Request and token budgets per minute ([`crate::ratelimit`]), local or fleet-wide.
+//!
+//! The limit is published on a watch channel so that the consumers' prefetch follows it.
+
+use std::{
+    cmp::Ordering,
+    collections::BinaryHeap,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use tokio::{
+    sync::{oneshot, watch},
+    time::Instant,
+};
+
+use crate::ratelimit::Budget;
+
+/// Shortest time between two decreases, so a burst of 429s from calls that were all in
+/// flight together halves the limit once, not once per call.
+pub const DECREASE_COOLDOWN: Duration = Duration::from_secs(1);
+
+/// The replica's flow control.
+pub struct Flow {
+    state: Mutex<State>,
+    min: usize,
+    max: usize,
+    limit_tx: watch::Sender<usize>,
+    budget: Budget,
+}
+
+struct State {
+    limit: usize,
+    in_flight: usize,
+    waiters: BinaryHeap<Waiter>,
+    seq: u64,
+    successes: usize,
+    last_decrease: Option<Instant>,
+    paused_until: Option<Instant>,
+}
+
+struct Waiter {
+    priority: u8,
+    seq: u64,
+    tx: oneshot::Sender<Permit>,
+}
+
+impl PartialEq for Waiter {
+    fn eq(&self, other: &Self) -> bool {
+        self.priority == other.priority && self.seq == other.seq
+    }
+}
+impl Eq for Waiter {}
+impl PartialOrd for Waiter {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Waiter {
+    /// Higher priority first; within a priority, the earlier arrival first.
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.priority
+            .cmp(&other.priority)
+            .then_with(|| other.seq.cmp(&self.seq))
+    }
+}
+
+/// A running upstream call's slot; released on drop.
+pub struct Permit {
+    flow: Option<Arc<Flow>>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(flow) = self.flow.take() {
+            flow.release();
+        }
+    }
+}
+
+impl Flow {
+    /// A flow starting at `max` concurrent calls.
+    pub fn new(min: usize, max: usize, budget: Budget) -> Arc<Self> {
+        let max = max.max(1);
+        let min = min.clamp(1, max);
+        let (limit_tx, _) = watch::channel(max);
+        Arc::new(Self {
+            state: Mutex::new(State {
+                limit: max,
+                in_flight: 0,
+                waiters: BinaryHeap::new(),
+                seq: 0,
+                successes: 0,
+                last_decrease: None,
+                paused_until: None,
+            }),
+            min,
+            max,
+            limit_tx,
+            budget,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves plain counters behind; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current concurrency limit.
+    pub fn limit(&self) -> usize {
+        self.state().limit
+    }
+
+    /// Calls running now.
+    pub fn in_flight(&self) -> usize {
+        self.state().in_flight
+    }
+
+    /// Deliveries waiting for a slot.
+    pub fn waiting(&self) -> usize {
+        self.state().waiters.len()
+    }
+
+    /// Follows the concurrency limit.
+    pub fn watch_limit(&self) -> watch::Receiver<usize> {
+        self.limit_tx.subscribe()
+    }
+
+    /// Waits for a slot (highest priority first), then for any `Retry-After` pause and for
+    /// the request and token budgets (`tokens` is the call's estimate).
+    pub async fn acquire(self: &Arc<Self>, priority: u8, tokens: u64) -> Permit {
+        let permit = self.slot(priority).await;
+        loop {
+            let paused = self.state().paused_until;
+            match paused {
+                Some(until) if until > Instant::now() => tokio::time::sleep_until(until).await,
+                _ => break,
+            }
+        }
+        self.budget.take(tokens).await;
+        permit
+    }
+
+    async fn slot(self: &Arc<Self>, priority: u8) -> Permit {
+        let rx = {
+            let mut s = self.state();
+            if s.in_flight < s.limit && s.waiters.is_empty() {
+                s.in_flight += 1;
+                return Permit {
+                    flow: Some(self.clone()),
+                };
+            }
+            let (tx, rx) = oneshot::channel();
+            s.seq += 1;
+            let seq = s.seq;
+            s.waiters.push(Waiter { priority, seq, tx });
+            rx
+        };
+        // The sender lives in the heap until granted; a closed channel cannot happen while
+        // the flow exists, but wait again rather than run unpermitted if it ever does.
+        match rx.await {
+            Ok(permit) => permit,
+            Err(_) => Box::pin(self.slot(priority)).await,
+        }
+    }
+
+    fn release(self: &Arc<Self>) {
+        let mut s = self.state();
+        s.in_flight = s.in_flight.saturating_sub(1);
+        self.grant(&mut s);
+    }
+
+    /// Hands free slots to the waiters, best first.
+    fn grant(self: &Arc<Self>, s: &mut State) {
+        while s.in_flight < s.limit {
+            let Some(waiter) = s.waiters.pop() else {
+                break;
+            };
+            s.in_flight += 1;
+            let permit = Permit {
+                flow: Some(self.clone()),
+            };
+            if let Err(mut unwanted) = waiter.tx.send(permit) {
+                // The waiter gave up (its delivery was handed back); take the slot back
+                // without re-entering the lock.
+                unwanted.flow = None;
+                s.in_flight -= 1;
+            }
+        }
+    }
+
+    /// A call succeeded: after a window of `limit` successes the limit grows by one.
+    pub fn on_success(self: &Arc<Self>) {
+        let mut s = self.state();
+        s.successes += 1;
+        if s.successes >= s.limit && s.limit < self.max {
+            s.successes = 0;
+            s.limit += 1;
+            let limit = s.limit;
+            self.grant(&mut s);
+            drop(s);
+            self.limit_tx.send_replace(limit);
+        }
+    }
+
+    /// The upstream pushed back (429 or a timeout): halve the limit, once per cooldown.
+    pub fn on_throttle(&self) {
+        let mut s = self.state();
+        let now = Instant::now();
+        if s.last_decrease
+            .is_some_and(|at| now.duration_since(at) < DECREASE_COOLDOWN)
+        {
+            return;
+        }
+        s.last_decrease = Some(now);
+        s.successes = 0;
+        let limit = (s.limit / 2).max(self.min);
+        if limit != s.limit {
+            s.limit = limit;
+            drop(s);
+            self.limit_tx.send_replace(limit);
+        }
+    }
+
+    /// The upstream said `Retry-After`: no new call starts before then, replica-wide.
+    pub fn pause_for(&self, after: Duration) {
+        let until = Instant::now() + after;
+        let mut s = self.state();
+        if s.paused_until.is_none_or(|p| p < until) {
+            s.paused_until = Some(until);
+        }
+    }
+
+    /// Corrects the token budget once the real usage is known.
+    pub async fn settle_tokens(&self, estimated: u64, actual: u64) {
+        self.budget.settle(estimated, actual).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(min: usize, max: usize) -> Arc<Flow> {
+        Flow::new(min, max, Budget::unlimited())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn limit_bounds_concurrency_and_releases() {
+        let f = flow(1, 2);
+        let a = f.acquire(0, 0).await;
+        let _b = f.acquire(0, 0).await;
+        assert_eq!(f.in_flight(), 2);
+        let waiting = tokio::spawn({
+            let f = f.clone();
+            async move { f.acquire(0, 0).await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(f.waiting(), 1);
+        drop(a);
+        let _c = waiting.await.unwrap();
+        assert_eq!(f.in_flight(), 2);
+        assert_eq!(f.waiting(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_start_highest_priority_first() {
+        let f = flow(1, 1);
+        let held = f.acquire(0, 0).await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (i, priority) in [1u8, 9, 5, 9, 0].into_iter().enumerate() {
+            let (f, order) = (f.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let _p = f.acquire(priority, 0).await;
+                order.lock().unwrap().push((priority, i));
+            }));
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            *order.lock().unwrap(),
+            vec![(9, 1), (9, 3), (5, 2), (1, 0), (0, 4)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn aimd_halves_on_a_burst_and_climbs_back() {
+        let f = flow(4, 64);
+        let mut limits = f.watch_limit();
+        for _ in 0..50 {
+            f.on_throttle();
+        }
+        assert_eq!(f.limit(), 32, "a burst halves once");
+        assert_eq!(*limits.borrow_and_update(), 32, "the prefetch follows");
+        tokio::time::advance(DECREASE_COOLDOWN).await;
+        f.on_throttle();
+        assert_eq!(f.limit(), 16);
+        for _ in 0..10 {
+            tokio::time::advance(DECREASE_COOLDOWN).await;
+            f.on_throttle();
+        }
+        assert_eq!(f.limit(), 4, "never below the floor");
+        for _ in 0..4 {
+            f.on_success();
+        }
+        assert_eq!(f.limit(), 5, "a window of successes adds one");
+        for _ in 0..5 {
+            f.on_success();
+        }
+        assert_eq!(f.limit(), 6);
+        for _ in 0..10_000 {
+            f.on_success();
+        }
+        assert_eq!(f.limit(), 64, "never above the ceiling");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_pauses_new_calls() {
+        let f = flow(1, 8);
+        f.pause_for(Duration::from_secs(3));
+        let start = Instant::now();
+        let _p = f.acquire(0, 0).await;
+        assert!(start.elapsed() >= Duration::from_secs(3));
+        let again = Instant::now();
+        let _q = f.acquire(0, 0).await;
+        assert!(
+            again.elapsed() < Duration::from_millis(1),
+            "the pause is over"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn abandoned_waiters_do_not_leak_slots() {
+        let f = flow(1, 1);
+        let held = f.acquire(0, 0).await;
+        let abandoned = tokio::spawn({
+            let f = f.clone();
+            async move { f.acquire(0, 0).await }
+        });
+        tokio::task::yield_now().await;
+        abandoned.abort();
+        let _ = abandoned.await;
+        drop(held);
+        assert_eq!(f.in_flight(), 0);
+        let _p = f.acquire(0, 0).await;
+        assert_eq!(f.in_flight(), 1);
+    }
+}
