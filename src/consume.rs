@@ -17,7 +17,7 @@
 
 use std::{
     panic::AssertUnwindSafe,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering::Relaxed},
     time::{Duration, Instant},
 };
 
@@ -94,6 +94,8 @@ struct Context {
     store: Store,
     /// Concurrency limit, pauses and budgets toward the upstream.
     flow: Arc<Flow>,
+    /// Readiness for the admin endpoints.
+    health: Arc<Health>,
     /// Cancelled on shutdown: stop taking deliveries, cut retry waits short.
     stop: CancellationToken,
     /// Cancelled when the shutdown grace period is over: abandon upstream calls.
@@ -103,30 +105,83 @@ struct Context {
 /// Runs the worker until `shutdown` is cancelled, then drains in-flight work within
 /// `worker.shutdown_grace_secs` and returns. Broker outages are waited out, not returned.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
-    let worker = config.worker.worker_id();
-    let processor = Processor::new(&config.llm, &config.batch, worker.clone())?;
-    let flow = Flow::new(
-        usize::from(config.worker.min_inflight),
-        usize::from(config.worker.max_inflight),
-        Budget::new(
-            config.llm.max_requests_per_minute,
-            config.llm.max_tokens_per_minute,
-            &config.limits,
-        ),
-    );
-    let lease = config.llm.timeout()
-        + Duration::from_millis(config.retry.inline_max_ms)
-        + Duration::from_secs(10);
-    let store = Store::new(&config.idempotency, lease)?;
-    let ctx = Arc::new(Context {
-        policy: RetryPolicy::new(&config.retry),
-        processor,
-        store,
-        flow,
-        stop: shutdown,
-        abort: CancellationToken::new(),
-        config,
-    });
+    Worker::new(config, shutdown)?.run().await;
+    Ok(())
+}
+
+/// What a running worker shows the outside (readiness, metrics, tests).
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Connected to the broker with the topology declared.
+    pub connected: std::sync::atomic::AtomicBool,
+    /// Consumer slots currently subscribed.
+    pub consuming: std::sync::atomic::AtomicUsize,
+    /// Broker connections lost and reopened since start.
+    pub reconnects: std::sync::atomic::AtomicU64,
+}
+
+impl Health {
+    /// Connected and consuming: ready for traffic.
+    pub fn ready(&self) -> bool {
+        self.connected.load(Relaxed) && self.consuming.load(Relaxed) > 0
+    }
+}
+
+/// A worker, built and not yet running.
+pub struct Worker {
+    ctx: Arc<Context>,
+}
+
+impl Worker {
+    /// Builds the upstream client, the flow control and the idempotency store.
+    pub fn new(config: Config, shutdown: CancellationToken) -> Result<Self, WorkerError> {
+        let worker = config.worker.worker_id();
+        let processor = Processor::new(&config.llm, &config.batch, worker)?;
+        let flow = Flow::new(
+            usize::from(config.worker.min_inflight),
+            usize::from(config.worker.max_inflight),
+            Budget::new(
+                config.llm.max_requests_per_minute,
+                config.llm.max_tokens_per_minute,
+                &config.limits,
+            ),
+        );
+        let lease = config.llm.timeout()
+            + Duration::from_millis(config.retry.inline_max_ms)
+            + Duration::from_secs(10);
+        let store = Store::new(&config.idempotency, lease)?;
+        Ok(Self {
+            ctx: Arc::new(Context {
+                policy: RetryPolicy::new(&config.retry),
+                processor,
+                store,
+                flow,
+                health: Arc::default(),
+                stop: shutdown,
+                abort: CancellationToken::new(),
+                config,
+            }),
+        })
+    }
+
+    /// The flow control (concurrency limit, in flight, waiting).
+    pub fn flow(&self) -> Arc<Flow> {
+        self.ctx.flow.clone()
+    }
+
+    /// Connection and consumer state.
+    pub fn health(&self) -> Arc<Health> {
+        self.ctx.health.clone()
+    }
+
+    /// Runs until the shutdown token is cancelled, then drains.
+    pub async fn run(self) {
+        run_worker(self.ctx).await
+    }
+}
+
+async fn run_worker(ctx: Arc<Context>) {
+    let worker = ctx.processor.worker().to_string();
     let tracker = TaskTracker::new();
     let mut backoff = reconnect_backoff();
     let mut last_conn: Option<Arc<Connection>> = None;
@@ -162,11 +217,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
             upstream = %ctx.config.llm.base_url,
             "connected; consuming"
         );
+        ctx.health.connected.store(true, Relaxed);
         let lost = consume_on(&ctx, &conn, &tracker).await;
+        ctx.health.connected.store(false, Relaxed);
         last_conn = Some(conn);
         match lost {
             None => break,
-            Some(e) => warn!(error = %e, "broker connection lost; reconnecting"),
+            Some(e) => {
+                ctx.health.reconnects.fetch_add(1, Relaxed);
+                warn!(error = %e, "broker connection lost; reconnecting");
+            }
         }
     }
 
@@ -200,7 +260,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         }
     }
     info!("worker stopped");
-    Ok(())
 }
 
 /// Reconnection delays: 0.5 s doubling to 30 s, jittered, forever.
@@ -293,6 +352,22 @@ async fn consumer_slot(
     }
 }
 
+/// Counts a subscribed slot in [`Health::consuming`] while alive.
+struct Consuming<'a>(&'a Health);
+
+impl<'a> Consuming<'a> {
+    fn new(health: &'a Health) -> Self {
+        health.consuming.fetch_add(1, Relaxed);
+        Self(health)
+    }
+}
+
+impl Drop for Consuming<'_> {
+    fn drop(&mut self) {
+        self.0.consuming.fetch_sub(1, Relaxed);
+    }
+}
+
 /// Shortest time between two resubscriptions of a slot when the prefetch follows the
 /// concurrency limit.
 const RESUBSCRIBE_EVERY: Duration = Duration::from_secs(1);
@@ -325,6 +400,7 @@ async fn session(
     let mut generation = 0u32;
     let mut streams = Streams::new();
     let mut live = subscribe(ctx, &channel, slot, generation, prefetch, &mut streams).await?;
+    let _consuming = Consuming::new(&ctx.health);
     let mut cancelled: Vec<String> = Vec::new();
     let mut last_change = Instant::now();
     debug!(slot, prefetch, "consuming");

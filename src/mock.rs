@@ -27,6 +27,10 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// An embedding input the mock refuses with 400 (the whole call, as real APIs do), to test
+/// that one bad input in a batch fails only its own request.
+pub const REJECTED_INPUT: &str = "__reject__";
+
 /// Dimensions of the mock's embedding vectors.
 pub const EMBEDDING_DIMS: usize = 8;
 
@@ -263,6 +267,10 @@ async fn embeddings(
         }
     };
     state.stats.embedding_calls.fetch_add(1, Ordering::Relaxed);
+    if inputs.iter().any(|i| i == REJECTED_INPUT) {
+        let body = json!({"error": {"message": "input rejected", "type": "invalid_request_error"}});
+        return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+    }
     state
         .stats
         .embedding_items
