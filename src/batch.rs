@@ -12,7 +12,10 @@ use tokio::{
     time::Instant,
 };
 
-use crate::llm::{EmbeddingAnswer, LlmClient, LlmError};
+use crate::{
+    flow::Flow,
+    llm::{EmbeddingAnswer, LlmClient, LlmError},
+};
 
 /// Requests waiting to be batched at most (back-pressure on the callers beyond that).
 const QUEUE: usize = 4096;
@@ -24,6 +27,8 @@ pub struct Batcher {
 }
 
 struct Item {
+    priority: u8,
+    tokens: u64,
     model: String,
     params: Map<String, Value>,
     input: Vec<String>,
@@ -38,10 +43,17 @@ struct Pending {
 }
 
 impl Batcher {
-    /// Starts the batching task (it ends when every `Batcher` clone is dropped).
-    pub fn spawn(llm: LlmClient, max_items: usize, max_wait: Duration) -> Self {
+    /// Starts the batching task (it ends when every `Batcher` clone is dropped). Each
+    /// upstream call takes one slot of `flow`: the concurrency limit counts calls, not the
+    /// messages they carry.
+    pub fn spawn(
+        llm: LlmClient,
+        flow: std::sync::Arc<Flow>,
+        max_items: usize,
+        max_wait: Duration,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(llm, rx, max_items.max(1), max_wait));
+        tokio::spawn(run(Upstream { llm, flow }, rx, max_items.max(1), max_wait));
         Self { tx }
     }
 
@@ -51,9 +63,13 @@ impl Batcher {
         model: &str,
         input: &[String],
         params: &Map<String, Value>,
+        priority: u8,
+        tokens: u64,
     ) -> Result<EmbeddingAnswer, LlmError> {
         let (reply, rx) = oneshot::channel();
         let item = Item {
+            priority,
+            tokens,
             model: model.to_string(),
             params: params.clone(),
             input: input.to_vec(),
@@ -69,7 +85,14 @@ impl Batcher {
     }
 }
 
-async fn run(llm: LlmClient, mut rx: mpsc::Receiver<Item>, max_items: usize, max_wait: Duration) {
+/// The upstream and the flow control its calls go through.
+#[derive(Clone)]
+struct Upstream {
+    llm: LlmClient,
+    flow: std::sync::Arc<Flow>,
+}
+
+async fn run(llm: Upstream, mut rx: mpsc::Receiver<Item>, max_items: usize, max_wait: Duration) {
     let mut pending: HashMap<String, Pending> = HashMap::new();
     loop {
         let next_deadline = pending.values().map(|p| p.deadline).min();
@@ -127,13 +150,19 @@ async fn run(llm: LlmClient, mut rx: mpsc::Receiver<Item>, max_items: usize, max
 
 /// One upstream call for `items`, its answer split back; a batch refused as a whole is
 /// retried one request at a time.
-async fn send(llm: LlmClient, items: Vec<Item>) {
+async fn send(up: Upstream, items: Vec<Item>) {
     let Some(first) = items.first() else {
         return;
     };
     let (model, params) = (first.model.clone(), first.params.clone());
     let inputs: Vec<String> = items.iter().flat_map(|i| i.input.iter().cloned()).collect();
-    match llm.embed(&model, &inputs, &params).await {
+    let priority = items.iter().map(|i| i.priority).max().unwrap_or(0);
+    let tokens = items.iter().map(|i| i.tokens).sum();
+    let permit = up.flow.acquire(priority, tokens).await;
+    let answer = up.llm.embed(&model, &inputs, &params).await;
+    drop(permit);
+    let llm = up.llm;
+    match answer {
         Ok(answer) => {
             let total_chars: usize = inputs.iter().map(String::len).sum::<usize>().max(1);
             let total_tokens = answer
@@ -162,8 +191,9 @@ async fn send(llm: LlmClient, items: Vec<Item>) {
             // Someone's input spoiled the batch: each request on its own, so only that one
             // fails.
             let singles = items.into_iter().map(|item| {
-                let llm = llm.clone();
+                let (llm, flow) = (llm.clone(), up.flow.clone());
                 async move {
+                    let _permit = flow.acquire(item.priority, item.tokens).await;
                     let answer = llm.embed(&item.model, &item.input, &item.params).await;
                     let _ = item.reply.send(answer);
                 }

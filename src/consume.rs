@@ -136,7 +136,6 @@ impl Worker {
     /// Builds the upstream client, the flow control and the idempotency store.
     pub fn new(config: Config, shutdown: CancellationToken) -> Result<Self, WorkerError> {
         let worker = config.worker.worker_id();
-        let processor = Processor::new(&config.llm, &config.batch, worker)?;
         let flow = Flow::new(
             usize::from(config.worker.min_inflight),
             usize::from(config.worker.max_inflight),
@@ -146,6 +145,7 @@ impl Worker {
                 &config.limits,
             ),
         );
+        let processor = Processor::new(&config.llm, &config.batch, flow.clone(), worker)?;
         let lease = config.llm.timeout()
             + Duration::from_millis(config.retry.inline_max_ms)
             + Duration::from_secs(10);
@@ -396,14 +396,20 @@ async fn session(
     let channel = conn.create_channel().await?;
     let publisher = Publisher::open(conn, ctx.config.topology.clone()).await?;
     let mut limit = ctx.flow.watch_limit();
-    let mut prefetch = prefetch_for(&ctx.config, *limit.borrow_and_update());
+    let mut current = *limit.borrow_and_update();
+    let prefetches = |limit: usize| {
+        (
+            prefetch_for(&ctx.config, limit, Kind::Chat),
+            prefetch_for(&ctx.config, limit, Kind::Embedding),
+        )
+    };
     let mut generation = 0u32;
     let mut streams = Streams::new();
-    let mut live = subscribe(ctx, &channel, slot, generation, prefetch, &mut streams).await?;
+    let mut live = subscribe(ctx, &channel, slot, generation, current, &mut streams).await?;
     let _consuming = Consuming::new(&ctx.health);
     let mut cancelled: Vec<String> = Vec::new();
     let mut last_change = Instant::now();
-    debug!(slot, prefetch, "consuming");
+    debug!(slot, prefetch = ?prefetches(current), "consuming");
     loop {
         let next = tokio::select! {
             biased;
@@ -419,8 +425,8 @@ async fn session(
                 if changed.is_err() {
                     continue;
                 }
-                let wanted = prefetch_for(&ctx.config, *limit.borrow_and_update());
-                if wanted == prefetch {
+                let wanted = *limit.borrow_and_update();
+                if prefetches(wanted) == prefetches(current) {
                     continue;
                 }
                 if last_change.elapsed() < RESUBSCRIBE_EVERY {
@@ -438,8 +444,8 @@ async fn session(
                         .await?;
                     cancelled.push(tag);
                 }
-                debug!(slot, from = prefetch, to = wanted, "prefetch follows the concurrency limit");
-                prefetch = wanted;
+                debug!(slot, from = ?prefetches(current), to = ?prefetches(wanted), "prefetch follows the concurrency limit");
+                current = wanted;
                 last_change = Instant::now();
                 continue;
             }
@@ -483,13 +489,10 @@ async fn subscribe(
     channel: &lapin::Channel,
     slot: u16,
     generation: u32,
-    prefetch: u16,
+    limit: usize,
     streams: &mut Streams,
 ) -> Result<Vec<String>, lapin::Error> {
     let topo = &ctx.config.topology;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
     let mut tags = Vec::with_capacity(2);
     for (kind, queue) in [
         (Kind::Chat, &topo.processing_queue),
@@ -500,6 +503,13 @@ async fn subscribe(
             ctx.processor.worker(),
             kind.as_str()
         );
+        // basic.qos applies to the consumers created after it.
+        channel
+            .basic_qos(
+                prefetch_for(&ctx.config, limit, kind),
+                BasicQosOptions::default(),
+            )
+            .await?;
         let consumer = channel
             .basic_consume(
                 queue.as_str().into(),
@@ -520,12 +530,19 @@ async fn subscribe(
 }
 
 /// Each consumer's prefetch: fixed by `worker.prefetch`, else an equal share of the limit.
-fn prefetch_for(config: &Config, limit: usize) -> u16 {
+/// The limit counts upstream calls, and a batched embedding call carries up to
+/// `batch.max_items` messages, so the embeddings consumers take that many times more.
+fn prefetch_for(config: &Config, limit: usize, kind: Kind) -> u16 {
     if config.worker.prefetch > 0 {
         return config.worker.prefetch;
     }
+    let per_call = match kind {
+        Kind::Chat => 1,
+        Kind::Embedding => config.batch.max_items.max(1),
+    };
     let consumers = usize::from(config.worker.consumers.max(1));
-    u16::try_from(limit.div_ceil(consumers).max(1)).unwrap_or(u16::MAX)
+    let share = limit.saturating_mul(per_call).div_ceil(consumers).max(1);
+    u16::try_from(share).unwrap_or(u16::MAX)
 }
 
 /// One delivery being settled.
@@ -666,11 +683,16 @@ impl Settling<'_> {
                     .await;
             }
             // Waiting for a slot is not in-flight work: on shutdown it goes straight back.
-            let permit = tokio::select! {
-                permit = ctx.flow.acquire(job.priority, estimate) => permit,
-                _ = ctx.stop.cancelled() => {
-                    ctx.store.release(&job.request_id, ctx.processor.worker()).await;
-                    return nack(self.delivery).await;
+            // Batched embeddings take their slot per upstream call, in the batcher.
+            let permit = if job.kind() == Kind::Embedding && ctx.processor.batches_embeddings() {
+                None
+            } else {
+                tokio::select! {
+                    permit = ctx.flow.acquire(job.priority, estimate) => Some(permit),
+                    _ = ctx.stop.cancelled() => {
+                        ctx.store.release(&job.request_id, ctx.processor.worker()).await;
+                        return nack(self.delivery).await;
+                    }
                 }
             };
             let call =

@@ -53,12 +53,14 @@ impl Processor {
     pub fn new(
         cfg: &LlmConfig,
         batch: &BatchConfig,
+        flow: std::sync::Arc<crate::flow::Flow>,
         worker: String,
     ) -> Result<Self, reqwest::Error> {
         let llm = LlmClient::new(cfg)?;
         let batcher = (batch.max_items > 1).then(|| {
             Batcher::spawn(
                 llm.clone(),
+                flow,
                 batch.max_items,
                 Duration::from_millis(batch.max_wait_ms),
             )
@@ -70,6 +72,11 @@ impl Processor {
             embedding_model: cfg.embedding_model.clone(),
             worker,
         })
+    }
+
+    /// Whether embedding calls are batched (and take their flow slots per batch).
+    pub fn batches_embeddings(&self) -> bool {
+        self.batcher.is_some()
     }
 
     /// This replica's name.
@@ -101,7 +108,12 @@ impl Processor {
             } => {
                 let model = job.model.as_deref().unwrap_or(&self.embedding_model);
                 let answer = match &self.batcher {
-                    Some(batcher) => batcher.embed(model, input, params).await,
+                    Some(batcher) => {
+                        let tokens = job.token_estimate(0);
+                        batcher
+                            .embed(model, input, params, job.priority, tokens)
+                            .await
+                    }
                     None => self.llm.embed(model, input, params).await,
                 };
                 answer.map(|a| {
