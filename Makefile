@@ -7,7 +7,7 @@ PYTHON ?= python3
 INTEROP_PYTHON := $(CURDIR)/$(VENV)/bin/python
 export INTEROP_PYTHON
 
-.PHONY: test lint fmt build run mock services venv compose-config clean
+.PHONY: test lint fmt build run mock services venv compose-config bench clean
 
 ## Every test: unit, integration (real broker), the Python interop client, the compose file.
 test: services venv compose-config
@@ -38,6 +38,11 @@ mock:
 ## RabbitMQ and Redis for the tests (started when they do not answer).
 services:
 	@scripts/ensure-services.sh
+
+## Broker ceiling vs the worker, latency, memory, batching: one run, a table and target/bench.json.
+bench: services
+	cargo build --release
+	target/release/llmq bench --json target/bench.json
 
 ## A venv with aio-pika for tests/interop (from PyPI).
 venv: $(VENV)/.installed

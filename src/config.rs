@@ -141,8 +141,6 @@ pub struct LlmConfig {
     pub embedding_model: String,
     /// Deadline of one upstream call. Keep it well under the broker's consumer timeout.
     pub timeout_secs: u64,
-    /// Idle pooled connections kept per upstream host.
-    pub pool_max_idle: usize,
     /// Requests per minute this replica (or, with `limits.redis_url`, the fleet) may send;
     /// 0 = no limit.
     pub max_requests_per_minute: u64,
@@ -161,7 +159,6 @@ impl Default for LlmConfig {
             model: "gpt-4o-mini".into(),
             embedding_model: "text-embedding-3-small".into(),
             timeout_secs: 60,
-            pool_max_idle: 256,
             max_requests_per_minute: 0,
             max_tokens_per_minute: 0,
             default_max_tokens: 256,
@@ -541,6 +538,53 @@ impl Config {
             }
         }
         config
+    }
+
+    /// The `LLMQ_*` environment that gives a child `llmq` process this configuration (the
+    /// benchmark and the tests start workers this way). Secrets are included: never log it.
+    pub fn to_env(&self) -> Vec<(String, String)> {
+        let (t, w, r) = (&self.topology, &self.worker, &self.retry);
+        let pairs: [(&str, String); 34] = [
+            ("amqp.url", self.amqp.url.expose().into()),
+            ("amqp.heartbeat_secs", self.amqp.heartbeat_secs.to_string()),
+            ("topology.request_exchange", t.request_exchange.clone()),
+            ("topology.processing_queue", t.processing_queue.clone()),
+            ("topology.processing_key", t.processing_key.clone()),
+            ("topology.embeddings_queue", t.embeddings_queue.clone()),
+            ("topology.embeddings_key", t.embeddings_key.clone()),
+            ("topology.results_exchange", t.results_exchange.clone()),
+            ("topology.results_key", t.results_key.clone()),
+            ("topology.results_queue", t.results_queue.clone()),
+            ("topology.keep_results", t.keep_results.to_string()),
+            ("topology.dead_letter_exchange", t.dead_letter_exchange.clone()),
+            ("topology.dead_letter_queue", t.dead_letter_queue.clone()),
+            ("topology.retry_exchange", t.retry_exchange.clone()),
+            ("topology.retry_queue_prefix", t.retry_queue_prefix.clone()),
+            ("llm.base_url", self.llm.base_url.expose().into()),
+            ("llm.api_key", self.llm.api_key.expose().into()),
+            ("llm.timeout_secs", self.llm.timeout_secs.to_string()),
+            ("worker.id", w.id.clone()),
+            ("worker.consumers", w.consumers.to_string()),
+            ("worker.prefetch", w.prefetch.to_string()),
+            ("worker.max_inflight", w.max_inflight.to_string()),
+            ("worker.min_inflight", w.min_inflight.to_string()),
+            ("worker.shutdown_grace_secs", w.shutdown_grace_secs.to_string()),
+            ("retry.max_attempts", r.max_attempts.to_string()),
+            ("retry.initial_delay_ms", r.initial_delay_ms.to_string()),
+            ("retry.max_delay_secs", r.max_delay_secs.to_string()),
+            ("retry.inline_max_ms", r.inline_max_ms.to_string()),
+            ("idempotency.store", format!("{:?}", self.idempotency.store).to_lowercase()),
+            ("idempotency.redis_url", self.idempotency.redis_url.expose().into()),
+            ("idempotency.key_prefix", self.idempotency.key_prefix.clone()),
+            ("batch.max_items", self.batch.max_items.to_string()),
+            ("batch.max_wait_ms", self.batch.max_wait_ms.to_string()),
+            ("log.format", format!("{:?}", self.log.format).to_lowercase()),
+        ];
+        pairs
+            .into_iter()
+            .filter(|(key, value)| !(value.is_empty() && *key == "worker.id"))
+            .map(|(key, value)| (env_name(key), value))
+            .collect()
     }
 
     /// Checks values that parse but make no sense; one line per problem.
@@ -950,6 +994,27 @@ mod tests {
                 "{var}={value}: {p:?}"
             );
         }
+    }
+
+    #[test]
+    fn to_env_round_trips() {
+        let mut c = Config::default();
+        c.worker.max_inflight = 77;
+        c.topology.processing_queue = "q-x".into();
+        c.batch.max_items = 3;
+        let env = c.to_env();
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            for (k, v) in &env {
+                jail.set_env(k, v);
+            }
+            let back = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(back.worker.max_inflight, 77);
+            assert_eq!(back.topology.processing_queue, "q-x");
+            assert_eq!(back.batch.max_items, 3);
+            assert_eq!(back.idempotency.store, StoreKind::Memory);
+            Ok(())
+        });
     }
 
     #[test]

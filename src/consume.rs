@@ -255,7 +255,8 @@ async fn run_worker(ctx: Arc<Context>) {
         .await
         {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "closing the broker connection failed"),
+            // Channels closing at the same time make lapin report the close as failed.
+            Ok(Err(e)) => debug!(error = %e, "closing the broker connection"),
             Err(_) => warn!("the broker did not answer the close; exiting anyway"),
         }
     }
@@ -529,7 +530,8 @@ async fn subscribe(
     Ok(tags)
 }
 
-/// Each consumer's prefetch: fixed by `worker.prefetch`, else an equal share of the limit.
+/// Each consumer's prefetch: fixed by `worker.prefetch`, else an equal share of the limit
+/// plus a quarter.
 /// The limit counts upstream calls, and a batched embedding call carries up to
 /// `batch.max_items` messages, so the embeddings consumers take that many times more.
 fn prefetch_for(config: &Config, limit: usize, kind: Kind) -> u16 {
@@ -541,7 +543,10 @@ fn prefetch_for(config: &Config, limit: usize, kind: Kind) -> u16 {
         Kind::Embedding => config.batch.max_items.max(1),
     };
     let consumers = usize::from(config.worker.consumers.max(1));
-    let share = limit.saturating_mul(per_call).div_ceil(consumers).max(1);
+    // A quarter more than the calls allowed: deliveries whose result is being confirmed still
+    // count against the prefetch, and a few waiting ones let the highest priority go first.
+    let wanted = limit.saturating_mul(per_call).saturating_mul(5) / 4;
+    let share = wanted.div_ceil(consumers).max(1);
     u16::try_from(share).unwrap_or(u16::MAX)
 }
 

@@ -15,12 +15,13 @@
 //!
 //! Around them: [`shutdown`] (signals, cancellation), [`telemetry`] (logs), [`amqp`]
 //! (connections) and the built-in tools [`mock`] (an OpenAI-compatible mock upstream) and
-//! [`client`] (`llmq publish`).
+//! [`client`] (`llmq publish`) and [`bench`] (`llmq bench`).
 #![deny(unsafe_code)]
 #![warn(clippy::unwrap_in_result, clippy::unwrap_used, missing_docs)]
 
 pub mod amqp;
 pub mod batch;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod consume;

@@ -95,7 +95,8 @@ impl LlmClient {
         let http = reqwest::Client::builder()
             .timeout(cfg.timeout())
             .connect_timeout(Duration::from_secs(10).min(cfg.timeout()))
-            .pool_max_idle_per_host(cfg.pool_max_idle)
+            // Every idle connection is kept (for 90 s): with fewer than the calls in flight,
+            // connections would be closed and reopened all the time.
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .user_agent(concat!("llmq/", env!("CARGO_PKG_VERSION")))

@@ -39,6 +39,8 @@ enum Command {
     },
     /// Publish one request to the request exchange.
     Publish(PublishArgs),
+    /// Measure throughput, latency and memory against the broker (see README, Benchmarks).
+    Bench(llmq::bench::BenchArgs),
     /// Exit 0 when an HTTP GET of URL answers 2xx (container health checks).
     Probe {
         /// The URL to fetch.
@@ -84,6 +86,23 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("llmq publish: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Command::Bench(args) => match llmq::bench::run(&config, &args).await {
+                Ok(report) => {
+                    println!("{}", llmq::bench::table(&report));
+                    let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+                    println!("{json}");
+                    if let Some(path) = &args.json
+                        && let Err(e) = std::fs::write(path, &json)
+                    {
+                        eprintln!("llmq bench: cannot write {}: {e}", path.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("llmq bench: {e}");
                     ExitCode::FAILURE
                 }
             },

@@ -335,83 +335,11 @@ pub fn bin() -> &'static str {
 
 /// The `LLMQ_*` environment that makes the `llmq` binary run with `config`.
 pub fn worker_env(config: &Config) -> Vec<(String, String)> {
-    let t = &config.topology;
-    let mut env = vec![
-        ("LLMQ_AMQP__URL", config.amqp.url.expose().to_string()),
-        (
-            "LLMQ_LLM__BASE_URL",
-            config.llm.base_url.expose().to_string(),
-        ),
-        ("LLMQ_LLM__API_KEY", config.llm.api_key.expose().to_string()),
-        (
-            "LLMQ_LLM__TIMEOUT_SECS",
-            config.llm.timeout_secs.to_string(),
-        ),
-        ("LLMQ_WORKER__ID", config.worker.id.clone()),
-        (
-            "LLMQ_WORKER__CONSUMERS",
-            config.worker.consumers.to_string(),
-        ),
-        ("LLMQ_WORKER__PREFETCH", config.worker.prefetch.to_string()),
-        (
-            "LLMQ_WORKER__SHUTDOWN_GRACE_SECS",
-            config.worker.shutdown_grace_secs.to_string(),
-        ),
-        (
-            "LLMQ_RETRY__MAX_ATTEMPTS",
-            config.retry.max_attempts.to_string(),
-        ),
-        (
-            "LLMQ_RETRY__INITIAL_DELAY_MS",
-            config.retry.initial_delay_ms.to_string(),
-        ),
-        (
-            "LLMQ_RETRY__MAX_DELAY_SECS",
-            config.retry.max_delay_secs.to_string(),
-        ),
-        (
-            "LLMQ_RETRY__INLINE_MAX_MS",
-            config.retry.inline_max_ms.to_string(),
-        ),
-        (
-            "LLMQ_IDEMPOTENCY__KEY_PREFIX",
-            config.idempotency.key_prefix.clone(),
-        ),
-        (
-            "LLMQ_TOPOLOGY__REQUEST_EXCHANGE",
-            t.request_exchange.clone(),
-        ),
-        (
-            "LLMQ_TOPOLOGY__PROCESSING_QUEUE",
-            t.processing_queue.clone(),
-        ),
-        (
-            "LLMQ_TOPOLOGY__EMBEDDINGS_QUEUE",
-            t.embeddings_queue.clone(),
-        ),
-        (
-            "LLMQ_TOPOLOGY__RESULTS_EXCHANGE",
-            t.results_exchange.clone(),
-        ),
-        ("LLMQ_TOPOLOGY__RESULTS_QUEUE", t.results_queue.clone()),
-        (
-            "LLMQ_TOPOLOGY__DEAD_LETTER_EXCHANGE",
-            t.dead_letter_exchange.clone(),
-        ),
-        (
-            "LLMQ_TOPOLOGY__DEAD_LETTER_QUEUE",
-            t.dead_letter_queue.clone(),
-        ),
-        ("LLMQ_TOPOLOGY__RETRY_EXCHANGE", t.retry_exchange.clone()),
-        (
-            "LLMQ_TOPOLOGY__RETRY_QUEUE_PREFIX",
-            t.retry_queue_prefix.clone(),
-        ),
-    ];
+    let mut env = config.to_env();
     if std::env::var("TEST_LOG").is_ok() {
-        env.push(("LLMQ_LOG__LEVEL", "llmq=debug".into()));
+        env.push(("LLMQ_LOG__LEVEL".into(), "llmq=debug".into()));
     }
-    env.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    env
 }
 
 /// Starts the `llmq` binary as a worker with `config`; its output goes to `log`.
