@@ -115,7 +115,9 @@ pub enum BenchError {
 /// Runs every measurement and prints the table.
 pub async fn run(base: &Config, args: &BenchArgs) -> Result<Report, BenchError> {
     let mock = MockServer::start(
-        "127.0.0.1:0".parse().map_err(|e| BenchError::Setup(format!("{e}")))?,
+        "127.0.0.1:0"
+            .parse()
+            .map_err(|e| BenchError::Setup(format!("{e}")))?,
         MockOptions::default(),
     )
     .await
@@ -137,14 +139,20 @@ pub async fn run(base: &Config, args: &BenchArgs) -> Result<Report, BenchError> 
 
     let (mut c, mut rss_kib) = (f64::NAN, 0);
     if on('c') {
-        eprintln!("(c, e) one replica, 200 ms upstream, max_inflight 1000: {} jobs", args.slow_jobs);
+        eprintln!(
+            "(c, e) one replica, 200 ms upstream, max_inflight 1000: {} jobs",
+            args.slow_jobs
+        );
         mock.set_options(MockOptions {
             latency_ms: 200,
             ..Default::default()
         });
         let cfg = bench_config(base, &mock, |c| c.worker.max_inflight = 1000);
         (c, rss_kib) = jobs_per_s(&conn, &cfg, args.slow_jobs, Some(())).await?;
-        eprintln!("    {c:.0} jobs/s, peak RSS {:.1} MiB", rss_kib as f64 / 1024.0);
+        eprintln!(
+            "    {c:.0} jobs/s, peak RSS {:.1} MiB",
+            rss_kib as f64 / 1024.0
+        );
     }
 
     let mut lat = Vec::new();
@@ -155,13 +163,23 @@ pub async fn run(base: &Config, args: &BenchArgs) -> Result<Report, BenchError> 
         lat = latency(&conn, &cfg, args.latency_secs).await?;
     }
     lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     let (p50, p99) = (pct(0.50), pct(0.99));
-    eprintln!("    p50 {p50:.2} ms, p99 {p99:.2} ms over {} jobs", lat.len());
+    eprintln!(
+        "    p50 {p50:.2} ms, p99 {p99:.2} ms over {} jobs",
+        lat.len()
+    );
 
     let (mut batched, mut single) = (f64::NAN, f64::NAN);
     if on('f') {
-        eprintln!("(f) embeddings, 20 ms + 0.2 ms/item, max_inflight 16: {} requests x2", args.embeddings);
+        eprintln!(
+            "(f) embeddings, 20 ms + 0.2 ms/item, max_inflight 16: {} requests x2",
+            args.embeddings
+        );
         mock.set_options(MockOptions {
             latency_ms: 20,
             per_item_us: 200,
@@ -204,9 +222,8 @@ pub fn table(r: &Report) -> String {
             if ok { "met" } else { "NOT met" }
         )
     };
-    let mut t = String::from(
-        "| measure | value | ratio | target | |\n| --- | ---: | ---: | --- | --- |\n",
-    );
+    let mut t =
+        String::from("| measure | value | ratio | target | |\n| --- | ---: | ---: | --- | --- |\n");
     t += &format!(
         "| {:<42} | {:>16} | {:>14} | {:<9} | |\n",
         "(a) broker ceiling, 1 KiB persistent, confirmed",
@@ -286,9 +303,14 @@ fn bench_config(base: &Config, mock: &MockServer, adjust: impl FnOnce(&mut Confi
 
 /// (a): publish with confirms (a window of them outstanding) while a consumer acks each.
 async fn broker_ceiling(conn: &Connection, base: &Config, n: usize) -> Result<f64, BenchError> {
-    let queue = format!("llmq-bench-raw-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let queue = format!(
+        "llmq-bench-raw-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let publisher = conn.create_channel().await?;
-    publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     publisher
         .queue_declare(
             queue.as_str().into(),
@@ -301,7 +323,9 @@ async fn broker_ceiling(conn: &Connection, base: &Config, n: usize) -> Result<f6
         .await?;
     let consumer_conn = amqp::connect(&base.amqp, "llmq bench consumer").await?;
     let consumer_ch = consumer_conn.create_channel().await?;
-    consumer_ch.basic_qos(1000, BasicQosOptions::default()).await?;
+    consumer_ch
+        .basic_qos(1000, BasicQosOptions::default())
+        .await?;
     let mut consumer = consumer_ch
         .basic_consume(
             queue.as_str().into(),
@@ -326,13 +350,23 @@ async fn broker_ceiling(conn: &Connection, base: &Config, n: usize) -> Result<f6
     let body = vec![b'x'; 1024];
     let start = Instant::now();
     let props = BasicProperties::default().with_delivery_mode(2);
-    publish_window(&publisher, "", &queue, n, |_| body.clone(), |_| props.clone()).await?;
+    publish_window(
+        &publisher,
+        "",
+        &queue,
+        n,
+        |_| body.clone(),
+        |_| props.clone(),
+    )
+    .await?;
     let (got, end) = tokio::time::timeout(Duration::from_secs(300), counter)
         .await
         .map_err(|_| BenchError::Stalled("the raw consumer stalled".into()))?
         .map_err(|e| BenchError::Stalled(e.to_string()))?;
     if got < n {
-        return Err(BenchError::Stalled(format!("raw consumer got {got} of {n}")));
+        return Err(BenchError::Stalled(format!(
+            "raw consumer got {got} of {n}"
+        )));
     }
     let _ = publisher
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
@@ -418,7 +452,9 @@ async fn start_worker(conn: &Connection, cfg: &Config) -> Result<Child, BenchErr
             break;
         }
         if Instant::now() > deadline {
-            return Err(BenchError::Setup("the worker did not subscribe within 30 s".into()));
+            return Err(BenchError::Setup(
+                "the worker did not subscribe within 30 s".into(),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -447,11 +483,22 @@ async fn finish(conn: &Connection, cfg: &Config, mut child: Child) {
             t.results_queue.clone(),
             t.dead_letter_queue.clone(),
         ];
-        queues.extend(retry::TIERS.iter().map(|tier| topology::retry_queue(t, tier.name)));
+        queues.extend(
+            retry::TIERS
+                .iter()
+                .map(|tier| topology::retry_queue(t, tier.name)),
+        );
         for q in queues {
-            let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
         }
-        for x in [&t.request_exchange, &t.results_exchange, &t.dead_letter_exchange, &t.retry_exchange] {
+        for x in [
+            &t.request_exchange,
+            &t.results_exchange,
+            &t.dead_letter_exchange,
+            &t.retry_exchange,
+        ] {
             let _ = ch
                 .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
                 .await;
@@ -510,7 +557,9 @@ async fn jobs_per_s(
         |_| {},
     );
     let publisher = conn.create_channel().await?;
-    publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let start = Instant::now();
     let props = BasicProperties::default()
         .with_delivery_mode(2)
@@ -520,7 +569,11 @@ async fn jobs_per_s(
         &cfg.topology.request_exchange,
         &cfg.topology.processing_key,
         n,
-        |i| json!({"prompt": format!("bench {i}"), "request_id": format!("b-{i}")}).to_string().into_bytes(),
+        |i| {
+            json!({"prompt": format!("bench {i}"), "request_id": format!("b-{i}")})
+                .to_string()
+                .into_bytes()
+        },
         |_| props.clone(),
     )
     .await?;
@@ -576,7 +629,9 @@ async fn latency(conn: &Connection, cfg: &Config, secs: u64) -> Result<Vec<f64>,
         },
     );
     let publisher = conn.create_channel().await?;
-    publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let props = BasicProperties::default()
@@ -621,7 +676,9 @@ async fn embeddings_per_s(conn: &Connection, cfg: &Config, n: usize) -> Result<f
         |_| {},
     );
     let publisher = conn.create_channel().await?;
-    publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let start = Instant::now();
     let props = BasicProperties::default()
         .with_delivery_mode(2)

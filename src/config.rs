@@ -275,7 +275,7 @@ impl Default for IdempotencyConfig {
             store: StoreKind::Memory,
             ttl_secs: 86_400,
             redis_url: SecretUrl("redis://127.0.0.1:6379".into()),
-            memory_capacity: 100_000,
+            memory_capacity: 10_000,
             key_prefix: "llmq".into(),
             on_store_error: OnStoreError::Requeue,
         }
@@ -556,7 +556,10 @@ impl Config {
             ("topology.results_key", t.results_key.clone()),
             ("topology.results_queue", t.results_queue.clone()),
             ("topology.keep_results", t.keep_results.to_string()),
-            ("topology.dead_letter_exchange", t.dead_letter_exchange.clone()),
+            (
+                "topology.dead_letter_exchange",
+                t.dead_letter_exchange.clone(),
+            ),
             ("topology.dead_letter_queue", t.dead_letter_queue.clone()),
             ("topology.retry_exchange", t.retry_exchange.clone()),
             ("topology.retry_queue_prefix", t.retry_queue_prefix.clone()),
@@ -568,17 +571,32 @@ impl Config {
             ("worker.prefetch", w.prefetch.to_string()),
             ("worker.max_inflight", w.max_inflight.to_string()),
             ("worker.min_inflight", w.min_inflight.to_string()),
-            ("worker.shutdown_grace_secs", w.shutdown_grace_secs.to_string()),
+            (
+                "worker.shutdown_grace_secs",
+                w.shutdown_grace_secs.to_string(),
+            ),
             ("retry.max_attempts", r.max_attempts.to_string()),
             ("retry.initial_delay_ms", r.initial_delay_ms.to_string()),
             ("retry.max_delay_secs", r.max_delay_secs.to_string()),
             ("retry.inline_max_ms", r.inline_max_ms.to_string()),
-            ("idempotency.store", format!("{:?}", self.idempotency.store).to_lowercase()),
-            ("idempotency.redis_url", self.idempotency.redis_url.expose().into()),
-            ("idempotency.key_prefix", self.idempotency.key_prefix.clone()),
+            (
+                "idempotency.store",
+                format!("{:?}", self.idempotency.store).to_lowercase(),
+            ),
+            (
+                "idempotency.redis_url",
+                self.idempotency.redis_url.expose().into(),
+            ),
+            (
+                "idempotency.key_prefix",
+                self.idempotency.key_prefix.clone(),
+            ),
             ("batch.max_items", self.batch.max_items.to_string()),
             ("batch.max_wait_ms", self.batch.max_wait_ms.to_string()),
-            ("log.format", format!("{:?}", self.log.format).to_lowercase()),
+            (
+                "log.format",
+                format!("{:?}", self.log.format).to_lowercase(),
+            ),
         ];
         pairs
             .into_iter()
