@@ -287,6 +287,7 @@ fn bench_config(base: &Config, mock: &MockServer, adjust: impl FnOnce(&mut Confi
     c.llm.base_url = SecretUrl::new(mock.base_url());
     c.worker.id = format!("{p}-worker");
     c.idempotency.key_prefix = p.clone();
+    c.admin.addr = "127.0.0.1:0".into();
     let t = &mut c.topology;
     t.request_exchange = format!("{p}.requests");
     t.processing_queue = format!("{p}.processing");

@@ -41,6 +41,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Embedding micro-batching.
     pub batch: BatchConfig,
+    /// The admin HTTP server.
+    pub admin: AdminConfig,
     /// Log format and filter.
     pub log: LogConfig,
 }
@@ -302,6 +304,29 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The admin HTTP server: `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Listen address; empty turns the server off.
+    pub addr: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            addr: "0.0.0.0:9090".into(),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The address to listen on, if the server is on.
+    pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+        self.addr.parse().ok()
+    }
+}
+
 /// Embedding micro-batching.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -530,9 +555,10 @@ impl Config {
                 "idempotency" => section(key, value, &mut config.idempotency, problems),
                 "limits" => section(key, value, &mut config.limits, problems),
                 "batch" => section(key, value, &mut config.batch, problems),
+                "admin" => section(key, value, &mut config.admin, problems),
                 "log" => section(key, value, &mut config.log, problems),
                 other => problems.push(format!(
-                    "{other} ({}): unknown key; sections are amqp, topology, llm, worker, retry, idempotency, limits, batch, log",
+                    "{other} ({}): unknown key; sections are amqp, topology, llm, worker, retry, idempotency, limits, batch, admin, log",
                     env_name(other)
                 )),
             }
@@ -544,7 +570,7 @@ impl Config {
     /// benchmark and the tests start workers this way). Secrets are included: never log it.
     pub fn to_env(&self) -> Vec<(String, String)> {
         let (t, w, r) = (&self.topology, &self.worker, &self.retry);
-        let pairs: [(&str, String); 34] = [
+        let pairs: [(&str, String); 35] = [
             ("amqp.url", self.amqp.url.expose().into()),
             ("amqp.heartbeat_secs", self.amqp.heartbeat_secs.to_string()),
             ("topology.request_exchange", t.request_exchange.clone()),
@@ -597,6 +623,7 @@ impl Config {
                 "log.format",
                 format!("{:?}", self.log.format).to_lowercase(),
             ),
+            ("admin.addr", self.admin.addr.clone()),
         ];
         pairs
             .into_iter()
@@ -681,6 +708,11 @@ impl Config {
             self.batch.max_wait_ms <= 10_000,
             "batch.max_wait_ms",
             "must be at most 10000",
+        );
+        check(
+            self.admin.addr.is_empty() || self.admin.socket_addr().is_some(),
+            "admin.addr",
+            "must be host:port, like 0.0.0.0:9090 (or empty to turn it off)",
         );
         let limits_url = self.limits.redis_url.expose();
         if !limits_url.is_empty() {

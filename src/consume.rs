@@ -39,6 +39,7 @@ use crate::{
     config::{Config, OnStoreError},
     dedupe::{Claim, Store},
     flow::Flow,
+    metrics::Metrics,
     process::{Outcome, Processor},
     publish::{Failure, PublishError, Publisher, ReplyRoute, unix_now, unix_now_ms},
     ratelimit::Budget,
@@ -96,6 +97,8 @@ struct Context {
     flow: Arc<Flow>,
     /// Readiness for the admin endpoints.
     health: Arc<Health>,
+    /// Prometheus metrics.
+    metrics: Arc<Metrics>,
     /// Cancelled on shutdown: stop taking deliveries, cut retry waits short.
     stop: CancellationToken,
     /// Cancelled when the shutdown grace period is over: abandon upstream calls.
@@ -157,6 +160,7 @@ impl Worker {
                 store,
                 flow,
                 health: Arc::default(),
+                metrics: Arc::default(),
                 stop: shutdown,
                 abort: CancellationToken::new(),
                 config,
@@ -172,6 +176,11 @@ impl Worker {
     /// Connection and consumer state.
     pub fn health(&self) -> Arc<Health> {
         self.ctx.health.clone()
+    }
+
+    /// The worker's Prometheus metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.ctx.metrics.clone()
     }
 
     /// Runs until the shutdown token is cancelled, then drains.
@@ -225,6 +234,7 @@ async fn run_worker(ctx: Arc<Context>) {
             None => break,
             Some(e) => {
                 ctx.health.reconnects.fetch_add(1, Relaxed);
+                ctx.metrics.reconnects.inc();
                 warn!(error = %e, "broker connection lost; reconnecting");
             }
         }
@@ -294,6 +304,7 @@ async fn consume_on(
     tracker: &TaskTracker,
 ) -> Option<SessionEnd> {
     let lost = ctx.stop.child_token();
+    tokio::spawn(poll_queue_depths(ctx.clone(), conn.clone(), lost.clone()));
     let mut slots = tokio::task::JoinSet::new();
     for slot in 0..ctx.config.worker.consumers {
         slots.spawn(consumer_slot(
@@ -319,6 +330,48 @@ async fn consume_on(
         None
     } else {
         failure
+    }
+}
+
+/// How often the work queues' depths are read for the metrics.
+const DEPTH_EVERY: Duration = Duration::from_secs(5);
+
+/// Reads the ready messages of the work queues and the DLQ for `llmq_queue_depth`.
+async fn poll_queue_depths(ctx: Arc<Context>, conn: Arc<Connection>, stop: CancellationToken) {
+    let t = &ctx.config.topology;
+    let queues = [
+        &t.processing_queue,
+        &t.embeddings_queue,
+        &t.dead_letter_queue,
+    ];
+    let mut channel = None;
+    loop {
+        if channel
+            .as_ref()
+            .is_none_or(|c: &lapin::Channel| !c.status().connected())
+        {
+            channel = conn.create_channel().await.ok();
+        }
+        if let Some(ch) = &channel {
+            for q in queues {
+                let passive = lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                match ch
+                    .queue_declare(q.as_str().into(), passive, FieldTable::default())
+                    .await
+                {
+                    Ok(info) => ctx.metrics.queue_depth(q, info.message_count()),
+                    // A missing queue closes the channel; it is reopened next round.
+                    Err(_) => break,
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(DEPTH_EVERY) => {}
+        }
     }
 }
 
@@ -562,6 +615,7 @@ struct Settling<'a> {
 /// Settles one delivery: parse, deduplicate, call with retries, publish confirmed, then ack.
 async fn handle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Delivery) {
     let started = Instant::now();
+    ctx.metrics.received(kind.as_str());
     let max_body = ctx.config.worker.max_body_bytes;
     let parsed = std::panic::catch_unwind(|| {
         request::parse(&delivery.data, &delivery.properties, kind, max_body)
@@ -700,6 +754,7 @@ impl Settling<'_> {
                     }
                 }
             };
+            let call_started = Instant::now();
             let call =
                 AssertUnwindSafe(ctx.processor.attempt(&job, attempt, started)).catch_unwind();
             let outcome = tokio::select! {
@@ -714,6 +769,8 @@ impl Settling<'_> {
                 }
             };
             drop(permit);
+            let kind = self.kind.as_str();
+            ctx.metrics.upstream_call(kind, call_started.elapsed());
             match &outcome {
                 Outcome::Done(result) => {
                     ctx.flow.on_success();
@@ -727,6 +784,8 @@ impl Settling<'_> {
                 Outcome::Retry {
                     after, throttle, ..
                 } => {
+                    let why = if *throttle { "throttled" } else { "transient" };
+                    ctx.metrics.failed(kind, why);
                     if *throttle {
                         ctx.flow.on_throttle();
                     }
@@ -734,7 +793,9 @@ impl Settling<'_> {
                         ctx.flow.pause_for(*after);
                     }
                 }
-                Outcome::DeadLetter { .. } => {}
+                Outcome::DeadLetter {
+                    kind: error_kind, ..
+                } => ctx.metrics.failed(kind, error_kind),
             }
             let Outcome::Retry { after, reason, .. } = outcome else {
                 break outcome;
@@ -747,6 +808,7 @@ impl Settling<'_> {
                 };
             }
             let delay = ctx.policy.delay(attempt, after);
+            ctx.metrics.retried(self.kind.as_str());
             if delay > ctx.policy.inline_max() {
                 ctx.store
                     .release(&job.request_id, ctx.processor.worker())
@@ -805,9 +867,17 @@ impl Settling<'_> {
             Outcome::Done(result) => {
                 let body = result.to_bytes();
                 self.save(&body).await;
+                let publish_started = Instant::now();
                 let published =
                     with_publish_retries(|| self.publisher.result_body(&self.route, &body)).await;
                 if published.is_ok() {
+                    ctx.metrics.published(publish_started.elapsed());
+                    let tokens = result
+                        .usage
+                        .as_ref()
+                        .and_then(|u| u["total_tokens"].as_u64())
+                        .unwrap_or(0);
+                    ctx.metrics.succeeded(self.kind.as_str(), tokens);
                     debug!(attempts, latency_ms = result.latency_ms, "done");
                 }
                 return finish(self.delivery, published).await;
@@ -827,6 +897,7 @@ impl Settling<'_> {
             with_publish_retries(|| self.publisher.dead_letter(self.delivery, &failure)).await;
         if published.is_ok() {
             error!(error_kind = kind, attempts, reason = %reason, "dead-lettered");
+            ctx.metrics.dead_lettered(self.kind.as_str(), kind);
             // The caller hears of it too, so that an RPC caller never waits forever. The dead
             // letter is the durable record; this result is best effort.
             let mut result = JobResult::error(
@@ -839,8 +910,11 @@ impl Settling<'_> {
             result.kind = Some(self.kind.as_str());
             result.metadata = job.and_then(|j| j.metadata.clone());
             let body = result.to_bytes();
+            // Error results are not stored: a replayed dead letter (`llmq dlq replay`) must
+            // be processed again, not answered with its old error.
             if job.is_some() {
-                self.save(&body).await;
+                let worker = ctx.processor.worker();
+                ctx.store.release(&self.route.request_id, worker).await;
             }
             if let Err(e) = self.publisher.result_body(&self.route, &body).await {
                 warn!(error = %e, "the error result could not be published; the dead letter is kept");

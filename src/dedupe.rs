@@ -89,7 +89,7 @@ impl Store {
         }
     }
 
-    /// Saves a finished result (ok or error) for `idempotency.ttl_secs` and gives the lease
+    /// Saves an ok result for `idempotency.ttl_secs` and gives the lease
     /// up. A result already stored is kept: the first answer is the answer.
     pub async fn save(
         &self,

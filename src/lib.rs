@@ -13,12 +13,15 @@
 //! 9. [`response`]: the result message sent back to callers.
 //! 10. [`publish`]: confirmed publishing of results and dead letters, then the ack.
 //!
-//! Around them: [`shutdown`] (signals, cancellation), [`telemetry`] (logs), [`amqp`]
+//! Around them: [`admin`] and [`metrics`] (`/metrics`, `/healthz`, `/readyz`), [`shutdown`]
+//! (signals, cancellation), [`telemetry`] (logs), [`amqp`]
 //! (connections) and the built-in tools [`mock`] (an OpenAI-compatible mock upstream) and
-//! [`client`] (`llmq publish`) and [`bench`] (`llmq bench`).
+//! [`client`] (`llmq publish`), [`dlq`] (`llmq dlq`, `llmq status`, `llmq topology`) and
+//! [`bench`] (`llmq bench`).
 #![deny(unsafe_code)]
 #![warn(clippy::unwrap_in_result, clippy::unwrap_used, missing_docs)]
 
+pub mod admin;
 pub mod amqp;
 pub mod batch;
 pub mod bench;
@@ -26,8 +29,10 @@ pub mod client;
 pub mod config;
 pub mod consume;
 pub mod dedupe;
+pub mod dlq;
 pub mod flow;
 pub mod llm;
+pub mod metrics;
 pub mod mock;
 pub mod process;
 pub mod publish;

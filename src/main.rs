@@ -39,6 +39,19 @@ enum Command {
     },
     /// Publish one request to the request exchange.
     Publish(PublishArgs),
+    /// Inspect, replay or purge the dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Queue depths and consumers of the topology.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Declare the topology (as a worker does) and print it, without consuming.
+    Topology,
     /// Measure throughput, latency and memory against the broker (see README, Benchmarks).
     Bench(llmq::bench::BenchArgs),
     /// Exit 0 when an HTTP GET of URL answers 2xx (container health checks).
@@ -46,6 +59,37 @@ enum Command {
         /// The URL to fetch.
         url: String,
     },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Show dead letters without removing or reordering them.
+    List {
+        /// How many, from the head of the queue.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move dead letters back to the request exchange (confirmed before removal).
+    Replay {
+        /// Every dead letter.
+        #[arg(
+            long,
+            conflicts_with = "request_id",
+            required_unless_present = "request_id"
+        )]
+        all: bool,
+        /// Only these request ids (repeatable).
+        #[arg(long)]
+        request_id: Vec<String>,
+        /// Start the attempt count afresh (else a request out of attempts fails again at once).
+        #[arg(long)]
+        reset_attempts: bool,
+    },
+    /// Delete every dead letter.
+    Purge,
 }
 
 fn main() -> ExitCode {
@@ -106,18 +150,156 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
-            _ => {
-                let token = shutdown::install();
-                match consume::run(config, token).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        tracing::error!(error = %e, "worker failed");
-                        ExitCode::FAILURE
+            Command::Dlq { command } => dlq(&config, command).await,
+            Command::Status { json } => match llmq::dlq::status(&config).await {
+                Ok(queues) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&queues).unwrap_or_default()
+                        );
+                    } else {
+                        println!("{:<48} {:>10} {:>10}", "queue", "messages", "consumers");
+                        for q in queues {
+                            println!("{:<48} {:>10} {:>10}", q.queue, q.messages, q.consumers);
+                        }
                     }
+                    ExitCode::SUCCESS
                 }
-            }
+                Err(e) => fail("status", e),
+            },
+            Command::Topology => match llmq::dlq::declare(&config).await {
+                Ok(()) => {
+                    let t = &config.topology;
+                    println!("exchange {} (direct)", t.request_exchange);
+                    println!(
+                        "  -> queue {} (key {}, x-max-priority {})",
+                        t.processing_queue, t.processing_key, t.max_priority
+                    );
+                    println!(
+                        "  -> queue {} (key {}, x-max-priority {})",
+                        t.embeddings_queue, t.embeddings_key, t.max_priority
+                    );
+                    println!("exchange {} (direct)", t.results_exchange);
+                    if t.keep_results {
+                        println!("  -> queue {} (key {})", t.results_queue, t.results_key);
+                    }
+                    println!("exchange {} (direct)", t.dead_letter_exchange);
+                    println!(
+                        "  -> queue {} (key {})",
+                        t.dead_letter_queue, t.dead_letter_key
+                    );
+                    println!("exchange {} (headers)", t.retry_exchange);
+                    for tier in llmq::retry::TIERS {
+                        println!(
+                            "  -> queue {} (dead-letters to {})",
+                            llmq::topology::retry_queue(t, tier.name),
+                            t.request_exchange
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail("topology", e),
+            },
+            _ => run_worker(config).await,
         }
     })
+}
+
+fn fail(what: &str, e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("llmq {what}: {e}");
+    ExitCode::FAILURE
+}
+
+async fn dlq(config: &Config, command: DlqCommand) -> ExitCode {
+    use llmq::dlq::{self, Selection};
+    match command {
+        DlqCommand::List { limit, json } => match dlq::list(config, limit).await {
+            Ok(items) => {
+                if json {
+                    for item in items {
+                        println!("{}", serde_json::to_string(&item).unwrap_or_default());
+                    }
+                } else {
+                    println!(
+                        "{:<38} {:<20} {:>8} {:>8}  reason",
+                        "request_id", "error_kind", "attempts", "age_s"
+                    );
+                    for d in items {
+                        println!(
+                            "{:<38} {:<20} {:>8} {:>8}  {}",
+                            d.request_id,
+                            d.error_kind,
+                            d.attempts,
+                            d.age_secs,
+                            llmq::truncate(&d.reason, 120)
+                        );
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail("dlq list", e),
+        },
+        DlqCommand::Replay {
+            all,
+            request_id,
+            reset_attempts,
+        } => {
+            let selection = if all {
+                Selection::All
+            } else {
+                Selection::Ids(request_id.into_iter().collect())
+            };
+            match dlq::replay(config, &selection, reset_attempts).await {
+                Ok(done) => {
+                    for d in &done {
+                        println!("replayed {} ({})", d.request_id, d.error_kind);
+                    }
+                    println!("{} replayed", done.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail("dlq replay", e),
+            }
+        }
+        DlqCommand::Purge => match dlq::purge(config).await {
+            Ok(n) => {
+                println!("{n} dead letters purged");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail("dlq purge", e),
+        },
+    }
+}
+
+/// The worker and its admin server (which outlives the drain, so probes keep answering).
+async fn run_worker(config: Config) -> ExitCode {
+    let token = shutdown::install();
+    let admin_addr = config.admin.socket_addr();
+    let worker = match consume::Worker::new(config, token) {
+        Ok(worker) => worker,
+        Err(e) => {
+            tracing::error!(error = %e, "worker failed to start");
+            return ExitCode::FAILURE;
+        }
+    };
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = admin_addr {
+        let admin = llmq::admin::Admin {
+            metrics: worker.metrics(),
+            flow: worker.flow(),
+            health: worker.health(),
+        };
+        match llmq::admin::serve(addr, admin, admin_stop.clone()).await {
+            Ok(bound) => tracing::info!(addr = %bound, "admin HTTP: /metrics /healthz /readyz"),
+            Err(e) => {
+                tracing::error!(error = %e, %addr, "cannot listen for the admin HTTP server");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    worker.run().await;
+    admin_stop.cancel();
+    ExitCode::SUCCESS
 }
 
 async fn mock(addr: SocketAddr, options: MockOptions) -> ExitCode {

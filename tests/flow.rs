@@ -64,7 +64,7 @@ async fn aimd_halves_on_429s_prefetch_follows_and_it_climbs_back() {
     wait_until(
         Duration::from_secs(10),
         "consumers at the full prefetch",
-        || async { broker_prefetch(&queue) == vec![32, 32] },
+        || async { broker_prefetch(&queue) == vec![40, 40] },
     )
     .await;
     for i in 0..40 {
@@ -83,7 +83,7 @@ async fn aimd_halves_on_429s_prefetch_follows_and_it_climbs_back() {
     wait_until(
         Duration::from_secs(10),
         "the prefetch following the limit",
-        || async { broker_prefetch(&queue) == vec![2, 2] },
+        || async { broker_prefetch(&queue) == vec![3, 3] },
     )
     .await;
     env.mock.set_options(MockOptions::default());

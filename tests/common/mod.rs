@@ -54,6 +54,7 @@ pub fn test_config(base_url: &str) -> Config {
     c.worker.consumers = 2;
     c.worker.prefetch = 16;
     c.worker.shutdown_grace_secs = 10;
+    c.admin.addr = "127.0.0.1:0".into();
     c.retry.initial_delay_ms = 50;
     c.retry.max_delay_secs = 1;
     let t = &mut c.topology;

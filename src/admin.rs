@@ -1,0 +1,73 @@
+//! The admin HTTP server (`admin.addr`, default 0.0.0.0:9090): `/metrics` in Prometheus
+//! text format, `/healthz` (the process is alive) and `/readyz` (connected to the broker and
+//! consuming; 503 otherwise).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{consume::Health, flow::Flow, metrics::Metrics};
+
+/// What the endpoints read.
+#[derive(Clone)]
+pub struct Admin {
+    /// The worker's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Its flow control (in flight, limit).
+    pub flow: Arc<Flow>,
+    /// Its connection state.
+    pub health: Arc<Health>,
+}
+
+/// Binds `addr` and serves until `shutdown`; returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    admin: Admin,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(admin);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+    });
+    Ok(bound)
+}
+
+async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
+    a.metrics.in_flight.set(a.flow.in_flight() as i64);
+    a.metrics.concurrency_limit.set(a.flow.limit() as i64);
+    a.metrics.ready.set(i64::from(a.health.ready()));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        a.metrics.encode(),
+    )
+}
+
+async fn readyz(State(a): State<Admin>) -> impl IntoResponse {
+    if a.health.ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: not connected to the broker or not consuming\n",
+        )
+    }
+}

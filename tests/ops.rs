@@ -1,0 +1,198 @@
+//! Operating it: metrics that move with real jobs, readiness that follows the broker
+//! connection, DLQ tooling round trips.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{collections::HashSet, time::Duration};
+
+use common::{TestEnv, amqp_url_via, broker_addr, wait_until};
+use lapin::BasicProperties;
+use llmq::{
+    admin::{self, Admin},
+    config::SecretUrl,
+    consume::Worker,
+    dlq::{self, Selection},
+    mock::MockOptions,
+};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// A worker with its admin server on a free port; returns the base URL.
+async fn worker_with_admin(
+    env: &TestEnv,
+) -> (String, CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let worker = Worker::new(env.config.clone(), stop.clone()).unwrap();
+    let admin = Admin {
+        metrics: worker.metrics(),
+        flow: worker.flow(),
+        health: worker.health(),
+    };
+    let addr = admin::serve("127.0.0.1:0".parse().unwrap(), admin, stop.clone())
+        .await
+        .unwrap();
+    let task = tokio::spawn(worker.run());
+    (format!("http://{addr}"), stop, task)
+}
+
+async fn get(url: &str) -> (u16, String) {
+    llmq::install_crypto_provider();
+    let r = reqwest::get(url).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_real_jobs() {
+    let env = TestEnv::new(MockOptions::default()).await;
+    let (base, stop, task) = worker_with_admin(&env).await;
+    wait_until(Duration::from_secs(10), "ready", || async {
+        get(&format!("{base}/readyz")).await.0 == 200
+    })
+    .await;
+    for i in 0..3 {
+        env.publish_chat(
+            &json!({"prompt": format!("m-{i}"), "request_id": format!("m-{i}")}),
+            BasicProperties::default(),
+        )
+        .await;
+    }
+    let key = env.config.topology.processing_key.clone();
+    env.publish(&key, b"not json", BasicProperties::default())
+        .await;
+    env.results(4).await;
+    let (status, text) = get(&format!("{base}/metrics")).await;
+    assert_eq!(status, 200);
+    for line in [
+        "llmq_requests_received_total{kind=\"chat\"} 4",
+        "llmq_requests_succeeded_total{kind=\"chat\"} 3",
+        "llmq_requests_dead_lettered_total{kind=\"chat\",error_kind=\"invalid_request\"} 1",
+        "llmq_upstream_latency_seconds_count{kind=\"chat\"} 3",
+        "llmq_publish_latency_seconds_count 3",
+        "llmq_ready 1",
+        "llmq_concurrency_limit 256",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
+    assert!(text.contains("llmq_tokens_used_total{kind=\"chat\"}"));
+    assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+    stop.cancel();
+    task.await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_broker_connection() {
+    let proxy = common::Proxy::start(broker_addr()).await;
+    let env = TestEnv::with(MockOptions::default(), |c| {
+        c.amqp.url = SecretUrl::new(amqp_url_via(proxy.addr))
+    })
+    .await;
+    let (base, stop, task) = worker_with_admin(&env).await;
+    let readyz = format!("{base}/readyz");
+    wait_until(Duration::from_secs(10), "ready", || async {
+        get(&readyz).await.0 == 200
+    })
+    .await;
+    let outage = tokio::spawn(async move {
+        proxy.cut_for(Duration::from_secs(4)).await;
+        proxy
+    });
+    wait_until(Duration::from_secs(4), "503 during the outage", || async {
+        get(&readyz).await.0 == 503
+    })
+    .await;
+    let _proxy = outage.await.unwrap();
+    wait_until(Duration::from_secs(20), "ready again", || async {
+        get(&readyz).await.0 == 200
+    })
+    .await;
+    let (_, text) = get(&format!("{base}/metrics")).await;
+    assert!(text.contains("llmq_broker_reconnects_total 1"), "{text}");
+    stop.cancel();
+    task.await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_list_and_replay_round_trip() {
+    let env = TestEnv::new(MockOptions {
+        error_rate: 1.0,
+        status: 400,
+        ..Default::default()
+    })
+    .await;
+    let worker = env.start_worker();
+    for i in 0..3 {
+        env.publish_chat(
+            &json!({"prompt": format!("d-{i}"), "request_id": format!("d-{i}")}),
+            BasicProperties::default(),
+        )
+        .await;
+    }
+    let dlq_name = env.config.topology.dead_letter_queue.clone();
+    wait_until(Duration::from_secs(15), "3 dead letters", || async {
+        env.queue_len(&dlq_name).await == 3
+    })
+    .await;
+    let first = dlq::list(&env.config, 10).await.unwrap();
+    let again = dlq::list(&env.config, 10).await.unwrap();
+    assert_eq!(first.len(), 3);
+    assert_eq!(
+        first.iter().map(|d| &d.request_id).collect::<Vec<_>>(),
+        again.iter().map(|d| &d.request_id).collect::<Vec<_>>(),
+        "listing neither removes nor reorders"
+    );
+    assert!(
+        first
+            .iter()
+            .all(|d| d.error_kind == "upstream_permanent" && d.attempts == 1)
+    );
+    assert_eq!(env.queue_len(&dlq_name).await, 3);
+
+    // The CLI shows the same.
+    let out = tokio::process::Command::new(common::bin())
+        .args(["dlq", "list", "--json"])
+        .envs(env.config.to_env())
+        .current_dir(std::env::temp_dir())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+
+    // The upstream recovers; replay one request.
+    env.mock.set_options(MockOptions::default());
+    env.results(3).await; // the three error results
+    let ids: HashSet<String> = ["d-1".to_string()].into();
+    let replayed = dlq::replay(&env.config, &Selection::Ids(ids), true)
+        .await
+        .unwrap();
+    assert_eq!(replayed.len(), 1);
+    let (_, result) = &env.results(1).await[0];
+    assert_eq!(result["request_id"], "d-1");
+    assert_eq!(result["status"], "ok", "{result}");
+    let left: Vec<String> = dlq::list(&env.config, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.request_id)
+        .collect();
+    assert_eq!(
+        left,
+        vec!["d-0".to_string(), "d-2".to_string()],
+        "the others stay, in order"
+    );
+
+    let status = dlq::status(&env.config).await.unwrap();
+    let dlq_row = status.iter().find(|q| q.queue == dlq_name).unwrap();
+    assert_eq!(dlq_row.messages, 2);
+    assert_eq!(dlq::purge(&env.config).await.unwrap(), 2);
+    assert_eq!(env.queue_len(&dlq_name).await, 0);
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
