@@ -7,10 +7,10 @@ PYTHON ?= python3
 INTEROP_PYTHON := $(CURDIR)/$(VENV)/bin/python
 export INTEROP_PYTHON
 
-.PHONY: test lint fmt build run mock services venv compose-config bench clean
+.PHONY: test lint fmt build run mock services venv compose-config deploy-check bench clean
 
 ## Every test: unit, integration (real broker), the Python interop client, the compose file.
-test: services venv compose-config
+test: services venv compose-config deploy-check
 	@if cargo nextest --version >/dev/null 2>&1; then \
 		cargo nextest run --all-targets --no-fail-fast; \
 	else \
@@ -46,10 +46,14 @@ bench: services
 
 ## A venv with aio-pika for tests/interop (from PyPI).
 venv: $(VENV)/.installed
-$(VENV)/.installed: tests/interop/requirements.txt
+$(VENV)/.installed: tests/interop/requirements.txt tests/interop/deploy-requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/interop/requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/interop/requirements.txt -r tests/interop/deploy-requirements.txt
 	@touch $@
+
+## Kubernetes (schemas shipped by kubernetes-validate), KEDA, Grafana and Prometheus files under deploy/.
+deploy-check: venv
+	PYTHON=$(VENV)/bin/python scripts/validate-deploy.sh
 
 ## Validates docker-compose.yml with Debian's docker-compose (installed when missing and root).
 compose-config:
@@ -57,7 +61,8 @@ compose-config:
 		[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; }
 	docker-compose -f docker-compose.yml config --quiet
-	@echo "compose: docker-compose.yml is valid"
+	docker-compose -f docker-compose.yml --profile monitoring config --quiet
+	@echo "compose: docker-compose.yml is valid (with and without the monitoring profile)"
 
 clean:
 	cargo clean

@@ -1,9 +1,12 @@
-//! Broker connections: heartbeats, a connection name the management UI shows, no secrets
-//! in errors.
+//! Broker connections: heartbeats, a connection name the management UI shows, TLS with an
+//! optional CA and client certificate, no secrets in errors.
 
-use lapin::{Connection, ConnectionProperties};
+use lapin::{
+    Connection, ConnectionProperties,
+    tcp::{OwnedIdentity, OwnedTLSConfig},
+};
 
-use crate::config::AmqpConfig;
+use crate::config::{AmqpConfig, TlsConfig};
 
 /// A failed connection attempt, with the URL printed redacted.
 #[derive(Debug, thiserror::Error)]
@@ -21,12 +24,47 @@ pub struct ConnectError {
 pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection, ConnectError> {
     let uri = with_heartbeat(cfg.url.expose(), cfg.heartbeat_secs);
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(&uri, props)
-        .await
-        .map_err(|source| ConnectError {
-            url: cfg.url.redacted(),
-            source,
+    let err = |source| ConnectError {
+        url: cfg.url.redacted(),
+        source,
+    };
+    let tls = tls_config(&cfg.tls).map_err(|e| err(lapin::ErrorKind::IOError(e.into()).into()))?;
+    match tls {
+        None => Connection::connect(&uri, props).await.map_err(err),
+        Some(tls) => {
+            let runtime = lapin::runtime::default_runtime().map_err(err)?;
+            Connection::connect_with_config(&uri, props, tls, runtime)
+                .await
+                .map_err(err)
+        }
+    }
+}
+
+/// The TLS settings, read from their files; `None` when none is set (system roots).
+pub fn tls_config(tls: &TlsConfig) -> std::io::Result<Option<OwnedTLSConfig>> {
+    if tls.ca_file.is_empty() && tls.client_cert.is_empty() {
+        return Ok(None);
+    }
+    let read = |path: &str| {
+        std::fs::read(path).map_err(|e| std::io::Error::new(e.kind(), format!("{path}: {e}")))
+    };
+    let cert_chain = if tls.ca_file.is_empty() {
+        None
+    } else {
+        Some(String::from_utf8_lossy(&read(&tls.ca_file)?).into_owned())
+    };
+    let identity = if tls.client_cert.is_empty() {
+        None
+    } else {
+        Some(OwnedIdentity::PKCS8 {
+            pem: read(&tls.client_cert)?,
+            key: read(&tls.client_key)?,
         })
+    };
+    Ok(Some(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    }))
 }
 
 fn with_heartbeat(raw: &str, heartbeat: u16) -> String {

@@ -55,6 +55,20 @@ pub struct AmqpConfig {
     pub url: SecretUrl,
     /// AMQP heartbeat, so a dead TCP connection is noticed within about two intervals.
     pub heartbeat_secs: u16,
+    /// TLS settings for `amqps://` URLs.
+    pub tls: TlsConfig,
+}
+
+/// TLS for `amqps://`: the system's roots are trusted unless a CA file is given.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the CA(s) that signed the broker's certificate.
+    pub ca_file: String,
+    /// PEM client certificate, for brokers that authenticate clients by certificate.
+    pub client_cert: String,
+    /// PEM (PKCS#8) private key of `client_cert`.
+    pub client_key: String,
 }
 
 impl Default for AmqpConfig {
@@ -62,6 +76,7 @@ impl Default for AmqpConfig {
         Self {
             url: SecretUrl("amqp://guest:guest@127.0.0.1:5672/%2f".into()),
             heartbeat_secs: 10,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -672,6 +687,25 @@ impl Config {
                 &format!("not a URL ({e}): {}", self.llm.base_url),
             ),
         }
+        let tls = &self.amqp.tls;
+        for (key, path) in [
+            ("amqp.tls.ca_file", &tls.ca_file),
+            ("amqp.tls.client_cert", &tls.client_cert),
+            ("amqp.tls.client_key", &tls.client_key),
+        ] {
+            if !path.is_empty() {
+                check(
+                    std::path::Path::new(path).is_file(),
+                    key,
+                    &format!("no such file: {path}"),
+                );
+            }
+        }
+        check(
+            tls.client_cert.is_empty() == tls.client_key.is_empty(),
+            "amqp.tls.client_key",
+            "amqp.tls.client_cert and amqp.tls.client_key go together",
+        );
         check(!self.llm.model.is_empty(), "llm.model", "must not be empty");
         check(
             !self.llm.embedding_model.is_empty(),
