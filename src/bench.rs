@@ -25,7 +25,7 @@ use lapin::{
     BasicProperties, Channel, Connection,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-        ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+        ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
     },
     types::FieldTable,
 };
@@ -37,7 +37,7 @@ use crate::{
     amqp,
     config::{Config, SecretUrl},
     mock::{MockOptions, MockServer},
-    retry, topology,
+    topology,
 };
 
 /// Sizes of the runs.
@@ -477,33 +477,7 @@ async fn finish(conn: &Connection, cfg: &Config, mut child: Child) {
         let _ = child.kill().await;
     }
     if let Ok(ch) = conn.create_channel().await {
-        let t = &cfg.topology;
-        let mut queues = vec![
-            t.processing_queue.clone(),
-            t.embeddings_queue.clone(),
-            t.results_queue.clone(),
-            t.dead_letter_queue.clone(),
-        ];
-        queues.extend(
-            retry::TIERS
-                .iter()
-                .map(|tier| topology::retry_queue(t, tier.name)),
-        );
-        for q in queues {
-            let _ = ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for x in [
-            &t.request_exchange,
-            &t.results_exchange,
-            &t.dead_letter_exchange,
-            &t.retry_exchange,
-        ] {
-            let _ = ch
-                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+        topology::delete(&ch, &cfg.topology).await;
         let _ = ch.close(200, "cleaned".into()).await;
     }
 }
@@ -549,6 +523,21 @@ async fn jobs_per_s(
     n: usize,
     rss: Option<()>,
 ) -> Result<(f64, u64), BenchError> {
+    let key = cfg.topology.processing_key.clone();
+    let body = |i: usize| json!({"prompt": format!("bench {i}"), "request_id": format!("b-{i}")});
+    run_jobs(conn, cfg, n, &key, body, rss.is_some()).await
+}
+
+/// Publishes `n` requests made by `body` on `key` through a fresh worker, as fast as confirms
+/// allow; returns jobs/s until the last result, and the worker's peak RSS (KiB) if asked.
+async fn run_jobs(
+    conn: &Connection,
+    cfg: &Config,
+    n: usize,
+    key: &str,
+    body: impl Fn(usize) -> serde_json::Value,
+    rss: bool,
+) -> Result<(f64, u64), BenchError> {
     let child = start_worker(conn, cfg).await?;
     let pid = child.id();
     let results = collect(
@@ -568,21 +557,17 @@ async fn jobs_per_s(
     publish_window(
         &publisher,
         &cfg.topology.request_exchange,
-        &cfg.topology.processing_key,
+        key,
         n,
-        |i| {
-            json!({"prompt": format!("bench {i}"), "request_id": format!("b-{i}")})
-                .to_string()
-                .into_bytes()
-        },
+        |i| body(i).to_string().into_bytes(),
         |_| props.clone(),
     )
     .await?;
     let end = results
         .await
         .map_err(|e| BenchError::Stalled(e.to_string()))??;
-    let peak = match (rss, pid) {
-        (Some(()), Some(pid)) => peak_rss_kib(pid),
+    let peak = match pid {
+        Some(pid) if rss => peak_rss_kib(pid),
         _ => 0,
     };
     finish(conn, cfg, child).await;
@@ -669,37 +654,7 @@ async fn latency(conn: &Connection, cfg: &Config, secs: u64) -> Result<Vec<f64>,
 
 /// (f): `n` single-input embedding requests, items/s until the last result.
 async fn embeddings_per_s(conn: &Connection, cfg: &Config, n: usize) -> Result<f64, BenchError> {
-    let child = start_worker(conn, cfg).await?;
-    let results = collect(
-        conn.create_channel().await?,
-        cfg.topology.results_queue.clone(),
-        n,
-        |_| {},
-    );
-    let publisher = conn.create_channel().await?;
-    publisher
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let start = Instant::now();
-    let props = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into());
-    publish_window(
-        &publisher,
-        &cfg.topology.request_exchange,
-        &cfg.topology.embeddings_key,
-        n,
-        |i| {
-            json!({"kind": "embedding", "input": format!("text number {i}"), "request_id": format!("e-{i}")})
-                .to_string()
-                .into_bytes()
-        },
-        |_| props.clone(),
-    )
-    .await?;
-    let end = results
-        .await
-        .map_err(|e| BenchError::Stalled(e.to_string()))??;
-    finish(conn, cfg, child).await;
-    Ok(n as f64 / (end - start).as_secs_f64())
+    let key = cfg.topology.embeddings_key.clone();
+    let body = |i: usize| json!({"kind": "embedding", "input": format!("text number {i}"), "request_id": format!("e-{i}")});
+    Ok(run_jobs(conn, cfg, n, &key, body, false).await?.0)
 }

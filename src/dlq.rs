@@ -1,8 +1,8 @@
 //! Queue tooling in the same binary: `llmq dlq list | replay | purge`, `llmq status`,
 //! `llmq topology`.
 //!
-//! Listing takes messages with `basic.get` without acking them and closes its channel, so
-//! the broker puts every one back where it was: nothing is lost or reordered. Replaying
+//! Listing takes messages with `basic.get` without acking them and puts them back in their
+//! order: nothing is lost or reordered. Replaying
 //! publishes each chosen dead letter back to the request exchange with publisher confirms,
 //! and only then acks (removes) it from the DLQ.
 
@@ -12,8 +12,8 @@ use lapin::{
     BasicProperties, Channel, Connection,
     message::BasicGetMessage,
     options::{
-        BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-        QueueDeclareOptions, QueuePurgeOptions,
+        BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+        ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions,
     },
     types::{AMQPValue, FieldTable},
 };
@@ -107,16 +107,20 @@ pub async fn list(config: &Config, limit: usize) -> Result<Vec<DeadLetter>, OpsE
     let queue = config.topology.dead_letter_queue.as_str();
     let (count, _) = depth(&channel, queue).await?;
     let mut out = Vec::new();
+    let mut taken = Vec::new();
     for _ in 0..limit.min(count as usize) {
         match channel
             .basic_get(queue.into(), BasicGetOptions { no_ack: false })
             .await?
         {
-            Some(m) => out.push(describe(&m)),
+            Some(m) => {
+                out.push(describe(&m));
+                taken.push(m);
+            }
             None => break,
         }
     }
-    // Unacked: closing the channel puts every message back where it was.
+    requeue_in_order(&taken).await?;
     let _ = channel.close(200, "listed".into()).await;
     let _ = conn.close(200, "done".into()).await;
     Ok(out)
@@ -139,6 +143,7 @@ pub async fn replay(
     let queue = topo.dead_letter_queue.as_str();
     let (count, _) = depth(&channel, queue).await?;
     let mut replayed = Vec::new();
+    let mut kept = Vec::new();
     for _ in 0..count {
         let Some(m) = channel
             .basic_get(queue.into(), BasicGetOptions { no_ack: false })
@@ -152,6 +157,7 @@ pub async fn replay(
             Selection::Ids(ids) => ids.contains(&info.request_id),
         };
         if !chosen {
+            kept.push(m);
             continue;
         }
         let key = replay_key(topo, &info.routing_key);
@@ -176,9 +182,25 @@ pub async fn replay(
         m.delivery.acker.ack(BasicAckOptions::default()).await?;
         replayed.push(info);
     }
+    requeue_in_order(&kept).await?;
     let _ = channel.close(200, "replayed".into()).await;
     let _ = conn.close(200, "done".into()).await;
     Ok(replayed)
+}
+
+/// Puts taken messages back in their order: nacked one by one, last first, so each lands at
+/// the head of the queue in front of the ones after it.
+async fn requeue_in_order(taken: &[BasicGetMessage]) -> Result<(), OpsError> {
+    for m in taken.iter().rev() {
+        m.delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await?;
+    }
+    Ok(())
 }
 
 /// The work queue's key for a dead letter: its original key when that is one of the work

@@ -135,6 +135,34 @@ pub async fn declare(channel: &Channel, topo: &TopologyConfig) -> Result<(), lap
     Ok(())
 }
 
+/// Deletes every queue and exchange of `topo` (the benchmark and the tests clean up with it;
+/// a worker never does). Missing ones are skipped.
+pub async fn delete(channel: &Channel, topo: &TopologyConfig) {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let mut queues = vec![
+        topo.processing_queue.clone(),
+        topo.embeddings_queue.clone(),
+        topo.results_queue.clone(),
+        topo.dead_letter_queue.clone(),
+    ];
+    queues.extend(retry::TIERS.iter().map(|tier| retry_queue(topo, tier.name)));
+    for q in queues {
+        let _ = channel
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for x in [
+        &topo.request_exchange,
+        &topo.results_exchange,
+        &topo.dead_letter_exchange,
+        &topo.retry_exchange,
+    ] {
+        let _ = channel
+            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+}
+
 /// The name of a delayed-retry queue.
 pub fn retry_queue(topo: &TopologyConfig, tier: &str) -> String {
     format!("{}.{tier}", topo.retry_queue_prefix)

@@ -123,21 +123,22 @@ async fn dlq_list_and_replay_round_trip() {
     })
     .await;
     let worker = env.start_worker();
-    for i in 0..3 {
+    // One at a time, so the DLQ order is known.
+    let dlq_name = env.config.topology.dead_letter_queue.clone();
+    for i in 0..5u32 {
         env.publish_chat(
             &json!({"prompt": format!("d-{i}"), "request_id": format!("d-{i}")}),
             BasicProperties::default(),
         )
         .await;
+        wait_until(Duration::from_secs(15), "the dead letter", || async {
+            env.queue_len(&dlq_name).await == i + 1
+        })
+        .await;
     }
-    let dlq_name = env.config.topology.dead_letter_queue.clone();
-    wait_until(Duration::from_secs(15), "3 dead letters", || async {
-        env.queue_len(&dlq_name).await == 3
-    })
-    .await;
     let first = dlq::list(&env.config, 10).await.unwrap();
     let again = dlq::list(&env.config, 10).await.unwrap();
-    assert_eq!(first.len(), 3);
+    assert_eq!(first.len(), 5);
     assert_eq!(
         first.iter().map(|d| &d.request_id).collect::<Vec<_>>(),
         again.iter().map(|d| &d.request_id).collect::<Vec<_>>(),
@@ -148,7 +149,7 @@ async fn dlq_list_and_replay_round_trip() {
             .iter()
             .all(|d| d.error_kind == "upstream_permanent" && d.attempts == 1)
     );
-    assert_eq!(env.queue_len(&dlq_name).await, 3);
+    assert_eq!(env.queue_len(&dlq_name).await, 5);
 
     // The CLI shows the same.
     let out = tokio::process::Command::new(common::bin())
@@ -163,19 +164,24 @@ async fn dlq_list_and_replay_round_trip() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 5);
 
-    // The upstream recovers; replay one request.
+    // The upstream recovers; replay two of them.
     env.mock.set_options(MockOptions::default());
-    env.results(3).await; // the three error results
-    let ids: HashSet<String> = ["d-1".to_string()].into();
+    env.results(5).await; // the five error results
+    let ids: HashSet<String> = ["d-1".to_string(), "d-3".to_string()].into();
     let replayed = dlq::replay(&env.config, &Selection::Ids(ids), true)
         .await
         .unwrap();
-    assert_eq!(replayed.len(), 1);
-    let (_, result) = &env.results(1).await[0];
-    assert_eq!(result["request_id"], "d-1");
-    assert_eq!(result["status"], "ok", "{result}");
+    assert_eq!(replayed.len(), 2);
+    let mut results = env.results(2).await;
+    results.sort_by_key(|(_, r)| r["request_id"].as_str().unwrap().to_string());
+    assert_eq!(results[0].1["request_id"], "d-1");
+    assert_eq!(results[1].1["request_id"], "d-3");
+    assert!(
+        results.iter().all(|(_, r)| r["status"] == "ok"),
+        "{results:?}"
+    );
     let left: Vec<String> = dlq::list(&env.config, 10)
         .await
         .unwrap()
@@ -184,14 +190,14 @@ async fn dlq_list_and_replay_round_trip() {
         .collect();
     assert_eq!(
         left,
-        vec!["d-0".to_string(), "d-2".to_string()],
+        ["d-0", "d-2", "d-4"].map(String::from),
         "the others stay, in order"
     );
 
     let status = dlq::status(&env.config).await.unwrap();
     let dlq_row = status.iter().find(|q| q.queue == dlq_name).unwrap();
-    assert_eq!(dlq_row.messages, 2);
-    assert_eq!(dlq::purge(&env.config).await.unwrap(), 2);
+    assert_eq!(dlq_row.messages, 3);
+    assert_eq!(dlq::purge(&env.config).await.unwrap(), 3);
     assert_eq!(env.queue_len(&dlq_name).await, 0);
     worker.stop().await.unwrap();
     env.cleanup().await;

@@ -10,7 +10,7 @@ use lapin::{
     message::Delivery,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-        ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+        ConfirmSelectOptions, QueueDeclareOptions,
     },
     types::FieldTable,
 };
@@ -253,35 +253,9 @@ impl Drop for TestEnv {
 
 /// Deletes the queues and exchanges of `t`.
 pub async fn delete_topology(conn: &Connection, t: &llmq::config::TopologyConfig) {
-    let Ok(ch) = conn.create_channel().await else {
-        return;
-    };
-    let retry_queues: Vec<String> = llmq::retry::TIERS
-        .iter()
-        .map(|tier| llmq::topology::retry_queue(t, tier.name))
-        .collect();
-    for q in [
-        &t.processing_queue,
-        &t.embeddings_queue,
-        &t.results_queue,
-        &t.dead_letter_queue,
-    ]
-    .into_iter()
-    .chain(&retry_queues)
-    {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    for x in [
-        &t.request_exchange,
-        &t.results_exchange,
-        &t.dead_letter_exchange,
-        &t.retry_exchange,
-    ] {
-        let _ = ch
-            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
+    if let Ok(ch) = conn.create_channel().await {
+        topology::delete(&ch, t).await;
+        let _ = ch.close(200, "cleaned".into()).await;
     }
 }
 
