@@ -288,16 +288,7 @@ fn bench_config(base: &Config, mock: &MockServer, adjust: impl FnOnce(&mut Confi
     c.worker.id = format!("{p}-worker");
     c.idempotency.key_prefix = p.clone();
     c.admin.addr = "127.0.0.1:0".into();
-    let t = &mut c.topology;
-    t.request_exchange = format!("{p}.requests");
-    t.processing_queue = format!("{p}.processing");
-    t.embeddings_queue = format!("{p}.embeddings");
-    t.results_exchange = format!("{p}.results");
-    t.results_queue = format!("{p}.results");
-    t.dead_letter_exchange = format!("{p}.dlx");
-    t.dead_letter_queue = format!("{p}.dlq");
-    t.retry_exchange = format!("{p}.retry");
-    t.retry_queue_prefix = format!("{p}.retry");
+    c.topology = c.topology.with_prefix(&p);
     adjust(&mut c);
     c
 }

@@ -183,6 +183,25 @@ impl Default for LlmConfig {
     }
 }
 
+impl TopologyConfig {
+    /// Every exchange and queue named `<prefix>.<role>` (routing keys unchanged): an isolated
+    /// copy of the topology, as the tests and the benchmark use to run side by side.
+    pub fn with_prefix(&self, p: &str) -> Self {
+        Self {
+            request_exchange: format!("{p}.requests"),
+            processing_queue: format!("{p}.processing"),
+            embeddings_queue: format!("{p}.embeddings"),
+            results_exchange: format!("{p}.results"),
+            results_queue: format!("{p}.results"),
+            dead_letter_exchange: format!("{p}.dlx"),
+            dead_letter_queue: format!("{p}.dlq"),
+            retry_exchange: format!("{p}.retry"),
+            retry_queue_prefix: format!("{p}.retry"),
+            ..self.clone()
+        }
+    }
+}
+
 impl LlmConfig {
     /// [`Self::timeout_secs`] as a duration.
     pub fn timeout(&self) -> Duration {

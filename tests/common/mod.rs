@@ -57,16 +57,7 @@ pub fn test_config(base_url: &str) -> Config {
     c.admin.addr = "127.0.0.1:0".into();
     c.retry.initial_delay_ms = 50;
     c.retry.max_delay_secs = 1;
-    let t = &mut c.topology;
-    t.request_exchange = format!("{p}.requests");
-    t.processing_queue = format!("{p}.processing");
-    t.embeddings_queue = format!("{p}.embeddings");
-    t.results_exchange = format!("{p}.results");
-    t.results_queue = format!("{p}.results");
-    t.dead_letter_exchange = format!("{p}.dlx");
-    t.dead_letter_queue = format!("{p}.dlq");
-    t.retry_exchange = format!("{p}.retry");
-    t.retry_queue_prefix = format!("{p}.retry");
+    c.topology = c.topology.with_prefix(&p);
     c.idempotency.key_prefix = p;
     if let Ok(redis) = std::env::var("REDIS_URL") {
         c.idempotency.redis_url = llmq::config::SecretUrl::new(redis);
