@@ -19,6 +19,7 @@ WORKDIR /build
 #    is rebuilt only when Cargo.toml or Cargo.lock change, not on every edit
 #    under src/.
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo ./.cargo
 RUN mkdir src \
     && echo 'fn main() {}' > src/main.rs \
     && : > src/lib.rs \

@@ -15,6 +15,7 @@ use tokio::{
 use crate::{
     flow::Flow,
     llm::{EmbeddingAnswer, LlmClient, LlmError},
+    metrics::Metrics,
 };
 
 /// Requests waiting to be batched at most (back-pressure on the callers beyond that).
@@ -49,11 +50,13 @@ impl Batcher {
     pub fn spawn(
         llm: LlmClient,
         flow: std::sync::Arc<Flow>,
+        metrics: std::sync::Arc<Metrics>,
         max_items: usize,
         max_wait: Duration,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(Upstream { llm, flow }, rx, max_items.max(1), max_wait));
+        let upstream = Upstream { llm, flow, metrics };
+        tokio::spawn(run(upstream, rx, max_items.max(1), max_wait));
         Self { tx }
     }
 
@@ -90,6 +93,37 @@ impl Batcher {
 struct Upstream {
     llm: LlmClient,
     flow: std::sync::Arc<Flow>,
+    metrics: std::sync::Arc<Metrics>,
+}
+
+impl Upstream {
+    /// One call, with its slot, its latency and its AIMD feedback (per call, not per message).
+    async fn call(
+        &self,
+        model: &str,
+        input: &[String],
+        params: &Map<String, Value>,
+        priority: u8,
+        tokens: u64,
+    ) -> Result<EmbeddingAnswer, LlmError> {
+        let permit = self.flow.acquire(priority, tokens).await;
+        let started = Instant::now();
+        let answer = self.llm.embed(model, input, params).await;
+        drop(permit);
+        self.metrics.upstream_call("embedding", started.elapsed());
+        match &answer {
+            Ok(_) => self.flow.on_success(),
+            Err(e) => {
+                if e.is_throttle() {
+                    self.flow.on_throttle();
+                }
+                if let Some(after) = e.retry_after() {
+                    self.flow.pause_for(after);
+                }
+            }
+        }
+        answer
+    }
 }
 
 async fn run(llm: Upstream, mut rx: mpsc::Receiver<Item>, max_items: usize, max_wait: Duration) {
@@ -158,10 +192,7 @@ async fn send(up: Upstream, items: Vec<Item>) {
     let inputs: Vec<String> = items.iter().flat_map(|i| i.input.iter().cloned()).collect();
     let priority = items.iter().map(|i| i.priority).max().unwrap_or(0);
     let tokens = items.iter().map(|i| i.tokens).sum();
-    let permit = up.flow.acquire(priority, tokens).await;
-    let answer = up.llm.embed(&model, &inputs, &params).await;
-    drop(permit);
-    let llm = up.llm;
+    let answer = up.call(&model, &inputs, &params, priority, tokens).await;
     match answer {
         Ok(answer) => {
             let total_chars: usize = inputs.iter().map(String::len).sum::<usize>().max(1);
@@ -191,10 +222,17 @@ async fn send(up: Upstream, items: Vec<Item>) {
             // Someone's input spoiled the batch: each request on its own, so only that one
             // fails.
             let singles = items.into_iter().map(|item| {
-                let (llm, flow) = (llm.clone(), up.flow.clone());
+                let up = up.clone();
                 async move {
-                    let _permit = flow.acquire(item.priority, item.tokens).await;
-                    let answer = llm.embed(&item.model, &item.input, &item.params).await;
+                    let answer = up
+                        .call(
+                            &item.model,
+                            &item.input,
+                            &item.params,
+                            item.priority,
+                            item.tokens,
+                        )
+                        .await;
                     let _ = item.reply.send(answer);
                 }
             });

@@ -49,8 +49,9 @@ pub struct BenchArgs {
     /// Jobs for the 0 ms run (b).
     #[arg(long, default_value_t = 20_000)]
     pub jobs: usize,
-    /// Jobs for the 200 ms run (c, e).
-    #[arg(long, default_value_t = 15_000)]
+    /// Jobs for the 200 ms run (c, e); long enough that the 200 ms ramp at each end weighs
+    /// little.
+    #[arg(long, default_value_t = 30_000)]
     pub slow_jobs: usize,
     /// Seconds of steady load for the latency run (d).
     #[arg(long, default_value_t = 10)]

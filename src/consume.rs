@@ -148,7 +148,14 @@ impl Worker {
                 &config.limits,
             ),
         );
-        let processor = Processor::new(&config.llm, &config.batch, flow.clone(), worker)?;
+        let metrics = Arc::new(Metrics::default());
+        let processor = Processor::new(
+            &config.llm,
+            &config.batch,
+            flow.clone(),
+            metrics.clone(),
+            worker,
+        )?;
         let lease = config.llm.timeout()
             + Duration::from_millis(config.retry.inline_max_ms)
             + Duration::from_secs(10);
@@ -160,7 +167,7 @@ impl Worker {
                 store,
                 flow,
                 health: Arc::default(),
-                metrics: Arc::default(),
+                metrics,
                 stop: shutdown,
                 abort: CancellationToken::new(),
                 config,
@@ -463,6 +470,7 @@ async fn session(
     let _consuming = Consuming::new(&ctx.health);
     let mut cancelled: Vec<String> = Vec::new();
     let mut last_change = Instant::now();
+    let mut resubscribe_at: Option<Instant> = None;
     debug!(slot, prefetch = ?prefetches(current), "consuming");
     loop {
         let next = tokio::select! {
@@ -480,13 +488,17 @@ async fn session(
                     continue;
                 }
                 let wanted = *limit.borrow_and_update();
-                if prefetches(wanted) == prefetches(current) {
-                    continue;
+                if prefetches(wanted) != prefetches(current) && resubscribe_at.is_none() {
+                    // Let the limit settle for a moment; whatever it is then wins. The loop
+                    // keeps dispatching meanwhile.
+                    resubscribe_at = Some(last_change + RESUBSCRIBE_EVERY);
                 }
-                if last_change.elapsed() < RESUBSCRIBE_EVERY {
-                    // Let the limit settle; whatever it is then wins.
-                    tokio::time::sleep(RESUBSCRIBE_EVERY.saturating_sub(last_change.elapsed())).await;
-                    limit.mark_changed();
+                continue;
+            }
+            _ = tokio::time::sleep_until(resubscribe_at.unwrap_or_else(Instant::now).into()), if resubscribe_at.is_some() => {
+                resubscribe_at = None;
+                let wanted = *limit.borrow();
+                if prefetches(wanted) == prefetches(current) {
                     continue;
                 }
                 generation += 1;
@@ -514,6 +526,7 @@ async fn session(
                 tracker.spawn(async move {
                     let task = handle(&ctx, &publisher, kind, &delivery);
                     if AssertUnwindSafe(task).catch_unwind().await.is_err() {
+                        ctx.metrics.dead_lettered(kind.as_str(), "internal_error");
                         dead_letter_after_panic(&publisher, &delivery, ctx.processor.worker())
                             .await;
                     }
@@ -747,6 +760,8 @@ impl Settling<'_> {
                 None
             } else {
                 tokio::select! {
+                    // A slot free right away means the work starts: shutdown lets it finish.
+                    biased;
                     permit = ctx.flow.acquire(job.priority, estimate) => Some(permit),
                     _ = ctx.stop.cancelled() => {
                         ctx.store.release(&job.request_id, ctx.processor.worker()).await;
@@ -768,12 +783,18 @@ impl Settling<'_> {
                     return nack(self.delivery).await;
                 }
             };
+            // A batched call reports its latency and AIMD feedback itself, once per call.
+            let batched = permit.is_none();
             drop(permit);
             let kind = self.kind.as_str();
-            ctx.metrics.upstream_call(kind, call_started.elapsed());
+            if !batched {
+                ctx.metrics.upstream_call(kind, call_started.elapsed());
+            }
             match &outcome {
                 Outcome::Done(result) => {
-                    ctx.flow.on_success();
+                    if !batched {
+                        ctx.flow.on_success();
+                    }
                     let used = result
                         .usage
                         .as_ref()
@@ -786,10 +807,12 @@ impl Settling<'_> {
                 } => {
                     let why = if *throttle { "throttled" } else { "transient" };
                     ctx.metrics.failed(kind, why);
-                    if *throttle {
+                    if *throttle && !batched {
                         ctx.flow.on_throttle();
                     }
-                    if let Some(after) = after {
+                    if let Some(after) = after
+                        && !batched
+                    {
                         ctx.flow.pause_for(*after);
                     }
                 }

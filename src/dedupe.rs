@@ -190,7 +190,7 @@ impl RedisStore {
         let cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2);
+            .set_number_of_retries(0);
         self.conn
             .get_or_try_init(|| async {
                 self.client

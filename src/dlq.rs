@@ -240,14 +240,16 @@ fn cleaned(props: &BasicProperties, reset_attempts: bool) -> BasicProperties {
             }
         }
     }
-    if !reset_attempts
-        && let Some(n) = request::header_u32(props, "x-attempts")
-        && request::header_u32(props, retry::ATTEMPTS_HEADER).is_none()
-    {
-        headers.insert(
-            retry::ATTEMPTS_HEADER.into(),
-            AMQPValue::LongInt(n.min(i32::MAX as u32) as i32),
-        );
+    if !reset_attempts {
+        // The dead letter's count is the final one; the retry header may be older.
+        let n = request::header_u32(props, "x-attempts")
+            .max(request::header_u32(props, retry::ATTEMPTS_HEADER));
+        if let Some(n) = n {
+            headers.insert(
+                retry::ATTEMPTS_HEADER.into(),
+                AMQPValue::LongInt(n.min(i32::MAX as u32) as i32),
+            );
+        }
     }
     props.clone().with_headers(headers)
 }

@@ -27,6 +27,9 @@ use crate::ratelimit::Budget;
 /// flight together halves the limit once, not once per call.
 pub const DECREASE_COOLDOWN: Duration = Duration::from_secs(1);
 
+/// Longest replica-wide pause a `Retry-After` causes.
+pub const MAX_PAUSE: Duration = Duration::from_secs(60);
+
 /// The replica's flow control.
 pub struct Flow {
     state: Mutex<State>,
@@ -229,9 +232,11 @@ impl Flow {
         }
     }
 
-    /// The upstream said `Retry-After`: no new call starts before then, replica-wide.
+    /// The upstream said `Retry-After`: no new call starts before then, replica-wide (at most
+    /// [`MAX_PAUSE`], so one odd header cannot stop a replica for a day; the request itself
+    /// still waits its full `Retry-After`).
     pub fn pause_for(&self, after: Duration) {
-        let until = Instant::now() + after;
+        let until = Instant::now() + after.min(MAX_PAUSE);
         let mut s = self.state();
         if s.paused_until.is_none_or(|p| p < until) {
             s.paused_until = Some(until);

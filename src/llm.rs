@@ -241,7 +241,8 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let at = httpdate::parse_http_date(value).ok()?;
     Some(
         at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
+            .unwrap_or(Duration::ZERO)
+            .min(Duration::from_secs(86_400)),
     )
 }
 

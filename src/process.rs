@@ -54,6 +54,7 @@ impl Processor {
         cfg: &LlmConfig,
         batch: &BatchConfig,
         flow: std::sync::Arc<crate::flow::Flow>,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
         worker: String,
     ) -> Result<Self, reqwest::Error> {
         let llm = LlmClient::new(cfg)?;
@@ -61,6 +62,7 @@ impl Processor {
             Batcher::spawn(
                 llm.clone(),
                 flow,
+                metrics,
                 batch.max_items,
                 Duration::from_millis(batch.max_wait_ms),
             )

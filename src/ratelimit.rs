@@ -15,29 +15,34 @@ use tracing::warn;
 
 use crate::config::LimitsConfig;
 
-/// The atomic bucket: refills by elapsed server time, takes `cost` if the bucket holds
-/// `min(cost, capacity)`, else answers how many milliseconds to wait. A negative cost
-/// refunds.
+/// The atomic bucket: refills by elapsed server time, takes `cost` while the bucket is above
+/// zero (a large request runs into debt that later ones wait out, instead of starving), else
+/// answers how many milliseconds to wait. `force` (a usage correction) always applies; a
+/// negative cost refunds.
 const BUCKET_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local cap = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
+local force = ARGV[4] == '1'
 local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
 local tokens = tonumber(b[1]) or cap
 local ts = tonumber(b[2]) or now
 tokens = math.min(cap, tokens + math.max(0, now - ts) * rate)
 local wait = 0
-if cost <= 0 or tokens >= math.min(cost, cap) then
+if force or cost <= 0 or tokens > 0 then
   tokens = tokens - cost
 else
-  wait = math.ceil((math.min(cost, cap) - tokens) / rate)
+  wait = math.max(1, math.ceil(-tokens / rate))
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], 120000)
 return wait
 ";
+
+/// How long a replica limits itself alone after the shared budget's Redis failed.
+const REDIS_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Longest single wait before the budget is asked again.
 const MAX_WAIT: Duration = Duration::from_secs(5);
@@ -76,6 +81,7 @@ impl Budget {
                 Some(client) => Bucket::Shared(Box::new(SharedBucket {
                     client: client.clone(),
                     conn: OnceCell::new(),
+                    down_until: Mutex::new(None),
                     key: format!("{}:{name}", limits.key_prefix),
                     capacity: per_minute,
                     fallback: LocalBucket::new(per_minute),
@@ -143,7 +149,7 @@ impl LocalBucket {
         }
     }
 
-    /// Waits until `cost` (at most the capacity) is available, then takes all of `cost`.
+    /// Waits until the bucket is above zero, then takes all of `cost` (possibly into debt).
     pub async fn take(&self, cost: u64) {
         loop {
             let wait = self.try_take(cost as f64);
@@ -160,13 +166,12 @@ impl LocalBucket {
         let (tokens, at) = *s;
         let tokens =
             (tokens + now.duration_since(at).as_secs_f64() * self.per_sec).min(self.capacity);
-        let need = cost.min(self.capacity);
-        if tokens >= need {
+        if tokens > 0.0 || cost <= 0.0 {
             *s = (tokens - cost, now);
             Duration::ZERO
         } else {
             *s = (tokens, now);
-            Duration::from_secs_f64((need - tokens) / self.per_sec).max(Duration::from_millis(1))
+            Duration::from_secs_f64(-tokens / self.per_sec).max(Duration::from_millis(1))
         }
     }
 
@@ -181,6 +186,8 @@ impl LocalBucket {
 struct SharedBucket {
     client: redis::Client,
     conn: OnceCell<ConnectionManager>,
+    /// After a failure, Redis is left alone (the local bucket serves) until then.
+    down_until: Mutex<Option<Instant>>,
     key: String,
     capacity: u64,
     /// Used while Redis cannot be reached, so the replica still limits itself.
@@ -188,13 +195,26 @@ struct SharedBucket {
 }
 
 impl SharedBucket {
-    async fn call(&self, cost: i64) -> Result<u64, redis::RedisError> {
+    /// Whether Redis failed recently (the local bucket serves meanwhile).
+    fn is_down(&self) -> bool {
+        let until = *self.down_until.lock().unwrap_or_else(|e| e.into_inner());
+        until.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn mark_down(&self) {
+        *self.down_until.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Instant::now() + REDIS_BACKOFF);
+    }
+
+    async fn call(&self, cost: i64, force: bool) -> Result<u64, redis::RedisError> {
         let conn = self
             .conn
             .get_or_try_init(|| async {
+                // No retries here: a caller waiting on Redis holds a flow slot.
                 let cfg = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(2)))
-                    .set_response_timeout(Some(Duration::from_secs(2)));
+                    .set_connection_timeout(Some(Duration::from_secs(1)))
+                    .set_response_timeout(Some(Duration::from_secs(1)))
+                    .set_number_of_retries(0);
                 self.client.get_connection_manager_with_config(cfg).await
             })
             .await?;
@@ -205,19 +225,24 @@ impl SharedBucket {
             .arg(self.capacity)
             .arg(per_ms)
             .arg(cost)
+            .arg(if force { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await
     }
 
     async fn take(&self, cost: u64) {
         loop {
-            match self.call(cost as i64).await {
+            if self.is_down() {
+                return self.fallback.take(cost).await;
+            }
+            match self.call(cost as i64, false).await {
                 Ok(0) => return,
                 Ok(wait_ms) => {
                     tokio::time::sleep(Duration::from_millis(wait_ms).min(MAX_WAIT)).await;
                 }
                 Err(e) => {
-                    warn!(error = %e.kind_str(), "shared rate limit unreachable; limiting this replica alone");
+                    warn!(error = %e.kind_str(), "shared rate limit unreachable; limiting this replica alone for a while");
+                    self.mark_down();
                     return self.fallback.take(cost).await;
                 }
             }
@@ -225,7 +250,7 @@ impl SharedBucket {
     }
 
     async fn adjust(&self, refund: i64) {
-        if self.call(-refund).await.is_err() {
+        if self.is_down() || self.call(-refund, true).await.is_err() {
             self.fallback.adjust(refund);
         }
     }
