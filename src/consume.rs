@@ -481,6 +481,13 @@ async fn session(
                         .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                         .await;
                 }
+                // Deliveries already buffered but never started go back now, so another
+                // replica can take them while this one drains.
+                while let Some(Some((_, _, item))) = streams.next().now_or_never() {
+                    if let Some(Ok(delivery)) = item {
+                        nack(&delivery).await;
+                    }
+                }
                 return Ok(());
             }
             changed = limit.changed(), if ctx.config.worker.prefetch == 0 => {
@@ -1048,5 +1055,31 @@ fn route_of(delivery: &Delivery, request_id: &str) -> ReplyRoute {
             .as_ref()
             .map(|s| s.to_string())
             .filter(|s| !s.is_empty()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_follows_the_limit_with_headroom() {
+        let mut c = Config::default();
+        c.worker.consumers = 4;
+        c.batch.max_items = 64;
+        assert_eq!(prefetch_for(&c, 256, Kind::Chat), 80);
+        assert_eq!(prefetch_for(&c, 4, Kind::Chat), 2);
+        assert_eq!(
+            prefetch_for(&c, 16, Kind::Embedding),
+            320,
+            "a batched call carries 64"
+        );
+        assert_eq!(prefetch_for(&c, 100_000, Kind::Embedding), u16::MAX);
+        c.worker.prefetch = 7;
+        assert_eq!(
+            prefetch_for(&c, 256, Kind::Chat),
+            7,
+            "a fixed prefetch wins"
+        );
     }
 }
