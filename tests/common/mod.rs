@@ -59,6 +59,8 @@ pub fn test_config(base_url: &str) -> Config {
     c.retry.max_delay_secs = 1;
     c.topology = c.topology.with_prefix(&p);
     c.idempotency.key_prefix = p;
+    // Results the tests store in the shared Redis expire soon after.
+    c.idempotency.ttl_secs = 300;
     if let Ok(redis) = std::env::var("REDIS_URL") {
         c.idempotency.redis_url = llmq::config::SecretUrl::new(redis);
     }
