@@ -199,18 +199,13 @@ pub fn parse(
             e.valid_up_to()
         ))
     })?;
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| InvalidRequest::new(format!("invalid JSON: {e}")))?;
-    if !value.is_object() {
-        return Err(InvalidRequest::new(format!(
-            "body must be a JSON object, got {}",
-            json_type(&value)
-        )));
-    }
-    let raw: RawRequest = serde_path_to_error::deserialize(&value).map_err(|e| {
-        let path = e.path().to_string();
-        InvalidRequest::new(format!("field `{path}`: {}", e.into_inner()))
-    })?;
+    // One pass on the happy path; a body that does not fit is parsed again only to say why.
+    let mut de = serde_json::Deserializer::from_str(text);
+    let raw: RawRequest = match serde_path_to_error::deserialize(&mut de) {
+        Ok(raw) if de.end().is_ok() => raw,
+        Ok(_) => return Err(explain(text, None)),
+        Err(e) => return Err(explain(text, Some(e))),
+    };
 
     let kind = match raw.kind.as_deref() {
         None => default_kind,
@@ -349,6 +344,24 @@ pub fn parse(
             .filter(|s| !s.is_empty()),
         priority: props.priority().unwrap_or(0),
     })
+}
+
+/// Why a body did not deserialize: bad JSON, not an object, or a field of the wrong type.
+fn explain(text: &str, e: Option<serde_path_to_error::Error<serde_json::Error>>) -> InvalidRequest {
+    match serde_json::from_str::<Value>(text) {
+        Err(syntax) => InvalidRequest::new(format!("invalid JSON: {syntax}")),
+        Ok(value) if !value.is_object() => InvalidRequest::new(format!(
+            "body must be a JSON object, got {}",
+            json_type(&value)
+        )),
+        Ok(_) => match e {
+            Some(e) => {
+                let path = e.path().to_string();
+                InvalidRequest::new(format!("field `{path}`: {}", e.into_inner()))
+            }
+            None => InvalidRequest::new("invalid JSON: trailing data after the object"),
+        },
+    }
 }
 
 fn check_message(i: usize, m: RawMessage) -> Result<Value, InvalidRequest> {

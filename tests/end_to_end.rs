@@ -207,8 +207,7 @@ async fn invalid_message_is_dead_lettered_and_the_next_one_succeeds() {
         BasicProperties::default(),
     )
     .await;
-    let dlq = env.config.topology.dead_letter_queue.clone();
-    let dead = env.take(&dlq, 1, Duration::from_secs(30)).await;
+    let dead = env.dead_letters(1).await;
     assert_eq!(dead[0].data, b"{\"prompt\": oops", "body unchanged");
     assert_eq!(
         *dead[0].properties.priority(),
@@ -258,8 +257,7 @@ async fn permanent_upstream_error_is_dead_lettered_without_retries() {
         BasicProperties::default(),
     )
     .await;
-    let dlq = env.config.topology.dead_letter_queue.clone();
-    let dead = env.take(&dlq, 1, Duration::from_secs(30)).await;
+    let dead = env.dead_letters(1).await;
     assert_eq!(
         header(&dead[0], "x-error-kind").as_deref(),
         Some("upstream_permanent")
@@ -289,8 +287,7 @@ async fn transient_errors_are_retried_then_dead_lettered() {
         BasicProperties::default(),
     )
     .await;
-    let dlq = env.config.topology.dead_letter_queue.clone();
-    let dead = env.take(&dlq, 1, Duration::from_secs(30)).await;
+    let dead = env.dead_letters(1).await;
     assert_eq!(
         header(&dead[0], "x-error-kind").as_deref(),
         Some("retries_exhausted")

@@ -193,8 +193,7 @@ async fn long_waits_go_through_the_retry_queue() {
         || async { env.queue_len(&tier).await == 1 },
     )
     .await;
-    let dlq = env.config.topology.dead_letter_queue.clone();
-    let dead = env.take(&dlq, 1, Duration::from_secs(30)).await;
+    let dead = env.dead_letters(1).await;
     assert_eq!(
         header(&dead[0], "x-error-kind").as_deref(),
         Some("retries_exhausted")
@@ -247,8 +246,7 @@ async fn hanging_upstream_times_out_and_attempts_stay_bounded() {
         BasicProperties::default(),
     )
     .await;
-    let dlq = env.config.topology.dead_letter_queue.clone();
-    let dead = env.take(&dlq, 1, Duration::from_secs(30)).await;
+    let dead = env.dead_letters(1).await;
     assert_eq!(
         header(&dead[0], "x-error-kind").as_deref(),
         Some("retries_exhausted")
@@ -356,8 +354,7 @@ async fn every_bad_input_is_dead_lettered_with_its_reason() {
         BasicProperties::default(),
     )
     .await;
-    let dlq = env.config.topology.dead_letter_queue.clone();
-    let dead = env.take(&dlq, cases.len(), Duration::from_secs(30)).await;
+    let dead = env.dead_letters(cases.len()).await;
     let by_id: HashMap<String, &lapin::message::Delivery> = dead
         .iter()
         .map(|d| (d.properties.message_id().as_ref().unwrap().to_string(), d))
@@ -609,8 +606,7 @@ async fn secrets_never_reach_the_logs() {
         BasicProperties::default(),
     )
     .await;
-    let dlq = env.config.topology.dead_letter_queue.clone();
-    let dead = env.take(&dlq, 1, Duration::from_secs(30)).await;
+    let dead = env.dead_letters(1).await;
     assert_eq!(
         header(&dead[0], "x-error-kind").as_deref(),
         Some("upstream_permanent")

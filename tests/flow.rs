@@ -227,8 +227,7 @@ async fn a_bad_input_fails_alone_in_its_batch() {
         };
         assert_eq!(r["status"], expected, "{r}");
     }
-    let dlq = env.config.topology.dead_letter_queue.clone();
-    let dead = env.take(&dlq, 1, Duration::from_secs(10)).await;
+    let dead = env.dead_letters(1).await;
     assert_eq!(dead[0].properties.message_id(), &None);
     assert!(String::from_utf8_lossy(&dead[0].data).contains(REJECTED_INPUT));
     worker.stop().await.unwrap();

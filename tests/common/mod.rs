@@ -172,6 +172,12 @@ impl TestEnv {
         take(&self.conn, queue, n, timeout).await
     }
 
+    /// Takes `n` dead letters from the DLQ.
+    pub async fn dead_letters(&self, n: usize) -> Vec<Delivery> {
+        let q = self.config.topology.dead_letter_queue.clone();
+        self.take(&q, n, Duration::from_secs(30)).await
+    }
+
     /// Takes `n` results from the results queue, parsed.
     pub async fn results(&self, n: usize) -> Vec<(BasicProperties, Value)> {
         let q = self.config.topology.results_queue.clone();
