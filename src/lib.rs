@@ -21,28 +21,15 @@
 #![deny(unsafe_code)]
 #![warn(clippy::unwrap_in_result, clippy::unwrap_used, missing_docs)]
 
-pub mod admin;
-pub mod amqp;
-pub mod batch;
-pub mod bench;
-pub mod client;
+pub mod broker;
 pub mod config;
-pub mod consume;
-pub mod dedupe;
-pub mod dlq;
-pub mod flow;
-pub mod llm;
-pub mod metrics;
-pub mod mock;
-pub mod process;
-pub mod publish;
-pub mod ratelimit;
-pub mod request;
-pub mod response;
-pub mod retry;
-pub mod shutdown;
-pub mod telemetry;
-pub mod topology;
+pub mod contract;
+pub mod ops;
+pub mod runtime;
+pub mod store;
+pub mod tools;
+pub mod upstream;
+pub mod worker;
 
 /// Installs ring as the process's rustls crypto provider (reqwest is built without one, so
 /// that no C toolchain for aws-lc is needed). Safe to call more than once.

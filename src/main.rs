@@ -5,11 +5,12 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use llmq::{
-    client::{self, PublishArgs},
     config::Config,
-    consume,
-    mock::{MockOptions, MockServer},
-    shutdown, telemetry,
+    runtime::logs,
+    runtime::shutdown,
+    tools::client::{self, PublishArgs},
+    tools::mock::{MockOptions, MockServer},
+    worker,
 };
 
 /// jemalloc: under a thousand concurrent requests glibc's malloc spent a fifth of the worker's
@@ -58,7 +59,7 @@ enum Command {
     /// Declare the topology (as a worker does) and print it, without consuming.
     Topology,
     /// Measure throughput, latency and memory against the broker (see README, Benchmarks).
-    Bench(llmq::bench::BenchArgs),
+    Bench(llmq::tools::bench::BenchArgs),
     /// Exit 0 when an HTTP GET of URL answers 2xx (container health checks).
     Probe {
         /// The URL to fetch.
@@ -111,7 +112,7 @@ fn main() -> ExitCode {
         return runtime.block_on(probe(url));
     }
     if let Command::MockLlm { addr, options } = command {
-        telemetry::init(&Config::default().log);
+        logs::init(&Config::default().log);
         return runtime.block_on(mock(addr, options));
     }
     let config = match Config::load(cli.config.as_deref()) {
@@ -121,7 +122,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    telemetry::init(&config.log);
+    logs::init(&config.log);
     runtime.block_on(async move {
         match command {
             Command::Publish(args) => match client::publish(&config, &args).await {
@@ -138,9 +139,9 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
-            Command::Bench(args) => match llmq::bench::run(&config, &args).await {
+            Command::Bench(args) => match llmq::tools::bench::run(&config, &args).await {
                 Ok(report) => {
-                    println!("{}", llmq::bench::table(&report));
+                    println!("{}", llmq::tools::bench::table(&report));
                     let json = serde_json::to_string_pretty(&report).unwrap_or_default();
                     println!("{json}");
                     if let Some(path) = &args.json
@@ -156,7 +157,7 @@ fn main() -> ExitCode {
                 }
             },
             Command::Dlq { command } => dlq(&config, command).await,
-            Command::Status { json } => match llmq::dlq::status(&config).await {
+            Command::Status { json } => match llmq::ops::dlq::status(&config).await {
                 Ok(queues) => {
                     if json {
                         println!(
@@ -173,7 +174,7 @@ fn main() -> ExitCode {
                 }
                 Err(e) => fail("status", e),
             },
-            Command::Topology => match llmq::dlq::declare(&config).await {
+            Command::Topology => match llmq::ops::dlq::declare(&config).await {
                 Ok(()) => {
                     let t = &config.topology;
                     println!("exchange {} (direct)", t.request_exchange);
@@ -195,10 +196,10 @@ fn main() -> ExitCode {
                         t.dead_letter_queue, t.dead_letter_key
                     );
                     println!("exchange {} (headers)", t.retry_exchange);
-                    for tier in llmq::retry::TIERS {
+                    for tier in llmq::broker::retry::TIERS {
                         println!(
                             "  -> queue {} (dead-letters to {})",
-                            llmq::topology::retry_queue(t, tier.name),
+                            llmq::broker::topology::retry_queue(t, tier.name),
                             t.request_exchange
                         );
                     }
@@ -217,7 +218,7 @@ fn fail(what: &str, e: impl std::fmt::Display) -> ExitCode {
 }
 
 async fn dlq(config: &Config, command: DlqCommand) -> ExitCode {
-    use llmq::dlq::{self, Selection};
+    use llmq::ops::dlq::{self, Selection};
     match command {
         DlqCommand::List { limit, json } => match dlq::list(config, limit).await {
             Ok(items) => {
@@ -280,7 +281,7 @@ async fn dlq(config: &Config, command: DlqCommand) -> ExitCode {
 async fn run_worker(config: Config) -> ExitCode {
     let token = shutdown::install();
     let admin_addr = config.admin.socket_addr();
-    let worker = match consume::Worker::new(config, token) {
+    let worker = match worker::Worker::new(config, token) {
         Ok(worker) => worker,
         Err(e) => {
             tracing::error!(error = %e, "worker failed to start");
@@ -289,12 +290,12 @@ async fn run_worker(config: Config) -> ExitCode {
     };
     let admin_stop = tokio_util::sync::CancellationToken::new();
     if let Some(addr) = admin_addr {
-        let admin = llmq::admin::Admin {
+        let admin = llmq::ops::admin::Admin {
             metrics: worker.metrics(),
             flow: worker.flow(),
             health: worker.health(),
         };
-        match llmq::admin::serve(addr, admin, admin_stop.clone()).await {
+        match llmq::ops::admin::serve(addr, admin, admin_stop.clone()).await {
             Ok(bound) => tracing::info!(addr = %bound, "admin HTTP: /metrics /healthz /readyz"),
             Err(e) => {
                 tracing::error!(error = %e, %addr, "cannot listen for the admin HTTP server");

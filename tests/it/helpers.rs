@@ -1,6 +1,5 @@
 //! Shared test helpers: a worker with unique names against the real broker at `AMQP_URL`,
 //! the mock upstream in-process, and small publish/receive helpers.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
@@ -9,15 +8,15 @@ use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties,
     message::Delivery,
     options::{
-        BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-        ConfirmSelectOptions, QueueDeclareOptions,
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+        QueueDeclareOptions,
     },
     types::FieldTable,
 };
 use llmq::{
+    broker::topology,
     config::{Config, SecretUrl},
-    mock::{MockOptions, MockServer},
-    topology,
+    tools::mock::{MockOptions, MockServer},
 };
 use serde_json::Value;
 use tokio::task::JoinHandle;
@@ -80,12 +79,12 @@ pub struct TestEnv {
 /// A worker running in-process.
 pub struct Worker {
     pub stop: CancellationToken,
-    pub task: JoinHandle<Result<(), llmq::consume::WorkerError>>,
+    pub task: JoinHandle<Result<(), llmq::worker::WorkerError>>,
 }
 
 impl Worker {
     /// Graceful shutdown; returns the worker's own result.
-    pub async fn stop(self) -> Result<(), llmq::consume::WorkerError> {
+    pub async fn stop(self) -> Result<(), llmq::worker::WorkerError> {
         self.stop.cancel();
         tokio::time::timeout(Duration::from_secs(30), self.task)
             .await
@@ -130,7 +129,7 @@ impl TestEnv {
     /// Starts a worker with this env's config.
     pub fn start_worker(&self) -> Worker {
         let stop = CancellationToken::new();
-        let task = tokio::spawn(llmq::consume::run(self.config.clone(), stop.clone()));
+        let task = tokio::spawn(llmq::worker::run(self.config.clone(), stop.clone()));
         Worker { stop, task }
     }
 
@@ -204,17 +203,6 @@ impl TestEnv {
             .unwrap();
         let _ = ch.close(200, "ok".into()).await;
         q.message_count()
-    }
-
-    /// Whether `queue` is empty right now (nothing ready).
-    pub async fn basic_get(&self, queue: &str) -> Option<Delivery> {
-        let ch = self.conn.create_channel().await.unwrap();
-        let got = ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap();
-        let _ = ch.close(200, "ok".into()).await;
-        got.map(|m| m.delivery)
     }
 
     /// Deletes everything this test declared.
@@ -299,7 +287,7 @@ pub fn json(data: &[u8]) -> Value {
 
 /// Reads a string header.
 pub fn header(d: &Delivery, name: &str) -> Option<String> {
-    llmq::publish::header_str(d.properties.headers().as_ref()?, name)
+    llmq::broker::publish::header_str(d.properties.headers().as_ref()?, name)
 }
 
 /// The path of the built binary.

@@ -34,10 +34,10 @@ use serde_json::json;
 use tokio::process::{Child, Command};
 
 use crate::{
-    amqp,
+    broker::connection,
+    broker::topology,
     config::{Config, SecretUrl},
-    mock::{MockOptions, MockServer},
-    topology,
+    tools::mock::{MockOptions, MockServer},
 };
 
 /// Sizes of the runs.
@@ -101,7 +101,7 @@ pub struct Report {
 pub enum BenchError {
     /// The broker could not be reached.
     #[error(transparent)]
-    Connect(#[from] amqp::ConnectError),
+    Connect(#[from] connection::ConnectError),
     /// A broker operation failed.
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
@@ -123,7 +123,7 @@ pub async fn run(base: &Config, args: &BenchArgs) -> Result<Report, BenchError> 
     )
     .await
     .map_err(|e| BenchError::Setup(format!("mock upstream: {e}")))?;
-    let conn = Arc::new(amqp::connect(&base.amqp, "llmq bench").await?);
+    let conn = Arc::new(connection::connect(&base.amqp, "llmq bench").await?);
 
     eprintln!("(a) broker ceiling: {} x 1 KiB", args.raw_messages);
     let a = broker_ceiling(&conn, base, args.raw_messages).await?;
@@ -314,7 +314,7 @@ async fn broker_ceiling(conn: &Connection, base: &Config, n: usize) -> Result<f6
             FieldTable::default(),
         )
         .await?;
-    let consumer_conn = amqp::connect(&base.amqp, "llmq bench consumer").await?;
+    let consumer_conn = connection::connect(&base.amqp, "llmq bench consumer").await?;
     let consumer_ch = consumer_conn.create_channel().await?;
     consumer_ch
         .basic_qos(1000, BasicQosOptions::default())

@@ -1,8 +1,5 @@
 //! Fault tests against the real broker: killed workers, a cut connection, rate limits,
 //! failing and hanging upstreams, bad input, duplicates, shutdown, secrets.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
 
 use std::{
     collections::HashMap,
@@ -10,14 +7,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use crate::helpers::{
     TestEnv, amqp_url_via, broker_addr, drain_results, header, signal, spawn_worker_process,
     wait_until,
 };
 use lapin::{BasicProperties, options::QueueDeleteOptions};
 use llmq::{
     config::{SecretUrl, StoreKind},
-    mock::MockOptions,
+    tools::mock::MockOptions,
 };
 use serde_json::json;
 
@@ -86,7 +83,7 @@ async fn sigkill_with_requests_in_flight_loses_nothing() {
 /// request gets its result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_connection_cut_for_5s_loses_nothing() {
-    let proxy = common::Proxy::start(broker_addr()).await;
+    let proxy = crate::helpers::Proxy::start(broker_addr()).await;
     let env = TestEnv::with(
         MockOptions {
             latency_ms: 30,
@@ -186,7 +183,7 @@ async fn long_waits_go_through_the_retry_queue() {
         BasicProperties::default(),
     )
     .await;
-    let tier = llmq::topology::retry_queue(&env.config.topology, "5s");
+    let tier = llmq::broker::topology::retry_queue(&env.config.topology, "5s");
     wait_until(
         Duration::from_secs(10),
         "the request in the retry queue",
@@ -198,7 +195,7 @@ async fn long_waits_go_through_the_retry_queue() {
         header(&dead[0], "x-error-kind").as_deref(),
         Some("retries_exhausted")
     );
-    let attempts = llmq::request::header_u32(&dead[0].properties, "x-attempts");
+    let attempts = llmq::contract::request::header_u32(&dead[0].properties, "x-attempts");
     assert_eq!(attempts, Some(3));
     assert_eq!(chat_calls(&env), 3, "exactly max_attempts upstream calls");
     let times: Vec<Instant> = env
@@ -448,7 +445,7 @@ async fn unreachable_redis_keeps_requests() {
         BasicProperties::default(),
     )
     .await;
-    let tier = llmq::topology::retry_queue(&env.config.topology, "5s");
+    let tier = llmq::broker::topology::retry_queue(&env.config.topology, "5s");
     wait_until(
         Duration::from_secs(15),
         "the request parked in the retry queue",
@@ -594,7 +591,7 @@ async fn secrets_never_reach_the_logs() {
     let mut config = env.config.clone();
     // A second, failing worker: wrong AMQP password (canary), so its connection attempts fail.
     let mut bad = config.clone();
-    let mut url = url::Url::parse(&common::amqp_url()).unwrap();
+    let mut url = url::Url::parse(&crate::helpers::amqp_url()).unwrap();
     url.set_password(Some("canary-amqp-pw")).unwrap();
     bad.amqp.url = SecretUrl::new(url.to_string());
     let bad_log = dir.path().join("bad.log");

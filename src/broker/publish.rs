@@ -13,7 +13,7 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 
-use crate::{config::TopologyConfig, response::JobResult, retry};
+use crate::{broker::retry, config::TopologyConfig, contract::response::JobResult};
 
 /// Longest `x-error` header value.
 const MAX_ERROR_HEADER: usize = 1024;

@@ -1,14 +1,11 @@
 //! A non-Rust client: `tests/interop/tutorial_client.py` (aio-pika) declares the work queue
 //! the way tutorials do while the worker runs, publishes the seed form with a priority and
 //! waits for its result on its own reply queue.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
 
 use std::path::PathBuf;
 
-use common::TestEnv;
-use llmq::mock::MockOptions;
+use crate::helpers::TestEnv;
+use llmq::tools::mock::MockOptions;
 
 /// The Python with aio-pika: `INTEROP_PYTHON` (set by `make test`), else the
 /// project's `.venv`.
@@ -33,7 +30,7 @@ async fn python_tutorial_client_gets_its_result() {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/tutorial_client.py");
     let out = tokio::process::Command::new(python)
         .arg(script)
-        .env("AMQP_URL", common::amqp_url())
+        .env("AMQP_URL", crate::helpers::amqp_url())
         .env("LLMQ_REQUEST_EXCHANGE", &t.request_exchange)
         .env("LLMQ_PROCESSING_QUEUE", &t.processing_queue)
         .env("LLMQ_ROUTING_KEY", &t.processing_key)

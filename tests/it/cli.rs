@@ -1,16 +1,13 @@
 //! The binary as users run it: configuration errors, `llmq publish`, `llmq mock-llm`,
 //! `llmq probe`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
 
 use std::{
     process::{Command, Stdio},
     time::Duration,
 };
 
-use common::{TestEnv, bin};
-use llmq::mock::MockOptions;
+use crate::helpers::{TestEnv, bin};
+use llmq::tools::mock::MockOptions;
 
 /// The binary with a clean `LLMQ_*` environment.
 fn llmq() -> Command {
@@ -100,7 +97,7 @@ async fn publish_wait_prints_the_result() {
             "--timeout-secs",
             "30",
         ])
-        .env("LLMQ_AMQP__URL", common::amqp_url())
+        .env("LLMQ_AMQP__URL", crate::helpers::amqp_url())
         .env("LLMQ_TOPOLOGY__REQUEST_EXCHANGE", &t.request_exchange)
         .env("LLMQ_TOPOLOGY__PROCESSING_KEY", &t.processing_key)
         .current_dir(std::env::temp_dir())

@@ -1,18 +1,15 @@
 //! End to end against the real broker: requests in, confirmed results out.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
 
 use std::{sync::atomic::Ordering, time::Duration};
 
-use common::{TestEnv, header, json, unique};
+use crate::helpers::{TestEnv, header, json, unique};
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties,
     options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable},
 };
-use llmq::mock::{MockOptions, mock_embedding};
+use llmq::tools::mock::{MockOptions, mock_embedding};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

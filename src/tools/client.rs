@@ -11,7 +11,7 @@ use lapin::{
 };
 use serde_json::json;
 
-use crate::{amqp, config::Config};
+use crate::{broker::connection, config::Config};
 
 /// The pseudo-queue of RabbitMQ's Direct Reply-to.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -46,7 +46,7 @@ pub struct PublishArgs {
 pub enum ClientError {
     /// The broker could not be reached.
     #[error(transparent)]
-    Connect(#[from] amqp::ConnectError),
+    Connect(#[from] connection::ConnectError),
     /// A broker operation failed.
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
@@ -65,7 +65,7 @@ pub async fn publish(
     config: &Config,
     args: &PublishArgs,
 ) -> Result<(String, Option<String>), ClientError> {
-    let conn = amqp::connect(&config.amqp, "llmq publish").await?;
+    let conn = connection::connect(&config.amqp, "llmq publish").await?;
     let channel = conn.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())

@@ -1,15 +1,12 @@
 //! `amqps://` with a private CA: the worker trusts the broker through `amqp.tls.ca_file`, and
 //! refuses it without. The broker here speaks TLS through a TLS-terminating proxy in front of
 //! the local RabbitMQ, with certificates made by the test.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
 
 use std::sync::Arc;
 
-use common::{TestEnv, broker_addr};
+use crate::helpers::{TestEnv, broker_addr};
 use lapin::BasicProperties;
-use llmq::{config::SecretUrl, mock::MockOptions};
+use llmq::{config::SecretUrl, tools::mock::MockOptions};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use serde_json::json;
 use tokio_rustls::{
@@ -66,7 +63,7 @@ async fn amqps_with_a_private_ca() {
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, ca_pem).unwrap();
-    let mut url = url::Url::parse(&common::amqp_url()).unwrap();
+    let mut url = url::Url::parse(&crate::helpers::amqp_url()).unwrap();
     url.set_scheme("amqps").unwrap();
     url.set_host(Some("localhost")).unwrap();
     url.set_port(Some(port)).unwrap();
@@ -79,7 +76,7 @@ async fn amqps_with_a_private_ca() {
     // Without the CA the broker's certificate is not trusted.
     let mut untrusting = env.config.amqp.clone();
     untrusting.tls.ca_file.clear();
-    let refused = llmq::amqp::connect(&untrusting, "tls test").await;
+    let refused = llmq::broker::connection::connect(&untrusting, "tls test").await;
     assert!(
         refused.is_err(),
         "a certificate from an unknown CA is refused"

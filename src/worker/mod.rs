@@ -6,9 +6,9 @@
 //! channel. Every delivery is handled in its own task, so one slow upstream call never
 //! blocks the others; in flight per replica is bounded by the prefetch.
 //!
-//! Settling a delivery: parse ([`crate::request`]), deduplicate ([`crate::dedupe`]), call
-//! ([`crate::process`]) with retries ([`crate::retry`]), then publish the result, the retry or
-//! the dead letter and wait for the broker's confirm ([`crate::publish`]), and only then ack.
+//! Settling a delivery: parse ([`crate::contract::request`]), deduplicate ([`crate::store::idempotency`]), call
+//! ([`crate::upstream::call`]) with retries ([`crate::broker::retry`]), then publish the result, the retry or
+//! the dead letter and wait for the broker's confirm ([`crate::broker::publish`]), and only then ack.
 //! A delivery whose outcome cannot be confirmed is handed back to its queue, never acked.
 //!
 //! A lost connection is reopened with backoff, the topology redeclared and consuming resumed;
@@ -35,18 +35,18 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{
-    amqp,
+    broker::connection,
+    broker::publish::{Failure, PublishError, Publisher, ReplyRoute, unix_now, unix_now_ms},
+    broker::retry::{self, RetryPolicy},
+    broker::topology,
     config::{Config, OnStoreError},
-    dedupe::{Claim, Store},
-    flow::Flow,
-    metrics::Metrics,
-    process::{Outcome, Processor},
-    publish::{Failure, PublishError, Publisher, ReplyRoute, unix_now, unix_now_ms},
-    ratelimit::Budget,
-    request::{self, Job, Kind},
-    response::JobResult,
-    retry::{self, RetryPolicy},
-    topology,
+    contract::request::{self, Job, Kind},
+    contract::response::JobResult,
+    runtime::metrics::Metrics,
+    store::idempotency::{Claim, Store},
+    upstream::call::{Outcome, Processor},
+    upstream::flow::Flow,
+    upstream::ratelimit::Budget,
 };
 
 /// Why the worker could not start.
@@ -57,7 +57,7 @@ pub enum WorkerError {
     Http(#[from] reqwest::Error),
     /// The idempotency store is misconfigured.
     #[error(transparent)]
-    Store(#[from] crate::dedupe::StoreError),
+    Store(#[from] crate::store::idempotency::StoreError),
 }
 
 /// Why a consumer session ended other than by shutdown.
@@ -205,7 +205,7 @@ async fn run_worker(ctx: Arc<Context>) {
     while !ctx.stop.is_cancelled() {
         let conn = tokio::select! {
             _ = ctx.stop.cancelled() => break,
-            conn = amqp::connect(&ctx.config.amqp, &conn_name) => conn,
+            conn = connection::connect(&ctx.config.amqp, &conn_name) => conn,
         };
         let conn = match conn {
             Ok(conn) => Arc::new(conn),

@@ -1,16 +1,16 @@
 //! One step of work: a job and its attempt number in, an [`Outcome`] out.
 //!
 //! No broker here, so tests drive it against the mock upstream alone. Deciding what to do
-//! with the outcome (publish, wait and retry, dead-letter) is [`crate::consume`]'s job.
+//! with the outcome (publish, wait and retry, dead-letter) is [`crate::worker`]'s job.
 
 use std::time::{Duration, Instant};
 
 use crate::{
-    batch::Batcher,
     config::{BatchConfig, LlmConfig},
-    llm::{LlmClient, LlmError},
-    request::{Call, Job},
-    response::JobResult,
+    contract::request::{Call, Job},
+    contract::response::JobResult,
+    upstream::batch::Batcher,
+    upstream::client::{LlmClient, LlmError},
 };
 
 /// What became of one attempt.
@@ -53,8 +53,8 @@ impl Processor {
     pub fn new(
         cfg: &LlmConfig,
         batch: &BatchConfig,
-        flow: std::sync::Arc<crate::flow::Flow>,
-        metrics: std::sync::Arc<crate::metrics::Metrics>,
+        flow: std::sync::Arc<crate::upstream::flow::Flow>,
+        metrics: std::sync::Arc<crate::runtime::metrics::Metrics>,
         worker: String,
     ) -> Result<Self, reqwest::Error> {
         let llm = LlmClient::new(cfg)?;

@@ -1,20 +1,17 @@
 //! Throughput and flow control against the real broker: AIMD with the prefetch following,
 //! the fleet-wide Redis budget, embedding micro-batching.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
 
 use std::{
     sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
-use common::{TestEnv, drain_results, wait_until};
+use crate::helpers::{TestEnv, drain_results, wait_until};
 use lapin::BasicProperties;
 use llmq::{
     config::SecretUrl,
-    consume::Worker,
-    mock::{MockOptions, REJECTED_INPUT, mock_embedding},
+    tools::mock::{MockOptions, REJECTED_INPUT, mock_embedding},
+    worker::Worker,
 };
 use serde_json::json;
 use tokio_util::sync::CancellationToken;

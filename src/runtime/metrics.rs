@@ -1,4 +1,4 @@
-//! Prometheus metrics of a worker, served by [`crate::admin`] at `/metrics`.
+//! Prometheus metrics of a worker, served by [`crate::ops::admin`] at `/metrics`.
 
 use std::time::Duration;
 

@@ -13,9 +13,9 @@ use tokio::{
 };
 
 use crate::{
-    flow::Flow,
-    llm::{EmbeddingAnswer, LlmClient, LlmError},
-    metrics::Metrics,
+    runtime::metrics::Metrics,
+    upstream::client::{EmbeddingAnswer, LlmClient, LlmError},
+    upstream::flow::Flow,
 };
 
 /// Requests waiting to be batched at most (back-pressure on the callers beyond that).

@@ -20,10 +20,12 @@ use lapin::{
 use serde::Serialize;
 
 use crate::{
-    amqp,
+    broker::connection,
+    broker::publish::{header_str, unix_now},
+    broker::retry,
+    broker::topology,
     config::{Config, TopologyConfig},
-    publish::{header_str, unix_now},
-    request, retry, topology,
+    contract::request,
 };
 
 /// A dead letter as `llmq dlq list` shows it.
@@ -48,7 +50,7 @@ pub struct DeadLetter {
 pub enum OpsError {
     /// The broker could not be reached.
     #[error(transparent)]
-    Connect(#[from] amqp::ConnectError),
+    Connect(#[from] connection::ConnectError),
     /// A broker operation failed.
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
@@ -67,7 +69,7 @@ pub enum Selection {
 }
 
 async fn open(config: &Config, name: &str) -> Result<(Connection, Channel), OpsError> {
-    let conn = amqp::connect(&config.amqp, name).await?;
+    let conn = connection::connect(&config.amqp, name).await?;
     let channel = conn.create_channel().await?;
     Ok((conn, channel))
 }
@@ -280,7 +282,7 @@ pub struct QueueStatus {
 
 /// Depths and consumers of every queue of the topology (missing ones are skipped).
 pub async fn status(config: &Config) -> Result<Vec<QueueStatus>, OpsError> {
-    let conn = amqp::connect(&config.amqp, "llmq status").await?;
+    let conn = connection::connect(&config.amqp, "llmq status").await?;
     let t = &config.topology;
     let mut queues = vec![
         t.processing_queue.clone(),

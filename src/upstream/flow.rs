@@ -5,7 +5,7 @@
 //!   of `limit` successes adds one. Deliveries waiting for a slot start highest priority
 //!   first, then in arrival order.
 //! - A replica-wide pause: a 429 with `Retry-After` stops new calls for that long.
-//! - Request and token budgets per minute ([`crate::ratelimit`]), local or fleet-wide.
+//! - Request and token budgets per minute ([`crate::upstream::ratelimit`]), local or fleet-wide.
 //!
 //! The limit is published on a watch channel so that the consumers' prefetch follows it.
 
@@ -21,7 +21,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::ratelimit::Budget;
+use crate::upstream::ratelimit::Budget;
 
 /// Shortest time between two decreases, so a burst of 429s from calls that were all in
 /// flight together halves the limit once, not once per call.

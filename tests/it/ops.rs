@@ -1,19 +1,16 @@
 //! Operating it: metrics that move with real jobs, readiness that follows the broker
 //! connection, DLQ tooling round trips.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
 
 use std::{collections::HashSet, time::Duration};
 
-use common::{TestEnv, amqp_url_via, broker_addr, wait_until};
+use crate::helpers::{TestEnv, amqp_url_via, broker_addr, wait_until};
 use lapin::BasicProperties;
 use llmq::{
-    admin::{self, Admin},
     config::SecretUrl,
-    consume::Worker,
-    dlq::{self, Selection},
-    mock::MockOptions,
+    ops::admin::{self, Admin},
+    ops::dlq::{self, Selection},
+    tools::mock::MockOptions,
+    worker::Worker,
 };
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -83,7 +80,7 @@ async fn metrics_move_with_real_jobs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_broker_connection() {
-    let proxy = common::Proxy::start(broker_addr()).await;
+    let proxy = crate::helpers::Proxy::start(broker_addr()).await;
     let env = TestEnv::with(MockOptions::default(), |c| {
         c.amqp.url = SecretUrl::new(amqp_url_via(proxy.addr))
     })
@@ -152,7 +149,7 @@ async fn dlq_list_and_replay_round_trip() {
     assert_eq!(env.queue_len(&dlq_name).await, 5);
 
     // The CLI shows the same.
-    let out = tokio::process::Command::new(common::bin())
+    let out = tokio::process::Command::new(crate::helpers::bin())
         .args(["dlq", "list", "--json"])
         .envs(env.config.to_env())
         .current_dir(std::env::temp_dir())

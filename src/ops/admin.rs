@@ -14,7 +14,7 @@ use axum::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{consume::Health, flow::Flow, metrics::Metrics};
+use crate::{runtime::metrics::Metrics, upstream::flow::Flow, worker::Health};
 
 /// What the endpoints read.
 #[derive(Clone)]

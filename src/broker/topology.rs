@@ -9,7 +9,7 @@
 //!   its dead letters there itself, so it does not depend on the policy.
 //! - `llm_requests.retry` (headers) -> `llm_requests.retry.{5s,30s,2m,10m,1h}`, each matched
 //!   on the `llmq-retry-tier` header and dead-lettering expired messages back to
-//!   `llm_requests` with their routing key (see [`crate::retry`]).
+//!   `llm_requests` with their routing key (see [`crate::broker::retry`]).
 
 use lapin::{
     Channel, ExchangeKind,
@@ -17,7 +17,7 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 
-use crate::{config::TopologyConfig, retry};
+use crate::{broker::retry, config::TopologyConfig};
 
 /// The arguments of both work queues: `x-max-priority` and nothing else.
 pub fn work_queue_arguments(topo: &TopologyConfig) -> FieldTable {

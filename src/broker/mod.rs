@@ -1,0 +1,6 @@
+//! The broker: connections, the topology, confirmed publishing and the delayed-retry tiers.
+
+pub mod connection;
+pub mod publish;
+pub mod retry;
+pub mod topology;

@@ -1,0 +1,5 @@
+//! What every part of the service uses while it runs: metrics, logs and shutdown.
+
+pub mod logs;
+pub mod metrics;
+pub mod shutdown;

@@ -1,0 +1,13 @@
+//! The integration tests, one binary: every suite runs against the real RabbitMQ at
+//! `AMQP_URL` (and Redis at `REDIS_URL`) with the mock upstream in-process, through the
+//! shared [`helpers`].
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cli;
+mod end_to_end;
+mod faults;
+mod flow;
+mod helpers;
+mod interop;
+mod ops;
+mod tls;
