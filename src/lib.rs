@@ -1,26 +1,25 @@
 //! llmq: a fleet of RabbitMQ workers that call OpenAI-compatible LLM APIs.
 //!
-//! A message's path through the service, one module per stage:
+//! A message's path through the service, one folder per layer (no module imports from a
+//! layer above it):
 //!
-//! 1. [`config`]: defaults, `config.toml`, `LLMQ_*` environment; validated once.
-//! 2. [`topology`]: exchanges and queues declared idempotently at start-up.
-//! 3. [`consume`]: consumer tasks, one channel each, every delivery processed concurrently.
-//! 4. [`request`]: the message body and properties parsed and validated into a [`request::Job`].
-//! 5. [`llm`]: the upstream call, every failure classified as transient or permanent.
-//! 6. [`process`]: one step of work as a function returning an [`process::Outcome`].
-//! 7. [`retry`]: the backoff policy for transient failures, and the delayed-retry queues.
-//! 8. [`dedupe`]: idempotency by request_id (stored results and leases).
-//! 9. [`response`]: the result message sent back to callers.
-//! 10. [`publish`]: confirmed publishing of results and dead letters, then the ack.
+//! 1. [`contract`]: what crosses the wire: the request parsed and validated into a
+//!    [`contract::request::Job`], the result, every header, the error kinds, token usage.
+//! 2. [`config`]: defaults, `config.toml`, `LLMQ_*` environment; validated once.
+//! 3. [`runtime`]: metrics, logs, the clock and shutdown, used by everything above.
+//! 4. [`broker`]: connections, the topology, confirmed publishing, the delayed-retry tiers.
+//! 5. [`store`]: idempotency by request id (stored results and leases).
+//! 6. [`upstream`]: the OpenAI-compatible client, flow control, budgets, embedding batching,
+//!    and the one owner of an upstream call.
+//! 7. [`worker`]: the path of one delivery: consume, decide (a pure function), settle.
+//! 8. [`ops`]: the admin HTTP endpoints and the `dlq`, `status`, `topology` commands.
+//! 9. [`tools`]: the mock upstream, the benchmark, the `llmq publish` client.
 //!
-//! Around them: [`admin`] and [`metrics`] (`/metrics`, `/healthz`, `/readyz`), [`shutdown`]
-//! (signals, cancellation), [`telemetry`] (logs), [`amqp`]
-//! (connections) and the built-in tools [`mock`] (an OpenAI-compatible mock upstream) and
-//! [`client`] (`llmq publish`), [`dlq`] (`llmq dlq`, `llmq status`, `llmq topology`) and
-//! [`bench`] (`llmq bench`).
+//! [`app`] wires the worker, the admin server and shutdown for the binary and the tests.
 #![deny(unsafe_code)]
 #![warn(clippy::unwrap_in_result, clippy::unwrap_used, missing_docs)]
 
+pub mod app;
 pub mod broker;
 pub mod config;
 pub mod contract;

@@ -5,12 +5,18 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use llmq::{
+    app::App,
     config::Config,
-    runtime::logs,
-    runtime::shutdown,
-    tools::client::{self, PublishArgs},
-    tools::mock::{MockOptions, MockServer},
-    worker,
+    ops::{
+        dlq::{self, Selection},
+        status, topology,
+    },
+    runtime::{logs, shutdown},
+    tools::{
+        self, bench,
+        client::{self, PublishArgs},
+        mock::{MockOptions, MockServer},
+    },
 };
 
 /// jemalloc: under a thousand concurrent requests glibc's malloc spent a fifth of the worker's
@@ -59,7 +65,7 @@ enum Command {
     /// Declare the topology (as a worker does) and print it, without consuming.
     Topology,
     /// Measure throughput, latency and memory against the broker (see README, Benchmarks).
-    Bench(llmq::tools::bench::BenchArgs),
+    Bench(bench::BenchArgs),
     /// Exit 0 when an HTTP GET of URL answers 2xx (container health checks).
     Probe {
         /// The URL to fetch.
@@ -109,7 +115,7 @@ fn main() -> ExitCode {
         }
     };
     if let Command::Probe { url } = &command {
-        return runtime.block_on(probe(url));
+        return exit(runtime.block_on(tools::probe::probe(url)));
     }
     if let Command::MockLlm { addr, options } = command {
         logs::init(&Config::default().log);
@@ -126,90 +132,46 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match command {
             Command::Publish(args) => match client::publish(&config, &args).await {
-                Ok((request_id, None)) => {
-                    println!("{request_id}");
-                    ExitCode::SUCCESS
-                }
-                Ok((_, Some(result))) => {
-                    println!("{result}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("llmq publish: {e}");
-                    ExitCode::FAILURE
-                }
+                Ok((request_id, result)) => print(result.unwrap_or(request_id)),
+                Err(e) => fail("publish", e),
             },
-            Command::Bench(args) => match llmq::tools::bench::run(&config, &args).await {
+            Command::Bench(args) => match bench::run(&config, &args).await {
                 Ok(report) => {
-                    println!("{}", llmq::tools::bench::table(&report));
+                    println!("{}", bench::table(&report));
                     let json = serde_json::to_string_pretty(&report).unwrap_or_default();
                     println!("{json}");
-                    if let Some(path) = &args.json
-                        && let Err(e) = std::fs::write(path, &json)
-                    {
-                        eprintln!("llmq bench: cannot write {}: {e}", path.display());
+                    match &args.json {
+                        Some(path) => match std::fs::write(path, &json) {
+                            Ok(()) => ExitCode::SUCCESS,
+                            Err(e) => {
+                                fail("bench", format!("cannot write {}: {e}", path.display()))
+                            }
+                        },
+                        None => ExitCode::SUCCESS,
                     }
-                    ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("llmq bench: {e}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => fail("bench", e),
             },
             Command::Dlq { command } => dlq(&config, command).await,
-            Command::Status { json } => match llmq::ops::dlq::status(&config).await {
-                Ok(queues) => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&queues).unwrap_or_default()
-                        );
-                    } else {
-                        println!("{:<48} {:>10} {:>10}", "queue", "messages", "consumers");
-                        for q in queues {
-                            println!("{:<48} {:>10} {:>10}", q.queue, q.messages, q.consumers);
-                        }
-                    }
-                    ExitCode::SUCCESS
+            Command::Status { json } => match status::status(&config).await {
+                Ok(queues) if json => {
+                    print(serde_json::to_string_pretty(&queues).unwrap_or_default())
                 }
+                Ok(queues) => print(status::table(&queues)),
                 Err(e) => fail("status", e),
             },
-            Command::Topology => match llmq::ops::dlq::declare(&config).await {
-                Ok(()) => {
-                    let t = &config.topology;
-                    println!("exchange {} (direct)", t.request_exchange);
-                    println!(
-                        "  -> queue {} (key {}, x-max-priority {})",
-                        t.processing_queue, t.processing_key, t.max_priority
-                    );
-                    println!(
-                        "  -> queue {} (key {}, x-max-priority {})",
-                        t.embeddings_queue, t.embeddings_key, t.max_priority
-                    );
-                    println!("exchange {} (direct)", t.results_exchange);
-                    if t.keep_results {
-                        println!("  -> queue {} (key {})", t.results_queue, t.results_key);
-                    }
-                    println!("exchange {} (direct)", t.dead_letter_exchange);
-                    println!(
-                        "  -> queue {} (key {})",
-                        t.dead_letter_queue, t.dead_letter_key
-                    );
-                    println!("exchange {} (headers)", t.retry_exchange);
-                    for tier in llmq::broker::retry::TIERS {
-                        println!(
-                            "  -> queue {} (dead-letters to {})",
-                            llmq::broker::topology::retry_queue(t, tier.name),
-                            t.request_exchange
-                        );
-                    }
-                    ExitCode::SUCCESS
-                }
+            Command::Topology => match topology::declare(&config).await {
+                Ok(()) => print(topology::describe(&config.topology)),
                 Err(e) => fail("topology", e),
             },
-            _ => run_worker(config).await,
+            Command::Run | Command::Probe { .. } | Command::MockLlm { .. } => run(config).await,
         }
     })
+}
+
+fn print(text: impl std::fmt::Display) -> ExitCode {
+    println!("{}", text.to_string().trim_end());
+    ExitCode::SUCCESS
 }
 
 fn fail(what: &str, e: impl std::fmt::Display) -> ExitCode {
@@ -217,33 +179,19 @@ fn fail(what: &str, e: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+fn exit(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 async fn dlq(config: &Config, command: DlqCommand) -> ExitCode {
-    use llmq::ops::dlq::{self, Selection};
     match command {
         DlqCommand::List { limit, json } => match dlq::list(config, limit).await {
-            Ok(items) => {
-                if json {
-                    for item in items {
-                        println!("{}", serde_json::to_string(&item).unwrap_or_default());
-                    }
-                } else {
-                    println!(
-                        "{:<38} {:<20} {:>8} {:>8}  reason",
-                        "request_id", "error_kind", "attempts", "age_s"
-                    );
-                    for d in items {
-                        println!(
-                            "{:<38} {:<20} {:>8} {:>8}  {}",
-                            d.request_id,
-                            d.error_kind,
-                            d.attempts,
-                            d.age_secs,
-                            llmq::truncate(&d.reason, 120)
-                        );
-                    }
-                }
-                ExitCode::SUCCESS
-            }
+            Ok(items) if json => print(dlq::json_lines(&items)),
+            Ok(items) => print(dlq::table(&items)),
             Err(e) => fail("dlq list", e),
         },
         DlqCommand::Replay {
@@ -261,51 +209,30 @@ async fn dlq(config: &Config, command: DlqCommand) -> ExitCode {
                     for d in &done {
                         println!("replayed {} ({})", d.request_id, d.error_kind);
                     }
-                    println!("{} replayed", done.len());
-                    ExitCode::SUCCESS
+                    print(format!("{} replayed", done.len()))
                 }
                 Err(e) => fail("dlq replay", e),
             }
         }
         DlqCommand::Purge => match dlq::purge(config).await {
-            Ok(n) => {
-                println!("{n} dead letters purged");
-                ExitCode::SUCCESS
-            }
+            Ok(n) => print(format!("{n} dead letters purged")),
             Err(e) => fail("dlq purge", e),
         },
     }
 }
 
-/// The worker and its admin server (which outlives the drain, so probes keep answering).
-async fn run_worker(config: Config) -> ExitCode {
-    let token = shutdown::install();
-    let admin_addr = config.admin.socket_addr();
-    let worker = match worker::Worker::new(config, token) {
-        Ok(worker) => worker,
-        Err(e) => {
-            tracing::error!(error = %e, "worker failed to start");
-            return ExitCode::FAILURE;
+/// The worker and its admin server until SIGTERM or SIGINT, then the drain.
+async fn run(config: Config) -> ExitCode {
+    match App::start(config, shutdown::install()).await {
+        Ok(app) => {
+            app.run().await;
+            ExitCode::SUCCESS
         }
-    };
-    let admin_stop = tokio_util::sync::CancellationToken::new();
-    if let Some(addr) = admin_addr {
-        let admin = llmq::ops::admin::Admin {
-            metrics: worker.metrics(),
-            flow: worker.flow(),
-            health: worker.health(),
-        };
-        match llmq::ops::admin::serve(addr, admin, admin_stop.clone()).await {
-            Ok(bound) => tracing::info!(addr = %bound, "admin HTTP: /metrics /healthz /readyz"),
-            Err(e) => {
-                tracing::error!(error = %e, %addr, "cannot listen for the admin HTTP server");
-                return ExitCode::FAILURE;
-            }
+        Err(e) => {
+            tracing::error!(error = %e, "llmq failed to start");
+            ExitCode::FAILURE
         }
     }
-    worker.run().await;
-    admin_stop.cancel();
-    ExitCode::SUCCESS
 }
 
 async fn mock(addr: SocketAddr, options: MockOptions) -> ExitCode {
@@ -319,24 +246,4 @@ async fn mock(addr: SocketAddr, options: MockOptions) -> ExitCode {
     tracing::info!(addr = %server.addr, ?options, "mock LLM serving /v1/chat/completions, /v1/embeddings, /v1/models");
     shutdown::install().cancelled().await;
     ExitCode::SUCCESS
-}
-
-async fn probe(url: &str) -> ExitCode {
-    llmq::install_crypto_provider();
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(5))
-        .build();
-    let ok = match client {
-        Ok(c) => c
-            .get(url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success()),
-        Err(_) => false,
-    };
-    if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
 }

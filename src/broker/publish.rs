@@ -1,22 +1,25 @@
-//! Confirmed publishing: results (to the results exchange and the caller's `reply_to`) and
-//! dead letters. A request is acked only after what it produced is confirmed here.
+//! Confirmed publishing: results (to the results exchange and the caller's `reply_to`),
+//! dead letters and retries. A request is acked only after what it produced is confirmed
+//! here.
 //!
 //! The channel is in confirm mode; a broker nack, or an unroutable mandatory message that
 //! must be routed, is a [`PublishError`], and the request is not acked.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection,
     message::Delivery,
     options::{BasicPublishOptions, ConfirmSelectOptions},
-    types::{AMQPValue, FieldTable, LongString, ShortString},
+    types::{FieldTable, ShortString},
 };
 
-use crate::{broker::retry, config::TopologyConfig, contract::response::JobResult};
-
-/// Longest `x-error` header value.
-const MAX_ERROR_HEADER: usize = 1024;
+use crate::{
+    broker::retry,
+    config::TopologyConfig,
+    contract::headers::{self, Failure, RetryState},
+    runtime::clock::{unix_now, unix_now_ms},
+};
 
 /// A publish the broker did not confirm.
 #[derive(Debug, thiserror::Error)]
@@ -60,21 +63,6 @@ pub struct ReplyRoute {
     pub reply_to: Option<String>,
 }
 
-/// What the worker knows about a failure, written to the dead letter's headers.
-#[derive(Debug, Clone)]
-pub struct Failure<'a> {
-    /// The `x-error-kind` header.
-    pub kind: &'a str,
-    /// The `x-error` header (truncated to 1 KiB).
-    pub reason: &'a str,
-    /// The `x-attempts` header.
-    pub attempts: u32,
-    /// Unix seconds of the first failure.
-    pub first_failure: i64,
-    /// This worker.
-    pub worker: &'a str,
-}
-
 /// A confirm-mode channel for one consumer's results and dead letters.
 #[derive(Clone)]
 pub struct Publisher {
@@ -97,17 +85,12 @@ impl Publisher {
         self.channel.status().connected()
     }
 
-    /// Publishes a result to the results exchange and, when the request has one, to its
-    /// `reply_to`; returns once the broker confirmed both.
+    /// Publishes a serialized result to the results exchange and, when the request has one,
+    /// to its `reply_to`; returns once the broker confirmed both.
     ///
     /// A `reply_to` queue that no longer exists (the caller left) is not a failure: the result
     /// is still on the results exchange. An unroutable result on the results exchange is one
     /// when the worker keeps results (`topology.keep_results`), since the queue must exist.
-    pub async fn result(&self, route: &ReplyRoute, result: &JobResult) -> Result<(), PublishError> {
-        self.result_body(route, &result.to_bytes()).await
-    }
-
-    /// [`Self::result`] for a result already serialized (a stored one, for a duplicate).
     pub async fn result_body(&self, route: &ReplyRoute, body: &[u8]) -> Result<(), PublishError> {
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
@@ -159,94 +142,71 @@ impl Publisher {
         delivery: &Delivery,
         failure: &Failure<'_>,
     ) -> Result<(), PublishError> {
-        let now = unix_now();
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        let mut put = |k: &str, v: AMQPValue| {
-            headers.insert(k.into(), v);
-        };
-        put("x-error-kind", long_string(failure.kind));
-        put(
-            "x-error",
-            long_string(crate::truncate(failure.reason, MAX_ERROR_HEADER)),
+        headers::stamp_dead_letter(
+            &mut headers,
+            failure,
+            unix_now(),
+            delivery.exchange.as_str(),
+            delivery.routing_key.as_str(),
         );
-        put(
-            "x-attempts",
-            AMQPValue::LongInt(failure.attempts.min(i32::MAX as u32) as i32),
-        );
-        put(
-            "x-first-failure",
-            AMQPValue::Timestamp(failure.first_failure.max(0) as u64),
-        );
-        put("x-last-failure", AMQPValue::Timestamp(now.max(0) as u64));
-        put("x-worker", long_string(failure.worker));
-        put(
-            "x-original-exchange",
-            long_string(delivery.exchange.as_str()),
-        );
-        put(
-            "x-original-routing-key",
-            long_string(delivery.routing_key.as_str()),
-        );
-        // A per-message TTL would make the dead letter expire in the DLQ too.
-        let props = BasicProperties::default()
-            .with_headers(headers)
-            .with_delivery_mode(2);
-        let props = copy_properties(&delivery.properties, props);
-        self.send(
+        // No expiration: a per-message TTL would make the dead letter expire in the DLQ too.
+        self.republish(
+            delivery,
             &self.topo.dead_letter_exchange,
             &self.topo.dead_letter_key,
-            true,
-            &delivery.data,
-            props,
+            headers,
+            None,
         )
         .await
     }
 
     /// Republishes the delivery to the delayed-retry tier for `delay`, with the work queue's
-    /// `routing_key` so it returns where it came from, and the attempt count, first failure
-    /// and not-before time in headers; returns once the broker confirmed it.
+    /// `routing_key` so it returns where it came from, and its retry state (`attempts`, first
+    /// failure; the not-before time is set here from `delay`) in headers; returns once the
+    /// broker confirmed it.
     pub async fn retry(
         &self,
         delivery: &Delivery,
         routing_key: &str,
-        delay: std::time::Duration,
-        attempts: u32,
-        first_failure: Option<i64>,
+        delay: Duration,
+        state: RetryState,
         last_error: &str,
     ) -> Result<(), PublishError> {
         let (tier, wait) = retry::tier_for(delay);
-        let not_before =
-            unix_now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        let mut put = |k: &str, v: AMQPValue| {
-            headers.insert(k.into(), v);
+        let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        let state = RetryState {
+            not_before_ms: Some(unix_now_ms().saturating_add(delay_ms)),
+            ..state
         };
-        put(retry::TIER_HEADER, long_string(tier.name));
-        put(
-            retry::ATTEMPTS_HEADER,
-            AMQPValue::LongInt(attempts.min(i32::MAX as u32) as i32),
-        );
-        put(retry::NOT_BEFORE_HEADER, AMQPValue::LongLongInt(not_before));
-        put(
-            retry::LAST_ERROR_HEADER,
-            long_string(crate::truncate(last_error, MAX_ERROR_HEADER)),
-        );
-        if let Some(first) = first_failure {
-            put(retry::FIRST_FAILURE_HEADER, AMQPValue::LongLongInt(first));
-        }
-        let props = BasicProperties::default()
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers::stamp_retry(&mut headers, tier.name, &state, last_error);
+        let expiration = wait.as_millis().max(1).to_string();
+        let exchange = &self.topo.retry_exchange;
+        self.republish(delivery, exchange, routing_key, headers, Some(expiration))
+            .await
+    }
+
+    /// Publishes the delivery's body again, mandatory and persistent, with its properties
+    /// and `headers` in place of its own; returns once the broker confirmed it. Every move
+    /// of a request (a retry tier, the dead-letter queue) goes through here.
+    pub async fn republish(
+        &self,
+        delivery: &Delivery,
+        exchange: &str,
+        routing_key: &str,
+        headers: FieldTable,
+        expiration: Option<String>,
+    ) -> Result<(), PublishError> {
+        let mut props = BasicProperties::default()
             .with_headers(headers)
-            .with_delivery_mode(2)
-            .with_expiration(wait.as_millis().max(1).to_string().into());
+            .with_delivery_mode(2);
+        if let Some(expiration) = expiration {
+            props = props.with_expiration(expiration.into());
+        }
         let props = copy_properties(&delivery.properties, props);
-        self.send(
-            &self.topo.retry_exchange,
-            routing_key,
-            true,
-            &delivery.data,
-            props,
-        )
-        .await
+        self.send(exchange, routing_key, true, &delivery.data, props)
+            .await
     }
 
     async fn send(
@@ -257,50 +217,61 @@ impl Publisher {
         body: &[u8],
         props: BasicProperties,
     ) -> Result<(), PublishError> {
-        let destination = || {
-            if exchange.is_empty() {
-                routing_key.to_string()
-            } else {
-                format!("{exchange}/{routing_key}")
-            }
-        };
-        let broker = |source| PublishError::Broker {
-            destination: destination(),
-            source,
-        };
-        let confirm = self
-            .channel
-            .basic_publish(
-                ShortString::from(exchange),
-                ShortString::from(routing_key),
-                BasicPublishOptions {
-                    mandatory,
-                    ..Default::default()
-                },
-                body,
-                props,
-            )
-            .await
-            .map_err(broker)?
-            .await
-            .map_err(broker)?;
-        match confirm {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-                Err(PublishError::Returned {
-                    destination: destination(),
-                    code: returned.reply_code,
-                    text: returned.reply_text.to_string(),
-                })
-            }
-            Confirmation::Nack(None) => Err(PublishError::Nacked {
-                destination: destination(),
-            }),
-            // The channel is always in confirm mode; treat the impossible as unconfirmed.
-            Confirmation::NotRequested => Err(PublishError::Nacked {
-                destination: destination(),
-            }),
+        publish_confirmed(&self.channel, exchange, routing_key, mandatory, body, props).await
+    }
+}
+
+/// Publishes on a confirm-mode `channel` and waits for the broker's confirm: a nack, a
+/// returned mandatory message or a broker error is a [`PublishError`]. Every confirmed
+/// publish of llmq (results, dead letters, retries, replays, `llmq publish`) checks its
+/// confirm here.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    mandatory: bool,
+    body: &[u8],
+    props: BasicProperties,
+) -> Result<(), PublishError> {
+    let destination = || {
+        if exchange.is_empty() {
+            routing_key.to_string()
+        } else {
+            format!("{exchange}/{routing_key}")
         }
+    };
+    let broker = |source| PublishError::Broker {
+        destination: destination(),
+        source,
+    };
+    let confirm = channel
+        .basic_publish(
+            ShortString::from(exchange),
+            ShortString::from(routing_key),
+            BasicPublishOptions {
+                mandatory,
+                ..Default::default()
+            },
+            body,
+            props,
+        )
+        .await
+        .map_err(broker)?
+        .await
+        .map_err(broker)?;
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+            Err(PublishError::Returned {
+                destination: destination(),
+                code: returned.reply_code,
+                text: returned.reply_text.to_string(),
+            })
+        }
+        // NotRequested: the channel is not in confirm mode; treat it as unconfirmed.
+        Confirmation::Nack(None) | Confirmation::NotRequested => Err(PublishError::Nacked {
+            destination: destination(),
+        }),
     }
 }
 
@@ -335,33 +306,4 @@ fn copy_properties(from: &BasicProperties, mut to: BasicProperties) -> BasicProp
         to = to.with_app_id(v.clone());
     }
     to
-}
-
-fn long_string(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s))
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn unix_now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-/// Reads a string header.
-pub fn header_str(headers: &FieldTable, name: &str) -> Option<String> {
-    match headers.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        _ => None,
-    }
 }

@@ -17,7 +17,7 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 
-use crate::{broker::retry, config::TopologyConfig};
+use crate::{broker::retry, config::TopologyConfig, contract::headers};
 
 /// The arguments of both work queues: `x-max-priority` and nothing else.
 pub fn work_queue_arguments(topo: &TopologyConfig) -> FieldTable {
@@ -74,6 +74,43 @@ pub async fn declare(channel: &Channel, topo: &TopologyConfig) -> Result<(), lap
             FieldTable::default(),
         ),
     ];
+    declare_retry_tiers(channel, topo).await?;
+    if topo.keep_results {
+        queues.push((
+            &topo.results_queue,
+            &topo.results_exchange,
+            &topo.results_key,
+            FieldTable::default(),
+        ));
+    }
+    for (queue, exchange, key, args) in queues {
+        channel
+            .queue_declare(queue.as_str().into(), durable_queue, args)
+            .await?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// The headers exchange of the delayed-retry tiers and one queue per tier, each
+/// dead-lettering back to the request exchange.
+async fn declare_retry_tiers(channel: &Channel, topo: &TopologyConfig) -> Result<(), lapin::Error> {
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     channel
         .exchange_declare(
             topo.retry_exchange.as_str().into(),
@@ -97,7 +134,7 @@ pub async fn declare(channel: &Channel, topo: &TopologyConfig) -> Result<(), lap
         let mut bind = FieldTable::default();
         bind.insert("x-match".into(), AMQPValue::LongString("all".into()));
         bind.insert(
-            retry::TIER_HEADER.into(),
+            headers::RETRY_TIER.into(),
             AMQPValue::LongString(tier.name.into()),
         );
         channel
@@ -107,28 +144,6 @@ pub async fn declare(channel: &Channel, topo: &TopologyConfig) -> Result<(), lap
                 "".into(),
                 QueueBindOptions::default(),
                 bind,
-            )
-            .await?;
-    }
-    if topo.keep_results {
-        queues.push((
-            &topo.results_queue,
-            &topo.results_exchange,
-            &topo.results_key,
-            FieldTable::default(),
-        ));
-    }
-    for (queue, exchange, key, args) in queues {
-        channel
-            .queue_declare(queue.as_str().into(), durable_queue, args)
-            .await?;
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
             )
             .await?;
     }
@@ -161,6 +176,31 @@ pub async fn delete(channel: &Channel, topo: &TopologyConfig) {
             .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
             .await;
     }
+}
+
+/// How many messages a queue holds ready and how many consumers it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Ready messages (not the unacked ones).
+    pub messages: u32,
+    /// Consumers subscribed.
+    pub consumers: u32,
+}
+
+/// Reads a queue's depth by a passive declare. A missing queue is an error, and the broker
+/// closes `channel` with it: callers use a channel they can lose.
+pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<QueueDepth, lapin::Error> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let q = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await?;
+    Ok(QueueDepth {
+        messages: q.message_count(),
+        consumers: q.consumer_count(),
+    })
 }
 
 /// The name of a delayed-retry queue.

@@ -1,5 +1,12 @@
 //! What crosses the wire: the request a publisher sends, the result llmq answers with, the
-//! headers llmq reads and writes, and the error kinds both carry.
+//! headers llmq reads and writes, the error kinds and the token usage both carry. Pure
+//! types and functions; nothing here talks to the network.
 
+pub mod error_kind;
+pub mod headers;
 pub mod request;
 pub mod response;
+pub mod usage;
+
+pub use error_kind::ErrorKind;
+pub use usage::Usage;

@@ -8,10 +8,12 @@
 //!
 //! Anything else is an [`InvalidRequest`] with a reason precise enough to fix the sender.
 
-use lapin::{BasicProperties, types::AMQPValue};
+use lapin::BasicProperties;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+
+use super::error_kind::ErrorKind;
 
 /// Longest `request_id` accepted (it becomes the AMQP `message_id`, a short string).
 const MAX_REQUEST_ID: usize = 255;
@@ -48,10 +50,6 @@ pub struct Job {
     pub call: Call,
     /// Echoed back in the result untouched.
     pub metadata: Option<Value>,
-    /// Where the caller waits for its result, if anywhere.
-    pub reply_to: Option<String>,
-    /// Copied to the result's `correlation_id` (defaults to `request_id`).
-    pub correlation_id: Option<String>,
     /// AMQP priority, 0 when absent.
     pub priority: u8,
 }
@@ -116,8 +114,8 @@ pub enum Call {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{kind}: {message}")]
 pub struct InvalidRequest {
-    /// `invalid_request` or `too_large`.
-    pub kind: &'static str,
+    /// [`ErrorKind::InvalidRequest`] or [`ErrorKind::TooLarge`].
+    pub kind: ErrorKind,
     /// What is wrong, naming the field where there is one.
     pub message: String,
 }
@@ -125,7 +123,7 @@ pub struct InvalidRequest {
 impl InvalidRequest {
     fn new(message: impl Into<String>) -> Self {
         Self {
-            kind: "invalid_request",
+            kind: ErrorKind::InvalidRequest,
             message: message.into(),
         }
     }
@@ -172,9 +170,64 @@ pub fn parse(
     default_kind: Kind,
     max_body_bytes: usize,
 ) -> Result<Job, InvalidRequest> {
+    let mut raw = deserialize(body, props, max_body_bytes)?;
+    let kind = match raw.kind.as_deref() {
+        None => default_kind,
+        Some("chat") => Kind::Chat,
+        Some("embedding" | "embeddings") => Kind::Embedding,
+        Some(other) => {
+            return Err(InvalidRequest::new(format!(
+                "unknown kind {other:?}; expected \"chat\" or \"embedding\""
+            )));
+        }
+    };
+    let request_id = match raw.request_id.take() {
+        Some(id) if id.is_empty() => {
+            return Err(InvalidRequest::new("field `request_id`: must not be empty"));
+        }
+        Some(id) if id.len() > MAX_REQUEST_ID => {
+            return Err(InvalidRequest::new(format!(
+                "field `request_id`: {} bytes, at most {MAX_REQUEST_ID}",
+                id.len()
+            )));
+        }
+        Some(id) => id,
+        None => fallback_request_id(body, props),
+    };
+    if raw.model.as_deref() == Some("") {
+        return Err(InvalidRequest::new("field `model`: must not be empty"));
+    }
+    let (model, metadata) = (raw.model.take(), raw.metadata.take());
+    let call = match kind {
+        Kind::Chat => chat_call(raw)?,
+        Kind::Embedding => embedding_call(raw)?,
+    };
+    let (Call::Chat { params, .. } | Call::Embedding { params, .. }) = &call;
+    for reserved in ["model", "messages", "input", "stream"] {
+        if params.contains_key(reserved) {
+            return Err(InvalidRequest::new(format!(
+                "field `params.{reserved}`: set by llmq, not allowed in params"
+            )));
+        }
+    }
+    Ok(Job {
+        request_id,
+        model,
+        call,
+        metadata,
+        priority: props.priority().unwrap_or(0),
+    })
+}
+
+/// The body checked for size, content type and encoding, then deserialized.
+fn deserialize(
+    body: &[u8],
+    props: &BasicProperties,
+    max_body_bytes: usize,
+) -> Result<RawRequest, InvalidRequest> {
     if body.len() > max_body_bytes {
         return Err(InvalidRequest {
-            kind: "too_large",
+            kind: ErrorKind::TooLarge,
             message: format!(
                 "body is {} bytes, over worker.max_body_bytes = {max_body_bytes}",
                 body.len()
@@ -201,148 +254,95 @@ pub fn parse(
     })?;
     // One pass on the happy path; a body that does not fit is parsed again only to say why.
     let mut de = serde_json::Deserializer::from_str(text);
-    let raw: RawRequest = match serde_path_to_error::deserialize(&mut de) {
-        Ok(raw) if de.end().is_ok() => raw,
-        Ok(_) => return Err(explain(text, None)),
-        Err(e) => return Err(explain(text, Some(e))),
-    };
+    match serde_path_to_error::deserialize(&mut de) {
+        Ok(raw) if de.end().is_ok() => Ok(raw),
+        Ok(_) => Err(explain(text, None)),
+        Err(e) => Err(explain(text, Some(e))),
+    }
+}
 
-    let kind = match raw.kind.as_deref() {
-        None => default_kind,
-        Some("chat") => Kind::Chat,
-        Some("embedding" | "embeddings") => Kind::Embedding,
-        Some(other) => {
-            return Err(InvalidRequest::new(format!(
-                "unknown kind {other:?}; expected \"chat\" or \"embedding\""
-            )));
+/// A chat call: the messages (system prompt first) and the parameters.
+fn chat_call(raw: RawRequest) -> Result<Call, InvalidRequest> {
+    if raw.input.is_some() && raw.prompt.is_none() && raw.messages.is_none() {
+        return Err(InvalidRequest::new(
+            "chat request has `input` but no `prompt` or `messages`; \
+             set \"kind\": \"embedding\" for embeddings",
+        ));
+    }
+    let mut messages = Vec::new();
+    if let Some(system) = raw.system {
+        messages.push(serde_json::json!({"role": "system", "content": system}));
+    }
+    match (raw.prompt, raw.messages) {
+        (Some(_), Some(_)) => {
+            return Err(InvalidRequest::new(
+                "give either `prompt` or `messages`, not both",
+            ));
         }
-    };
-    let request_id = match raw.request_id {
-        Some(id) if id.is_empty() => {
-            return Err(InvalidRequest::new("field `request_id`: must not be empty"));
+        (None, None) => {
+            return Err(InvalidRequest::new(
+                "missing `prompt` (a string) or `messages` (a list of {role, content})",
+            ));
         }
-        Some(id) if id.len() > MAX_REQUEST_ID => {
-            return Err(InvalidRequest::new(format!(
-                "field `request_id`: {} bytes, at most {MAX_REQUEST_ID}",
-                id.len()
-            )));
+        (Some(prompt), None) => {
+            if prompt.trim().is_empty() {
+                return Err(InvalidRequest::new("field `prompt`: must not be empty"));
+            }
+            messages.push(serde_json::json!({"role": "user", "content": prompt}));
         }
-        Some(id) => id,
-        None => fallback_request_id(body, props),
-    };
-    if let Some(model) = &raw.model
-        && model.is_empty()
-    {
-        return Err(InvalidRequest::new("field `model`: must not be empty"));
+        (None, Some(list)) => {
+            if list.is_empty() {
+                return Err(InvalidRequest::new("field `messages`: must not be empty"));
+            }
+            for (i, m) in list.into_iter().enumerate() {
+                messages.push(check_message(i, m)?);
+            }
+        }
     }
     let mut params = raw.params.unwrap_or_default();
-    let call = match kind {
-        Kind::Chat => {
-            if raw.input.is_some() && raw.prompt.is_none() && raw.messages.is_none() {
-                return Err(InvalidRequest::new(
-                    "chat request has `input` but no `prompt` or `messages`; \
-                     set \"kind\": \"embedding\" for embeddings",
-                ));
-            }
-            let mut messages = Vec::new();
-            if let Some(system) = raw.system {
-                messages.push(serde_json::json!({"role": "system", "content": system}));
-            }
-            match (raw.prompt, raw.messages) {
-                (Some(_), Some(_)) => {
-                    return Err(InvalidRequest::new(
-                        "give either `prompt` or `messages`, not both",
-                    ));
-                }
-                (None, None) => {
-                    return Err(InvalidRequest::new(
-                        "missing `prompt` (a string) or `messages` (a list of {role, content})",
-                    ));
-                }
-                (Some(prompt), None) => {
-                    if prompt.trim().is_empty() {
-                        return Err(InvalidRequest::new("field `prompt`: must not be empty"));
-                    }
-                    messages.push(serde_json::json!({"role": "user", "content": prompt}));
-                }
-                (None, Some(list)) => {
-                    if list.is_empty() {
-                        return Err(InvalidRequest::new("field `messages`: must not be empty"));
-                    }
-                    for (i, m) in list.into_iter().enumerate() {
-                        messages.push(check_message(i, m)?);
-                    }
-                }
-            }
-            if let Some(max_tokens) = raw.max_tokens {
-                params.insert("max_tokens".into(), max_tokens.into());
-            }
-            if let Some(t) = raw.temperature {
-                if !(0.0..=2.0).contains(&t) {
-                    return Err(InvalidRequest::new(format!(
-                        "field `temperature`: {t} is outside 0..=2"
-                    )));
-                }
-                params.insert("temperature".into(), t.into());
-            }
-            Call::Chat { messages, params }
-        }
-        Kind::Embedding => {
-            let (input, single) = match raw.input {
-                None => {
-                    return Err(InvalidRequest::new(
-                        "missing `input` (a string or a list of strings) for an embedding",
-                    ));
-                }
-                Some(RawInput::One(s)) => (vec![s], true),
-                Some(RawInput::Many(v)) => (v, false),
-            };
-            if input.is_empty() {
-                return Err(InvalidRequest::new("field `input`: must not be empty"));
-            }
-            if input.len() > MAX_EMBEDDING_INPUTS {
-                return Err(InvalidRequest::new(format!(
-                    "field `input`: {} items, at most {MAX_EMBEDDING_INPUTS}",
-                    input.len()
-                )));
-            }
-            if let Some(i) = input.iter().position(|s| s.is_empty()) {
-                return Err(InvalidRequest::new(format!(
-                    "field `input[{i}]`: must not be empty"
-                )));
-            }
-            Call::Embedding {
-                input,
-                single,
-                params,
-            }
-        }
-    };
-    for reserved in ["model", "messages", "input", "stream"] {
-        if let Call::Chat { params, .. } | Call::Embedding { params, .. } = &call
-            && params.contains_key(reserved)
-        {
+    if let Some(max_tokens) = raw.max_tokens {
+        params.insert("max_tokens".into(), max_tokens.into());
+    }
+    if let Some(t) = raw.temperature {
+        if !(0.0..=2.0).contains(&t) {
             return Err(InvalidRequest::new(format!(
-                "field `params.{reserved}`: set by llmq, not allowed in params"
+                "field `temperature`: {t} is outside 0..=2"
             )));
         }
+        params.insert("temperature".into(), t.into());
     }
-    Ok(Job {
-        request_id,
-        model: raw.model,
-        call,
-        metadata: raw.metadata,
-        reply_to: props
-            .reply_to()
-            .as_ref()
-            .map(|s| s.to_string())
-            .filter(|s| !s.is_empty()),
-        correlation_id: props
-            .correlation_id()
-            .as_ref()
-            .map(|s| s.to_string())
-            .filter(|s| !s.is_empty()),
-        priority: props.priority().unwrap_or(0),
+    Ok(Call::Chat { messages, params })
+}
+
+/// An embeddings call: one input or several, none empty, at most the OpenAI limit.
+fn embedding_call(raw: RawRequest) -> Result<Call, InvalidRequest> {
+    let (input, single) = match raw.input {
+        None => {
+            return Err(InvalidRequest::new(
+                "missing `input` (a string or a list of strings) for an embedding",
+            ));
+        }
+        Some(RawInput::One(s)) => (vec![s], true),
+        Some(RawInput::Many(v)) => (v, false),
+    };
+    if input.is_empty() {
+        return Err(InvalidRequest::new("field `input`: must not be empty"));
+    }
+    if input.len() > MAX_EMBEDDING_INPUTS {
+        return Err(InvalidRequest::new(format!(
+            "field `input`: {} items, at most {MAX_EMBEDDING_INPUTS}",
+            input.len()
+        )));
+    }
+    if let Some(i) = input.iter().position(|s| s.is_empty()) {
+        return Err(InvalidRequest::new(format!(
+            "field `input[{i}]`: must not be empty"
+        )));
+    }
+    Ok(Call::Embedding {
+        input,
+        single,
+        params: raw.params.unwrap_or_default(),
     })
 }
 
@@ -420,28 +420,6 @@ pub fn request_id_of_invalid(body: &[u8], props: &BasicProperties) -> String {
         .and_then(|o| o.request_id)
         .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID)
         .unwrap_or_else(|| fallback_request_id(body, props))
-}
-
-/// Reads a non-negative integer header that fits a `u32`, e.g. an attempt count.
-pub fn header_u32(props: &BasicProperties, name: &str) -> Option<u32> {
-    u32::try_from(header_i64(props, name)?).ok()
-}
-
-/// Reads an integer header of any AMQP integer type (or a timestamp).
-pub fn header_i64(props: &BasicProperties, name: &str) -> Option<i64> {
-    let value = props.headers().as_ref()?.inner().get(name)?;
-    let n: i64 = match value {
-        AMQPValue::ShortShortInt(v) => (*v).into(),
-        AMQPValue::ShortShortUInt(v) => (*v).into(),
-        AMQPValue::ShortInt(v) => (*v).into(),
-        AMQPValue::ShortUInt(v) => (*v).into(),
-        AMQPValue::LongInt(v) => (*v).into(),
-        AMQPValue::LongUInt(v) => (*v).into(),
-        AMQPValue::LongLongInt(v) => *v,
-        AMQPValue::Timestamp(v) => i64::try_from(*v).ok()?,
-        _ => return None,
-    };
-    Some(n)
 }
 
 fn json_type(v: &Value) -> &'static str {
@@ -575,7 +553,7 @@ mod tests {
     #[test]
     fn too_large_is_rejected_without_parsing() {
         let e = parse(&[b'x'; 100], &props(), Kind::Chat, 64).expect_err("too large");
-        assert_eq!(e.kind, "too_large");
+        assert_eq!(e.kind, ErrorKind::TooLarge);
     }
 
     #[test]

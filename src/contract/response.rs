@@ -7,6 +7,8 @@
 use serde::Serialize;
 use serde_json::Value;
 
+use super::{error_kind::ErrorKind, usage::Usage};
+
 /// One result message.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct JobResult {
@@ -34,7 +36,7 @@ pub struct JobResult {
     pub embeddings: Option<Vec<Vec<f32>>>,
     /// Token usage as the upstream reported it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Value>,
+    pub usage: Option<Usage>,
     /// Why the request failed, on `status: error`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
@@ -62,8 +64,8 @@ pub enum Status {
 /// The failure of a dead-lettered request.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ErrorInfo {
-    /// `invalid_request`, `too_large`, `upstream_permanent`, `retries_exhausted`, ...
-    pub kind: String,
+    /// Why, as in the dead letter's `x-error-kind`.
+    pub kind: ErrorKind,
     /// The reason, at most 1 KiB.
     pub message: String,
 }
@@ -90,11 +92,11 @@ impl JobResult {
     }
 
     /// An `error` result.
-    pub fn error(request_id: String, worker: String, kind: &str, message: &str) -> Self {
+    pub fn error(request_id: String, worker: String, kind: ErrorKind, message: &str) -> Self {
         Self {
             status: Status::Error,
             error: Some(ErrorInfo {
-                kind: kind.to_string(),
+                kind,
                 message: message.to_string(),
             }),
             ..Self::ok(request_id, worker)

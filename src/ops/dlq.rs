@@ -1,5 +1,4 @@
-//! Queue tooling in the same binary: `llmq dlq list | replay | purge`, `llmq status`,
-//! `llmq topology`.
+//! `llmq dlq list | replay | purge`: the dead-letter queue, inspected and replayed.
 //!
 //! Listing takes messages with `basic.get` without acking them and puts them back in their
 //! order: nothing is lost or reordered. Replaying
@@ -9,23 +8,23 @@
 use std::collections::HashSet;
 
 use lapin::{
-    BasicProperties, Channel, Connection,
+    BasicProperties,
     message::BasicGetMessage,
     options::{
-        BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-        ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions,
+        BasicAckOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions, QueuePurgeOptions,
     },
-    types::{AMQPValue, FieldTable},
 };
 use serde::Serialize;
 
+use super::{OpsError, open};
 use crate::{
-    broker::connection,
-    broker::publish::{header_str, unix_now},
-    broker::retry,
-    broker::topology,
+    broker::{publish::publish_confirmed, topology::queue_depth},
     config::{Config, TopologyConfig},
-    contract::request,
+    contract::{
+        headers::{self, DeadLetterInfo},
+        request,
+    },
+    runtime::clock::unix_now,
 };
 
 /// A dead letter as `llmq dlq list` shows it.
@@ -45,20 +44,6 @@ pub struct DeadLetter {
     pub routing_key: String,
 }
 
-/// Why a queue command failed.
-#[derive(Debug, thiserror::Error)]
-pub enum OpsError {
-    /// The broker could not be reached.
-    #[error(transparent)]
-    Connect(#[from] connection::ConnectError),
-    /// A broker operation failed.
-    #[error("broker error: {0}")]
-    Broker(#[from] lapin::Error),
-    /// A republished dead letter was not confirmed; it stays in the DLQ.
-    #[error("the broker did not confirm the replay of {0}; it stays in the dead-letter queue")]
-    NotConfirmed(String),
-}
-
 /// Which dead letters to replay.
 #[derive(Debug, Clone)]
 pub enum Selection {
@@ -68,38 +53,18 @@ pub enum Selection {
     Ids(HashSet<String>),
 }
 
-async fn open(config: &Config, name: &str) -> Result<(Connection, Channel), OpsError> {
-    let conn = connection::connect(&config.amqp, name).await?;
-    let channel = conn.create_channel().await?;
-    Ok((conn, channel))
-}
-
-async fn depth(channel: &Channel, queue: &str) -> Result<(u32, u32), OpsError> {
-    let q = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    Ok((q.message_count(), q.consumer_count()))
-}
-
 fn describe(m: &BasicGetMessage) -> DeadLetter {
     let d = &m.delivery;
-    let headers = d.properties.headers().clone().unwrap_or_default();
-    let last = request::header_i64(&d.properties, "x-last-failure").unwrap_or_else(unix_now);
+    let info = DeadLetterInfo::read(&d.properties);
     DeadLetter {
         request_id: request::request_id_of_invalid(&d.data, &d.properties),
-        error_kind: header_str(&headers, "x-error-kind").unwrap_or_else(|| "unknown".into()),
-        reason: header_str(&headers, "x-error").unwrap_or_default(),
-        attempts: request::header_u32(&d.properties, "x-attempts").unwrap_or(0),
-        age_secs: (unix_now() - last).max(0),
-        routing_key: header_str(&headers, "x-original-routing-key")
+        age_secs: (unix_now() - info.last_failure.unwrap_or_else(unix_now)).max(0),
+        routing_key: info
+            .original_routing_key
             .unwrap_or_else(|| d.routing_key.to_string()),
+        error_kind: info.kind,
+        reason: info.reason,
+        attempts: info.attempts,
     }
 }
 
@@ -107,7 +72,7 @@ fn describe(m: &BasicGetMessage) -> DeadLetter {
 pub async fn list(config: &Config, limit: usize) -> Result<Vec<DeadLetter>, OpsError> {
     let (conn, channel) = open(config, "llmq dlq list").await?;
     let queue = config.topology.dead_letter_queue.as_str();
-    let (count, _) = depth(&channel, queue).await?;
+    let count = queue_depth(&channel, queue).await?.messages;
     let mut out = Vec::new();
     let mut taken = Vec::new();
     for _ in 0..limit.min(count as usize) {
@@ -143,7 +108,7 @@ pub async fn replay(
         .await?;
     let topo = &config.topology;
     let queue = topo.dead_letter_queue.as_str();
-    let (count, _) = depth(&channel, queue).await?;
+    let count = queue_depth(&channel, queue).await?.messages;
     let mut replayed = Vec::new();
     let mut kept = Vec::new();
     for _ in 0..count {
@@ -164,22 +129,15 @@ pub async fn replay(
         }
         let key = replay_key(topo, &info.routing_key);
         let props = cleaned(&m.delivery.properties, reset_attempts);
-        let confirm = publisher
-            .basic_publish(
-                topo.request_exchange.as_str().into(),
-                key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &m.delivery.data,
-                props,
-            )
-            .await?
-            .await?;
-        if !matches!(confirm, lapin::Confirmation::Ack(None)) {
+        let exchange = &topo.request_exchange;
+        let data = &m.delivery.data;
+        if let Err(source) = publish_confirmed(&publisher, exchange, &key, true, data, props).await
+        {
             let _ = channel.close(200, "replay stopped".into()).await;
-            return Err(OpsError::NotConfirmed(info.request_id));
+            return Err(OpsError::NotConfirmed {
+                request_id: info.request_id,
+                source,
+            });
         }
         m.delivery.acker.ack(BasicAckOptions::default()).await?;
         replayed.push(info);
@@ -217,43 +175,9 @@ fn replay_key(topo: &TopologyConfig, original: &str) -> String {
 
 /// The properties without the failure headers (and, on request, the attempt count).
 fn cleaned(props: &BasicProperties, reset_attempts: bool) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    if let Some(old) = props.headers() {
-        for (k, v) in old.inner() {
-            let name = k.as_str();
-            let drop = name.starts_with("x-error")
-                || matches!(
-                    name,
-                    "x-attempts"
-                        | "x-first-failure"
-                        | "x-last-failure"
-                        | "x-worker"
-                        | "x-original-exchange"
-                        | "x-original-routing-key"
-                        | "x-death"
-                        | retry::NOT_BEFORE_HEADER
-                        | retry::TIER_HEADER
-                        | retry::LAST_ERROR_HEADER
-                )
-                || (reset_attempts
-                    && matches!(name, retry::ATTEMPTS_HEADER | retry::FIRST_FAILURE_HEADER));
-            if !drop {
-                headers.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    if !reset_attempts {
-        // The dead letter's count is the final one; the retry header may be older.
-        let n = request::header_u32(props, "x-attempts")
-            .max(request::header_u32(props, retry::ATTEMPTS_HEADER));
-        if let Some(n) = n {
-            headers.insert(
-                retry::ATTEMPTS_HEADER.into(),
-                AMQPValue::LongInt(n.min(i32::MAX as u32) as i32),
-            );
-        }
-    }
-    props.clone().with_headers(headers)
+    props
+        .clone()
+        .with_headers(headers::for_replay(props, reset_attempts))
 }
 
 /// Empties the DLQ; returns how many messages it held.
@@ -269,53 +193,29 @@ pub async fn purge(config: &Config) -> Result<u32, OpsError> {
     Ok(n)
 }
 
-/// One queue in `llmq status`.
-#[derive(Debug, Clone, Serialize)]
-pub struct QueueStatus {
-    /// Its name.
-    pub queue: String,
-    /// Ready messages.
-    pub messages: u32,
-    /// Consumers subscribed.
-    pub consumers: u32,
-}
-
-/// Depths and consumers of every queue of the topology (missing ones are skipped).
-pub async fn status(config: &Config) -> Result<Vec<QueueStatus>, OpsError> {
-    let conn = connection::connect(&config.amqp, "llmq status").await?;
-    let t = &config.topology;
-    let mut queues = vec![
-        t.processing_queue.clone(),
-        t.embeddings_queue.clone(),
-        t.results_queue.clone(),
-        t.dead_letter_queue.clone(),
-    ];
-    queues.extend(
-        retry::TIERS
-            .iter()
-            .map(|tier| topology::retry_queue(t, tier.name)),
+/// The table `llmq dlq list` prints.
+pub fn table(items: &[DeadLetter]) -> String {
+    let mut out = format!(
+        "{:<38} {:<20} {:>8} {:>8}  reason\n",
+        "request_id", "error_kind", "attempts", "age_s"
     );
-    let mut out = Vec::new();
-    for queue in queues {
-        // A passive declare of a missing queue closes its channel: one channel per queue.
-        let channel = conn.create_channel().await?;
-        if let Ok((messages, consumers)) = depth(&channel, &queue).await {
-            out.push(QueueStatus {
-                queue,
-                messages,
-                consumers,
-            });
-            let _ = channel.close(200, "ok".into()).await;
-        }
+    for d in items {
+        out.push_str(&format!(
+            "{:<38} {:<20} {:>8} {:>8}  {}\n",
+            d.request_id,
+            d.error_kind,
+            d.attempts,
+            d.age_secs,
+            crate::truncate(&d.reason, 120)
+        ));
     }
-    let _ = conn.close(200, "done".into()).await;
-    Ok(out)
+    out
 }
 
-/// Declares the topology (as a worker does at start-up) without consuming.
-pub async fn declare(config: &Config) -> Result<(), OpsError> {
-    let (conn, channel) = open(config, "llmq topology").await?;
-    topology::declare(&channel, &config.topology).await?;
-    let _ = conn.close(200, "done".into()).await;
-    Ok(())
+/// One JSON object per line, as `llmq dlq list --json` prints them.
+pub fn json_lines(items: &[DeadLetter]) -> String {
+    items
+        .iter()
+        .map(|d| serde_json::to_string(d).unwrap_or_default() + "\n")
+        .collect()
 }

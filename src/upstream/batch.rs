@@ -13,9 +13,11 @@ use tokio::{
 };
 
 use crate::{
-    runtime::metrics::Metrics,
-    upstream::client::{EmbeddingAnswer, LlmClient, LlmError},
-    upstream::flow::Flow,
+    contract::{Usage, request::Kind},
+    upstream::{
+        call::Deployment,
+        client::{EmbeddingAnswer, LlmError},
+    },
 };
 
 /// Requests waiting to be batched at most (back-pressure on the callers beyond that).
@@ -45,17 +47,10 @@ struct Pending {
 
 impl Batcher {
     /// Starts the batching task (it ends when every `Batcher` clone is dropped). Each
-    /// upstream call takes one slot of `flow`: the concurrency limit counts calls, not the
-    /// messages they carry.
-    pub fn spawn(
-        llm: LlmClient,
-        flow: std::sync::Arc<Flow>,
-        metrics: std::sync::Arc<Metrics>,
-        max_items: usize,
-        max_wait: Duration,
-    ) -> Self {
+    /// upstream call takes one slot of the deployment: the concurrency limit counts calls, not
+    /// the messages they carry.
+    pub fn spawn(upstream: Deployment, max_items: usize, max_wait: Duration) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let upstream = Upstream { llm, flow, metrics };
         tokio::spawn(run(upstream, rx, max_items.max(1), max_wait));
         Self { tx }
     }
@@ -88,45 +83,22 @@ impl Batcher {
     }
 }
 
-/// The upstream and the flow control its calls go through.
-#[derive(Clone)]
-struct Upstream {
-    llm: LlmClient,
-    flow: std::sync::Arc<Flow>,
-    metrics: std::sync::Arc<Metrics>,
+/// One batched (or, after a refused batch, single) call: a slot and the accounting of the
+/// deployment, per call rather than per message.
+async fn call(
+    up: &Deployment,
+    model: &str,
+    input: &[String],
+    params: &Map<String, Value>,
+    priority: u8,
+    tokens: u64,
+) -> Result<EmbeddingAnswer, LlmError> {
+    let slot = up.admit(priority, tokens).await;
+    let answer = up.client().embed(model, input, params);
+    up.call(Kind::Embedding, slot, answer).await
 }
 
-impl Upstream {
-    /// One call, with its slot, its latency and its AIMD feedback (per call, not per message).
-    async fn call(
-        &self,
-        model: &str,
-        input: &[String],
-        params: &Map<String, Value>,
-        priority: u8,
-        tokens: u64,
-    ) -> Result<EmbeddingAnswer, LlmError> {
-        let permit = self.flow.acquire(priority, tokens).await;
-        let started = Instant::now();
-        let answer = self.llm.embed(model, input, params).await;
-        drop(permit);
-        self.metrics.upstream_call("embedding", started.elapsed());
-        match &answer {
-            Ok(_) => self.flow.on_success(),
-            Err(e) => {
-                if e.is_throttle() {
-                    self.flow.on_throttle();
-                }
-                if let Some(after) = e.retry_after() {
-                    self.flow.pause_for(after);
-                }
-            }
-        }
-        answer
-    }
-}
-
-async fn run(llm: Upstream, mut rx: mpsc::Receiver<Item>, max_items: usize, max_wait: Duration) {
+async fn run(llm: Deployment, mut rx: mpsc::Receiver<Item>, max_items: usize, max_wait: Duration) {
     let mut pending: HashMap<String, Pending> = HashMap::new();
     loop {
         let next_deadline = pending.values().map(|p| p.deadline).min();
@@ -184,7 +156,7 @@ async fn run(llm: Upstream, mut rx: mpsc::Receiver<Item>, max_items: usize, max_
 
 /// One upstream call for `items`, its answer split back; a batch refused as a whole is
 /// retried one request at a time.
-async fn send(up: Upstream, items: Vec<Item>) {
+async fn send(up: Deployment, items: Vec<Item>) {
     let Some(first) = items.first() else {
         return;
     };
@@ -192,15 +164,11 @@ async fn send(up: Upstream, items: Vec<Item>) {
     let inputs: Vec<String> = items.iter().flat_map(|i| i.input.iter().cloned()).collect();
     let priority = items.iter().map(|i| i.priority).max().unwrap_or(0);
     let tokens = items.iter().map(|i| i.tokens).sum();
-    let answer = up.call(&model, &inputs, &params, priority, tokens).await;
+    let answer = call(&up, &model, &inputs, &params, priority, tokens).await;
     match answer {
         Ok(answer) => {
             let total_chars: usize = inputs.iter().map(String::len).sum::<usize>().max(1);
-            let total_tokens = answer
-                .usage
-                .as_ref()
-                .and_then(|u| u["total_tokens"].as_u64())
-                .unwrap_or(0);
+            let total_tokens = answer.usage.as_ref().and_then(Usage::total).unwrap_or(0);
             let batched = items.len();
             let mut vectors = answer.vectors.into_iter();
             for item in items {
@@ -210,11 +178,12 @@ async fn send(up: Upstream, items: Vec<Item>) {
                 let _ = item.reply.send(Ok(EmbeddingAnswer {
                     vectors: mine,
                     model: answer.model.clone(),
-                    usage: Some(json!({
-                        "prompt_tokens": share,
-                        "total_tokens": share,
-                        "batched_with": batched - 1
-                    })),
+                    usage: Some(Usage {
+                        prompt_tokens: Some(share),
+                        total_tokens: Some(share),
+                        completion_tokens: None,
+                        other: Map::from_iter([("batched_with".into(), json!(batched - 1))]),
+                    }),
                 }));
             }
         }
@@ -224,15 +193,15 @@ async fn send(up: Upstream, items: Vec<Item>) {
             let singles = items.into_iter().map(|item| {
                 let up = up.clone();
                 async move {
-                    let answer = up
-                        .call(
-                            &item.model,
-                            &item.input,
-                            &item.params,
-                            item.priority,
-                            item.tokens,
-                        )
-                        .await;
+                    let answer = call(
+                        &up,
+                        &item.model,
+                        &item.input,
+                        &item.params,
+                        item.priority,
+                        item.tokens,
+                    )
+                    .await;
                     let _ = item.reply.send(answer);
                 }
             });

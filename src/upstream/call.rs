@@ -1,84 +1,213 @@
-//! One step of work: a job and its attempt number in, an [`Outcome`] out.
+//! The one owner of an upstream call: a slot of the flow control, the HTTP call, its
+//! latency, the AIMD signal, the token settlement and the call metrics. Single calls and
+//! batched embedding calls both go through [`Deployment::call`]; [`Upstream::attempt`] turns
+//! one job's answer into an [`Outcome`].
 //!
-//! No broker here, so tests drive it against the mock upstream alone. Deciding what to do
-//! with the outcome (publish, wait and retry, dead-letter) is [`crate::worker`]'s job.
+//! No broker here, so tests drive it against the mock upstream alone. What to do with an
+//! outcome (publish, retry, dead-letter) is decided in [`crate::worker::decide`].
 
-use std::time::{Duration, Instant};
+use std::{future::Future, sync::Arc, time::Instant};
+
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{BatchConfig, LlmConfig},
-    contract::request::{Call, Job},
-    contract::response::JobResult,
-    upstream::batch::Batcher,
-    upstream::client::{LlmClient, LlmError},
+    contract::{
+        ErrorKind, Usage,
+        request::{Call, Job, Kind},
+        response::JobResult,
+    },
+    runtime::metrics::Metrics,
+    upstream::{
+        batch::Batcher,
+        client::{ChatAnswer, EmbeddingAnswer, LlmClient, LlmError},
+        flow::{Flow, Permit},
+    },
 };
 
 /// What became of one attempt.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// The upstream answered; publish this result.
+    /// The upstream answered; this is the result.
     Done(Box<JobResult>),
-    /// A transient failure; try again, not before `after` if the upstream said so.
+    /// A transient failure: another attempt may succeed, not before `after` if the upstream
+    /// said so.
     Retry {
         /// The upstream's `Retry-After`.
-        after: Option<Duration>,
+        after: Option<std::time::Duration>,
         /// What failed.
         reason: String,
         /// The upstream pushed back (429 or a timeout).
         throttle: bool,
     },
-    /// Will never succeed; dead-letter it.
-    DeadLetter {
-        /// `invalid_request`, `too_large`, `upstream_permanent`, `retries_exhausted`, ...
-        kind: &'static str,
-        /// Why, for the `x-error` header and the error result.
+    /// Will never succeed.
+    Failed {
+        /// Why, for the dead letter and the error result.
+        kind: ErrorKind,
+        /// What happened.
         reason: String,
     },
 }
 
+impl Outcome {
+    /// The outcome of a failed call, classified once where the failure happened.
+    fn from_error(e: LlmError) -> Self {
+        match e {
+            LlmError::Transient {
+                retry_after,
+                throttle,
+                ..
+            } => Outcome::Retry {
+                after: retry_after,
+                throttle,
+                reason: e.to_string(),
+            },
+            LlmError::Permanent { .. } => Outcome::Failed {
+                kind: ErrorKind::UpstreamPermanent,
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    /// The `error_kind` label of a failed attempt, `None` for an answer.
+    pub fn failure_label(&self) -> Option<&'static str> {
+        match self {
+            Outcome::Done(_) => None,
+            Outcome::Retry { throttle: true, .. } => Some("throttled"),
+            Outcome::Retry { .. } => Some("transient"),
+            Outcome::Failed { kind, .. } => Some(kind.as_str()),
+        }
+    }
+}
+
+/// An answer whose token usage settles the budget.
+pub trait Answer {
+    /// The usage the upstream reported.
+    fn usage(&self) -> Option<&Usage>;
+}
+
+impl Answer for ChatAnswer {
+    fn usage(&self) -> Option<&Usage> {
+        self.usage.as_ref()
+    }
+}
+
+impl Answer for EmbeddingAnswer {
+    fn usage(&self) -> Option<&Usage> {
+        self.usage.as_ref()
+    }
+}
+
+/// A slot for one upstream call, with the tokens it was admitted for.
+pub struct Slot {
+    permit: Permit,
+    estimate: u64,
+}
+
+/// One OpenAI-compatible deployment: its client, its flow control and the accounting of
+/// every call made to it.
+#[derive(Clone)]
+pub struct Deployment {
+    client: LlmClient,
+    flow: Arc<Flow>,
+    metrics: Arc<Metrics>,
+}
+
+impl Deployment {
+    /// A deployment reached through `client`, its calls limited by `flow`.
+    pub fn new(client: LlmClient, flow: Arc<Flow>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            client,
+            flow,
+            metrics,
+        }
+    }
+
+    /// The HTTP client.
+    pub fn client(&self) -> &LlmClient {
+        &self.client
+    }
+
+    /// Waits for a slot (highest priority first), any `Retry-After` pause and the budgets
+    /// for `tokens`.
+    pub async fn admit(&self, priority: u8, tokens: u64) -> Slot {
+        Slot {
+            permit: self.flow.acquire(priority, tokens).await,
+            estimate: tokens,
+        }
+    }
+
+    /// Makes one call in `slot` and accounts for it: the latency metric, the AIMD signal
+    /// (per call, not per message it carries), a `Retry-After` pause and the token budget.
+    pub async fn call<T: Answer>(
+        &self,
+        kind: Kind,
+        slot: Slot,
+        call: impl Future<Output = Result<T, LlmError>>,
+    ) -> Result<T, LlmError> {
+        let started = Instant::now();
+        let answer = call.await;
+        drop(slot.permit);
+        self.metrics.upstream_call(kind.as_str(), started.elapsed());
+        match &answer {
+            Ok(a) => {
+                self.flow.on_success();
+                let used = a.usage().and_then(Usage::total).unwrap_or(slot.estimate);
+                self.flow.settle_tokens(slot.estimate, used).await;
+            }
+            Err(e) => {
+                if e.is_throttle() {
+                    self.flow.on_throttle();
+                }
+                if let Some(after) = e.retry_after() {
+                    self.flow.pause_for(after);
+                }
+            }
+        }
+        answer
+    }
+}
+
 /// Makes upstream calls for jobs and turns answers into results.
 #[derive(Clone)]
-pub struct Processor {
-    llm: LlmClient,
+pub struct Upstream {
+    deployment: Deployment,
     /// Embedding calls go through the micro-batcher unless batching is off.
     batcher: Option<Batcher>,
     chat_model: String,
     embedding_model: String,
+    default_max_tokens: u64,
     worker: String,
+    metrics: Arc<Metrics>,
 }
 
-impl Processor {
-    /// A processor for the configured upstream; `worker` names this replica in results.
-    /// Starts the embedding batcher, so it must run inside the runtime.
+impl Upstream {
+    /// The configured upstream; `worker` names this replica in results. Starts the embedding
+    /// batcher, so it must run inside the runtime.
     pub fn new(
         cfg: &LlmConfig,
         batch: &BatchConfig,
-        flow: std::sync::Arc<crate::upstream::flow::Flow>,
-        metrics: std::sync::Arc<crate::runtime::metrics::Metrics>,
+        flow: Arc<Flow>,
+        metrics: Arc<Metrics>,
         worker: String,
     ) -> Result<Self, reqwest::Error> {
-        let llm = LlmClient::new(cfg)?;
+        let deployment = Deployment::new(LlmClient::new(cfg)?, flow, metrics.clone());
         let batcher = (batch.max_items > 1).then(|| {
             Batcher::spawn(
-                llm.clone(),
-                flow,
-                metrics,
+                deployment.clone(),
                 batch.max_items,
-                Duration::from_millis(batch.max_wait_ms),
+                std::time::Duration::from_millis(batch.max_wait_ms),
             )
         });
         Ok(Self {
-            llm,
+            deployment,
             batcher,
             chat_model: cfg.model.clone(),
             embedding_model: cfg.embedding_model.clone(),
+            default_max_tokens: cfg.default_max_tokens,
             worker,
+            metrics,
         })
-    }
-
-    /// Whether embedding calls are batched (and take their flow slots per batch).
-    pub fn batches_embeddings(&self) -> bool {
-        self.batcher.is_some()
     }
 
     /// This replica's name.
@@ -87,8 +216,15 @@ impl Processor {
     }
 
     /// Makes the `attempt`-th upstream call for `job`; `started` is when its delivery
-    /// arrived, for `latency_ms`.
-    pub async fn attempt(&self, job: &Job, attempt: u32, started: Instant) -> Outcome {
+    /// arrived, for `latency_ms`. `None` when `stop` was cancelled while it waited for a
+    /// slot: nothing was called, the request goes back to its queue.
+    pub async fn attempt(
+        &self,
+        job: &Job,
+        attempt: u32,
+        started: Instant,
+        stop: &CancellationToken,
+    ) -> Option<Outcome> {
         let mut result = JobResult::ok(job.request_id.clone(), self.worker.clone());
         result.kind = Some(job.kind().as_str());
         result.metadata = job.metadata.clone();
@@ -96,7 +232,9 @@ impl Processor {
         let answer = match &job.call {
             Call::Chat { messages, params } => {
                 let model = job.model.as_deref().unwrap_or(&self.chat_model);
-                self.llm.chat(model, messages, params).await.map(|a| {
+                let slot = self.admit(job, stop).await?;
+                let call = self.deployment.client.chat(model, messages, params);
+                self.deployment.call(Kind::Chat, slot, call).await.map(|a| {
                     result.model = Some(a.model);
                     result.content = Some(a.content);
                     result.finish_reason = a.finish_reason;
@@ -110,13 +248,18 @@ impl Processor {
             } => {
                 let model = job.model.as_deref().unwrap_or(&self.embedding_model);
                 let answer = match &self.batcher {
+                    // The batcher takes one slot per batched call.
                     Some(batcher) => {
                         let tokens = job.token_estimate(0);
                         batcher
                             .embed(model, input, params, job.priority, tokens)
                             .await
                     }
-                    None => self.llm.embed(model, input, params).await,
+                    None => {
+                        let slot = self.admit(job, stop).await?;
+                        let call = self.deployment.client.embed(model, input, params);
+                        self.deployment.call(Kind::Embedding, slot, call).await
+                    }
                 };
                 answer.map(|a| {
                     result.model = Some(a.model);
@@ -129,21 +272,28 @@ impl Processor {
                 })
             }
         };
-        match answer {
+        let outcome = match answer {
             Ok(()) => {
                 result.latency_ms =
                     u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 Outcome::Done(Box::new(result))
             }
-            Err(e @ LlmError::Transient { .. }) => Outcome::Retry {
-                after: e.retry_after(),
-                throttle: e.is_throttle(),
-                reason: e.to_string(),
-            },
-            Err(e @ LlmError::Permanent { .. }) => Outcome::DeadLetter {
-                kind: "upstream_permanent",
-                reason: e.to_string(),
-            },
+            Err(e) => Outcome::from_error(e),
+        };
+        if let Some(label) = outcome.failure_label() {
+            self.metrics.failed(job.kind().as_str(), label);
+        }
+        Some(outcome)
+    }
+
+    /// A slot for `job`'s call, or `None` when `stop` comes first. A slot free right away
+    /// wins over shutdown: the work starts, and shutdown lets it finish.
+    async fn admit(&self, job: &Job, stop: &CancellationToken) -> Option<Slot> {
+        let estimate = job.token_estimate(self.default_max_tokens);
+        tokio::select! {
+            biased;
+            slot = self.deployment.admit(job.priority, estimate) => Some(slot),
+            _ = stop.cancelled() => None,
         }
     }
 }

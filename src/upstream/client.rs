@@ -10,7 +10,10 @@ use reqwest::{StatusCode, header};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::config::{LlmConfig, Secret};
+use crate::{
+    config::{LlmConfig, Secret},
+    contract::Usage,
+};
 
 /// Longest error text kept from an upstream answer.
 const MAX_ERROR_TEXT: usize = 1024;
@@ -37,10 +40,6 @@ pub enum LlmError {
 }
 
 impl LlmError {
-    /// Whether a retry may succeed.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, LlmError::Transient { .. })
-    }
     /// Whether the upstream pushed back (429 or a timeout).
     pub fn is_throttle(&self) -> bool {
         matches!(self, LlmError::Transient { throttle: true, .. })
@@ -63,7 +62,7 @@ pub struct ChatAnswer {
     /// The model that answered, as the upstream names it.
     pub model: String,
     /// Token usage as reported.
-    pub usage: Option<Value>,
+    pub usage: Option<Usage>,
     /// Why generation stopped.
     pub finish_reason: Option<String>,
 }
@@ -76,7 +75,7 @@ pub struct EmbeddingAnswer {
     /// The model that answered.
     pub model: String,
     /// Token usage as reported.
-    pub usage: Option<Value>,
+    pub usage: Option<Usage>,
 }
 
 /// A pooled HTTP client for one upstream.
@@ -250,7 +249,7 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 struct ChatResponse {
     model: Option<String>,
     choices: Vec<ChatChoice>,
-    usage: Option<Value>,
+    usage: Option<Usage>,
 }
 
 #[derive(Deserialize)]
@@ -268,7 +267,7 @@ struct ChatMessage {
 struct EmbeddingResponse {
     model: Option<String>,
     data: Vec<EmbeddingData>,
-    usage: Option<Value>,
+    usage: Option<Usage>,
 }
 
 #[derive(Deserialize)]

@@ -2,7 +2,7 @@
 
 use std::{sync::atomic::Ordering, time::Duration};
 
-use crate::helpers::{TestEnv, header, json, unique};
+use crate::helpers::{TestEnv, header, json, unique, wait_until};
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties,
@@ -338,17 +338,13 @@ async fn request_is_not_acked_until_its_result_is_confirmed() {
     .await;
     // Let the worker call the upstream and fail to get its result confirmed (the broker
     // nacks every publish), then stop it: graceful shutdown must not ack the request.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while env.mock.stats().chat_calls.load(Ordering::Relaxed) < 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the worker calls the upstream"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // (The other queues bound to the results exchange may still get copies: a nack is not
-    // atomic across queues. Duplicates are allowed; an ack without a confirm is not.)
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The other queues bound to the results exchange still get copies: a nack is not atomic
+    // across queues. Duplicates are allowed; an ack without a confirm is not. A copy on the
+    // results queue shows the worker has published and been refused.
+    wait_until(Duration::from_secs(20), "a refused publish", || async {
+        env.queue_len(&t.results_queue).await >= 1
+    })
+    .await;
     worker.stop().await.unwrap();
     assert_eq!(
         env.queue_len(&t.processing_queue).await,

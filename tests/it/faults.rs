@@ -58,6 +58,12 @@ async fn sigkill_with_requests_in_flight_loses_nothing() {
     .await;
     signal(&first, "KILL");
     first.wait().await.unwrap();
+    // At 1.5 s per call nothing has finished yet, so every call made so far was in flight.
+    assert_eq!(
+        env.queue_len(&env.config.topology.results_queue).await,
+        0,
+        "no call finished before the kill"
+    );
     let in_flight_at_kill = chat_calls(&env);
     env.mock.set_options(MockOptions {
         latency_ms: 20,
@@ -69,7 +75,7 @@ async fn sigkill_with_requests_in_flight_loses_nothing() {
     second.stop().await.unwrap();
     let calls = chat_calls(&env);
     assert!(
-        calls <= N as u64 + in_flight_at_kill,
+        (N as u64..=N as u64 + in_flight_at_kill).contains(&calls),
         "{calls} upstream calls for {N} requests with {in_flight_at_kill} in flight at the kill"
     );
     assert_eq!(
@@ -195,7 +201,7 @@ async fn long_waits_go_through_the_retry_queue() {
         header(&dead[0], "x-error-kind").as_deref(),
         Some("retries_exhausted")
     );
-    let attempts = llmq::contract::request::header_u32(&dead[0].properties, "x-attempts");
+    let attempts = llmq::contract::headers::get_u32(&dead[0].properties, "x-attempts");
     assert_eq!(attempts, Some(3));
     assert_eq!(chat_calls(&env), 3, "exactly max_attempts upstream calls");
     let times: Vec<Instant> = env
@@ -474,22 +480,17 @@ async fn deleted_queue_is_redeclared_and_consumed_again() {
         .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
         .await
         .unwrap();
-    wait_until(Duration::from_secs(15), "the queue redeclared", || async {
-        let ch = env.conn.create_channel().await.unwrap();
-        let exists = ch
-            .queue_declare(
-                q.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .is_ok();
-        let _ = ch.close(200, "ok".into()).await;
-        exists
-    })
+    // Consumers subscribe after the whole topology (queue and binding) is declared again.
+    wait_until(
+        Duration::from_secs(15),
+        "the queue redeclared and consumed",
+        || async {
+            let ch = env.conn.create_channel().await.unwrap();
+            let depth = llmq::broker::topology::queue_depth(&ch, &q).await;
+            let _ = ch.close(200, "ok".into()).await;
+            depth.is_ok_and(|d| d.consumers > 0)
+        },
+    )
     .await;
     env.publish_chat(
         &json!({"prompt": "after", "request_id": "after"}),
@@ -527,7 +528,6 @@ async fn sigterm_mid_load_exits_cleanly_and_loses_nothing() {
         chat_calls(&env) >= 30
     })
     .await;
-    let sent = Instant::now();
     signal(&child, "TERM");
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
         .await
@@ -539,7 +539,12 @@ async fn sigterm_mid_load_exits_cleanly_and_loses_nothing() {
         "{}",
         std::fs::read_to_string(&log).unwrap()
     );
-    assert!(sent.elapsed() < Duration::from_secs(12));
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("worker stopped"), "{log}");
+    assert!(
+        !log.contains("grace period over"),
+        "drained within the grace period, nothing cut off: {log}"
+    );
     let queued = env.queue_len(&env.config.topology.processing_queue).await as usize;
     let results = env.queue_len(&env.config.topology.results_queue).await as usize;
     assert_eq!(results + queued, N, "{results} results + {queued} queued");

@@ -121,8 +121,13 @@ async fn shared_redis_budget_holds_across_two_workers() {
         c.limits.key_prefix = format!("{}:limits", c.idempotency.key_prefix);
     })
     .await;
-    let a = env.start_worker();
-    let b = env.start_worker();
+    let stop = CancellationToken::new();
+    let (a, b) = (
+        Worker::new(env.config.clone(), stop.clone()).unwrap(),
+        Worker::new(env.config.clone(), stop.clone()).unwrap(),
+    );
+    let flows = [a.flow(), b.flow()];
+    let tasks = [tokio::spawn(a.run()), tokio::spawn(b.run())];
     for i in 0..40 {
         env.publish_chat(
             &json!({"prompt": format!("r-{i}"), "request_id": format!("r-{i}")}),
@@ -131,19 +136,27 @@ async fn shared_redis_budget_holds_across_two_workers() {
         .await;
     }
     let start = Instant::now();
-    wait_until(Duration::from_secs(10), "the burst", || async {
-        env.mock.stats().chat_calls.load(Ordering::Relaxed) >= 20
-    })
+    // The burst spends the budget; then each worker holds a request that waits for it (a
+    // slot taken, no call made: the mock answers at once).
+    wait_until(
+        Duration::from_secs(10),
+        "both workers held by the budget",
+        || async {
+            env.mock.stats().chat_calls.load(Ordering::Relaxed) >= 20
+                && flows.iter().all(|f| f.in_flight() >= 1)
+        },
+    )
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let calls = env.mock.stats().chat_calls.load(Ordering::Relaxed);
     let allowed = 20 + (start.elapsed().as_secs_f64() / 3.0).ceil() as u64;
     assert!(
         calls <= allowed,
         "{calls} calls with a fleet budget allowing {allowed}"
     );
-    a.stop().await.unwrap();
-    b.stop().await.unwrap();
+    stop.cancel();
+    for task in tasks {
+        task.await.unwrap();
+    }
     env.cleanup().await;
 }
 

@@ -14,6 +14,7 @@ use lapin::{
     types::FieldTable,
 };
 use llmq::{
+    app::{App, AppError},
     broker::topology,
     config::{Config, SecretUrl},
     tools::mock::{MockOptions, MockServer},
@@ -79,12 +80,12 @@ pub struct TestEnv {
 /// A worker running in-process.
 pub struct Worker {
     pub stop: CancellationToken,
-    pub task: JoinHandle<Result<(), llmq::worker::WorkerError>>,
+    pub task: JoinHandle<Result<(), AppError>>,
 }
 
 impl Worker {
     /// Graceful shutdown; returns the worker's own result.
-    pub async fn stop(self) -> Result<(), llmq::worker::WorkerError> {
+    pub async fn stop(self) -> Result<(), AppError> {
         self.stop.cancel();
         tokio::time::timeout(Duration::from_secs(30), self.task)
             .await
@@ -126,10 +127,15 @@ impl TestEnv {
         }
     }
 
-    /// Starts a worker with this env's config.
+    /// Starts the service (worker and admin server) with this env's config, as `llmq run`
+    /// does.
     pub fn start_worker(&self) -> Worker {
         let stop = CancellationToken::new();
-        let task = tokio::spawn(llmq::worker::run(self.config.clone(), stop.clone()));
+        let (config, token) = (self.config.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            App::start(config, token).await?.run().await;
+            Ok(())
+        });
         Worker { stop, task }
     }
 
@@ -287,7 +293,7 @@ pub fn json(data: &[u8]) -> Value {
 
 /// Reads a string header.
 pub fn header(d: &Delivery, name: &str) -> Option<String> {
-    llmq::broker::publish::header_str(d.properties.headers().as_ref()?, name)
+    llmq::contract::headers::get_str(&d.properties, name)
 }
 
 /// The path of the built binary.

@@ -6,11 +6,11 @@ use std::{collections::HashSet, time::Duration};
 use crate::helpers::{TestEnv, amqp_url_via, broker_addr, wait_until};
 use lapin::BasicProperties;
 use llmq::{
+    app::App,
     config::SecretUrl,
-    ops::admin::{self, Admin},
     ops::dlq::{self, Selection},
+    ops::status,
     tools::mock::MockOptions,
-    worker::Worker,
 };
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -20,16 +20,11 @@ async fn worker_with_admin(
     env: &TestEnv,
 ) -> (String, CancellationToken, tokio::task::JoinHandle<()>) {
     let stop = CancellationToken::new();
-    let worker = Worker::new(env.config.clone(), stop.clone()).unwrap();
-    let admin = Admin {
-        metrics: worker.metrics(),
-        flow: worker.flow(),
-        health: worker.health(),
-    };
-    let addr = admin::serve("127.0.0.1:0".parse().unwrap(), admin, stop.clone())
-        .await
-        .unwrap();
-    let task = tokio::spawn(worker.run());
+    let app = App::start(env.config.clone(), stop.clone()).await.unwrap();
+    let addr = app
+        .admin_addr()
+        .expect("admin.addr is set by the test config");
+    let task = tokio::spawn(app.run());
     (format!("http://{addr}"), stop, task)
 }
 
@@ -191,7 +186,7 @@ async fn dlq_list_and_replay_round_trip() {
         "the others stay, in order"
     );
 
-    let status = dlq::status(&env.config).await.unwrap();
+    let status = status::status(&env.config).await.unwrap();
     let dlq_row = status.iter().find(|q| q.queue == dlq_name).unwrap();
     assert_eq!(dlq_row.messages, 3);
     assert_eq!(dlq::purge(&env.config).await.unwrap(), 3);

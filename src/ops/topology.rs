@@ -1,0 +1,83 @@
+//! `llmq topology`: declare the topology as a worker does at start-up, without consuming,
+//! and describe it.
+
+use super::{OpsError, open};
+use crate::{
+    broker::{retry, topology},
+    config::{Config, TopologyConfig},
+};
+
+/// Declares the topology (as a worker does at start-up) without consuming.
+pub async fn declare(config: &Config) -> Result<(), OpsError> {
+    let (conn, channel) = open(config, "llmq topology").await?;
+    topology::declare(&channel, &config.topology).await?;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}
+
+/// The exchanges and queues, one per line, as `llmq topology` prints them.
+pub fn describe(t: &TopologyConfig) -> String {
+    let mut out = String::new();
+    let mut line = |s: String| {
+        out.push_str(&s);
+        out.push('\n');
+    };
+    line(format!("exchange {} (direct)", t.request_exchange));
+    for (queue, key) in [
+        (&t.processing_queue, &t.processing_key),
+        (&t.embeddings_queue, &t.embeddings_key),
+    ] {
+        line(format!(
+            "  -> queue {queue} (key {key}, x-max-priority {})",
+            t.max_priority
+        ));
+    }
+    line(format!("exchange {} (direct)", t.results_exchange));
+    if t.keep_results {
+        line(format!(
+            "  -> queue {} (key {})",
+            t.results_queue, t.results_key
+        ));
+    }
+    line(format!("exchange {} (direct)", t.dead_letter_exchange));
+    line(format!(
+        "  -> queue {} (key {})",
+        t.dead_letter_queue, t.dead_letter_key
+    ));
+    line(format!("exchange {} (headers)", t.retry_exchange));
+    for tier in retry::TIERS {
+        line(format!(
+            "  -> queue {} (dead-letters to {})",
+            topology::retry_queue(t, tier.name),
+            t.request_exchange
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describes_every_exchange_and_queue() {
+        let t = TopologyConfig::default();
+        let text = describe(&t);
+        assert!(text.starts_with(&format!("exchange {} (direct)\n", t.request_exchange)));
+        for name in [
+            &t.processing_queue,
+            &t.embeddings_queue,
+            &t.results_exchange,
+            &t.dead_letter_queue,
+            &t.retry_exchange,
+        ] {
+            assert!(text.contains(name.as_str()), "{name} missing in\n{text}");
+        }
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.contains("dead-letters to"))
+                .count(),
+            retry::TIERS.len()
+        );
+    }
+}

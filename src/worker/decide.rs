@@ -1,0 +1,473 @@
+//! What to do with a delivery, decided by a pure function of plain values.
+//!
+//! [`decide`] is asked again after each step the worker takes (asking the idempotency
+//! store, an upstream attempt, an inline wait) with what that step produced, until it
+//! answers with a terminal [`Decision`]: publish, republish elsewhere, dead-letter or hand
+//! back. [`crate::worker::settle`] carries decisions out and talks to the broker; nothing
+//! here does, so every branch has a unit test below.
+
+use std::time::Duration;
+
+use crate::{
+    broker::retry::TIERS,
+    config::OnStoreError,
+    contract::{ErrorKind, request::InvalidRequest},
+    upstream::call::Outcome,
+    worker::policy::RetryPolicy,
+};
+
+/// Messages that come back this early (ms) before their not-before time wait again.
+const NOT_BEFORE_SLACK_MS: i64 = 100;
+/// A not-before further away than this (ms) is not one llmq set: ignored.
+const MAX_NOT_BEFORE_MS: i64 = 48 * 3600 * 1000;
+
+/// The idempotency store's answer for the request, so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Not asked yet.
+    NotAsked,
+    /// This worker holds the lease: it may call the upstream.
+    Acquired,
+    /// A result is stored: the request was answered before.
+    Finished,
+    /// Another worker holds the lease.
+    Busy,
+    /// The store could not be reached; why.
+    Unavailable(String),
+}
+
+/// Everything a decision depends on. Later needs (the redelivery count, time spent rate
+/// limited, the deployment, a deadline, a cancel tombstone, a tenant's budget) are new
+/// fields here and new branches in [`decide`].
+#[derive(Debug, Clone)]
+pub struct Input<'a> {
+    /// Why the message can never be served, when it did not parse.
+    pub invalid: Option<&'a InvalidRequest>,
+    /// Upstream attempts made for this request, counting earlier deliveries.
+    pub attempts: u32,
+    /// The message's not-before time (Unix ms), as the publisher's header says.
+    pub not_before_ms: Option<i64>,
+    /// Now (Unix ms).
+    pub now_ms: i64,
+    /// The idempotency store's answer.
+    pub claim: Claim,
+    /// What the last attempt in this delivery produced, if it has made one since the last
+    /// inline wait.
+    pub produced: Option<&'a Outcome>,
+    /// The worker is shutting down (or past its deadline): start nothing new.
+    pub stopping: bool,
+    /// When and how often to retry.
+    pub policy: &'a RetryPolicy,
+    /// What to do when the idempotency store is down.
+    pub on_store_error: OnStoreError,
+    /// A uniform draw from [0, 1) for the backoff's jitter.
+    pub jitter: f64,
+}
+
+/// What the worker does next with a delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Ask the idempotency store for the request's lease (or its stored result).
+    Claim,
+    /// Make the next upstream attempt.
+    Call,
+    /// Store and publish the result the attempt produced (confirmed), then ack.
+    Publish,
+    /// Publish the stored result of a request answered before (confirmed), then ack.
+    PublishStored,
+    /// Wait here, then call again.
+    RetryInline {
+        /// How long.
+        after: Duration,
+    },
+    /// Publish the request elsewhere (confirmed), then ack.
+    Republish(Republish),
+    /// Publish to the dead-letter queue (confirmed), tell the caller, then ack.
+    DeadLetter {
+        /// Why, as a kind.
+        kind: ErrorKind,
+        /// Why, in words.
+        reason: String,
+    },
+    /// Give the delivery back to its queue (nack with requeue).
+    HandBack,
+}
+
+/// A request moved to another queue, carrying its attempt count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Republish {
+    /// Where it goes.
+    pub to: Destination,
+    /// Its attempt count from now on.
+    pub attempts: u32,
+    /// Why it moves, for the headers and the logs.
+    pub reason: String,
+}
+
+/// Where a republished request goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// A delayed-retry tier, back to its work queue after `after`.
+    RetryTier {
+        /// The wait.
+        after: Duration,
+    },
+}
+
+impl Decision {
+    fn retry_tier(after: Duration, attempts: u32, reason: impl Into<String>) -> Self {
+        Decision::Republish(Republish {
+            to: Destination::RetryTier { after },
+            attempts,
+            reason: reason.into(),
+        })
+    }
+}
+
+/// The next step for a delivery.
+pub fn decide(i: &Input<'_>) -> Decision {
+    if let Some(invalid) = i.invalid {
+        return Decision::DeadLetter {
+            kind: invalid.kind,
+            reason: invalid.message.clone(),
+        };
+    }
+    match i.produced {
+        Some(Outcome::Done(_)) => return Decision::Publish,
+        Some(Outcome::Failed { kind, reason }) => {
+            return Decision::DeadLetter {
+                kind: *kind,
+                reason: reason.clone(),
+            };
+        }
+        Some(Outcome::Retry { after, reason, .. }) => return after_transient(i, *after, reason),
+        None => {}
+    }
+    if i.stopping {
+        return Decision::HandBack;
+    }
+    if i.claim == Claim::NotAsked {
+        // Back before its time (a wait longer than the last retry tier): wait again. The
+        // header comes from the publisher: saturate, and ignore a time beyond any wait llmq
+        // sets, so a forged one can neither overflow nor park a request forever.
+        if let Some(not_before) = i.not_before_ms {
+            let early = not_before.saturating_sub(i.now_ms);
+            if early > NOT_BEFORE_SLACK_MS && early <= MAX_NOT_BEFORE_MS {
+                let wait = Duration::from_millis(early.unsigned_abs());
+                return Decision::retry_tier(wait, i.attempts, "waiting for not-before");
+            }
+        }
+        return Decision::Claim;
+    }
+    match &i.claim {
+        Claim::Finished => return Decision::PublishStored,
+        Claim::Busy => {
+            return Decision::retry_tier(TIERS[0].max, i.attempts, "duplicate in progress");
+        }
+        Claim::Unavailable(e) if i.on_store_error == OnStoreError::Requeue => {
+            return Decision::retry_tier(TIERS[0].max, i.attempts, e.clone());
+        }
+        Claim::Unavailable(_) | Claim::Acquired | Claim::NotAsked => {}
+    }
+    // Checked after the store, so that a finished request redelivered after its last
+    // attempt gets its stored result instead of a dead letter.
+    if !i.policy.may_retry(i.attempts) {
+        return Decision::DeadLetter {
+            kind: ErrorKind::RetriesExhausted,
+            reason: format!(
+                "{} attempts already made (counting deliveries interrupted by a worker crash)",
+                i.attempts
+            ),
+        };
+    }
+    Decision::Call
+}
+
+/// After a transient failure: give up, wait here, or wait in a retry tier.
+fn after_transient(i: &Input<'_>, retry_after: Option<Duration>, reason: &str) -> Decision {
+    if !i.policy.may_retry(i.attempts) {
+        return Decision::DeadLetter {
+            kind: ErrorKind::RetriesExhausted,
+            reason: format!(
+                "gave up after {} attempts; last error: {reason}",
+                i.attempts
+            ),
+        };
+    }
+    let delay = i.policy.delay(i.attempts, retry_after, i.jitter);
+    if delay > i.policy.inline_max() {
+        Decision::retry_tier(delay, i.attempts, reason)
+    } else if i.stopping {
+        Decision::HandBack
+    } else {
+        Decision::RetryInline { after: delay }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{contract::response::JobResult, worker::policy::tests::policy};
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    /// A fresh delivery of a valid request: nothing asked, nothing produced.
+    fn fresh(policy: &RetryPolicy) -> Input<'_> {
+        Input {
+            invalid: None,
+            attempts: 0,
+            not_before_ms: None,
+            now_ms: NOW,
+            claim: Claim::NotAsked,
+            produced: None,
+            stopping: false,
+            policy,
+            on_store_error: OnStoreError::Requeue,
+            jitter: 1.0,
+        }
+    }
+
+    fn transient(after: Option<Duration>) -> Outcome {
+        Outcome::Retry {
+            after,
+            reason: "HTTP 503".into(),
+            throttle: false,
+        }
+    }
+
+    #[test]
+    fn an_invalid_request_is_dead_lettered_with_its_reason() {
+        let p = policy();
+        let invalid = InvalidRequest {
+            kind: ErrorKind::TooLarge,
+            message: "body of 9 bytes".into(),
+        };
+        let i = Input {
+            invalid: Some(&invalid),
+            ..fresh(&p)
+        };
+        assert_eq!(
+            decide(&i),
+            Decision::DeadLetter {
+                kind: ErrorKind::TooLarge,
+                reason: "body of 9 bytes".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_fresh_request_asks_the_store_then_calls() {
+        let p = policy();
+        assert_eq!(decide(&fresh(&p)), Decision::Claim);
+        let i = Input {
+            claim: Claim::Acquired,
+            ..fresh(&p)
+        };
+        assert_eq!(decide(&i), Decision::Call);
+    }
+
+    #[test]
+    fn early_arrival_waits_again_in_a_retry_tier() {
+        let p = policy();
+        let i = Input {
+            attempts: 2,
+            not_before_ms: Some(NOW + 40_000),
+            ..fresh(&p)
+        };
+        assert_eq!(
+            decide(&i),
+            Decision::retry_tier(Duration::from_secs(40), 2, "waiting for not-before")
+        );
+    }
+
+    #[test]
+    fn not_before_within_slack_past_or_forged_is_ignored() {
+        let p = policy();
+        for nb in [
+            NOW + 50,
+            NOW - 10_000,
+            NOW + MAX_NOT_BEFORE_MS + 1,
+            i64::MIN,
+            i64::MAX,
+        ] {
+            let i = Input {
+                not_before_ms: Some(nb),
+                ..fresh(&p)
+            };
+            assert_eq!(decide(&i), Decision::Claim, "not_before {nb}");
+        }
+    }
+
+    #[test]
+    fn a_finished_duplicate_gets_its_stored_result_even_out_of_attempts() {
+        let p = policy();
+        let i = Input {
+            claim: Claim::Finished,
+            attempts: 99,
+            ..fresh(&p)
+        };
+        assert_eq!(decide(&i), Decision::PublishStored);
+    }
+
+    #[test]
+    fn a_duplicate_in_progress_checks_back_from_the_first_tier() {
+        let p = policy();
+        let i = Input {
+            claim: Claim::Busy,
+            attempts: 1,
+            ..fresh(&p)
+        };
+        assert_eq!(
+            decide(&i),
+            Decision::retry_tier(TIERS[0].max, 1, "duplicate in progress")
+        );
+    }
+
+    #[test]
+    fn store_down_requeues_or_proceeds_as_configured() {
+        let p = policy();
+        let down = Input {
+            claim: Claim::Unavailable("redis refused".into()),
+            ..fresh(&p)
+        };
+        assert_eq!(
+            decide(&down),
+            Decision::retry_tier(TIERS[0].max, 0, "redis refused")
+        );
+        let proceed = Input {
+            on_store_error: OnStoreError::Proceed,
+            ..down
+        };
+        assert_eq!(decide(&proceed), Decision::Call);
+    }
+
+    #[test]
+    fn a_request_out_of_attempts_on_arrival_is_dead_lettered() {
+        let p = policy();
+        let i = Input {
+            claim: Claim::Acquired,
+            attempts: 5,
+            ..fresh(&p)
+        };
+        let Decision::DeadLetter { kind, reason } = decide(&i) else {
+            panic!("expected a dead letter");
+        };
+        assert_eq!(kind, ErrorKind::RetriesExhausted);
+        assert!(reason.starts_with("5 attempts already made"), "{reason}");
+    }
+
+    #[test]
+    fn an_answer_is_published_even_while_stopping() {
+        let p = policy();
+        let done = Outcome::Done(Box::new(JobResult::ok("r".into(), "w".into())));
+        let i = Input {
+            claim: Claim::Acquired,
+            attempts: 1,
+            produced: Some(&done),
+            stopping: true,
+            ..fresh(&p)
+        };
+        assert_eq!(decide(&i), Decision::Publish);
+    }
+
+    #[test]
+    fn a_permanent_failure_is_dead_lettered_with_its_kind() {
+        let p = policy();
+        let failed = Outcome::Failed {
+            kind: ErrorKind::UpstreamPermanent,
+            reason: "HTTP 400".into(),
+        };
+        let i = Input {
+            claim: Claim::Acquired,
+            attempts: 1,
+            produced: Some(&failed),
+            ..fresh(&p)
+        };
+        assert_eq!(
+            decide(&i),
+            Decision::DeadLetter {
+                kind: ErrorKind::UpstreamPermanent,
+                reason: "HTTP 400".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_short_backoff_waits_inline() {
+        let p = policy();
+        let failed = transient(None);
+        let i = Input {
+            claim: Claim::Acquired,
+            attempts: 2,
+            produced: Some(&failed),
+            jitter: 0.5,
+            ..fresh(&p)
+        };
+        let Decision::RetryInline { after } = decide(&i) else {
+            panic!("expected an inline retry");
+        };
+        assert_eq!(after.as_millis(), 100, "half the second step (200 ms)");
+    }
+
+    #[test]
+    fn a_retry_after_past_the_inline_limit_goes_through_a_tier() {
+        let p = policy();
+        let failed = transient(Some(Duration::from_secs(3)));
+        let i = Input {
+            claim: Claim::Acquired,
+            attempts: 1,
+            produced: Some(&failed),
+            jitter: 0.0,
+            ..fresh(&p)
+        };
+        assert_eq!(
+            decide(&i),
+            Decision::retry_tier(Duration::from_secs(3), 1, "HTTP 503"),
+            "Retry-After is a floor under the backoff"
+        );
+    }
+
+    #[test]
+    fn a_transient_failure_on_the_last_attempt_is_exhausted() {
+        let p = policy();
+        let failed = transient(None);
+        let i = Input {
+            claim: Claim::Acquired,
+            attempts: 5,
+            produced: Some(&failed),
+            ..fresh(&p)
+        };
+        assert_eq!(
+            decide(&i),
+            Decision::DeadLetter {
+                kind: ErrorKind::RetriesExhausted,
+                reason: "gave up after 5 attempts; last error: HTTP 503".into()
+            }
+        );
+    }
+
+    #[test]
+    fn stopping_hands_back_instead_of_waiting_or_calling() {
+        let p = policy();
+        let failed = transient(None);
+        let waiting = Input {
+            claim: Claim::Acquired,
+            attempts: 1,
+            produced: Some(&failed),
+            stopping: true,
+            jitter: 0.5,
+            ..fresh(&p)
+        };
+        assert_eq!(decide(&waiting), Decision::HandBack, "no inline wait");
+        let interrupted = Input {
+            produced: None,
+            ..waiting
+        };
+        assert_eq!(decide(&interrupted), Decision::HandBack, "no new call");
+        let fresh_stopping = Input {
+            stopping: true,
+            ..fresh(&p)
+        };
+        assert_eq!(decide(&fresh_stopping), Decision::HandBack);
+    }
+}

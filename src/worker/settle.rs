@@ -1,0 +1,486 @@
+//! Settling one delivery: parse it, then ask [`decide`] what to do and carry that out
+//! until the delivery is published somewhere (confirmed) and acked, or handed back.
+//!
+//! This is the imperative shell around the pure decision: it talks to the idempotency
+//! store, the upstream and the broker, and feeds what each step produced back into the
+//! decision's [`Input`].
+
+use std::{
+    panic::AssertUnwindSafe,
+    time::{Duration, Instant},
+};
+
+use futures_util::FutureExt;
+use lapin::{
+    message::Delivery,
+    options::{BasicAckOptions, BasicNackOptions},
+};
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use super::{
+    Context,
+    decide::{Claim, Decision, Destination, Input, Republish, decide},
+};
+use crate::{
+    broker::publish::{PublishError, Publisher, ReplyRoute},
+    contract::{
+        ErrorKind, Usage,
+        headers::{Failure, RetryState},
+        request::{self, InvalidRequest, Job, Kind},
+        response::JobResult,
+    },
+    runtime::clock::{unix_now, unix_now_ms},
+    store::idempotency,
+    upstream::call::Outcome,
+};
+
+/// Publishing attempts for one outcome before the delivery is handed back to its queue.
+const PUBLISH_ATTEMPTS: u32 = 5;
+
+/// Settles one delivery; a panic anywhere in it dead-letters the delivery, so it is neither
+/// lost nor left unacked until the broker's consumer timeout.
+pub(super) async fn handle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Delivery) {
+    let settle = AssertUnwindSafe(settle(ctx, publisher, kind, delivery));
+    if settle.catch_unwind().await.is_err() {
+        ctx.metrics
+            .dead_lettered(kind.as_str(), ErrorKind::InternalError.as_str());
+        dead_letter_after_panic(publisher, delivery, ctx.worker()).await;
+    }
+}
+
+async fn settle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Delivery) {
+    let started = Instant::now();
+    ctx.metrics.received(kind.as_str());
+    let max_body = ctx.config.worker.max_body_bytes;
+    let parsed = std::panic::catch_unwind(|| {
+        request::parse(&delivery.data, &delivery.properties, kind, max_body)
+    })
+    .unwrap_or_else(|_| {
+        Err(InvalidRequest {
+            kind: ErrorKind::InternalError,
+            message: "the worker panicked while parsing this message".into(),
+        })
+    });
+    let request_id = match &parsed {
+        Ok(job) => job.request_id.clone(),
+        Err(_) => request::request_id_of_invalid(&delivery.data, &delivery.properties),
+    };
+    let retry = RetryState::read(&delivery.properties);
+    let prior = prior_attempts(delivery);
+    let span = info_span!(
+        "job",
+        %request_id,
+        kind = kind.as_str(),
+        priority = delivery.properties.priority().unwrap_or(0),
+        attempt = prior + 1,
+        delivery_tag = delivery.delivery_tag,
+    );
+    let settling = Settling {
+        ctx,
+        publisher,
+        delivery,
+        kind,
+        route: route_of(delivery, &request_id),
+        attempts: prior,
+        first_failure: retry.first_failure,
+        claimed: false,
+    };
+    settling
+        .run(parsed, retry.not_before_ms, started)
+        .instrument(span)
+        .await;
+}
+
+/// Upstream attempts made before this delivery: the count in its header, plus one when the
+/// broker redelivers it (its previous delivery was being processed when a worker died or
+/// handed it back), so a message that keeps killing workers still runs out of attempts.
+fn prior_attempts(delivery: &Delivery) -> u32 {
+    RetryState::read(&delivery.properties)
+        .attempts
+        .saturating_add(u32::from(delivery.redelivered))
+}
+
+/// One delivery being settled, and what the steps so far have changed.
+struct Settling<'a> {
+    ctx: &'a Context,
+    publisher: &'a Publisher,
+    delivery: &'a Delivery,
+    kind: Kind,
+    route: ReplyRoute,
+    /// Upstream attempts made for this request, counting earlier deliveries.
+    attempts: u32,
+    /// Unix seconds of the first transient failure.
+    first_failure: Option<i64>,
+    /// This worker holds the request's lease in the idempotency store.
+    claimed: bool,
+}
+
+impl Settling<'_> {
+    /// Asks for a decision, carries it out, and asks again until one is final.
+    async fn run(
+        mut self,
+        parsed: Result<Job, InvalidRequest>,
+        not_before_ms: Option<i64>,
+        started: Instant,
+    ) {
+        let ctx = self.ctx;
+        let (job, invalid) = match parsed {
+            Ok(job) => (Some(job), None),
+            Err(invalid) => (None, Some(invalid)),
+        };
+        let prior = self.attempts;
+        let mut claim = Claim::NotAsked;
+        let mut stored: Option<Vec<u8>> = None;
+        let mut produced: Option<Outcome> = None;
+        let mut stopping = false;
+        loop {
+            let decision = decide(&Input {
+                invalid: invalid.as_ref(),
+                attempts: self.attempts,
+                not_before_ms,
+                now_ms: unix_now_ms(),
+                claim: claim.clone(),
+                produced: produced.as_ref(),
+                stopping,
+                policy: &ctx.policy,
+                on_store_error: ctx.config.idempotency.on_store_error,
+                jitter: fastrand::f64(),
+            });
+            let Some(job) = job.as_ref() else {
+                return self.finish(decision, None, produced, None).await;
+            };
+            match decision {
+                Decision::Claim => {
+                    claim = self.claim(job, &mut stored).await;
+                }
+                Decision::Call => {
+                    if self.attempts > prior {
+                        ctx.store.renew(&job.request_id, ctx.worker()).await;
+                    }
+                    match self.attempt(job, started).await {
+                        Some(outcome) => {
+                            self.attempts += 1;
+                            if matches!(outcome, Outcome::Retry { .. }) {
+                                self.first_failure.get_or_insert_with(unix_now);
+                            }
+                            produced = Some(outcome);
+                        }
+                        None => stopping = true,
+                    }
+                }
+                Decision::RetryInline { after } => {
+                    ctx.metrics.retried(self.kind.as_str());
+                    let reason = failure_reason(produced.as_ref());
+                    warn!(attempt = self.attempts, delay_ms = millis(after), error = %reason, "transient failure; retrying");
+                    produced = None;
+                    tokio::select! {
+                        _ = tokio::time::sleep(after) => {}
+                        _ = ctx.stop.cancelled() => {
+                            info!(attempt = self.attempts, "shutting down during a retry wait; handing the request back");
+                            stopping = true;
+                        }
+                    }
+                }
+                terminal => {
+                    return self.finish(terminal, Some(job), produced, stored).await;
+                }
+            }
+        }
+    }
+
+    /// Asks the idempotency store for the request's lease.
+    async fn claim(&mut self, job: &Job, stored: &mut Option<Vec<u8>>) -> Claim {
+        let ctx = self.ctx;
+        match ctx.store.claim(&job.request_id, ctx.worker()).await {
+            Ok(idempotency::Claim::Acquired) => {
+                self.claimed = true;
+                Claim::Acquired
+            }
+            Ok(idempotency::Claim::Done(body)) => {
+                info!("duplicate of a finished request; re-publishing the stored result");
+                *stored = Some(body);
+                Claim::Finished
+            }
+            Ok(idempotency::Claim::Busy) => {
+                debug!("another worker is processing this request; checking back later");
+                Claim::Busy
+            }
+            Err(e) => {
+                warn!(error = %e, on_store_error = ?ctx.config.idempotency.on_store_error, "idempotency store unreachable");
+                Claim::Unavailable(e.to_string())
+            }
+        }
+    }
+
+    /// The next upstream attempt, or `None` when shutdown came first (while it waited for a
+    /// slot, or past the deadline mid-call).
+    async fn attempt(&self, job: &Job, started: Instant) -> Option<Outcome> {
+        let ctx = self.ctx;
+        let attempt = self.attempts + 1;
+        let call = AssertUnwindSafe(ctx.upstream.attempt(job, attempt, started, &ctx.stop));
+        tokio::select! {
+            outcome = call.catch_unwind() => match outcome {
+                Ok(outcome) => outcome,
+                Err(_) => Some(Outcome::Failed {
+                    kind: ErrorKind::InternalError,
+                    reason: "the worker panicked while processing this request".into(),
+                }),
+            },
+            _ = ctx.abort.cancelled() => {
+                info!(attempt, "shutdown deadline reached mid-call; handing the request back");
+                None
+            }
+        }
+    }
+
+    /// Carries out a final decision.
+    async fn finish(
+        &self,
+        decision: Decision,
+        job: Option<&Job>,
+        produced: Option<Outcome>,
+        stored: Option<Vec<u8>>,
+    ) {
+        match decision {
+            Decision::Publish => match produced {
+                Some(Outcome::Done(result)) => self.publish(&result).await,
+                // decide answers Publish only for an answer.
+                _ => self.hand_back().await,
+            },
+            Decision::PublishStored => match stored {
+                Some(body) => {
+                    let published = self.publish_body(&body).await;
+                    ack_if_confirmed(self.delivery, published).await;
+                }
+                None => self.hand_back().await,
+            },
+            Decision::Republish(move_to) => {
+                if let Some(Outcome::Retry { .. }) = produced {
+                    self.ctx.metrics.retried(self.kind.as_str());
+                    let Destination::RetryTier { after } = move_to.to;
+                    warn!(attempt = self.attempts, delay_ms = millis(after), error = %move_to.reason, "transient failure; retrying through the retry queue");
+                } else {
+                    debug!(reason = %move_to.reason, "waiting in the retry queue");
+                }
+                self.republish(&move_to).await
+            }
+            Decision::DeadLetter { kind, reason } => self.dead_letter(job, kind, &reason).await,
+            Decision::HandBack => self.hand_back().await,
+            // Not final: `run` carries these out itself.
+            Decision::Claim | Decision::Call | Decision::RetryInline { .. } => {
+                self.hand_back().await
+            }
+        }
+    }
+
+    /// Stores and publishes an answer, then acks.
+    async fn publish(&self, result: &JobResult) {
+        let ctx = self.ctx;
+        let body = result.to_bytes();
+        if let Err(e) = ctx
+            .store
+            .save(&self.route.request_id, ctx.worker(), &body)
+            .await
+        {
+            warn!(error = %e, "could not store the result; a duplicate would call the upstream again");
+        }
+        let publish_started = Instant::now();
+        let published = self.publish_body(&body).await;
+        if published.is_ok() {
+            ctx.metrics.published(publish_started.elapsed());
+            let tokens = result.usage.as_ref().and_then(Usage::total).unwrap_or(0);
+            ctx.metrics.succeeded(self.kind.as_str(), tokens);
+            debug!(
+                attempts = self.attempts,
+                latency_ms = result.latency_ms,
+                "done"
+            );
+        }
+        ack_if_confirmed(self.delivery, published).await;
+    }
+
+    async fn publish_body(&self, body: &[u8]) -> Result<(), PublishError> {
+        with_publish_retries(|| self.publisher.result_body(&self.route, body)).await
+    }
+
+    /// Moves the request to another queue (confirmed), then acks.
+    async fn republish(&self, to: &Republish) {
+        self.release().await;
+        let Destination::RetryTier { after } = to.to;
+        let topo = &self.ctx.config.topology;
+        let key = match self.kind {
+            Kind::Chat => &topo.processing_key,
+            Kind::Embedding => &topo.embeddings_key,
+        };
+        let state = RetryState {
+            attempts: to.attempts,
+            first_failure: self.first_failure,
+            not_before_ms: None,
+        };
+        let published = with_publish_retries(|| {
+            self.publisher
+                .retry(self.delivery, key, after, state, &to.reason)
+        })
+        .await;
+        ack_if_confirmed(self.delivery, published).await;
+    }
+
+    /// Dead-letters the delivery (confirmed), tells the caller, then acks.
+    async fn dead_letter(&self, job: Option<&Job>, kind: ErrorKind, reason: &str) {
+        let ctx = self.ctx;
+        let failure = Failure {
+            kind,
+            reason,
+            attempts: self.attempts,
+            first_failure: self.first_failure.unwrap_or_else(unix_now),
+            worker: ctx.worker(),
+        };
+        let published =
+            with_publish_retries(|| self.publisher.dead_letter(self.delivery, &failure)).await;
+        if published.is_ok() {
+            error!(error_kind = %kind, attempts = self.attempts, reason = %reason, "dead-lettered");
+            ctx.metrics.dead_lettered(self.kind.as_str(), kind.as_str());
+            // Error results are not stored: a replayed dead letter (`llmq dlq replay`) must
+            // be processed again, not answered with its old error.
+            self.release().await;
+            // The caller hears of it too, so that an RPC caller never waits forever. The dead
+            // letter is the durable record; this result is best effort.
+            let mut result = JobResult::error(
+                self.route.request_id.clone(),
+                ctx.worker().to_string(),
+                kind,
+                crate::truncate(reason, 1024),
+            );
+            result.attempts = self.attempts;
+            result.kind = Some(self.kind.as_str());
+            result.metadata = job.and_then(|j| j.metadata.clone());
+            if let Err(e) = self
+                .publisher
+                .result_body(&self.route, &result.to_bytes())
+                .await
+            {
+                warn!(error = %e, "the error result could not be published; the dead letter is kept");
+            }
+        }
+        ack_if_confirmed(self.delivery, published).await;
+    }
+
+    /// Gives the delivery back to its queue, and the lease with it.
+    async fn hand_back(&self) {
+        self.release().await;
+        nack(self.delivery).await;
+    }
+
+    async fn release(&self) {
+        if self.claimed {
+            let ctx = self.ctx;
+            ctx.store
+                .release(&self.route.request_id, ctx.worker())
+                .await;
+        }
+    }
+}
+
+/// The reason of a transient failure, for logs.
+fn failure_reason(produced: Option<&Outcome>) -> &str {
+    match produced {
+        Some(Outcome::Retry { reason, .. } | Outcome::Failed { reason, .. }) => reason,
+        _ => "",
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// After a panic anywhere in handling a delivery: dead-letter it (confirmed) and ack.
+async fn dead_letter_after_panic(publisher: &Publisher, delivery: &Delivery, worker: &str) {
+    error!(
+        delivery_tag = delivery.delivery_tag,
+        "the worker panicked while handling a message; dead-lettering it"
+    );
+    let failure = Failure {
+        kind: ErrorKind::InternalError,
+        reason: "the worker panicked while handling this message",
+        attempts: prior_attempts(delivery),
+        first_failure: unix_now(),
+        worker,
+    };
+    let published = with_publish_retries(|| publisher.dead_letter(delivery, &failure)).await;
+    ack_if_confirmed(delivery, published).await;
+}
+
+/// Acks a delivery whose outcome the broker confirmed; hands it back otherwise.
+async fn ack_if_confirmed(delivery: &Delivery, published: Result<(), PublishError>) {
+    match published {
+        Ok(()) => ack(delivery).await,
+        Err(e) => {
+            error!(error = %e, "the outcome could not be confirmed by the broker; handing the request back");
+            nack(delivery).await;
+        }
+    }
+}
+
+/// Publishes with a few quick retries: a nack or a closed queue may clear up within
+/// seconds; a dead channel will not, so it is not retried.
+async fn with_publish_retries<F, Fut>(mut publish: F) -> Result<(), PublishError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), PublishError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match publish().await {
+            Ok(()) => return Ok(()),
+            Err(e @ PublishError::Broker { .. }) => return Err(e),
+            Err(e) if tries >= PUBLISH_ATTEMPTS => return Err(e),
+            Err(e) => {
+                warn!(error = %e, tries, "publish not confirmed; trying again");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+}
+
+async fn ack(delivery: &Delivery) {
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => {}
+        Ok(false) => {
+            warn!("ack not sent: the delivery's channel is gone; the broker redelivers the request")
+        }
+        Err(e) => warn!(error = %e, "ack failed; the broker redelivers the request"),
+    }
+}
+
+/// Hands a delivery back to its queue (nack with requeue).
+pub(super) async fn nack(delivery: &Delivery) {
+    let requeue = BasicNackOptions {
+        requeue: true,
+        multiple: false,
+    };
+    match delivery.acker.nack(requeue).await {
+        Ok(true) => {}
+        Ok(false) => {
+            debug!("nack not sent: the delivery's channel is gone; the broker requeues it")
+        }
+        Err(e) => {
+            warn!(error = %e, "nack failed; the broker requeues the request when the channel closes")
+        }
+    }
+}
+
+fn route_of(delivery: &Delivery, request_id: &str) -> ReplyRoute {
+    let p = &delivery.properties;
+    ReplyRoute {
+        request_id: request_id.to_string(),
+        correlation_id: p.correlation_id().as_ref().map(|s| s.to_string()),
+        reply_to: p
+            .reply_to()
+            .as_ref()
+            .map(|s| s.to_string())
+            .filter(|s| !s.is_empty()),
+    }
+}

@@ -1,0 +1,287 @@
+//! Consumer slots: each a consuming channel subscribed to both work queues, with its own
+//! confirm-mode publishing channel, and a prefetch that follows the concurrency limit.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::{
+    Connection,
+    message::Delivery,
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
+    types::FieldTable,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, warn};
+
+use super::{Context, health::Consuming, lifecycle, settle};
+use crate::{broker::publish::Publisher, config::Config, contract::request::Kind};
+
+/// Pause before a consumer slot reopens its channels after a channel-level failure.
+const SLOT_RESTART_DELAY: Duration = Duration::from_secs(1);
+
+/// Why a consumer session ended other than by shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionEnd {
+    /// A broker operation failed.
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
+    /// The broker cancelled the subscription (its queue was deleted).
+    #[error("the broker cancelled the consumer (queue deleted?)")]
+    Cancelled,
+    /// The confirm channel closed (e.g. the results exchange was deleted).
+    #[error("the publishing channel closed")]
+    PublisherClosed,
+}
+
+/// Keeps one consumer slot subscribed: a channel-level failure (a channel closed by the
+/// broker, a consumer cancelled because its queue was deleted) reopens the channels after a
+/// pause, redeclaring the topology; a connection-level failure is returned.
+pub(super) async fn consumer_slot(
+    ctx: Arc<Context>,
+    conn: Arc<Connection>,
+    slot: u16,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) -> Result<(), SessionEnd> {
+    loop {
+        let failure = match session(&ctx, &conn, slot, &tracker, &stop).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if !conn.status().connected() {
+            return Err(failure);
+        }
+        warn!(slot, error = %failure, "consumer channel failed; reopening");
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(SLOT_RESTART_DELAY) => {}
+        }
+        debug!(slot, "redeclaring the topology");
+        if let Err(e) = lifecycle::declare(&conn, &ctx.config).await {
+            warn!(slot, error = %e, "redeclaring the topology failed");
+        }
+        debug!(slot, "resubscribing");
+    }
+}
+
+/// Shortest time between two resubscriptions of a slot when the prefetch follows the
+/// concurrency limit.
+const RESUBSCRIBE_EVERY: Duration = Duration::from_secs(1);
+
+/// A delivery from one of a slot's consumers, or the end of that consumer's stream.
+type Tagged = (String, Kind, Option<Result<Delivery, lapin::Error>>);
+
+/// The merged deliveries of a slot's consumers.
+type Streams = futures_util::stream::SelectAll<
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Tagged> + Send>>,
+>;
+
+/// One subscription of a slot, until `stop` or a failure.
+///
+/// When `worker.prefetch` is 0 the prefetch follows the concurrency limit. RabbitMQ applies
+/// `basic.qos` to consumers created after it, so a new limit means new consumers: the slot
+/// subscribes again with the new prefetch and cancels the old consumers, whose unacked
+/// deliveries stay valid on the same channel and whose buffered ones are still handled.
+async fn session(
+    ctx: &Arc<Context>,
+    conn: &Connection,
+    slot: u16,
+    tracker: &TaskTracker,
+    stop: &CancellationToken,
+) -> Result<(), SessionEnd> {
+    let channel = conn.create_channel().await?;
+    let publisher = Publisher::open(conn, ctx.config.topology.clone()).await?;
+    let mut limit = ctx.flow.watch_limit();
+    let mut current = *limit.borrow_and_update();
+    let prefetches = |limit: usize| {
+        (
+            prefetch_for(&ctx.config, limit, Kind::Chat),
+            prefetch_for(&ctx.config, limit, Kind::Embedding),
+        )
+    };
+    let mut generation = 0u32;
+    let mut streams = Streams::new();
+    let mut live = subscribe(ctx, &channel, slot, generation, current, &mut streams).await?;
+    let _consuming = Consuming::new(&ctx.health);
+    let mut cancelled: Vec<String> = Vec::new();
+    let mut last_change = Instant::now();
+    let mut resubscribe_at: Option<Instant> = None;
+    debug!(slot, prefetch = ?prefetches(current), "consuming");
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = stop.cancelled() => {
+                unsubscribe(&channel, &live, &mut streams).await;
+                return Ok(());
+            }
+            changed = limit.changed(), if ctx.config.worker.prefetch == 0 => {
+                if changed.is_err() {
+                    continue;
+                }
+                let wanted = *limit.borrow_and_update();
+                if prefetches(wanted) != prefetches(current) && resubscribe_at.is_none() {
+                    // Let the limit settle for a moment; whatever it is then wins. The loop
+                    // keeps dispatching meanwhile.
+                    resubscribe_at = Some(last_change + RESUBSCRIBE_EVERY);
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(resubscribe_at.unwrap_or_else(Instant::now).into()), if resubscribe_at.is_some() => {
+                resubscribe_at = None;
+                let wanted = *limit.borrow();
+                if prefetches(wanted) == prefetches(current) {
+                    continue;
+                }
+                generation += 1;
+                let old = std::mem::take(&mut live);
+                live = subscribe(ctx, &channel, slot, generation, wanted, &mut streams).await?;
+                for tag in old {
+                    channel
+                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                        .await?;
+                    cancelled.push(tag);
+                }
+                debug!(slot, from = ?prefetches(current), to = ?prefetches(wanted), "prefetch follows the concurrency limit");
+                current = wanted;
+                last_change = Instant::now();
+                continue;
+            }
+            next = streams.next() => next,
+        };
+        match next {
+            Some((_, kind, Some(Ok(delivery)))) => {
+                // The task keeps the consuming channel open until it has acked: dropping the
+                // last handle closes the channel, and the broker would requeue the delivery.
+                let keep_open = channel.clone();
+                let (ctx, publisher) = (ctx.clone(), publisher.clone());
+                tracker.spawn(async move {
+                    settle::handle(&ctx, &publisher, kind, &delivery).await;
+                    drop(keep_open);
+                });
+            }
+            Some((_, _, Some(Err(e)))) => return Err(e.into()),
+            Some((tag, _, None)) => {
+                // A stream we cancelled ends quietly; any other was cancelled by the broker.
+                if let Some(i) = cancelled.iter().position(|t| *t == tag) {
+                    cancelled.swap_remove(i);
+                } else {
+                    return Err(SessionEnd::Cancelled);
+                }
+            }
+            None => return Err(SessionEnd::Cancelled),
+        }
+        if !publisher.is_usable() {
+            return Err(SessionEnd::PublisherClosed);
+        }
+    }
+}
+
+/// At shutdown: cancels the consumers, and hands back at once the deliveries buffered but
+/// never started, so another replica can take them while this one drains.
+async fn unsubscribe(channel: &lapin::Channel, live: &[String], streams: &mut Streams) {
+    for tag in live {
+        let _ = channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await;
+    }
+    while let Some(Some((_, _, item))) = streams.next().now_or_never() {
+        if let Some(Ok(delivery)) = item {
+            settle::nack(&delivery).await;
+        }
+    }
+}
+
+/// Sets the prefetch and subscribes to both work queues; returns the consumer tags.
+async fn subscribe(
+    ctx: &Context,
+    channel: &lapin::Channel,
+    slot: u16,
+    generation: u32,
+    limit: usize,
+    streams: &mut Streams,
+) -> Result<Vec<String>, lapin::Error> {
+    let topo = &ctx.config.topology;
+    let mut tags = Vec::with_capacity(2);
+    for (kind, queue) in [
+        (Kind::Chat, &topo.processing_queue),
+        (Kind::Embedding, &topo.embeddings_queue),
+    ] {
+        let tag = format!(
+            "llmq-{}-{slot}.{generation}-{}",
+            ctx.worker(),
+            kind.as_str()
+        );
+        // basic.qos applies to the consumers created after it.
+        channel
+            .basic_qos(
+                prefetch_for(&ctx.config, limit, kind),
+                BasicQosOptions::default(),
+            )
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let (t1, t2) = (tag.clone(), tag.clone());
+        // The end marker tells a cancelled consumer apart from an idle one.
+        let stream = consumer
+            .map(move |d| (t1.clone(), kind, Some(d)))
+            .chain(futures_util::stream::iter([(t2, kind, None)]));
+        streams.push(Box::pin(stream));
+        tags.push(tag);
+    }
+    Ok(tags)
+}
+
+/// Each consumer's prefetch: fixed by `worker.prefetch`, else an equal share of the limit
+/// plus a quarter.
+/// The limit counts upstream calls, and a batched embedding call carries up to
+/// `batch.max_items` messages, so the embeddings consumers take that many times more.
+fn prefetch_for(config: &Config, limit: usize, kind: Kind) -> u16 {
+    if config.worker.prefetch > 0 {
+        return config.worker.prefetch;
+    }
+    let per_call = match kind {
+        Kind::Chat => 1,
+        Kind::Embedding => config.batch.max_items.max(1),
+    };
+    let consumers = usize::from(config.worker.consumers.max(1));
+    // A quarter more than the calls allowed: deliveries whose result is being confirmed still
+    // count against the prefetch, and a few waiting ones let the highest priority go first.
+    let wanted = limit.saturating_mul(per_call).saturating_mul(5) / 4;
+    let share = wanted.div_ceil(consumers).max(1);
+    u16::try_from(share).unwrap_or(u16::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_follows_the_limit_with_headroom() {
+        let mut c = Config::default();
+        c.worker.consumers = 4;
+        c.batch.max_items = 64;
+        assert_eq!(prefetch_for(&c, 256, Kind::Chat), 80);
+        assert_eq!(prefetch_for(&c, 4, Kind::Chat), 2);
+        assert_eq!(
+            prefetch_for(&c, 16, Kind::Embedding),
+            320,
+            "a batched call carries 64"
+        );
+        assert_eq!(prefetch_for(&c, 100_000, Kind::Embedding), u16::MAX);
+        c.worker.prefetch = 7;
+        assert_eq!(
+            prefetch_for(&c, 256, Kind::Chat),
+            7,
+            "a fixed prefetch wins"
+        );
+    }
+}
