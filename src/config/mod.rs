@@ -215,9 +215,11 @@ impl LlmConfig {
 pub struct WorkerConfig {
     /// Consumer tasks, each on its own channel.
     pub consumers: u16,
-    /// `basic.qos` of each consumer. 0 (the default) follows the concurrency limit: each
-    /// consumer prefetches `ceil(limit / consumers)`, so a throttled replica does not hoard
-    /// messages another replica could take.
+    /// `basic.qos` of each consumer. 0 (the default) follows the concurrency limit, so a
+    /// throttled replica does not hoard messages another replica could take: the consumers
+    /// share the limit plus a quarter equally (rounded up, at least 1), and the embeddings
+    /// consumers take `batch.max_items` times that, since one batched call carries that many
+    /// messages.
     pub prefetch: u16,
     /// Most upstream calls running at once in this replica (the AIMD ceiling).
     pub max_inflight: u16,
