@@ -14,7 +14,7 @@ mod secret;
 mod sections;
 mod validate;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use secret::{Secret, SecretUrl, redact_url};
 pub use sections::{
@@ -26,7 +26,7 @@ pub use sections::{
 pub const ENV_PREFIX: &str = "LLMQ_";
 
 /// The whole configuration of a worker (and of the built-in tools that talk to the broker).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Broker connection.
@@ -60,6 +60,14 @@ pub struct ConfigError {
 }
 
 impl Config {
+    /// The whole configuration as TOML, every key included: the file a child `llmq` process
+    /// is started with, so that it runs with exactly this configuration. Derived from
+    /// `Serialize`, so a new key cannot be left out. Secrets are written in clear (see
+    /// [`Secret`]): never log the result.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
+    }
+
     /// The `LLMQ_*` environment that gives a child `llmq` process this configuration (the
     /// benchmark and the tests start workers this way). Secrets are included: never log it.
     pub fn to_env(&self) -> Vec<(String, String)> {
@@ -133,4 +141,183 @@ pub fn env_name(key: &str) -> String {
         "{ENV_PREFIX}{}",
         key.replace('.', "__").to_ascii_uppercase()
     )
+}
+
+#[cfg(test)]
+// figment's Jail API fixes the closure's error type.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use std::{collections::BTreeMap, path::Path};
+
+    use figment::Jail;
+
+    use super::*;
+
+    /// A valid configuration in which every key differs from its default. The struct
+    /// literals name every field, so a new key does not compile until it is set here.
+    fn every_key_changed(tls_dir: &Path) -> Config {
+        let file = |name: &str| tls_dir.join(name).display().to_string();
+        Config {
+            amqp: AmqpConfig {
+                url: SecretUrl::new("amqps://user:pw@broker.example:5671/vhost"),
+                heartbeat_secs: 30,
+                tls: TlsConfig {
+                    ca_file: file("ca.pem"),
+                    client_cert: file("cert.pem"),
+                    client_key: file("key.pem"),
+                },
+            },
+            topology: TopologyConfig {
+                request_exchange: "x.requests".into(),
+                processing_queue: "x.processing".into(),
+                processing_key: "x-process".into(),
+                embeddings_queue: "x.embeddings".into(),
+                embeddings_key: "x-embed".into(),
+                max_priority: 5,
+                results_exchange: "x.results".into(),
+                results_key: "x-result".into(),
+                results_queue: "x.results-kept".into(),
+                keep_results: false,
+                dead_letter_exchange: "x.dlx".into(),
+                dead_letter_queue: "x.dlq".into(),
+                dead_letter_key: "x-dead".into(),
+                retry_exchange: "x.retry".into(),
+                retry_queue_prefix: "x.retry-q".into(),
+            },
+            llm: LlmConfig {
+                base_url: SecretUrl::new("https://api.example/v1"),
+                api_key: Secret::new("sk-test"),
+                model: "chat-model".into(),
+                embedding_model: "embedding-model".into(),
+                timeout_secs: 5,
+                max_requests_per_minute: 100,
+                max_tokens_per_minute: 10_000,
+                default_max_tokens: 99,
+            },
+            worker: WorkerConfig {
+                consumers: 3,
+                prefetch: 5,
+                max_inflight: 50,
+                min_inflight: 2,
+                id: "worker-1".into(),
+                max_body_bytes: 4096,
+                shutdown_grace_secs: 7,
+            },
+            retry: RetryConfig {
+                max_attempts: 2,
+                initial_delay_ms: 10,
+                max_delay_secs: 3,
+                inline_max_ms: 100,
+            },
+            idempotency: IdempotencyConfig {
+                store: StoreKind::Redis,
+                ttl_secs: 300,
+                redis_url: SecretUrl::new("redis://:pw@cache.example:6380/1"),
+                memory_capacity: 5,
+                key_prefix: "dedupe".into(),
+                on_store_error: OnStoreError::Proceed,
+            },
+            limits: LimitsConfig {
+                redis_url: SecretUrl::new("rediss://cache.example:6380/2"),
+                key_prefix: "budget".into(),
+            },
+            batch: BatchConfig {
+                max_items: 8,
+                max_wait_ms: 20,
+            },
+            admin: AdminConfig {
+                addr: "127.0.0.1:9191".into(),
+            },
+            log: LogConfig {
+                format: LogFormat::Json,
+                level: "llmq=debug".into(),
+            },
+        }
+    }
+
+    /// Every leaf of a TOML document by its dotted key.
+    fn leaves(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, toml::Value>) {
+        match value {
+            toml::Value::Table(table) => {
+                for (key, v) in table {
+                    let key = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    leaves(&key, v, out);
+                }
+            }
+            leaf => {
+                out.insert(prefix.to_string(), leaf.clone());
+            }
+        }
+    }
+
+    /// The leaves of `config` serialized.
+    fn keys(config: &Config) -> BTreeMap<String, toml::Value> {
+        let text = config.to_toml().expect("serializes");
+        let mut out = BTreeMap::new();
+        leaves("", &text.parse::<toml::Value>().expect("TOML"), &mut out);
+        out
+    }
+
+    #[test]
+    fn the_test_configuration_changes_every_key() {
+        let defaults = keys(&Config::default());
+        let changed = keys(&every_key_changed(Path::new("/tls")));
+        assert_eq!(
+            defaults.keys().collect::<Vec<_>>(),
+            changed.keys().collect::<Vec<_>>(),
+            "every key is serialized, empty or not"
+        );
+        for (key, default) in &defaults {
+            assert_ne!(&changed[key], default, "{key} keeps its default");
+        }
+        for key in [
+            "amqp.tls.ca_file",
+            "idempotency.ttl_secs",
+            "limits.redis_url",
+            "log.level",
+        ] {
+            assert!(defaults.contains_key(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn to_toml_loads_back_equal() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            for name in ["ca.pem", "cert.pem", "key.pem"] {
+                jail.create_file(name, "-----BEGIN CERTIFICATE-----")?;
+            }
+            let config = every_key_changed(jail.directory());
+            jail.create_file("child.toml", &config.to_toml().map_err(|e| e.to_string())?)?;
+            let back = Config::load(Some(Path::new("child.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(back, config);
+            // The defaults too: nothing is written that would not load.
+            jail.create_file(
+                "default.toml",
+                &Config::default().to_toml().map_err(|e| e.to_string())?,
+            )?;
+            let back = Config::load(Some(Path::new("default.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(back, Config::default());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_are_serialized_but_never_printed() {
+        let config = every_key_changed(Path::new("/tls"));
+        let text = config.to_toml().expect("serializes");
+        assert!(
+            text.contains("sk-test") && text.contains("user:pw@broker"),
+            "{text}"
+        );
+        let printed = format!("{config:?}");
+        assert!(
+            !printed.contains("sk-test") && !printed.contains(":pw@"),
+            "{printed}"
+        );
+    }
 }

@@ -1,11 +1,17 @@
 //! Secrets that never print: an API key, and URLs whose password is hidden.
+//!
+//! `Debug` and `Display` hide them; `Serialize` writes the real value, because the one
+//! serialized form of the configuration ([`Config::to_toml`](crate::config::Config::to_toml))
+//! is the file handed to a child `llmq` process, which needs the secrets to work. Never log or
+//! return a serialized configuration.
 
 use std::fmt;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Serialize};
 
 /// A secret string: prints as `***` in `Debug` and `Display`, so it never reaches a log.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+/// `Serialize` writes the value itself (see the module documentation).
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(transparent)]
 pub struct Secret(String);
 
@@ -36,8 +42,10 @@ impl fmt::Display for Secret {
     }
 }
 
-/// A URL whose password prints as `***` (`amqp://user:***@host:5672/%2f`).
-#[derive(Clone, PartialEq, Eq)]
+/// A URL whose password prints as `***` (`amqp://user:***@host:5672/%2f`). `Serialize`
+/// writes the URL with its password (see the module documentation).
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
 pub struct SecretUrl(String);
 
 impl SecretUrl {
@@ -52,12 +60,6 @@ impl SecretUrl {
     /// The URL as it may be printed.
     pub fn redacted(&self) -> String {
         redact_url(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for SecretUrl {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(SecretUrl)
     }
 }
 

@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Secret, SecretUrl};
 
 /// Broker connection settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpConfig {
     /// `amqp://` or `amqps://` URL; its password is redacted wherever it is printed.
@@ -19,7 +19,7 @@ pub struct AmqpConfig {
 }
 
 /// TLS for `amqps://`: the system's roots are trusted unless a CA file is given.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM file of the CA(s) that signed the broker's certificate.
@@ -41,7 +41,7 @@ impl Default for AmqpConfig {
 }
 
 /// Names of everything the worker declares. Tests override them to run in parallel.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TopologyConfig {
     /// Direct exchange that callers publish requests to.
@@ -102,7 +102,7 @@ impl Default for TopologyConfig {
 }
 
 /// The OpenAI-compatible upstream.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LlmConfig {
     /// Base URL including `/v1`; requests go to `{base_url}/chat/completions` and
@@ -169,7 +169,7 @@ impl LlmConfig {
 }
 
 /// Consumers and per-message limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
     /// Consumer tasks, each on its own channel.
@@ -222,7 +222,7 @@ impl WorkerConfig {
 }
 
 /// Retries of transient failures (429, 5xx, timeouts, connection errors).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryConfig {
     /// Upstream calls per request at most, the first one included.
@@ -248,7 +248,7 @@ impl Default for RetryConfig {
 }
 
 /// Deduplication by `request_id`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IdempotencyConfig {
     /// `memory` (per replica), `redis` (fleet-wide) or `off`.
@@ -280,7 +280,7 @@ impl Default for IdempotencyConfig {
 }
 
 /// Fleet-wide rate limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     /// When set, `llm.max_requests_per_minute` and `llm.max_tokens_per_minute` are one budget
@@ -300,7 +300,7 @@ impl Default for LimitsConfig {
 }
 
 /// The admin HTTP server: `/metrics`, `/healthz`, `/readyz`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// Listen address; empty turns the server off.
@@ -323,7 +323,7 @@ impl AdminConfig {
 }
 
 /// Embedding micro-batching.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BatchConfig {
     /// Most inputs in one `/embeddings` call; 1 turns batching off.
@@ -342,7 +342,7 @@ impl Default for BatchConfig {
 }
 
 /// Which idempotency store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreKind {
     /// No deduplication.
@@ -354,7 +354,7 @@ pub enum StoreKind {
 }
 
 /// What to do when the idempotency store is unreachable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnStoreError {
     /// Put the request back (through the retry queue) until the store answers.
@@ -364,7 +364,7 @@ pub enum OnStoreError {
 }
 
 /// Log output.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` for people, `json` for log pipelines.
@@ -383,7 +383,7 @@ impl Default for LogConfig {
 }
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
