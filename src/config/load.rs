@@ -175,7 +175,7 @@ fn without_source(message: &str) -> String {
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
-    use crate::config::{StoreKind, redact_url};
+    use crate::config::redact_url;
     use figment::Jail;
 
     /// Loads inside a jail (its own cwd and environment) with `file` as `./config.toml`.
@@ -305,27 +305,6 @@ mod tests {
                 "{var}={value}: {p:?}"
             );
         }
-    }
-
-    #[test]
-    fn to_env_round_trips() {
-        let mut c = Config::default();
-        c.worker.max_inflight = 77;
-        c.topology.processing_queue = "q-x".into();
-        c.batch.max_items = 3;
-        let env = c.to_env();
-        Jail::expect_with(|jail| {
-            jail.clear_env();
-            for (k, v) in &env {
-                jail.set_env(k, v);
-            }
-            let back = Config::load(None).map_err(|e| e.to_string())?;
-            assert_eq!(back.worker.max_inflight, 77);
-            assert_eq!(back.topology.processing_queue, "q-x");
-            assert_eq!(back.batch.max_items, 3);
-            assert_eq!(back.idempotency.store, StoreKind::Memory);
-            Ok(())
-        });
     }
 
     #[test]

@@ -6,9 +6,11 @@
 //! range), each naming its key; the binary exits 64 (EX_USAGE) on any of them.
 //!
 //! One file per concern: `sections` (the section structs and their defaults), `secret`
-//! (values that never print), `load` (the layering and how errors are described) and
-//! `validate` (the rules); every public name is re-exported here.
+//! (values that never print), `load` (the layering and how errors are described),
+//! `validate` (the rules) and `child` (handing the whole configuration to a child `llmq`
+//! process); every public name is re-exported here.
 
+mod child;
 mod load;
 mod secret;
 mod sections;
@@ -16,6 +18,7 @@ mod validate;
 
 use serde::{Deserialize, Serialize};
 
+pub use child::{ChildConfigError, ChildConfigFile, child_command, clean_command};
 pub use secret::{Secret, SecretUrl, redact_url};
 pub use sections::{
     AdminConfig, AmqpConfig, BatchConfig, IdempotencyConfig, LimitsConfig, LlmConfig, LogConfig,
@@ -63,75 +66,9 @@ impl Config {
     /// The whole configuration as TOML, every key included: the file a child `llmq` process
     /// is started with, so that it runs with exactly this configuration. Derived from
     /// `Serialize`, so a new key cannot be left out. Secrets are written in clear (see
-    /// [`Secret`]): never log the result.
+    /// [`Secret`]): never log the result; [`child_command`] puts it in a private file.
     pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
         toml::to_string(self)
-    }
-
-    /// The `LLMQ_*` environment that gives a child `llmq` process this configuration (the
-    /// benchmark and the tests start workers this way). Secrets are included: never log it.
-    pub fn to_env(&self) -> Vec<(String, String)> {
-        let (t, w, r) = (&self.topology, &self.worker, &self.retry);
-        let pairs: [(&str, String); 35] = [
-            ("amqp.url", self.amqp.url.expose().into()),
-            ("amqp.heartbeat_secs", self.amqp.heartbeat_secs.to_string()),
-            ("topology.request_exchange", t.request_exchange.clone()),
-            ("topology.processing_queue", t.processing_queue.clone()),
-            ("topology.processing_key", t.processing_key.clone()),
-            ("topology.embeddings_queue", t.embeddings_queue.clone()),
-            ("topology.embeddings_key", t.embeddings_key.clone()),
-            ("topology.results_exchange", t.results_exchange.clone()),
-            ("topology.results_key", t.results_key.clone()),
-            ("topology.results_queue", t.results_queue.clone()),
-            ("topology.keep_results", t.keep_results.to_string()),
-            (
-                "topology.dead_letter_exchange",
-                t.dead_letter_exchange.clone(),
-            ),
-            ("topology.dead_letter_queue", t.dead_letter_queue.clone()),
-            ("topology.retry_exchange", t.retry_exchange.clone()),
-            ("topology.retry_queue_prefix", t.retry_queue_prefix.clone()),
-            ("llm.base_url", self.llm.base_url.expose().into()),
-            ("llm.api_key", self.llm.api_key.expose().into()),
-            ("llm.timeout_secs", self.llm.timeout_secs.to_string()),
-            ("worker.id", w.id.clone()),
-            ("worker.consumers", w.consumers.to_string()),
-            ("worker.prefetch", w.prefetch.to_string()),
-            ("worker.max_inflight", w.max_inflight.to_string()),
-            ("worker.min_inflight", w.min_inflight.to_string()),
-            (
-                "worker.shutdown_grace_secs",
-                w.shutdown_grace_secs.to_string(),
-            ),
-            ("retry.max_attempts", r.max_attempts.to_string()),
-            ("retry.initial_delay_ms", r.initial_delay_ms.to_string()),
-            ("retry.max_delay_secs", r.max_delay_secs.to_string()),
-            ("retry.inline_max_ms", r.inline_max_ms.to_string()),
-            (
-                "idempotency.store",
-                format!("{:?}", self.idempotency.store).to_lowercase(),
-            ),
-            (
-                "idempotency.redis_url",
-                self.idempotency.redis_url.expose().into(),
-            ),
-            (
-                "idempotency.key_prefix",
-                self.idempotency.key_prefix.clone(),
-            ),
-            ("batch.max_items", self.batch.max_items.to_string()),
-            ("batch.max_wait_ms", self.batch.max_wait_ms.to_string()),
-            (
-                "log.format",
-                format!("{:?}", self.log.format).to_lowercase(),
-            ),
-            ("admin.addr", self.admin.addr.clone()),
-        ];
-        pairs
-            .into_iter()
-            .filter(|(key, value)| !(value.is_empty() && *key == "worker.id"))
-            .map(|(key, value)| (env_name(key), value))
-            .collect()
     }
 }
 

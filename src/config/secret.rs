@@ -2,8 +2,9 @@
 //!
 //! `Debug` and `Display` hide them; `Serialize` writes the real value, because the one
 //! serialized form of the configuration ([`Config::to_toml`](crate::config::Config::to_toml))
-//! is the file handed to a child `llmq` process, which needs the secrets to work. Never log or
-//! return a serialized configuration.
+//! is the private file handed to a child `llmq` process
+//! ([`child_command`](crate::config::child_command)), which needs the secrets to work. Never
+//! log or return a serialized configuration.
 
 use std::fmt;
 

@@ -56,8 +56,8 @@ async fn sigkill_with_requests_in_flight_loses_nothing() {
         chat_calls(&env) >= 50
     })
     .await;
-    signal(&first, "KILL");
-    first.wait().await.unwrap();
+    signal(&first.child, "KILL");
+    first.child.wait().await.unwrap();
     let in_flight_at_kill = chat_calls(&env);
     env.mock.set_options(MockOptions {
         latency_ms: 20,
@@ -528,8 +528,8 @@ async fn sigterm_mid_load_exits_cleanly_and_loses_nothing() {
     })
     .await;
     let sent = Instant::now();
-    signal(&child, "TERM");
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+    signal(&child.child, "TERM");
+    let status = tokio::time::timeout(Duration::from_secs(15), child.child.wait())
         .await
         .expect("exits within the grace period")
         .unwrap();
@@ -619,10 +619,10 @@ async fn secrets_never_reach_the_logs() {
         },
     )
     .await;
-    signal(&child, "TERM");
-    signal(&bad_child, "TERM");
-    child.wait().await.unwrap();
-    bad_child.wait().await.unwrap();
+    signal(&child.child, "TERM");
+    signal(&bad_child.child, "TERM");
+    child.child.wait().await.unwrap();
+    bad_child.child.wait().await.unwrap();
     for path in [&log, &bad_log] {
         let text = std::fs::read_to_string(path).unwrap();
         assert!(!text.is_empty());
