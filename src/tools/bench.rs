@@ -36,7 +36,7 @@ use tokio::process::{Child, Command};
 use crate::{
     broker::connection,
     broker::topology,
-    config::{Config, SecretUrl},
+    config::{Config, SecretUrl, child_command},
     tools::mock::{MockOptions, MockServer},
 };
 
@@ -413,15 +413,10 @@ async fn start_worker(conn: &Connection, cfg: &Config) -> Result<Child, BenchErr
     let setup = conn.create_channel().await?;
     topology::declare(&setup, &cfg.topology).await?;
     let exe = std::env::current_exe().map_err(|e| BenchError::Setup(e.to_string()))?;
-    let mut cmd = Command::new(exe);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("LLMQ_") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    let child = cmd
+    let (cmd, config_file) =
+        child_command(&exe, cfg).map_err(|e| BenchError::Setup(e.to_string()))?;
+    let child = Command::from(cmd)
         .arg("run")
-        .envs(cfg.to_env())
         .env("LLMQ_LOG__LEVEL", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -451,6 +446,8 @@ async fn start_worker(conn: &Connection, cfg: &Config) -> Result<Child, BenchErr
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // A subscribed worker has read its configuration.
+    drop(config_file);
     let _ = setup.close(200, "ready".into()).await;
     Ok(child)
 }

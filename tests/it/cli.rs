@@ -2,21 +2,18 @@
 //! `llmq probe`.
 
 use std::{
+    path::Path,
     process::{Command, Stdio},
     time::Duration,
 };
 
 use crate::helpers::{TestEnv, bin};
-use llmq::tools::mock::MockOptions;
+use llmq::{config::clean_command, tools::mock::MockOptions};
 
-/// The binary with a clean `LLMQ_*` environment.
+/// The binary with none of this process's configuration variables, away from any
+/// `./config.toml`.
 fn llmq() -> Command {
-    let mut cmd = Command::new(bin());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("LLMQ_") || k == "OPENAI_API_KEY" || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = clean_command(Path::new(bin()));
     cmd.current_dir(std::env::temp_dir());
     cmd
 }
@@ -87,7 +84,7 @@ async fn publish_wait_prints_the_result() {
     let env = TestEnv::new(MockOptions::default()).await;
     let worker = env.start_worker();
     let t = &env.config.topology;
-    let out = tokio::process::Command::new(bin())
+    let out = tokio::process::Command::from(llmq())
         .args([
             "publish",
             "Hello from the CLI",
@@ -100,7 +97,6 @@ async fn publish_wait_prints_the_result() {
         .env("LLMQ_AMQP__URL", crate::helpers::amqp_url())
         .env("LLMQ_TOPOLOGY__REQUEST_EXCHANGE", &t.request_exchange)
         .env("LLMQ_TOPOLOGY__PROCESSING_KEY", &t.processing_key)
-        .current_dir(std::env::temp_dir())
         .stdin(Stdio::null())
         .output()
         .await

@@ -56,8 +56,8 @@ async fn sigkill_with_requests_in_flight_loses_nothing() {
         chat_calls(&env) >= 50
     })
     .await;
-    signal(&first, "KILL");
-    first.wait().await.unwrap();
+    signal(&first.child, "KILL");
+    first.child.wait().await.unwrap();
     // At 1.5 s per call nothing has finished yet, so every call made so far was in flight.
     assert_eq!(
         env.queue_len(&env.config.topology.results_queue).await,
@@ -528,8 +528,8 @@ async fn sigterm_mid_load_exits_cleanly_and_loses_nothing() {
         chat_calls(&env) >= 30
     })
     .await;
-    signal(&child, "TERM");
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+    signal(&child.child, "TERM");
+    let status = tokio::time::timeout(Duration::from_secs(15), child.child.wait())
         .await
         .expect("exits within the grace period")
         .unwrap();
@@ -624,10 +624,10 @@ async fn secrets_never_reach_the_logs() {
         },
     )
     .await;
-    signal(&child, "TERM");
-    signal(&bad_child, "TERM");
-    child.wait().await.unwrap();
-    bad_child.wait().await.unwrap();
+    signal(&child.child, "TERM");
+    signal(&bad_child.child, "TERM");
+    child.child.wait().await.unwrap();
+    bad_child.child.wait().await.unwrap();
     for path in [&log, &bad_log] {
         let text = std::fs::read_to_string(path).unwrap();
         assert!(!text.is_empty());

@@ -16,7 +16,7 @@ use lapin::{
 use llmq::{
     app::{App, AppError},
     broker::topology,
-    config::{Config, SecretUrl},
+    config::{ChildConfigFile, Config, SecretUrl, child_command},
     tools::mock::{MockOptions, MockServer},
 };
 use serde_json::Value;
@@ -301,34 +301,36 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_llmq")
 }
 
-/// The `LLMQ_*` environment that makes the `llmq` binary run with `config`.
-pub fn worker_env(config: &Config) -> Vec<(String, String)> {
-    let mut env = config.to_env();
-    if std::env::var("TEST_LOG").is_ok() {
-        env.push(("LLMQ_LOG__LEVEL".into(), "llmq=debug".into()));
-    }
-    env
+/// A worker started from the `llmq` binary.
+pub struct WorkerProcess {
+    /// The process.
+    pub child: tokio::process::Child,
+    /// The file it read its configuration from, kept as long as the process handle.
+    _config: ChildConfigFile,
 }
 
 /// Starts the `llmq` binary as a worker with `config`; its output goes to `log`.
-pub fn spawn_worker_process(config: &Config, log: &std::path::Path) -> tokio::process::Child {
+pub fn spawn_worker_process(config: &Config, log: &std::path::Path) -> WorkerProcess {
     let out = std::fs::File::create(log).unwrap();
     let err = out.try_clone().unwrap();
-    let mut cmd = tokio::process::Command::new(bin());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("LLMQ_") || k == "OPENAI_API_KEY" || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
+    let (cmd, file) = child_command(std::path::Path::new(bin()), config).unwrap();
+    let mut cmd = tokio::process::Command::from(cmd);
+    if std::env::var("TEST_LOG").is_ok() {
+        cmd.env("LLMQ_LOG__LEVEL", "llmq=debug");
     }
-    cmd.arg("run")
-        .envs(worker_env(config))
+    let child = cmd
+        .arg("run")
         .current_dir(std::env::temp_dir())
         .stdin(std::process::Stdio::null())
         .stdout(out)
         .stderr(err)
         .kill_on_drop(true)
         .spawn()
-        .unwrap()
+        .unwrap();
+    WorkerProcess {
+        child,
+        _config: file,
+    }
 }
 
 /// Sends a signal to a child process.

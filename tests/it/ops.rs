@@ -1,13 +1,13 @@
 //! Operating it: metrics that move with real jobs, readiness that follows the broker
 //! connection, DLQ tooling round trips.
 
-use std::{collections::HashSet, time::Duration};
+use std::{collections::HashSet, path::Path, time::Duration};
 
 use crate::helpers::{TestEnv, amqp_url_via, broker_addr, wait_until};
 use lapin::BasicProperties;
 use llmq::{
     app::App,
-    config::SecretUrl,
+    config::{SecretUrl, child_command},
     ops::dlq::{self, Selection},
     ops::status,
     tools::mock::MockOptions,
@@ -144,9 +144,9 @@ async fn dlq_list_and_replay_round_trip() {
     assert_eq!(env.queue_len(&dlq_name).await, 5);
 
     // The CLI shows the same.
-    let out = tokio::process::Command::new(crate::helpers::bin())
+    let (cmd, _config_file) = child_command(Path::new(crate::helpers::bin()), &env.config).unwrap();
+    let out = tokio::process::Command::from(cmd)
         .args(["dlq", "list", "--json"])
-        .envs(env.config.to_env())
         .current_dir(std::env::temp_dir())
         .output()
         .await

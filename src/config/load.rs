@@ -1,0 +1,349 @@
+//! Layering: defaults, then the TOML file, then `LLMQ_*` variables; every problem named by
+//! its key, without quoting secret values.
+
+use std::path::{Path, PathBuf};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Toml},
+    value::{Dict, Value},
+};
+use serde::de::DeserializeOwned;
+
+use super::{Config, ConfigError, ENV_PREFIX, Secret, env_name};
+
+impl Config {
+    /// Loads defaults, then `path` (or `./config.toml` if it exists), then `LLMQ_*`
+    /// environment variables, then the `OPENAI_API_KEY` fallback.
+    ///
+    /// An explicit `path` that does not exist is an error; the implicit `./config.toml` is
+    /// optional.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut problems = Vec::new();
+        let file: Option<PathBuf> = match path {
+            Some(p) if !p.exists() => {
+                problems.push(format!("config file {}: not found", p.display()));
+                None
+            }
+            Some(p) => Some(p.to_path_buf()),
+            None => Some(PathBuf::from("config.toml")).filter(|p| p.exists()),
+        };
+        let mut figment = Figment::new();
+        if let Some(file) = &file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        // Only nested names are keys (every key lives in a section), so that an unrelated
+        // LLMQ_SOMETHING in the environment is no error, while a typo such as
+        // LLMQ_WORKER__PREFECH still is.
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|k| k.as_str().contains("__"))
+                .split("__"),
+        );
+        let mut config = Self::from_figment(&figment, &mut problems);
+        if config.llm.api_key.is_empty()
+            && let Ok(key) = std::env::var("OPENAI_API_KEY")
+        {
+            config.llm.api_key = Secret::new(key);
+        }
+        problems.extend(config.validate());
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Extracts each section on its own, so that a problem in one does not hide the others.
+    fn from_figment(figment: &Figment, problems: &mut Vec<String>) -> Self {
+        let mut config = Config::default();
+        let root: Dict = match figment.extract() {
+            Ok(root) => root,
+            Err(e) => {
+                problems.push(without_source(&e.to_string()));
+                return config;
+            }
+        };
+        for (key, value) in &root {
+            match key.as_str() {
+                "amqp" => section(key, value, &mut config.amqp, problems),
+                "topology" => section(key, value, &mut config.topology, problems),
+                "llm" => section(key, value, &mut config.llm, problems),
+                "worker" => section(key, value, &mut config.worker, problems),
+                "retry" => section(key, value, &mut config.retry, problems),
+                "idempotency" => section(key, value, &mut config.idempotency, problems),
+                "limits" => section(key, value, &mut config.limits, problems),
+                "batch" => section(key, value, &mut config.batch, problems),
+                "admin" => section(key, value, &mut config.admin, problems),
+                "log" => section(key, value, &mut config.log, problems),
+                other => problems.push(format!(
+                    "{other} ({}): unknown key; sections are amqp, topology, llm, worker, retry, idempotency, limits, batch, admin, log",
+                    env_name(other)
+                )),
+            }
+        }
+        config
+    }
+}
+
+/// Deserializes one section; on failure, finds every bad key by deserializing each key
+/// alone (all fields have defaults, so a one-key section fails only for that key).
+fn section<T: DeserializeOwned>(
+    name: &str,
+    value: &Value,
+    out: &mut T,
+    problems: &mut Vec<String>,
+) {
+    match value.deserialize::<T>() {
+        Ok(v) => *out = v,
+        Err(_) => {
+            let Value::Dict(_, dict) = value else {
+                problems.push(format!(
+                    "{name} ({}): must be a table of keys",
+                    env_name(name)
+                ));
+                return;
+            };
+            let mut good = Dict::new();
+            for (key, v) in dict {
+                let mut one = Dict::new();
+                one.insert(key.clone(), v.clone());
+                match Value::from(one).deserialize::<T>() {
+                    Ok(_) => {
+                        good.insert(key.clone(), v.clone());
+                    }
+                    Err(e) => {
+                        let full = format!("{name}.{key}");
+                        problems.push(format!(
+                            "{full} ({}): {}",
+                            env_name(&full),
+                            describe(key, &e)
+                        ));
+                    }
+                }
+            }
+            // The good keys still apply, so that validation sees (and reports) their values.
+            if let Ok(v) = Value::from(good).deserialize::<T>() {
+                *out = v;
+            }
+        }
+    }
+}
+
+/// Keys whose values are secret or may hold one: their errors never quote the value.
+const SECRET_KEYS: [&str; 3] = ["api_key", "url", "redis_url"];
+
+/// A key's error, without its value when the key is secret.
+fn describe(key: &str, e: &figment::Error) -> String {
+    if SECRET_KEYS.contains(&key) {
+        use figment::error::Kind;
+        match &e.kind {
+            Kind::InvalidType(_, expected) => {
+                format!("invalid type (value hidden), expected {expected}")
+            }
+            Kind::InvalidValue(_, expected) => {
+                format!("invalid value (hidden), expected {expected}")
+            }
+            _ => "invalid value (hidden)".into(),
+        }
+    } else {
+        e.kind.to_string()
+    }
+}
+
+/// A configuration file error without the quoted source line (it may hold a secret).
+fn without_source(message: &str) -> String {
+    let mut lines = message.lines().filter(|l| {
+        let t = l.trim_start();
+        !(t.starts_with('|')
+            || t.chars().next().is_some_and(|c| c.is_ascii_digit()) && t.contains(" | "))
+    });
+    let first = lines.next().unwrap_or("").trim();
+    let rest: Vec<&str> = lines
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('^'))
+        .collect();
+    if rest.is_empty() {
+        first.to_string()
+    } else {
+        format!("{first}: {}", rest.join(" "))
+    }
+}
+
+#[cfg(test)]
+// figment's Jail API fixes the closure's error type.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use crate::config::redact_url;
+    use figment::Jail;
+
+    /// Loads inside a jail (its own cwd and environment) with `file` as `./config.toml`.
+    fn problems(file: Option<&str>, vars: &[(&str, &str)]) -> Vec<String> {
+        let mut out = Vec::new();
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            if let Some(text) = file {
+                jail.create_file("config.toml", text)?;
+            }
+            for (k, v) in vars {
+                jail.set_env(k, v);
+            }
+            if let Err(e) = Config::load(None) {
+                out = e.problems;
+            }
+            Ok(())
+        });
+        out
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert!(problems(None, &[]).is_empty());
+        let c = Config::default();
+        assert_eq!(c.topology.request_exchange, "llm_requests");
+        assert_eq!(c.topology.max_priority, 10);
+        assert_eq!(c.worker.consumers, 4);
+        assert_eq!(c.worker.prefetch, 0, "follows the concurrency limit");
+        assert_eq!(c.worker.max_inflight, 256);
+        assert_eq!(c.llm.timeout_secs, 60);
+        assert!(c.validate().is_empty());
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("c.toml", "[worker]\nprefetch = 7\nconsumers = 2\n")?;
+            jail.set_env("LLMQ_WORKER__PREFETCH", "9");
+            let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.worker.prefetch, 9);
+            assert_eq!(c.worker.consumers, 2);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn api_key_falls_back_to_openai_api_key() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("OPENAI_API_KEY", "sk-x");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.llm.api_key.expose(), "sk-x");
+            jail.set_env("LLMQ_LLM__API_KEY", "sk-y");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.llm.api_key.expose(), "sk-y");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let p = problems(
+            Some("[worker]\nprefetch = \"many\"\nconsumers = -1\nbogus = 1\n[nope]\nx = 1\n"),
+            &[
+                ("LLMQ_LLM__BASE_URL", "not a url"),
+                ("LLMQ_RETRY__MAX_ATTEMPTS", "0"),
+            ],
+        );
+        let all = p.join("\n");
+        assert!(
+            all.contains("worker.prefetch (LLMQ_WORKER__PREFETCH)"),
+            "{all}"
+        );
+        assert!(all.contains("worker.consumers"), "{all}");
+        assert!(all.contains("worker.bogus"), "{all}");
+        assert!(all.contains("nope"), "{all}");
+        assert!(all.contains("llm.base_url"), "{all}");
+        assert!(all.contains("retry.max_attempts"), "{all}");
+        assert_eq!(p.len(), 6, "{all}");
+        // Unrelated LLMQ_ variables are not keys; typos in a section are.
+        assert!(problems(None, &[("LLMQ_HOME", "/x")]).is_empty());
+        let p = problems(None, &[("LLMQ_WORKER__PREFECH", "1")]);
+        assert!(p.len() == 1 && p[0].starts_with("worker.prefech"), "{p:?}");
+        // A bad key does not hide a bad value next to it.
+        let p = problems(
+            Some("[worker]\nmax_inflight = 0\nconsumers = \"four\"\n"),
+            &[],
+        )
+        .join("\n");
+        assert!(
+            p.contains("worker.max_inflight") && p.contains("worker.consumers"),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn range_rules() {
+        let cases = [
+            ("LLMQ_WORKER__CONSUMERS", "0", "worker.consumers"),
+            ("LLMQ_WORKER__MAX_INFLIGHT", "0", "worker.max_inflight"),
+            ("LLMQ_WORKER__MIN_INFLIGHT", "300", "worker.min_inflight"),
+            ("LLMQ_BATCH__MAX_ITEMS", "0", "batch.max_items"),
+            ("LLMQ_LIMITS__REDIS_URL", "http://x", "limits.redis_url"),
+            ("LLMQ_LLM__TIMEOUT_SECS", "0", "llm.timeout_secs"),
+            ("LLMQ_AMQP__URL", "http://x", "amqp.url"),
+            ("LLMQ_LLM__MODEL", "", "llm.model"),
+            (
+                "LLMQ_TOPOLOGY__PROCESSING_QUEUE",
+                "amq.x",
+                "topology.processing_queue",
+            ),
+            (
+                "LLMQ_TOPOLOGY__EMBEDDINGS_KEY",
+                "process",
+                "topology.embeddings_key",
+            ),
+            ("LLMQ_LOG__FORMAT", "xml", "log.format"),
+            ("LLMQ_LOG__LEVEL", "[[[", "log.level"),
+            ("LLMQ_WORKER__MAX_BODY_BYTES", "1", "worker.max_body_bytes"),
+        ];
+        for (var, value, key) in cases {
+            let p = problems(None, &[(var, value)]);
+            assert!(
+                p.len() == 1 && p[0].starts_with(key),
+                "{var}={value}: {p:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn explicit_missing_file_is_an_error() {
+        let e = Config::load(Some(Path::new("/nonexistent/llmq.toml"))).expect_err("missing");
+        assert!(e.problems[0].contains("not found"), "{e}");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("LLMQ_AMQP__URL", "amqp://user:canary-pw@host:5672/%2f");
+            jail.set_env("LLMQ_LLM__API_KEY", "sk-canary");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            let printed = format!("{c:?} {} {}", c.amqp.url, c.llm.api_key);
+            assert!(!printed.contains("canary"), "{printed}");
+            assert!(
+                printed.contains("amqp://user:***@host:5672/%2f"),
+                "{printed}"
+            );
+            Ok(())
+        });
+        for (var, value) in [
+            ("LLMQ_AMQP__URL", "amqp://u:canary-pw@[bad/"),
+            ("LLMQ_AMQP__URL", "amqp:u:canary-pw@host"),
+            ("LLMQ_LLM__API_KEY", "12345canary"),
+            ("LLMQ_LLM__API_KEY", "[\"canary\"]"),
+        ] {
+            let bad = problems(None, &[(var, value)]).join(" ");
+            assert!(
+                !bad.is_empty() || var.contains("API_KEY"),
+                "{var}={value} accepted"
+            );
+            assert!(!bad.contains("canary"), "{bad}");
+        }
+        let bad = problems(Some("[llm]\napi_key = sk-canary-unquoted\n"), &[]).join(" ");
+        assert!(bad.contains("line 2"), "{bad}");
+        assert!(!bad.contains("canary"), "{bad}");
+        assert_eq!(redact_url("amqp:u:canary@h"), "amqp://***");
+    }
+}

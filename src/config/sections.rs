@@ -1,0 +1,393 @@
+//! The sections of the configuration, each with its defaults.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Secret, SecretUrl};
+
+/// Broker connection settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// `amqp://` or `amqps://` URL; its password is redacted wherever it is printed.
+    pub url: SecretUrl,
+    /// AMQP heartbeat, so a dead TCP connection is noticed within about two intervals.
+    pub heartbeat_secs: u16,
+    /// TLS settings for `amqps://` URLs.
+    pub tls: TlsConfig,
+}
+
+/// TLS for `amqps://`: the system's roots are trusted unless a CA file is given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the CA(s) that signed the broker's certificate.
+    pub ca_file: String,
+    /// PEM client certificate, for brokers that authenticate clients by certificate.
+    pub client_cert: String,
+    /// PEM (PKCS#8) private key of `client_cert`.
+    pub client_key: String,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: SecretUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            heartbeat_secs: 10,
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+/// Names of everything the worker declares. Tests override them to run in parallel.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopologyConfig {
+    /// Direct exchange that callers publish requests to.
+    pub request_exchange: String,
+    /// Work queue for chat requests.
+    pub processing_queue: String,
+    /// Routing key binding `processing_queue` to `request_exchange`.
+    pub processing_key: String,
+    /// Work queue for embedding requests.
+    pub embeddings_queue: String,
+    /// Routing key binding `embeddings_queue` to `request_exchange`.
+    pub embeddings_key: String,
+    /// `x-max-priority` of both work queues. Clients that declare the queue themselves must
+    /// use the same value, so the default is the one common tutorials use.
+    pub max_priority: u8,
+    /// Direct exchange results are published to.
+    pub results_exchange: String,
+    /// Routing key of results on `results_exchange`.
+    pub results_key: String,
+    /// Durable queue that keeps results when nobody listens.
+    pub results_queue: String,
+    /// Whether to declare and bind `results_queue`. Off: results only reach `reply_to` and
+    /// whatever the users bind to `results_exchange` themselves.
+    pub keep_results: bool,
+    /// Direct exchange for dead letters (requests that cannot succeed).
+    pub dead_letter_exchange: String,
+    /// Queue that keeps dead letters.
+    pub dead_letter_queue: String,
+    /// Routing key of dead letters; the broker-side DLX policy uses the same one.
+    pub dead_letter_key: String,
+    /// Headers exchange in front of the delayed-retry queues.
+    pub retry_exchange: String,
+    /// Prefix of the delayed-retry queues (`<prefix>.5s`, `<prefix>.30s`, ...). Messages wait
+    /// there for their per-message TTL, then dead-letter back to `request_exchange`.
+    pub retry_queue_prefix: String,
+}
+
+impl Default for TopologyConfig {
+    fn default() -> Self {
+        Self {
+            request_exchange: "llm_requests".into(),
+            processing_queue: "llm_processing".into(),
+            processing_key: "process".into(),
+            embeddings_queue: "llm_embeddings".into(),
+            embeddings_key: "embed".into(),
+            max_priority: 10,
+            results_exchange: "llm_results".into(),
+            results_key: "result".into(),
+            results_queue: "llm_results".into(),
+            keep_results: true,
+            dead_letter_exchange: "llm_requests.dlx".into(),
+            dead_letter_queue: "llm_processing.dlq".into(),
+            dead_letter_key: "dead".into(),
+            retry_exchange: "llm_requests.retry".into(),
+            retry_queue_prefix: "llm_requests.retry".into(),
+        }
+    }
+}
+
+/// The OpenAI-compatible upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlmConfig {
+    /// Base URL including `/v1`; requests go to `{base_url}/chat/completions` and
+    /// `{base_url}/embeddings`.
+    pub base_url: SecretUrl,
+    /// Bearer token; empty falls back to `OPENAI_API_KEY`, and stays empty for servers that
+    /// need none (vLLM, Ollama).
+    pub api_key: Secret,
+    /// Chat model used when a request names none.
+    pub model: String,
+    /// Embedding model used when a request names none.
+    pub embedding_model: String,
+    /// Deadline of one upstream call. Keep it well under the broker's consumer timeout.
+    pub timeout_secs: u64,
+    /// Requests per minute this replica (or, with `limits.redis_url`, the fleet) may send;
+    /// 0 = no limit.
+    pub max_requests_per_minute: u64,
+    /// Tokens per minute (estimated as prompt characters / 4 + `max_tokens`, corrected by the
+    /// reported usage); 0 = no limit.
+    pub max_tokens_per_minute: u64,
+    /// `max_tokens` assumed for the token estimate of a chat request that sets none.
+    pub default_max_tokens: u64,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        Self {
+            base_url: SecretUrl::new("http://127.0.0.1:8080/v1"),
+            api_key: Secret::default(),
+            model: "gpt-4o-mini".into(),
+            embedding_model: "text-embedding-3-small".into(),
+            timeout_secs: 60,
+            max_requests_per_minute: 0,
+            max_tokens_per_minute: 0,
+            default_max_tokens: 256,
+        }
+    }
+}
+
+impl TopologyConfig {
+    /// Every exchange and queue named `<prefix>.<role>` (routing keys unchanged): an isolated
+    /// copy of the topology, as the tests and the benchmark use to run side by side.
+    pub fn with_prefix(&self, p: &str) -> Self {
+        Self {
+            request_exchange: format!("{p}.requests"),
+            processing_queue: format!("{p}.processing"),
+            embeddings_queue: format!("{p}.embeddings"),
+            results_exchange: format!("{p}.results"),
+            results_queue: format!("{p}.results"),
+            dead_letter_exchange: format!("{p}.dlx"),
+            dead_letter_queue: format!("{p}.dlq"),
+            retry_exchange: format!("{p}.retry"),
+            retry_queue_prefix: format!("{p}.retry"),
+            ..self.clone()
+        }
+    }
+}
+
+impl LlmConfig {
+    /// [`Self::timeout_secs`] as a duration.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+}
+
+/// Consumers and per-message limits.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Consumer tasks, each on its own channel.
+    pub consumers: u16,
+    /// `basic.qos` of each consumer. 0 (the default) follows the concurrency limit, so a
+    /// throttled replica does not hoard messages another replica could take: the consumers
+    /// share the limit plus a quarter equally (rounded up, at least 1), and the embeddings
+    /// consumers take `batch.max_items` times that, since one batched call carries that many
+    /// messages.
+    pub prefetch: u16,
+    /// Most upstream calls running at once in this replica (the AIMD ceiling).
+    pub max_inflight: u16,
+    /// The AIMD floor: 429s and timeouts never push the limit below this.
+    pub min_inflight: u16,
+    /// Name of this worker in results and logs; empty means the host name.
+    pub id: String,
+    /// Bodies larger than this are dead-lettered as `too_large` without being parsed.
+    pub max_body_bytes: usize,
+    /// On SIGTERM, how long in-flight work may take to finish before it is handed back.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            consumers: 4,
+            prefetch: 0,
+            max_inflight: 256,
+            min_inflight: 4,
+            id: String::new(),
+            max_body_bytes: 1024 * 1024,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// The worker's name: [`Self::id`], else the host name, else `llmq-<pid>`.
+    pub fn worker_id(&self) -> String {
+        if !self.id.is_empty() {
+            return self.id.clone();
+        }
+        std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| format!("llmq-{}", std::process::id()))
+    }
+}
+
+/// Retries of transient failures (429, 5xx, timeouts, connection errors).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Upstream calls per request at most, the first one included.
+    pub max_attempts: u32,
+    /// First backoff delay; each later one doubles, with full jitter.
+    pub initial_delay_ms: u64,
+    /// Cap of one backoff delay (a longer `Retry-After` still wins).
+    pub max_delay_secs: u64,
+    /// Waits up to this long happen in the worker; longer ones go through the durable retry
+    /// queues, so they hold no prefetch slot and cannot hit the broker's consumer timeout.
+    pub inline_max_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_delay_ms: 500,
+            max_delay_secs: 30,
+            inline_max_ms: 2000,
+        }
+    }
+}
+
+/// Deduplication by `request_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// `memory` (per replica), `redis` (fleet-wide) or `off`.
+    pub store: StoreKind,
+    /// How long finished results are remembered.
+    pub ttl_secs: u64,
+    /// Redis URL for `store = "redis"`; its password is redacted when printed.
+    pub redis_url: SecretUrl,
+    /// Results kept at most by the memory store.
+    pub memory_capacity: u64,
+    /// Prefix of the Redis keys (`<prefix>:result:<id>`, `<prefix>:lease:<id>`).
+    pub key_prefix: String,
+    /// When the store cannot be reached: `requeue` (default: the request waits in the retry
+    /// queue, nothing is lost, nothing is duplicated) or `proceed` (process without dedupe).
+    pub on_store_error: OnStoreError,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            store: StoreKind::Memory,
+            ttl_secs: 86_400,
+            redis_url: SecretUrl::new("redis://127.0.0.1:6379"),
+            memory_capacity: 10_000,
+            key_prefix: "llmq".into(),
+            on_store_error: OnStoreError::Requeue,
+        }
+    }
+}
+
+/// Fleet-wide rate limits.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// When set, `llm.max_requests_per_minute` and `llm.max_tokens_per_minute` are one budget
+    /// shared by every replica through this Redis; empty = per replica.
+    pub redis_url: SecretUrl,
+    /// Prefix of the budget keys.
+    pub key_prefix: String,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: SecretUrl::new(""),
+            key_prefix: "llmq:limits".into(),
+        }
+    }
+}
+
+/// The admin HTTP server: `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Listen address; empty turns the server off.
+    pub addr: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            addr: "0.0.0.0:9090".into(),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The address to listen on, if the server is on.
+    pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+        self.addr.parse().ok()
+    }
+}
+
+/// Embedding micro-batching.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Most inputs in one `/embeddings` call; 1 turns batching off.
+    pub max_items: usize,
+    /// Longest wait for a batch to fill, in milliseconds.
+    pub max_wait_ms: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_items: 64,
+            max_wait_ms: 10,
+        }
+    }
+}
+
+/// Which idempotency store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// No deduplication.
+    Off,
+    /// Per replica.
+    Memory,
+    /// Fleet-wide.
+    Redis,
+}
+
+/// What to do when the idempotency store is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreError {
+    /// Put the request back (through the retry queue) until the store answers.
+    Requeue,
+    /// Process it anyway, without deduplication.
+    Proceed,
+}
+
+/// Log output.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log pipelines.
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter, e.g. `info` or `llmq=debug,lapin=warn`. `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info,lapin=warn".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}

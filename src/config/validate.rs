@@ -1,0 +1,596 @@
+//! Rules for values that parse but make no sense: one function per section, each adding to
+//! one list of problems, so that every problem is reported at once.
+
+use std::fmt::Display;
+
+use super::{
+    AdminConfig, AmqpConfig, BatchConfig, Config, IdempotencyConfig, LimitsConfig, LlmConfig,
+    LogConfig, RetryConfig, SecretUrl, StoreKind, TopologyConfig, WorkerConfig, env_name,
+};
+
+impl Config {
+    /// Checks values that parse but make no sense; one line per problem, each naming its key.
+    pub fn validate(&self) -> Vec<String> {
+        let mut p = Problems::default();
+        validate_amqp(&self.amqp, &mut p);
+        validate_llm(&self.llm, &mut p);
+        validate_worker(&self.worker, &mut p);
+        validate_batch(&self.batch, &mut p);
+        validate_admin(&self.admin, &mut p);
+        validate_limits(&self.limits, &mut p);
+        validate_retry(&self.retry, &mut p);
+        validate_idempotency(&self.idempotency, &mut p);
+        validate_topology(&self.topology, &mut p);
+        validate_log(&self.log, &mut p);
+        p.0
+    }
+}
+
+/// The problems found so far, each as `key (ENV_NAME): message`.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    /// Records `message` against `key`.
+    fn add(&mut self, key: &str, message: impl Display) {
+        self.0.push(format!("{key} ({}): {message}", env_name(key)));
+    }
+
+    /// Records `message` against `key` unless `ok`.
+    fn check(&mut self, ok: bool, key: &str, message: impl Display) {
+        if !ok {
+            self.add(key, message);
+        }
+    }
+
+    /// Checks that `key` holds a URL with one of `schemes`; returns it if so. The URL is only
+    /// ever quoted redacted.
+    fn url(&mut self, key: &str, value: &SecretUrl, schemes: &[&str]) -> Option<url::Url> {
+        match url::Url::parse(value.expose()) {
+            Ok(u) if schemes.contains(&u.scheme()) => Some(u),
+            Ok(u) => {
+                let wanted = schemes.join(" or ");
+                self.add(key, format!("scheme must be {wanted}, got {}", u.scheme()));
+                None
+            }
+            Err(e) => {
+                self.add(key, format!("not a URL ({e}): {value}"));
+                None
+            }
+        }
+    }
+}
+
+fn validate_amqp(amqp: &AmqpConfig, p: &mut Problems) {
+    if let Some(u) = p.url("amqp.url", &amqp.url, &["amqp", "amqps"]) {
+        p.check(
+            u.has_host() && !u.cannot_be_a_base(),
+            "amqp.url",
+            format!(
+                "needs a host: amqp://user:password@host:5672/vhost, got {}",
+                amqp.url
+            ),
+        );
+    }
+    let tls = &amqp.tls;
+    for (key, path) in [
+        ("amqp.tls.ca_file", &tls.ca_file),
+        ("amqp.tls.client_cert", &tls.client_cert),
+        ("amqp.tls.client_key", &tls.client_key),
+    ] {
+        if !path.is_empty() {
+            p.check(
+                std::path::Path::new(path).is_file(),
+                key,
+                format!("no such file: {path}"),
+            );
+        }
+    }
+    p.check(
+        tls.client_cert.is_empty() == tls.client_key.is_empty(),
+        "amqp.tls.client_key",
+        "amqp.tls.client_cert and amqp.tls.client_key go together",
+    );
+}
+
+fn validate_llm(llm: &LlmConfig, p: &mut Problems) {
+    p.url("llm.base_url", &llm.base_url, &["http", "https"]);
+    p.check(!llm.model.is_empty(), "llm.model", "must not be empty");
+    p.check(
+        !llm.embedding_model.is_empty(),
+        "llm.embedding_model",
+        "must not be empty",
+    );
+    p.check(
+        (1..=3600).contains(&llm.timeout_secs),
+        "llm.timeout_secs",
+        "must be between 1 and 3600",
+    );
+}
+
+fn validate_worker(worker: &WorkerConfig, p: &mut Problems) {
+    p.check(
+        (1..=1024).contains(&worker.consumers),
+        "worker.consumers",
+        "must be between 1 and 1024",
+    );
+    p.check(
+        worker.max_inflight >= 1,
+        "worker.max_inflight",
+        "must be at least 1",
+    );
+    // With no valid ceiling the floor has nothing to be checked against.
+    p.check(
+        worker.max_inflight == 0 || (1..=worker.max_inflight).contains(&worker.min_inflight),
+        "worker.min_inflight",
+        "must be between 1 and worker.max_inflight",
+    );
+    p.check(
+        worker.max_body_bytes >= 64,
+        "worker.max_body_bytes",
+        "must be at least 64",
+    );
+}
+
+fn validate_batch(batch: &BatchConfig, p: &mut Problems) {
+    p.check(
+        (1..=2048).contains(&batch.max_items),
+        "batch.max_items",
+        "must be between 1 and 2048",
+    );
+    p.check(
+        batch.max_wait_ms <= 10_000,
+        "batch.max_wait_ms",
+        "must be at most 10000",
+    );
+}
+
+fn validate_admin(admin: &AdminConfig, p: &mut Problems) {
+    p.check(
+        admin.addr.is_empty() || admin.socket_addr().is_some(),
+        "admin.addr",
+        "must be host:port, like 0.0.0.0:9090 (or empty to turn it off)",
+    );
+}
+
+fn validate_limits(limits: &LimitsConfig, p: &mut Problems) {
+    // Empty means per-replica budgets.
+    if !limits.redis_url.expose().is_empty() {
+        p.url("limits.redis_url", &limits.redis_url, &["redis", "rediss"]);
+    }
+}
+
+fn validate_retry(retry: &RetryConfig, p: &mut Problems) {
+    p.check(
+        retry.max_attempts >= 1,
+        "retry.max_attempts",
+        "must be at least 1",
+    );
+    p.check(
+        retry.initial_delay_ms >= 1,
+        "retry.initial_delay_ms",
+        "must be at least 1",
+    );
+    p.check(
+        retry.max_delay_secs >= 1,
+        "retry.max_delay_secs",
+        "must be at least 1",
+    );
+}
+
+fn validate_idempotency(idempotency: &IdempotencyConfig, p: &mut Problems) {
+    p.check(
+        idempotency.ttl_secs >= 1,
+        "idempotency.ttl_secs",
+        "must be at least 1",
+    );
+    p.check(
+        idempotency.memory_capacity >= 1,
+        "idempotency.memory_capacity",
+        "must be at least 1",
+    );
+    // The URL only matters to the Redis store.
+    if idempotency.store == StoreKind::Redis {
+        p.url(
+            "idempotency.redis_url",
+            &idempotency.redis_url,
+            &["redis", "rediss"],
+        );
+    }
+}
+
+fn validate_topology(t: &TopologyConfig, p: &mut Problems) {
+    p.check(
+        t.max_priority >= 1,
+        "topology.max_priority",
+        "must be between 1 and 255",
+    );
+    for (key, value) in [
+        ("topology.request_exchange", &t.request_exchange),
+        ("topology.processing_queue", &t.processing_queue),
+        ("topology.embeddings_queue", &t.embeddings_queue),
+        ("topology.results_exchange", &t.results_exchange),
+        ("topology.results_queue", &t.results_queue),
+        ("topology.dead_letter_exchange", &t.dead_letter_exchange),
+        ("topology.dead_letter_queue", &t.dead_letter_queue),
+        ("topology.retry_exchange", &t.retry_exchange),
+        ("topology.retry_queue_prefix", &t.retry_queue_prefix),
+    ] {
+        p.check(
+            !value.is_empty() && value.len() <= 255,
+            key,
+            "must be 1 to 255 bytes",
+        );
+        p.check(
+            !value.starts_with("amq."),
+            key,
+            "names starting with amq. are reserved by the broker",
+        );
+    }
+    p.check(
+        t.processing_queue != t.embeddings_queue,
+        "topology.embeddings_queue",
+        "must differ from topology.processing_queue",
+    );
+    p.check(
+        t.processing_key != t.embeddings_key,
+        "topology.embeddings_key",
+        "must differ from topology.processing_key",
+    );
+}
+
+fn validate_log(log: &LogConfig, p: &mut Problems) {
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
+        p.add("log.level", format!("not a valid filter: {e}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! One test per rule: a configuration that breaks only that rule yields exactly one
+    //! problem, worded as users see it.
+
+    use super::*;
+    use crate::config::{Secret, StoreKind};
+
+    /// The one problem of the default configuration changed by `change`.
+    fn only_problem(change: impl FnOnce(&mut Config)) -> String {
+        let mut c = Config::default();
+        change(&mut c);
+        let mut p = c.validate();
+        assert_eq!(p.len(), 1, "expected exactly one problem: {p:?}");
+        p.remove(0)
+    }
+
+    /// A file that exists, for the TLS keys.
+    fn existing_file() -> tempfile::NamedTempFile {
+        tempfile::NamedTempFile::new().expect("temp file")
+    }
+
+    #[test]
+    fn the_defaults_break_no_rule() {
+        assert_eq!(Config::default().validate(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn amqp_url_scheme() {
+        assert_eq!(
+            only_problem(|c| c.amqp.url = SecretUrl::new("http://u:pw@host/")),
+            "amqp.url (LLMQ_AMQP__URL): scheme must be amqp or amqps, got http"
+        );
+    }
+
+    #[test]
+    fn amqp_url_needs_a_host() {
+        assert_eq!(
+            only_problem(|c| c.amqp.url = SecretUrl::new("amqp:u:pw@host")),
+            "amqp.url (LLMQ_AMQP__URL): needs a host: amqp://user:password@host:5672/vhost, \
+             got amqp://***"
+        );
+    }
+
+    #[test]
+    fn amqp_url_must_parse() {
+        assert_eq!(
+            only_problem(|c| c.amqp.url = SecretUrl::new("amqp://u:pw@[::1")),
+            "amqp.url (LLMQ_AMQP__URL): not a URL (invalid IPv6 address): amqp://***"
+        );
+    }
+
+    #[test]
+    fn tls_files_must_exist() {
+        let file = existing_file();
+        let exists = file.path().display().to_string();
+        let missing = String::from("/nonexistent/x.pem");
+        // A client certificate needs its key and the other way round: the partner exists.
+        for (key, ca_file, client_cert, client_key) in [
+            ("ca_file", &missing, "", ""),
+            ("client_cert", &exists, &missing, &exists),
+            ("client_key", &exists, &exists, &missing),
+        ] {
+            let problem = only_problem(|c| {
+                c.amqp.tls.ca_file = ca_file.clone();
+                c.amqp.tls.client_cert = client_cert.into();
+                c.amqp.tls.client_key = client_key.into();
+            });
+            let env = format!("LLMQ_AMQP__TLS__{}", key.to_ascii_uppercase());
+            assert_eq!(
+                problem,
+                format!("amqp.tls.{key} ({env}): no such file: {missing}")
+            );
+        }
+    }
+
+    #[test]
+    fn tls_client_cert_and_key_go_together() {
+        let cert = existing_file();
+        assert_eq!(
+            only_problem(|c| c.amqp.tls.client_cert = cert.path().display().to_string()),
+            "amqp.tls.client_key (LLMQ_AMQP__TLS__CLIENT_KEY): amqp.tls.client_cert and \
+             amqp.tls.client_key go together"
+        );
+    }
+
+    #[test]
+    fn llm_base_url_scheme() {
+        assert_eq!(
+            only_problem(|c| c.llm.base_url = SecretUrl::new("ftp://nowhere")),
+            "llm.base_url (LLMQ_LLM__BASE_URL): scheme must be http or https, got ftp"
+        );
+    }
+
+    #[test]
+    fn llm_base_url_must_parse() {
+        assert_eq!(
+            only_problem(|c| c.llm.base_url = SecretUrl::new("not a url")),
+            "llm.base_url (LLMQ_LLM__BASE_URL): not a URL (relative URL without a base): ***"
+        );
+    }
+
+    #[test]
+    fn llm_model_not_empty() {
+        assert_eq!(
+            only_problem(|c| c.llm.model.clear()),
+            "llm.model (LLMQ_LLM__MODEL): must not be empty"
+        );
+    }
+
+    #[test]
+    fn llm_embedding_model_not_empty() {
+        assert_eq!(
+            only_problem(|c| c.llm.embedding_model.clear()),
+            "llm.embedding_model (LLMQ_LLM__EMBEDDING_MODEL): must not be empty"
+        );
+    }
+
+    #[test]
+    fn llm_timeout_range() {
+        for secs in [0, 3601] {
+            assert_eq!(
+                only_problem(|c| c.llm.timeout_secs = secs),
+                "llm.timeout_secs (LLMQ_LLM__TIMEOUT_SECS): must be between 1 and 3600"
+            );
+        }
+    }
+
+    #[test]
+    fn worker_consumers_range() {
+        for n in [0, 1025] {
+            assert_eq!(
+                only_problem(|c| c.worker.consumers = n),
+                "worker.consumers (LLMQ_WORKER__CONSUMERS): must be between 1 and 1024"
+            );
+        }
+    }
+
+    #[test]
+    fn worker_max_inflight_at_least_1() {
+        assert_eq!(
+            only_problem(|c| c.worker.max_inflight = 0),
+            "worker.max_inflight (LLMQ_WORKER__MAX_INFLIGHT): must be at least 1"
+        );
+    }
+
+    #[test]
+    fn worker_min_inflight_within_max() {
+        for (min, max) in [(0, 256), (9, 8)] {
+            assert_eq!(
+                only_problem(|c| {
+                    c.worker.min_inflight = min;
+                    c.worker.max_inflight = max;
+                }),
+                "worker.min_inflight (LLMQ_WORKER__MIN_INFLIGHT): must be between 1 and \
+                 worker.max_inflight"
+            );
+        }
+    }
+
+    #[test]
+    fn worker_max_body_bytes_at_least_64() {
+        assert_eq!(
+            only_problem(|c| c.worker.max_body_bytes = 63),
+            "worker.max_body_bytes (LLMQ_WORKER__MAX_BODY_BYTES): must be at least 64"
+        );
+    }
+
+    #[test]
+    fn batch_max_items_range() {
+        for n in [0, 2049] {
+            assert_eq!(
+                only_problem(|c| c.batch.max_items = n),
+                "batch.max_items (LLMQ_BATCH__MAX_ITEMS): must be between 1 and 2048"
+            );
+        }
+    }
+
+    #[test]
+    fn batch_max_wait_at_most_10s() {
+        assert_eq!(
+            only_problem(|c| c.batch.max_wait_ms = 10_001),
+            "batch.max_wait_ms (LLMQ_BATCH__MAX_WAIT_MS): must be at most 10000"
+        );
+    }
+
+    #[test]
+    fn admin_addr_is_host_and_port() {
+        assert_eq!(
+            only_problem(|c| c.admin.addr = "localhost".into()),
+            "admin.addr (LLMQ_ADMIN__ADDR): must be host:port, like 0.0.0.0:9090 (or empty to \
+             turn it off)"
+        );
+        let mut off = Config::default();
+        off.admin.addr.clear();
+        assert!(off.validate().is_empty(), "empty turns the server off");
+    }
+
+    #[test]
+    fn limits_redis_url_scheme() {
+        assert_eq!(
+            only_problem(|c| c.limits.redis_url = SecretUrl::new("http://x")),
+            "limits.redis_url (LLMQ_LIMITS__REDIS_URL): scheme must be redis or rediss, got http"
+        );
+    }
+
+    #[test]
+    fn limits_redis_url_must_parse() {
+        assert_eq!(
+            only_problem(|c| c.limits.redis_url = SecretUrl::new("redis://:pw@[::1")),
+            "limits.redis_url (LLMQ_LIMITS__REDIS_URL): not a URL (invalid IPv6 address): \
+             redis://***"
+        );
+    }
+
+    #[test]
+    fn retry_max_attempts_at_least_1() {
+        assert_eq!(
+            only_problem(|c| c.retry.max_attempts = 0),
+            "retry.max_attempts (LLMQ_RETRY__MAX_ATTEMPTS): must be at least 1"
+        );
+    }
+
+    #[test]
+    fn retry_initial_delay_at_least_1() {
+        assert_eq!(
+            only_problem(|c| c.retry.initial_delay_ms = 0),
+            "retry.initial_delay_ms (LLMQ_RETRY__INITIAL_DELAY_MS): must be at least 1"
+        );
+    }
+
+    #[test]
+    fn retry_max_delay_at_least_1() {
+        assert_eq!(
+            only_problem(|c| c.retry.max_delay_secs = 0),
+            "retry.max_delay_secs (LLMQ_RETRY__MAX_DELAY_SECS): must be at least 1"
+        );
+    }
+
+    #[test]
+    fn idempotency_ttl_at_least_1() {
+        assert_eq!(
+            only_problem(|c| c.idempotency.ttl_secs = 0),
+            "idempotency.ttl_secs (LLMQ_IDEMPOTENCY__TTL_SECS): must be at least 1"
+        );
+    }
+
+    #[test]
+    fn idempotency_memory_capacity_at_least_1() {
+        assert_eq!(
+            only_problem(|c| c.idempotency.memory_capacity = 0),
+            "idempotency.memory_capacity (LLMQ_IDEMPOTENCY__MEMORY_CAPACITY): must be at least 1"
+        );
+    }
+
+    #[test]
+    fn idempotency_redis_url_scheme_when_the_store_is_redis() {
+        assert_eq!(
+            only_problem(|c| {
+                c.idempotency.store = StoreKind::Redis;
+                c.idempotency.redis_url = SecretUrl::new("http://x");
+            }),
+            "idempotency.redis_url (LLMQ_IDEMPOTENCY__REDIS_URL): scheme must be redis or \
+             rediss, got http"
+        );
+        let mut memory = Config::default();
+        memory.idempotency.redis_url = SecretUrl::new("http://x");
+        assert!(memory.validate().is_empty(), "unused by the memory store");
+    }
+
+    #[test]
+    fn idempotency_redis_url_must_parse() {
+        assert_eq!(
+            only_problem(|c| {
+                c.idempotency.store = StoreKind::Redis;
+                c.idempotency.redis_url = SecretUrl::new("redis://:pw@[::1");
+            }),
+            "idempotency.redis_url (LLMQ_IDEMPOTENCY__REDIS_URL): not a URL (invalid IPv6 \
+             address): redis://***"
+        );
+    }
+
+    #[test]
+    fn topology_max_priority_at_least_1() {
+        assert_eq!(
+            only_problem(|c| c.topology.max_priority = 0),
+            "topology.max_priority (LLMQ_TOPOLOGY__MAX_PRIORITY): must be between 1 and 255"
+        );
+    }
+
+    #[test]
+    fn topology_names_1_to_255_bytes() {
+        for name in [String::new(), "q".repeat(256)] {
+            assert_eq!(
+                only_problem(|c| c.topology.results_exchange = name),
+                "topology.results_exchange (LLMQ_TOPOLOGY__RESULTS_EXCHANGE): must be 1 to 255 \
+                 bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn topology_names_not_amq() {
+        assert_eq!(
+            only_problem(|c| c.topology.dead_letter_queue = "amq.dlq".into()),
+            "topology.dead_letter_queue (LLMQ_TOPOLOGY__DEAD_LETTER_QUEUE): names starting with \
+             amq. are reserved by the broker"
+        );
+    }
+
+    #[test]
+    fn topology_work_queues_differ() {
+        assert_eq!(
+            only_problem(|c| c.topology.embeddings_queue = c.topology.processing_queue.clone()),
+            "topology.embeddings_queue (LLMQ_TOPOLOGY__EMBEDDINGS_QUEUE): must differ from \
+             topology.processing_queue"
+        );
+    }
+
+    #[test]
+    fn topology_work_keys_differ() {
+        assert_eq!(
+            only_problem(|c| c.topology.embeddings_key = c.topology.processing_key.clone()),
+            "topology.embeddings_key (LLMQ_TOPOLOGY__EMBEDDINGS_KEY): must differ from \
+             topology.processing_key"
+        );
+    }
+
+    #[test]
+    fn log_level_is_a_filter() {
+        let problem = only_problem(|c| c.log.level = "[[[".into());
+        assert!(
+            problem.starts_with("log.level (LLMQ_LOG__LEVEL): not a valid filter: "),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn secrets_are_never_quoted() {
+        let mut c = Config::default();
+        c.amqp.url = SecretUrl::new("amqp://u:canary@[::1");
+        c.llm.base_url = SecretUrl::new("gopher://u:canary@host/");
+        c.llm.api_key = Secret::new("canary");
+        c.limits.redis_url = SecretUrl::new("redis://:canary@[::1");
+        let all = c.validate().join("\n");
+        assert!(!all.is_empty());
+        assert!(!all.contains("canary"), "{all}");
+    }
+}
