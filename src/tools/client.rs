@@ -6,12 +6,18 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties,
-    options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions},
+    options::{BasicConsumeOptions, ConfirmSelectOptions},
     types::FieldTable,
 };
 use serde_json::json;
 
-use crate::{broker::connection, config::Config};
+use crate::{
+    broker::{
+        connection,
+        publish::{PublishError, publish_confirmed},
+    },
+    config::Config,
+};
 
 /// The pseudo-queue of RabbitMQ's Direct Reply-to.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -52,9 +58,9 @@ pub enum ClientError {
     Broker(#[from] lapin::Error),
     /// The broker did not take the request.
     #[error(
-        "the broker did not confirm the request (is the topology declared? start a worker once)"
+        "the broker did not confirm the request (is the topology declared? start a worker once): {0}"
     )]
-    NotConfirmed,
+    NotConfirmed(#[source] PublishError),
     /// No result within the timeout.
     #[error("no result within {0:?}")]
     Timeout(Duration),
@@ -112,22 +118,11 @@ pub async fn publish(
     } else {
         None
     };
-    let confirm = channel
-        .basic_publish(
-            topo.request_exchange.as_str().into(),
-            key.as_str().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            body.to_string().as_bytes(),
-            props,
-        )
-        .await?
-        .await?;
-    if !matches!(confirm, lapin::Confirmation::Ack(None)) {
-        return Err(ClientError::NotConfirmed);
-    }
+    let body = body.to_string();
+    let exchange = &topo.request_exchange;
+    publish_confirmed(&channel, exchange, key, true, body.as_bytes(), props)
+        .await
+        .map_err(ClientError::NotConfirmed)?;
     let Some(replies) = replies.as_mut() else {
         let _ = conn.close(200, "done".into()).await;
         return Ok((request_id, None));
