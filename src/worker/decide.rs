@@ -3,7 +3,7 @@
 //! [`decide`] is asked again after each step the worker takes (asking the idempotency
 //! store, an upstream attempt, an inline wait) with what that step produced, until it
 //! answers with a terminal [`Decision`]: publish, republish elsewhere, dead-letter or hand
-//! back. [`crate::worker::settle`] carries decisions out and talks to the broker; nothing
+//! back. `worker::settle` carries decisions out and talks to the broker; nothing
 //! here does, so every branch has a unit test below.
 
 use std::time::Duration;

@@ -1,11 +1,11 @@
 //! The worker: the path of one delivery, and the connection and consumers that bring it.
 //!
-//! - [`lifecycle`]: a broker connection kept alive (reconnect with backoff, redeclare the
+//! - `lifecycle`: a broker connection kept alive (reconnect with backoff, redeclare the
 //!   topology), then draining in-flight work at shutdown.
-//! - [`subscribe`]: `worker.consumers` slots, each a consuming channel subscribed to both
+//! - `subscribe`: `worker.consumers` slots, each a consuming channel subscribed to both
 //!   work queues with a prefetch that follows the concurrency limit, and its own
 //!   confirm-mode publishing channel. Every delivery is handled in its own task.
-//! - [`settle`]: one delivery: parse ([`crate::contract::request`]), then ask [`decide`]
+//! - `settle`: one delivery: parse ([`crate::contract::request`]), then ask [`decide`]
 //!   what to do and carry it out: the idempotency store ([`crate::store`]), an upstream
 //!   attempt ([`crate::upstream::call`]), a wait, and finally a confirmed publish
 //!   ([`crate::broker::publish`]) and only then the ack. A delivery whose outcome cannot be
