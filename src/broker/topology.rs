@@ -12,7 +12,7 @@
 //!   `llm_requests` with their routing key (see [`crate::broker::retry`]).
 
 use lapin::{
-    Channel, ExchangeKind,
+    Channel, Connection, ExchangeKind,
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
 };
@@ -97,6 +97,15 @@ pub async fn declare(channel: &Channel, topo: &TopologyConfig) -> Result<(), lap
             )
             .await?;
     }
+    Ok(())
+}
+
+/// [`declare`] on a channel of its own, closed afterwards: a failed declaration closes its
+/// channel, and must not take a consumer's with it.
+pub async fn declare_on(conn: &Connection, topo: &TopologyConfig) -> Result<(), lapin::Error> {
+    let setup = conn.create_channel().await?;
+    declare(&setup, topo).await?;
+    let _ = setup.close(200, "topology declared".into()).await;
     Ok(())
 }
 

@@ -15,8 +15,8 @@ use tokio::{
 use crate::{
     contract::{Usage, request::Kind},
     upstream::{
-        call::Deployment,
         client::{EmbeddingAnswer, LlmError},
+        deployment::Deployment,
     },
 };
 

@@ -1,27 +1,27 @@
-//! The one owner of an upstream call: a slot of the flow control, the HTTP call, its
-//! latency, the AIMD signal, the token settlement and the call metrics. Single calls and
-//! batched embedding calls both go through [`Deployment::call`]; [`Upstream::attempt`] turns
-//! one job's answer into an [`Outcome`].
+//! One attempt for a job: [`Upstream::attempt`] makes the call through the deployment (or
+//! the embedding batcher, which uses the same [`Deployment::call`]) and turns the answer into
+//! an [`Outcome`].
 //!
 //! No broker here, so tests drive it against the mock upstream alone. What to do with an
 //! outcome (publish, retry, dead-letter) is decided in [`crate::worker::decide`].
 
-use std::{future::Future, sync::Arc, time::Instant};
+use std::{sync::Arc, time::Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{BatchConfig, LlmConfig},
     contract::{
-        ErrorKind, Usage,
+        ErrorKind,
         request::{Call, Job, Kind},
         response::JobResult,
     },
     runtime::metrics::Metrics,
     upstream::{
         batch::Batcher,
-        client::{ChatAnswer, EmbeddingAnswer, LlmClient, LlmError},
-        flow::{Flow, Permit},
+        client::{LlmClient, LlmError},
+        deployment::{Deployment, Slot},
+        flow::Flow,
     },
 };
 
@@ -77,94 +77,6 @@ impl Outcome {
             Outcome::Retry { .. } => Some("transient"),
             Outcome::Failed { kind, .. } => Some(kind.as_str()),
         }
-    }
-}
-
-/// An answer whose token usage settles the budget.
-pub trait Answer {
-    /// The usage the upstream reported.
-    fn usage(&self) -> Option<&Usage>;
-}
-
-impl Answer for ChatAnswer {
-    fn usage(&self) -> Option<&Usage> {
-        self.usage.as_ref()
-    }
-}
-
-impl Answer for EmbeddingAnswer {
-    fn usage(&self) -> Option<&Usage> {
-        self.usage.as_ref()
-    }
-}
-
-/// A slot for one upstream call, with the tokens it was admitted for.
-pub struct Slot {
-    permit: Permit,
-    estimate: u64,
-}
-
-/// One OpenAI-compatible deployment: its client, its flow control and the accounting of
-/// every call made to it.
-#[derive(Clone)]
-pub struct Deployment {
-    client: LlmClient,
-    flow: Arc<Flow>,
-    metrics: Arc<Metrics>,
-}
-
-impl Deployment {
-    /// A deployment reached through `client`, its calls limited by `flow`.
-    pub fn new(client: LlmClient, flow: Arc<Flow>, metrics: Arc<Metrics>) -> Self {
-        Self {
-            client,
-            flow,
-            metrics,
-        }
-    }
-
-    /// The HTTP client.
-    pub fn client(&self) -> &LlmClient {
-        &self.client
-    }
-
-    /// Waits for a slot (highest priority first), any `Retry-After` pause and the budgets
-    /// for `tokens`.
-    pub async fn admit(&self, priority: u8, tokens: u64) -> Slot {
-        Slot {
-            permit: self.flow.acquire(priority, tokens).await,
-            estimate: tokens,
-        }
-    }
-
-    /// Makes one call in `slot` and accounts for it: the latency metric, the AIMD signal
-    /// (per call, not per message it carries), a `Retry-After` pause and the token budget.
-    pub async fn call<T: Answer>(
-        &self,
-        kind: Kind,
-        slot: Slot,
-        call: impl Future<Output = Result<T, LlmError>>,
-    ) -> Result<T, LlmError> {
-        let started = Instant::now();
-        let answer = call.await;
-        drop(slot.permit);
-        self.metrics.upstream_call(kind.as_str(), started.elapsed());
-        match &answer {
-            Ok(a) => {
-                self.flow.on_success();
-                let used = a.usage().and_then(Usage::total).unwrap_or(slot.estimate);
-                self.flow.settle_tokens(slot.estimate, used).await;
-            }
-            Err(e) => {
-                if e.is_throttle() {
-                    self.flow.on_throttle();
-                }
-                if let Some(after) = e.retry_after() {
-                    self.flow.pause_for(after);
-                }
-            }
-        }
-        answer
     }
 }
 
@@ -233,7 +145,7 @@ impl Upstream {
             Call::Chat { messages, params } => {
                 let model = job.model.as_deref().unwrap_or(&self.chat_model);
                 let slot = self.admit(job, stop).await?;
-                let call = self.deployment.client.chat(model, messages, params);
+                let call = self.deployment.client().chat(model, messages, params);
                 self.deployment.call(Kind::Chat, slot, call).await.map(|a| {
                     result.model = Some(a.model);
                     result.content = Some(a.content);
@@ -257,7 +169,7 @@ impl Upstream {
                     }
                     None => {
                         let slot = self.admit(job, stop).await?;
-                        let call = self.deployment.client.embed(model, input, params);
+                        let call = self.deployment.client().embed(model, input, params);
                         self.deployment.call(Kind::Embedding, slot, call).await
                     }
                 };

@@ -5,5 +5,6 @@
 pub mod batch;
 pub mod call;
 pub mod client;
+pub mod deployment;
 pub mod flow;
 pub mod ratelimit;

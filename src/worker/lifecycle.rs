@@ -16,10 +16,7 @@ use super::{
     Context, health,
     subscribe::{self, SessionEnd},
 };
-use crate::{
-    broker::{connection, topology},
-    config::Config,
-};
+use crate::broker::{connection, topology};
 
 /// After the shutdown grace period, how long aborted tasks get to hand their work back.
 const ABORT_GRACE: Duration = Duration::from_secs(3);
@@ -47,7 +44,7 @@ pub(super) async fn run(ctx: Arc<Context>) {
                 continue;
             }
         };
-        if let Err(e) = declare(&conn, &ctx.config).await {
+        if let Err(e) = topology::declare_on(&conn, &ctx.config.topology).await {
             let delay = backoff.next().unwrap_or(Duration::from_secs(30));
             warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "declaring the topology failed");
             let _ = conn.close(200, "topology failed".into()).await;
@@ -125,14 +122,6 @@ async fn pause(stop: &CancellationToken, delay: Duration) {
         _ = stop.cancelled() => {}
         _ = tokio::time::sleep(delay) => {}
     }
-}
-
-/// Declares the topology on a channel of its own.
-pub(super) async fn declare(conn: &Connection, config: &Config) -> Result<(), lapin::Error> {
-    let setup = conn.create_channel().await?;
-    topology::declare(&setup, &config.topology).await?;
-    let _ = setup.close(200, "topology declared".into()).await;
-    Ok(())
 }
 
 /// Consumes on `conn` until shutdown (`None`) or until the connection fails (`Some`).

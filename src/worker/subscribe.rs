@@ -16,8 +16,12 @@ use lapin::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
-use super::{Context, health::Consuming, lifecycle, settle};
-use crate::{broker::publish::Publisher, config::Config, contract::request::Kind};
+use super::{Context, health::Consuming, settle};
+use crate::{
+    broker::{publish::Publisher, topology},
+    config::Config,
+    contract::request::Kind,
+};
 
 /// Pause before a consumer slot reopens its channels after a channel-level failure.
 const SLOT_RESTART_DELAY: Duration = Duration::from_secs(1);
@@ -60,7 +64,7 @@ pub(super) async fn consumer_slot(
             _ = tokio::time::sleep(SLOT_RESTART_DELAY) => {}
         }
         debug!(slot, "redeclaring the topology");
-        if let Err(e) = lifecycle::declare(&conn, &ctx.config).await {
+        if let Err(e) = topology::declare_on(&conn, &ctx.config.topology).await {
             warn!(slot, error = %e, "redeclaring the topology failed");
         }
         debug!(slot, "resubscribing");
