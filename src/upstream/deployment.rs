@@ -101,3 +101,78 @@ impl Deployment {
         answer
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Map, Value, json};
+
+    use super::*;
+    use crate::{
+        config::LlmConfig,
+        tools::mock::{MockOptions, MockServer},
+        upstream::ratelimit::Budget,
+    };
+
+    async fn deployment(mock: MockOptions) -> (MockServer, Deployment, Arc<Flow>, Arc<Metrics>) {
+        let server = MockServer::start(([127, 0, 0, 1], 0).into(), mock)
+            .await
+            .expect("the mock listens");
+        let cfg = LlmConfig {
+            base_url: crate::config::SecretUrl::new(server.base_url()),
+            ..LlmConfig::default()
+        };
+        let flow = Flow::new(1, 8, Budget::unlimited());
+        let metrics = Arc::new(Metrics::default());
+        let client = LlmClient::new(&cfg).expect("client");
+        let deployment = Deployment::new(client, flow.clone(), metrics.clone());
+        (server, deployment, flow, metrics)
+    }
+
+    fn hello() -> Vec<Value> {
+        vec![json!({"role": "user", "content": "hello"})]
+    }
+
+    #[tokio::test]
+    async fn a_call_is_counted_once_and_its_slot_released() {
+        let (_server, d, flow, metrics) = deployment(MockOptions::default()).await;
+        let slot = d.admit(0, 10).await;
+        assert_eq!(flow.in_flight(), 1, "the slot is held during the call");
+        let params = Map::new();
+        let answer = d
+            .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
+            .await;
+        assert!(answer.is_ok(), "{answer:?}");
+        assert_eq!(flow.in_flight(), 0, "released after the call");
+        assert_eq!(flow.limit(), 8, "a success never lowers the limit");
+        assert!(
+            metrics
+                .encode()
+                .contains("llmq_upstream_latency_seconds_count{kind=\"chat\"} 1"),
+            "one latency sample"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_429_lowers_the_limit_and_pauses_the_deployment() {
+        let (_server, d, flow, _metrics) = deployment(MockOptions {
+            error_rate: 1.0,
+            status: 429,
+            retry_after: Some(30),
+            ..MockOptions::default()
+        })
+        .await;
+        let slot = d.admit(0, 10).await;
+        let params = Map::new();
+        let answer = d
+            .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
+            .await;
+        let Err(e) = answer else {
+            panic!("the mock answers 429");
+        };
+        assert!(e.is_throttle());
+        assert_eq!(flow.limit(), 4, "halved once");
+        assert_eq!(flow.in_flight(), 0);
+        let next = tokio::time::timeout(std::time::Duration::from_millis(200), d.admit(0, 1));
+        assert!(next.await.is_err(), "Retry-After pauses new calls");
+    }
+}
