@@ -20,7 +20,9 @@ use llmq::{
 };
 
 /// jemalloc: under a thousand concurrent requests glibc's malloc spent a fifth of the worker's
-/// CPU in allocation and fragmented more.
+/// CPU in allocation and fragmented more. The `system-alloc` feature (profiling with
+/// heaptrack) leaves it out.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

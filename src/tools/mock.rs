@@ -85,6 +85,9 @@ pub struct MockStats {
     pub embedding_items: AtomicU64,
     /// Injected failures.
     pub failures: AtomicU64,
+    /// Calls being answered right now (waiting out their latency): how many calls a client
+    /// has in flight, as the mock sees it.
+    pub in_flight: AtomicU64,
     /// Chat calls seen when recording, in arrival order: the last message and when it came.
     pub prompts: std::sync::Mutex<Vec<(String, std::time::Instant)>>,
 }
@@ -156,6 +159,23 @@ fn router(state: Arc<MockState>) -> Router {
         .with_state(state)
 }
 
+/// Counts a call in [`MockStats::in_flight`] while alive, so a client that hangs up
+/// mid-wait is not counted forever.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Checks the key, waits the latency, and decides whether this call fails.
 async fn gate(state: &MockState, headers: &HeaderMap, items: u64) -> Option<Response> {
     let options = match state.options.read() {
@@ -177,6 +197,7 @@ async fn gate(state: &MockState, headers: &HeaderMap, items: u64) -> Option<Resp
     let delay = Duration::from_millis(options.latency_ms)
         + Duration::from_micros(options.per_item_us.saturating_mul(items));
     if !delay.is_zero() {
+        let _serving = InFlight::new(&state.stats.in_flight);
         tokio::time::sleep(delay).await;
     }
     let n = state.calls.fetch_add(1, Ordering::Relaxed);
