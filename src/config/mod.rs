@@ -130,6 +130,7 @@ mod tests {
                 max_requests_per_minute: 100,
                 max_tokens_per_minute: 10_000,
                 default_max_tokens: 99,
+                http2_prior_knowledge: true,
             },
             worker: WorkerConfig {
                 consumers: 3,

@@ -125,6 +125,10 @@ pub struct LlmConfig {
     pub max_tokens_per_minute: u64,
     /// `max_tokens` assumed for the token estimate of a chat request that sets none.
     pub default_max_tokens: u64,
+    /// Speak HTTP/2 without TLS (h2c, "prior knowledge") to a plain-`http` upstream that
+    /// supports it: calls share a few connections instead of one each. HTTPS upstreams
+    /// negotiate HTTP/2 by themselves (ALPN) and ignore this.
+    pub http2_prior_knowledge: bool,
 }
 
 impl Default for LlmConfig {
@@ -138,6 +142,7 @@ impl Default for LlmConfig {
             max_requests_per_minute: 0,
             max_tokens_per_minute: 0,
             default_max_tokens: 256,
+            http2_prior_knowledge: false,
         }
     }
 }

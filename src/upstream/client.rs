@@ -134,7 +134,12 @@ impl LlmClient {
     /// Builds the client: pooled keep-alive connections, the configured timeout.
     pub fn new(cfg: &LlmConfig) -> Result<Self, reqwest::Error> {
         crate::install_crypto_provider();
-        let http = reqwest::Client::builder()
+        let base = cfg.base_url.expose().trim_end_matches('/');
+        let mut http = reqwest::Client::builder();
+        if cfg.http2_prior_knowledge && base.starts_with("http://") {
+            http = http.http2_prior_knowledge();
+        }
+        let http = http
             .timeout(cfg.timeout())
             .connect_timeout(Duration::from_secs(10).min(cfg.timeout()))
             // Every idle connection is kept (for 90 s): with fewer than the calls in flight,
@@ -143,7 +148,6 @@ impl LlmClient {
             .tcp_nodelay(true)
             .user_agent(concat!("llmq/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        let base = cfg.base_url.expose().trim_end_matches('/');
         let auth = (!cfg.api_key.is_empty())
             .then(|| header::HeaderValue::try_from(format!("Bearer {}", cfg.api_key.expose())))
             .and_then(Result::ok)
