@@ -105,34 +105,43 @@ impl Publisher {
             )
             .with_timestamp(unix_now().try_into().unwrap_or(0))
             .with_type("llmq.result".into());
-        let results = self.send(
-            &self.topo.results_exchange,
-            &self.topo.results_key,
-            self.topo.keep_results,
-            body,
-            props.clone(),
-        );
-        match &route.reply_to {
-            None => results.await,
-            Some(reply_to) => {
-                // Not mandatory: a caller that left is common, and lapin cannot tell which
-                // publish on a shared confirm channel a returned message belongs to, so
-                // returns are kept for publishes whose route must exist.
-                let reply = self.send("", reply_to, false, body, props);
-                let (results, reply) = tokio::join!(results, reply);
-                match reply {
-                    Err(PublishError::Returned { destination, .. }) => {
-                        tracing::warn!(
-                            request_id = %route.request_id,
-                            reply_to = %destination,
-                            "reply_to queue is gone; the result is only on the results exchange"
-                        );
-                    }
-                    other => other?,
+        let Some(reply_to) = &route.reply_to else {
+            return self.send_result(body, props).await;
+        };
+        // Boxed: most requests have no reply_to, and every in-flight delivery's task would
+        // otherwise be sized for two publishes.
+        Box::pin(async {
+            // Not mandatory: a caller that left is common, and lapin cannot tell which
+            // publish on a shared confirm channel a returned message belongs to, so returns
+            // are kept for publishes whose route must exist.
+            let reply = self.send("", reply_to, false, body, props.clone());
+            let (results, reply) = tokio::join!(self.send_result(body, props), reply);
+            match reply {
+                Err(PublishError::Returned { destination, .. }) => {
+                    tracing::warn!(
+                        request_id = %route.request_id,
+                        reply_to = %destination,
+                        "reply_to queue is gone; the result is only on the results exchange"
+                    );
                 }
-                results
+                other => other?,
             }
-        }
+            results
+        })
+        .await
+    }
+
+    /// A result to the results exchange: mandatory when the worker keeps results.
+    async fn send_result(&self, body: &[u8], props: BasicProperties) -> Result<(), PublishError> {
+        let topo = &self.topo;
+        self.send(
+            &topo.results_exchange,
+            &topo.results_key,
+            topo.keep_results,
+            body,
+            props,
+        )
+        .await
     }
 
     /// Publishes the delivery, body and properties unchanged, to the dead-letter exchange

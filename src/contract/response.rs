@@ -107,6 +107,10 @@ impl JobResult {
     pub fn to_bytes(&self) -> Vec<u8> {
         // Serializing plain structs of strings, numbers and JSON values cannot fail; an
         // empty object is a safe answer should serde ever disagree.
-        serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec())
+        let mut body = Vec::with_capacity(512);
+        match serde_json::to_writer(&mut body, self) {
+            Ok(()) => body,
+            Err(_) => b"{}".to_vec(),
+        }
     }
 }

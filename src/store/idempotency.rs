@@ -9,7 +9,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use moka::future::Cache;
+use moka::{Expiry, future::Cache, ops::compute::Op};
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
 use tokio::sync::OnceCell;
 
@@ -84,7 +84,7 @@ impl Store {
     pub async fn claim(&self, request_id: &str, worker: &str) -> Result<Claim, StoreError> {
         match self {
             Store::Off => Ok(Claim::Acquired),
-            Store::Memory(m) => Ok(m.claim(request_id, worker).await),
+            Store::Memory(m) => Ok(m.claim(request_id).await),
             Store::Redis(r) => r.claim(request_id, worker).await,
         }
     }
@@ -111,11 +111,7 @@ impl Store {
     pub async fn renew(&self, request_id: &str, worker: &str) {
         match self {
             Store::Off => {}
-            Store::Memory(m) => {
-                m.leases
-                    .insert(request_id.to_string(), worker.to_string())
-                    .await
-            }
+            Store::Memory(m) => m.renew(request_id).await,
             Store::Redis(r) => r.renew(request_id, worker).await,
         }
     }
@@ -125,54 +121,128 @@ impl Store {
     pub async fn release(&self, request_id: &str, worker: &str) {
         match self {
             Store::Off => {}
-            Store::Memory(m) => m.leases.invalidate(request_id).await,
+            Store::Memory(m) => m.release(request_id).await,
             Store::Redis(r) => r.release(request_id, worker).await,
         }
     }
 }
 
-/// The per-replica store.
+/// The per-replica store: one bounded cache holding, per request id, either the lease of
+/// the worker processing it or its finished result, each with its own expiry. One lookup
+/// answers a claim, one write saves a result.
 pub struct MemoryStore {
-    results: Cache<String, Arc<Vec<u8>>>,
-    leases: Cache<String, String>,
+    entries: Cache<String, Entry>,
+}
+
+/// What the memory store knows of a request.
+#[derive(Debug, Clone)]
+enum Entry {
+    /// Being processed by this replica (the only worker that uses this store), until the
+    /// lease expires.
+    Lease,
+    /// Finished: the stored result body, until `idempotency.ttl_secs`.
+    Done(Arc<[u8]>),
+}
+
+/// Leases expire after the lease time, results after the TTL.
+struct Expiries {
+    lease: Duration,
+    ttl: Duration,
+}
+
+impl Expiries {
+    fn of(&self, entry: &Entry) -> Duration {
+        match entry {
+            Entry::Lease => self.lease,
+            Entry::Done(_) => self.ttl,
+        }
+    }
+}
+
+impl Expiry<String, Entry> for Expiries {
+    fn expire_after_create(
+        &self,
+        _: &String,
+        entry: &Entry,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(self.of(entry))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        entry: &Entry,
+        _: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(self.of(entry))
+    }
 }
 
 impl MemoryStore {
     fn new(capacity: u64, ttl: Duration, lease: Duration) -> Self {
         Self {
-            results: Cache::builder()
+            entries: Cache::builder()
                 .max_capacity(capacity)
-                .time_to_live(ttl)
-                .build(),
-            leases: Cache::builder()
-                .max_capacity(capacity)
-                .time_to_live(lease)
+                .expire_after(Expiries { lease, ttl })
                 .build(),
         }
     }
 
-    async fn claim(&self, request_id: &str, worker: &str) -> Claim {
-        if let Some(body) = self.results.get(request_id).await {
-            return Claim::Done(body.as_ref().clone());
-        }
+    async fn claim(&self, request_id: &str) -> Claim {
         let entry = self
-            .leases
-            .entry(request_id.to_string())
-            .or_insert(worker.to_string())
+            .entries
+            .entry_by_ref(request_id)
+            .or_insert_with(async { Entry::Lease })
             .await;
         if entry.is_fresh() {
-            Claim::Acquired
-        } else {
-            Claim::Busy
+            return Claim::Acquired;
+        }
+        match entry.into_value() {
+            Entry::Done(body) => Claim::Done(body.to_vec()),
+            Entry::Lease => Claim::Busy,
         }
     }
 
+    /// Stores the result unless one is stored already (the first answer is the answer); the
+    /// lease goes with it.
     async fn save(&self, request_id: &str, body: &[u8]) {
-        self.results
-            .entry(request_id.to_string())
-            .or_insert(Arc::new(body.to_vec()))
+        self.entries
+            .entry_by_ref(request_id)
+            .and_compute_with(|held| async move {
+                match held.map(|e| e.into_value()) {
+                    Some(Entry::Done(_)) => Op::Nop,
+                    _ => Op::Put(Entry::Done(body.into())),
+                }
+            })
             .await;
-        self.leases.invalidate(request_id).await;
+    }
+
+    /// Takes the lease again for another attempt, unless the request has finished.
+    async fn renew(&self, request_id: &str) {
+        self.entries
+            .entry_by_ref(request_id)
+            .and_compute_with(|held| async move {
+                match held.map(|e| e.into_value()) {
+                    Some(Entry::Done(_)) => Op::Nop,
+                    _ => Op::Put(Entry::Lease),
+                }
+            })
+            .await;
+    }
+
+    /// Gives the lease up; a stored result stays.
+    async fn release(&self, request_id: &str) {
+        self.entries
+            .entry_by_ref(request_id)
+            .and_compute_with(|held| async move {
+                match held.map(|e| e.into_value()) {
+                    Some(Entry::Lease) => Op::Remove,
+                    _ => Op::Nop,
+                }
+            })
+            .await;
     }
 }
 
@@ -320,6 +390,50 @@ mod tests {
         assert_eq!(s.claim("b", "w1").await.unwrap(), Claim::Acquired);
         s.release("b", "w1").await;
         assert_eq!(s.claim("b", "w2").await.unwrap(), Claim::Acquired);
+    }
+
+    #[tokio::test]
+    async fn a_stored_result_survives_renew_and_release() {
+        let s = memory();
+        assert_eq!(s.claim("d", "w1").await.unwrap(), Claim::Acquired);
+        s.renew("d", "w1").await;
+        assert_eq!(
+            s.claim("d", "w1").await.unwrap(),
+            Claim::Busy,
+            "renewed lease"
+        );
+        s.save("d", "w1", b"r").await.unwrap();
+        s.renew("d", "w1").await;
+        s.release("d", "w1").await;
+        assert_eq!(
+            s.claim("d", "w1").await.unwrap(),
+            Claim::Done(b"r".to_vec())
+        );
+    }
+
+    #[tokio::test]
+    async fn leases_and_results_expire_on_their_own_clocks() {
+        let s = Store::Memory(Arc::new(MemoryStore::new(
+            100,
+            Duration::from_secs(3600),
+            Duration::from_millis(20),
+        )));
+        assert_eq!(s.claim("e", "w1").await.unwrap(), Claim::Acquired);
+        s.save("f", "w1", b"kept").await.unwrap();
+        // moka keeps its own clock, so wait on the condition: the lease lapses, another
+        // worker gets it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while s.claim("e", "w2").await.unwrap() == Claim::Busy {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the lease never lapsed"
+            );
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            s.claim("f", "w2").await.unwrap(),
+            Claim::Done(b"kept".to_vec())
+        );
     }
 
     #[tokio::test]

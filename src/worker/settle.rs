@@ -44,7 +44,7 @@ pub(super) async fn handle(ctx: &Context, publisher: &Publisher, kind: Kind, del
     if settle.catch_unwind().await.is_err() {
         ctx.metrics
             .dead_lettered(kind.as_str(), ErrorKind::InternalError.as_str());
-        dead_letter_after_panic(publisher, delivery, ctx.worker()).await;
+        Box::pin(dead_letter_after_panic(publisher, delivery, ctx.worker())).await;
     }
 }
 
@@ -147,7 +147,7 @@ impl Settling<'_> {
                 jitter: fastrand::f64(),
             });
             let Some(job) = job.as_ref() else {
-                return self.finish(decision, None, produced, None).await;
+                return Box::pin(self.finish(decision, None, produced, None)).await;
             };
             match decision {
                 Decision::Claim => {
@@ -181,8 +181,10 @@ impl Settling<'_> {
                         }
                     }
                 }
+                // Boxed: publishing is the largest state of a delivery's task, and every
+                // delivery in flight would carry its size while it waits for the upstream.
                 terminal => {
-                    return self.finish(terminal, Some(job), produced, stored).await;
+                    return Box::pin(self.finish(terminal, Some(job), produced, stored)).await;
                 }
             }
         }
