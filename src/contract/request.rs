@@ -252,13 +252,9 @@ fn deserialize(
             e.valid_up_to()
         ))
     })?;
-    // One pass on the happy path; a body that does not fit is parsed again only to say why.
-    let mut de = serde_json::Deserializer::from_str(text);
-    match serde_path_to_error::deserialize(&mut de) {
-        Ok(raw) if de.end().is_ok() => Ok(raw),
-        Ok(_) => Err(explain(text, None)),
-        Err(e) => Err(explain(text, Some(e))),
-    }
+    // One plain pass on the happy path; a body that does not fit is parsed again, with the
+    // path tracked, only to say why.
+    serde_json::from_str(text).map_err(|_| explain(text))
 }
 
 /// A chat call: the messages (system prompt first) and the parameters.
@@ -347,20 +343,23 @@ fn embedding_call(raw: RawRequest) -> Result<Call, InvalidRequest> {
 }
 
 /// Why a body did not deserialize: bad JSON, not an object, or a field of the wrong type.
-fn explain(text: &str, e: Option<serde_path_to_error::Error<serde_json::Error>>) -> InvalidRequest {
+fn explain(text: &str) -> InvalidRequest {
     match serde_json::from_str::<Value>(text) {
         Err(syntax) => InvalidRequest::new(format!("invalid JSON: {syntax}")),
         Ok(value) if !value.is_object() => InvalidRequest::new(format!(
             "body must be a JSON object, got {}",
             json_type(&value)
         )),
-        Ok(_) => match e {
-            Some(e) => {
-                let path = e.path().to_string();
-                InvalidRequest::new(format!("field `{path}`: {}", e.into_inner()))
+        Ok(_) => {
+            let mut de = serde_json::Deserializer::from_str(text);
+            match serde_path_to_error::deserialize::<_, RawRequest>(&mut de) {
+                Err(e) => {
+                    let path = e.path().to_string();
+                    InvalidRequest::new(format!("field `{path}`: {}", e.into_inner()))
+                }
+                Ok(_) => InvalidRequest::new("invalid JSON: trailing data after the object"),
             }
-            None => InvalidRequest::new("invalid JSON: trailing data after the object"),
-        },
+        }
     }
 }
 
