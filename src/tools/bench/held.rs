@@ -1,4 +1,5 @@
-//! (h): the worker's peak RSS with 10 000 calls in flight at once.
+//! (h) and (h2): the worker's peak RSS with 10 000 calls in flight at once, over HTTP/1.1
+//! (a connection per call) and over HTTP/2 without TLS (every call on one connection).
 
 use std::{
     sync::atomic::Ordering,
@@ -15,7 +16,34 @@ use super::{
 };
 use crate::tools::mock::{MockOptions, MockServer};
 
-/// What the memory run (h) saw.
+/// How the worker talks to the mock in a memory run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Protocol {
+    /// (h): HTTP/1.1, a connection, and so a socket at each end, per call in flight.
+    Http1,
+    /// (h2): h2c (`llm.http2_prior_knowledge`), every call a stream of one connection.
+    Http2,
+}
+
+impl Protocol {
+    /// Its letter in `--only`.
+    fn letter(self) -> char {
+        match self {
+            Protocol::Http1 => 'h',
+            Protocol::Http2 => 'H',
+        }
+    }
+
+    /// How the output names its run.
+    fn tag(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "(h)",
+            Protocol::Http2 => "(h2)",
+        }
+    }
+}
+
+/// What a memory run (h, h2) saw.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Held {
     /// Calls asked for.
@@ -28,14 +56,21 @@ pub(super) struct Held {
     pub(super) peak_end_kib: u64,
 }
 
-/// (h): mock at `--inflight-latency-secs` per call, `worker.max_inflight` =
-/// `worker.min_inflight` = `--inflight`.
-pub(super) async fn measure(bench: &Bench<'_>) -> Result<Held, BenchError> {
+/// (h) or (h2): mock at `--inflight-latency-secs` per call, `worker.max_inflight` =
+/// `worker.min_inflight` = `--inflight`, the worker speaking `protocol` to it.
+pub(super) async fn measure(bench: &Bench<'_>, protocol: Protocol) -> Result<Held, BenchError> {
     let (n, secs) = (bench.args.inflight, bench.args.inflight_latency_secs);
-    if !bench.on('h') || n == 0 {
+    if !bench.on(protocol.letter()) || n == 0 {
         return Ok(Held::default());
     }
-    eprintln!("(h) one replica, {secs} s upstream, {n} calls in flight");
+    let over = match protocol {
+        Protocol::Http1 => "",
+        Protocol::Http2 => " over HTTP/2 (h2c)",
+    };
+    eprintln!(
+        "{} one replica, {secs} s upstream, {n} calls in flight{over}",
+        protocol.tag()
+    );
     bench.mock.set_options(MockOptions {
         latency_ms: secs.saturating_mul(1000),
         ..Default::default()
@@ -43,7 +78,12 @@ pub(super) async fn measure(bench: &Bench<'_>) -> Result<Held, BenchError> {
     let cfg = bench.config(|c| {
         c.worker.max_inflight = n;
         c.worker.min_inflight = n;
+        // Whatever the configuration says, so that the two runs differ in this alone.
+        c.llm.http2_prior_knowledge = protocol == Protocol::Http2;
     });
+    if protocol == Protocol::Http1 {
+        check_open_files(usize::from(n))?;
+    }
     let held = held_in_flight(&bench.conn, &cfg, &bench.mock, n, secs).await?;
     eprintln!(
         "    {} in flight: peak RSS {:.1} MiB, {:.1} MiB after the answers",
@@ -65,7 +105,6 @@ async fn held_in_flight(
     latency_secs: u64,
 ) -> Result<Held, BenchError> {
     let calls = usize::from(n);
-    check_open_files(calls)?;
     let child = start_worker(conn, cfg).await?;
     let pid = child.id().unwrap_or(0);
     let results = collect(
@@ -92,7 +131,8 @@ async fn held_in_flight(
     })
 }
 
-/// Fails early when `ulimit -n` cannot hold a socket per call.
+/// Fails early when `ulimit -n` cannot hold a socket per call (over HTTP/1.1; over HTTP/2
+/// both ends hold one).
 fn check_open_files(calls: usize) -> Result<(), BenchError> {
     // The mock (here) and the worker each hold a socket per call, plus a few hundred for
     // the runtime, the broker connections and the files a process opens.

@@ -1,4 +1,4 @@
-//! `llmq bench`: one run, eight figures, as ratios against the raw broker and the ideal.
+//! `llmq bench`: one run, nine figures, as ratios against the raw broker and the ideal.
 //!
 //! Against the configured broker and an in-process mock upstream, with the worker as a real
 //! child process (`llmq run`) so its memory can be read:
@@ -17,11 +17,13 @@
 //! - (h) the worker's peak RSS (VmHWM) with 10 000 calls in flight: mock at 10 s per call,
 //!   `worker.max_inflight` = `worker.min_inflight` = 10 000, read once the mock serves them
 //!   all, and again after every result arrived. Both processes hold one socket per call, so
-//!   `ulimit -n` must allow it (the Makefile raises the soft limit).
+//!   `ulimit -n` must allow it (the Makefile raises the soft limit);
+//! - (h2) the same over HTTP/2 without TLS (`llm.http2_prior_knowledge`, h2c): every call a
+//!   stream of one connection to the mock, which allows that many streams at once.
 //!
 //! One file per family of runs: [`broker`] (the ceiling, and the publishing and collecting
 //! every run shares), [`jobs`] (b, c, e, g), [`latency`] (d), [`embeddings`] (f), [`held`]
-//! (h); [`worker`] starts and stops the worker process and reads its figures from `/proc`.
+//! (h, h2); [`worker`] starts and stops the worker process and reads its figures from `/proc`.
 
 mod broker;
 mod embeddings;
@@ -32,6 +34,7 @@ mod worker;
 
 use std::path::PathBuf;
 
+use held::Protocol;
 use lapin::Connection;
 use serde::Serialize;
 
@@ -67,9 +70,9 @@ pub struct BenchArgs {
     /// to be published and started before the first call ends.
     #[arg(long, default_value_t = 10)]
     pub inflight_latency_secs: u64,
-    /// Run only these measures (letters from "bcdfh"; the broker ceiling always runs, (g) is
-    /// measured during (b)).
-    #[arg(long, default_value = "bcdfh")]
+    /// Run only these measures (letters from "bcdfhH", H for (h2); the broker ceiling always
+    /// runs, (g) is measured during (b)).
+    #[arg(long, default_value = "bcdfhH")]
     pub only: String,
     /// Also write the report as JSON here.
     #[arg(long)]
@@ -112,14 +115,22 @@ pub struct Report {
     pub embeddings_ratio: f64,
     /// (g) the worker's user + system CPU time per job during (b), µs; target <= 80.
     pub worker_cpu_us_per_job: f64,
-    /// (h) calls the run asked to hold in flight.
+    /// (h, h2) calls the runs asked to hold in flight.
     pub inflight_calls: u64,
-    /// (h) the most calls the mock served at once (should equal `inflight_calls`).
+    /// (h) the most calls the mock served at once over HTTP/1.1 (should equal
+    /// `inflight_calls`).
     pub inflight_reached: u64,
     /// (h) MiB, VmHWM once every call is in flight; target <= 256.
     pub inflight_peak_rss_mib: f64,
     /// (h) MiB, VmHWM after every result arrived (the answers come back all at once).
     pub inflight_peak_rss_end_mib: f64,
+    /// (h2) the most calls the mock served at once over HTTP/2 (should equal
+    /// `inflight_calls`).
+    pub inflight_h2_reached: u64,
+    /// (h2) MiB, VmHWM once every call is in flight over HTTP/2; target <= 256.
+    pub inflight_h2_peak_rss_mib: f64,
+    /// (h2) MiB, VmHWM after every result arrived.
+    pub inflight_h2_peak_rss_end_mib: f64,
 }
 
 /// Why the benchmark could not run.
@@ -148,7 +159,8 @@ pub async fn run(base: &Config, args: &BenchArgs) -> Result<Report, BenchError> 
         slow: jobs::measure_slow(&bench).await?,
         latency: latency::measure(&bench).await?,
         embeddings: embeddings::measure(&bench).await?,
-        held: held::measure(&bench).await?,
+        held: held::measure(&bench, Protocol::Http1).await?,
+        held_h2: held::measure(&bench, Protocol::Http2).await?,
     };
     let _ = bench.conn.close(200, "bench done".into()).await;
     Ok(figures.report())
@@ -216,6 +228,8 @@ struct Figures {
     embeddings: embeddings::Embeddings,
     /// (h).
     held: held::Held,
+    /// (h2).
+    held_h2: held::Held,
 }
 
 impl Figures {
@@ -238,22 +252,19 @@ impl Figures {
             embeddings_unbatched_items_per_s: emb.single,
             embeddings_ratio: emb.batched / emb.single,
             worker_cpu_us_per_job: self.fast.cpu_us_per_job,
-            inflight_calls: self.held.calls,
+            inflight_calls: self.held.calls.max(self.held_h2.calls),
             inflight_reached: self.held.reached,
             inflight_peak_rss_mib: mib(self.held.peak_kib),
             inflight_peak_rss_end_mib: mib(self.held.peak_end_kib),
+            inflight_h2_reached: self.held_h2.reached,
+            inflight_h2_peak_rss_mib: mib(self.held_h2.peak_kib),
+            inflight_h2_peak_rss_end_mib: mib(self.held_h2.peak_end_kib),
         }
     }
 }
 
 /// The report as a table with the targets.
 pub fn table(r: &Report) -> String {
-    let row = |name: &str, value: String, ratio: String, target: &str, ok: bool| {
-        format!(
-            "| {name:<42} | {value:>16} | {ratio:>14} | {target:<9} | {} |\n",
-            if ok { "met" } else { "NOT met" }
-        )
-    };
     let mut t =
         String::from("| measure | value | ratio | target | |\n| --- | ---: | ---: | --- | --- |\n");
     t += &format!(
@@ -315,14 +326,110 @@ pub fn table(r: &Report) -> String {
         "<= 80 µs",
         r.worker_cpu_us_per_job <= 80.0,
     );
+    t += &held_rows(r);
+    t
+}
+
+/// The rows of (h) and (h2): memory with every call in flight, over HTTP/1.1 and HTTP/2.
+fn held_rows(r: &Report) -> String {
+    let mut t = String::new();
     t += &row(
         &format!("(h) worker peak RSS, {} in flight", r.inflight_reached),
         format!("{:.1} MiB", r.inflight_peak_rss_mib),
         format!("{:.1} MiB at end", r.inflight_peak_rss_end_mib),
         "<= 256 MiB",
-        r.inflight_reached > 0
-            && r.inflight_reached >= r.inflight_calls
-            && r.inflight_peak_rss_mib <= 256.0,
+        held_ok(
+            r.inflight_reached,
+            r.inflight_calls,
+            r.inflight_peak_rss_mib,
+        ),
+    );
+    t += &row(
+        &format!(
+            "(h2) worker peak RSS, {} in flight, HTTP/2",
+            r.inflight_h2_reached
+        ),
+        format!("{:.1} MiB", r.inflight_h2_peak_rss_mib),
+        format!("{:.1} MiB at end", r.inflight_h2_peak_rss_end_mib),
+        "<= 256 MiB",
+        held_ok(
+            r.inflight_h2_reached,
+            r.inflight_calls,
+            r.inflight_h2_peak_rss_mib,
+        ),
     );
     t
+}
+
+/// A measured row of the table: what, its figure, a ratio or a second figure, the target
+/// and whether it is met.
+fn row(name: &str, value: String, ratio: String, target: &str, ok: bool) -> String {
+    format!(
+        "| {name:<42} | {value:>16} | {ratio:>14} | {target:<9} | {} |\n",
+        if ok { "met" } else { "NOT met" }
+    )
+}
+
+/// (h) and (h2) are met when every call was in flight at once, within 256 MiB.
+fn held_ok(reached: u64, calls: u64, peak_rss_mib: f64) -> bool {
+    reached > 0 && reached >= calls && peak_rss_mib <= 256.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(calls: u64, h2_reached: u64, h2_rss_mib: f64) -> Report {
+        Report {
+            broker_ceiling_msgs_per_s: 10_000.0,
+            fleet_0ms_jobs_per_s: 4_000.0,
+            fleet_0ms_ratio: 0.8,
+            fleet_200ms_jobs_per_s: 4_500.0,
+            fleet_200ms_ratio: 0.9,
+            latency_p50_ms: 2.0,
+            latency_p99_ms: 10.0,
+            latency_samples: 2_000,
+            peak_rss_mib: 50.0,
+            embeddings_batched_items_per_s: 5_000.0,
+            embeddings_unbatched_items_per_s: 700.0,
+            embeddings_ratio: 7.1,
+            worker_cpu_us_per_job: 60.0,
+            inflight_calls: calls,
+            inflight_reached: calls,
+            inflight_peak_rss_mib: 200.0,
+            inflight_peak_rss_end_mib: 210.0,
+            inflight_h2_reached: h2_reached,
+            inflight_h2_peak_rss_mib: h2_rss_mib,
+            inflight_h2_peak_rss_end_mib: h2_rss_mib + 5.0,
+        }
+    }
+
+    fn h2_row(t: &str) -> &str {
+        t.lines()
+            .find(|l| l.starts_with("| (h2)"))
+            .expect("an (h2) row")
+    }
+
+    #[test]
+    fn h2_row_is_met_with_every_call_in_flight_within_256_mib() {
+        let t = table(&report(10_000, 10_000, 120.0));
+        let row = h2_row(&t);
+        assert!(
+            row.contains("(h2) worker peak RSS, 10000 in flight, HTTP/2"),
+            "{row}"
+        );
+        assert!(
+            row.contains("120.0 MiB") && row.contains("125.0 MiB at end"),
+            "{row}"
+        );
+        assert!(row.ends_with("| met |"), "{row}");
+    }
+
+    #[test]
+    fn h2_row_is_not_met_short_of_every_call_or_when_not_run() {
+        for (reached, rss) in [(200, 120.0), (10_000, 300.0), (0, 0.0)] {
+            let t = table(&report(10_000, reached, rss));
+            assert!(h2_row(&t).ends_with("| NOT met |"), "{reached}, {rss}");
+        }
+    }
 }
