@@ -5,6 +5,10 @@
 //! vector derived from each input's hash, `/v1/models` lists `mock-model`. Latency and
 //! failures are injectable, and can be changed while it runs (the tests do), and it counts
 //! what it served.
+//!
+//! It speaks HTTP/1.1 and HTTP/2 without TLS (h2c, prior knowledge) on the same port, and
+//! lets one HTTP/2 connection carry tens of thousands of calls at once: a client over h2c
+//! multiplexes every call to a host on one connection.
 
 use std::{
     net::SocketAddr,
@@ -22,6 +26,11 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::{conn::auto, graceful::GracefulShutdown},
+    service::TowerToHyperService,
+};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
@@ -33,6 +42,11 @@ pub const REJECTED_INPUT: &str = "__reject__";
 
 /// Dimensions of the mock's embedding vectors.
 pub const EMBEDDING_DIMS: usize = 8;
+
+/// Calls one HTTP/2 connection may carry at once. A client multiplexes every call to a host
+/// on one h2 connection and queues those past this limit, so it must exceed the most calls
+/// anyone holds in flight (`llmq bench --inflight` is a u16); hyper's default is 200.
+const MAX_H2_STREAMS: u32 = 1 << 16;
 
 /// How the mock behaves.
 #[derive(Debug, Clone, clap::Args)]
@@ -117,13 +131,7 @@ impl MockServer {
             calls: AtomicU64::new(0),
         });
         let stop = CancellationToken::new();
-        let app = router(state.clone());
-        let token = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await;
-        });
+        tokio::spawn(serve(listener, router(state.clone()), stop.clone()));
         Ok(Self { addr, state, stop })
     }
 
@@ -149,6 +157,56 @@ impl Drop for MockServer {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// Serves `app` over HTTP/1.1 and h2c until `stop`; then stops accepting, lets each
+/// connection finish the calls it has (closing idle ones at once) and waits for them, as
+/// `axum::serve(..).with_graceful_shutdown(..)` does. `axum::serve` cannot set HTTP/2's
+/// limits, hence hyper's own server.
+async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http2().max_concurrent_streams(MAX_H2_STREAMS);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        let conn = builder
+            .serve_connection_with_upgrades(
+                TokioIo::new(stream),
+                TowerToHyperService::new(app.clone()),
+            )
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // A client that hangs up mid-call is the client's business.
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// After a failed `accept`: a connection given up before it was accepted is no concern;
+/// anything else (out of file descriptors, most likely) is logged and waited out for a
+/// second, so the loop does not spin, as axum does.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "mock upstream: accept failed");
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 fn router(state: Arc<MockState>) -> Router {
@@ -333,4 +391,101 @@ pub fn mock_embedding(input: &str) -> Vec<f32> {
         .take(EMBEDDING_DIMS)
         .map(|b| (f32::from(*b) / 127.5) - 1.0)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    async fn start(options: MockOptions) -> MockServer {
+        MockServer::start("127.0.0.1:0".parse().unwrap(), options)
+            .await
+            .unwrap()
+    }
+
+    fn client(h2c: bool) -> reqwest::Client {
+        crate::install_crypto_provider();
+        let builder = reqwest::Client::builder();
+        let builder = if h2c {
+            builder.http2_prior_knowledge()
+        } else {
+            builder
+        };
+        builder.build().unwrap()
+    }
+
+    /// Polls `done` every 10 ms for up to 10 s.
+    async fn wait_until(mut done: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    #[tokio::test]
+    async fn http1_is_served_as_before() {
+        let mock = start(MockOptions::default()).await;
+        let response = client(false)
+            .get(format!("{}/models", mock.base_url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.version(), reqwest::Version::HTTP_11);
+        assert_eq!(response.status(), 200);
+    }
+
+    /// More calls than hyper's default of 200 streams, all at once on the one connection a
+    /// client opens over h2c, each counted in flight.
+    #[tokio::test]
+    async fn h2c_holds_hundreds_of_calls_on_one_connection() {
+        let calls = 300;
+        let mock = start(MockOptions {
+            latency_ms: 1_000,
+            ..Default::default()
+        })
+        .await;
+        let http = client(true);
+        let url = format!("{}/chat/completions", mock.base_url());
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        let tasks: Vec<_> = (0..calls)
+            .map(|_| tokio::spawn(http.post(&url).json(&body).send()))
+            .collect();
+        let in_flight = &mock.stats().in_flight;
+        let mut most = 0;
+        let all = wait_until(|| {
+            most = most.max(in_flight.load(Ordering::Relaxed));
+            most == calls
+        })
+        .await;
+        assert!(all, "at most {most} of {calls} calls in flight at once");
+        for task in tasks {
+            let response = task.await.unwrap().unwrap();
+            assert_eq!(response.version(), reqwest::Version::HTTP_2);
+            assert_eq!(response.status(), 200);
+        }
+        assert_eq!(mock.stats().chat_calls.load(Ordering::Relaxed), calls);
+        assert_eq!(in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn stops_listening_when_dropped() {
+        let mock = start(MockOptions::default()).await;
+        let addr = mock.addr;
+        drop(mock);
+        let mut refused = false;
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(refused, "still accepting on {addr}");
+    }
 }

@@ -1,0 +1,435 @@
+//! `llmq bench`: one run, nine figures, as ratios against the raw broker and the ideal.
+//!
+//! Against the configured broker and an in-process mock upstream, with the worker as a real
+//! child process (`llmq run`) so its memory can be read:
+//! - (a) the broker's ceiling: confirmed persistent publish -> consume -> ack of 1 KiB
+//!   messages with lapin, messages/s;
+//! - (b) one replica, 0 ms upstream: jobs/s (request in, result out) and b / (a/2);
+//! - (c) one replica, 200 ms upstream, `worker.max_inflight` = 1000: jobs/s and the ratio to
+//!   min(1000 / 0.2 s, a/2);
+//! - (d) enqueue-to-result latency p50/p99 at a steady 200 jobs/s, 0 ms upstream;
+//! - (e) the worker's peak RSS (VmHWM) during (c), with 1000 requests in flight;
+//! - (f) embeddings, mock at 20 ms per call + 0.2 ms per item: items/s batched vs one call
+//!   per message, both at `worker.max_inflight` = 16 (a provider-like cap on concurrent
+//!   calls; without one, concurrent calls to the mock cost the same as one);
+//! - (g) the worker's CPU time (user + system, from `/proc/<pid>/stat`) per job during (b):
+//!   what a job costs the worker itself, far less noisy than jobs/s on a shared machine;
+//! - (h) the worker's peak RSS (VmHWM) with 10 000 calls in flight: mock at 10 s per call,
+//!   `worker.max_inflight` = `worker.min_inflight` = 10 000, read once the mock serves them
+//!   all, and again after every result arrived. Both processes hold one socket per call, so
+//!   `ulimit -n` must allow it (the Makefile raises the soft limit);
+//! - (h2) the same over HTTP/2 without TLS (`llm.http2_prior_knowledge`, h2c): every call a
+//!   stream of one connection to the mock, which allows that many streams at once.
+//!
+//! One file per family of runs: [`broker`] (the ceiling, and the publishing and collecting
+//! every run shares), [`jobs`] (b, c, e, g), [`latency`] (d), [`embeddings`] (f), [`held`]
+//! (h, h2); [`worker`] starts and stops the worker process and reads its figures from `/proc`.
+
+mod broker;
+mod embeddings;
+mod held;
+mod jobs;
+mod latency;
+mod worker;
+
+use std::path::PathBuf;
+
+use held::Protocol;
+use lapin::Connection;
+use serde::Serialize;
+
+use crate::{
+    broker::connection,
+    config::Config,
+    tools::mock::{MockOptions, MockServer},
+};
+
+/// Sizes of the runs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Messages for the broker ceiling (a).
+    #[arg(long, default_value_t = 30_000)]
+    pub raw_messages: usize,
+    /// Jobs for the 0 ms run (b).
+    #[arg(long, default_value_t = 20_000)]
+    pub jobs: usize,
+    /// Jobs for the 200 ms run (c, e); long enough that the 200 ms ramp at each end weighs
+    /// little.
+    #[arg(long, default_value_t = 30_000)]
+    pub slow_jobs: usize,
+    /// Seconds of steady load for the latency run (d).
+    #[arg(long, default_value_t = 10)]
+    pub latency_secs: u64,
+    /// Embedding requests per embeddings run (f).
+    #[arg(long, default_value_t = 5_000)]
+    pub embeddings: usize,
+    /// Calls held in flight at once for the memory run (h).
+    #[arg(long, default_value_t = 10_000)]
+    pub inflight: u16,
+    /// Seconds the mock takes per call in the memory run (h): long enough for every request
+    /// to be published and started before the first call ends.
+    #[arg(long, default_value_t = 10)]
+    pub inflight_latency_secs: u64,
+    /// Run only these measures (letters from "bcdfhH", H for (h2); the broker ceiling always
+    /// runs, (g) is measured during (b)).
+    #[arg(long, default_value = "bcdfhH")]
+    pub only: String,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Run each worker under this command (split on spaces), to profile it under the
+    /// bench's load: e.g. `valgrind --tool=callgrind --callgrind-out-file=cg.%p`. The CPU
+    /// and memory figures are then the wrapper's. The bench stops a worker with SIGTERM to
+    /// the wrapper's pid: valgrind runs the worker in that process; a wrapper script that
+    /// does not `exec` it (heaptrack's) leaves the worker to be stopped by hand.
+    #[arg(long)]
+    pub wrap_worker: Option<String>,
+}
+
+/// The figures of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// (a) messages/s.
+    pub broker_ceiling_msgs_per_s: f64,
+    /// (b) jobs/s.
+    pub fleet_0ms_jobs_per_s: f64,
+    /// (b) / (a/2); target >= 0.8.
+    pub fleet_0ms_ratio: f64,
+    /// (c) jobs/s.
+    pub fleet_200ms_jobs_per_s: f64,
+    /// (c) / min(5000, a/2); target >= 0.9.
+    pub fleet_200ms_ratio: f64,
+    /// (d) p50 in ms; target <= 3.
+    pub latency_p50_ms: f64,
+    /// (d) p99 in ms; target <= 15.
+    pub latency_p99_ms: f64,
+    /// (d) jobs measured.
+    pub latency_samples: usize,
+    /// (e) MiB; target <= 64.
+    pub peak_rss_mib: f64,
+    /// (f) items/s with batching.
+    pub embeddings_batched_items_per_s: f64,
+    /// (f) items/s with one call per message.
+    pub embeddings_unbatched_items_per_s: f64,
+    /// (f) batched / unbatched; target >= 5.
+    pub embeddings_ratio: f64,
+    /// (g) the worker's user + system CPU time per job during (b), µs; target <= 80.
+    pub worker_cpu_us_per_job: f64,
+    /// (h, h2) calls the runs asked to hold in flight.
+    pub inflight_calls: u64,
+    /// (h) the most calls the mock served at once over HTTP/1.1 (should equal
+    /// `inflight_calls`).
+    pub inflight_reached: u64,
+    /// (h) MiB, VmHWM once every call is in flight; target <= 256.
+    pub inflight_peak_rss_mib: f64,
+    /// (h) MiB, VmHWM after every result arrived (the answers come back all at once).
+    pub inflight_peak_rss_end_mib: f64,
+    /// (h2) the most calls the mock served at once over HTTP/2 (should equal
+    /// `inflight_calls`).
+    pub inflight_h2_reached: u64,
+    /// (h2) MiB, VmHWM once every call is in flight over HTTP/2; target <= 256.
+    pub inflight_h2_peak_rss_mib: f64,
+    /// (h2) MiB, VmHWM after every result arrived.
+    pub inflight_h2_peak_rss_end_mib: f64,
+}
+
+/// Why the benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The broker could not be reached.
+    #[error(transparent)]
+    Connect(#[from] connection::ConnectError),
+    /// A broker operation failed.
+    #[error("broker error: {0}")]
+    Broker(#[from] lapin::Error),
+    /// The mock or the worker process could not start.
+    #[error("{0}")]
+    Setup(String),
+    /// A run did not finish.
+    #[error("{0}")]
+    Stalled(String),
+}
+
+/// Runs every measurement and prints the table.
+pub async fn run(base: &Config, args: &BenchArgs) -> Result<Report, BenchError> {
+    let bench = Bench::start(base, args).await?;
+    let figures = Figures {
+        ceiling: broker::measure_ceiling(&bench).await?,
+        fast: jobs::measure_fast(&bench).await?,
+        slow: jobs::measure_slow(&bench).await?,
+        latency: latency::measure(&bench).await?,
+        embeddings: embeddings::measure(&bench).await?,
+        held: held::measure(&bench, Protocol::Http1).await?,
+        held_h2: held::measure(&bench, Protocol::Http2).await?,
+    };
+    let _ = bench.conn.close(200, "bench done".into()).await;
+    Ok(figures.report())
+}
+
+/// What every run shares: the broker connection, the mock upstream, what each worker's
+/// configuration starts from, and the sizes asked for.
+struct Bench<'a> {
+    conn: Connection,
+    mock: MockServer,
+    base: worker::Base<'a>,
+    args: &'a BenchArgs,
+}
+
+impl<'a> Bench<'a> {
+    /// Starts the mock on a free port and connects to the broker.
+    async fn start(config: &'a Config, args: &'a BenchArgs) -> Result<Self, BenchError> {
+        let mock = MockServer::start(
+            "127.0.0.1:0"
+                .parse()
+                .map_err(|e| BenchError::Setup(format!("{e}")))?,
+            MockOptions::default(),
+        )
+        .await
+        .map_err(|e| BenchError::Setup(format!("mock upstream: {e}")))?;
+        let conn = connection::connect(&config.amqp, "llmq bench").await?;
+        let base = worker::Base {
+            config,
+            wrap: args
+                .wrap_worker
+                .as_deref()
+                .map(|w| w.split_whitespace().map(str::to_string).collect())
+                .unwrap_or_default(),
+        };
+        Ok(Self {
+            conn,
+            mock,
+            base,
+            args,
+        })
+    }
+
+    /// Whether `--only` asks for the measure of this letter.
+    fn on(&self, letter: char) -> bool {
+        self.args.only.contains(letter)
+    }
+
+    /// A run's worker configuration: names of its own, pointed at the mock, then `adjust`ed.
+    fn config(&self, adjust: impl FnOnce(&mut Config)) -> worker::RunConfig {
+        worker::bench_config(&self.base, &self.mock, adjust)
+    }
+}
+
+/// What each measurement saw, before the ratios.
+struct Figures {
+    /// (a) messages/s.
+    ceiling: f64,
+    /// (b, g).
+    fast: jobs::JobsRun,
+    /// (c, e).
+    slow: jobs::JobsRun,
+    /// (d).
+    latency: latency::Latency,
+    /// (f).
+    embeddings: embeddings::Embeddings,
+    /// (h).
+    held: held::Held,
+    /// (h2).
+    held_h2: held::Held,
+}
+
+impl Figures {
+    fn report(&self) -> Report {
+        let (a, b, c) = (self.ceiling, self.fast.jobs_per_s, self.slow.jobs_per_s);
+        let half = a / 2.0;
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        let emb = &self.embeddings;
+        Report {
+            broker_ceiling_msgs_per_s: a,
+            fleet_0ms_jobs_per_s: b,
+            fleet_0ms_ratio: b / half,
+            fleet_200ms_jobs_per_s: c,
+            fleet_200ms_ratio: c / half.min(1000.0 / 0.2),
+            latency_p50_ms: self.latency.p50_ms,
+            latency_p99_ms: self.latency.p99_ms,
+            latency_samples: self.latency.samples,
+            peak_rss_mib: mib(self.slow.peak_rss_kib),
+            embeddings_batched_items_per_s: emb.batched,
+            embeddings_unbatched_items_per_s: emb.single,
+            embeddings_ratio: emb.batched / emb.single,
+            worker_cpu_us_per_job: self.fast.cpu_us_per_job,
+            inflight_calls: self.held.calls.max(self.held_h2.calls),
+            inflight_reached: self.held.reached,
+            inflight_peak_rss_mib: mib(self.held.peak_kib),
+            inflight_peak_rss_end_mib: mib(self.held.peak_end_kib),
+            inflight_h2_reached: self.held_h2.reached,
+            inflight_h2_peak_rss_mib: mib(self.held_h2.peak_kib),
+            inflight_h2_peak_rss_end_mib: mib(self.held_h2.peak_end_kib),
+        }
+    }
+}
+
+/// The report as a table with the targets.
+pub fn table(r: &Report) -> String {
+    let mut t =
+        String::from("| measure | value | ratio | target | |\n| --- | ---: | ---: | --- | --- |\n");
+    t += &format!(
+        "| {:<42} | {:>16} | {:>14} | {:<9} | |\n",
+        "(a) broker ceiling, 1 KiB persistent, confirmed",
+        format!("{:.0} msg/s", r.broker_ceiling_msgs_per_s),
+        "",
+        ""
+    );
+    t += &row(
+        "(b) one replica, 0 ms upstream",
+        format!("{:.0} jobs/s", r.fleet_0ms_jobs_per_s),
+        format!("{:.2} of a/2", r.fleet_0ms_ratio),
+        ">= 0.8",
+        r.fleet_0ms_ratio >= 0.8,
+    );
+    t += &row(
+        "(c) one replica, 200 ms upstream, 1000 in flight",
+        format!("{:.0} jobs/s", r.fleet_200ms_jobs_per_s),
+        format!("{:.2} of ideal", r.fleet_200ms_ratio),
+        ">= 0.9",
+        r.fleet_200ms_ratio >= 0.9,
+    );
+    t += &row(
+        "(d) latency p50 at 200 jobs/s, 0 ms upstream",
+        format!("{:.2} ms", r.latency_p50_ms),
+        String::new(),
+        "<= 3 ms",
+        r.latency_p50_ms <= 3.0,
+    );
+    t += &row(
+        "(d) latency p99",
+        format!("{:.2} ms", r.latency_p99_ms),
+        String::new(),
+        "<= 15 ms",
+        r.latency_p99_ms <= 15.0,
+    );
+    t += &row(
+        "(e) worker peak RSS, 1000 in flight",
+        format!("{:.1} MiB", r.peak_rss_mib),
+        String::new(),
+        "<= 64 MiB",
+        r.peak_rss_mib <= 64.0,
+    );
+    t += &row(
+        "(f) embeddings batched vs one call each",
+        format!(
+            "{:.0} / {:.0} items/s",
+            r.embeddings_batched_items_per_s, r.embeddings_unbatched_items_per_s
+        ),
+        format!("{:.1}x", r.embeddings_ratio),
+        ">= 5x",
+        r.embeddings_ratio >= 5.0,
+    );
+    t += &row(
+        "(g) worker CPU per job during (b)",
+        format!("{:.1} µs", r.worker_cpu_us_per_job),
+        String::new(),
+        "<= 80 µs",
+        r.worker_cpu_us_per_job <= 80.0,
+    );
+    t += &held_rows(r);
+    t
+}
+
+/// The rows of (h) and (h2): memory with every call in flight, over HTTP/1.1 and HTTP/2.
+fn held_rows(r: &Report) -> String {
+    let mut t = String::new();
+    t += &row(
+        &format!("(h) worker peak RSS, {} in flight", r.inflight_reached),
+        format!("{:.1} MiB", r.inflight_peak_rss_mib),
+        format!("{:.1} MiB at end", r.inflight_peak_rss_end_mib),
+        "<= 256 MiB",
+        held_ok(
+            r.inflight_reached,
+            r.inflight_calls,
+            r.inflight_peak_rss_mib,
+        ),
+    );
+    t += &row(
+        &format!(
+            "(h2) worker peak RSS, {} in flight, HTTP/2",
+            r.inflight_h2_reached
+        ),
+        format!("{:.1} MiB", r.inflight_h2_peak_rss_mib),
+        format!("{:.1} MiB at end", r.inflight_h2_peak_rss_end_mib),
+        "<= 256 MiB",
+        held_ok(
+            r.inflight_h2_reached,
+            r.inflight_calls,
+            r.inflight_h2_peak_rss_mib,
+        ),
+    );
+    t
+}
+
+/// A measured row of the table: what, its figure, a ratio or a second figure, the target
+/// and whether it is met.
+fn row(name: &str, value: String, ratio: String, target: &str, ok: bool) -> String {
+    format!(
+        "| {name:<42} | {value:>16} | {ratio:>14} | {target:<9} | {} |\n",
+        if ok { "met" } else { "NOT met" }
+    )
+}
+
+/// (h) and (h2) are met when every call was in flight at once, within 256 MiB.
+fn held_ok(reached: u64, calls: u64, peak_rss_mib: f64) -> bool {
+    reached > 0 && reached >= calls && peak_rss_mib <= 256.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(calls: u64, h2_reached: u64, h2_rss_mib: f64) -> Report {
+        Report {
+            broker_ceiling_msgs_per_s: 10_000.0,
+            fleet_0ms_jobs_per_s: 4_000.0,
+            fleet_0ms_ratio: 0.8,
+            fleet_200ms_jobs_per_s: 4_500.0,
+            fleet_200ms_ratio: 0.9,
+            latency_p50_ms: 2.0,
+            latency_p99_ms: 10.0,
+            latency_samples: 2_000,
+            peak_rss_mib: 50.0,
+            embeddings_batched_items_per_s: 5_000.0,
+            embeddings_unbatched_items_per_s: 700.0,
+            embeddings_ratio: 7.1,
+            worker_cpu_us_per_job: 60.0,
+            inflight_calls: calls,
+            inflight_reached: calls,
+            inflight_peak_rss_mib: 200.0,
+            inflight_peak_rss_end_mib: 210.0,
+            inflight_h2_reached: h2_reached,
+            inflight_h2_peak_rss_mib: h2_rss_mib,
+            inflight_h2_peak_rss_end_mib: h2_rss_mib + 5.0,
+        }
+    }
+
+    fn h2_row(t: &str) -> &str {
+        t.lines()
+            .find(|l| l.starts_with("| (h2)"))
+            .expect("an (h2) row")
+    }
+
+    #[test]
+    fn h2_row_is_met_with_every_call_in_flight_within_256_mib() {
+        let t = table(&report(10_000, 10_000, 120.0));
+        let row = h2_row(&t);
+        assert!(
+            row.contains("(h2) worker peak RSS, 10000 in flight, HTTP/2"),
+            "{row}"
+        );
+        assert!(
+            row.contains("120.0 MiB") && row.contains("125.0 MiB at end"),
+            "{row}"
+        );
+        assert!(row.ends_with("| met |"), "{row}");
+    }
+
+    #[test]
+    fn h2_row_is_not_met_short_of_every_call_or_when_not_run() {
+        for (reached, rss) in [(200, 120.0), (10_000, 300.0), (0, 0.0)] {
+            let t = table(&report(10_000, reached, rss));
+            assert!(h2_row(&t).ends_with("| NOT met |"), "{reached}, {rss}");
+        }
+    }
+}
