@@ -7,9 +7,13 @@
 //!
 //! `memory` is per replica and bounded; `redis` is fleet-wide.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
 
-use moka::{Expiry, future::Cache, ops::compute::Op};
+use moka::future::Cache;
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
 use tokio::sync::OnceCell;
 
@@ -111,7 +115,7 @@ impl Store {
     pub async fn renew(&self, request_id: &str, worker: &str) {
         match self {
             Store::Off => {}
-            Store::Memory(m) => m.renew(request_id).await,
+            Store::Memory(m) => m.renew(request_id),
             Store::Redis(r) => r.renew(request_id, worker).await,
         }
     }
@@ -121,128 +125,95 @@ impl Store {
     pub async fn release(&self, request_id: &str, worker: &str) {
         match self {
             Store::Off => {}
-            Store::Memory(m) => m.release(request_id).await,
+            Store::Memory(m) => m.release(request_id),
             Store::Redis(r) => r.release(request_id, worker).await,
         }
     }
 }
 
-/// The per-replica store: one bounded cache holding, per request id, either the lease of
-/// the worker processing it or its finished result, each with its own expiry. One lookup
-/// answers a claim, one write saves a result.
+/// The per-replica store: finished results in a bounded cache with a TTL, and the leases of
+/// the requests in flight in a plain map. A lease is never evicted to make room (the map
+/// holds what is in flight, which the prefetch bounds), so one request id can not be leased
+/// twice; an expired one is swept as the map grows.
 pub struct MemoryStore {
-    entries: Cache<String, Entry>,
-}
-
-/// What the memory store knows of a request.
-#[derive(Debug, Clone)]
-enum Entry {
-    /// Being processed by this replica (the only worker that uses this store), until the
-    /// lease expires.
-    Lease,
-    /// Finished: the stored result body, until `idempotency.ttl_secs`.
-    Done(Arc<[u8]>),
-}
-
-/// Leases expire after the lease time, results after the TTL.
-struct Expiries {
+    results: Cache<String, Arc<[u8]>>,
+    leases: Mutex<Leases>,
     lease: Duration,
-    ttl: Duration,
 }
 
-impl Expiries {
-    fn of(&self, entry: &Entry) -> Duration {
-        match entry {
-            Entry::Lease => self.lease,
-            Entry::Done(_) => self.ttl,
-        }
-    }
+/// Request ids in flight and when their leases expire.
+struct Leases {
+    until: HashMap<String, Instant>,
+    /// Sweep expired leases once the map is this large.
+    sweep_at: usize,
 }
 
-impl Expiry<String, Entry> for Expiries {
-    fn expire_after_create(
-        &self,
-        _: &String,
-        entry: &Entry,
-        _: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(self.of(entry))
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &String,
-        entry: &Entry,
-        _: std::time::Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(self.of(entry))
-    }
-}
+/// The smallest map size at which expired leases are swept.
+const LEASE_SWEEP_MIN: usize = 1024;
 
 impl MemoryStore {
     fn new(capacity: u64, ttl: Duration, lease: Duration) -> Self {
         Self {
-            entries: Cache::builder()
+            results: Cache::builder()
                 .max_capacity(capacity)
-                .expire_after(Expiries { lease, ttl })
+                .time_to_live(ttl)
                 .build(),
+            leases: Mutex::new(Leases {
+                until: HashMap::new(),
+                sweep_at: LEASE_SWEEP_MIN,
+            }),
+            lease,
         }
     }
 
+    fn leases(&self) -> MutexGuard<'_, Leases> {
+        // The map holds plain values; a panic while it was locked leaves nothing half-done.
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     async fn claim(&self, request_id: &str) -> Claim {
-        let entry = self
-            .entries
-            .entry_by_ref(request_id)
-            .or_insert_with(async { Entry::Lease })
-            .await;
-        if entry.is_fresh() {
-            return Claim::Acquired;
+        if let Some(body) = self.results.get(request_id).await {
+            return Claim::Done(body.to_vec());
         }
-        match entry.into_value() {
-            Entry::Done(body) => Claim::Done(body.to_vec()),
-            Entry::Lease => Claim::Busy,
+        let now = Instant::now();
+        let mut leases = self.leases();
+        if leases
+            .until
+            .get(request_id)
+            .is_some_and(|until| *until > now)
+        {
+            return Claim::Busy;
         }
+        leases
+            .until
+            .insert(request_id.to_string(), now + self.lease);
+        if leases.until.len() >= leases.sweep_at {
+            leases.until.retain(|_, until| *until > now);
+            leases.sweep_at = (leases.until.len() * 2).max(LEASE_SWEEP_MIN);
+        }
+        Claim::Acquired
     }
 
     /// Stores the result unless one is stored already (the first answer is the answer); the
     /// lease goes with it.
     async fn save(&self, request_id: &str, body: &[u8]) {
-        self.entries
-            .entry_by_ref(request_id)
-            .and_compute_with(|held| async move {
-                match held.map(|e| e.into_value()) {
-                    Some(Entry::Done(_)) => Op::Nop,
-                    _ => Op::Put(Entry::Done(body.into())),
-                }
-            })
-            .await;
+        if !self.results.contains_key(request_id) {
+            self.results
+                .insert(request_id.to_string(), body.into())
+                .await;
+        }
+        self.leases().until.remove(request_id);
     }
 
-    /// Takes the lease again for another attempt, unless the request has finished.
-    async fn renew(&self, request_id: &str) {
-        self.entries
-            .entry_by_ref(request_id)
-            .and_compute_with(|held| async move {
-                match held.map(|e| e.into_value()) {
-                    Some(Entry::Done(_)) => Op::Nop,
-                    _ => Op::Put(Entry::Lease),
-                }
-            })
-            .await;
+    /// Extends the lease for another attempt.
+    fn renew(&self, request_id: &str) {
+        let until = Instant::now() + self.lease;
+        self.leases().until.insert(request_id.to_string(), until);
     }
 
-    /// Gives the lease up; a stored result stays.
-    async fn release(&self, request_id: &str) {
-        self.entries
-            .entry_by_ref(request_id)
-            .and_compute_with(|held| async move {
-                match held.map(|e| e.into_value()) {
-                    Some(Entry::Lease) => Op::Remove,
-                    _ => Op::Nop,
-                }
-            })
-            .await;
+    /// Gives the lease up.
+    fn release(&self, request_id: &str) {
+        self.leases().until.remove(request_id);
     }
 }
 
@@ -434,6 +405,28 @@ mod tests {
             s.claim("f", "w2").await.unwrap(),
             Claim::Done(b"kept".to_vec())
         );
+    }
+
+    #[tokio::test]
+    async fn leases_in_flight_are_never_evicted_for_room() {
+        let s = Store::Memory(Arc::new(MemoryStore::new(
+            2,
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        )));
+        let ids: Vec<String> = (0..(LEASE_SWEEP_MIN + 10))
+            .map(|i| format!("id-{i}"))
+            .collect();
+        for id in &ids {
+            assert_eq!(s.claim(id, "w1").await.unwrap(), Claim::Acquired);
+        }
+        for id in &ids {
+            assert_eq!(
+                s.claim(id, "w2").await.unwrap(),
+                Claim::Busy,
+                "{id} leased once"
+            );
+        }
     }
 
     #[tokio::test]
