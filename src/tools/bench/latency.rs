@@ -28,7 +28,7 @@ pub(super) struct Latency {
     pub(super) samples: usize,
 }
 
-/// (d), when `--only` asks for it; the percentiles are printed either way.
+/// (d), when `--only` asks for it.
 pub(super) async fn measure(bench: &Bench<'_>) -> Result<Latency, BenchError> {
     let mut lat = Vec::new();
     if bench.on('d') {
@@ -40,10 +40,12 @@ pub(super) async fn measure(bench: &Bench<'_>) -> Result<Latency, BenchError> {
     }
     lat.sort_by(f64::total_cmp);
     let (p50_ms, p99_ms) = (percentile(&lat, 0.50), percentile(&lat, 0.99));
-    eprintln!(
-        "    p50 {p50_ms:.2} ms, p99 {p99_ms:.2} ms over {} jobs",
-        lat.len()
-    );
+    if !lat.is_empty() {
+        eprintln!(
+            "    p50 {p50_ms:.2} ms, p99 {p99_ms:.2} ms over {} jobs",
+            lat.len()
+        );
+    }
     Ok(Latency {
         p50_ms,
         p99_ms,

@@ -236,7 +236,14 @@ impl Figures {
     fn report(&self) -> Report {
         let (a, b, c) = (self.ceiling, self.fast.jobs_per_s, self.slow.jobs_per_s);
         let half = a / 2.0;
-        let mib = |kib: u64| kib as f64 / 1024.0;
+        // A run that did not happen has no memory figure: NaN, shown as skipped.
+        let mib = |kib: u64| {
+            if kib == 0 {
+                f64::NAN
+            } else {
+                kib as f64 / 1024.0
+            }
+        };
         let emb = &self.embeddings;
         Report {
             broker_ceiling_msgs_per_s: a,
@@ -364,6 +371,13 @@ fn held_rows(r: &Report) -> String {
 /// A measured row of the table: what, its figure, a ratio or a second figure, the target
 /// and whether it is met.
 fn row(name: &str, value: String, ratio: String, target: &str, ok: bool) -> String {
+    // A figure of a run that `--only` left out is NaN.
+    if value.contains("NaN") {
+        return format!(
+            "| {name:<42} | {:>16} | {:>14} | {target:<9} | skipped |\n",
+            "-", ""
+        );
+    }
     format!(
         "| {name:<42} | {value:>16} | {ratio:>14} | {target:<9} | {} |\n",
         if ok { "met" } else { "NOT met" }
@@ -423,6 +437,20 @@ mod tests {
             "{row}"
         );
         assert!(row.ends_with("| met |"), "{row}");
+    }
+
+    #[test]
+    fn a_run_left_out_is_skipped_not_met() {
+        let mut r = report(10_000, 10_000, 200.0);
+        r.peak_rss_mib = f64::NAN;
+        r.worker_cpu_us_per_job = f64::NAN;
+        let t = table(&r);
+        for name in ["(e) worker peak RSS", "(g) worker CPU"] {
+            let line = t.lines().find(|l| l.contains(name)).unwrap_or_default();
+            assert!(line.ends_with("| skipped |"), "{line}");
+        }
+        let h2 = h2_row(&t);
+        assert!(h2.ends_with("| met |"), "{h2}");
     }
 
     #[test]
