@@ -19,7 +19,7 @@ use crate::{
     runtime::metrics::Metrics,
     upstream::{
         batch::Batcher,
-        client::{LlmClient, LlmError},
+        client::{ChatAnswer, EmbeddingAnswer, LlmClient, LlmError},
         deployment::{Deployment, Slot},
         flow::Flow,
     },
@@ -80,6 +80,12 @@ impl Outcome {
     }
 }
 
+/// What the upstream answered to one job.
+enum Answer {
+    Chat(ChatAnswer),
+    Embedding(EmbeddingAnswer),
+}
+
 /// Makes upstream calls for jobs and turns answers into results.
 #[derive(Clone)]
 pub struct Upstream {
@@ -137,29 +143,19 @@ impl Upstream {
         started: Instant,
         stop: &CancellationToken,
     ) -> Option<Outcome> {
-        let mut result = JobResult::ok(job.request_id.clone(), self.worker.clone());
-        result.kind = Some(job.kind().as_str());
-        result.metadata = job.metadata.clone();
-        result.attempts = attempt;
         let answer = match &job.call {
             Call::Chat { messages, params } => {
                 let model = job.model.as_deref().unwrap_or(&self.chat_model);
                 let slot = self.admit(job, stop).await?;
                 let call = self.deployment.client().chat(model, messages, params);
-                self.deployment.call(Kind::Chat, slot, call).await.map(|a| {
-                    result.model = Some(a.model);
-                    result.content = Some(a.content);
-                    result.finish_reason = a.finish_reason;
-                    result.usage = a.usage;
-                })
+                self.deployment
+                    .call(Kind::Chat, slot, call)
+                    .await
+                    .map(Answer::Chat)
             }
-            Call::Embedding {
-                input,
-                single,
-                params,
-            } => {
+            Call::Embedding { input, params, .. } => {
                 let model = job.model.as_deref().unwrap_or(&self.embedding_model);
-                let answer = match &self.batcher {
+                match &self.batcher {
                     // The batcher takes one slot per batched call.
                     Some(batcher) => {
                         let tokens = job.token_estimate(0);
@@ -172,30 +168,48 @@ impl Upstream {
                         let call = self.deployment.client().embed(model, input, params);
                         self.deployment.call(Kind::Embedding, slot, call).await
                     }
-                };
-                answer.map(|a| {
-                    result.model = Some(a.model);
-                    result.usage = a.usage;
-                    if *single {
-                        result.embedding = a.vectors.into_iter().next();
-                    } else {
-                        result.embeddings = Some(a.vectors);
-                    }
-                })
+                }
+                .map(Answer::Embedding)
             }
         };
+        // The result is built only for an answer, and only once the call is over: a call in
+        // flight holds no copy of the request's id or metadata.
         let outcome = match answer {
-            Ok(()) => {
-                result.latency_ms =
-                    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                Outcome::Done(Box::new(result))
-            }
+            Ok(answer) => Outcome::Done(Box::new(self.result(job, attempt, started, answer))),
             Err(e) => Outcome::from_error(e),
         };
         if let Some(label) = outcome.failure_label() {
             self.metrics.failed(job.kind().as_str(), label);
         }
         Some(outcome)
+    }
+
+    /// The `ok` result of an answer to `job`.
+    fn result(&self, job: &Job, attempt: u32, started: Instant, answer: Answer) -> JobResult {
+        let mut result = JobResult::ok(job.request_id.clone(), self.worker.clone());
+        result.kind = Some(job.kind().as_str());
+        result.metadata = job.metadata.clone();
+        result.attempts = attempt;
+        result.latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        match answer {
+            Answer::Chat(a) => {
+                result.model = Some(a.model);
+                result.content = Some(a.content);
+                result.finish_reason = a.finish_reason;
+                result.usage = a.usage;
+            }
+            Answer::Embedding(a) => {
+                result.model = Some(a.model);
+                result.usage = a.usage;
+                match &job.call {
+                    Call::Embedding { single: true, .. } => {
+                        result.embedding = a.vectors.into_iter().next();
+                    }
+                    _ => result.embeddings = Some(a.vectors),
+                }
+            }
+        }
+        result
     }
 
     /// A slot for `job`'s call, or `None` when `stop` comes first. A slot free right away

@@ -85,7 +85,8 @@ pub struct LlmClient {
     chat_url: Endpoint,
     embeddings_url: Endpoint,
     /// `Bearer <api_key>`, built once and marked sensitive; `None` without a key, or when
-    /// the key cannot be a header value (then [`Self::api_key`] fails each call).
+    /// the key cannot be a header value (then each call sets it through reqwest, which
+    /// reports the bad header as the call's error).
     auth: Option<header::HeaderValue>,
     api_key: Secret,
 }
