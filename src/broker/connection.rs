@@ -40,6 +40,31 @@ pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection, Connect
     }
 }
 
+/// A worker's two connections to the broker. During a memory or disk alarm RabbitMQ blocks
+/// every connection that publishes, and lapin then writes no frame at all on it: no ack, no
+/// nack, no cancel. Deliveries are consumed, acked and handed back on `consume`, which never
+/// publishes and so is never blocked; results, retries and dead letters go out on `publish`.
+pub struct Connections {
+    /// Consumes and settles deliveries; declares the topology.
+    pub consume: Connection,
+    /// Publishes in confirm mode; the one the broker may block.
+    pub publish: Connection,
+}
+
+/// Opens the consuming and the publishing connection, named `name` and `name (publish)`.
+pub async fn connect_pair(cfg: &AmqpConfig, name: &str) -> Result<Connections, ConnectError> {
+    let consume = connect(cfg, name).await?;
+    match connect(cfg, &format!("{name} (publish)")).await {
+        Ok(publish) => Ok(Connections { consume, publish }),
+        Err(e) => {
+            let _ = consume
+                .close(200, "the publishing connection failed".into())
+                .await;
+            Err(e)
+        }
+    }
+}
+
 /// The TLS settings, read from their files; `None` when none is set (system roots).
 pub fn tls_config(tls: &TlsConfig) -> std::io::Result<Option<OwnedTLSConfig>> {
     if tls.ca_file.is_empty() && tls.client_cert.is_empty() {

@@ -21,9 +21,22 @@ use crate::{
     runtime::clock::{unix_now, unix_now_ms},
 };
 
+/// Longest wait for the broker to take a publish and confirm it. A broker under a memory or
+/// disk alarm blocks the publishing connection, and lapin then writes nothing on it: without
+/// a bound, a delivery would wait for its confirm until the alarm clears, shutdown included.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// A publish the broker did not confirm.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
+    /// No confirm within [`CONFIRM_TIMEOUT`] (a blocked connection, an overloaded broker):
+    /// the message may still be published later, so the request is handed back, not retried
+    /// here.
+    #[error("no confirm from the broker within {}s for the message to {destination}", CONFIRM_TIMEOUT.as_secs())]
+    Unconfirmed {
+        /// Where it was going.
+        destination: String,
+    },
     /// The channel or connection failed.
     #[error("broker error while publishing to {destination}: {source}")]
     Broker {
@@ -253,21 +266,27 @@ pub async fn publish_confirmed(
         destination: destination(),
         source,
     };
-    let confirm = channel
-        .basic_publish(
-            ShortString::from(exchange),
-            ShortString::from(routing_key),
-            BasicPublishOptions {
-                mandatory,
-                ..Default::default()
-            },
-            body,
-            props,
-        )
-        .await
-        .map_err(broker)?
-        .await
-        .map_err(broker)?;
+    let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, async {
+        channel
+            .basic_publish(
+                ShortString::from(exchange),
+                ShortString::from(routing_key),
+                BasicPublishOptions {
+                    mandatory,
+                    ..Default::default()
+                },
+                body,
+                props,
+            )
+            .await
+            .map_err(broker)?
+            .await
+            .map_err(broker)
+    })
+    .await
+    .map_err(|_| PublishError::Unconfirmed {
+        destination: destination(),
+    })??;
     match confirm {
         Confirmation::Ack(None) => Ok(()),
         Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {

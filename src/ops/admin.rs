@@ -1,6 +1,6 @@
 //! The admin HTTP server (`admin.addr`, default 0.0.0.0:9090): `/metrics` in Prometheus
-//! text format, `/healthz` (the process is alive) and `/readyz` (connected to the broker and
-//! consuming; 503 otherwise).
+//! text format, `/healthz` (the process is alive) and `/readyz` (connected to the broker,
+//! consuming, and not blocked by a broker memory or disk alarm; 503 otherwise).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -64,6 +64,11 @@ async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
 async fn readyz(State(a): State<Admin>) -> impl IntoResponse {
     if a.health.ready() {
         (StatusCode::OK, "ready\n")
+    } else if a.health.blocked.load(std::sync::atomic::Ordering::Relaxed) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the broker blocks publishing (memory or disk alarm)\n",
+        )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

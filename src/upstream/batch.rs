@@ -2,7 +2,8 @@
 //! `/embeddings` call of up to `batch.max_items` inputs or `batch.max_wait_ms`, whichever
 //! comes first. Each request still gets its own answer (and so its own result, confirm and
 //! ack); when the upstream refuses a batch as a whole, every request is tried alone, so one
-//! bad input fails only its own message.
+//! bad input fails only its own message. Once shutdown begins no batch call starts: the
+//! requests waiting in a batch go back to their queue.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -11,6 +12,7 @@ use tokio::{
     sync::{mpsc, oneshot},
     time::Instant,
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     contract::{Usage, request::Kind},
@@ -35,6 +37,9 @@ struct Item {
     model: String,
     params: Map<String, Value>,
     input: Vec<String>,
+    /// The worker's shutdown: once cancelled, no call starts for this item, and dropping
+    /// `reply` unanswered tells the caller so.
+    stop: CancellationToken,
     reply: oneshot::Sender<Result<EmbeddingAnswer, LlmError>>,
 }
 
@@ -56,6 +61,8 @@ impl Batcher {
     }
 
     /// Embeds `input`, batched with other requests for the same model and parameters.
+    /// `None` when no call was made for it: `stop` was cancelled before its batch started
+    /// (or the batcher is gone), and the request goes back to its queue.
     pub async fn embed(
         &self,
         model: &str,
@@ -63,7 +70,11 @@ impl Batcher {
         params: &Map<String, Value>,
         priority: u8,
         tokens: u64,
-    ) -> Result<EmbeddingAnswer, LlmError> {
+        stop: &CancellationToken,
+    ) -> Option<Result<EmbeddingAnswer, LlmError>> {
+        if stop.is_cancelled() {
+            return None;
+        }
         let (reply, rx) = oneshot::channel();
         let item = Item {
             priority,
@@ -71,31 +82,44 @@ impl Batcher {
             model: model.to_string(),
             params: params.clone(),
             input: input.to_vec(),
+            stop: stop.clone(),
             reply,
         };
-        let gone = || LlmError::Transient {
-            message: "the embedding batcher stopped".into(),
-            retry_after: None,
-            throttle: false,
-        };
-        self.tx.send(item).await.map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        self.tx.send(item).await.ok()?;
+        rx.await.ok()
     }
 }
 
 /// One batched (or, after a refused batch, single) call: a slot and the accounting of the
-/// deployment, per call rather than per message.
+/// deployment, per call rather than per message. `None` when every item's shutdown came
+/// before the slot: no call was made. A slot free right away wins over shutdown, as for a
+/// single call.
 async fn call(
     up: &Deployment,
+    items: &[Item],
     model: &str,
     input: &[String],
     params: &Map<String, Value>,
     priority: u8,
     tokens: u64,
-) -> Result<EmbeddingAnswer, LlmError> {
-    let slot = up.admit(priority, tokens).await;
+) -> Option<Result<EmbeddingAnswer, LlmError>> {
+    let stopped = futures_util::future::join_all(items.iter().map(|i| i.stop.cancelled()));
+    let slot = tokio::select! {
+        biased;
+        slot = up.admit(priority, tokens) => slot,
+        _ = stopped => return None,
+    };
     let answer = up.client().embed(model, input, params);
-    up.call(Kind::Embedding, slot, answer).await
+    Some(up.call(Kind::Embedding, slot, answer).await)
+}
+
+/// The items still wanted: those whose shutdown began are dropped unanswered, so their
+/// requests go back to their queue rather than into a call that starts now.
+fn still_wanted(items: Vec<Item>) -> Vec<Item> {
+    items
+        .into_iter()
+        .filter(|i| !i.stop.is_cancelled())
+        .collect()
 }
 
 async fn run(llm: Deployment, mut rx: mpsc::Receiver<Item>, max_items: usize, max_wait: Duration) {
@@ -157,6 +181,7 @@ async fn run(llm: Deployment, mut rx: mpsc::Receiver<Item>, max_items: usize, ma
 /// One upstream call for `items`, its answer split back; a batch refused as a whole is
 /// retried one request at a time.
 async fn send(up: Deployment, items: Vec<Item>) {
+    let items = still_wanted(items);
     let Some(first) = items.first() else {
         return;
     };
@@ -164,7 +189,9 @@ async fn send(up: Deployment, items: Vec<Item>) {
     let inputs: Vec<String> = items.iter().flat_map(|i| i.input.iter().cloned()).collect();
     let priority = items.iter().map(|i| i.priority).max().unwrap_or(0);
     let tokens = items.iter().map(|i| i.tokens).sum();
-    let answer = call(&up, &model, &inputs, &params, priority, tokens).await;
+    let Some(answer) = call(&up, &items, &model, &inputs, &params, priority, tokens).await else {
+        return;
+    };
     match answer {
         Ok(answer) => {
             let total_chars: usize = inputs.iter().map(String::len).sum::<usize>().max(1);
@@ -190,11 +217,12 @@ async fn send(up: Deployment, items: Vec<Item>) {
         Err(LlmError::Permanent { .. }) if items.len() > 1 => {
             // Someone's input spoiled the batch: each request on its own, so only that one
             // fails.
-            let singles = items.into_iter().map(|item| {
+            let singles = still_wanted(items).into_iter().map(|item| {
                 let up = up.clone();
                 async move {
                     let answer = call(
                         &up,
+                        std::slice::from_ref(&item),
                         &item.model,
                         &item.input,
                         &item.params,
@@ -202,7 +230,9 @@ async fn send(up: Deployment, items: Vec<Item>) {
                         item.tokens,
                     )
                     .await;
-                    let _ = item.reply.send(answer);
+                    if let Some(answer) = answer {
+                        let _ = item.reply.send(answer);
+                    }
                 }
             });
             futures_util::future::join_all(singles).await;
@@ -212,5 +242,80 @@ async fn send(up: Deployment, items: Vec<Item>) {
                 let _ = item.reply.send(Err(e.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, atomic::Ordering::Relaxed};
+
+    use super::*;
+    use crate::{
+        config::{LlmConfig, SecretUrl},
+        runtime::metrics::Metrics,
+        tools::mock::{MockOptions, MockServer},
+        upstream::{client::LlmClient, flow::Flow, ratelimit::Budget},
+    };
+
+    /// A batcher of up to 4 inputs or 20 ms over a deployment limited to one call at once.
+    async fn batcher() -> (MockServer, Batcher, Deployment, Arc<Flow>) {
+        let server = MockServer::start(([127, 0, 0, 1], 0).into(), MockOptions::default())
+            .await
+            .expect("the mock listens");
+        let cfg = LlmConfig {
+            base_url: SecretUrl::new(server.base_url()),
+            ..LlmConfig::default()
+        };
+        let flow = Flow::new(1, 1, Budget::unlimited());
+        let client = LlmClient::new(&cfg).expect("client");
+        let deployment = Deployment::new(client, flow.clone(), Arc::new(Metrics::default()));
+        let batcher = Batcher::spawn(deployment.clone(), 4, Duration::from_millis(20));
+        (server, batcher, deployment, flow)
+    }
+
+    fn embed<'a>(
+        b: &'a Batcher,
+        text: &str,
+        stop: &'a CancellationToken,
+    ) -> impl Future<Output = Option<Result<EmbeddingAnswer, LlmError>>> + 'a {
+        let input = vec![text.to_string()];
+        async move { b.embed("m", &input, &Map::new(), 0, 1, stop).await }
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_called_while_running() {
+        let (server, b, _d, _flow) = batcher().await;
+        let stop = CancellationToken::new();
+        let (x, y) = tokio::join!(embed(&b, "x", &stop), embed(&b, "y", &stop));
+        assert!(matches!(x, Some(Ok(_))) && matches!(y, Some(Ok(_))));
+        assert_eq!(server.stats().embedding_calls.load(Relaxed), 1, "one batch");
+    }
+
+    #[tokio::test]
+    async fn no_batch_call_starts_after_shutdown_began() {
+        let (server, b, d, flow) = batcher().await;
+        let stop = CancellationToken::new();
+        // The only slot is taken: the batch waits for it.
+        let busy = d.admit(0, 0).await;
+        let waiting = tokio::spawn({
+            let (b, stop) = (b.clone(), stop.clone());
+            async move {
+                let input = vec!["x".to_string()];
+                b.embed("m", &input, &Map::new(), 0, 1, &stop).await
+            }
+        });
+        while flow.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        stop.cancel();
+        let answer = waiting.await.expect("no panic");
+        assert!(answer.is_none(), "handed back, not answered: {answer:?}");
+        drop(busy);
+        assert!(
+            embed(&b, "late", &stop).await.is_none(),
+            "nothing starts once stopped"
+        );
+        assert_eq!(flow.in_flight(), 0, "the slot went back");
+        assert_eq!(server.stats().embedding_calls.load(Relaxed), 0);
     }
 }

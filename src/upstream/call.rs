@@ -135,7 +135,8 @@ impl Upstream {
 
     /// Makes the `attempt`-th upstream call for `job`; `started` is when its delivery
     /// arrived, for `latency_ms`. `None` when `stop` was cancelled while it waited for a
-    /// slot: nothing was called, the request goes back to its queue.
+    /// slot or for its embedding batch to start: nothing was called, the request goes back to
+    /// its queue.
     pub async fn attempt(
         &self,
         job: &Job,
@@ -160,8 +161,8 @@ impl Upstream {
                     Some(batcher) => {
                         let tokens = job.token_estimate(0);
                         batcher
-                            .embed(model, input, params, job.priority, tokens)
-                            .await
+                            .embed(model, input, params, job.priority, tokens, stop)
+                            .await?
                     }
                     None => {
                         let slot = self.admit(job, stop).await?;

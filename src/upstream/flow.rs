@@ -5,6 +5,8 @@
 //!   of `limit` successes adds one. Deliveries waiting for a slot start highest priority
 //!   first, then in arrival order.
 //! - A replica-wide pause: a 429 with `Retry-After` stops new calls for that long.
+//! - A hold while the broker blocks publishing (a memory or disk alarm): a result could not
+//!   be confirmed, so no call starts until the broker unblocks.
 //! - Request and token budgets per minute ([`crate::upstream::ratelimit`]), local or fleet-wide.
 //!
 //! The limit is published on a watch channel so that the consumers' prefetch follows it.
@@ -36,6 +38,8 @@ pub struct Flow {
     min: usize,
     max: usize,
     limit_tx: watch::Sender<usize>,
+    /// `true` while new calls are held (see [`Flow::hold`]).
+    held: watch::Sender<bool>,
     budget: Budget,
 }
 
@@ -107,6 +111,7 @@ impl Flow {
             min,
             max,
             limit_tx,
+            held: watch::Sender::new(false),
             budget,
         })
     }
@@ -136,8 +141,9 @@ impl Flow {
         self.limit_tx.subscribe()
     }
 
-    /// Waits for a slot (highest priority first), then for any `Retry-After` pause and for
-    /// the request and token budgets (`tokens` is the call's estimate).
+    /// Waits for a slot (highest priority first), then for any `Retry-After` pause, any
+    /// [`hold`](Self::hold), and the request and token budgets (`tokens` is the call's
+    /// estimate). Callers bound the wait (shutdown, their own deadline) by dropping it.
     pub async fn acquire(self: &Arc<Self>, priority: u8, tokens: u64) -> Permit {
         let permit = self.slot(priority).await;
         loop {
@@ -147,6 +153,9 @@ impl Flow {
                 _ => break,
             }
         }
+        // Checked after the slot: a call waiting for one when the hold began must not start
+        // when it gets it. The sender lives in `self`, so the wait cannot fail.
+        let _ = self.held.subscribe().wait_for(|held| !*held).await;
         self.budget.take(tokens).await;
         permit
     }
@@ -241,6 +250,18 @@ impl Flow {
         if s.paused_until.is_none_or(|p| p < until) {
             s.paused_until = Some(until);
         }
+    }
+
+    /// Holds (`true`) or releases (`false`) every call not yet started, for as long as the
+    /// broker blocks publishing: their results could not be confirmed. Calls already running
+    /// are not affected.
+    pub fn hold(&self, held: bool) {
+        self.held.send_replace(held);
+    }
+
+    /// Whether new calls are held.
+    pub fn is_held(&self) -> bool {
+        *self.held.borrow()
     }
 
     /// Corrects the token budget once the real usage is known.
@@ -360,5 +381,21 @@ mod tests {
         assert_eq!(f.in_flight(), 0);
         let _p = f.acquire(0, 0).await;
         assert_eq!(f.in_flight(), 1);
+    }
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_stops_new_calls_until_released() {
+        let f = flow(1, 2);
+        f.hold(true);
+        let held = tokio::spawn({
+            let f = f.clone();
+            async move { f.acquire(0, 0).await }
+        });
+        // Long past any wait: still held.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!held.is_finished(), "no call starts while held");
+        f.hold(false);
+        let _permit = held.await.unwrap();
+        assert_eq!(f.in_flight(), 1);
+        assert!(!f.is_held());
     }
 }

@@ -1,5 +1,6 @@
-//! What a running worker shows the outside: readiness, and the depths of its queues for
-//! the `llmq_queue_depth` metric.
+//! What a running worker shows the outside: readiness (connected, consuming, publishing not
+//! blocked by a broker alarm), and the depths of its queues for the `llmq_queue_depth`
+//! metric.
 
 use std::{
     sync::{
@@ -9,10 +10,14 @@ use std::{
     time::Duration,
 };
 
-use lapin::{Channel, Connection};
+use futures_util::{Stream, StreamExt};
+use lapin::{Channel, Connection, Event};
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
-use crate::{broker::topology, config::TopologyConfig, runtime::metrics::Metrics};
+use crate::{
+    broker::topology, config::TopologyConfig, runtime::metrics::Metrics, upstream::flow::Flow,
+};
 
 /// How often the work queues' depths are read for the metrics.
 const DEPTH_EVERY: Duration = Duration::from_secs(5);
@@ -24,13 +29,71 @@ pub struct Health {
     pub connected: AtomicBool,
     /// Consumer slots currently subscribed.
     pub consuming: AtomicUsize,
+    /// The broker blocks the publishing connection (a memory or disk alarm): no result can be
+    /// confirmed, so no new upstream call starts.
+    pub blocked: AtomicBool,
 }
 
 impl Health {
-    /// Connected and consuming: ready for traffic.
+    /// Connected, consuming and able to publish: ready for traffic.
     pub fn ready(&self) -> bool {
-        self.connected.load(Relaxed) && self.consuming.load(Relaxed) > 0
+        self.connected.load(Relaxed)
+            && self.consuming.load(Relaxed) > 0
+            && !self.blocked.load(Relaxed)
     }
+}
+
+/// How often the publishing connection's state is read besides its events.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+/// Follows the publishing connection until it fails: while the broker blocks it
+/// (`connection.blocked`, a memory or disk alarm), [`Health::blocked`] is set and the flow
+/// control holds every call not yet started; `connection.unblocked` releases them.
+///
+/// `events` must come from [`Connection::events_listener`] called before anything was
+/// published: lapin drops the events nobody listens to.
+pub(super) async fn follow_publishing(
+    health: Arc<Health>,
+    flow: Arc<Flow>,
+    conn: Arc<Connection>,
+    events: impl Stream<Item = Event>,
+) {
+    let mut events = std::pin::pin!(events);
+    let mut tick = tokio::time::interval(STATUS_EVERY);
+    loop {
+        let status = conn.status();
+        let blocked = status.blocked();
+        if health.blocked.swap(blocked, Relaxed) != blocked {
+            flow.hold(blocked);
+            if blocked {
+                warn!(
+                    "the broker blocks publishing (memory or disk alarm): readiness off, no new upstream calls until it unblocks"
+                );
+            } else {
+                info!("the broker unblocked publishing; resuming upstream calls");
+            }
+        }
+        if !status.connected() {
+            return;
+        }
+        tokio::select! {
+            event = events.next() => match event {
+                Some(Event::ConnectionBlocked(reason)) => {
+                    warn!(%reason, "connection.blocked from the broker");
+                }
+                Some(_) => {}
+                None => return,
+            },
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+/// Clears the blocked state when a new connection replaces a blocked one: the broker blocks
+/// the new one only once it publishes, and says so.
+pub(super) fn unblock(health: &Health, flow: &Flow) {
+    health.blocked.store(false, Relaxed);
+    flow.hold(false);
 }
 
 /// Counts a subscribed slot in [`Health::consuming`] while alive.

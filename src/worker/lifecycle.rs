@@ -1,6 +1,8 @@
-//! The worker's life: a broker connection kept alive (reconnect with backoff, redeclare the
-//! topology), the consumer slots run on it, and at shutdown the drain of in-flight work
-//! within `worker.shutdown_grace_secs`, after which unfinished work is handed back.
+//! The worker's life: its two broker connections (consuming, publishing) kept alive
+//! (reconnect with backoff, redeclare the topology), the consumer slots run on them, and at
+//! shutdown the drain of in-flight work within `worker.shutdown_grace_secs`, after which
+//! unfinished work is handed back. A broker alarm blocks only the publishing connection, so
+//! the drain can still ack and nack.
 
 use std::{
     sync::{Arc, atomic::Ordering::Relaxed},
@@ -8,19 +10,19 @@ use std::{
 };
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use lapin::Connection;
+use lapin::{Connection, Event};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn};
 
 use super::{
     Context, health,
-    subscribe::{self, SessionEnd},
+    subscribe::{self, Links, SessionEnd},
 };
 use crate::broker::{connection, topology};
 
 /// After the shutdown grace period, how long aborted tasks get to hand their work back.
 const ABORT_GRACE: Duration = Duration::from_secs(3);
-/// How long closing the connection may take at shutdown (a blocked broker never answers).
+/// How long closing a connection may take at shutdown.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connects, consumes until shutdown or a lost connection, reconnects; then drains.
@@ -28,15 +30,23 @@ pub(super) async fn run(ctx: Arc<Context>) {
     let worker = ctx.worker().to_string();
     let tracker = TaskTracker::new();
     let mut backoff = reconnect_backoff();
-    let mut last_conn: Option<Arc<Connection>> = None;
+    let mut last: Option<Links> = None;
     let conn_name = format!("llmq worker {worker}");
     while !ctx.stop.is_cancelled() {
-        let conn = tokio::select! {
+        let conns = tokio::select! {
             _ = ctx.stop.cancelled() => break,
-            conn = connection::connect(&ctx.config.amqp, &conn_name) => conn,
+            conns = connection::connect_pair(&ctx.config.amqp, &conn_name) => conns,
         };
-        let conn = match conn {
-            Ok(conn) => Arc::new(conn),
+        let (links, events) = match conns {
+            Ok(conns) => {
+                // Listen before anything is published: lapin drops the events nobody listens to.
+                let events = conns.publish.events_listener();
+                let links = Links {
+                    consume: Arc::new(conns.consume),
+                    publish: Arc::new(conns.publish),
+                };
+                (links, events)
+            }
             Err(e) => {
                 let delay = backoff.next().unwrap_or(Duration::from_secs(30));
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker unreachable");
@@ -44,13 +54,14 @@ pub(super) async fn run(ctx: Arc<Context>) {
                 continue;
             }
         };
-        if let Err(e) = topology::declare_on(&conn, &ctx.config.topology).await {
+        if let Err(e) = topology::declare_on(&links.consume, &ctx.config.topology).await {
             let delay = backoff.next().unwrap_or(Duration::from_secs(30));
             warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "declaring the topology failed");
-            let _ = conn.close(200, "topology failed".into()).await;
+            close(&links, "topology failed").await;
             pause(&ctx.stop, delay).await;
             continue;
         }
+        health::unblock(&ctx.health, &ctx.flow);
         backoff = reconnect_backoff();
         info!(
             url = %ctx.config.amqp.url,
@@ -62,9 +73,9 @@ pub(super) async fn run(ctx: Arc<Context>) {
             "connected; consuming"
         );
         ctx.health.connected.store(true, Relaxed);
-        let lost = consume_on(&ctx, &conn, &tracker).await;
+        let lost = consume_on(&ctx, &links, events, &tracker).await;
         ctx.health.connected.store(false, Relaxed);
-        last_conn = Some(conn);
+        last = Some(links);
         match lost {
             None => break,
             Some(e) => {
@@ -89,22 +100,46 @@ pub(super) async fn run(ctx: Arc<Context>) {
         ctx.abort.cancel();
         let _ = tokio::time::timeout(ABORT_GRACE, tracker.wait()).await;
     }
-    if let Some(conn) = last_conn
-        && conn.status().connected()
-    {
-        match tokio::time::timeout(
-            CLOSE_TIMEOUT,
-            conn.close(200, "llmq worker shutdown".into()),
-        )
-        .await
-        {
-            Ok(Ok(())) => {}
-            // Channels closing at the same time make lapin report the close as failed.
-            Ok(Err(e)) => debug!(error = %e, "closing the broker connection"),
-            Err(_) => warn!("the broker did not answer the close; exiting anyway"),
-        }
+    if let Some(links) = last {
+        close(&links, "llmq worker shutdown").await;
     }
     info!("worker stopped");
+}
+
+/// Closes both connections, each within [`CLOSE_TIMEOUT`]. Closing the consuming one hands
+/// back whatever is still unacked. A blocked publishing connection is left to close when the
+/// broker unblocks it: lapin cannot write the close before, and nothing waits on it.
+async fn close(links: &Links, why: &str) {
+    let close_one = |conn: Arc<Connection>, which: &'static str| {
+        let why = why.to_string();
+        async move {
+            if !conn.status().connected() {
+                return;
+            }
+            if conn.status().blocked() {
+                warn!(
+                    connection = which,
+                    "the broker blocks this connection; not waiting for its close"
+                );
+                return;
+            }
+            match tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, why.into())).await {
+                Ok(Ok(())) => {}
+                // Channels closing at the same time make lapin report the close as failed.
+                Ok(Err(e)) => {
+                    debug!(connection = which, error = %e, "closing the broker connection")
+                }
+                Err(_) => warn!(
+                    connection = which,
+                    "the broker did not answer the close; exiting anyway"
+                ),
+            }
+        }
+    };
+    tokio::join!(
+        close_one(links.consume.clone(), "consume"),
+        close_one(links.publish.clone(), "publish"),
+    );
 }
 
 /// Reconnection delays: 0.5 s doubling to 30 s, jittered, forever.
@@ -124,38 +159,58 @@ async fn pause(stop: &CancellationToken, delay: Duration) {
     }
 }
 
-/// Consumes on `conn` until shutdown (`None`) or until the connection fails (`Some`).
+/// Consumes on `links` until shutdown (`None`) or until a connection fails (`Some`);
+/// follows the publishing connection's `events` for broker alarms meanwhile.
 async fn consume_on(
     ctx: &Arc<Context>,
-    conn: &Arc<Connection>,
+    links: &Links,
+    events: impl futures_util::Stream<Item = Event>,
     tracker: &TaskTracker,
 ) -> Option<SessionEnd> {
     let lost = ctx.stop.child_token();
     tokio::spawn(health::poll_queue_depths(
         ctx.metrics.clone(),
         ctx.config.topology.clone(),
-        conn.clone(),
+        links.consume.clone(),
         lost.clone(),
     ));
+    let publishing = health::follow_publishing(
+        ctx.health.clone(),
+        ctx.flow.clone(),
+        links.publish.clone(),
+        events,
+    );
+    let mut publishing = std::pin::pin!(publishing);
+    let mut publishing_over = false;
     let mut slots = tokio::task::JoinSet::new();
     for slot in 0..ctx.config.worker.consumers {
         slots.spawn(subscribe::consumer_slot(
             ctx.clone(),
-            conn.clone(),
+            links.clone(),
             slot,
             tracker.clone(),
             lost.clone(),
         ));
     }
     let mut failure = None;
-    while let Some(joined) = slots.join_next().await {
+    loop {
+        let joined = tokio::select! {
+            joined = slots.join_next() => joined,
+            () = &mut publishing, if !publishing_over => {
+                publishing_over = true;
+                failure.get_or_insert(SessionEnd::PublishingLost);
+                lost.cancel();
+                continue;
+            }
+        };
         match joined {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+            None => break,
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => {
                 failure.get_or_insert(e);
                 lost.cancel();
             }
-            Err(join) => error!(error = %join, "a consumer task panicked"),
+            Some(Err(join)) => error!(error = %join, "a consumer task panicked"),
         }
     }
     if ctx.stop.is_cancelled() {

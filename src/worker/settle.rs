@@ -424,7 +424,8 @@ async fn ack_if_confirmed(delivery: &Delivery, published: Result<(), PublishErro
 }
 
 /// Publishes with a few quick retries: a nack or a closed queue may clear up within
-/// seconds; a dead channel will not, so it is not retried.
+/// seconds; a dead channel or a missing confirm (a blocked broker) will not, so they are not
+/// retried.
 async fn with_publish_retries<F, Fut>(mut publish: F) -> Result<(), PublishError>
 where
     F: FnMut() -> Fut,
@@ -436,7 +437,9 @@ where
         tries += 1;
         match publish().await {
             Ok(()) => return Ok(()),
-            Err(e @ PublishError::Broker { .. }) => return Err(e),
+            Err(e @ (PublishError::Broker { .. } | PublishError::Unconfirmed { .. })) => {
+                return Err(e);
+            }
             Err(e) if tries >= PUBLISH_ATTEMPTS => return Err(e),
             Err(e) => {
                 warn!(error = %e, tries, "publish not confirmed; trying again");

@@ -1,5 +1,7 @@
 //! Consumer slots: each a consuming channel subscribed to both work queues, with its own
-//! confirm-mode publishing channel, and a prefetch that follows the concurrency limit.
+//! confirm-mode publishing channel, and a prefetch that follows the concurrency limit. The
+//! consuming channels live on one connection and the publishing ones on another
+//! ([`Links`]), so that a broker blocking publishers can never stop an ack or a nack.
 
 use std::{
     sync::Arc,
@@ -38,6 +40,25 @@ pub enum SessionEnd {
     /// The confirm channel closed (e.g. the results exchange was deleted).
     #[error("the publishing channel closed")]
     PublisherClosed,
+    /// The publishing connection failed.
+    #[error("the publishing connection closed")]
+    PublishingLost,
+}
+
+/// The connections a session runs on (see [`crate::broker::connection::Connections`]).
+#[derive(Clone)]
+pub(super) struct Links {
+    /// Consuming channels: deliveries, acks, nacks, cancels. Never blocked by the broker.
+    pub consume: Arc<Connection>,
+    /// Confirm-mode publishing channels: results, retries, dead letters.
+    pub publish: Arc<Connection>,
+}
+
+impl Links {
+    /// Both connections are up.
+    pub fn connected(&self) -> bool {
+        self.consume.status().connected() && self.publish.status().connected()
+    }
 }
 
 /// Keeps one consumer slot subscribed: a channel-level failure (a channel closed by the
@@ -45,17 +66,17 @@ pub enum SessionEnd {
 /// pause, redeclaring the topology; a connection-level failure is returned.
 pub(super) async fn consumer_slot(
     ctx: Arc<Context>,
-    conn: Arc<Connection>,
+    links: Links,
     slot: u16,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) -> Result<(), SessionEnd> {
     loop {
-        let failure = match session(&ctx, &conn, slot, &tracker, &stop).await {
+        let failure = match session(&ctx, &links, slot, &tracker, &stop).await {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
-        if !conn.status().connected() {
+        if !links.connected() {
             return Err(failure);
         }
         warn!(slot, error = %failure, "consumer channel failed; reopening");
@@ -64,7 +85,7 @@ pub(super) async fn consumer_slot(
             _ = tokio::time::sleep(SLOT_RESTART_DELAY) => {}
         }
         debug!(slot, "redeclaring the topology");
-        if let Err(e) = topology::declare_on(&conn, &ctx.config.topology).await {
+        if let Err(e) = topology::declare_on(&links.consume, &ctx.config.topology).await {
             warn!(slot, error = %e, "redeclaring the topology failed");
         }
         debug!(slot, "resubscribing");
@@ -91,13 +112,18 @@ type Streams = futures_util::stream::SelectAll<
 /// deliveries stay valid on the same channel and whose buffered ones are still handled.
 async fn session(
     ctx: &Arc<Context>,
-    conn: &Connection,
+    links: &Links,
     slot: u16,
     tracker: &TaskTracker,
     stop: &CancellationToken,
 ) -> Result<(), SessionEnd> {
-    let channel = conn.create_channel().await?;
-    let publisher = Publisher::open(conn, ctx.config.topology.clone()).await?;
+    let channel = links.consume.create_channel().await?;
+    // A blocked publishing connection writes nothing, not even channel.open: shutdown must
+    // not wait for it.
+    let publisher = tokio::select! {
+        _ = stop.cancelled() => return Ok(()),
+        publisher = Publisher::open(&links.publish, ctx.config.topology.clone()) => publisher?,
+    };
     let mut limit = ctx.flow.watch_limit();
     let mut current = *limit.borrow_and_update();
     let prefetches = |limit: usize| {
