@@ -207,6 +207,7 @@ mod tests {
         assert_eq!(c.worker.prefetch, 0, "follows the concurrency limit");
         assert_eq!(c.worker.max_inflight, 256);
         assert_eq!(c.llm.timeout_secs, 60);
+        assert_eq!(c.worker.shutdown_grace_secs, 75, "a call and its confirm");
         assert!(c.validate().is_empty());
     }
 

@@ -193,7 +193,9 @@ pub struct WorkerConfig {
     pub id: String,
     /// Bodies larger than this are dead-lettered as `too_large` without being parsed.
     pub max_body_bytes: usize,
-    /// On SIGTERM, how long in-flight work may take to finish before it is handed back.
+    /// On SIGTERM, how long in-flight work may take to finish before it is handed back. At
+    /// least `llm.timeout_secs`; the default also leaves a result's confirm time
+    /// ([`crate::broker::publish::CONFIRM_TIMEOUT`]).
     pub shutdown_grace_secs: u64,
 }
 
@@ -206,7 +208,7 @@ impl Default for WorkerConfig {
             min_inflight: 4,
             id: String::new(),
             max_body_bytes: 1024 * 1024,
-            shutdown_grace_secs: 30,
+            shutdown_grace_secs: 75,
         }
     }
 }

@@ -15,6 +15,7 @@ impl Config {
         validate_amqp(&self.amqp, &mut p);
         validate_llm(&self.llm, &mut p);
         validate_worker(&self.worker, &mut p);
+        validate_shutdown(&self.worker, &self.llm, &mut p);
         validate_batch(&self.batch, &mut p);
         validate_admin(&self.admin, &mut p);
         validate_limits(&self.limits, &mut p);
@@ -130,6 +131,23 @@ fn validate_worker(worker: &WorkerConfig, p: &mut Problems) {
         "worker.max_body_bytes",
         "must be at least 64",
     );
+}
+
+/// The shutdown grace covers one upstream call: a call started just before SIGTERM can
+/// finish, and its result be published, instead of being cut off and made again elsewhere.
+fn validate_shutdown(worker: &WorkerConfig, llm: &LlmConfig, p: &mut Problems) {
+    // With no valid timeout the grace has nothing to be checked against.
+    if (1..=3600).contains(&llm.timeout_secs) {
+        p.check(
+            worker.shutdown_grace_secs >= llm.timeout_secs,
+            "worker.shutdown_grace_secs",
+            format!(
+                "must be at least llm.timeout_secs ({}), so that a call started just before \
+                 SIGTERM can finish",
+                llm.timeout_secs
+            ),
+        );
+    }
 }
 
 fn validate_batch(batch: &BatchConfig, p: &mut Problems) {
@@ -403,6 +421,21 @@ mod tests {
                  worker.max_inflight"
             );
         }
+    }
+
+    #[test]
+    fn worker_shutdown_grace_covers_llm_timeout() {
+        assert_eq!(
+            only_problem(|c| {
+                c.llm.timeout_secs = 60;
+                c.worker.shutdown_grace_secs = 59;
+            }),
+            "worker.shutdown_grace_secs (LLMQ_WORKER__SHUTDOWN_GRACE_SECS): must be at least \
+             llm.timeout_secs (60), so that a call started just before SIGTERM can finish"
+        );
+        let mut equal = Config::default();
+        equal.worker.shutdown_grace_secs = equal.llm.timeout_secs;
+        assert!(equal.validate().is_empty(), "equal is enough");
     }
 
     #[test]
