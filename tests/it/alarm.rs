@@ -1,0 +1,269 @@
+//! A broker memory alarm: RabbitMQ blocks every connection that publishes. The worker
+//! reports it (`/readyz` 503), starts no new upstream call until it clears, and still shuts
+//! down within its grace, handing its work back on its consuming connection, which the broker
+//! never blocks.
+//!
+//! These tests change the shared broker: `.config/nextest.toml` runs them alone, and
+//! [`MemoryAlarm`] restores the watermark even when a test panics. Their own connection
+//! publishes only before the alarm, so it stays usable for inspecting the queues meanwhile.
+
+use std::{
+    collections::HashSet,
+    process::Command,
+    sync::atomic::Ordering::Relaxed,
+    time::{Duration, Instant},
+};
+
+use lapin::BasicProperties;
+use llmq::{app::App, tools::mock::MockOptions};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{TestEnv, drain_results, wait_until};
+
+/// Runs `rabbitmqctl` with `args`; its trimmed output.
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs (the alarm tests need the broker on this machine)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Whether the broker reports a memory alarm.
+fn memory_alarm_on() -> bool {
+    rabbitmqctl(&["eval", "rabbit_alarm:get_alarms()."]).contains("memory")
+}
+
+/// A memory alarm raised on the broker; the watermark it found is restored when this is
+/// dropped, on panic too.
+struct MemoryAlarm {
+    /// The `set_vm_memory_high_watermark` arguments that restore the watermark.
+    restore: Vec<String>,
+}
+
+impl MemoryAlarm {
+    /// Records the current watermark (relative `0.4` or `{absolute,N}`), sets it to 0 and
+    /// waits until the broker reports the alarm.
+    async fn raise() -> Self {
+        let current = rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]);
+        let restore = match current.strip_prefix("{absolute,") {
+            Some(rest) => vec![
+                "absolute".to_string(),
+                rest.trim_end_matches('}').to_string(),
+            ],
+            None => {
+                assert!(
+                    current.parse::<f64>().is_ok(),
+                    "unexpected watermark {current:?}"
+                );
+                vec![current]
+            }
+        };
+        let alarm = Self { restore };
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0"]);
+        wait_until(Duration::from_secs(10), "the memory alarm", || async {
+            memory_alarm_on()
+        })
+        .await;
+        alarm
+    }
+
+    /// Restores the watermark and waits until the alarm is gone.
+    async fn clear(self) {
+        drop(self);
+        wait_until(Duration::from_secs(10), "the alarm to clear", || async {
+            !memory_alarm_on()
+        })
+        .await;
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        let mut args = vec!["set_vm_memory_high_watermark"];
+        args.extend(self.restore.iter().map(String::as_str));
+        match Command::new("rabbitmqctl").args(&args).output() {
+            Ok(out) if out.status.success() => {}
+            other => eprintln!("RESTORE BY HAND: rabbitmqctl {args:?} failed: {other:?}"),
+        }
+    }
+}
+
+/// A worker with its admin server; returns its `/readyz` URL.
+async fn worker(env: &TestEnv) -> (String, CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let app = App::start(env.config.clone(), stop.clone()).await.unwrap();
+    let addr = app.admin_addr().expect("the test config sets admin.addr");
+    (
+        format!("http://{addr}/readyz"),
+        stop,
+        tokio::spawn(app.run()),
+    )
+}
+
+async fn readyz(url: &str) -> (u16, String) {
+    llmq::install_crypto_provider();
+    match reqwest::get(url).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// `/readyz` answers 503 for the broker's block (not for a connection still being made).
+async fn blocked(url: &str) -> bool {
+    let (status, body) = readyz(url).await;
+    status == 503 && body.contains("memory or disk alarm")
+}
+
+/// `n` chat requests `<prefix>-<i>`, published before the alarm.
+async fn publish(env: &TestEnv, prefix: &str, n: usize) -> HashSet<String> {
+    let mut ids = HashSet::new();
+    for i in 0..n {
+        let id = format!("{prefix}-{i}");
+        env.publish_chat(
+            &json!({"prompt": id, "request_id": id}),
+            BasicProperties::default(),
+        )
+        .await;
+        ids.insert(id);
+    }
+    ids
+}
+
+/// One upstream call at a time, and a few deliveries prefetched behind it.
+fn one_at_a_time(c: &mut llmq::config::Config) {
+    c.worker.consumers = 1;
+    c.worker.prefetch = 4;
+    c.worker.max_inflight = 1;
+    c.worker.min_inflight = 1;
+}
+
+/// Three requests, one call at a time, the alarm on before the worker starts: the first
+/// result blocks the publishing connection; the call that took the freed slot meanwhile is
+/// the only other one, the third waits. `/readyz` says 503 until the alarm clears, then 200,
+/// and every request is answered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_new_upstream_call_and_not_ready_while_the_broker_blocks_publishing() {
+    let env = TestEnv::with(
+        MockOptions {
+            latency_ms: 500,
+            ..Default::default()
+        },
+        one_at_a_time,
+    )
+    .await;
+    let ids = publish(&env, "held", 3).await;
+    let alarm = MemoryAlarm::raise().await;
+    let (url, stop, task) = worker(&env).await;
+    wait_until(
+        Duration::from_secs(10),
+        "/readyz 503 while blocked",
+        || async { blocked(&url).await },
+    )
+    .await;
+    let stats = env.mock.stats();
+    // The first call's result revealed the block; the call that took its slot before the
+    // block was known is the only other one.
+    wait_until(
+        Duration::from_secs(10),
+        "the second call to end",
+        || async { stats.chat_calls.load(Relaxed) == 2 && stats.in_flight.load(Relaxed) == 0 },
+    )
+    .await;
+    let third = tokio::time::timeout(Duration::from_millis(1500), async {
+        while stats.chat_calls.load(Relaxed) == 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        third.is_err(),
+        "a call started while the broker blocked publishing"
+    );
+    assert_eq!(
+        env.queue_len(&env.config.topology.results_queue).await,
+        0,
+        "no result gets through the alarm"
+    );
+    alarm.clear().await;
+    wait_until(
+        Duration::from_secs(10),
+        "/readyz 200 after the alarm",
+        || async { readyz(&url).await.0 == 200 },
+    )
+    .await;
+    let (all, ok) = drain_results(&env, 3, Duration::from_secs(30)).await;
+    assert_eq!(ok, ids, "every request answered");
+    assert_eq!(all.len(), 3, "once each: {all:?}");
+    assert_eq!(stats.chat_calls.load(Relaxed), 3, "one call per request");
+    stop.cancel();
+    task.await.unwrap();
+    env.cleanup().await;
+}
+
+/// Shutdown on a blocked broker: the worker ends within its grace plus the hand-back and
+/// close bounds, although results wait for confirms that cannot come; every request is back
+/// in its queue, and answered after the alarm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_on_a_blocked_broker_ends_in_time_and_hands_everything_back() {
+    const GRACE: u64 = 2;
+    let env = TestEnv::with(
+        MockOptions {
+            latency_ms: 300,
+            ..Default::default()
+        },
+        |c| {
+            one_at_a_time(c);
+            c.worker.shutdown_grace_secs = GRACE;
+        },
+    )
+    .await;
+    let ids = publish(&env, "stop", 3).await;
+    let alarm = MemoryAlarm::raise().await;
+    let (url, stop, task) = worker(&env).await;
+    wait_until(
+        Duration::from_secs(10),
+        "/readyz 503 while blocked",
+        || async { blocked(&url).await },
+    )
+    .await;
+    let stats = env.mock.stats();
+    wait_until(Duration::from_secs(10), "two calls over", || async {
+        stats.chat_calls.load(Relaxed) == 2 && stats.in_flight.load(Relaxed) == 0
+    })
+    .await;
+    let started = Instant::now();
+    stop.cancel();
+    // The grace, the hand-back after it (3 s) and closing the connections (5 s at most).
+    let bound = Duration::from_secs(GRACE + 3 + 5);
+    tokio::time::timeout(bound, task)
+        .await
+        .expect("the worker ends within its grace and bounds on a blocked broker")
+        .unwrap();
+    let took = started.elapsed();
+    assert!(took < bound, "{took:?}");
+    let queue = env.config.topology.processing_queue.clone();
+    wait_until(
+        Duration::from_secs(5),
+        "every request back in its queue",
+        || async { env.queue_len(&queue).await == 3 },
+    )
+    .await;
+    alarm.clear().await;
+    let (url, stop, task) = worker(&env).await;
+    wait_until(Duration::from_secs(10), "the next worker ready", || async {
+        readyz(&url).await.0 == 200
+    })
+    .await;
+    let (_, ok) = drain_results(&env, 3, Duration::from_secs(30)).await;
+    assert_eq!(ok, ids, "every request answered after the alarm");
+    stop.cancel();
+    task.await.unwrap();
+    env.cleanup().await;
+}
