@@ -296,9 +296,14 @@ pub fn header(d: &Delivery, name: &str) -> Option<String> {
     llmq::contract::headers::get_str(&d.properties, name)
 }
 
-/// The path of the built binary.
+/// The path of the built binary: the one nextest names at run time when it has one (an
+/// archived run, or a target directory other builds may have overwritten since), else the
+/// one cargo built with these tests.
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_llmq")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("NEXTEST_BIN_EXE_llmq").unwrap_or_else(|_| env!("CARGO_BIN_EXE_llmq").into())
+    })
 }
 
 /// A worker started from the `llmq` binary.
