@@ -14,7 +14,8 @@ test: services venv compose-config deploy-check
 	@if cargo nextest --version >/dev/null 2>&1; then \
 		cargo nextest run --all-targets --no-fail-fast; \
 	else \
-		cargo test --all-targets --no-fail-fast; \
+		cargo test --all-targets --no-fail-fast -- --skip alarm:: && \
+		cargo test --test it --no-fail-fast alarm:: -- --test-threads=1; \
 	fi
 
 ## fmt and clippy, warnings denied.

@@ -214,7 +214,9 @@ impl Upstream {
     }
 
     /// A slot for `job`'s call, or `None` when `stop` comes first. A slot free right away
-    /// wins over shutdown: the work starts, and shutdown lets it finish.
+    /// wins over shutdown: the work starts, and shutdown lets it finish. Every wait before a
+    /// call is in here (a slot, a `Retry-After` pause, a broker alarm's hold, the budgets), so
+    /// a deadline on the delivery belongs in this `select!`.
     async fn admit(&self, job: &Job, stop: &CancellationToken) -> Option<Slot> {
         let estimate = job.token_estimate(self.default_max_tokens);
         tokio::select! {
