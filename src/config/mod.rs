@@ -120,6 +120,7 @@ mod tests {
                 dead_letter_key: "x-dead".into(),
                 retry_exchange: "x.retry".into(),
                 retry_queue_prefix: "x.retry-q".into(),
+                results_ttl_secs: 60,
             },
             llm: LlmConfig {
                 base_url: SecretUrl::new("https://api.example/v1"),
@@ -140,18 +141,20 @@ mod tests {
                 id: "worker-1".into(),
                 max_body_bytes: 4096,
                 shutdown_grace_secs: 7,
+                max_result_bytes: 5000,
             },
             retry: RetryConfig {
                 max_attempts: 2,
                 initial_delay_ms: 10,
                 max_delay_secs: 3,
                 inline_max_ms: 100,
+                max_redeliveries: 2,
             },
             idempotency: IdempotencyConfig {
                 store: StoreKind::Redis,
                 ttl_secs: 300,
                 redis_url: SecretUrl::new("redis://:pw@cache.example:6380/1"),
-                memory_capacity: 5,
+                memory_max_bytes: 5000,
                 key_prefix: "dedupe".into(),
                 on_store_error: OnStoreError::Proceed,
             },
@@ -162,6 +165,7 @@ mod tests {
             batch: BatchConfig {
                 max_items: 8,
                 max_wait_ms: 20,
+                max_buffered_bytes: 1 << 20,
             },
             admin: AdminConfig {
                 addr: "127.0.0.1:9191".into(),

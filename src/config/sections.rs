@@ -77,6 +77,10 @@ pub struct TopologyConfig {
     /// Prefix of the delayed-retry queues (`<prefix>.5s`, `<prefix>.30s`, ...). Messages wait
     /// there for their per-message TTL, then dead-letter back to `request_exchange`.
     pub retry_queue_prefix: String,
+    /// Seconds a result copy waits in `results_queue` before the broker drops it (its
+    /// per-message `expiration`, so the queue's declaration never changes); 0 keeps results
+    /// until they are consumed. The copy sent to `reply_to` has none.
+    pub results_ttl_secs: u64,
 }
 
 impl Default for TopologyConfig {
@@ -97,6 +101,7 @@ impl Default for TopologyConfig {
             dead_letter_key: "dead".into(),
             retry_exchange: "llm_requests.retry".into(),
             retry_queue_prefix: "llm_requests.retry".into(),
+            results_ttl_secs: 86_400,
         }
     }
 }
@@ -195,6 +200,10 @@ pub struct WorkerConfig {
     pub max_body_bytes: usize,
     /// On SIGTERM, how long in-flight work may take to finish before it is handed back.
     pub shutdown_grace_secs: u64,
+    /// A result larger than this, serialized, is not published: the request gets a small
+    /// `result_too_large` error result and a dead letter. The default is RabbitMQ 4.x's
+    /// default `max_message_size`.
+    pub max_result_bytes: usize,
 }
 
 impl Default for WorkerConfig {
@@ -207,6 +216,7 @@ impl Default for WorkerConfig {
             id: String::new(),
             max_body_bytes: 1024 * 1024,
             shutdown_grace_secs: 30,
+            max_result_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -239,6 +249,11 @@ pub struct RetryConfig {
     /// Waits up to this long happen in the worker; longer ones go through the durable retry
     /// queues, so they hold no prefetch slot and cannot hit the broker's consumer timeout.
     pub inline_max_ms: u64,
+    /// A delivery that arrives redelivered (its previous delivery was never settled: the
+    /// worker crashed, lost its connection or handed it back at shutdown) more than this many
+    /// times is dead-lettered as `redelivery_limit`, without an upstream call. Counted apart
+    /// from attempts, in the `x-llmq-redeliveries` header.
+    pub max_redeliveries: u32,
 }
 
 impl Default for RetryConfig {
@@ -248,6 +263,7 @@ impl Default for RetryConfig {
             initial_delay_ms: 500,
             max_delay_secs: 30,
             inline_max_ms: 2000,
+            max_redeliveries: 5,
         }
     }
 }
@@ -262,8 +278,10 @@ pub struct IdempotencyConfig {
     pub ttl_secs: u64,
     /// Redis URL for `store = "redis"`; its password is redacted when printed.
     pub redis_url: SecretUrl,
-    /// Results kept at most by the memory store.
-    pub memory_capacity: u64,
+    /// Bytes of results kept at most by the memory store (each weighs its body plus its
+    /// key); the least used go first. Leases of requests in flight are kept apart and never
+    /// evicted for room.
+    pub memory_max_bytes: u64,
     /// Prefix of the Redis keys (`<prefix>:result:<id>`, `<prefix>:lease:<id>`).
     pub key_prefix: String,
     /// When the store cannot be reached: `requeue` (default: the request waits in the retry
@@ -277,7 +295,7 @@ impl Default for IdempotencyConfig {
             store: StoreKind::Memory,
             ttl_secs: 86_400,
             redis_url: SecretUrl::new("redis://127.0.0.1:6379"),
-            memory_capacity: 10_000,
+            memory_max_bytes: 128 * 1024 * 1024,
             key_prefix: "llmq".into(),
             on_store_error: OnStoreError::Requeue,
         }
@@ -335,6 +353,10 @@ pub struct BatchConfig {
     pub max_items: usize,
     /// Longest wait for a batch to fill, in milliseconds.
     pub max_wait_ms: u64,
+    /// Bytes of embedding requests a replica buffers at most: the embeddings consumers'
+    /// prefetch is at most this divided by `worker.max_body_bytes` (RabbitMQ ignores a
+    /// prefetch in bytes), shared between the consumers.
+    pub max_buffered_bytes: u64,
 }
 
 impl Default for BatchConfig {
@@ -342,6 +364,7 @@ impl Default for BatchConfig {
         Self {
             max_items: 64,
             max_wait_ms: 10,
+            max_buffered_bytes: 256 * 1024 * 1024,
         }
     }
 }

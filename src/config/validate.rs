@@ -15,7 +15,7 @@ impl Config {
         validate_amqp(&self.amqp, &mut p);
         validate_llm(&self.llm, &mut p);
         validate_worker(&self.worker, &mut p);
-        validate_batch(&self.batch, &mut p);
+        validate_batch(&self.batch, &self.worker, &mut p);
         validate_admin(&self.admin, &mut p);
         validate_limits(&self.limits, &mut p);
         validate_retry(&self.retry, &mut p);
@@ -130,9 +130,19 @@ fn validate_worker(worker: &WorkerConfig, p: &mut Problems) {
         "worker.max_body_bytes",
         "must be at least 64",
     );
+    p.check(
+        worker.max_result_bytes >= 1024,
+        "worker.max_result_bytes",
+        "must be at least 1024",
+    );
 }
 
-fn validate_batch(batch: &BatchConfig, p: &mut Problems) {
+fn validate_batch(batch: &BatchConfig, worker: &WorkerConfig, p: &mut Problems) {
+    p.check(
+        batch.max_buffered_bytes >= worker.max_body_bytes as u64,
+        "batch.max_buffered_bytes",
+        "must be at least worker.max_body_bytes, so one embedding request fits",
+    );
     p.check(
         (1..=2048).contains(&batch.max_items),
         "batch.max_items",
@@ -176,6 +186,11 @@ fn validate_retry(retry: &RetryConfig, p: &mut Problems) {
         "retry.max_delay_secs",
         "must be at least 1",
     );
+    p.check(
+        retry.max_redeliveries >= 1,
+        "retry.max_redeliveries",
+        "must be at least 1 (0 would dead-letter every request a crash or a shutdown handed back)",
+    );
 }
 
 fn validate_idempotency(idempotency: &IdempotencyConfig, p: &mut Problems) {
@@ -185,9 +200,9 @@ fn validate_idempotency(idempotency: &IdempotencyConfig, p: &mut Problems) {
         "must be at least 1",
     );
     p.check(
-        idempotency.memory_capacity >= 1,
-        "idempotency.memory_capacity",
-        "must be at least 1",
+        idempotency.memory_max_bytes >= 1024,
+        "idempotency.memory_max_bytes",
+        "must be at least 1024",
     );
     // The URL only matters to the Redis store.
     if idempotency.store == StoreKind::Redis {
@@ -198,6 +213,9 @@ fn validate_idempotency(idempotency: &IdempotencyConfig, p: &mut Problems) {
         );
     }
 }
+
+/// The longest results expiration: well within what a per-message TTL takes.
+const MAX_RESULTS_TTL_SECS: u64 = 30 * 86_400;
 
 fn validate_topology(t: &TopologyConfig, p: &mut Problems) {
     p.check(
@@ -231,6 +249,11 @@ fn validate_topology(t: &TopologyConfig, p: &mut Problems) {
         t.processing_queue != t.embeddings_queue,
         "topology.embeddings_queue",
         "must differ from topology.processing_queue",
+    );
+    p.check(
+        t.results_ttl_secs <= MAX_RESULTS_TTL_SECS,
+        "topology.results_ttl_secs",
+        format!("must be at most {MAX_RESULTS_TTL_SECS} (30 days)"),
     );
     p.check(
         t.processing_key != t.embeddings_key,
@@ -493,10 +516,42 @@ mod tests {
     }
 
     #[test]
-    fn idempotency_memory_capacity_at_least_1() {
+    fn worker_max_result_bytes_at_least_1024() {
         assert_eq!(
-            only_problem(|c| c.idempotency.memory_capacity = 0),
-            "idempotency.memory_capacity (LLMQ_IDEMPOTENCY__MEMORY_CAPACITY): must be at least 1"
+            only_problem(|c| c.worker.max_result_bytes = 1000),
+            "worker.max_result_bytes (LLMQ_WORKER__MAX_RESULT_BYTES): must be at least 1024"
+        );
+    }
+
+    #[test]
+    fn batch_max_buffered_bytes_fits_one_request() {
+        assert_eq!(
+            only_problem(|c| c.batch.max_buffered_bytes = 1000),
+            "batch.max_buffered_bytes (LLMQ_BATCH__MAX_BUFFERED_BYTES): must be at least \
+             worker.max_body_bytes, so one embedding request fits"
+        );
+    }
+
+    #[test]
+    fn retry_max_redeliveries_at_least_1() {
+        assert!(only_problem(|c| c.retry.max_redeliveries = 0).starts_with(
+            "retry.max_redeliveries (LLMQ_RETRY__MAX_REDELIVERIES): must be at least 1"
+        ));
+    }
+
+    #[test]
+    fn topology_results_ttl_at_most_30_days() {
+        assert_eq!(
+            only_problem(|c| c.topology.results_ttl_secs = 30 * 86_400 + 1),
+            "topology.results_ttl_secs (LLMQ_TOPOLOGY__RESULTS_TTL_SECS): must be at most 2592000 (30 days)"
+        );
+    }
+
+    #[test]
+    fn idempotency_memory_max_bytes_at_least_1024() {
+        assert_eq!(
+            only_problem(|c| c.idempotency.memory_max_bytes = 1023),
+            "idempotency.memory_max_bytes (LLMQ_IDEMPOTENCY__MEMORY_MAX_BYTES): must be at least 1024"
         );
     }
 

@@ -16,7 +16,7 @@ use super::{
     Context, health,
     subscribe::{self, SessionEnd},
 };
-use crate::broker::{connection, topology};
+use crate::broker::{connection, publish, topology};
 
 /// After the shutdown grace period, how long aborted tasks get to hand their work back.
 const ABORT_GRACE: Duration = Duration::from_secs(3);
@@ -48,6 +48,13 @@ pub(super) async fn run(ctx: Arc<Context>) {
             let delay = backoff.next().unwrap_or(Duration::from_secs(30));
             warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "declaring the topology failed");
             let _ = conn.close(200, "topology failed".into()).await;
+            pause(&ctx.stop, delay).await;
+            continue;
+        }
+        if let Err(e) = publish::check_impersonation(&conn).await {
+            let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+            error!(error = %e, retry_in_ms = delay.as_millis() as u64, "not consuming");
+            let _ = conn.close(200, "impersonation refused".into()).await;
             pause(&ctx.stop, delay).await;
             continue;
         }
