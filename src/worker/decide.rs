@@ -20,9 +20,6 @@ use crate::{
 const NOT_BEFORE_SLACK_MS: i64 = 100;
 /// A not-before further away than this (ms) is not one llmq set: ignored.
 const MAX_NOT_BEFORE_MS: i64 = 48 * 3600 * 1000;
-/// How long a request whose result the results queue refused waits before it publishes
-/// its (stored) result again.
-pub const RESULTS_REFUSED_WAIT: Duration = Duration::from_secs(30);
 
 /// The idempotency store's answer for the request, so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,7 +200,7 @@ pub fn decide(i: &Input<'_>) -> Decision {
     }
     match &i.claim {
         Claim::Finished if i.results_refused => {
-            return Decision::retry_tier(i, RESULTS_REFUSED_WAIT, RESULTS_REFUSED);
+            return Decision::retry_tier(i, i.policy.max_delay(), RESULTS_REFUSED);
         }
         Claim::Finished => return Decision::PublishStored,
         Claim::Conflict => {
@@ -240,8 +237,8 @@ pub fn decide(i: &Input<'_>) -> Decision {
 const RESULTS_REFUSED: &str = "the results queue refused the result";
 
 /// After an answer: publish it, unless it is too large, or the results queue refused it
-/// (then the request waits in a retry tier and publishes its stored result later, instead
-/// of spinning on a full queue).
+/// (then the request waits in a retry tier for the longest backoff, `retry.max_delay_secs`,
+/// and publishes its stored result when it comes back, instead of spinning on a full queue).
 fn after_answer(i: &Input<'_>) -> Decision {
     match i.result_bytes {
         Some(bytes) if bytes > i.max_result_bytes => Decision::DeadLetter {
@@ -251,7 +248,7 @@ fn after_answer(i: &Input<'_>) -> Decision {
                 i.max_result_bytes
             ),
         },
-        _ if i.results_refused => Decision::retry_tier(i, RESULTS_REFUSED_WAIT, RESULTS_REFUSED),
+        _ if i.results_refused => Decision::retry_tier(i, i.policy.max_delay(), RESULTS_REFUSED),
         _ => Decision::Publish,
     }
 }
@@ -635,7 +632,7 @@ mod tests {
             results_refused: true,
             ..fresh(&p)
         };
-        let wait = tier(RESULTS_REFUSED_WAIT, 1, RESULTS_REFUSED);
+        let wait = tier(p.max_delay(), 1, RESULTS_REFUSED);
         assert_eq!(decide(&answered), wait);
         let stored = Input {
             claim: Claim::Finished,

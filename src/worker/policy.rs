@@ -36,6 +36,11 @@ impl RetryPolicy {
         }
     }
 
+    /// The cap of one backoff delay (`retry.max_delay_secs`).
+    pub fn max_delay(&self) -> Duration {
+        self.max_delay
+    }
+
     /// Longest wait done in the worker rather than in a retry queue.
     pub fn inline_max(&self) -> Duration {
         self.inline_max

@@ -7,6 +7,7 @@ mod cli;
 mod end_to_end;
 mod faults;
 mod flow;
+mod guarantees;
 mod helpers;
 mod interop;
 mod ops;
