@@ -33,7 +33,7 @@ pub struct TlsConfig {
 impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
-            url: SecretUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            url: SecretUrl::new("amqp://llmq:llmq@127.0.0.1:5672/%2f"),
             heartbeat_secs: 10,
             tls: TlsConfig::default(),
         }

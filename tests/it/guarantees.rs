@@ -405,3 +405,40 @@ async fn request_ids_are_scoped_by_identity_and_conflicts_refused() {
     let _ = bob_conn.close(200, "done".into()).await;
     env.cleanup().await;
 }
+
+/// Every republish keeps the sender's identity: a dead letter keeps its `user_id`, and so
+/// does the request `llmq dlq replay` puts back, so a replayed request is still its
+/// sender's (for idempotency, and for cancellation and tenants later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_keeps_the_senders_identity() {
+    let env = TestEnv::new(MockOptions::default()).await;
+    let carol = BrokerUser::create("carol");
+    let conn = carol.connect().await;
+    publish_as(
+        &env,
+        &conn,
+        &carol.name,
+        &json!({"request_id": "no-prompt"}),
+    )
+    .await;
+    let worker = env.start_worker();
+    let topo = env.config.topology.clone();
+    wait_until(Duration::from_secs(20), "the dead letter", || async {
+        env.queue_len(&topo.dead_letter_queue).await == 1
+    })
+    .await;
+    worker.stop().await.unwrap();
+    let replayed = llmq::ops::dlq::replay(&env.config, &llmq::ops::dlq::Selection::All, false)
+        .await
+        .unwrap();
+    assert_eq!(replayed.len(), 1);
+    let back = env
+        .take(&topo.processing_queue, 1, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        back[0].properties.user_id().as_ref().map(|u| u.to_string()),
+        Some(carol.name.clone())
+    );
+    let _ = conn.close(200, "done".into()).await;
+    env.cleanup().await;
+}
