@@ -442,3 +442,27 @@ async fn dlq_replay_keeps_the_senders_identity() {
     let _ = conn.close(200, "done".into()).await;
     env.cleanup().await;
 }
+
+/// A worker whose RabbitMQ user lacks the `impersonator` tag is told so, clearly, at
+/// connect (the worker then consumes nothing until it has it); the test broker's worker
+/// user passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_impersonator_tag_is_detected_at_connect() {
+    let plain = BrokerUser::create("plain");
+    let conn = plain.connect().await;
+    let err = llmq::broker::publish::check_impersonation(&conn)
+        .await
+        .expect_err("a user without the tag cannot keep another's user_id");
+    let text = err.to_string();
+    assert!(text.contains("impersonator"), "{text}");
+    assert!(text.contains("PRECONDITION_FAILED"), "{text}");
+    assert!(conn.status().connected(), "only the probe's channel is closed");
+    let _ = conn.close(200, "done".into()).await;
+    let worker_conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    llmq::broker::publish::check_impersonation(&worker_conn)
+        .await
+        .expect("the worker's user has the tag");
+    let _ = worker_conn.close(200, "done".into()).await;
+}
