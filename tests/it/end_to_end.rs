@@ -346,7 +346,7 @@ async fn request_is_not_acked_until_its_result_is_confirmed() {
     })
     .await;
     worker.stop().await.unwrap();
-    let tier = format!("{}.5s", t.retry_queue_prefix);
+    let tier = llmq::broker::topology::retry_queue(t, "5s");
     assert_eq!(
         env.queue_len(&t.processing_queue).await + env.queue_len(&tier).await,
         1,

@@ -287,7 +287,7 @@ async fn a_refusing_results_queue_backs_off_through_the_retry_queue() {
     )
     .await;
     let worker = env.start_worker();
-    let tier = format!("{}.5s", topo.retry_queue_prefix);
+    let tier = llmq::broker::topology::retry_queue(&topo, "5s");
     wait_until(
         Duration::from_secs(20),
         "the request in a retry tier",
