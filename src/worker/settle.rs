@@ -159,7 +159,9 @@ impl Settling<'_> {
                     }
                     match self.attempt(job, started).await {
                         Some(outcome) => {
-                            self.attempts += 1;
+                            if outcome.called_upstream() {
+                                self.attempts += 1;
+                            }
                             if matches!(outcome, Outcome::Retry { .. }) {
                                 self.first_failure.get_or_insert_with(unix_now);
                             }
