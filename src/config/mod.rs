@@ -103,6 +103,7 @@ mod tests {
                     client_cert: file("cert.pem"),
                     client_key: file("key.pem"),
                 },
+                consumer_timeout_secs: 600,
             },
             topology: TopologyConfig {
                 request_exchange: "x.requests".into(),
@@ -132,6 +133,7 @@ mod tests {
                 max_tokens_per_minute: 10_000,
                 default_max_tokens: 99,
                 http2_prior_knowledge: true,
+                max_response_bytes: 1 << 20,
             },
             worker: WorkerConfig {
                 consumers: 3,

@@ -16,6 +16,12 @@ pub struct AmqpConfig {
     pub heartbeat_secs: u16,
     /// TLS settings for `amqps://` URLs.
     pub tls: TlsConfig,
+    /// The broker's `consumer_timeout` in seconds (RabbitMQ's default, and
+    /// `rabbitmq/rabbitmq.conf`'s, is 1800): a delivery held unacked longer gets its channel
+    /// closed. The worker cannot ask the broker for it, so it is told here; a delivery that
+    /// has waited half of it in the worker (for a slot, a pause or the budget) is handed to
+    /// the retry queue instead of holding on.
+    pub consumer_timeout_secs: u64,
 }
 
 /// TLS for `amqps://`: the system's roots are trusted unless a CA file is given.
@@ -30,12 +36,21 @@ pub struct TlsConfig {
     pub client_key: String,
 }
 
+impl AmqpConfig {
+    /// How long a delivery may wait in the worker before a call starts: half of
+    /// [`Self::consumer_timeout_secs`], so that the call and its publish still fit.
+    pub fn hand_off_after(&self) -> Duration {
+        Duration::from_secs(self.consumer_timeout_secs) / 2
+    }
+}
+
 impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
             url: SecretUrl::new("amqp://llmq:llmq@127.0.0.1:5672/%2f"),
             heartbeat_secs: 10,
             tls: TlsConfig::default(),
+            consumer_timeout_secs: 1800,
         }
     }
 }
@@ -120,7 +135,8 @@ pub struct LlmConfig {
     pub model: String,
     /// Embedding model used when a request names none.
     pub embedding_model: String,
-    /// Deadline of one upstream call. Keep it well under the broker's consumer timeout.
+    /// Deadline of one upstream call; with `retry.inline_max_ms` it must stay below half of
+    /// `amqp.consumer_timeout_secs`.
     pub timeout_secs: u64,
     /// Requests per minute this replica (or, with `limits.redis_url`, the fleet) may send;
     /// 0 = no limit.
@@ -134,6 +150,9 @@ pub struct LlmConfig {
     /// supports it: calls share a few connections instead of one each. HTTPS upstreams
     /// negotiate HTTP/2 by themselves (ALPN) and ignore this.
     pub http2_prior_knowledge: bool,
+    /// Largest upstream answer read; a larger one is cut off as it streams in and the
+    /// request is dead-lettered as `upstream_permanent`, so one answer cannot exhaust memory.
+    pub max_response_bytes: usize,
 }
 
 impl Default for LlmConfig {
@@ -148,6 +167,7 @@ impl Default for LlmConfig {
             max_tokens_per_minute: 0,
             default_max_tokens: 256,
             http2_prior_knowledge: false,
+            max_response_bytes: 16 * 1024 * 1024,
         }
     }
 }

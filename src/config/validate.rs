@@ -22,6 +22,7 @@ impl Config {
         validate_idempotency(&self.idempotency, &mut p);
         validate_topology(&self.topology, &mut p);
         validate_log(&self.log, &mut p);
+        validate_waits(self, &mut p);
         p.0
     }
 }
@@ -105,6 +106,42 @@ fn validate_llm(llm: &LlmConfig, p: &mut Problems) {
         (1..=3600).contains(&llm.timeout_secs),
         "llm.timeout_secs",
         "must be between 1 and 3600",
+    );
+    p.check(
+        llm.max_response_bytes >= 1024,
+        "llm.max_response_bytes",
+        "must be at least 1024",
+    );
+}
+
+/// Waits in the worker against the broker's `consumer_timeout`: a delivery waits for a slot
+/// up to half of it, then a call and an inline retry wait may still follow, and all of it
+/// must end before the broker closes the channel.
+fn validate_waits(c: &Config, p: &mut Problems) {
+    let consumer_timeout = c.amqp.consumer_timeout_secs;
+    let half_ms = c.amqp.hand_off_after().as_millis();
+    // A timeout out of its range is reported by its own rule.
+    if !(1..=3600).contains(&c.llm.timeout_secs) {
+        return;
+    }
+    let call_ms = u128::from(c.llm.timeout_secs) * 1000;
+    if call_ms >= half_ms {
+        p.add(
+            "llm.timeout_secs",
+            format!(
+                "must be below half of amqp.consumer_timeout_secs ({consumer_timeout} s): a call \
+                 may start just before a waiting delivery is handed to the retry queue"
+            ),
+        );
+        return;
+    }
+    p.check(
+        call_ms + u128::from(c.retry.inline_max_ms) < half_ms,
+        "retry.inline_max_ms",
+        format!(
+            "plus llm.timeout_secs must stay below half of amqp.consumer_timeout_secs \
+             ({consumer_timeout} s): an inline wait and a call may follow the longest wait"
+        ),
     );
 }
 
@@ -394,6 +431,49 @@ mod tests {
                 "llm.timeout_secs (LLMQ_LLM__TIMEOUT_SECS): must be between 1 and 3600"
             );
         }
+    }
+
+    #[test]
+    fn llm_max_response_bytes_at_least_1024() {
+        assert_eq!(
+            only_problem(|c| c.llm.max_response_bytes = 1023),
+            "llm.max_response_bytes (LLMQ_LLM__MAX_RESPONSE_BYTES): must be at least 1024"
+        );
+    }
+
+    #[test]
+    fn llm_timeout_below_half_the_consumer_timeout() {
+        for (timeout, consumer_timeout) in [(900, 1800), (60, 120), (5, 0)] {
+            assert_eq!(
+                only_problem(|c| {
+                    c.llm.timeout_secs = timeout;
+                    c.amqp.consumer_timeout_secs = consumer_timeout;
+                }),
+                format!(
+                    "llm.timeout_secs (LLMQ_LLM__TIMEOUT_SECS): must be below half of \
+                     amqp.consumer_timeout_secs ({consumer_timeout} s): a call may start just \
+                     before a waiting delivery is handed to the retry queue"
+                )
+            );
+        }
+        let mut c = Config::default();
+        c.llm.timeout_secs = 1;
+        c.retry.inline_max_ms = 100;
+        c.amqp.consumer_timeout_secs = 3;
+        assert!(c.validate().is_empty(), "1.1 s of 1.5 s");
+    }
+
+    #[test]
+    fn retry_inline_max_and_a_call_below_half_the_consumer_timeout() {
+        assert_eq!(
+            only_problem(|c| {
+                c.llm.timeout_secs = 60;
+                c.retry.inline_max_ms = 840_000;
+            }),
+            "retry.inline_max_ms (LLMQ_RETRY__INLINE_MAX_MS): plus llm.timeout_secs must stay \
+             below half of amqp.consumer_timeout_secs (1800 s): an inline wait and a call may \
+             follow the longest wait"
+        );
     }
 
     #[test]

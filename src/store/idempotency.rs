@@ -20,9 +20,14 @@ use std::{
 
 use moka::future::Cache;
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
-use tokio::sync::OnceCell;
 
-use crate::config::{IdempotencyConfig, StoreKind};
+use crate::{
+    config::{IdempotencyConfig, StoreKind},
+    store::redis_conn::LazyConnection,
+};
+
+/// Longest a Redis connect or command may take before the store counts as unavailable.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Deletes a lease only if `worker` holds it.
 const DELETE_IF_OWNER: &str = r"
@@ -119,8 +124,7 @@ impl Store {
                 let client = redis::Client::open(cfg.redis_url.expose())
                     .map_err(|e| StoreError(format!("bad idempotency.redis_url: {e}")))?;
                 Store::Redis(Arc::new(RedisStore {
-                    client,
-                    conn: OnceCell::new(),
+                    conn: LazyConnection::new(client, REDIS_TIMEOUT),
                     prefix: cfg.key_prefix.clone(),
                     ttl,
                     lease,
@@ -284,28 +288,17 @@ impl MemoryStore {
 
 /// The fleet-wide store.
 pub struct RedisStore {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    conn: LazyConnection,
     prefix: String,
     ttl: Duration,
     lease: Duration,
 }
 
 impl RedisStore {
+    /// The connection; concurrent callers share one connect attempt, each waiting at most
+    /// [`REDIS_TIMEOUT`], so a blackholed Redis does not queue deliveries behind each other.
     async fn conn(&self) -> Result<ConnectionManager, StoreError> {
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(0);
-        self.conn
-            .get_or_try_init(|| async {
-                self.client
-                    .get_connection_manager_with_config(cfg)
-                    .await
-                    .map_err(redis_error)
-            })
-            .await
-            .cloned()
+        self.conn.get().await.map_err(|e| StoreError(e.to_string()))
     }
 
     fn result_key(&self, id: &str) -> String {

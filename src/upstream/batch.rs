@@ -32,10 +32,13 @@ pub struct Batcher {
 struct Item {
     priority: u8,
     tokens: u64,
+    /// Latest time its call may start (the hand-off time of its delivery).
+    until: Instant,
     model: String,
     params: Map<String, Value>,
     input: Vec<String>,
-    reply: oneshot::Sender<Result<EmbeddingAnswer, LlmError>>,
+    /// `None`: deferred, no call was made.
+    reply: oneshot::Sender<Option<Result<EmbeddingAnswer, LlmError>>>,
 }
 
 /// Requests with the same model and extra parameters, waiting to go.
@@ -56,6 +59,8 @@ impl Batcher {
     }
 
     /// Embeds `input`, batched with other requests for the same model and parameters.
+    /// `None` when no call could start before `until` (for a batch, the earliest `until` of
+    /// its requests): nothing was called.
     pub async fn embed(
         &self,
         model: &str,
@@ -63,11 +68,13 @@ impl Batcher {
         params: &Map<String, Value>,
         priority: u8,
         tokens: u64,
-    ) -> Result<EmbeddingAnswer, LlmError> {
+        until: Instant,
+    ) -> Option<Result<EmbeddingAnswer, LlmError>> {
         let (reply, rx) = oneshot::channel();
         let item = Item {
             priority,
             tokens,
+            until,
             model: model.to_string(),
             params: params.clone(),
             input: input.to_vec(),
@@ -78,13 +85,15 @@ impl Batcher {
             retry_after: None,
             throttle: false,
         };
-        self.tx.send(item).await.map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        if self.tx.send(item).await.is_err() {
+            return Some(Err(gone()));
+        }
+        rx.await.unwrap_or_else(|_| Some(Err(gone())))
     }
 }
 
 /// One batched (or, after a refused batch, single) call: a slot and the accounting of the
-/// deployment, per call rather than per message.
+/// deployment, per call rather than per message. `None` when no slot came before `until`.
 async fn call(
     up: &Deployment,
     model: &str,
@@ -92,10 +101,11 @@ async fn call(
     params: &Map<String, Value>,
     priority: u8,
     tokens: u64,
-) -> Result<EmbeddingAnswer, LlmError> {
-    let slot = up.admit(priority, tokens).await;
+    until: Instant,
+) -> Option<Result<EmbeddingAnswer, LlmError>> {
+    let slot = up.admit(priority, tokens, until).await?;
     let answer = up.client().embed(model, input, params);
-    up.call(Kind::Embedding, slot, answer).await
+    Some(up.call(Kind::Embedding, slot, answer).await)
 }
 
 async fn run(llm: Deployment, mut rx: mpsc::Receiver<Item>, max_items: usize, max_wait: Duration) {
@@ -164,7 +174,19 @@ async fn send(up: Deployment, items: Vec<Item>) {
     let inputs: Vec<String> = items.iter().flat_map(|i| i.input.iter().cloned()).collect();
     let priority = items.iter().map(|i| i.priority).max().unwrap_or(0);
     let tokens = items.iter().map(|i| i.tokens).sum();
-    let answer = call(&up, &model, &inputs, &params, priority, tokens).await;
+    // The batch waits no longer than its most hurried request may.
+    let until = items
+        .iter()
+        .map(|i| i.until)
+        .min()
+        .unwrap_or_else(Instant::now);
+    let answer = call(&up, &model, &inputs, &params, priority, tokens, until).await;
+    let Some(answer) = answer else {
+        for item in items {
+            let _ = item.reply.send(None);
+        }
+        return;
+    };
     match answer {
         Ok(answer) => {
             let total_chars: usize = inputs.iter().map(String::len).sum::<usize>().max(1);
@@ -175,7 +197,7 @@ async fn send(up: Deployment, items: Vec<Item>) {
                 let chars: usize = item.input.iter().map(String::len).sum();
                 let share = total_tokens * chars as u64 / total_chars as u64;
                 let mine: Vec<Vec<f32>> = vectors.by_ref().take(item.input.len()).collect();
-                let _ = item.reply.send(Ok(EmbeddingAnswer {
+                let _ = item.reply.send(Some(Ok(EmbeddingAnswer {
                     vectors: mine,
                     model: answer.model.clone(),
                     usage: Some(Usage {
@@ -184,7 +206,7 @@ async fn send(up: Deployment, items: Vec<Item>) {
                         completion_tokens: None,
                         other: Map::from_iter([("batched_with".into(), json!(batched - 1))]),
                     }),
-                }));
+                })));
             }
         }
         Err(LlmError::Permanent { .. }) if items.len() > 1 => {
@@ -200,6 +222,7 @@ async fn send(up: Deployment, items: Vec<Item>) {
                         &item.params,
                         item.priority,
                         item.tokens,
+                        item.until,
                     )
                     .await;
                     let _ = item.reply.send(answer);
@@ -209,7 +232,7 @@ async fn send(up: Deployment, items: Vec<Item>) {
         }
         Err(e) => {
             for item in items {
-                let _ = item.reply.send(Err(e.clone()));
+                let _ = item.reply.send(Some(Err(e.clone())));
             }
         }
     }

@@ -180,6 +180,10 @@ pub fn decide(i: &Input<'_>) -> Decision {
             };
         }
         Some(Outcome::Retry { after, reason, .. }) => return after_transient(i, *after, reason),
+        // Waited too long for a call to start, and none was made: not an attempt.
+        Some(Outcome::Deferred { reason }) => {
+            return Decision::retry_tier(i, TIERS[0].max, reason.clone());
+        }
         None => {}
     }
     if i.stopping {
@@ -521,6 +525,25 @@ mod tests {
                 kind: ErrorKind::RetriesExhausted,
                 reason: "gave up after 5 attempts; last error: HTTP 503".into()
             }
+        );
+    }
+
+    #[test]
+    fn a_deferred_call_waits_in_the_first_tier_without_an_attempt() {
+        let p = policy();
+        let deferred = Outcome::Deferred {
+            reason: "waited 900 s".into(),
+        };
+        let i = Input {
+            claim: Claim::Acquired,
+            attempts: 4,
+            produced: Some(&deferred),
+            ..fresh(&p)
+        };
+        assert_eq!(
+            decide(&i),
+            tier(TIERS[0].max, 4, "waited 900 s"),
+            "the count stays, even one short of the last attempt"
         );
     }
 

@@ -164,13 +164,15 @@ impl Settling<'_> {
                     }
                     match self.attempt(job, started).await {
                         Some(outcome) => {
-                            self.attempts += 1;
+                            if outcome.called_upstream() {
+                                self.attempts += 1;
+                            }
                             match &outcome {
                                 Outcome::Retry { .. } => {
                                     self.first_failure.get_or_insert_with(unix_now);
                                 }
                                 Outcome::Done(result) => body = Some(result.to_bytes()),
-                                Outcome::Failed { .. } => {}
+                                Outcome::Failed { .. } | Outcome::Deferred { .. } => {}
                             }
                             produced = Some(outcome);
                         }

@@ -3,6 +3,7 @@
 //! shared [`helpers`].
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod bounds;
 mod cli;
 mod end_to_end;
 mod faults;
