@@ -1,5 +1,5 @@
 # llmq: `make test` runs every test against a real RabbitMQ and Redis (started when they do not answer).
-AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
+AMQP_URL ?= amqp://llmq:llmq@127.0.0.1:5672/%2f
 REDIS_URL ?= redis://127.0.0.1:6379
 export AMQP_URL REDIS_URL
 VENV := .venv

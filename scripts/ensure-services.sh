@@ -52,10 +52,32 @@ ensure() {
   return 1
 }
 
-read -r amqp_host amqp_port < <(host_port "${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}" 5672)
+AMQP_URL="${AMQP_URL:-amqp://llmq:llmq@127.0.0.1:5672/%2f}"
+read -r amqp_host amqp_port < <(host_port "$AMQP_URL" 5672)
 read -r redis_host redis_port < <(host_port "${REDIS_URL:-redis://127.0.0.1:6379}" 6379)
 
 ensure RabbitMQ "$amqp_host" "$amqp_port" rabbitmq-server rabbitmq-server \
   rabbitmq-server -detached
 ensure Redis "$redis_host" "$redis_port" redis-server redis-server \
   redis-server --daemonize yes --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no
+
+# The worker's RabbitMQ user needs the `impersonator` tag: every republish of a request keeps
+# its sender's user_id, as in rabbitmq/definitions.json. On this machine's broker the user of
+# AMQP_URL (llmq/llmq by default) is created with it when missing; guest is left alone.
+ensure_worker_user() {
+  local creds="${AMQP_URL#*://}"
+  case "$creds" in *@*) creds="${creds%%@*}" ;; *) return 0 ;; esac
+  local user="${creds%%:*}" pass="${creds#*:}"
+  case "$amqp_host" in 127.*|localhost|::1) ;; *) return 0 ;; esac
+  [ "$user" = guest ] && { echo "RabbitMQ: AMQP_URL uses guest, which lacks the impersonator tag" >&2; return 0; }
+  command -v rabbitmqctl >/dev/null 2>&1 || return 0
+  rabbitmqctl -q await_startup >/dev/null 2>&1 || true
+  if ! rabbitmqctl -q list_users 2>/dev/null | awk '{print $1}' | grep -qx "$user"; then
+    rabbitmqctl -q add_user "$user" "$pass" >/dev/null
+    echo "RabbitMQ: created user $user"
+  fi
+  rabbitmqctl -q set_user_tags "$user" administrator impersonator >/dev/null
+  rabbitmqctl -q set_permissions -p / "$user" ".*" ".*" ".*" >/dev/null
+  echo "RabbitMQ: user $user has the administrator and impersonator tags"
+}
+ensure_worker_user

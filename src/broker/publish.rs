@@ -76,6 +76,30 @@ pub struct ReplyRoute {
     pub reply_to: Option<String>,
 }
 
+impl PublishError {
+    /// The broker took the publish and refused it (a nack: a queue at its length limit with
+    /// `reject-publish`; or returned: no queue to take it). Waiting may fix it; retrying at
+    /// once will not.
+    pub fn refused(&self) -> bool {
+        matches!(
+            self,
+            PublishError::Nacked { .. } | PublishError::Returned { .. }
+        )
+    }
+}
+
+/// What became of a result's copy to the caller's `reply_to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The request has no `reply_to`.
+    None,
+    /// Confirmed (or dropped by the broker because the queue is gone: the caller left).
+    Sent,
+    /// The reply queue refused it (e.g. `x-max-length` with `reject-publish`): the caller's
+    /// problem; the result is on the results exchange all the same.
+    Refused(String),
+}
+
 /// A confirm-mode channel for one consumer's results and dead letters.
 #[derive(Clone)]
 pub struct Publisher {
@@ -98,13 +122,20 @@ impl Publisher {
         self.channel.status().connected()
     }
 
-    /// Publishes a serialized result to the results exchange and, when the request has one,
-    /// to its `reply_to`; returns once the broker confirmed both.
+    /// Publishes a serialized result to the results exchange (with a few quick tries) and,
+    /// when the request has one, once to its `reply_to`; returns once the broker confirmed
+    /// the results copy, and what became of the reply.
     ///
-    /// A `reply_to` queue that no longer exists (the caller left) is not a failure: the result
-    /// is still on the results exchange. An unroutable result on the results exchange is one
-    /// when the worker keeps results (`topology.keep_results`), since the queue must exist.
-    pub async fn result_body(&self, route: &ReplyRoute, body: &[u8]) -> Result<(), PublishError> {
+    /// A `reply_to` that is gone or refuses is not a failure: the result is still on the
+    /// results exchange, and trying the reply again would publish the result again too. An
+    /// unroutable result on the results exchange is one when the worker keeps results
+    /// (`topology.keep_results`), since the queue must exist. The results copy expires after
+    /// `topology.results_ttl_secs`, so an unread results queue does not grow for ever.
+    pub async fn result_body(
+        &self,
+        route: &ReplyRoute,
+        body: &[u8],
+    ) -> Result<Reply, PublishError> {
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
@@ -119,41 +150,44 @@ impl Publisher {
             .with_timestamp(unix_now().try_into().unwrap_or(0))
             .with_type("llmq.result".into());
         let Some(reply_to) = &route.reply_to else {
-            return self.send_result(body, props).await;
+            return self.send_result(body, &props).await.map(|()| Reply::None);
         };
         // Boxed: most requests have no reply_to, and every in-flight delivery's task would
         // otherwise be sized for two publishes.
         Box::pin(async {
-            // Not mandatory: a caller that left is common, and lapin cannot tell which
-            // publish on a shared confirm channel a returned message belongs to, so returns
-            // are kept for publishes whose route must exist.
+            // Not mandatory: a caller that left is common.
             let reply = self.send("", reply_to, false, body, props.clone());
-            let (results, reply) = tokio::join!(self.send_result(body, props), reply);
-            match reply {
-                Err(PublishError::Returned { destination, .. }) => {
-                    tracing::warn!(
-                        request_id = %route.request_id,
-                        reply_to = %destination,
-                        "reply_to queue is gone; the result is only on the results exchange"
-                    );
-                }
-                other => other?,
-            }
-            results
+            let (results, reply) = tokio::join!(self.send_result(body, &props), reply);
+            results?;
+            // A reply that failed in any way is not tried again: the results copy is
+            // confirmed, and trying again would publish the result twice.
+            Ok(match reply {
+                Ok(()) => Reply::Sent,
+                Err(e) => Reply::Refused(e.to_string()),
+            })
         })
         .await
     }
 
-    /// A result to the results exchange: mandatory when the worker keeps results.
-    async fn send_result(&self, body: &[u8], props: BasicProperties) -> Result<(), PublishError> {
+    /// A result to the results exchange: mandatory when the worker keeps results, with the
+    /// results TTL as its expiration, tried a few times.
+    async fn send_result(&self, body: &[u8], props: &BasicProperties) -> Result<(), PublishError> {
         let topo = &self.topo;
-        self.send(
-            &topo.results_exchange,
-            &topo.results_key,
-            topo.keep_results,
-            body,
-            props,
-        )
+        let props = if topo.results_ttl_secs > 0 {
+            let ttl_ms = topo.results_ttl_secs.saturating_mul(1000);
+            props.clone().with_expiration(ttl_ms.to_string().into())
+        } else {
+            props.clone()
+        };
+        with_retries(|| {
+            self.send(
+                &topo.results_exchange,
+                &topo.results_key,
+                topo.keep_results,
+                body,
+                props.clone(),
+            )
+        })
         .await
     }
 
@@ -209,9 +243,27 @@ impl Publisher {
             .await
     }
 
+    /// Republishes the delivery to the tail of `queue` (through the default exchange), with
+    /// its counts in headers: how an unsettled redelivery is counted. Returns once the broker
+    /// confirmed it.
+    pub async fn requeue(
+        &self,
+        delivery: &Delivery,
+        queue: &str,
+        state: RetryState,
+    ) -> Result<(), PublishError> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers::stamp_redelivery(&mut headers, &state);
+        self.republish(delivery, "", queue, headers, None).await
+    }
+
     /// Publishes the delivery's body again, mandatory and persistent, with its properties
-    /// and `headers` in place of its own; returns once the broker confirmed it. Every move
-    /// of a request (a retry tier, the dead-letter queue) goes through here.
+    /// (its priority and its `user_id`, the sender's identity, included) and `headers` in
+    /// place of its own; returns once the broker confirmed it. Every move of a request (a
+    /// retry tier, a redelivery count, the dead-letter queue) goes through here.
+    ///
+    /// Keeping a `user_id` that is not the worker's own needs the `impersonator` tag on the
+    /// worker's RabbitMQ user ([`check_impersonation`]).
     pub async fn republish(
         &self,
         delivery: &Delivery,
@@ -303,8 +355,38 @@ pub async fn publish_confirmed(
     }
 }
 
-/// Copies every property but headers, delivery mode, expiration and user id (the broker
-/// checks it against the publishing user) from `from` onto `to`.
+/// Publishes with a few quick tries: a nack or a missing queue may clear up within a
+/// second or two; a dead channel or a missing confirm (a blocked broker) will not, so they
+/// are not retried.
+pub async fn with_retries<F, Fut>(mut publish: F) -> Result<(), PublishError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), PublishError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match publish().await {
+            Ok(()) => return Ok(()),
+            Err(e @ (PublishError::Broker { .. } | PublishError::Unconfirmed { .. })) => {
+                return Err(e);
+            }
+            Err(e) if tries >= PUBLISH_TRIES => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, tries, "publish not confirmed; trying again");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+}
+
+/// Tries of one publish in [`with_retries`].
+const PUBLISH_TRIES: u32 = 4;
+
+/// Copies every property but headers, delivery mode and expiration from `from` onto `to`.
+/// The `user_id` is kept: it is the request's identity, which every republish keeps.
 fn copy_properties(from: &BasicProperties, mut to: BasicProperties) -> BasicProperties {
     if let Some(v) = from.content_type() {
         to = to.with_content_type(v.clone());
@@ -333,5 +415,53 @@ fn copy_properties(from: &BasicProperties, mut to: BasicProperties) -> BasicProp
     if let Some(v) = from.app_id() {
         to = to.with_app_id(v.clone());
     }
+    if let Some(v) = from.user_id() {
+        to = to.with_user_id(v.clone());
+    }
     to
+}
+
+/// The worker's RabbitMQ user cannot republish a request with its sender's `user_id`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the broker refused a publish keeping another user's user_id ({0}). Every republish of a \
+     request (retry tiers, redelivery counts, dead letters) keeps its sender's user_id, its \
+     identity; give the worker's RabbitMQ user the `impersonator` tag: \
+     rabbitmqctl set_user_tags <user> impersonator (plus any tags it has, e.g. administrator)"
+)]
+pub struct ImpersonationError(String);
+
+/// A `user_id` no real user has: what [`check_impersonation`] publishes as.
+const IMPERSONATION_PROBE_USER: &str = "llmq-impersonation-check";
+
+/// Checks that this connection's user may publish with another user's `user_id` (the
+/// `impersonator` tag): publishes an empty message to nowhere as someone else, on a channel
+/// of its own that the broker closes when the tag is missing.
+pub async fn check_impersonation(conn: &Connection) -> Result<(), ImpersonationError> {
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| ImpersonationError(e.to_string()))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| ImpersonationError(e.to_string()))?;
+    let props = BasicProperties::default().with_user_id(IMPERSONATION_PROBE_USER.into());
+    // The default exchange with an empty routing key routes to no queue: the message is
+    // dropped once the broker has checked its user_id.
+    let outcome = publish_confirmed(&channel, "", "", false, b"", props).await;
+    // A blocked connection writes nothing, not even this close.
+    if channel.status().connected() && !conn.status().blocked() {
+        let _ = channel.close(200, "impersonation checked".into()).await;
+    }
+    match outcome {
+        // The broker blocks publishing (a memory or disk alarm) and confirms nothing: the
+        // check cannot be made now, which is no reason to stop consuming; a later connection
+        // checks again.
+        Err(e @ PublishError::Unconfirmed { .. }) => {
+            tracing::warn!(error = %e, "the impersonator tag could not be checked");
+            Ok(())
+        }
+        outcome => outcome.map_err(|e| ImpersonationError(e.to_string())),
+    }
 }

@@ -103,6 +103,7 @@ mod tests {
                     client_cert: file("cert.pem"),
                     client_key: file("key.pem"),
                 },
+                consumer_timeout_secs: 600,
             },
             topology: TopologyConfig {
                 request_exchange: "x.requests".into(),
@@ -120,6 +121,7 @@ mod tests {
                 dead_letter_key: "x-dead".into(),
                 retry_exchange: "x.retry".into(),
                 retry_queue_prefix: "x.retry-q".into(),
+                results_ttl_secs: 60,
             },
             llm: LlmConfig {
                 base_url: SecretUrl::new("https://api.example/v1"),
@@ -131,6 +133,7 @@ mod tests {
                 max_tokens_per_minute: 10_000,
                 default_max_tokens: 99,
                 http2_prior_knowledge: true,
+                max_response_bytes: 1 << 20,
             },
             worker: WorkerConfig {
                 consumers: 3,
@@ -140,18 +143,20 @@ mod tests {
                 id: "worker-1".into(),
                 max_body_bytes: 4096,
                 shutdown_grace_secs: 7,
+                max_result_bytes: 5000,
             },
             retry: RetryConfig {
                 max_attempts: 2,
                 initial_delay_ms: 10,
                 max_delay_secs: 3,
                 inline_max_ms: 100,
+                max_redeliveries: 2,
             },
             idempotency: IdempotencyConfig {
                 store: StoreKind::Redis,
                 ttl_secs: 300,
                 redis_url: SecretUrl::new("redis://:pw@cache.example:6380/1"),
-                memory_capacity: 5,
+                memory_max_bytes: 5000,
                 key_prefix: "dedupe".into(),
                 on_store_error: OnStoreError::Proceed,
             },
@@ -162,6 +167,7 @@ mod tests {
             batch: BatchConfig {
                 max_items: 8,
                 max_wait_ms: 20,
+                max_buffered_bytes: 1 << 20,
             },
             admin: AdminConfig {
                 addr: "127.0.0.1:9191".into(),

@@ -16,6 +16,12 @@ pub struct AmqpConfig {
     pub heartbeat_secs: u16,
     /// TLS settings for `amqps://` URLs.
     pub tls: TlsConfig,
+    /// The broker's `consumer_timeout` in seconds (RabbitMQ's default, and
+    /// `rabbitmq/rabbitmq.conf`'s, is 1800): a delivery held unacked longer gets its channel
+    /// closed. The worker cannot ask the broker for it, so it is told here; a delivery that
+    /// has waited half of it in the worker (for a slot, a pause or the budget) is handed to
+    /// the retry queue instead of holding on.
+    pub consumer_timeout_secs: u64,
 }
 
 /// TLS for `amqps://`: the system's roots are trusted unless a CA file is given.
@@ -30,12 +36,21 @@ pub struct TlsConfig {
     pub client_key: String,
 }
 
+impl AmqpConfig {
+    /// How long a delivery may wait in the worker before a call starts: half of
+    /// [`Self::consumer_timeout_secs`], so that the call and its publish still fit.
+    pub fn hand_off_after(&self) -> Duration {
+        Duration::from_secs(self.consumer_timeout_secs) / 2
+    }
+}
+
 impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
-            url: SecretUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            url: SecretUrl::new("amqp://llmq:llmq@127.0.0.1:5672/%2f"),
             heartbeat_secs: 10,
             tls: TlsConfig::default(),
+            consumer_timeout_secs: 1800,
         }
     }
 }
@@ -77,6 +92,10 @@ pub struct TopologyConfig {
     /// Prefix of the delayed-retry queues (`<prefix>.5s`, `<prefix>.30s`, ...). Messages wait
     /// there for their per-message TTL, then dead-letter back to `request_exchange`.
     pub retry_queue_prefix: String,
+    /// Seconds a result copy waits in `results_queue` before the broker drops it (its
+    /// per-message `expiration`, so the queue's declaration never changes); 0 keeps results
+    /// until they are consumed. The copy sent to `reply_to` has none.
+    pub results_ttl_secs: u64,
 }
 
 impl Default for TopologyConfig {
@@ -97,6 +116,7 @@ impl Default for TopologyConfig {
             dead_letter_key: "dead".into(),
             retry_exchange: "llm_requests.retry".into(),
             retry_queue_prefix: "llm_requests.retry".into(),
+            results_ttl_secs: 86_400,
         }
     }
 }
@@ -115,7 +135,8 @@ pub struct LlmConfig {
     pub model: String,
     /// Embedding model used when a request names none.
     pub embedding_model: String,
-    /// Deadline of one upstream call. Keep it well under the broker's consumer timeout.
+    /// Deadline of one upstream call; with `retry.inline_max_ms` it must stay below half of
+    /// `amqp.consumer_timeout_secs`.
     pub timeout_secs: u64,
     /// Requests per minute this replica (or, with `limits.redis_url`, the fleet) may send;
     /// 0 = no limit.
@@ -129,6 +150,9 @@ pub struct LlmConfig {
     /// supports it: calls share a few connections instead of one each. HTTPS upstreams
     /// negotiate HTTP/2 by themselves (ALPN) and ignore this.
     pub http2_prior_knowledge: bool,
+    /// Largest upstream answer read; a larger one is cut off as it streams in and the
+    /// request is dead-lettered as `upstream_permanent`, so one answer cannot exhaust memory.
+    pub max_response_bytes: usize,
 }
 
 impl Default for LlmConfig {
@@ -143,6 +167,7 @@ impl Default for LlmConfig {
             max_tokens_per_minute: 0,
             default_max_tokens: 256,
             http2_prior_knowledge: false,
+            max_response_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -197,6 +222,10 @@ pub struct WorkerConfig {
     /// least `llm.timeout_secs`; the default also leaves a result's confirm time
     /// ([`crate::broker::publish::CONFIRM_TIMEOUT`]).
     pub shutdown_grace_secs: u64,
+    /// A result larger than this, serialized, is not published: the request gets a small
+    /// `result_too_large` error result and a dead letter. The default is RabbitMQ 4.x's
+    /// default `max_message_size`.
+    pub max_result_bytes: usize,
 }
 
 impl Default for WorkerConfig {
@@ -209,6 +238,7 @@ impl Default for WorkerConfig {
             id: String::new(),
             max_body_bytes: 1024 * 1024,
             shutdown_grace_secs: 75,
+            max_result_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -241,6 +271,11 @@ pub struct RetryConfig {
     /// Waits up to this long happen in the worker; longer ones go through the durable retry
     /// queues, so they hold no prefetch slot and cannot hit the broker's consumer timeout.
     pub inline_max_ms: u64,
+    /// A delivery that arrives redelivered (its previous delivery was never settled: the
+    /// worker crashed, lost its connection or handed it back at shutdown) more than this many
+    /// times is dead-lettered as `redelivery_limit`, without an upstream call. Counted apart
+    /// from attempts, in the `x-llmq-redeliveries` header.
+    pub max_redeliveries: u32,
 }
 
 impl Default for RetryConfig {
@@ -250,6 +285,7 @@ impl Default for RetryConfig {
             initial_delay_ms: 500,
             max_delay_secs: 30,
             inline_max_ms: 2000,
+            max_redeliveries: 5,
         }
     }
 }
@@ -264,8 +300,10 @@ pub struct IdempotencyConfig {
     pub ttl_secs: u64,
     /// Redis URL for `store = "redis"`; its password is redacted when printed.
     pub redis_url: SecretUrl,
-    /// Results kept at most by the memory store.
-    pub memory_capacity: u64,
+    /// Bytes of results kept at most by the memory store (each weighs its body plus its
+    /// key); the least used go first. Leases of requests in flight are kept apart and never
+    /// evicted for room.
+    pub memory_max_bytes: u64,
     /// Prefix of the Redis keys (`<prefix>:result:<id>`, `<prefix>:lease:<id>`).
     pub key_prefix: String,
     /// When the store cannot be reached: `requeue` (default: the request waits in the retry
@@ -279,7 +317,7 @@ impl Default for IdempotencyConfig {
             store: StoreKind::Memory,
             ttl_secs: 86_400,
             redis_url: SecretUrl::new("redis://127.0.0.1:6379"),
-            memory_capacity: 10_000,
+            memory_max_bytes: 128 * 1024 * 1024,
             key_prefix: "llmq".into(),
             on_store_error: OnStoreError::Requeue,
         }
@@ -337,6 +375,10 @@ pub struct BatchConfig {
     pub max_items: usize,
     /// Longest wait for a batch to fill, in milliseconds.
     pub max_wait_ms: u64,
+    /// Bytes of embedding requests a replica buffers at most: the embeddings consumers'
+    /// prefetch is at most this divided by `worker.max_body_bytes` (RabbitMQ ignores a
+    /// prefetch in bytes), shared between the consumers.
+    pub max_buffered_bytes: u64,
 }
 
 impl Default for BatchConfig {
@@ -344,6 +386,7 @@ impl Default for BatchConfig {
         Self {
             max_items: 64,
             max_wait_ms: 10,
+            max_buffered_bytes: 256 * 1024 * 1024,
         }
     }
 }

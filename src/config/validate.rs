@@ -16,13 +16,14 @@ impl Config {
         validate_llm(&self.llm, &mut p);
         validate_worker(&self.worker, &mut p);
         validate_shutdown(&self.worker, &self.llm, &mut p);
-        validate_batch(&self.batch, &mut p);
+        validate_batch(&self.batch, &self.worker, &mut p);
         validate_admin(&self.admin, &mut p);
         validate_limits(&self.limits, &mut p);
         validate_retry(&self.retry, &mut p);
         validate_idempotency(&self.idempotency, &mut p);
         validate_topology(&self.topology, &mut p);
         validate_log(&self.log, &mut p);
+        validate_waits(self, &mut p);
         p.0
     }
 }
@@ -107,6 +108,42 @@ fn validate_llm(llm: &LlmConfig, p: &mut Problems) {
         "llm.timeout_secs",
         "must be between 1 and 3600",
     );
+    p.check(
+        llm.max_response_bytes >= 1024,
+        "llm.max_response_bytes",
+        "must be at least 1024",
+    );
+}
+
+/// Waits in the worker against the broker's `consumer_timeout`: a delivery waits for a slot
+/// up to half of it, then a call and an inline retry wait may still follow, and all of it
+/// must end before the broker closes the channel.
+fn validate_waits(c: &Config, p: &mut Problems) {
+    let consumer_timeout = c.amqp.consumer_timeout_secs;
+    let half_ms = c.amqp.hand_off_after().as_millis();
+    // A timeout out of its range is reported by its own rule.
+    if !(1..=3600).contains(&c.llm.timeout_secs) {
+        return;
+    }
+    let call_ms = u128::from(c.llm.timeout_secs) * 1000;
+    if call_ms >= half_ms {
+        p.add(
+            "llm.timeout_secs",
+            format!(
+                "must be below half of amqp.consumer_timeout_secs ({consumer_timeout} s): a call \
+                 may start just before a waiting delivery is handed to the retry queue"
+            ),
+        );
+        return;
+    }
+    p.check(
+        call_ms + u128::from(c.retry.inline_max_ms) < half_ms,
+        "retry.inline_max_ms",
+        format!(
+            "plus llm.timeout_secs must stay below half of amqp.consumer_timeout_secs \
+             ({consumer_timeout} s): an inline wait and a call may follow the longest wait"
+        ),
+    );
 }
 
 fn validate_worker(worker: &WorkerConfig, p: &mut Problems) {
@@ -131,6 +168,11 @@ fn validate_worker(worker: &WorkerConfig, p: &mut Problems) {
         "worker.max_body_bytes",
         "must be at least 64",
     );
+    p.check(
+        worker.max_result_bytes >= 1024,
+        "worker.max_result_bytes",
+        "must be at least 1024",
+    );
 }
 
 /// The shutdown grace covers one upstream call: a call started just before SIGTERM can
@@ -150,7 +192,12 @@ fn validate_shutdown(worker: &WorkerConfig, llm: &LlmConfig, p: &mut Problems) {
     }
 }
 
-fn validate_batch(batch: &BatchConfig, p: &mut Problems) {
+fn validate_batch(batch: &BatchConfig, worker: &WorkerConfig, p: &mut Problems) {
+    p.check(
+        batch.max_buffered_bytes >= worker.max_body_bytes as u64,
+        "batch.max_buffered_bytes",
+        "must be at least worker.max_body_bytes, so one embedding request fits",
+    );
     p.check(
         (1..=2048).contains(&batch.max_items),
         "batch.max_items",
@@ -194,6 +241,11 @@ fn validate_retry(retry: &RetryConfig, p: &mut Problems) {
         "retry.max_delay_secs",
         "must be at least 1",
     );
+    p.check(
+        retry.max_redeliveries >= 1,
+        "retry.max_redeliveries",
+        "must be at least 1 (0 would dead-letter every request a crash or a shutdown handed back)",
+    );
 }
 
 fn validate_idempotency(idempotency: &IdempotencyConfig, p: &mut Problems) {
@@ -203,9 +255,9 @@ fn validate_idempotency(idempotency: &IdempotencyConfig, p: &mut Problems) {
         "must be at least 1",
     );
     p.check(
-        idempotency.memory_capacity >= 1,
-        "idempotency.memory_capacity",
-        "must be at least 1",
+        idempotency.memory_max_bytes >= 1024,
+        "idempotency.memory_max_bytes",
+        "must be at least 1024",
     );
     // The URL only matters to the Redis store.
     if idempotency.store == StoreKind::Redis {
@@ -216,6 +268,9 @@ fn validate_idempotency(idempotency: &IdempotencyConfig, p: &mut Problems) {
         );
     }
 }
+
+/// The longest results expiration: well within what a per-message TTL takes.
+const MAX_RESULTS_TTL_SECS: u64 = 30 * 86_400;
 
 fn validate_topology(t: &TopologyConfig, p: &mut Problems) {
     p.check(
@@ -249,6 +304,11 @@ fn validate_topology(t: &TopologyConfig, p: &mut Problems) {
         t.processing_queue != t.embeddings_queue,
         "topology.embeddings_queue",
         "must differ from topology.processing_queue",
+    );
+    p.check(
+        t.results_ttl_secs <= MAX_RESULTS_TTL_SECS,
+        "topology.results_ttl_secs",
+        format!("must be at most {MAX_RESULTS_TTL_SECS} (30 days)"),
     );
     p.check(
         t.processing_key != t.embeddings_key,
@@ -392,6 +452,49 @@ mod tests {
     }
 
     #[test]
+    fn llm_max_response_bytes_at_least_1024() {
+        assert_eq!(
+            only_problem(|c| c.llm.max_response_bytes = 1023),
+            "llm.max_response_bytes (LLMQ_LLM__MAX_RESPONSE_BYTES): must be at least 1024"
+        );
+    }
+
+    #[test]
+    fn llm_timeout_below_half_the_consumer_timeout() {
+        for (timeout, consumer_timeout) in [(900, 1800), (60, 120), (5, 0)] {
+            assert_eq!(
+                only_problem(|c| {
+                    c.llm.timeout_secs = timeout;
+                    c.amqp.consumer_timeout_secs = consumer_timeout;
+                }),
+                format!(
+                    "llm.timeout_secs (LLMQ_LLM__TIMEOUT_SECS): must be below half of \
+                     amqp.consumer_timeout_secs ({consumer_timeout} s): a call may start just \
+                     before a waiting delivery is handed to the retry queue"
+                )
+            );
+        }
+        let mut c = Config::default();
+        c.llm.timeout_secs = 1;
+        c.retry.inline_max_ms = 100;
+        c.amqp.consumer_timeout_secs = 3;
+        assert!(c.validate().is_empty(), "1.1 s of 1.5 s");
+    }
+
+    #[test]
+    fn retry_inline_max_and_a_call_below_half_the_consumer_timeout() {
+        assert_eq!(
+            only_problem(|c| {
+                c.llm.timeout_secs = 60;
+                c.retry.inline_max_ms = 840_000;
+            }),
+            "retry.inline_max_ms (LLMQ_RETRY__INLINE_MAX_MS): plus llm.timeout_secs must stay \
+             below half of amqp.consumer_timeout_secs (1800 s): an inline wait and a call may \
+             follow the longest wait"
+        );
+    }
+
+    #[test]
     fn worker_consumers_range() {
         for n in [0, 1025] {
             assert_eq!(
@@ -526,10 +629,42 @@ mod tests {
     }
 
     #[test]
-    fn idempotency_memory_capacity_at_least_1() {
+    fn worker_max_result_bytes_at_least_1024() {
         assert_eq!(
-            only_problem(|c| c.idempotency.memory_capacity = 0),
-            "idempotency.memory_capacity (LLMQ_IDEMPOTENCY__MEMORY_CAPACITY): must be at least 1"
+            only_problem(|c| c.worker.max_result_bytes = 1000),
+            "worker.max_result_bytes (LLMQ_WORKER__MAX_RESULT_BYTES): must be at least 1024"
+        );
+    }
+
+    #[test]
+    fn batch_max_buffered_bytes_fits_one_request() {
+        assert_eq!(
+            only_problem(|c| c.batch.max_buffered_bytes = 1000),
+            "batch.max_buffered_bytes (LLMQ_BATCH__MAX_BUFFERED_BYTES): must be at least \
+             worker.max_body_bytes, so one embedding request fits"
+        );
+    }
+
+    #[test]
+    fn retry_max_redeliveries_at_least_1() {
+        assert!(only_problem(|c| c.retry.max_redeliveries = 0).starts_with(
+            "retry.max_redeliveries (LLMQ_RETRY__MAX_REDELIVERIES): must be at least 1"
+        ));
+    }
+
+    #[test]
+    fn topology_results_ttl_at_most_30_days() {
+        assert_eq!(
+            only_problem(|c| c.topology.results_ttl_secs = 30 * 86_400 + 1),
+            "topology.results_ttl_secs (LLMQ_TOPOLOGY__RESULTS_TTL_SECS): must be at most 2592000 (30 days)"
+        );
+    }
+
+    #[test]
+    fn idempotency_memory_max_bytes_at_least_1024() {
+        assert_eq!(
+            only_problem(|c| c.idempotency.memory_max_bytes = 1023),
+            "idempotency.memory_max_bytes (LLMQ_IDEMPOTENCY__MEMORY_MAX_BYTES): must be at least 1024"
         );
     }
 

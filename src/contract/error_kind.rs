@@ -20,16 +20,26 @@ pub enum ErrorKind {
     RetriesExhausted,
     /// The worker itself failed (a panic while handling the message).
     InternalError,
+    /// The message was delivered again and again without being settled (its worker
+    /// crashed, or handed it back at shutdown) more than `retry.max_redeliveries` times.
+    RedeliveryLimit,
+    /// The answer, serialized, is larger than `worker.max_result_bytes`.
+    ResultTooLarge,
+    /// The `request_id` was answered before for a different request of the same identity.
+    IdempotencyConflict,
 }
 
 impl ErrorKind {
     /// Every kind, for listings and tests.
-    pub const ALL: [ErrorKind; 5] = [
+    pub const ALL: [ErrorKind; 8] = [
         ErrorKind::InvalidRequest,
         ErrorKind::TooLarge,
         ErrorKind::UpstreamPermanent,
         ErrorKind::RetriesExhausted,
         ErrorKind::InternalError,
+        ErrorKind::RedeliveryLimit,
+        ErrorKind::ResultTooLarge,
+        ErrorKind::IdempotencyConflict,
     ];
 
     /// The wire name: the `x-error-kind` value, `error.kind` and the metric label.
@@ -40,6 +50,9 @@ impl ErrorKind {
             ErrorKind::UpstreamPermanent => "upstream_permanent",
             ErrorKind::RetriesExhausted => "retries_exhausted",
             ErrorKind::InternalError => "internal_error",
+            ErrorKind::RedeliveryLimit => "redelivery_limit",
+            ErrorKind::ResultTooLarge => "result_too_large",
+            ErrorKind::IdempotencyConflict => "idempotency_conflict",
         }
     }
 }

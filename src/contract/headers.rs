@@ -1,7 +1,8 @@
 //! Every AMQP header llmq reads or writes, with its readers and writers.
 //!
-//! - On a request waiting for another attempt: [`ATTEMPTS`], [`FIRST_FAILURE`],
-//!   [`NOT_BEFORE`], [`LAST_ERROR`] and [`RETRY_TIER`] ([`RetryState`], [`stamp_retry`]).
+//! - On a request waiting for another attempt: [`ATTEMPTS`], [`REDELIVERIES`],
+//!   [`FIRST_FAILURE`], [`NOT_BEFORE`], [`LAST_ERROR`] and [`RETRY_TIER`] ([`RetryState`],
+//!   [`stamp_retry`], [`stamp_redelivery`]).
 //! - On a dead letter: the `x-error-*` family ([`Failure`], [`stamp_dead_letter`],
 //!   [`DeadLetterInfo`]).
 //!
@@ -16,6 +17,9 @@ use super::error_kind::ErrorKind;
 
 /// Upstream attempts made before this delivery (a count that travels with the message).
 pub const ATTEMPTS: &str = "x-llmq-attempts";
+/// Times the request was delivered again without being settled (a worker crashed, or
+/// handed it back at shutdown), counted apart from attempts.
+pub const REDELIVERIES: &str = "x-llmq-redeliveries";
 /// Unix seconds of the request's first failure.
 pub const FIRST_FAILURE: &str = "x-llmq-first-failure";
 /// Unix milliseconds before which the request must not be tried again.
@@ -92,6 +96,8 @@ fn count(n: u32) -> AMQPValue {
 pub struct RetryState {
     /// Upstream attempts already made ([`ATTEMPTS`]).
     pub attempts: u32,
+    /// Unsettled deliveries already counted ([`REDELIVERIES`]).
+    pub redeliveries: u32,
     /// Unix seconds of the first failure ([`FIRST_FAILURE`]).
     pub first_failure: Option<i64>,
     /// Unix milliseconds before which it must not be tried ([`NOT_BEFORE`]).
@@ -103,6 +109,7 @@ impl RetryState {
     pub fn read(props: &BasicProperties) -> Self {
         Self {
             attempts: get_u32(props, ATTEMPTS).unwrap_or(0),
+            redeliveries: get_u32(props, REDELIVERIES).unwrap_or(0),
             first_failure: get_i64(props, FIRST_FAILURE),
             not_before_ms: get_i64(props, NOT_BEFORE),
         }
@@ -112,7 +119,7 @@ impl RetryState {
 /// Stamps a request bound for the delayed-retry tier `tier`.
 pub fn stamp_retry(headers: &mut FieldTable, tier: &str, state: &RetryState, last_error: &str) {
     headers.insert(RETRY_TIER.into(), long_string(tier));
-    headers.insert(ATTEMPTS.into(), count(state.attempts));
+    stamp_counts(headers, state);
     if let Some(not_before) = state.not_before_ms {
         headers.insert(NOT_BEFORE.into(), AMQPValue::LongLongInt(not_before));
     }
@@ -122,6 +129,21 @@ pub fn stamp_retry(headers: &mut FieldTable, tier: &str, state: &RetryState, las
     );
     if let Some(first) = state.first_failure {
         headers.insert(FIRST_FAILURE.into(), AMQPValue::LongLongInt(first));
+    }
+}
+
+/// Stamps a request going back to its own queue after an unsettled delivery, with its
+/// counts (`state.redeliveries` already counting this one).
+pub fn stamp_redelivery(headers: &mut FieldTable, state: &RetryState) {
+    stamp_counts(headers, state);
+}
+
+fn stamp_counts(headers: &mut FieldTable, state: &RetryState) {
+    headers.insert(ATTEMPTS.into(), count(state.attempts));
+    // The count only grows (a replay starts a message afresh by dropping it): a zero needs
+    // no header.
+    if state.redeliveries > 0 {
+        headers.insert(REDELIVERIES.into(), count(state.redeliveries));
     }
 }
 
@@ -212,6 +234,7 @@ pub fn for_replay(props: &BasicProperties, reset_attempts: bool) -> FieldTable {
                         | NOT_BEFORE
                         | RETRY_TIER
                         | LAST_ERROR
+                        | REDELIVERIES
                 )
                 || (reset_attempts && matches!(name, ATTEMPTS | FIRST_FAILURE));
             if !drop {
@@ -258,6 +281,7 @@ mod tests {
         let mut h = FieldTable::default();
         let state = RetryState {
             attempts: 3,
+            redeliveries: 2,
             first_failure: Some(1_700_000_000),
             not_before_ms: Some(1_700_000_000_500),
         };

@@ -3,10 +3,13 @@
 //! types and functions; nothing here talks to the network.
 
 pub mod error_kind;
+pub mod fingerprint;
 pub mod headers;
+pub mod identity;
 pub mod request;
 pub mod response;
 pub mod usage;
 
 pub use error_kind::ErrorKind;
+pub use identity::Identity;
 pub use usage::Usage;

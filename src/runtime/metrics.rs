@@ -45,6 +45,11 @@ pub struct Metrics {
     publish_latency: Histogram,
     /// Broker connections lost and reopened.
     pub reconnects: Counter,
+    /// Results a caller's `reply_to` refused (or that could not be sent there); each is on
+    /// the results exchange all the same.
+    pub replies_refused: Counter,
+    /// Deliveries that arrived redelivered (never settled before) and were counted.
+    pub redelivered: Counter,
     /// Calls to the upstream running now.
     pub in_flight: Gauge,
     /// The current AIMD concurrency limit.
@@ -83,6 +88,8 @@ impl Metrics {
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
         ]);
         let reconnects = Counter::default();
+        let replies_refused = Counter::default();
+        let redelivered = Counter::default();
         let in_flight = Gauge::default();
         let concurrency_limit = Gauge::default();
         let ready = Gauge::default();
@@ -132,6 +139,16 @@ impl Metrics {
             "Broker connections lost and reopened",
             reconnects.clone(),
         );
+        registry.register(
+            "replies_refused",
+            "Results the caller's reply_to refused; they are on the results exchange",
+            replies_refused.clone(),
+        );
+        registry.register(
+            "redelivered",
+            "Deliveries that arrived redelivered (never settled before) and were counted",
+            redelivered.clone(),
+        );
         registry.register("in_flight", "Upstream calls running now", in_flight.clone());
         registry.register(
             "concurrency_limit",
@@ -159,6 +176,8 @@ impl Metrics {
             upstream_latency,
             publish_latency,
             reconnects,
+            replies_refused,
+            redelivered,
             in_flight,
             concurrency_limit,
             ready,

@@ -5,7 +5,12 @@
 //! expiry), so two replicas never call the LLM at once for one request. The result is saved
 //! before it is published, so a crash between the two costs no second upstream call.
 //!
-//! `memory` is per replica and bounded; `redis` is fleet-wide.
+//! Keys are scoped by the sender's identity ([`crate::contract::Identity::scope`]): two users
+//! who pick the same `request_id` never see each other's answer. A result is stored with the
+//! fingerprint of the request it answers ([`crate::contract::fingerprint`]); a duplicate
+//! whose request differs gets [`Claim::Conflict`], never the stored answer.
+//!
+//! `memory` is per replica and bounded in bytes; `redis` is fleet-wide.
 
 use std::{
     collections::HashMap,
@@ -15,9 +20,14 @@ use std::{
 
 use moka::future::Cache;
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
-use tokio::sync::OnceCell;
 
-use crate::config::{IdempotencyConfig, StoreKind};
+use crate::{
+    config::{IdempotencyConfig, StoreKind},
+    store::redis_conn::LazyConnection,
+};
+
+/// Longest a Redis connect or command may take before the store counts as unavailable.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Deletes a lease only if `worker` holds it.
 const DELETE_IF_OWNER: &str = r"
@@ -46,8 +56,48 @@ pub enum Claim {
     Acquired,
     /// Already finished: re-publish this stored result body.
     Done(Vec<u8>),
+    /// A result is stored under this key for a different request (another fingerprint).
+    Conflict,
     /// Another worker holds the lease right now: try again later.
     Busy,
+}
+
+/// Length of a fingerprint: 64 hex digits. Redis keeps it in front of the result body.
+const FINGERPRINT_LEN: usize = 64;
+
+/// A stored result: the fingerprint of the request it answers, and its body.
+#[derive(Debug)]
+struct Stored {
+    fingerprint: String,
+    body: Vec<u8>,
+}
+
+impl Stored {
+    /// The answer to a claim of a request with `fingerprint`.
+    fn claim(&self, fingerprint: &str) -> Claim {
+        if self.fingerprint == fingerprint {
+            Claim::Done(self.body.clone())
+        } else {
+            Claim::Conflict
+        }
+    }
+
+    /// Redis's form: the fingerprint, then the body.
+    fn encode(fingerprint: &str, body: &[u8]) -> Vec<u8> {
+        let mut value = Vec::with_capacity(fingerprint.len() + body.len());
+        value.extend_from_slice(fingerprint.as_bytes());
+        value.extend_from_slice(body);
+        value
+    }
+
+    fn decode(mut value: Vec<u8>) -> Self {
+        let at = FINGERPRINT_LEN.min(value.len());
+        let body = value.split_off(at);
+        Self {
+            fingerprint: String::from_utf8_lossy(&value).into_owned(),
+            body,
+        }
+    }
 }
 
 /// The configured store.
@@ -68,14 +118,13 @@ impl Store {
         Ok(match cfg.store {
             StoreKind::Off => Store::Off,
             StoreKind::Memory => {
-                Store::Memory(Arc::new(MemoryStore::new(cfg.memory_capacity, ttl, lease)))
+                Store::Memory(Arc::new(MemoryStore::new(cfg.memory_max_bytes, ttl, lease)))
             }
             StoreKind::Redis => {
                 let client = redis::Client::open(cfg.redis_url.expose())
                     .map_err(|e| StoreError(format!("bad idempotency.redis_url: {e}")))?;
                 Store::Redis(Arc::new(RedisStore {
-                    client,
-                    conn: OnceCell::new(),
+                    conn: LazyConnection::new(client, REDIS_TIMEOUT),
                     prefix: cfg.key_prefix.clone(),
                     ttl,
                     lease,
@@ -84,30 +133,38 @@ impl Store {
         })
     }
 
-    /// Looks up a stored result, else takes the lease for `worker`.
-    pub async fn claim(&self, request_id: &str, worker: &str) -> Result<Claim, StoreError> {
+    /// Looks up a stored result for `key` (a request id scoped by its identity) and
+    /// compares it with the request's `fingerprint`; else takes the lease for `worker`.
+    pub async fn claim(
+        &self,
+        key: &str,
+        worker: &str,
+        fingerprint: &str,
+    ) -> Result<Claim, StoreError> {
         match self {
             Store::Off => Ok(Claim::Acquired),
-            Store::Memory(m) => Ok(m.claim(request_id).await),
-            Store::Redis(r) => r.claim(request_id, worker).await,
+            Store::Memory(m) => Ok(m.claim(key, fingerprint).await),
+            Store::Redis(r) => r.claim(key, worker, fingerprint).await,
         }
     }
 
-    /// Saves an ok result for `idempotency.ttl_secs` and gives the lease
-    /// up. A result already stored is kept: the first answer is the answer.
+    /// Saves an ok result, with the fingerprint of the request it answers, for
+    /// `idempotency.ttl_secs` and gives the lease up. A result already stored is kept: the
+    /// first answer is the answer.
     pub async fn save(
         &self,
-        request_id: &str,
+        key: &str,
         worker: &str,
+        fingerprint: &str,
         body: &[u8],
     ) -> Result<(), StoreError> {
         match self {
             Store::Off => Ok(()),
             Store::Memory(m) => {
-                m.save(request_id, body).await;
+                m.save(key, fingerprint, body).await;
                 Ok(())
             }
-            Store::Redis(r) => r.save(request_id, worker, body).await,
+            Store::Redis(r) => r.save(key, worker, fingerprint, body).await,
         }
     }
 
@@ -131,12 +188,12 @@ impl Store {
     }
 }
 
-/// The per-replica store: finished results in a bounded cache with a TTL, and the leases of
-/// the requests in flight in a plain map. A lease is never evicted to make room (the map
-/// holds what is in flight, which the prefetch bounds), so one request id can not be leased
-/// twice; an expired one is swept as the map grows.
+/// The per-replica store: finished results in a cache bounded in bytes with a TTL, and the
+/// leases of the requests in flight in a plain map. A lease is never evicted to make room
+/// (the map holds what is in flight, which the prefetch bounds), so one request id can not
+/// be leased twice; an expired one is swept as the map grows.
 pub struct MemoryStore {
-    results: Cache<String, Arc<[u8]>>,
+    results: Cache<String, Arc<Stored>>,
     leases: Mutex<Leases>,
     lease: Duration,
 }
@@ -148,14 +205,22 @@ struct Leases {
     sweep_at: usize,
 }
 
+/// Bytes an entry of the memory store costs besides its key, fingerprint and body: the
+/// cache's own bookkeeping, roughly.
+const ENTRY_OVERHEAD: usize = 128;
+
 /// The smallest map size at which expired leases are swept.
 const LEASE_SWEEP_MIN: usize = 1024;
 
 impl MemoryStore {
-    fn new(capacity: u64, ttl: Duration, lease: Duration) -> Self {
+    fn new(max_bytes: u64, ttl: Duration, lease: Duration) -> Self {
         Self {
             results: Cache::builder()
-                .max_capacity(capacity)
+                .max_capacity(max_bytes)
+                .weigher(|key: &String, stored: &Arc<Stored>| {
+                    let bytes = key.len() + stored.fingerprint.len() + stored.body.len();
+                    u32::try_from(bytes + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
+                })
                 .time_to_live(ttl)
                 .build(),
             leases: Mutex::new(Leases {
@@ -171,9 +236,9 @@ impl MemoryStore {
         self.leases.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn claim(&self, request_id: &str) -> Claim {
-        if let Some(body) = self.results.get(request_id).await {
-            return Claim::Done(body.to_vec());
+    async fn claim(&self, request_id: &str, fingerprint: &str) -> Claim {
+        if let Some(stored) = self.results.get(request_id).await {
+            return stored.claim(fingerprint);
         }
         let now = Instant::now();
         let mut leases = self.leases();
@@ -196,10 +261,14 @@ impl MemoryStore {
 
     /// Stores the result unless one is stored already (the first answer is the answer); the
     /// lease goes with it.
-    async fn save(&self, request_id: &str, body: &[u8]) {
+    async fn save(&self, request_id: &str, fingerprint: &str, body: &[u8]) {
         if !self.results.contains_key(request_id) {
+            let stored = Stored {
+                fingerprint: fingerprint.to_string(),
+                body: body.to_vec(),
+            };
             self.results
-                .insert(request_id.to_string(), body.into())
+                .insert(request_id.to_string(), Arc::new(stored))
                 .await;
         }
         self.leases().until.remove(request_id);
@@ -219,28 +288,17 @@ impl MemoryStore {
 
 /// The fleet-wide store.
 pub struct RedisStore {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    conn: LazyConnection,
     prefix: String,
     ttl: Duration,
     lease: Duration,
 }
 
 impl RedisStore {
+    /// The connection; concurrent callers share one connect attempt, each waiting at most
+    /// [`REDIS_TIMEOUT`], so a blackholed Redis does not queue deliveries behind each other.
     async fn conn(&self) -> Result<ConnectionManager, StoreError> {
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(0);
-        self.conn
-            .get_or_try_init(|| async {
-                self.client
-                    .get_connection_manager_with_config(cfg)
-                    .await
-                    .map_err(redis_error)
-            })
-            .await
-            .cloned()
+        self.conn.get().await.map_err(|e| StoreError(e.to_string()))
     }
 
     fn result_key(&self, id: &str) -> String {
@@ -251,14 +309,19 @@ impl RedisStore {
         format!("{}:lease:{id}", self.prefix)
     }
 
-    async fn claim(&self, request_id: &str, worker: &str) -> Result<Claim, StoreError> {
+    async fn claim(
+        &self,
+        request_id: &str,
+        worker: &str,
+        fingerprint: &str,
+    ) -> Result<Claim, StoreError> {
         let mut conn = self.conn().await?;
         let stored: Option<Vec<u8>> = conn
             .get(self.result_key(request_id))
             .await
             .map_err(redis_error)?;
-        if let Some(body) = stored {
-            return Ok(Claim::Done(body));
+        if let Some(value) = stored {
+            return Ok(Stored::decode(value).claim(fingerprint));
         }
         let opts = redis::SetOptions::default()
             .conditional_set(redis::ExistenceCheck::NX)
@@ -275,20 +338,30 @@ impl RedisStore {
             .get(self.result_key(request_id))
             .await
             .map_err(redis_error)?;
-        if let Some(body) = stored {
+        if let Some(value) = stored {
             self.release(request_id, worker).await;
-            return Ok(Claim::Done(body));
+            return Ok(Stored::decode(value).claim(fingerprint));
         }
         Ok(Claim::Acquired)
     }
 
-    async fn save(&self, request_id: &str, worker: &str, body: &[u8]) -> Result<(), StoreError> {
+    async fn save(
+        &self,
+        request_id: &str,
+        worker: &str,
+        fingerprint: &str,
+        body: &[u8],
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
         let opts = redis::SetOptions::default()
             .conditional_set(redis::ExistenceCheck::NX)
             .with_expiration(redis::SetExpiry::EX(self.ttl.as_secs().max(1)));
         let _: Option<String> = conn
-            .set_options(self.result_key(request_id), body, opts)
+            .set_options(
+                self.result_key(request_id),
+                Stored::encode(fingerprint, body),
+                opts,
+            )
             .await
             .map_err(redis_error)?;
         self.release(request_id, worker).await;
@@ -334,9 +407,13 @@ fn redis_error(e: redis::RedisError) -> StoreError {
 mod tests {
     use super::*;
 
+    /// A fingerprint (any 64 characters).
+    const FP: &str = "0000000000000000000000000000000000000000000000000000000000000001";
+    const OTHER: &str = "0000000000000000000000000000000000000000000000000000000000000002";
+
     fn memory() -> Store {
         Store::Memory(Arc::new(MemoryStore::new(
-            100,
+            1 << 20,
             Duration::from_secs(60),
             Duration::from_secs(60),
         )))
@@ -345,12 +422,12 @@ mod tests {
     #[tokio::test]
     async fn lease_then_result() {
         let s = memory();
-        assert_eq!(s.claim("a", "w1").await.unwrap(), Claim::Acquired);
-        assert_eq!(s.claim("a", "w2").await.unwrap(), Claim::Busy);
-        s.save("a", "w1", b"{\"ok\":1}").await.unwrap();
-        s.save("a", "w2", b"{\"ok\":2}").await.unwrap();
+        assert_eq!(s.claim("a", "w1", FP).await.unwrap(), Claim::Acquired);
+        assert_eq!(s.claim("a", "w2", FP).await.unwrap(), Claim::Busy);
+        s.save("a", "w1", FP, b"{\"ok\":1}").await.unwrap();
+        s.save("a", "w2", FP, b"{\"ok\":2}").await.unwrap();
         assert_eq!(
-            s.claim("a", "w2").await.unwrap(),
+            s.claim("a", "w2", FP).await.unwrap(),
             Claim::Done(b"{\"ok\":1}".to_vec())
         );
     }
@@ -358,26 +435,26 @@ mod tests {
     #[tokio::test]
     async fn released_lease_can_be_taken_again() {
         let s = memory();
-        assert_eq!(s.claim("b", "w1").await.unwrap(), Claim::Acquired);
+        assert_eq!(s.claim("b", "w1", FP).await.unwrap(), Claim::Acquired);
         s.release("b", "w1").await;
-        assert_eq!(s.claim("b", "w2").await.unwrap(), Claim::Acquired);
+        assert_eq!(s.claim("b", "w2", FP).await.unwrap(), Claim::Acquired);
     }
 
     #[tokio::test]
     async fn a_stored_result_survives_renew_and_release() {
         let s = memory();
-        assert_eq!(s.claim("d", "w1").await.unwrap(), Claim::Acquired);
+        assert_eq!(s.claim("d", "w1", FP).await.unwrap(), Claim::Acquired);
         s.renew("d", "w1").await;
         assert_eq!(
-            s.claim("d", "w1").await.unwrap(),
+            s.claim("d", "w1", FP).await.unwrap(),
             Claim::Busy,
             "renewed lease"
         );
-        s.save("d", "w1", b"r").await.unwrap();
+        s.save("d", "w1", FP, b"r").await.unwrap();
         s.renew("d", "w1").await;
         s.release("d", "w1").await;
         assert_eq!(
-            s.claim("d", "w1").await.unwrap(),
+            s.claim("d", "w1", FP).await.unwrap(),
             Claim::Done(b"r".to_vec())
         );
     }
@@ -385,16 +462,16 @@ mod tests {
     #[tokio::test]
     async fn leases_and_results_expire_on_their_own_clocks() {
         let s = Store::Memory(Arc::new(MemoryStore::new(
-            100,
+            1 << 20,
             Duration::from_secs(3600),
             Duration::from_millis(20),
         )));
-        assert_eq!(s.claim("e", "w1").await.unwrap(), Claim::Acquired);
-        s.save("f", "w1", b"kept").await.unwrap();
+        assert_eq!(s.claim("e", "w1", FP).await.unwrap(), Claim::Acquired);
+        s.save("f", "w1", FP, b"kept").await.unwrap();
         // moka keeps its own clock, so wait on the condition: the lease lapses, another
         // worker gets it.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while s.claim("e", "w2").await.unwrap() == Claim::Busy {
+        while s.claim("e", "w2", FP).await.unwrap() == Claim::Busy {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the lease never lapsed"
@@ -402,7 +479,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(
-            s.claim("f", "w2").await.unwrap(),
+            s.claim("f", "w2", FP).await.unwrap(),
             Claim::Done(b"kept".to_vec())
         );
     }
@@ -418,11 +495,11 @@ mod tests {
             .map(|i| format!("id-{i}"))
             .collect();
         for id in &ids {
-            assert_eq!(s.claim(id, "w1").await.unwrap(), Claim::Acquired);
+            assert_eq!(s.claim(id, "w1", FP).await.unwrap(), Claim::Acquired);
         }
         for id in &ids {
             assert_eq!(
-                s.claim(id, "w2").await.unwrap(),
+                s.claim(id, "w2", FP).await.unwrap(),
                 Claim::Busy,
                 "{id} leased once"
             );
@@ -430,9 +507,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_different_request_under_a_stored_key_is_a_conflict() {
+        let s = memory();
+        assert_eq!(s.claim("g", "w1", FP).await.unwrap(), Claim::Acquired);
+        s.save("g", "w1", FP, b"answer").await.unwrap();
+        assert_eq!(s.claim("g", "w2", OTHER).await.unwrap(), Claim::Conflict);
+        assert_eq!(
+            s.claim("g", "w2", FP).await.unwrap(),
+            Claim::Done(b"answer".to_vec())
+        );
+    }
+
+    #[tokio::test]
+    async fn the_memory_store_is_bounded_in_bytes() {
+        let m = MemoryStore::new(256 * 1024, Duration::from_secs(60), Duration::from_secs(60));
+        // 100 results of 20 KB (a 1536-dimension embedding) weigh 2 MB: most must go.
+        let body = vec![b'x'; 20_000];
+        for i in 0..100 {
+            m.save(&format!("big-{i}"), FP, &body).await;
+        }
+        m.results.run_pending_tasks().await;
+        assert!(
+            m.results.weighted_size() <= 256 * 1024,
+            "{} bytes kept",
+            m.results.weighted_size()
+        );
+        assert!(
+            m.results.entry_count() <= 12,
+            "{} kept",
+            m.results.entry_count()
+        );
+    }
+
+    #[test]
+    fn redis_values_carry_their_fingerprint() {
+        let value = Stored::encode(FP, b"{\"ok\":1}");
+        let stored = Stored::decode(value);
+        assert_eq!(stored.claim(FP), Claim::Done(b"{\"ok\":1}".to_vec()));
+        assert_eq!(stored.claim(OTHER), Claim::Conflict);
+        assert_eq!(Stored::decode(b"short".to_vec()).claim(FP), Claim::Conflict);
+    }
+
+    #[tokio::test]
     async fn off_always_acquires() {
         let s = Store::Off;
-        s.save("c", "w", b"x").await.unwrap();
-        assert_eq!(s.claim("c", "w").await.unwrap(), Claim::Acquired);
+        s.save("c", "w", FP, b"x").await.unwrap();
+        assert_eq!(s.claim("c", "w", FP).await.unwrap(), Claim::Acquired);
     }
 }

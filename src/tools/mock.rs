@@ -21,11 +21,13 @@ use std::{
 
 use axum::{
     Json, Router,
+    body::{Body, Bytes},
     extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use futures_util::StreamExt;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::{conn::auto, graceful::GracefulShutdown},
@@ -72,6 +74,15 @@ pub struct MockOptions {
     /// Keep every prompt in [`MockStats::prompts`] (tests; unbounded, so off by default).
     #[arg(skip)]
     pub record_prompts: bool,
+    /// Answer chat calls with a reply of this many bytes, streamed in chunks without a
+    /// `Content-Length` (made as it is sent, so a huge one costs the mock nothing); 0 = the
+    /// usual short reply. Tests `llm.max_response_bytes`.
+    #[arg(long, default_value_t = 0)]
+    pub response_bytes: u64,
+    /// Refuse (400, `context_length_exceeded`) chat calls whose messages are longer than
+    /// this many bytes, as a model refuses a prompt beyond its context window.
+    #[arg(long)]
+    pub max_prompt_bytes: Option<usize>,
 }
 
 impl Default for MockOptions {
@@ -84,6 +95,8 @@ impl Default for MockOptions {
             retry_after: None,
             require_key: None,
             record_prompts: false,
+            response_bytes: 0,
+            max_prompt_bytes: None,
         }
     }
 }
@@ -292,16 +305,31 @@ async fn chat(
             other => other.to_string(),
         })
         .unwrap_or_default();
-    let record = state
+    let (record, response_bytes, max_prompt_bytes) = state
         .options
         .read()
-        .map(|o| o.record_prompts)
-        .unwrap_or(false);
+        .map(|o| (o.record_prompts, o.response_bytes, o.max_prompt_bytes))
+        .unwrap_or((false, 0, None));
     if record && let Ok(mut prompts) = state.stats.prompts.lock() {
         prompts.push((last.clone(), std::time::Instant::now()));
     }
+    let prompt_bytes = body["messages"].to_string().len();
+    if max_prompt_bytes.is_some_and(|max| prompt_bytes > max) {
+        let body = json!({"error": {
+            "message": format!("prompt of {prompt_bytes} bytes exceeds the context window"),
+            "type": "invalid_request_error",
+            "code": "context_length_exceeded"
+        }});
+        return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+    }
     if let Some(failure) = gate(&state, &headers, 1).await {
         return failure;
+    }
+    if response_bytes > 0 {
+        return huge_reply(
+            body["model"].as_str().unwrap_or("mock-model"),
+            response_bytes,
+        );
     }
     let content = format!("mock reply to: {last}");
     let prompt_tokens = body["messages"].to_string().len() / 4;
@@ -323,6 +351,38 @@ async fn chat(
         }
     }))
     .into_response()
+}
+
+/// A chat answer whose reply is `bytes` of `x`, streamed in 64 KiB chunks made as they are
+/// sent, without a `Content-Length`.
+fn huge_reply(model: &str, bytes: u64) -> Response {
+    const CHUNK: usize = 64 * 1024;
+    static PADDING: [u8; CHUNK] = [b'x'; CHUNK];
+    let head =
+        json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model})
+            .to_string();
+    // `{...,"model":"m"` + `,"choices":[...content":"xxx..."},"finish_reason":"stop"}]}`
+    let head = format!(
+        "{},\"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\"",
+        head.trim_end_matches('}')
+    );
+    let tail = "\"},\"finish_reason\":\"stop\"}]}";
+    let padding = futures_util::stream::unfold(bytes, |left| async move {
+        let n = usize::try_from(left).unwrap_or(usize::MAX).min(CHUNK);
+        (n > 0).then(|| (Bytes::from_static(&PADDING[..n]), left - n as u64))
+    });
+    let stream = futures_util::stream::once(async move { Bytes::from(head) })
+        .chain(padding)
+        .chain(futures_util::stream::once(async move {
+            Bytes::from_static(tail.as_bytes())
+        }))
+        .map(Ok::<_, std::convert::Infallible>);
+    let mut response = Body::from_stream(stream).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 async fn embeddings(
@@ -471,6 +531,46 @@ mod tests {
         }
         assert_eq!(mock.stats().chat_calls.load(Ordering::Relaxed), calls);
         assert_eq!(in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_huge_reply_streams_valid_json_of_that_size() {
+        let mock = start(MockOptions {
+            response_bytes: 200_000,
+            ..Default::default()
+        })
+        .await;
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        let response = client(false)
+            .post(format!("{}/chat/completions", mock.base_url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.content_length(), None, "streamed");
+        let answer: Value = response.json().await.unwrap();
+        let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
+        assert_eq!(content.len(), 200_000);
+        assert!(content.bytes().all(|b| b == b'x'));
+        assert_eq!(answer["model"], "m");
+    }
+
+    #[tokio::test]
+    async fn a_prompt_beyond_the_context_window_is_refused() {
+        let mock = start(MockOptions {
+            max_prompt_bytes: Some(100),
+            ..Default::default()
+        })
+        .await;
+        let url = format!("{}/chat/completions", mock.base_url());
+        let http = client(false);
+        let long =
+            json!({"model": "m", "messages": [{"role": "user", "content": "x".repeat(100)}]});
+        let response = http.post(&url).json(&long).send().await.unwrap();
+        assert_eq!(response.status(), 400);
+        let short = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+        let response = http.post(&url).json(&short).send().await.unwrap();
+        assert_eq!(response.status(), 200);
     }
 
     #[tokio::test]

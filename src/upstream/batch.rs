@@ -34,13 +34,16 @@ pub struct Batcher {
 struct Item {
     priority: u8,
     tokens: u64,
+    /// Latest time its call may start (the hand-off time of its delivery).
+    until: Instant,
     model: String,
     params: Map<String, Value>,
     input: Vec<String>,
     /// The worker's shutdown: once cancelled, no call starts for this item, and dropping
     /// `reply` unanswered tells the caller so.
     stop: CancellationToken,
-    reply: oneshot::Sender<Result<EmbeddingAnswer, LlmError>>,
+    /// `None`: deferred, no call was made.
+    reply: oneshot::Sender<Option<Result<EmbeddingAnswer, LlmError>>>,
 }
 
 /// Requests with the same model and extra parameters, waiting to go.
@@ -61,8 +64,10 @@ impl Batcher {
     }
 
     /// Embeds `input`, batched with other requests for the same model and parameters.
-    /// `None` when no call was made for it: `stop` was cancelled before its batch started
-    /// (or the batcher is gone), and the request goes back to its queue.
+    /// `Some(None)` when no call could start before `until` (for a batch, the earliest
+    /// `until` of its requests), `None` when `stop` was cancelled before its batch started:
+    /// nothing was called either way.
+    #[allow(clippy::too_many_arguments)]
     pub async fn embed(
         &self,
         model: &str,
@@ -70,8 +75,9 @@ impl Batcher {
         params: &Map<String, Value>,
         priority: u8,
         tokens: u64,
+        until: Instant,
         stop: &CancellationToken,
-    ) -> Option<Result<EmbeddingAnswer, LlmError>> {
+    ) -> Option<Option<Result<EmbeddingAnswer, LlmError>>> {
         if stop.is_cancelled() {
             return None;
         }
@@ -79,21 +85,35 @@ impl Batcher {
         let item = Item {
             priority,
             tokens,
+            until,
             model: model.to_string(),
             params: params.clone(),
             input: input.to_vec(),
             stop: stop.clone(),
             reply,
         };
-        self.tx.send(item).await.ok()?;
-        rx.await.ok()
+        let gone = || LlmError::Transient {
+            message: "the embedding batcher stopped".into(),
+            retry_after: None,
+            throttle: false,
+        };
+        if self.tx.send(item).await.is_err() {
+            return Some(Some(Err(gone())));
+        }
+        match rx.await {
+            Ok(answer) => Some(answer),
+            // Dropped unanswered: shutdown began before its batch started.
+            Err(_) if stop.is_cancelled() => None,
+            Err(_) => Some(Some(Err(gone()))),
+        }
     }
 }
 
-/// One batched (or, after a refused batch, single) call: a slot and the accounting of the
-/// deployment, per call rather than per message. `None` when every item's shutdown came
-/// before the slot: no call was made. A slot free right away wins over shutdown, as for a
-/// single call.
+/// One batched (or, after a refused batch, single) call for `items`: a slot and the
+/// accounting of the deployment, per call rather than per message. `Some(None)` when no slot
+/// came before `until`; `None` when every item's shutdown came first: no call was made. A
+/// slot free right away wins over shutdown, as for a single call.
+#[allow(clippy::too_many_arguments)]
 async fn call(
     up: &Deployment,
     items: &[Item],
@@ -102,15 +122,19 @@ async fn call(
     params: &Map<String, Value>,
     priority: u8,
     tokens: u64,
-) -> Option<Result<EmbeddingAnswer, LlmError>> {
+    until: Instant,
+) -> Option<Option<Result<EmbeddingAnswer, LlmError>>> {
     let stopped = futures_util::future::join_all(items.iter().map(|i| i.stop.cancelled()));
     let slot = tokio::select! {
         biased;
-        slot = up.admit(priority, tokens) => slot,
+        slot = up.admit(priority, tokens, until) => slot,
         _ = stopped => return None,
     };
+    let Some(slot) = slot else {
+        return Some(None);
+    };
     let answer = up.client().embed(model, input, params);
-    Some(up.call(Kind::Embedding, slot, answer).await)
+    Some(Some(up.call(Kind::Embedding, slot, answer).await))
 }
 
 /// The items still wanted: those whose shutdown began are dropped unanswered, so their
@@ -189,7 +213,24 @@ async fn send(up: Deployment, items: Vec<Item>) {
     let inputs: Vec<String> = items.iter().flat_map(|i| i.input.iter().cloned()).collect();
     let priority = items.iter().map(|i| i.priority).max().unwrap_or(0);
     let tokens = items.iter().map(|i| i.tokens).sum();
-    let Some(answer) = call(&up, &items, &model, &inputs, &params, priority, tokens).await else {
+    // The batch waits no longer than its most hurried request may.
+    let until = items
+        .iter()
+        .map(|i| i.until)
+        .min()
+        .unwrap_or_else(Instant::now);
+    let answer = call(
+        &up, &items, &model, &inputs, &params, priority, tokens, until,
+    )
+    .await;
+    let Some(answer) = answer else {
+        // Shutdown: the items are dropped unanswered.
+        return;
+    };
+    let Some(answer) = answer else {
+        for item in items {
+            let _ = item.reply.send(None);
+        }
         return;
     };
     match answer {
@@ -202,7 +243,7 @@ async fn send(up: Deployment, items: Vec<Item>) {
                 let chars: usize = item.input.iter().map(String::len).sum();
                 let share = total_tokens * chars as u64 / total_chars as u64;
                 let mine: Vec<Vec<f32>> = vectors.by_ref().take(item.input.len()).collect();
-                let _ = item.reply.send(Ok(EmbeddingAnswer {
+                let _ = item.reply.send(Some(Ok(EmbeddingAnswer {
                     vectors: mine,
                     model: answer.model.clone(),
                     usage: Some(Usage {
@@ -211,7 +252,7 @@ async fn send(up: Deployment, items: Vec<Item>) {
                         completion_tokens: None,
                         other: Map::from_iter([("batched_with".into(), json!(batched - 1))]),
                     }),
-                }));
+                })));
             }
         }
         Err(LlmError::Permanent { .. }) if items.len() > 1 => {
@@ -228,6 +269,7 @@ async fn send(up: Deployment, items: Vec<Item>) {
                         &item.params,
                         item.priority,
                         item.tokens,
+                        item.until,
                     )
                     .await;
                     if let Some(answer) = answer {
@@ -239,7 +281,7 @@ async fn send(up: Deployment, items: Vec<Item>) {
         }
         Err(e) => {
             for item in items {
-                let _ = item.reply.send(Err(e.clone()));
+                let _ = item.reply.send(Some(Err(e.clone())));
             }
         }
     }
@@ -273,13 +315,18 @@ mod tests {
         (server, batcher, deployment, flow)
     }
 
+    /// A deadline no test reaches.
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
     fn embed<'a>(
         b: &'a Batcher,
         text: &str,
         stop: &'a CancellationToken,
-    ) -> impl Future<Output = Option<Result<EmbeddingAnswer, LlmError>>> + 'a {
+    ) -> impl Future<Output = Option<Option<Result<EmbeddingAnswer, LlmError>>>> + 'a {
         let input = vec![text.to_string()];
-        async move { b.embed("m", &input, &Map::new(), 0, 1, stop).await }
+        async move { b.embed("m", &input, &Map::new(), 0, 1, later(), stop).await }
     }
 
     #[tokio::test]
@@ -287,7 +334,7 @@ mod tests {
         let (server, b, _d, _flow) = batcher().await;
         let stop = CancellationToken::new();
         let (x, y) = tokio::join!(embed(&b, "x", &stop), embed(&b, "y", &stop));
-        assert!(matches!(x, Some(Ok(_))) && matches!(y, Some(Ok(_))));
+        assert!(matches!(x, Some(Some(Ok(_)))) && matches!(y, Some(Some(Ok(_)))));
         assert_eq!(server.stats().embedding_calls.load(Relaxed), 1, "one batch");
     }
 
@@ -296,12 +343,13 @@ mod tests {
         let (server, b, d, flow) = batcher().await;
         let stop = CancellationToken::new();
         // The only slot is taken: the batch waits for it.
-        let busy = d.admit(0, 0).await;
+        let busy = d.admit(0, 0, later()).await.expect("a free slot");
         let waiting = tokio::spawn({
             let (b, stop) = (b.clone(), stop.clone());
             async move {
                 let input = vec!["x".to_string()];
-                b.embed("m", &input, &Map::new(), 0, 1, &stop).await
+                b.embed("m", &input, &Map::new(), 0, 1, later(), &stop)
+                    .await
             }
         });
         while flow.waiting() == 0 {

@@ -47,6 +47,14 @@ pub enum Outcome {
         /// What happened.
         reason: String,
     },
+    /// No call was made: the delivery waited (for a slot, a `Retry-After` pause or the
+    /// budget) until half of `amqp.consumer_timeout_secs` since it was received. It goes to
+    /// the retry queue so that the broker does not close the channel under it; this is not
+    /// an upstream attempt and must not be counted as one.
+    Deferred {
+        /// How long it waited, for the retry header and the logs.
+        reason: String,
+    },
 }
 
 impl Outcome {
@@ -69,10 +77,16 @@ impl Outcome {
         }
     }
 
-    /// The `error_kind` label of a failed attempt, `None` for an answer.
+    /// Whether the upstream was called: every outcome but [`Outcome::Deferred`] counts as
+    /// an attempt.
+    pub fn called_upstream(&self) -> bool {
+        !matches!(self, Outcome::Deferred { .. })
+    }
+
+    /// The `error_kind` label of a failed attempt, `None` for an answer or no call.
     pub fn failure_label(&self) -> Option<&'static str> {
         match self {
-            Outcome::Done(_) => None,
+            Outcome::Done(_) | Outcome::Deferred { .. } => None,
             Outcome::Retry { throttle: true, .. } => Some("throttled"),
             Outcome::Retry { .. } => Some("transient"),
             Outcome::Failed { kind, .. } => Some(kind.as_str()),
@@ -95,19 +109,24 @@ pub struct Upstream {
     chat_model: String,
     embedding_model: String,
     default_max_tokens: u64,
+    /// Longest a delivery waits for its call to start, counted from when it was received:
+    /// half of `amqp.consumer_timeout_secs`.
+    hand_off_after: std::time::Duration,
     worker: String,
     metrics: Arc<Metrics>,
 }
 
 impl Upstream {
-    /// The configured upstream; `worker` names this replica in results. Starts the embedding
-    /// batcher, so it must run inside the runtime.
+    /// The configured upstream; `worker` names this replica in results; a delivery waits at
+    /// most `hand_off_after` since it was received for its call to start. Starts the
+    /// embedding batcher, so it must run inside the runtime.
     pub fn new(
         cfg: &LlmConfig,
         batch: &BatchConfig,
         flow: Arc<Flow>,
         metrics: Arc<Metrics>,
         worker: String,
+        hand_off_after: std::time::Duration,
     ) -> Result<Self, reqwest::Error> {
         let deployment = Deployment::new(LlmClient::new(cfg)?, flow, metrics.clone());
         let batcher = (batch.max_items > 1).then(|| {
@@ -123,6 +142,7 @@ impl Upstream {
             chat_model: cfg.model.clone(),
             embedding_model: cfg.embedding_model.clone(),
             default_max_tokens: cfg.default_max_tokens,
+            hand_off_after,
             worker,
             metrics,
         })
@@ -134,9 +154,10 @@ impl Upstream {
     }
 
     /// Makes the `attempt`-th upstream call for `job`; `started` is when its delivery
-    /// arrived, for `latency_ms`. `None` when `stop` was cancelled while it waited for a
-    /// slot or for its embedding batch to start: nothing was called, the request goes back to
-    /// its queue.
+    /// arrived, for `latency_ms` and the hand-off. `None` when `stop` was cancelled while it
+    /// waited for a slot or for its embedding batch to start: nothing was called, the request
+    /// goes back to its queue. [`Outcome::Deferred`] when the call could not start within the
+    /// hand-off time.
     pub async fn attempt(
         &self,
         job: &Job,
@@ -144,10 +165,20 @@ impl Upstream {
         started: Instant,
         stop: &CancellationToken,
     ) -> Option<Outcome> {
+        let until = tokio::time::Instant::from_std(started) + self.hand_off_after;
+        let deferred = || Outcome::Deferred {
+            reason: format!(
+                "waited {} s for an upstream slot, a pause or the budget: half of \
+                 amqp.consumer_timeout_secs",
+                started.elapsed().as_secs()
+            ),
+        };
         let answer = match &job.call {
             Call::Chat { messages, params } => {
                 let model = job.model.as_deref().unwrap_or(&self.chat_model);
-                let slot = self.admit(job, stop).await?;
+                let Some(slot) = self.admit(job, until, stop).await? else {
+                    return Some(deferred());
+                };
                 let call = self.deployment.client().chat(model, messages, params);
                 self.deployment
                     .call(Kind::Chat, slot, call)
@@ -160,12 +191,18 @@ impl Upstream {
                     // The batcher takes one slot per batched call.
                     Some(batcher) => {
                         let tokens = job.token_estimate(0);
-                        batcher
-                            .embed(model, input, params, job.priority, tokens, stop)
-                            .await?
+                        let embedded = batcher
+                            .embed(model, input, params, job.priority, tokens, until, stop)
+                            .await?;
+                        let Some(embedded) = embedded else {
+                            return Some(deferred());
+                        };
+                        embedded
                     }
                     None => {
-                        let slot = self.admit(job, stop).await?;
+                        let Some(slot) = self.admit(job, until, stop).await? else {
+                            return Some(deferred());
+                        };
                         let call = self.deployment.client().embed(model, input, params);
                         self.deployment.call(Kind::Embedding, slot, call).await
                     }
@@ -213,15 +250,20 @@ impl Upstream {
         result
     }
 
-    /// A slot for `job`'s call, or `None` when `stop` comes first. A slot free right away
-    /// wins over shutdown: the work starts, and shutdown lets it finish. Every wait before a
-    /// call is in here (a slot, a `Retry-After` pause, a broker alarm's hold, the budgets), so
-    /// a deadline on the delivery belongs in this `select!`.
-    async fn admit(&self, job: &Job, stop: &CancellationToken) -> Option<Slot> {
+    /// A slot for `job`'s call (`Some(None)` when none came before `until`), or `None` when
+    /// `stop` comes first. A slot free right away wins over shutdown: the work starts, and
+    /// shutdown lets it finish. Every wait before a call is in here (a slot, a `Retry-After`
+    /// pause, a broker alarm's hold, the budgets), so `until` bounds them all.
+    async fn admit(
+        &self,
+        job: &Job,
+        until: tokio::time::Instant,
+        stop: &CancellationToken,
+    ) -> Option<Option<Slot>> {
         let estimate = job.token_estimate(self.default_max_tokens);
         tokio::select! {
             biased;
-            slot = self.deployment.admit(job.priority, estimate) => Some(slot),
+            slot = self.deployment.admit(job.priority, estimate, until) => Some(slot),
             _ = stop.cancelled() => None,
         }
     }

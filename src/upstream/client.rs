@@ -18,6 +18,9 @@ use crate::{
 /// Longest error text kept from an upstream answer.
 const MAX_ERROR_TEXT: usize = 1024;
 
+/// Most bytes read of a failed call's answer: enough for its error text.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
 /// A failed upstream call, classified.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LlmError {
@@ -89,6 +92,8 @@ pub struct LlmClient {
     /// reports the bad header as the call's error).
     auth: Option<header::HeaderValue>,
     api_key: Secret,
+    /// `llm.max_response_bytes`: an answer is read up to this and refused beyond it.
+    max_response_bytes: usize,
 }
 
 /// An upstream URL, parsed once rather than on every call (parsing showed up at 4% of the
@@ -162,6 +167,7 @@ impl LlmClient {
             embeddings_url: Endpoint::new(format!("{base}/embeddings")),
             auth,
             api_key: cfg.api_key.clone(),
+            max_response_bytes: cfg.max_response_bytes,
         })
     }
 
@@ -256,7 +262,12 @@ impl LlmClient {
             .get(header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let bytes = resp.bytes().await.map_err(classify_reqwest)?;
+        let limit = if status.is_success() {
+            self.max_response_bytes
+        } else {
+            MAX_ERROR_BODY.min(self.max_response_bytes)
+        };
+        let (bytes, cut) = read_bounded(resp, limit).await.map_err(classify_reqwest)?;
         if !status.is_success() {
             let text =
                 crate::truncate(&String::from_utf8_lossy(&bytes), MAX_ERROR_TEXT).to_string();
@@ -271,10 +282,42 @@ impl LlmClient {
                 LlmError::Permanent { message }
             });
         }
+        if cut {
+            return Err(LlmError::Permanent {
+                message: format!(
+                    "upstream answer larger than llm.max_response_bytes ({limit} bytes); not read \
+                     further"
+                ),
+            });
+        }
         serde_json::from_slice(&bytes).map_err(|e| LlmError::Permanent {
             message: format!("unparseable upstream answer: {e}"),
         })
     }
+}
+
+/// Reads at most `limit` bytes of `resp`'s body as it streams in, never more: `true` when
+/// the body is longer (its declared length, or what arrived), then what was read is a prefix
+/// and the rest is left unread (the connection is dropped with the response).
+async fn read_bounded(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<(Vec<u8>, bool), reqwest::Error> {
+    let declared = resp.content_length().unwrap_or(0);
+    if declared > limit as u64 {
+        return Ok((Vec::new(), true));
+    }
+    // The declared length is within the limit here, so reserving it is bounded too.
+    let mut body = Vec::with_capacity(usize::try_from(declared).unwrap_or(0));
+    while let Some(chunk) = resp.chunk().await? {
+        let room = limit - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok((body, true));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body, false))
 }
 
 /// 429, 408, 409 and 5xx may succeed later; every other failure status will not.
@@ -391,6 +434,65 @@ mod tests {
             serde_json::json!({"model": "m", "temperature": 0.5, "messages": [{"role": "user", "content": "hi"}]})
         );
         assert_eq!(text.matches("\"model\"").count(), 1, "{text}");
+    }
+
+    async fn client_of(
+        options: crate::tools::mock::MockOptions,
+        max_response_bytes: usize,
+    ) -> (crate::tools::mock::MockServer, LlmClient) {
+        let mock = crate::tools::mock::MockServer::start(([127, 0, 0, 1], 0).into(), options)
+            .await
+            .expect("the mock listens");
+        let cfg = LlmConfig {
+            base_url: crate::config::SecretUrl::new(mock.base_url()),
+            max_response_bytes,
+            ..LlmConfig::default()
+        };
+        (mock, LlmClient::new(&cfg).expect("client"))
+    }
+
+    fn hello() -> Vec<Value> {
+        vec![serde_json::json!({"role": "user", "content": "hi"})]
+    }
+
+    #[tokio::test]
+    async fn an_answer_within_max_response_bytes_is_read() {
+        let (_mock, client) = client_of(
+            crate::tools::mock::MockOptions {
+                response_bytes: 60_000,
+                ..Default::default()
+            },
+            64 * 1024,
+        )
+        .await;
+        let answer = client.chat("m", &hello(), &Map::new()).await;
+        assert_eq!(answer.map(|a| a.content.len()).ok(), Some(60_000));
+    }
+
+    #[tokio::test]
+    async fn an_endless_answer_is_cut_at_max_response_bytes() {
+        let (_mock, client) = client_of(
+            crate::tools::mock::MockOptions {
+                // A terabyte: read to the end, this test would never finish.
+                response_bytes: 1 << 40,
+                ..Default::default()
+            },
+            64 * 1024,
+        )
+        .await;
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.chat("m", &hello(), &Map::new()),
+        )
+        .await
+        .expect("cut off, not read to the end");
+        let Err(LlmError::Permanent { message }) = answer else {
+            panic!("a permanent failure: {answer:?}");
+        };
+        assert_eq!(
+            message,
+            "upstream answer larger than llm.max_response_bytes (65536 bytes); not read further"
+        );
     }
 
     #[test]

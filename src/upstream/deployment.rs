@@ -2,6 +2,11 @@
 //! latency, the AIMD signal, the token settlement and the call metrics. Single calls and
 //! batched embedding calls both go through [`Deployment::call`], so how a call is counted
 //! is decided here and nowhere else.
+//!
+//! Tokens taken for a call are settled exactly once: by the reported usage after an answer;
+//! given back in full after a call that produced none (an error, a timeout, a 4xx or 5xx)
+//! and when the slot is dropped without its call settling (cancelled mid-flight, or never
+//! called).
 
 use std::{future::Future, sync::Arc, time::Instant};
 
@@ -32,10 +37,10 @@ impl Answer for EmbeddingAnswer {
     }
 }
 
-/// A slot for one upstream call, with the tokens it was admitted for.
+/// A slot for one upstream call, with the tokens it was admitted for (given back if it is
+/// dropped before its call settles them).
 pub struct Slot {
     permit: Permit,
-    estimate: u64,
 }
 
 /// One OpenAI-compatible deployment: its client, its flow control and the accounting of
@@ -63,31 +68,43 @@ impl Deployment {
     }
 
     /// Waits for a slot (highest priority first), any `Retry-After` pause and the budgets
-    /// for `tokens`.
-    pub async fn admit(&self, priority: u8, tokens: u64) -> Slot {
-        Slot {
-            permit: self.flow.acquire(priority, tokens).await,
-            estimate: tokens,
+    /// for `tokens`, until `until` at most. `None` when the wait reached `until` (or it had
+    /// passed already): the waiter has left the queue and nothing was taken, so the delivery
+    /// can be handed to the retry queue before the broker's consumer timeout.
+    pub async fn admit(
+        &self,
+        priority: u8,
+        tokens: u64,
+        until: tokio::time::Instant,
+    ) -> Option<Slot> {
+        if tokio::time::Instant::now() >= until {
+            return None;
         }
+        let acquire = self.flow.acquire(priority, tokens);
+        let permit = tokio::time::timeout_at(until, acquire).await.ok()?;
+        Some(Slot { permit })
     }
 
     /// Makes one call in `slot` and accounts for it: the latency metric, the AIMD signal
-    /// (per call, not per message it carries), a `Retry-After` pause and the token budget.
+    /// (per call, not per message it carries), a `Retry-After` pause and the token budget
+    /// (settled by the usage of an answer, given back in full without one).
     pub async fn call<T: Answer>(
         &self,
         kind: Kind,
-        slot: Slot,
+        mut slot: Slot,
         call: impl Future<Output = Result<T, LlmError>>,
     ) -> Result<T, LlmError> {
         let started = Instant::now();
         let answer = call.await;
-        drop(slot.permit);
+        // Settled below from here on; the slot gives back only what a dropped call left.
+        let taken = slot.permit.take_tokens();
+        drop(slot);
         self.metrics.upstream_call(kind.as_str(), started.elapsed());
         match &answer {
             Ok(a) => {
                 self.flow.on_success();
-                let used = a.usage().and_then(Usage::total).unwrap_or(slot.estimate);
-                self.flow.settle_tokens(slot.estimate, used).await;
+                let used = a.usage().and_then(Usage::total).unwrap_or(taken);
+                self.flow.settle_tokens(taken, used).await;
             }
             Err(e) => {
                 if e.is_throttle() {
@@ -96,6 +113,8 @@ impl Deployment {
                 if let Some(after) = e.retry_after() {
                     self.flow.pause_for(after);
                 }
+                // No answer, no usage: whatever the estimate was, nothing is counted.
+                self.flow.settle_tokens(taken, 0).await;
             }
         }
         answer
@@ -106,14 +125,28 @@ impl Deployment {
 mod tests {
     use serde_json::{Map, Value, json};
 
+    use std::time::Duration;
+
     use super::*;
     use crate::{
-        config::LlmConfig,
+        config::{LimitsConfig, LlmConfig},
         tools::mock::{MockOptions, MockServer},
         upstream::ratelimit::Budget,
     };
 
+    /// A deadline no test reaches.
+    fn far() -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(3600)
+    }
+
     async fn deployment(mock: MockOptions) -> (MockServer, Deployment, Arc<Flow>, Arc<Metrics>) {
+        deployment_with(mock, Budget::unlimited()).await
+    }
+
+    async fn deployment_with(
+        mock: MockOptions,
+        budget: Budget,
+    ) -> (MockServer, Deployment, Arc<Flow>, Arc<Metrics>) {
         let server = MockServer::start(([127, 0, 0, 1], 0).into(), mock)
             .await
             .expect("the mock listens");
@@ -121,7 +154,7 @@ mod tests {
             base_url: crate::config::SecretUrl::new(server.base_url()),
             ..LlmConfig::default()
         };
-        let flow = Flow::new(1, 8, Budget::unlimited());
+        let flow = Flow::new(1, 8, budget);
         let metrics = Arc::new(Metrics::default());
         let client = LlmClient::new(&cfg).expect("client");
         let deployment = Deployment::new(client, flow.clone(), metrics.clone());
@@ -135,7 +168,7 @@ mod tests {
     #[tokio::test]
     async fn a_call_is_counted_once_and_its_slot_released() {
         let (_server, d, flow, metrics) = deployment(MockOptions::default()).await;
-        let slot = d.admit(0, 10).await;
+        let slot = d.admit(0, 10, far()).await.expect("a free slot");
         assert_eq!(flow.in_flight(), 1, "the slot is held during the call");
         let params = Map::new();
         let answer = d
@@ -161,7 +194,7 @@ mod tests {
             ..MockOptions::default()
         })
         .await;
-        let slot = d.admit(0, 10).await;
+        let slot = d.admit(0, 10, far()).await.expect("a free slot");
         let params = Map::new();
         let answer = d
             .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
@@ -172,7 +205,123 @@ mod tests {
         assert!(e.is_throttle());
         assert_eq!(flow.limit(), 4, "halved once");
         assert_eq!(flow.in_flight(), 0);
-        let next = tokio::time::timeout(std::time::Duration::from_millis(200), d.admit(0, 1));
+        let next = tokio::time::timeout(Duration::from_millis(200), d.admit(0, 1, far()));
         assert!(next.await.is_err(), "Retry-After pauses new calls");
+    }
+
+    /// A budget of exactly `tokens` a minute, local.
+    fn tokens_per_minute(tokens: u64) -> Budget {
+        Budget::new(0, tokens, &LimitsConfig::default())
+    }
+
+    /// The token bucket's level as last stored.
+    fn level(flow: &Flow) -> f64 {
+        flow.budget().stored_tokens().expect("a local token budget")
+    }
+
+    #[tokio::test]
+    async fn a_refused_call_gives_its_tokens_back() {
+        let (_server, d, flow, _metrics) = deployment_with(
+            MockOptions {
+                error_rate: 1.0,
+                status: 400,
+                ..MockOptions::default()
+            },
+            tokens_per_minute(1000),
+        )
+        .await;
+        let slot = d.admit(0, 1000, far()).await.expect("a full budget");
+        assert_eq!(level(&flow), 0.0, "all taken");
+        let params = Map::new();
+        let answer = d
+            .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
+            .await;
+        assert!(
+            matches!(answer, Err(LlmError::Permanent { .. })),
+            "{answer:?}"
+        );
+        assert_eq!(level(&flow), 1000.0, "all given back");
+    }
+
+    #[tokio::test]
+    async fn an_answer_settles_by_its_usage() {
+        let (_server, d, flow, _metrics) =
+            deployment_with(MockOptions::default(), tokens_per_minute(1000)).await;
+        let slot = d.admit(0, 1000, far()).await.expect("a full budget");
+        let params = Map::new();
+        let answer = d
+            .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
+            .await;
+        let used = answer
+            .expect("answered")
+            .usage
+            .and_then(|u| u.total())
+            .expect("usage");
+        assert!(used > 0 && used < 1000, "{used}");
+        assert_eq!(
+            level(&flow),
+            (1000 - used) as f64,
+            "what was not used is back"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_midway_gives_its_tokens_back() {
+        let (_server, d, flow, _metrics) = deployment_with(
+            MockOptions {
+                latency_ms: 60_000,
+                ..MockOptions::default()
+            },
+            tokens_per_minute(1000),
+        )
+        .await;
+        let slot = d.admit(0, 1000, far()).await.expect("a full budget");
+        let (messages, params) = (hello(), Map::new());
+        let call = d.call(Kind::Chat, slot, d.client().chat("m", &messages, &params));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), call)
+                .await
+                .is_err(),
+            "the mock holds the call"
+        );
+        assert_eq!(flow.in_flight(), 0, "the slot went with the call");
+        // Given back by a task of its own.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while level(&flow) != 1000.0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never given back: {}",
+                level(&flow)
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_that_reaches_its_deadline_leaves_nothing_taken() {
+        let flow = Flow::new(1, 1, tokens_per_minute(1000));
+        let client = LlmClient::new(&LlmConfig::default()).expect("client");
+        let d = Deployment::new(client, flow.clone(), Arc::new(Metrics::default()));
+        let held = d.admit(9, 500, far()).await.expect("a free slot");
+        let until = tokio::time::Instant::now() + Duration::from_secs(900);
+        let started = tokio::time::Instant::now();
+        assert!(
+            d.admit(0, 500, until).await.is_none(),
+            "no slot before the deadline"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(900));
+        assert!(
+            d.admit(0, 1, until).await.is_none(),
+            "a deadline past already"
+        );
+        drop(held);
+        assert_eq!(
+            flow.in_flight(),
+            0,
+            "the slot is not granted to the waiter gone"
+        );
+        assert_eq!(flow.waiting(), 0);
+        let slot = d.admit(0, 1000, far()).await.expect("a free slot");
+        assert_eq!(slot.permit.tokens(), 1000);
     }
 }

@@ -79,14 +79,32 @@ impl Ord for Waiter {
     }
 }
 
-/// A running upstream call's slot; released on drop.
+/// A running upstream call's slot; released on drop, and the tokens it still holds given
+/// back (a call dropped mid-flight consumed none the budget can know of).
 pub struct Permit {
     flow: Option<Arc<Flow>>,
+    /// Tokens taken from the budget for this call and not settled yet (the estimate, or less
+    /// when the debt bound cut the charge).
+    tokens: u64,
+}
+
+impl Permit {
+    /// Tokens taken from the budget for this call and not settled yet.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// Takes the tokens over, for the caller to settle with [`Flow::settle_tokens`]; the
+    /// permit gives nothing back on drop then.
+    pub fn take_tokens(&mut self) -> u64 {
+        std::mem::take(&mut self.tokens)
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(flow) = self.flow.take() {
+            flow.refund_detached(self.take_tokens());
             flow.release();
         }
     }
@@ -145,7 +163,7 @@ impl Flow {
     /// [`hold`](Self::hold), and the request and token budgets (`tokens` is the call's
     /// estimate). Callers bound the wait (shutdown, their own deadline) by dropping it.
     pub async fn acquire(self: &Arc<Self>, priority: u8, tokens: u64) -> Permit {
-        let permit = self.slot(priority).await;
+        let mut permit = self.slot(priority).await;
         loop {
             let paused = self.state().paused_until;
             match paused {
@@ -156,7 +174,7 @@ impl Flow {
         // Checked after the slot: a call waiting for one when the hold began must not start
         // when it gets it. The sender lives in `self`, so the wait cannot fail.
         let _ = self.held.subscribe().wait_for(|held| !*held).await;
-        self.budget.take(tokens).await;
+        permit.tokens = self.budget.take(tokens).await;
         permit
     }
 
@@ -167,6 +185,7 @@ impl Flow {
                 s.in_flight += 1;
                 return Permit {
                     flow: Some(self.clone()),
+                    tokens: 0,
                 };
             }
             let (tx, rx) = oneshot::channel();
@@ -198,6 +217,7 @@ impl Flow {
             s.in_flight += 1;
             let permit = Permit {
                 flow: Some(self.clone()),
+                tokens: 0,
             };
             if let Err(mut unwanted) = waiter.tx.send(permit) {
                 // The waiter gave up (its delivery was handed back); take the slot back
@@ -264,9 +284,28 @@ impl Flow {
         *self.held.borrow()
     }
 
-    /// Corrects the token budget once the real usage is known.
-    pub async fn settle_tokens(&self, estimated: u64, actual: u64) {
-        self.budget.settle(estimated, actual).await;
+    /// Corrects the token budget once the real usage is known: `taken` were taken, `actual`
+    /// were used (0 gives them all back).
+    pub async fn settle_tokens(&self, taken: u64, actual: u64) {
+        self.budget.settle(taken, actual).await;
+    }
+
+    /// The budget, for tests that look at its level.
+    #[cfg(test)]
+    pub(crate) fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
+    /// Gives `tokens` back to the budget from where no one can wait for it (a call dropped
+    /// mid-flight): in a task of its own, if a runtime is there to run it.
+    pub fn refund_detached(self: &Arc<Self>, tokens: u64) {
+        if tokens == 0 {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let flow = self.clone();
+            runtime.spawn(async move { flow.settle_tokens(tokens, 0).await });
+        }
     }
 }
 

@@ -4,21 +4,27 @@
 //! multiply the provider's limit by N.
 //!
 //! Token costs are estimates (prompt characters / 4 + `max_tokens`) taken before the call and
-//! corrected by the reported usage afterwards; a bucket may run into debt, which later calls
-//! wait out.
+//! corrected by the reported usage afterwards; a call that produced no usage (an error, a
+//! timeout, a cancelled call) gives its whole charge back. A bucket may run into debt, which
+//! later calls wait out, but never deeper than one minute of capacity: one request with an
+//! absurd estimate delays the others by a minute at most, not for hours.
 
-use std::{sync::Mutex, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use redis::{Script, aio::ConnectionManager};
-use tokio::{sync::OnceCell, time::Instant};
+use redis::Script;
+use tokio::time::Instant;
 use tracing::warn;
 
-use crate::config::LimitsConfig;
+use crate::{config::LimitsConfig, store::redis_conn::LazyConnection};
 
 /// The atomic bucket: refills by elapsed server time, takes `cost` while the bucket is above
 /// zero (a large request runs into debt that later ones wait out, instead of starving), else
-/// answers how many milliseconds to wait. `force` (a usage correction) always applies; a
-/// negative cost refunds.
+/// answers how many milliseconds to wait. The level stays within one capacity of debt and
+/// one capacity of credit. `force` (a usage correction) always applies; a negative cost
+/// refunds. Answers `{wait_ms, charged}`: what was taken, for an exact refund later.
 const BUCKET_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -31,15 +37,21 @@ local tokens = tonumber(b[1]) or cap
 local ts = tonumber(b[2]) or now
 tokens = math.min(cap, tokens + math.max(0, now - ts) * rate)
 local wait = 0
+local charged = 0
 if force or cost <= 0 or tokens > 0 then
-  tokens = tokens - cost
+  local after = math.min(cap, math.max(-cap, tokens - cost))
+  charged = tokens - after
+  tokens = after
 else
   wait = math.max(1, math.ceil(-tokens / rate))
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], 120000)
-return wait
+return {wait, math.floor(charged)}
 ";
+
+/// Longest a Redis connect or script call may take before the replica limits itself alone.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a replica limits itself alone after the shared budget's Redis failed.
 const REDIS_BACKOFF: Duration = Duration::from_secs(10);
@@ -70,17 +82,18 @@ impl Budget {
     /// From `llm.max_requests_per_minute`, `llm.max_tokens_per_minute` (0 = no limit) and,
     /// when `limits.redis_url` is set, shared through Redis.
     pub fn new(requests_per_minute: u64, tokens_per_minute: u64, limits: &LimitsConfig) -> Self {
+        // One connection for both buckets, made on first use.
         let shared = (!limits.redis_url.expose().is_empty())
             .then(|| redis::Client::open(limits.redis_url.expose()).ok())
-            .flatten();
+            .flatten()
+            .map(|client| Arc::new(LazyConnection::new(client, REDIS_TIMEOUT)));
         let bucket = |per_minute: u64, name: &str| -> Option<Bucket> {
             if per_minute == 0 {
                 return None;
             }
             Some(match &shared {
-                Some(client) => Bucket::Shared(Box::new(SharedBucket {
-                    client: client.clone(),
-                    conn: OnceCell::new(),
+                Some(conn) => Bucket::Shared(Box::new(SharedBucket {
+                    conn: conn.clone(),
                     down_until: Mutex::new(None),
                     key: format!("{}:{name}", limits.key_prefix),
                     capacity: per_minute,
@@ -96,27 +109,45 @@ impl Budget {
     }
 
     /// Waits until one request and `tokens` tokens are in the budget, and takes them.
-    pub async fn take(&self, tokens: u64) {
+    /// Answers the tokens taken: `tokens`, or less when the debt bound cut the charge. That is
+    /// what [`Self::settle`] corrects and a call without usage gives back.
+    pub async fn take(&self, tokens: u64) -> u64 {
         if let Some(b) = &self.requests {
             b.take(1).await;
         }
-        if let Some(b) = &self.tokens {
-            b.take(tokens).await;
+        match &self.tokens {
+            Some(b) => b.take(tokens).await,
+            None => 0,
         }
     }
 
-    /// Corrects the token budget: the call used `actual` tokens, `estimated` were taken.
-    pub async fn settle(&self, estimated: u64, actual: u64) {
+    /// Corrects the token budget: the call used `actual` tokens, `taken` were taken (0 used
+    /// gives everything back).
+    pub async fn settle(&self, taken: u64, actual: u64) {
         if let Some(b) = &self.tokens
-            && estimated != actual
+            && taken != actual
         {
-            b.adjust(estimated as i64 - actual as i64).await;
+            let refund = i64::try_from(taken)
+                .unwrap_or(i64::MAX)
+                .saturating_sub(i64::try_from(actual).unwrap_or(i64::MAX));
+            b.adjust(refund).await;
+        }
+    }
+}
+
+#[cfg(test)]
+impl Budget {
+    /// The level of a local token bucket as last stored (refill is added on the next take).
+    pub(crate) fn stored_tokens(&self) -> Option<f64> {
+        match &self.tokens {
+            Some(Bucket::Local(b)) => Some(b.state.lock().unwrap_or_else(|e| e.into_inner()).0),
+            _ => None,
         }
     }
 }
 
 impl Bucket {
-    async fn take(&self, cost: u64) {
+    async fn take(&self, cost: u64) -> u64 {
         match self {
             Bucket::Local(b) => b.take(cost).await,
             Bucket::Shared(b) => b.take(cost).await,
@@ -149,43 +180,45 @@ impl LocalBucket {
         }
     }
 
-    /// Waits until the bucket is above zero, then takes all of `cost` (possibly into debt).
-    pub async fn take(&self, cost: u64) {
+    /// Waits until the bucket is above zero, then takes `cost`, into debt if need be but
+    /// never deeper than one capacity; answers what was taken.
+    pub async fn take(&self, cost: u64) -> u64 {
         loop {
-            let wait = self.try_take(cost as f64);
-            if wait.is_zero() {
-                return;
+            match self.try_take(cost as f64) {
+                Ok(charged) => return charged,
+                Err(wait) => tokio::time::sleep(wait.min(MAX_WAIT)).await,
             }
-            tokio::time::sleep(wait.min(MAX_WAIT)).await;
         }
     }
 
-    fn try_take(&self, cost: f64) -> Duration {
+    fn try_take(&self, cost: f64) -> Result<u64, Duration> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let (tokens, at) = *s;
         let tokens =
             (tokens + now.duration_since(at).as_secs_f64() * self.per_sec).min(self.capacity);
         if tokens > 0.0 || cost <= 0.0 {
-            *s = (tokens - cost, now);
-            Duration::ZERO
+            let after = (tokens - cost).clamp(-self.capacity, self.capacity);
+            *s = (after, now);
+            // Rounded down, so that giving it back never adds a token that was not taken.
+            Ok((tokens - after).max(0.0).floor() as u64)
         } else {
             *s = (tokens, now);
-            Duration::from_secs_f64(-tokens / self.per_sec).max(Duration::from_millis(1))
+            Err(Duration::from_secs_f64(-tokens / self.per_sec).max(Duration::from_millis(1)))
         }
     }
 
-    /// Gives back (positive) or charges (negative) tokens.
+    /// Gives back (positive) or charges (negative) tokens, within one capacity of debt.
     pub fn adjust(&self, refund: i64) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.0 = (s.0 + refund as f64).min(self.capacity);
+        s.0 = (s.0 + refund as f64).clamp(-self.capacity, self.capacity);
     }
 }
 
 /// A token bucket in Redis, shared by every replica.
 struct SharedBucket {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    /// Shared with the other bucket; concurrent callers share one connect attempt.
+    conn: Arc<LazyConnection>,
     /// After a failure, Redis is left alone (the local bucket serves) until then.
     down_until: Mutex<Option<Instant>>,
     key: String,
@@ -206,19 +239,10 @@ impl SharedBucket {
             Some(Instant::now() + REDIS_BACKOFF);
     }
 
-    async fn call(&self, cost: i64, force: bool) -> Result<u64, redis::RedisError> {
-        let conn = self
-            .conn
-            .get_or_try_init(|| async {
-                // No retries here: a caller waiting on Redis holds a flow slot.
-                let cfg = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(1)))
-                    .set_response_timeout(Some(Duration::from_secs(1)))
-                    .set_number_of_retries(0);
-                self.client.get_connection_manager_with_config(cfg).await
-            })
-            .await?;
-        let mut conn = conn.clone();
+    /// Runs the bucket script: `(wait_ms, charged)`, or why Redis could not answer.
+    async fn call(&self, cost: i64, force: bool) -> Result<(u64, i64), String> {
+        // No retries here: a caller waiting on Redis holds a flow slot.
+        let mut conn = self.conn.get().await.map_err(|e| e.to_string())?;
         let per_ms = self.capacity as f64 / 60_000.0;
         Script::new(BUCKET_SCRIPT)
             .key(&self.key)
@@ -228,20 +252,22 @@ impl SharedBucket {
             .arg(if force { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await
+            .map_err(|e| e.kind_str())
     }
 
-    async fn take(&self, cost: u64) {
+    async fn take(&self, cost: u64) -> u64 {
+        let cost_arg = i64::try_from(cost).unwrap_or(i64::MAX);
         loop {
             if self.is_down() {
                 return self.fallback.take(cost).await;
             }
-            match self.call(cost as i64, false).await {
-                Ok(0) => return,
-                Ok(wait_ms) => {
+            match self.call(cost_arg, false).await {
+                Ok((0, charged)) => return u64::try_from(charged).unwrap_or(0),
+                Ok((wait_ms, _)) => {
                     tokio::time::sleep(Duration::from_millis(wait_ms).min(MAX_WAIT)).await;
                 }
                 Err(e) => {
-                    warn!(error = %e.kind_str(), "shared rate limit unreachable; limiting this replica alone for a while");
+                    warn!(error = %e, "shared rate limit unreachable; limiting this replica alone for a while");
                     self.mark_down();
                     return self.fallback.take(cost).await;
                 }
@@ -250,7 +276,7 @@ impl SharedBucket {
     }
 
     async fn adjust(&self, refund: i64) {
-        if self.is_down() || self.call(-refund, true).await.is_err() {
+        if self.is_down() || self.call(refund.saturating_neg(), true).await.is_err() {
             self.fallback.adjust(refund);
         }
     }
@@ -311,14 +337,111 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_request_larger_than_the_bucket_still_goes_through() {
+    async fn a_request_larger_than_the_bucket_goes_through_into_one_minute_of_debt_at_most() {
         let b = LocalBucket::new(100);
-        b.take(1000).await;
+        assert_eq!(
+            b.take(1000).await,
+            200,
+            "a full bucket, down to one capacity of debt"
+        );
+        let one_minute = Duration::from_secs(60)..Duration::from_millis(60_010);
         let start = Instant::now();
         b.take(100).await;
         assert!(
-            start.elapsed() >= Duration::from_secs(60 * 9),
-            "it left debt behind"
+            one_minute.contains(&start.elapsed()),
+            "one minute, not nine: {:?}",
+            start.elapsed()
         );
+        b.adjust(-1_000_000);
+        let start = Instant::now();
+        b.take(1).await;
+        assert!(
+            one_minute.contains(&start.elapsed()),
+            "a usage correction is bounded by one minute of debt too: {:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_huge_estimate_given_back_leaves_the_bucket_as_it_was() {
+        let b = LocalBucket::new(100_000);
+        assert_eq!(b.take(40_000).await, 40_000);
+        let taken = b.take(u64::from(u32::MAX)).await;
+        assert_eq!(taken, 160_000, "60 000 left, down to -100 000");
+        b.adjust(i64::try_from(taken).expect("fits"));
+        let start = Instant::now();
+        for _ in 0..50 {
+            assert_eq!(b.take(257).await, 257);
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO, "the budget is whole again");
+    }
+
+    /// A shared bucket at a key of its own in the Redis at `REDIS_URL`, deleted on drop.
+    struct SharedFixture {
+        bucket: SharedBucket,
+        client: redis::Client,
+    }
+
+    impl SharedFixture {
+        fn new(per_minute: u64) -> Self {
+            let url =
+                std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+            let client = redis::Client::open(url).expect("URL");
+            let key = format!(
+                "llmq-test-bucket-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..10]
+            );
+            let bucket = SharedBucket {
+                conn: Arc::new(LazyConnection::new(client.clone(), REDIS_TIMEOUT)),
+                down_until: Mutex::new(None),
+                key,
+                capacity: per_minute,
+                fallback: LocalBucket::new(per_minute),
+            };
+            Self { bucket, client }
+        }
+
+        async fn level(&self) -> String {
+            let mut conn = self
+                .client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("the Redis at REDIS_URL answers");
+            redis::cmd("HGET")
+                .arg(&self.bucket.key)
+                .arg("tokens")
+                .query_async(&mut conn)
+                .await
+                .expect("HGET")
+        }
+
+        async fn delete(self) {
+            let mut conn = self
+                .client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("the Redis at REDIS_URL answers");
+            let deleted: u32 = redis::cmd("DEL")
+                .arg(&self.bucket.key)
+                .query_async(&mut conn)
+                .await
+                .expect("DEL");
+            assert_eq!(deleted, 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_shared_bucket_bounds_debt_and_gives_a_charge_back() {
+        // 60 a minute: a second's refill is a thousandth of a token, so levels are exact.
+        let f = SharedFixture::new(60);
+        let taken = f.bucket.take(u64::from(u32::MAX)).await;
+        assert!(!f.bucket.is_down(), "Redis answered");
+        assert_eq!(taken, 120, "from 60 down to -60, not to -4 294 967 235");
+        assert_eq!(f.level().await, "-60");
+        f.bucket.adjust(i64::try_from(taken).expect("fits")).await;
+        assert_eq!(f.level().await, "60", "given back, capped at capacity");
+        f.bucket.adjust(-1_000_000).await;
+        assert_eq!(f.level().await, "-60", "a correction is bounded too");
+        f.delete().await;
     }
 }

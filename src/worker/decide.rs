@@ -30,19 +30,25 @@ pub enum Claim {
     Acquired,
     /// A result is stored: the request was answered before.
     Finished,
+    /// A result is stored under this request id and identity for a different request.
+    Conflict,
     /// Another worker holds the lease.
     Busy,
     /// The store could not be reached; why.
     Unavailable(String),
 }
 
-/// Everything a decision depends on. Later needs (the redelivery count, time spent rate
-/// limited, the deployment, a deadline, a cancel tombstone, a tenant's budget) are new
-/// fields here and new branches in [`decide`].
+/// Everything a decision depends on. Later needs (time spent rate limited, the
+/// deployment, a deadline, a cancel tombstone, a tenant's budget) are new fields here and
+/// new branches in [`decide`].
 #[derive(Debug, Clone)]
 pub struct Input<'a> {
     /// Why the message can never be served, when it did not parse.
     pub invalid: Option<&'a InvalidRequest>,
+    /// The broker redelivers this message: an earlier delivery of it was never settled.
+    pub redelivered: bool,
+    /// Unsettled redeliveries counted before this delivery (its header).
+    pub redeliveries: u32,
     /// Upstream attempts made for this request, counting earlier deliveries.
     pub attempts: u32,
     /// The message's not-before time (Unix ms), as the publisher's header says.
@@ -54,6 +60,12 @@ pub struct Input<'a> {
     /// What the last attempt in this delivery produced, if it has made one since the last
     /// inline wait.
     pub produced: Option<&'a Outcome>,
+    /// The size of the answer's result, serialized, once there is one.
+    pub result_bytes: Option<usize>,
+    /// Largest result that may be published (`worker.max_result_bytes`).
+    pub max_result_bytes: usize,
+    /// The results queue refused the result (a length limit with `reject-publish`).
+    pub results_refused: bool,
     /// The worker is shutting down (or past its deadline): start nothing new.
     pub stopping: bool,
     /// When and how often to retry.
@@ -93,13 +105,15 @@ pub enum Decision {
     HandBack,
 }
 
-/// A request moved to another queue, carrying its attempt count.
+/// A request moved to another queue, carrying its counts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Republish {
     /// Where it goes.
     pub to: Destination,
     /// Its attempt count from now on.
     pub attempts: u32,
+    /// Its unsettled-redelivery count from now on.
+    pub redeliveries: u32,
     /// Why it moves, for the headers and the logs.
     pub reason: String,
 }
@@ -112,13 +126,17 @@ pub enum Destination {
         /// The wait.
         after: Duration,
     },
+    /// The tail of the queue it came from, with its redelivery counted: the broker's own
+    /// count (`redelivered`) is a flag that never grows, so the count travels in a header.
+    Requeue,
 }
 
 impl Decision {
-    fn retry_tier(after: Duration, attempts: u32, reason: impl Into<String>) -> Self {
+    fn retry_tier(i: &Input<'_>, after: Duration, reason: impl Into<String>) -> Self {
         Decision::Republish(Republish {
             to: Destination::RetryTier { after },
-            attempts,
+            attempts: i.attempts,
+            redeliveries: i.redeliveries,
             reason: reason.into(),
         })
     }
@@ -132,8 +150,29 @@ pub fn decide(i: &Input<'_>) -> Decision {
             reason: invalid.message.clone(),
         };
     }
+    // A delivery its worker never settled (a crash, a lost connection, a hand-back) comes
+    // back flagged; count it before anything else, so that a request that kills its worker
+    // runs out of redeliveries, with no upstream call, whatever the idempotency store.
+    if i.redelivered {
+        let redeliveries = i.redeliveries.saturating_add(1);
+        if !i.policy.may_redeliver(redeliveries) {
+            return Decision::DeadLetter {
+                kind: ErrorKind::RedeliveryLimit,
+                reason: format!(
+                    "delivered {redeliveries} times without being settled (its worker crashed \
+                     or handed it back each time); not calling the upstream again"
+                ),
+            };
+        }
+        return Decision::Republish(Republish {
+            to: Destination::Requeue,
+            attempts: i.attempts,
+            redeliveries,
+            reason: "redelivered".into(),
+        });
+    }
     match i.produced {
-        Some(Outcome::Done(_)) => return Decision::Publish,
+        Some(Outcome::Done(_)) => return after_answer(i),
         Some(Outcome::Failed { kind, reason }) => {
             return Decision::DeadLetter {
                 kind: *kind,
@@ -141,6 +180,10 @@ pub fn decide(i: &Input<'_>) -> Decision {
             };
         }
         Some(Outcome::Retry { after, reason, .. }) => return after_transient(i, *after, reason),
+        // Waited too long for a call to start, and none was made: not an attempt.
+        Some(Outcome::Deferred { reason }) => {
+            return Decision::retry_tier(i, TIERS[0].max, reason.clone());
+        }
         None => {}
     }
     if i.stopping {
@@ -154,18 +197,29 @@ pub fn decide(i: &Input<'_>) -> Decision {
             let early = not_before.saturating_sub(i.now_ms);
             if early > NOT_BEFORE_SLACK_MS && early <= MAX_NOT_BEFORE_MS {
                 let wait = Duration::from_millis(early.unsigned_abs());
-                return Decision::retry_tier(wait, i.attempts, "waiting for not-before");
+                return Decision::retry_tier(i, wait, "waiting for not-before");
             }
         }
         return Decision::Claim;
     }
     match &i.claim {
+        Claim::Finished if i.results_refused => {
+            return Decision::retry_tier(i, i.policy.max_delay(), RESULTS_REFUSED);
+        }
         Claim::Finished => return Decision::PublishStored,
+        Claim::Conflict => {
+            return Decision::DeadLetter {
+                kind: ErrorKind::IdempotencyConflict,
+                reason: "this request_id was answered before for a different request; \
+                         use a new request_id for a new request"
+                    .into(),
+            };
+        }
         Claim::Busy => {
-            return Decision::retry_tier(TIERS[0].max, i.attempts, "duplicate in progress");
+            return Decision::retry_tier(i, TIERS[0].max, "duplicate in progress");
         }
         Claim::Unavailable(e) if i.on_store_error == OnStoreError::Requeue => {
-            return Decision::retry_tier(TIERS[0].max, i.attempts, e.clone());
+            return Decision::retry_tier(i, TIERS[0].max, e.clone());
         }
         Claim::Unavailable(_) | Claim::Acquired | Claim::NotAsked => {}
     }
@@ -183,6 +237,26 @@ pub fn decide(i: &Input<'_>) -> Decision {
     Decision::Call
 }
 
+/// Why a request waits when its result could not be published.
+const RESULTS_REFUSED: &str = "the results queue refused the result";
+
+/// After an answer: publish it, unless it is too large, or the results queue refused it
+/// (then the request waits in a retry tier for the longest backoff, `retry.max_delay_secs`,
+/// and publishes its stored result when it comes back, instead of spinning on a full queue).
+fn after_answer(i: &Input<'_>) -> Decision {
+    match i.result_bytes {
+        Some(bytes) if bytes > i.max_result_bytes => Decision::DeadLetter {
+            kind: ErrorKind::ResultTooLarge,
+            reason: format!(
+                "the result is {bytes} bytes, more than worker.max_result_bytes ({})",
+                i.max_result_bytes
+            ),
+        },
+        _ if i.results_refused => Decision::retry_tier(i, i.policy.max_delay(), RESULTS_REFUSED),
+        _ => Decision::Publish,
+    }
+}
+
 /// After a transient failure: give up, wait here, or wait in a retry tier.
 fn after_transient(i: &Input<'_>, retry_after: Option<Duration>, reason: &str) -> Decision {
     if !i.policy.may_retry(i.attempts) {
@@ -196,7 +270,7 @@ fn after_transient(i: &Input<'_>, retry_after: Option<Duration>, reason: &str) -
     }
     let delay = i.policy.delay(i.attempts, retry_after, i.jitter);
     if delay > i.policy.inline_max() {
-        Decision::retry_tier(delay, i.attempts, reason)
+        Decision::retry_tier(i, delay, reason)
     } else if i.stopping {
         Decision::HandBack
     } else {
@@ -215,16 +289,30 @@ mod tests {
     fn fresh(policy: &RetryPolicy) -> Input<'_> {
         Input {
             invalid: None,
+            redelivered: false,
+            redeliveries: 0,
             attempts: 0,
             not_before_ms: None,
             now_ms: NOW,
             claim: Claim::NotAsked,
             produced: None,
+            result_bytes: None,
+            max_result_bytes: 1000,
+            results_refused: false,
             stopping: false,
             policy,
             on_store_error: OnStoreError::Requeue,
             jitter: 1.0,
         }
+    }
+
+    fn tier(after: Duration, attempts: u32, reason: &str) -> Decision {
+        Decision::Republish(Republish {
+            to: Destination::RetryTier { after },
+            attempts,
+            redeliveries: 0,
+            reason: reason.into(),
+        })
     }
 
     fn transient(after: Option<Duration>) -> Outcome {
@@ -276,7 +364,7 @@ mod tests {
         };
         assert_eq!(
             decide(&i),
-            Decision::retry_tier(Duration::from_secs(40), 2, "waiting for not-before")
+            tier(Duration::from_secs(40), 2, "waiting for not-before")
         );
     }
 
@@ -317,10 +405,7 @@ mod tests {
             attempts: 1,
             ..fresh(&p)
         };
-        assert_eq!(
-            decide(&i),
-            Decision::retry_tier(TIERS[0].max, 1, "duplicate in progress")
-        );
+        assert_eq!(decide(&i), tier(TIERS[0].max, 1, "duplicate in progress"));
     }
 
     #[test]
@@ -330,10 +415,7 @@ mod tests {
             claim: Claim::Unavailable("redis refused".into()),
             ..fresh(&p)
         };
-        assert_eq!(
-            decide(&down),
-            Decision::retry_tier(TIERS[0].max, 0, "redis refused")
-        );
+        assert_eq!(decide(&down), tier(TIERS[0].max, 0, "redis refused"));
         let proceed = Input {
             on_store_error: OnStoreError::Proceed,
             ..down
@@ -422,7 +504,7 @@ mod tests {
         };
         assert_eq!(
             decide(&i),
-            Decision::retry_tier(Duration::from_secs(3), 1, "HTTP 503"),
+            tier(Duration::from_secs(3), 1, "HTTP 503"),
             "Retry-After is a floor under the backoff"
         );
     }
@@ -443,6 +525,25 @@ mod tests {
                 kind: ErrorKind::RetriesExhausted,
                 reason: "gave up after 5 attempts; last error: HTTP 503".into()
             }
+        );
+    }
+
+    #[test]
+    fn a_deferred_call_waits_in_the_first_tier_without_an_attempt() {
+        let p = policy();
+        let deferred = Outcome::Deferred {
+            reason: "waited 900 s".into(),
+        };
+        let i = Input {
+            claim: Claim::Acquired,
+            attempts: 4,
+            produced: Some(&deferred),
+            ..fresh(&p)
+        };
+        assert_eq!(
+            decide(&i),
+            tier(TIERS[0].max, 4, "waited 900 s"),
+            "the count stays, even one short of the last attempt"
         );
     }
 
@@ -469,5 +570,112 @@ mod tests {
             ..fresh(&p)
         };
         assert_eq!(decide(&fresh_stopping), Decision::HandBack);
+    }
+
+    #[test]
+    fn a_redelivery_is_counted_and_requeued_before_anything_else() {
+        let p = policy();
+        let i = Input {
+            redelivered: true,
+            redeliveries: 2,
+            attempts: 1,
+            ..fresh(&p)
+        };
+        assert_eq!(
+            decide(&i),
+            Decision::Republish(Republish {
+                to: Destination::Requeue,
+                attempts: 1,
+                redeliveries: 3,
+                reason: "redelivered".into(),
+            }),
+            "the attempt count is left alone"
+        );
+    }
+
+    #[test]
+    fn past_max_redeliveries_is_dead_lettered_without_a_call() {
+        let p = policy();
+        let at_limit = Input {
+            redelivered: true,
+            redeliveries: 2,
+            ..fresh(&p)
+        };
+        assert!(
+            matches!(decide(&at_limit), Decision::Republish(_)),
+            "the 3rd of 3"
+        );
+        let over = Input {
+            redeliveries: 3,
+            ..at_limit.clone()
+        };
+        let Decision::DeadLetter { kind, reason } = decide(&over) else {
+            panic!("expected a dead letter");
+        };
+        assert_eq!(kind, ErrorKind::RedeliveryLimit);
+        assert!(reason.starts_with("delivered 4 times"), "{reason}");
+        let forged = Input {
+            redeliveries: u32::MAX,
+            ..at_limit
+        };
+        assert!(matches!(decide(&forged), Decision::DeadLetter { .. }));
+    }
+
+    #[test]
+    fn a_result_over_max_result_bytes_is_dead_lettered() {
+        let p = policy();
+        let done = Outcome::Done(Box::new(JobResult::ok("r".into(), "w".into())));
+        let i = Input {
+            claim: Claim::Acquired,
+            attempts: 1,
+            produced: Some(&done),
+            result_bytes: Some(1001),
+            ..fresh(&p)
+        };
+        let Decision::DeadLetter { kind, .. } = decide(&i) else {
+            panic!("expected a dead letter");
+        };
+        assert_eq!(kind, ErrorKind::ResultTooLarge);
+        let fits = Input {
+            result_bytes: Some(1000),
+            ..i
+        };
+        assert_eq!(decide(&fits), Decision::Publish);
+    }
+
+    #[test]
+    fn a_refused_result_waits_in_a_retry_tier_fresh_or_stored() {
+        let p = policy();
+        let done = Outcome::Done(Box::new(JobResult::ok("r".into(), "w".into())));
+        let answered = Input {
+            claim: Claim::Acquired,
+            attempts: 1,
+            produced: Some(&done),
+            result_bytes: Some(10),
+            results_refused: true,
+            ..fresh(&p)
+        };
+        let wait = tier(p.max_delay(), 1, RESULTS_REFUSED);
+        assert_eq!(decide(&answered), wait);
+        let stored = Input {
+            claim: Claim::Finished,
+            attempts: 1,
+            results_refused: true,
+            ..fresh(&p)
+        };
+        assert_eq!(decide(&stored), wait);
+    }
+
+    #[test]
+    fn a_conflicting_duplicate_is_dead_lettered_never_answered() {
+        let p = policy();
+        let i = Input {
+            claim: Claim::Conflict,
+            ..fresh(&p)
+        };
+        let Decision::DeadLetter { kind, .. } = decide(&i) else {
+            panic!("expected a dead letter");
+        };
+        assert_eq!(kind, ErrorKind::IdempotencyConflict);
     }
 }

@@ -18,7 +18,7 @@ use super::{
     Context, health,
     subscribe::{self, Links, SessionEnd},
 };
-use crate::broker::{connection, topology};
+use crate::broker::{connection, publish, topology};
 
 /// After the shutdown grace period, how long aborted tasks get to hand their work back.
 const ABORT_GRACE: Duration = Duration::from_secs(3);
@@ -58,6 +58,22 @@ pub(super) async fn run(ctx: Arc<Context>) {
             let delay = backoff.next().unwrap_or(Duration::from_secs(30));
             warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "declaring the topology failed");
             close(&links, "topology failed").await;
+            pause(&ctx.stop, delay).await;
+            continue;
+        }
+        // On the publishing connection: the probe publishes, and a connection that publishes
+        // is one the broker may block.
+        let checked = tokio::select! {
+            _ = ctx.stop.cancelled() => {
+                close(&links, "llmq worker shutdown").await;
+                break;
+            }
+            checked = publish::check_impersonation(&links.publish) => checked,
+        };
+        if let Err(e) = checked {
+            let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+            error!(error = %e, retry_in_ms = delay.as_millis() as u64, "not consuming");
+            close(&links, "impersonation refused").await;
             pause(&ctx.stop, delay).await;
             continue;
         }

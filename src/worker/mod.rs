@@ -95,6 +95,7 @@ impl Worker {
             flow.clone(),
             metrics.clone(),
             worker,
+            config.amqp.hand_off_after(),
         )?;
         let lease = config.llm.timeout()
             + Duration::from_millis(config.retry.inline_max_ms)

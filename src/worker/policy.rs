@@ -13,6 +13,7 @@ use crate::config::RetryConfig;
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     max_attempts: u32,
+    max_redeliveries: u32,
     schedule: ExponentialBuilder,
     max_delay: Duration,
     inline_max: Duration,
@@ -24,6 +25,7 @@ impl RetryPolicy {
         let max_delay = Duration::from_secs(cfg.max_delay_secs);
         Self {
             max_attempts: cfg.max_attempts,
+            max_redeliveries: cfg.max_redeliveries,
             schedule: ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(cfg.initial_delay_ms))
                 .with_max_delay(max_delay)
@@ -34,9 +36,20 @@ impl RetryPolicy {
         }
     }
 
+    /// The cap of one backoff delay (`retry.max_delay_secs`).
+    pub fn max_delay(&self) -> Duration {
+        self.max_delay
+    }
+
     /// Longest wait done in the worker rather than in a retry queue.
     pub fn inline_max(&self) -> Duration {
         self.inline_max
+    }
+
+    /// Whether a delivery that is the `redeliveries`-th unsettled redelivery of its request
+    /// may still be processed.
+    pub fn may_redeliver(&self, redeliveries: u32) -> bool {
+        redeliveries <= self.max_redeliveries
     }
 
     /// Whether another attempt is allowed after `attempts` calls.
@@ -70,6 +83,7 @@ pub(crate) mod tests {
             initial_delay_ms: 100,
             max_delay_secs: 2,
             inline_max_ms: 1000,
+            max_redeliveries: 3,
         })
     }
 

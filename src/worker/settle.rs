@@ -22,9 +22,10 @@ use super::{
     decide::{Claim, Decision, Destination, Input, Republish, decide},
 };
 use crate::{
-    broker::publish::{PublishError, Publisher, ReplyRoute},
+    broker::publish::{PublishError, Publisher, Reply, ReplyRoute, with_retries},
     contract::{
-        ErrorKind, Usage,
+        ErrorKind, Identity, Usage,
+        fingerprint::fingerprint,
         headers::{Failure, RetryState},
         request::{self, InvalidRequest, Job, Kind},
         response::JobResult,
@@ -33,9 +34,6 @@ use crate::{
     store::idempotency,
     upstream::call::Outcome,
 };
-
-/// Publishing attempts for one outcome before the delivery is handed back to its queue.
-const PUBLISH_ATTEMPTS: u32 = 5;
 
 /// Settles one delivery; a panic anywhere in it dead-letters the delivery, so it is neither
 /// lost nor left unacked until the broker's consumer timeout.
@@ -66,10 +64,12 @@ async fn settle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Del
         Err(_) => request::request_id_of_invalid(&delivery.data, &delivery.properties),
     };
     let retry = RetryState::read(&delivery.properties);
-    let prior = prior_attempts(delivery);
+    let prior = retry.attempts;
+    let identity = Identity::of(&delivery.properties);
     let span = info_span!(
         "job",
         %request_id,
+        %identity,
         kind = kind.as_str(),
         priority = delivery.properties.priority().unwrap_or(0),
         attempt = prior + 1,
@@ -80,8 +80,10 @@ async fn settle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Del
         publisher,
         delivery,
         kind,
+        key: identity.scope(&request_id),
         route: route_of(delivery, &request_id),
         attempts: prior,
+        redeliveries: retry.redeliveries,
         first_failure: retry.first_failure,
         claimed: false,
     };
@@ -91,24 +93,19 @@ async fn settle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Del
         .await;
 }
 
-/// Upstream attempts made before this delivery: the count in its header, plus one when the
-/// broker redelivers it (its previous delivery was being processed when a worker died or
-/// handed it back), so a message that keeps killing workers still runs out of attempts.
-fn prior_attempts(delivery: &Delivery) -> u32 {
-    RetryState::read(&delivery.properties)
-        .attempts
-        .saturating_add(u32::from(delivery.redelivered))
-}
-
 /// One delivery being settled, and what the steps so far have changed.
 struct Settling<'a> {
     ctx: &'a Context,
     publisher: &'a Publisher,
     delivery: &'a Delivery,
     kind: Kind,
+    /// The request id scoped by the sender's identity: the idempotency store's key.
+    key: String,
     route: ReplyRoute,
     /// Upstream attempts made for this request, counting earlier deliveries.
     attempts: u32,
+    /// Unsettled redeliveries counted before this delivery.
+    redeliveries: u32,
     /// Unix seconds of the first transient failure.
     first_failure: Option<i64>,
     /// This worker holds the request's lease in the idempotency store.
@@ -129,43 +126,78 @@ impl Settling<'_> {
             Err(invalid) => (None, Some(invalid)),
         };
         let prior = self.attempts;
+        let fingerprint = job.as_ref().map(fingerprint).unwrap_or_default();
         let mut claim = Claim::NotAsked;
-        let mut stored: Option<Vec<u8>> = None;
+        // The result to publish: the answer serialized, or the one stored before.
+        let mut body: Option<Vec<u8>> = None;
         let mut produced: Option<Outcome> = None;
         let mut stopping = false;
+        let mut results_refused = false;
         loop {
             let decision = decide(&Input {
                 invalid: invalid.as_ref(),
+                redelivered: self.delivery.redelivered,
+                redeliveries: self.redeliveries,
                 attempts: self.attempts,
                 not_before_ms,
                 now_ms: unix_now_ms(),
                 claim: claim.clone(),
                 produced: produced.as_ref(),
+                result_bytes: body.as_ref().map(Vec::len),
+                max_result_bytes: ctx.config.worker.max_result_bytes,
+                results_refused,
                 stopping,
                 policy: &ctx.policy,
                 on_store_error: ctx.config.idempotency.on_store_error,
                 jitter: fastrand::f64(),
             });
             let Some(job) = job.as_ref() else {
-                return Box::pin(self.finish(decision, None, produced, None)).await;
+                return Box::pin(self.finish(decision, None, produced.as_ref())).await;
             };
             match decision {
                 Decision::Claim => {
-                    claim = self.claim(job, &mut stored).await;
+                    claim = self.claim(&fingerprint, &mut body).await;
                 }
                 Decision::Call => {
                     if self.attempts > prior {
-                        ctx.store.renew(&job.request_id, ctx.worker()).await;
+                        ctx.store.renew(&self.key, ctx.worker()).await;
                     }
                     match self.attempt(job, started).await {
                         Some(outcome) => {
-                            self.attempts += 1;
-                            if matches!(outcome, Outcome::Retry { .. }) {
-                                self.first_failure.get_or_insert_with(unix_now);
+                            if outcome.called_upstream() {
+                                self.attempts += 1;
+                            }
+                            match &outcome {
+                                Outcome::Retry { .. } => {
+                                    self.first_failure.get_or_insert_with(unix_now);
+                                }
+                                Outcome::Done(result) => body = Some(result.to_bytes()),
+                                Outcome::Failed { .. } | Outcome::Deferred { .. } => {}
                             }
                             produced = Some(outcome);
                         }
                         None => stopping = true,
+                    }
+                }
+                Decision::Publish | Decision::PublishStored => {
+                    let Some(result) = body.as_deref() else {
+                        // decide publishes only once there is a result.
+                        return self.hand_back().await;
+                    };
+                    let answered = match (&decision, &produced) {
+                        (Decision::Publish, Some(Outcome::Done(result))) => Some(&**result),
+                        _ => None,
+                    };
+                    match Box::pin(self.publish(&fingerprint, result, answered)).await {
+                        Ok(()) => return ack(self.delivery).await,
+                        Err(e) if e.refused() => {
+                            warn!(error = %e, "the results queue refused the result; the request waits in a retry queue");
+                            results_refused = true;
+                        }
+                        Err(e) => {
+                            error!(error = %e, "the result could not be confirmed by the broker; handing the request back");
+                            return self.hand_back().await;
+                        }
                     }
                 }
                 Decision::RetryInline { after } => {
@@ -184,16 +216,16 @@ impl Settling<'_> {
                 // Boxed: publishing is the largest state of a delivery's task, and every
                 // delivery in flight would carry its size while it waits for the upstream.
                 terminal => {
-                    return Box::pin(self.finish(terminal, Some(job), produced, stored)).await;
+                    return Box::pin(self.finish(terminal, Some(job), produced.as_ref())).await;
                 }
             }
         }
     }
 
     /// Asks the idempotency store for the request's lease.
-    async fn claim(&mut self, job: &Job, stored: &mut Option<Vec<u8>>) -> Claim {
+    async fn claim(&mut self, fingerprint: &str, stored: &mut Option<Vec<u8>>) -> Claim {
         let ctx = self.ctx;
-        match ctx.store.claim(&job.request_id, ctx.worker()).await {
+        match ctx.store.claim(&self.key, ctx.worker(), fingerprint).await {
             Ok(idempotency::Claim::Acquired) => {
                 self.claimed = true;
                 Claim::Acquired
@@ -203,6 +235,7 @@ impl Settling<'_> {
                 *stored = Some(body);
                 Claim::Finished
             }
+            Ok(idempotency::Claim::Conflict) => Claim::Conflict,
             Ok(idempotency::Claim::Busy) => {
                 debug!("another worker is processing this request; checking back later");
                 Claim::Busy
@@ -236,60 +269,58 @@ impl Settling<'_> {
     }
 
     /// Carries out a final decision.
-    async fn finish(
-        &self,
-        decision: Decision,
-        job: Option<&Job>,
-        produced: Option<Outcome>,
-        stored: Option<Vec<u8>>,
-    ) {
+    async fn finish(&self, decision: Decision, job: Option<&Job>, produced: Option<&Outcome>) {
         match decision {
-            Decision::Publish => match produced {
-                Some(Outcome::Done(result)) => self.publish(&result).await,
-                // decide answers Publish only for an answer.
-                _ => self.hand_back().await,
-            },
-            Decision::PublishStored => match stored {
-                Some(body) => {
-                    let published = self.publish_body(&body).await;
-                    ack_if_confirmed(self.delivery, published).await;
-                }
-                None => self.hand_back().await,
-            },
             Decision::Republish(move_to) => {
-                if let Some(Outcome::Retry { .. }) = produced {
-                    self.ctx.metrics.retried(self.kind.as_str());
-                    let Destination::RetryTier { after } = move_to.to;
-                    warn!(attempt = self.attempts, delay_ms = millis(after), error = %move_to.reason, "transient failure; retrying through the retry queue");
-                } else {
-                    debug!(reason = %move_to.reason, "waiting in the retry queue");
+                match (produced, move_to.to) {
+                    (Some(Outcome::Retry { .. }), Destination::RetryTier { after }) => {
+                        self.ctx.metrics.retried(self.kind.as_str());
+                        warn!(attempt = self.attempts, delay_ms = millis(after), error = %move_to.reason, "transient failure; retrying through the retry queue");
+                    }
+                    (_, Destination::Requeue) => {
+                        self.ctx.metrics.redelivered.inc();
+                        info!(
+                            redeliveries = move_to.redeliveries,
+                            "redelivered (an earlier delivery was never settled); counted and requeued"
+                        );
+                    }
+                    _ => debug!(reason = %move_to.reason, "waiting in the retry queue"),
                 }
                 self.republish(&move_to).await
             }
             Decision::DeadLetter { kind, reason } => self.dead_letter(job, kind, &reason).await,
             Decision::HandBack => self.hand_back().await,
-            // Not final: `run` carries these out itself.
-            Decision::Claim | Decision::Call | Decision::RetryInline { .. } => {
-                self.hand_back().await
-            }
+            // Not final, or carried out by `run` itself.
+            Decision::Claim
+            | Decision::Call
+            | Decision::RetryInline { .. }
+            | Decision::Publish
+            | Decision::PublishStored => self.hand_back().await,
         }
     }
 
-    /// Stores and publishes an answer, then acks.
-    async fn publish(&self, result: &JobResult) {
+    /// Stores (when it is a new answer) and publishes a result; the caller acks once it is
+    /// confirmed.
+    async fn publish(
+        &self,
+        fingerprint: &str,
+        body: &[u8],
+        answered: Option<&JobResult>,
+    ) -> Result<(), PublishError> {
         let ctx = self.ctx;
-        let body = result.to_bytes();
-        if let Err(e) = ctx
-            .store
-            .save(&self.route.request_id, ctx.worker(), &body)
-            .await
+        if answered.is_some()
+            && let Err(e) = ctx
+                .store
+                .save(&self.key, ctx.worker(), fingerprint, body)
+                .await
         {
             warn!(error = %e, "could not store the result; a duplicate would call the upstream again");
         }
         let publish_started = Instant::now();
-        let published = self.publish_body(&body).await;
-        if published.is_ok() {
-            ctx.metrics.published(publish_started.elapsed());
+        let reply = self.publisher.result_body(&self.route, body).await?;
+        self.replied(reply);
+        ctx.metrics.published(publish_started.elapsed());
+        if let Some(result) = answered {
             let tokens = result.usage.as_ref().and_then(Usage::total).unwrap_or(0);
             ctx.metrics.succeeded(self.kind.as_str(), tokens);
             debug!(
@@ -298,32 +329,51 @@ impl Settling<'_> {
                 "done"
             );
         }
-        ack_if_confirmed(self.delivery, published).await;
+        Ok(())
     }
 
-    async fn publish_body(&self, body: &[u8]) -> Result<(), PublishError> {
-        with_publish_retries(|| self.publisher.result_body(&self.route, body)).await
+    /// Logs and counts a reply the caller's `reply_to` refused.
+    fn replied(&self, reply: Reply) {
+        if let Reply::Refused(why) = reply {
+            self.ctx.metrics.replies_refused.inc();
+            warn!(
+                reply_to = ?self.route.reply_to,
+                error = %why,
+                "the reply_to queue refused the result; it is on the results exchange only"
+            );
+        }
     }
 
     /// Moves the request to another queue (confirmed), then acks.
     async fn republish(&self, to: &Republish) {
         self.release().await;
-        let Destination::RetryTier { after } = to.to;
         let topo = &self.ctx.config.topology;
-        let key = match self.kind {
-            Kind::Chat => &topo.processing_key,
-            Kind::Embedding => &topo.embeddings_key,
-        };
         let state = RetryState {
             attempts: to.attempts,
+            redeliveries: to.redeliveries,
             first_failure: self.first_failure,
             not_before_ms: None,
         };
-        let published = with_publish_retries(|| {
-            self.publisher
-                .retry(self.delivery, key, after, state, &to.reason)
-        })
-        .await;
+        let published = match to.to {
+            Destination::RetryTier { after } => {
+                let key = match self.kind {
+                    Kind::Chat => &topo.processing_key,
+                    Kind::Embedding => &topo.embeddings_key,
+                };
+                with_retries(|| {
+                    self.publisher
+                        .retry(self.delivery, key, after, state, &to.reason)
+                })
+                .await
+            }
+            Destination::Requeue => {
+                let queue = match self.kind {
+                    Kind::Chat => &topo.processing_queue,
+                    Kind::Embedding => &topo.embeddings_queue,
+                };
+                with_retries(|| self.publisher.requeue(self.delivery, queue, state)).await
+            }
+        };
         ack_if_confirmed(self.delivery, published).await;
     }
 
@@ -337,8 +387,7 @@ impl Settling<'_> {
             first_failure: self.first_failure.unwrap_or_else(unix_now),
             worker: ctx.worker(),
         };
-        let published =
-            with_publish_retries(|| self.publisher.dead_letter(self.delivery, &failure)).await;
+        let published = with_retries(|| self.publisher.dead_letter(self.delivery, &failure)).await;
         if published.is_ok() {
             error!(error_kind = %kind, attempts = self.attempts, reason = %reason, "dead-lettered");
             ctx.metrics.dead_lettered(self.kind.as_str(), kind.as_str());
@@ -356,12 +405,15 @@ impl Settling<'_> {
             result.attempts = self.attempts;
             result.kind = Some(self.kind.as_str());
             result.metadata = job.and_then(|j| j.metadata.clone());
-            if let Err(e) = self
+            match self
                 .publisher
                 .result_body(&self.route, &result.to_bytes())
                 .await
             {
-                warn!(error = %e, "the error result could not be published; the dead letter is kept");
+                Ok(reply) => self.replied(reply),
+                Err(e) => {
+                    warn!(error = %e, "the error result could not be published; the dead letter is kept")
+                }
             }
         }
         ack_if_confirmed(self.delivery, published).await;
@@ -376,9 +428,7 @@ impl Settling<'_> {
     async fn release(&self) {
         if self.claimed {
             let ctx = self.ctx;
-            ctx.store
-                .release(&self.route.request_id, ctx.worker())
-                .await;
+            ctx.store.release(&self.key, ctx.worker()).await;
         }
     }
 }
@@ -404,11 +454,11 @@ async fn dead_letter_after_panic(publisher: &Publisher, delivery: &Delivery, wor
     let failure = Failure {
         kind: ErrorKind::InternalError,
         reason: "the worker panicked while handling this message",
-        attempts: prior_attempts(delivery),
+        attempts: RetryState::read(&delivery.properties).attempts,
         first_failure: unix_now(),
         worker,
     };
-    let published = with_publish_retries(|| publisher.dead_letter(delivery, &failure)).await;
+    let published = with_retries(|| publisher.dead_letter(delivery, &failure)).await;
     ack_if_confirmed(delivery, published).await;
 }
 
@@ -419,33 +469,6 @@ async fn ack_if_confirmed(delivery: &Delivery, published: Result<(), PublishErro
         Err(e) => {
             error!(error = %e, "the outcome could not be confirmed by the broker; handing the request back");
             nack(delivery).await;
-        }
-    }
-}
-
-/// Publishes with a few quick retries: a nack or a closed queue may clear up within
-/// seconds; a dead channel or a missing confirm (a blocked broker) will not, so they are not
-/// retried.
-async fn with_publish_retries<F, Fut>(mut publish: F) -> Result<(), PublishError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), PublishError>>,
-{
-    let mut delay = Duration::from_millis(100);
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        match publish().await {
-            Ok(()) => return Ok(()),
-            Err(e @ (PublishError::Broker { .. } | PublishError::Unconfirmed { .. })) => {
-                return Err(e);
-            }
-            Err(e) if tries >= PUBLISH_ATTEMPTS => return Err(e),
-            Err(e) => {
-                warn!(error = %e, tries, "publish not confirmed; trying again");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
         }
     }
 }

@@ -273,8 +273,27 @@ async fn subscribe(
 /// Each consumer's prefetch: fixed by `worker.prefetch`, else an equal share of the limit
 /// plus a quarter.
 /// The limit counts upstream calls, and a batched embedding call carries up to
-/// `batch.max_items` messages, so the embeddings consumers take that many times more.
+/// `batch.max_items` messages, so the embeddings consumers take that many times more, up to
+/// their share of `batch.max_buffered_bytes` in bodies of `worker.max_body_bytes` (RabbitMQ
+/// ignores a prefetch in bytes).
 fn prefetch_for(config: &Config, limit: usize, kind: Kind) -> u16 {
+    let share = prefetch_by_limit(config, limit, kind);
+    match kind {
+        Kind::Chat => share,
+        Kind::Embedding => share.min(embeddings_prefetch_by_bytes(config)),
+    }
+}
+
+/// The embeddings consumers' prefetch that keeps their buffered bodies within
+/// `batch.max_buffered_bytes`; at least 1.
+fn embeddings_prefetch_by_bytes(config: &Config) -> u16 {
+    let body = u64::try_from(config.worker.max_body_bytes.max(1)).unwrap_or(u64::MAX);
+    let consumers = u64::from(config.worker.consumers.max(1));
+    let each = config.batch.max_buffered_bytes / body / consumers;
+    u16::try_from(each.max(1)).unwrap_or(u16::MAX)
+}
+
+fn prefetch_by_limit(config: &Config, limit: usize, kind: Kind) -> u16 {
     if config.worker.prefetch > 0 {
         return config.worker.prefetch;
     }
@@ -299,6 +318,7 @@ mod tests {
         let mut c = Config::default();
         c.worker.consumers = 4;
         c.batch.max_items = 64;
+        c.worker.max_body_bytes = 1024;
         assert_eq!(prefetch_for(&c, 256, Kind::Chat), 80);
         assert_eq!(prefetch_for(&c, 4, Kind::Chat), 2);
         assert_eq!(
@@ -307,6 +327,19 @@ mod tests {
             "a batched call carries 64"
         );
         assert_eq!(prefetch_for(&c, 100_000, Kind::Embedding), u16::MAX);
+        c.worker.max_body_bytes = 1024 * 1024;
+        assert_eq!(
+            prefetch_for(&c, 256, Kind::Embedding),
+            64,
+            "256 MiB of 1 MiB bodies, shared by 4 consumers"
+        );
+        assert_eq!(
+            prefetch_for(&c, 256, Kind::Chat),
+            80,
+            "chat is not bounded by bytes"
+        );
+        c.batch.max_buffered_bytes = 1024 * 1024;
+        assert_eq!(prefetch_for(&c, 256, Kind::Embedding), 1, "at least one");
         c.worker.prefetch = 7;
         assert_eq!(
             prefetch_for(&c, 256, Kind::Chat),

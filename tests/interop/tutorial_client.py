@@ -13,7 +13,7 @@ broker whose topology the llmq worker declared:
   ``correlation_id``.
 
 Environment (all optional):
-    AMQP_URL               amqp://guest:guest@127.0.0.1:5672/%2f
+    AMQP_URL               amqp://llmq:llmq@127.0.0.1:5672/%2f
     LLMQ_REQUEST_EXCHANGE  llm_requests
     LLMQ_PROCESSING_QUEUE  llm_processing
     LLMQ_ROUTING_KEY       process
@@ -41,7 +41,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+AMQP_URL = os.environ.get("AMQP_URL", "amqp://llmq:llmq@127.0.0.1:5672/%2f")
 REQUEST_EXCHANGE = os.environ.get("LLMQ_REQUEST_EXCHANGE", "llm_requests")
 PROCESSING_QUEUE = os.environ.get("LLMQ_PROCESSING_QUEUE", "llm_processing")
 ROUTING_KEY = os.environ.get("LLMQ_ROUTING_KEY", "process")

@@ -48,9 +48,8 @@ struct MemoryAlarm {
 }
 
 impl MemoryAlarm {
-    /// Records the current watermark (relative `0.4` or `{absolute,N}`), sets it to 0 and
-    /// waits until the broker reports the alarm.
-    async fn raise() -> Self {
+    /// Records the current watermark (relative `0.4` or `{absolute,N}`); raises nothing yet.
+    fn prepare() -> Self {
         let current = rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]);
         let restore = match current.strip_prefix("{absolute,") {
             Some(rest) => vec![
@@ -65,13 +64,12 @@ impl MemoryAlarm {
                 vec![current]
             }
         };
-        let alarm = Self { restore };
+        Self { restore }
+    }
+
+    /// Sets the watermark to 0: the broker raises the alarm as it sets it.
+    fn raise(&self) {
         rabbitmqctl(&["set_vm_memory_high_watermark", "0"]);
-        wait_until(Duration::from_secs(10), "the memory alarm", || async {
-            memory_alarm_on()
-        })
-        .await;
-        alarm
     }
 
     /// Restores the watermark and waits until the alarm is gone.
@@ -144,32 +142,63 @@ fn one_at_a_time(c: &mut llmq::config::Config) {
     c.worker.min_inflight = 1;
 }
 
-/// Three requests, one call at a time, the alarm on before the worker starts: the first
-/// result blocks the publishing connection; the call that took the freed slot meanwhile is
-/// the only other one, the third waits. `/readyz` says 503 until the alarm clears, then 200,
-/// and every request is answered once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_new_upstream_call_and_not_ready_while_the_broker_blocks_publishing() {
-    let env = TestEnv::with(
-        MockOptions {
-            latency_ms: 500,
-            ..Default::default()
-        },
-        one_at_a_time,
-    )
+/// How long the mock takes to answer: time to raise the alarm during the first call.
+const LATENCY_MS: u64 = 3000;
+
+/// Starts a worker, publishes three requests and raises the alarm during the first call
+/// (one at a time). Its result blocks the publishing connection; the second call took the
+/// freed slot before the block was known.
+async fn three_requests_and_an_alarm(
+    env: &TestEnv,
+    prefix: &str,
+) -> (
+    MemoryAlarm,
+    HashSet<String>,
+    String,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let alarm = MemoryAlarm::prepare();
+    let (url, stop, task) = worker(env).await;
+    wait_until(Duration::from_secs(10), "ready", || async {
+        readyz(&url).await.0 == 200
+    })
     .await;
-    let ids = publish(&env, "held", 3).await;
-    let alarm = MemoryAlarm::raise().await;
-    let (url, stop, task) = worker(&env).await;
+    let ids = publish(env, prefix, 3).await;
+    let stats = env.mock.stats();
+    wait_until(Duration::from_secs(10), "the first call", || async {
+        stats.in_flight.load(Relaxed) == 1
+    })
+    .await;
+    alarm.raise();
+    assert_eq!(
+        stats.chat_calls.load(Relaxed),
+        1,
+        "raised during the first call"
+    );
     wait_until(
         Duration::from_secs(10),
         "/readyz 503 while blocked",
         || async { blocked(&url).await },
     )
     .await;
+    (alarm, ids, url, stop, task)
+}
+
+/// While the broker blocks publishing: `/readyz` says 503, and once the second call is over
+/// no third one starts; after the alarm, 200 again and every request is answered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_new_upstream_call_and_not_ready_while_the_broker_blocks_publishing() {
+    let env = TestEnv::with(
+        MockOptions {
+            latency_ms: LATENCY_MS,
+            ..Default::default()
+        },
+        one_at_a_time,
+    )
+    .await;
+    let (alarm, ids, url, stop, task) = three_requests_and_an_alarm(&env, "held").await;
     let stats = env.mock.stats();
-    // The first call's result revealed the block; the call that took its slot before the
-    // block was known is the only other one.
     wait_until(
         Duration::from_secs(10),
         "the second call to end",
@@ -186,6 +215,7 @@ async fn no_new_upstream_call_and_not_ready_while_the_broker_blocks_publishing()
         third.is_err(),
         "a call started while the broker blocked publishing"
     );
+    assert!(blocked(&url).await, "still not ready");
     assert_eq!(
         env.queue_len(&env.config.topology.results_queue).await,
         0,
@@ -207,15 +237,15 @@ async fn no_new_upstream_call_and_not_ready_while_the_broker_blocks_publishing()
     env.cleanup().await;
 }
 
-/// Shutdown on a blocked broker: the worker ends within its grace plus the hand-back and
-/// close bounds, although results wait for confirms that cannot come; every request is back
-/// in its queue, and answered after the alarm.
+/// Shutdown on a blocked broker, a result waiting for its confirm, a call running and a
+/// request held: the worker ends within its grace plus the hand-back and close bounds, every
+/// request is back in its queue, and answered after the alarm.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_on_a_blocked_broker_ends_in_time_and_hands_everything_back() {
     const GRACE: u64 = 2;
     let env = TestEnv::with(
         MockOptions {
-            latency_ms: 300,
+            latency_ms: LATENCY_MS,
             ..Default::default()
         },
         |c| {
@@ -224,18 +254,10 @@ async fn shutdown_on_a_blocked_broker_ends_in_time_and_hands_everything_back() {
         },
     )
     .await;
-    let ids = publish(&env, "stop", 3).await;
-    let alarm = MemoryAlarm::raise().await;
-    let (url, stop, task) = worker(&env).await;
-    wait_until(
-        Duration::from_secs(10),
-        "/readyz 503 while blocked",
-        || async { blocked(&url).await },
-    )
-    .await;
+    let (alarm, ids, _url, stop, task) = three_requests_and_an_alarm(&env, "stop").await;
     let stats = env.mock.stats();
-    wait_until(Duration::from_secs(10), "two calls over", || async {
-        stats.chat_calls.load(Relaxed) == 2 && stats.in_flight.load(Relaxed) == 0
+    wait_until(Duration::from_secs(10), "the second call", || async {
+        stats.chat_calls.load(Relaxed) == 2 && stats.in_flight.load(Relaxed) == 1
     })
     .await;
     let started = Instant::now();
@@ -261,7 +283,7 @@ async fn shutdown_on_a_blocked_broker_ends_in_time_and_hands_everything_back() {
         readyz(&url).await.0 == 200
     })
     .await;
-    let (_, ok) = drain_results(&env, 3, Duration::from_secs(30)).await;
+    let (_, ok) = drain_results(&env, 3, Duration::from_secs(40)).await;
     assert_eq!(ok, ids, "every request answered after the alarm");
     stop.cancel();
     task.await.unwrap();

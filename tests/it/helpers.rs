@@ -34,7 +34,7 @@ pub fn init_logs() {
 
 /// The broker the tests use.
 pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://llmq:llmq@127.0.0.1:5672/%2f".into())
 }
 
 /// A name no other test uses.

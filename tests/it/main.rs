@@ -4,10 +4,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod alarm;
+mod bounds;
 mod cli;
 mod end_to_end;
 mod faults;
 mod flow;
+mod guarantees;
 mod helpers;
 mod interop;
 mod ops;
