@@ -465,6 +465,7 @@ mod tests {
             assert_eq!(
                 only_problem(|c| {
                     c.llm.timeout_secs = timeout;
+                    c.worker.shutdown_grace_secs = timeout;
                     c.amqp.consumer_timeout_secs = consumer_timeout;
                 }),
                 format!(
