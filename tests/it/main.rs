@@ -11,3 +11,4 @@ mod helpers;
 mod interop;
 mod ops;
 mod tls;
+mod validation;
