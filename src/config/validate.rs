@@ -297,10 +297,7 @@ fn validate_request_limits(llm: &LlmConfig, p: &mut Problems) {
 
 fn validate_reply_to_pattern(worker: &WorkerConfig, p: &mut Problems) {
     if let Err(e) = whole_name(&worker.reply_to_pattern) {
-        p.add(
-            "worker.reply_to_pattern",
-            format!("not a valid regex: {e}"),
-        );
+        p.add("worker.reply_to_pattern", format!("not a valid regex: {e}"));
     }
 }
 

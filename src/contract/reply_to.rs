@@ -157,10 +157,12 @@ mod tests {
         }
         assert_eq!(
             p.check("llm_requests.retry.30s"),
-            Err("reply_to \"llm_requests.retry.30s\" names one of llmq's own queues \
+            Err(
+                "reply_to \"llm_requests.retry.30s\" names one of llmq's own queues \
                  (topology.retry_queue_prefix or a queue under it); use a queue of your own \
                  or amq.rabbitmq.reply-to"
-                .into())
+                    .into()
+            )
         );
     }
 
@@ -193,11 +195,16 @@ mod tests {
         assert!(p.allows("replies.alice"));
         assert!(!p.allows("x.replies.alice"));
         assert!(!p.allows("replies.alice2"));
-        assert!(!p.allows("amq.gen-abc"), "the pattern can exclude server-named queues");
+        assert!(
+            !p.allows("amq.gen-abc"),
+            "the pattern can exclude server-named queues"
+        );
         assert_eq!(
             p.check("other"),
-            Err("reply_to \"other\" does not match worker.reply_to_pattern \"replies\\\\.[a-z]+\""
-                .into())
+            Err(
+                "reply_to \"other\" does not match worker.reply_to_pattern \"replies\\\\.[a-z]+\""
+                    .into()
+            )
         );
         // Alternation stays inside the anchors, and nothing can close them.
         let p = policy("a|b");

@@ -176,7 +176,10 @@ pub fn parse(
     if let Some(reply_to) = props.reply_to().as_ref().map(|r| r.as_str())
         && !reply_to.is_empty()
     {
-        rules.reply_to.check(reply_to).map_err(InvalidRequest::new)?;
+        rules
+            .reply_to
+            .check(reply_to)
+            .map_err(InvalidRequest::new)?;
     }
     let mut raw = deserialize(body, props, rules.max_body_bytes)?;
     let kind = match raw.kind.as_deref() {
@@ -214,9 +217,7 @@ pub fn parse(
     };
     let (Call::Chat { params, .. } | Call::Embedding { params, .. }) = &call;
     for (key, value) in params {
-        rules
-            .check_param(key, value)
-            .map_err(InvalidRequest::new)?;
+        rules.check_param(key, value).map_err(InvalidRequest::new)?;
     }
     Ok(Job {
         request_id,
@@ -506,7 +507,13 @@ mod tests {
                 params: Map::new()
             }
         );
-        let job = parse(br#"{"input":"a"}"#, &props(), Kind::Embedding, &Rules::default()).expect("valid");
+        let job = parse(
+            br#"{"input":"a"}"#,
+            &props(),
+            Kind::Embedding,
+            &Rules::default(),
+        )
+        .expect("valid");
         assert!(matches!(job.call, Call::Embedding { single: true, .. }));
     }
 
@@ -573,7 +580,8 @@ mod tests {
             BasicProperties::default().with_content_type("application/json; charset=utf-8".into());
         assert!(parse(br#"{"prompt":"x"}"#, &json, Kind::Chat, &Rules::default()).is_ok());
         let text = BasicProperties::default().with_content_type("text/plain".into());
-        let e = parse(br#"{"prompt":"x"}"#, &text, Kind::Chat, &Rules::default()).expect_err("not json");
+        let e = parse(br#"{"prompt":"x"}"#, &text, Kind::Chat, &Rules::default())
+            .expect_err("not json");
         assert!(e.message.contains("text/plain"));
     }
 
@@ -603,9 +611,17 @@ mod tests {
         let rules = rules_with_topology("replies\\..+");
         let e = with_reply_to("llm_requests.retry.5s", &rules).expect_err("own queue");
         assert_eq!(e.kind, ErrorKind::InvalidRequest);
-        assert!(e.message.contains("topology.retry_queue_prefix"), "{}", e.message);
+        assert!(
+            e.message.contains("topology.retry_queue_prefix"),
+            "{}",
+            e.message
+        );
         let e = with_reply_to("elsewhere", &rules).expect_err("off pattern");
-        assert!(e.message.contains("worker.reply_to_pattern"), "{}", e.message);
+        assert!(
+            e.message.contains("worker.reply_to_pattern"),
+            "{}",
+            e.message
+        );
         assert!(with_reply_to("replies.a", &rules).is_ok());
         assert!(with_reply_to("amq.rabbitmq.reply-to", &rules).is_ok());
         // An empty reply_to is no reply_to.
@@ -620,9 +636,15 @@ mod tests {
         };
         let parse_model = |body: &str| parse(body.as_bytes(), &props(), Kind::Chat, &rules);
         assert!(parse_model(r#"{"prompt":"x","model":"m1"}"#).is_ok());
-        assert!(parse_model(r#"{"prompt":"x"}"#).is_ok(), "the default applies");
+        assert!(
+            parse_model(r#"{"prompt":"x"}"#).is_ok(),
+            "the default applies"
+        );
         let e = parse_model(r#"{"prompt":"x","model":"m2"}"#).expect_err("not allowed");
-        assert_eq!(e.message, "field `model`: \"m2\" is not one of llm.allowed_models");
+        assert_eq!(
+            e.message,
+            "field `model`: \"m2\" is not one of llm.allowed_models"
+        );
         let e = parse(
             br#"{"kind":"embedding","input":"x","model":"m2"}"#,
             &props(),
@@ -639,15 +661,15 @@ mod tests {
             err(br#"{"prompt":"x","params":{"store":true}}"#),
             "parameter `store` is not allowed (llm.allowed_params)"
         );
-        assert!(err(br#"{"prompt":"x","params":{"service_tier":"priority"}}"#).contains("service_tier"));
+        assert!(
+            err(br#"{"prompt":"x","params":{"service_tier":"priority"}}"#).contains("service_tier")
+        );
         assert!(err(br#"{"prompt":"x","params":{"stream":true}}"#).contains("params.stream"));
         assert!(
             err(br#"{"prompt":"x","params":{"stream_options":{}}}"#)
                 .contains("params.stream_options")
         );
-        assert!(
-            err(br#"{"prompt":"x","max_tokens":4294967295}"#).contains("llm.max_tokens_cap")
-        );
+        assert!(err(br#"{"prompt":"x","max_tokens":4294967295}"#).contains("llm.max_tokens_cap"));
         assert!(
             err(br#"{"prompt":"x","params":{"max_tokens":40000}}"#).contains("llm.max_tokens_cap")
         );
@@ -659,8 +681,10 @@ mod tests {
         assert!(
             err(br#"{"kind":"embedding","input":"x","params":{"store":true}}"#).contains("store")
         );
-        let job = ok(r#"{"prompt":"x","max_tokens":32768,"params":{"n":4,"seed":1,
-            "response_format":{"type":"json_object"}}}"#);
+        let job = ok(
+            r#"{"prompt":"x","max_tokens":32768,"params":{"n":4,"seed":1,
+            "response_format":{"type":"json_object"}}}"#,
+        );
         assert_eq!(job.kind(), Kind::Chat);
         let job = ok(r#"{"kind":"embedding","input":"x","params":{"dimensions":8,"user":"u"}}"#);
         assert_eq!(job.kind(), Kind::Embedding);

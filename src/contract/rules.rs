@@ -67,7 +67,10 @@ impl Default for Rules {
             max_tokens_cap: DEFAULT_MAX_TOKENS_CAP,
             max_n: DEFAULT_MAX_N,
             allowed_models: BTreeSet::new(),
-            allowed_params: DEFAULT_ALLOWED_PARAMS.iter().map(|s| s.to_string()).collect(),
+            allowed_params: DEFAULT_ALLOWED_PARAMS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             reply_to: ReplyToPolicy::default(),
         }
     }
@@ -107,9 +110,7 @@ impl Rules {
             match value.as_u64() {
                 Some(v) if (1..=cap).contains(&v) => {}
                 Some(v) if v > cap => {
-                    return Err(format!(
-                        "parameter `{key}`: {v} is over {cap_key} = {cap}"
-                    ));
+                    return Err(format!("parameter `{key}`: {v} is over {cap_key} = {cap}"));
                 }
                 _ => {
                     return Err(format!(

@@ -22,7 +22,9 @@ pub fn init(cfg: &LogConfig) {
         .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| EnvFilter::try_new(&cfg.level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tfmt::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tfmt::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match cfg.format {
         LogFormat::Json => builder
             .json()
@@ -32,14 +34,14 @@ pub fn init(cfg: &LogConfig) {
             .try_init(),
         LogFormat::Text => builder
             .with_target(false)
-            .fmt_fields(EscapedFields::default())
+            .fmt_fields(EscapedFields)
             .try_init(),
     };
 }
 
 /// Formats the fields of text logs as `name=value` (the message bare), separated by spaces,
 /// with line breaks in values escaped.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct EscapedFields;
 
 impl<'w> FormatFields<'w> for EscapedFields {
@@ -63,8 +65,11 @@ impl<W: fmt::Write> fmt::Write for EscapeLineBreaks<'_, W> {
         let mut rest = s;
         while let Some(i) = rest.find(['\n', '\r']) {
             self.0.write_str(&rest[..i])?;
-            self.0
-                .write_str(if rest.as_bytes()[i] == b'\n' { "\\n" } else { "\\r" })?;
+            self.0.write_str(if rest.as_bytes()[i] == b'\n' {
+                "\\n"
+            } else {
+                "\\r"
+            })?;
             rest = &rest[i + 1..];
         }
         self.0.write_str(rest)
@@ -85,7 +90,11 @@ mod tests {
 
     impl std::io::Write for Buffer {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("not poisoned").extend_from_slice(bytes);
+            let mut buffer = self
+                .0
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?;
+            buffer.extend_from_slice(bytes);
             Ok(bytes.len())
         }
 

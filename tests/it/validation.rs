@@ -44,7 +44,9 @@ async fn reply_to_naming_an_llmq_queue_is_dead_lettered_and_nothing_lands_there(
         );
         let reason = header(d, "x-error").unwrap();
         assert!(
-            reason.starts_with(&format!("reply_to {queue:?} names one of llmq's own queues")),
+            reason.starts_with(&format!(
+                "reply_to {queue:?} names one of llmq's own queues"
+            )),
             "{reason}"
         );
         assert_eq!(result["request_id"], *id);
