@@ -13,3 +13,4 @@ mod helpers;
 mod interop;
 mod ops;
 mod tls;
+mod validation;
