@@ -225,6 +225,24 @@ mod tests {
     }
 
     #[test]
+    fn lists_load_from_the_environment() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("LLMQ_LLM__ALLOWED_PARAMS", "[temperature, seed]");
+            jail.set_env("LLMQ_LLM__ALLOWED_MODELS", "[gpt-4o-mini]");
+            jail.set_env("LLMQ_WORKER__REPLY_TO_PATTERN", "replies\\..+");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.llm.allowed_params, ["temperature", "seed"]);
+            assert_eq!(c.llm.allowed_models, ["gpt-4o-mini"]);
+            assert_eq!(c.worker.reply_to_pattern, "replies\\..+");
+            jail.set_env("LLMQ_LLM__ALLOWED_MODELS", "[]");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert!(c.llm.allowed_models.is_empty());
+            Ok(())
+        });
+    }
+
+    #[test]
     fn api_key_falls_back_to_openai_api_key() {
         Jail::expect_with(|jail| {
             jail.clear_env();

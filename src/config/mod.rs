@@ -12,6 +12,7 @@
 
 mod child;
 mod load;
+mod rules;
 mod secret;
 mod sections;
 mod validate;
@@ -134,6 +135,10 @@ mod tests {
                 default_max_tokens: 99,
                 http2_prior_knowledge: true,
                 max_response_bytes: 1 << 20,
+                max_tokens_cap: 1000,
+                max_n: 2,
+                allowed_models: vec!["chat-model".into(), "other-model".into()],
+                allowed_params: vec!["temperature".into(), "seed".into()],
             },
             worker: WorkerConfig {
                 consumers: 3,
@@ -144,6 +149,7 @@ mod tests {
                 max_body_bytes: 4096,
                 shutdown_grace_secs: 7,
                 max_result_bytes: 5000,
+                reply_to_pattern: "replies\\..+".into(),
             },
             retry: RetryConfig {
                 max_attempts: 2,

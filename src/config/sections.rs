@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{Secret, SecretUrl};
+use crate::contract::rules::{DEFAULT_ALLOWED_PARAMS, DEFAULT_MAX_N, DEFAULT_MAX_TOKENS_CAP};
 
 /// Broker connection settings.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -153,6 +154,18 @@ pub struct LlmConfig {
     /// Largest upstream answer read; a larger one is cut off as it streams in and the
     /// request is dead-lettered as `upstream_permanent`, so one answer cannot exhaust memory.
     pub max_response_bytes: usize,
+    /// Highest `max_tokens` / `max_completion_tokens` a request may ask for; over it is
+    /// `invalid_request`.
+    pub max_tokens_cap: u64,
+    /// Highest `n` (choices, each paid for) a chat request may ask for.
+    pub max_n: u64,
+    /// Models a request may name; empty allows any. Checked before routing; a request that
+    /// names none gets `model` / `embedding_model`, which are not checked.
+    pub allowed_models: Vec<String>,
+    /// Keys a request may set in `params` (and the top-level `max_tokens`, `temperature`);
+    /// any other is `invalid_request`, naming it. The default holds the fields that widen
+    /// neither cost nor data retention (`store`, `service_tier` are not in it).
+    pub allowed_params: Vec<String>,
 }
 
 impl Default for LlmConfig {
@@ -168,6 +181,10 @@ impl Default for LlmConfig {
             default_max_tokens: 256,
             http2_prior_knowledge: false,
             max_response_bytes: 16 * 1024 * 1024,
+            max_tokens_cap: DEFAULT_MAX_TOKENS_CAP,
+            max_n: DEFAULT_MAX_N,
+            allowed_models: Vec::new(),
+            allowed_params: DEFAULT_ALLOWED_PARAMS.map(String::from).to_vec(),
         }
     }
 }
@@ -226,6 +243,9 @@ pub struct WorkerConfig {
     /// `result_too_large` error result and a dead letter. The default is RabbitMQ 4.x's
     /// default `max_message_size`.
     pub max_result_bytes: usize,
+    /// A regex every `reply_to` must match whole (besides never naming one of llmq's own
+    /// queues); empty adds no restriction. `amq.rabbitmq.reply-to` is always allowed.
+    pub reply_to_pattern: String,
 }
 
 impl Default for WorkerConfig {
@@ -239,6 +259,7 @@ impl Default for WorkerConfig {
             max_body_bytes: 1024 * 1024,
             shutdown_grace_secs: 75,
             max_result_bytes: 16 * 1024 * 1024,
+            reply_to_pattern: String::new(),
         }
     }
 }

@@ -3,6 +3,8 @@
 
 use std::fmt::Display;
 
+use crate::contract::{reply_to::whole_name, rules::RESERVED_PARAMS};
+
 use super::{
     AdminConfig, AmqpConfig, BatchConfig, Config, IdempotencyConfig, LimitsConfig, LlmConfig,
     LogConfig, RetryConfig, SecretUrl, StoreKind, TopologyConfig, WorkerConfig, env_name,
@@ -24,6 +26,8 @@ impl Config {
         validate_topology(&self.topology, &mut p);
         validate_log(&self.log, &mut p);
         validate_waits(self, &mut p);
+        validate_request_limits(&self.llm, &mut p);
+        validate_reply_to_pattern(&self.worker, &mut p);
         p.0
     }
 }
@@ -315,6 +319,41 @@ fn validate_topology(t: &TopologyConfig, p: &mut Problems) {
         "topology.embeddings_key",
         "must differ from topology.processing_key",
     );
+}
+
+/// The caps and allowlists requests are checked against.
+fn validate_request_limits(llm: &LlmConfig, p: &mut Problems) {
+    p.check(
+        llm.max_tokens_cap >= 1,
+        "llm.max_tokens_cap",
+        "must be at least 1",
+    );
+    p.check(llm.max_n >= 1, "llm.max_n", "must be at least 1");
+    p.check(
+        llm.allowed_models.iter().all(|m| !m.is_empty()),
+        "llm.allowed_models",
+        "must not contain an empty name (an empty list allows any model)",
+    );
+    p.check(
+        llm.allowed_params.iter().all(|k| !k.is_empty()),
+        "llm.allowed_params",
+        "must not contain an empty name",
+    );
+    let reserved: Vec<&str> = RESERVED_PARAMS
+        .into_iter()
+        .filter(|r| llm.allowed_params.iter().any(|k| k == r))
+        .collect();
+    p.check(
+        reserved.is_empty(),
+        "llm.allowed_params",
+        format!("{} set by llmq, never by a request", reserved.join(", ")),
+    );
+}
+
+fn validate_reply_to_pattern(worker: &WorkerConfig, p: &mut Problems) {
+    if let Err(e) = whole_name(&worker.reply_to_pattern) {
+        p.add("worker.reply_to_pattern", format!("not a valid regex: {e}"));
+    }
 }
 
 fn validate_log(log: &LogConfig, p: &mut Problems) {
@@ -739,6 +778,67 @@ mod tests {
             only_problem(|c| c.topology.embeddings_key = c.topology.processing_key.clone()),
             "topology.embeddings_key (LLMQ_TOPOLOGY__EMBEDDINGS_KEY): must differ from \
              topology.processing_key"
+        );
+    }
+
+    #[test]
+    fn llm_max_tokens_cap_at_least_1() {
+        assert_eq!(
+            only_problem(|c| c.llm.max_tokens_cap = 0),
+            "llm.max_tokens_cap (LLMQ_LLM__MAX_TOKENS_CAP): must be at least 1"
+        );
+    }
+
+    #[test]
+    fn llm_max_n_at_least_1() {
+        assert_eq!(
+            only_problem(|c| c.llm.max_n = 0),
+            "llm.max_n (LLMQ_LLM__MAX_N): must be at least 1"
+        );
+    }
+
+    #[test]
+    fn llm_allowed_models_no_empty_name() {
+        assert_eq!(
+            only_problem(|c| c.llm.allowed_models = vec!["m".into(), String::new()]),
+            "llm.allowed_models (LLMQ_LLM__ALLOWED_MODELS): must not contain an empty name (an \
+             empty list allows any model)"
+        );
+    }
+
+    #[test]
+    fn llm_allowed_params_no_empty_name() {
+        assert_eq!(
+            only_problem(|c| c.llm.allowed_params.push(String::new())),
+            "llm.allowed_params (LLMQ_LLM__ALLOWED_PARAMS): must not contain an empty name"
+        );
+    }
+
+    #[test]
+    fn llm_allowed_params_not_reserved() {
+        assert_eq!(
+            only_problem(|c| {
+                c.llm.allowed_params.push("stream".into());
+                c.llm.allowed_params.push("model".into());
+            }),
+            "llm.allowed_params (LLMQ_LLM__ALLOWED_PARAMS): model, stream set by llmq, never \
+             by a request"
+        );
+    }
+
+    #[test]
+    fn worker_reply_to_pattern_is_a_regex() {
+        let problem = only_problem(|c| c.worker.reply_to_pattern = "replies.(".into());
+        assert!(
+            problem.starts_with(
+                "worker.reply_to_pattern (LLMQ_WORKER__REPLY_TO_PATTERN): not a valid regex: "
+            ),
+            "{problem}"
+        );
+        // A pattern cannot close the group that anchors it to the whole name.
+        assert!(
+            only_problem(|c| c.worker.reply_to_pattern = "a)|(b".into())
+                .contains("not a valid regex")
         );
     }
 

@@ -116,7 +116,7 @@ mod tests {
             body.as_bytes(),
             &BasicProperties::default(),
             Kind::Chat,
-            1 << 20,
+            &crate::contract::Rules::default(),
         );
         fingerprint(&job.expect("a valid request"))
     }

@@ -6,10 +6,13 @@ pub mod error_kind;
 pub mod fingerprint;
 pub mod headers;
 pub mod identity;
+pub mod reply_to;
 pub mod request;
 pub mod response;
+pub mod rules;
 pub mod usage;
 
 pub use error_kind::ErrorKind;
 pub use identity::Identity;
+pub use rules::Rules;
 pub use usage::Usage;

@@ -6,14 +6,16 @@
 //!   "max_tokens", "temperature", "params", "metadata"}`;
 //! - embeddings `{"kind": "embedding", "input": "text" | ["a", "b"], "model"}`.
 //!
-//! Anything else is an [`InvalidRequest`] with a reason precise enough to fix the sender.
+//! Anything else is an [`InvalidRequest`] with a reason precise enough to fix the sender,
+//! and so is a request that breaks the operator's [`Rules`]: a `reply_to` naming one of
+//! llmq's queues, a model or parameter off the allowlists, `max_tokens` or `n` over a cap.
 
 use lapin::BasicProperties;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::error_kind::ErrorKind;
+use super::{error_kind::ErrorKind, rules::Rules};
 
 /// Longest `request_id` accepted (it becomes the AMQP `message_id`, a short string).
 const MAX_REQUEST_ID: usize = 255;
@@ -163,14 +165,23 @@ enum RawInput {
 
 const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
 
-/// Parses one delivery. `default_kind` is the kind its queue implies when the body names none.
+/// Parses one delivery and checks it against `rules` (its `reply_to`, model, parameters and
+/// their caps). `default_kind` is the kind its queue implies when the body names none.
 pub fn parse(
     body: &[u8],
     props: &BasicProperties,
     default_kind: Kind,
-    max_body_bytes: usize,
+    rules: &Rules,
 ) -> Result<Job, InvalidRequest> {
-    let mut raw = deserialize(body, props, max_body_bytes)?;
+    if let Some(reply_to) = props.reply_to().as_ref().map(|r| r.as_str())
+        && !reply_to.is_empty()
+    {
+        rules
+            .reply_to
+            .check(reply_to)
+            .map_err(InvalidRequest::new)?;
+    }
+    let mut raw = deserialize(body, props, rules.max_body_bytes)?;
     let kind = match raw.kind.as_deref() {
         None => default_kind,
         Some("chat") => Kind::Chat,
@@ -194,8 +205,10 @@ pub fn parse(
         Some(id) => id,
         None => fallback_request_id(body, props),
     };
-    if raw.model.as_deref() == Some("") {
-        return Err(InvalidRequest::new("field `model`: must not be empty"));
+    match raw.model.as_deref() {
+        Some("") => return Err(InvalidRequest::new("field `model`: must not be empty")),
+        Some(model) => rules.check_model(model).map_err(InvalidRequest::new)?,
+        None => {}
     }
     let (model, metadata) = (raw.model.take(), raw.metadata.take());
     let call = match kind {
@@ -203,12 +216,8 @@ pub fn parse(
         Kind::Embedding => embedding_call(raw)?,
     };
     let (Call::Chat { params, .. } | Call::Embedding { params, .. }) = &call;
-    for reserved in ["model", "messages", "input", "stream"] {
-        if params.contains_key(reserved) {
-            return Err(InvalidRequest::new(format!(
-                "field `params.{reserved}`: set by llmq, not allowed in params"
-            )));
-        }
+    for (key, value) in params {
+        rules.check_param(key, value).map_err(InvalidRequest::new)?;
     }
     Ok(Job {
         request_id,
@@ -441,11 +450,11 @@ mod tests {
     }
 
     fn ok(body: &str) -> Job {
-        parse(body.as_bytes(), &props(), Kind::Chat, 1 << 20).expect("valid request")
+        parse(body.as_bytes(), &props(), Kind::Chat, &Rules::default()).expect("valid request")
     }
 
     fn err(body: &[u8]) -> String {
-        parse(body, &props(), Kind::Chat, 1 << 20)
+        parse(body, &props(), Kind::Chat, &Rules::default())
             .expect_err("invalid request")
             .message
     }
@@ -498,20 +507,26 @@ mod tests {
                 params: Map::new()
             }
         );
-        let job = parse(br#"{"input":"a"}"#, &props(), Kind::Embedding, 1024).expect("valid");
+        let job = parse(
+            br#"{"input":"a"}"#,
+            &props(),
+            Kind::Embedding,
+            &Rules::default(),
+        )
+        .expect("valid");
         assert!(matches!(job.call, Call::Embedding { single: true, .. }));
     }
 
     #[test]
     fn ids_come_from_body_then_message_id() {
         let p = BasicProperties::default().with_message_id("m-1".into());
-        let job = parse(br#"{"prompt":"x"}"#, &p, Kind::Chat, 1024).expect("valid");
+        let job = parse(br#"{"prompt":"x"}"#, &p, Kind::Chat, &Rules::default()).expect("valid");
         assert_eq!(job.request_id, "m-1");
         let job = parse(
             br#"{"prompt":"x","request_id":"b-1"}"#,
             &p,
             Kind::Chat,
-            1024,
+            &Rules::default(),
         )
         .expect("valid");
         assert_eq!(job.request_id, "b-1");
@@ -551,7 +566,11 @@ mod tests {
 
     #[test]
     fn too_large_is_rejected_without_parsing() {
-        let e = parse(&[b'x'; 100], &props(), Kind::Chat, 64).expect_err("too large");
+        let rules = Rules {
+            max_body_bytes: 64,
+            ..Rules::default()
+        };
+        let e = parse(&[b'x'; 100], &props(), Kind::Chat, &rules).expect_err("too large");
         assert_eq!(e.kind, ErrorKind::TooLarge);
     }
 
@@ -559,9 +578,115 @@ mod tests {
     fn content_type() {
         let json =
             BasicProperties::default().with_content_type("application/json; charset=utf-8".into());
-        assert!(parse(br#"{"prompt":"x"}"#, &json, Kind::Chat, 1024).is_ok());
+        assert!(parse(br#"{"prompt":"x"}"#, &json, Kind::Chat, &Rules::default()).is_ok());
         let text = BasicProperties::default().with_content_type("text/plain".into());
-        let e = parse(br#"{"prompt":"x"}"#, &text, Kind::Chat, 1024).expect_err("not json");
+        let e = parse(br#"{"prompt":"x"}"#, &text, Kind::Chat, &Rules::default())
+            .expect_err("not json");
         assert!(e.message.contains("text/plain"));
+    }
+
+    /// Rules that know `llm_processing` and the retry tiers as llmq's.
+    fn rules_with_topology(pattern: &str) -> Rules {
+        use crate::contract::reply_to::{OwnedQueue, ReplyToPolicy};
+        Rules {
+            reply_to: ReplyToPolicy::new(
+                vec![
+                    OwnedQueue::subtree("llm_processing", "topology.processing_queue"),
+                    OwnedQueue::subtree("llm_requests.retry", "topology.retry_queue_prefix"),
+                ],
+                pattern,
+            )
+            .expect("compiles"),
+            ..Rules::default()
+        }
+    }
+
+    fn with_reply_to(reply_to: &str, rules: &Rules) -> Result<Job, InvalidRequest> {
+        let p = BasicProperties::default().with_reply_to(reply_to.into());
+        parse(br#"{"prompt":"x"}"#, &p, Kind::Chat, rules)
+    }
+
+    #[test]
+    fn reply_to_is_checked() {
+        let rules = rules_with_topology("replies\\..+");
+        let e = with_reply_to("llm_requests.retry.5s", &rules).expect_err("own queue");
+        assert_eq!(e.kind, ErrorKind::InvalidRequest);
+        assert!(
+            e.message.contains("topology.retry_queue_prefix"),
+            "{}",
+            e.message
+        );
+        let e = with_reply_to("elsewhere", &rules).expect_err("off pattern");
+        assert!(
+            e.message.contains("worker.reply_to_pattern"),
+            "{}",
+            e.message
+        );
+        assert!(with_reply_to("replies.a", &rules).is_ok());
+        assert!(with_reply_to("amq.rabbitmq.reply-to", &rules).is_ok());
+        // An empty reply_to is no reply_to.
+        assert!(with_reply_to("", &rules).is_ok());
+    }
+
+    #[test]
+    fn models_can_be_restricted() {
+        let rules = Rules {
+            allowed_models: ["m1".to_string()].into(),
+            ..Rules::default()
+        };
+        let parse_model = |body: &str| parse(body.as_bytes(), &props(), Kind::Chat, &rules);
+        assert!(parse_model(r#"{"prompt":"x","model":"m1"}"#).is_ok());
+        assert!(
+            parse_model(r#"{"prompt":"x"}"#).is_ok(),
+            "the default applies"
+        );
+        let e = parse_model(r#"{"prompt":"x","model":"m2"}"#).expect_err("not allowed");
+        assert_eq!(
+            e.message,
+            "field `model`: \"m2\" is not one of llm.allowed_models"
+        );
+        let e = parse(
+            br#"{"kind":"embedding","input":"x","model":"m2"}"#,
+            &props(),
+            Kind::Chat,
+            &rules,
+        )
+        .expect_err("embeddings too");
+        assert!(e.message.contains("llm.allowed_models"));
+    }
+
+    #[test]
+    fn params_are_allowlisted_and_capped() {
+        assert_eq!(
+            err(br#"{"prompt":"x","params":{"store":true}}"#),
+            "parameter `store` is not allowed (llm.allowed_params)"
+        );
+        assert!(
+            err(br#"{"prompt":"x","params":{"service_tier":"priority"}}"#).contains("service_tier")
+        );
+        assert!(err(br#"{"prompt":"x","params":{"stream":true}}"#).contains("params.stream"));
+        assert!(
+            err(br#"{"prompt":"x","params":{"stream_options":{}}}"#)
+                .contains("params.stream_options")
+        );
+        assert!(err(br#"{"prompt":"x","max_tokens":4294967295}"#).contains("llm.max_tokens_cap"));
+        assert!(
+            err(br#"{"prompt":"x","params":{"max_tokens":40000}}"#).contains("llm.max_tokens_cap")
+        );
+        assert!(
+            err(br#"{"prompt":"x","params":{"max_completion_tokens":1e12}}"#)
+                .contains("max_completion_tokens")
+        );
+        assert!(err(br#"{"prompt":"x","params":{"n":99}}"#).contains("llm.max_n"));
+        assert!(
+            err(br#"{"kind":"embedding","input":"x","params":{"store":true}}"#).contains("store")
+        );
+        let job = ok(
+            r#"{"prompt":"x","max_tokens":32768,"params":{"n":4,"seed":1,
+            "response_format":{"type":"json_object"}}}"#,
+        );
+        assert_eq!(job.kind(), Kind::Chat);
+        let job = ok(r#"{"kind":"embedding","input":"x","params":{"dimensions":8,"user":"u"}}"#);
+        assert_eq!(job.kind(), Kind::Embedding);
     }
 }

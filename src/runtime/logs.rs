@@ -1,6 +1,16 @@
 //! Logs: text or JSON lines, filtered by `log.level` (`RUST_LOG` wins when set).
+//!
+//! Field values often come from a message (its `request_id`, a reason quoting its
+//! `reply_to`), so text logs escape `\n` and `\r` in every field: a value cannot start a
+//! forged log line. JSON logs escape them by being JSON.
 
-use tracing_subscriber::{EnvFilter, fmt};
+use std::fmt::{self, Write as _};
+
+use tracing_subscriber::{
+    EnvFilter,
+    field::{MakeExt, RecordFields},
+    fmt::{self as tfmt, FormatFields, format::Writer},
+};
 
 use crate::config::{LogConfig, LogFormat};
 
@@ -12,7 +22,9 @@ pub fn init(cfg: &LogConfig) {
         .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| EnvFilter::try_new(&cfg.level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tfmt::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match cfg.format {
         LogFormat::Json => builder
             .json()
@@ -20,6 +32,116 @@ pub fn init(cfg: &LogConfig) {
             .with_current_span(true)
             .with_span_list(false)
             .try_init(),
-        LogFormat::Text => builder.with_target(false).try_init(),
+        LogFormat::Text => builder
+            .with_target(false)
+            .fmt_fields(EscapedFields)
+            .try_init(),
     };
+}
+
+/// Formats the fields of text logs as `name=value` (the message bare), separated by spaces,
+/// with line breaks in values escaped.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EscapedFields;
+
+impl<'w> FormatFields<'w> for EscapedFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
+        let format = tfmt::format::debug_fn(|w, field, value| {
+            if field.name() != "message" {
+                write!(w, "{}=", field.name())?;
+            }
+            write!(EscapeLineBreaks(w), "{value:?}")
+        })
+        .delimited(" ");
+        format.format_fields(writer, fields)
+    }
+}
+
+/// Writes through to `W` with `\n` and `\r` as the two characters `\n` and `\r`.
+struct EscapeLineBreaks<'a, W: fmt::Write>(&'a mut W);
+
+impl<W: fmt::Write> fmt::Write for EscapeLineBreaks<'_, W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut rest = s;
+        while let Some(i) = rest.find(['\n', '\r']) {
+            self.0.write_str(&rest[..i])?;
+            self.0.write_str(if rest.as_bytes()[i] == b'\n' {
+                "\\n"
+            } else {
+                "\\r"
+            })?;
+            rest = &rest[i + 1..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing::{error, info_span};
+
+    use super::*;
+
+    /// A writer into a shared buffer, for one test's subscriber.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            let mut buffer = self
+                .0
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?;
+            buffer.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What the text format writes for the settle path's span and a dead-letter event.
+    fn logged(request_id: &str, reason: &str) -> String {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tfmt::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_target(false)
+            .without_time()
+            .fmt_fields(EscapedFields)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = info_span!("job", %request_id, attempt = 1);
+            let _entered = span.enter();
+            error!(error_kind = "invalid_request", reason = %reason, "dead-lettered");
+        });
+        let bytes = buffer.0.lock().expect("not poisoned").clone();
+        String::from_utf8(bytes).expect("UTF-8")
+    }
+
+    #[test]
+    fn line_breaks_in_values_are_escaped() {
+        let line = logged(
+            "r1\nERROR forged line\r",
+            "reply_to \"x\" is refused\nINFO forged",
+        );
+        assert_eq!(
+            line,
+            "ERROR job{request_id=r1\\nERROR forged line\\r attempt=1}: dead-lettered \
+             error_kind=\"invalid_request\" reason=reply_to \"x\" is refused\\nINFO forged\n"
+        );
+    }
+
+    #[test]
+    fn plain_values_print_as_before() {
+        assert_eq!(
+            logged("r-1", "bad"),
+            "ERROR job{request_id=r-1 attempt=1}: dead-lettered error_kind=\"invalid_request\" \
+             reason=bad\n"
+        );
+    }
 }

@@ -68,6 +68,10 @@ pub struct MockOptions {
     /// `Retry-After` seconds sent with injected failures.
     #[arg(long)]
     pub retry_after: Option<u64>,
+    /// The `error.message` of injected failures (default `injected failure <status>`), e.g.
+    /// to echo a key as some providers do.
+    #[arg(long)]
+    pub error_message: Option<String>,
     /// Require this bearer token (401 otherwise).
     #[arg(long)]
     pub require_key: Option<String>,
@@ -93,6 +97,7 @@ impl Default for MockOptions {
             error_rate: 0.0,
             status: 500,
             retry_after: None,
+            error_message: None,
             require_key: None,
             record_prompts: false,
             response_bytes: 0,
@@ -280,8 +285,10 @@ async fn gate(state: &MockState, headers: &HeaderMap, items: u64) -> Option<Resp
     }
     state.stats.failures.fetch_add(1, Ordering::Relaxed);
     let status = StatusCode::from_u16(options.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body =
-        json!({"error": {"message": format!("injected failure {status}"), "type": "mock_error"}});
+    let message = options
+        .error_message
+        .unwrap_or_else(|| format!("injected failure {status}"));
+    let body = json!({"error": {"message": message, "type": "mock_error"}});
     let mut response = (status, Json(body)).into_response();
     if let Some(secs) = options.retry_after
         && let Ok(v) = HeaderValue::from_str(&secs.to_string())

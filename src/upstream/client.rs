@@ -269,8 +269,11 @@ impl LlmClient {
         };
         let (bytes, cut) = read_bounded(resp, limit).await.map_err(classify_reqwest)?;
         if !status.is_success() {
-            let text =
-                crate::truncate(&String::from_utf8_lossy(&bytes), MAX_ERROR_TEXT).to_string();
+            // Scrubbed before the final cut, so that a key at the cut is still recognised
+            // whole; the generous first cut keeps the scrub's work bounded.
+            let text = String::from_utf8_lossy(&bytes[..bytes.len().min(4 * MAX_ERROR_TEXT)]);
+            let text = super::scrub::scrub_secrets(&text);
+            let text = crate::truncate(&text, MAX_ERROR_TEXT).to_string();
             let message = format!("HTTP {status}: {text}");
             return Err(if is_transient_status(status) {
                 LlmError::Transient {

@@ -8,3 +8,4 @@ pub mod client;
 pub mod deployment;
 pub mod flow;
 pub mod ratelimit;
+pub mod scrub;

@@ -28,6 +28,7 @@ pub use health::Health;
 
 use crate::{
     config::Config,
+    contract::Rules,
     runtime::metrics::Metrics,
     store::idempotency::Store,
     upstream::{call::Upstream, flow::Flow, ratelimit::Budget},
@@ -43,11 +44,16 @@ pub enum WorkerError {
     /// The idempotency store is misconfigured.
     #[error(transparent)]
     Store(#[from] crate::store::idempotency::StoreError),
+    /// `worker.reply_to_pattern` does not compile (validation reports it first).
+    #[error("worker.reply_to_pattern: {0}")]
+    ReplyToPattern(#[from] regex::Error),
 }
 
 /// What every delivery task shares.
 struct Context {
     config: Config,
+    /// What a request may ask for, built from `config` once.
+    rules: Rules,
     upstream: Upstream,
     policy: RetryPolicy,
     store: Store,
@@ -101,8 +107,10 @@ impl Worker {
             + Duration::from_millis(config.retry.inline_max_ms)
             + Duration::from_secs(10);
         let store = Store::new(&config.idempotency, lease)?;
+        let rules = config.request_rules()?;
         Ok(Self {
             ctx: Arc::new(Context {
+                rules,
                 policy: RetryPolicy::new(&config.retry),
                 upstream,
                 store,

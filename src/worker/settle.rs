@@ -27,6 +27,7 @@ use crate::{
         ErrorKind, Identity, Usage,
         fingerprint::fingerprint,
         headers::{Failure, RetryState},
+        reply_to::ReplyToPolicy,
         request::{self, InvalidRequest, Job, Kind},
         response::JobResult,
     },
@@ -49,9 +50,9 @@ pub(super) async fn handle(ctx: &Context, publisher: &Publisher, kind: Kind, del
 async fn settle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Delivery) {
     let started = Instant::now();
     ctx.metrics.received(kind.as_str());
-    let max_body = ctx.config.worker.max_body_bytes;
+    let rules = &ctx.rules;
     let parsed = std::panic::catch_unwind(|| {
-        request::parse(&delivery.data, &delivery.properties, kind, max_body)
+        request::parse(&delivery.data, &delivery.properties, kind, rules)
     })
     .unwrap_or_else(|_| {
         Err(InvalidRequest {
@@ -81,7 +82,7 @@ async fn settle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Del
         delivery,
         kind,
         key: identity.scope(&request_id),
-        route: route_of(delivery, &request_id),
+        route: route_of(delivery, &request_id, &ctx.rules.reply_to),
         attempts: prior,
         redeliveries: retry.redeliveries,
         first_failure: retry.first_failure,
@@ -500,7 +501,10 @@ pub(super) async fn nack(delivery: &Delivery) {
     }
 }
 
-fn route_of(delivery: &Delivery, request_id: &str) -> ReplyRoute {
+/// Where the delivery's result goes. A `reply_to` the policy refuses is dropped, so that
+/// nothing is ever published to it (the request is dead-lettered for it by `parse`, and its
+/// error result goes only to the results exchange).
+fn route_of(delivery: &Delivery, request_id: &str, reply_to: &ReplyToPolicy) -> ReplyRoute {
     let p = &delivery.properties;
     ReplyRoute {
         request_id: request_id.to_string(),
@@ -509,6 +513,6 @@ fn route_of(delivery: &Delivery, request_id: &str) -> ReplyRoute {
             .reply_to()
             .as_ref()
             .map(|s| s.to_string())
-            .filter(|s| !s.is_empty()),
+            .filter(|s| !s.is_empty() && reply_to.allows(s)),
     }
 }

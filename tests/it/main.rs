@@ -14,3 +14,4 @@ mod helpers;
 mod interop;
 mod ops;
 mod tls;
+mod validation;

@@ -1,0 +1,86 @@
+//! The request [`Rules`] derived from the configuration, once at start-up.
+
+use super::{Config, TopologyConfig};
+use crate::contract::{
+    Rules,
+    reply_to::{OwnedQueue, ReplyToPolicy},
+};
+
+impl TopologyConfig {
+    /// Every queue name llmq declares or will declare, and the families under them: a
+    /// `reply_to` naming one is refused. A new kind of queue (a control queue prefix, say)
+    /// is one more line here.
+    pub fn owned_queues(&self) -> Vec<OwnedQueue> {
+        vec![
+            // The work queues, and everything under them (`<queue>.lane.<hash>`).
+            OwnedQueue::subtree(&self.processing_queue, "topology.processing_queue"),
+            OwnedQueue::subtree(&self.embeddings_queue, "topology.embeddings_queue"),
+            // The delayed-retry tiers, `<prefix>.<tier>`.
+            OwnedQueue::subtree(&self.retry_queue_prefix, "topology.retry_queue_prefix"),
+            OwnedQueue::exact(&self.dead_letter_queue, "topology.dead_letter_queue"),
+            // Even when not declared (`keep_results = false`): it is llmq's name.
+            OwnedQueue::exact(&self.results_queue, "topology.results_queue"),
+        ]
+    }
+}
+
+impl Config {
+    /// The rules every request is checked against. Fails only on a `worker.reply_to_pattern`
+    /// that does not compile, which [`Config::validate`] reports first.
+    pub fn request_rules(&self) -> Result<Rules, regex::Error> {
+        Ok(Rules {
+            max_body_bytes: self.worker.max_body_bytes,
+            max_tokens_cap: self.llm.max_tokens_cap,
+            max_n: self.llm.max_n,
+            allowed_models: self.llm.allowed_models.iter().cloned().collect(),
+            allowed_params: self.llm.allowed_params.iter().cloned().collect(),
+            reply_to: ReplyToPolicy::new(
+                self.topology.owned_queues(),
+                &self.worker.reply_to_pattern,
+            )?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_rules_refuse_every_default_queue() {
+        let config = Config::default();
+        let rules = config.request_rules().expect("default pattern");
+        let t = &config.topology;
+        for queue in [
+            t.processing_queue.clone(),
+            t.embeddings_queue.clone(),
+            t.dead_letter_queue.clone(),
+            t.results_queue.clone(),
+            format!("{}.5s", t.retry_queue_prefix),
+            format!("{}.lane.0f3a", t.processing_queue),
+            format!("{}.lane.0f3a", t.embeddings_queue),
+        ] {
+            assert!(!rules.reply_to.allows(&queue), "{queue}");
+        }
+        assert!(rules.reply_to.allows("amq.gen-abc"));
+        assert!(rules.reply_to.allows("my-replies"));
+        assert_eq!(rules.max_tokens_cap, 32_768);
+        assert_eq!(rules.max_n, 4);
+        assert!(rules.allowed_models.is_empty());
+        assert!(rules.allowed_params.contains("temperature"));
+        assert!(!rules.allowed_params.contains("store"));
+    }
+
+    #[test]
+    fn prefixed_topologies_are_covered_too() {
+        let mut config = Config::default();
+        config.topology = config.topology.with_prefix("t1");
+        config.worker.reply_to_pattern = "replies\\..*".into();
+        let rules = config.request_rules().expect("pattern compiles");
+        for queue in ["t1.processing", "t1.dlq", "t1.retry.30s", "t1.results"] {
+            assert!(!rules.reply_to.allows(queue), "{queue}");
+        }
+        assert!(rules.reply_to.allows("replies.x"));
+        assert!(!rules.reply_to.allows("other"));
+    }
+}
