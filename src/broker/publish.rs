@@ -271,7 +271,11 @@ pub async fn publish_confirmed(
     // Registered before the send: from then on a confirm that carries this message's return
     // hands it here, whichever publish lapin gave it to.
     let mut ticket = returns::Ticket::open(channel.id(), mandatory);
-    let props = if mandatory { ticket.stamp(props) } else { props };
+    let props = if mandatory {
+        ticket.stamp(props)
+    } else {
+        props
+    };
     let confirm = channel
         .basic_publish(
             ShortString::from(exchange),

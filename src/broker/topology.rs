@@ -7,9 +7,14 @@
 //! - `llm_results` (direct) -> durable queue `llm_results` (key `result`), optional.
 //! - `llm_requests.dlx` (direct) -> `llm_processing.dlq` (key `dead`). The worker publishes
 //!   its dead letters there itself, so it does not depend on the policy.
-//! - `llm_requests.retry` (headers) -> `llm_requests.retry.{5s,30s,2m,10m,1h}`, each matched
-//!   on the `llmq-retry-tier` header and dead-lettering expired messages back to
-//!   `llm_requests` with their routing key (see [`crate::broker::retry`]).
+//! - `llm_requests.retry.q` (headers) -> `llm_requests.retry.q.{5s,30s,2m,10m,1h}`, each
+//!   matched on the `llmq-retry-tier` header and dead-lettering expired messages back to
+//!   `llm_requests` with their routing key (see [`crate::broker::retry`]). The tiers are
+//!   quorum queues with at-least-once dead-lettering: the broker republishes an expired
+//!   message with confirms, and keeps it until the work queue takes it.
+//! - `llm_unroutable` (fanout) -> durable queue `llm_unroutable`: the alternate exchange that
+//!   a policy (`rabbitmq/definitions.json`, never an exchange argument, which would make
+//!   every existing declaration fail) gives the request, dead-letter and retry exchanges.
 
 use lapin::{
     Channel, Connection, ExchangeKind,
@@ -26,6 +31,24 @@ pub fn work_queue_arguments(topo: &TopologyConfig) -> FieldTable {
         "x-max-priority".into(),
         AMQPValue::LongInt(topo.max_priority.into()),
     );
+    args
+}
+
+/// The arguments of a delayed-retry tier: a quorum queue that dead-letters expired messages
+/// back to the request exchange at least once (the broker holds a message until the queue it
+/// routes to confirms it; it needs `x-overflow: reject-publish`). No dead-letter routing key:
+/// an expired message keeps the work queue's key it was republished with, so it lands back in
+/// the queue it came from.
+pub fn retry_queue_arguments(topo: &TopologyConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    for (key, value) in [
+        ("x-queue-type", "quorum"),
+        ("x-dead-letter-exchange", topo.request_exchange.as_str()),
+        ("x-dead-letter-strategy", "at-least-once"),
+        ("x-overflow", "reject-publish"),
+    ] {
+        args.insert(key.into(), AMQPValue::LongString(value.into()));
+    }
     args
 }
 
@@ -75,6 +98,22 @@ pub async fn declare(channel: &Channel, topo: &TopologyConfig) -> Result<(), lap
         ),
     ];
     declare_retry_tiers(channel, topo).await?;
+    channel
+        .exchange_declare(
+            topo.unroutable_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    // A fanout exchange ignores the binding key.
+    let any_key = String::new();
+    queues.push((
+        &topo.unroutable_queue,
+        &topo.unroutable_exchange,
+        &any_key,
+        FieldTable::default(),
+    ));
     if topo.keep_results {
         queues.push((
             &topo.results_queue,
@@ -110,7 +149,7 @@ pub async fn declare_on(conn: &Connection, topo: &TopologyConfig) -> Result<(), 
 }
 
 /// The headers exchange of the delayed-retry tiers and one queue per tier, each
-/// dead-lettering back to the request exchange.
+/// dead-lettering back to the request exchange ([`retry_queue_arguments`]).
 async fn declare_retry_tiers(channel: &Channel, topo: &TopologyConfig) -> Result<(), lapin::Error> {
     let durable_queue = QueueDeclareOptions {
         durable: true,
@@ -130,15 +169,12 @@ async fn declare_retry_tiers(channel: &Channel, topo: &TopologyConfig) -> Result
         .await?;
     for tier in retry::TIERS {
         let queue = retry_queue(topo, tier.name);
-        let mut args = FieldTable::default();
-        // No dead-letter routing key: an expired message keeps the work queue's key it was
-        // republished with, so it lands back in the queue it came from.
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(topo.request_exchange.as_str().into()),
-        );
         channel
-            .queue_declare(queue.as_str().into(), durable_queue, args)
+            .queue_declare(
+                queue.as_str().into(),
+                durable_queue,
+                retry_queue_arguments(topo),
+            )
             .await?;
         let mut bind = FieldTable::default();
         bind.insert("x-match".into(), AMQPValue::LongString("all".into()));
@@ -168,6 +204,7 @@ pub async fn delete(channel: &Channel, topo: &TopologyConfig) {
         topo.embeddings_queue.clone(),
         topo.results_queue.clone(),
         topo.dead_letter_queue.clone(),
+        topo.unroutable_queue.clone(),
     ];
     queues.extend(retry::TIERS.iter().map(|tier| retry_queue(topo, tier.name)));
     for q in queues {
@@ -180,6 +217,7 @@ pub async fn delete(channel: &Channel, topo: &TopologyConfig) {
         &topo.results_exchange,
         &topo.dead_letter_exchange,
         &topo.retry_exchange,
+        &topo.unroutable_exchange,
     ] {
         let _ = channel
             .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())

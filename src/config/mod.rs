@@ -120,6 +120,8 @@ mod tests {
                 dead_letter_key: "x-dead".into(),
                 retry_exchange: "x.retry".into(),
                 retry_queue_prefix: "x.retry-q".into(),
+                unroutable_exchange: "x.unroutable".into(),
+                unroutable_queue: "x.unroutable-kept".into(),
             },
             llm: LlmConfig {
                 base_url: SecretUrl::new("https://api.example/v1"),

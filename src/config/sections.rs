@@ -75,8 +75,17 @@ pub struct TopologyConfig {
     /// Headers exchange in front of the delayed-retry queues.
     pub retry_exchange: String,
     /// Prefix of the delayed-retry queues (`<prefix>.5s`, `<prefix>.30s`, ...). Messages wait
-    /// there for their per-message TTL, then dead-letter back to `request_exchange`.
+    /// there for their per-message TTL, then dead-letter back to `request_exchange`
+    /// (at-least-once: they are quorum queues). The default is not the old classic tiers'
+    /// `llm_requests.retry`: a quorum queue cannot take a classic queue's name.
     pub retry_queue_prefix: String,
+    /// Fanout exchange that the `alternate-exchange` policy (`rabbitmq/definitions.json`)
+    /// names: whatever the request, dead-letter and retry exchanges cannot route ends there
+    /// instead of being dropped.
+    pub unroutable_exchange: String,
+    /// Durable queue bound to `unroutable_exchange`, where unroutable messages wait for an
+    /// operator.
+    pub unroutable_queue: String,
 }
 
 impl Default for TopologyConfig {
@@ -95,8 +104,10 @@ impl Default for TopologyConfig {
             dead_letter_exchange: "llm_requests.dlx".into(),
             dead_letter_queue: "llm_processing.dlq".into(),
             dead_letter_key: "dead".into(),
-            retry_exchange: "llm_requests.retry".into(),
-            retry_queue_prefix: "llm_requests.retry".into(),
+            retry_exchange: "llm_requests.retry.q".into(),
+            retry_queue_prefix: "llm_requests.retry.q".into(),
+            unroutable_exchange: "llm_unroutable".into(),
+            unroutable_queue: "llm_unroutable".into(),
         }
     }
 }
@@ -161,6 +172,8 @@ impl TopologyConfig {
             dead_letter_queue: format!("{p}.dlq"),
             retry_exchange: format!("{p}.retry"),
             retry_queue_prefix: format!("{p}.retry"),
+            unroutable_exchange: format!("{p}.unroutable"),
+            unroutable_queue: format!("{p}.unroutable"),
             ..self.clone()
         }
     }

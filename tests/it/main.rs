@@ -10,4 +10,5 @@ mod flow;
 mod helpers;
 mod interop;
 mod ops;
+mod routing;
 mod tls;
