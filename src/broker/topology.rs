@@ -254,3 +254,62 @@ pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<QueueDepth, l
 pub fn retry_queue(topo: &TopologyConfig, tier: &str) -> String {
     format!("{}.{tier}", topo.retry_queue_prefix)
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+
+    /// The definitions that `docker compose` loads name the defaults' alternate exchange, by
+    /// policy on the request, dead-letter and retry exchanges (not the results exchange:
+    /// without `keep_results` nobody needs its results kept).
+    #[test]
+    fn definitions_give_the_default_exchanges_their_alternate_exchange() {
+        let defs: Value =
+            serde_json::from_str(include_str!("../../rabbitmq/definitions.json")).unwrap();
+        let t = TopologyConfig::default();
+        let policy = defs["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["definition"].get("alternate-exchange").is_some())
+            .unwrap();
+        assert_eq!(policy["apply-to"], "exchanges");
+        assert_eq!(
+            policy["definition"]["alternate-exchange"],
+            t.unroutable_exchange.as_str()
+        );
+        let escaped = |name: &str| name.replace('.', "\\.");
+        let expected = format!(
+            "^{}({}|{})?$",
+            escaped(&t.request_exchange),
+            escaped(&t.dead_letter_exchange[t.request_exchange.len()..]),
+            escaped(&t.retry_exchange[t.request_exchange.len()..])
+        );
+        assert_eq!(policy["pattern"], expected.as_str());
+        let declared = |kind: &str, name: &str| {
+            defs[kind]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|o| o["name"] == name)
+        };
+        assert!(declared("exchanges", &t.unroutable_exchange));
+        assert!(declared("queues", &t.unroutable_queue));
+    }
+
+    #[test]
+    fn retry_tiers_dead_letter_at_least_once() {
+        let args = retry_queue_arguments(&TopologyConfig::default());
+        let get = |k: &str| match args.inner().get(k) {
+            Some(AMQPValue::LongString(s)) => s.to_string(),
+            other => panic!("{k}: {other:?}"),
+        };
+        assert_eq!(get("x-queue-type"), "quorum");
+        assert_eq!(get("x-dead-letter-strategy"), "at-least-once");
+        // at-least-once is ignored without it.
+        assert_eq!(get("x-overflow"), "reject-publish");
+        assert_eq!(get("x-dead-letter-exchange"), "llm_requests");
+    }
+}
