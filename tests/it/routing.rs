@@ -20,6 +20,7 @@ use llmq::{
         publish::{PublishError, publish_confirmed},
         topology,
     },
+    config::StoreKind,
     tools::mock::MockOptions,
 };
 use serde_json::json;
@@ -375,12 +376,14 @@ fn chat_calls(env: &TestEnv) -> u64 {
 /// declared again it lands there, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letter_to_a_missing_dlq_is_not_acked_and_lands_once_it_exists() {
-    let env = TestEnv::new(MockOptions {
+    let failing = MockOptions {
         error_rate: 1.0,
         status: 400,
         ..Default::default()
-    })
-    .await;
+    };
+    // No idempotency lease: a request whose dead letter failed is handed back with its lease
+    // still held, and its redelivery would wait the lease out.
+    let env = TestEnv::with(failing, |c| c.idempotency.store = StoreKind::Off).await;
     let topo = env.config.topology.clone();
     let worker = env.start_worker();
     consuming(&env).await;
