@@ -25,7 +25,10 @@ use std::{
     collections::HashMap,
     future::{Future, poll_fn},
     pin::Pin,
-    sync::{Arc, LazyLock, Mutex, MutexGuard},
+    sync::{
+        Arc, LazyLock, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
     task::Poll,
 };
 
@@ -67,7 +70,6 @@ pub struct Ticket {
 
 #[derive(Default)]
 struct Book {
-    next: u64,
     entries: HashMap<u64, Entry>,
 }
 
@@ -96,6 +98,9 @@ static NONCE: LazyLock<String> = LazyLock::new(|| {
 
 static BOOKS: LazyLock<Mutex<HashMap<ChannelId, Book>>> = LazyLock::new(Mutex::default);
 
+/// Tickets are unique in the process, never reused when a book empties and starts again.
+static NEXT_TICKET: AtomicU64 = AtomicU64::new(1);
+
 fn books() -> MutexGuard<'static, HashMap<ChannelId, Book>> {
     // The data stays consistent across a panic in another holder: every change is one step.
     BOOKS.lock().unwrap_or_else(|e| e.into_inner())
@@ -104,10 +109,9 @@ fn books() -> MutexGuard<'static, HashMap<ChannelId, Book>> {
 impl Ticket {
     /// Registers a publish on `channel` before it is sent.
     pub fn open(channel: ChannelId, mandatory: bool) -> Self {
+        let ticket = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
         let mut books = books();
         let book = books.entry(channel).or_default();
-        book.next += 1;
-        let ticket = book.next;
         book.entries.insert(
             ticket,
             Entry {
