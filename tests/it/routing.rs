@@ -226,14 +226,14 @@ async fn returns_fail_exactly_the_publish_they_belong_to() {
             }
         }
     }
+    let depth = topology::queue_depth(&channel, &queue).await.unwrap();
+    delete_queue_and_exchange(&conn, &queue, &exchange).await;
     assert!(
         wrong.is_empty(),
         "{} wrong outcomes: {wrong:#?}",
         wrong.len()
     );
-    let depth = topology::queue_depth(&channel, &queue).await.unwrap();
     assert_eq!(depth.messages, routed, "every routed publish arrived");
-    delete_queue_and_exchange(&conn, &queue, &exchange).await;
 }
 
 async fn delete_queue_and_exchange(conn: &Connection, queue: &str, exchange: &str) {
