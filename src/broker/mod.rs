@@ -3,4 +3,5 @@
 pub mod connection;
 pub mod publish;
 pub mod retry;
+pub mod returns;
 pub mod topology;

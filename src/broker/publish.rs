@@ -15,7 +15,10 @@ use lapin::{
 };
 
 use crate::{
-    broker::retry,
+    broker::{
+        retry,
+        returns::{self, Attribution},
+    },
     config::TopologyConfig,
     contract::headers::{self, Failure, RetryState},
     runtime::clock::{unix_now, unix_now_ms},
@@ -62,6 +65,13 @@ pub enum PublishError {
         code: u16,
         /// AMQP reply text.
         text: String,
+    },
+    /// Confirmed, but a confirm abandoned on the same channel (a timeout) may have carried
+    /// this message's return: whether it was routed is unknown, so it counts as not.
+    #[error("message to {destination} was confirmed, but whether it was routed is unknown")]
+    Unattributed {
+        /// Where it was going.
+        destination: String,
     },
 }
 
@@ -299,6 +309,11 @@ impl Publisher {
 /// returned mandatory message or a broker error is a [`PublishError`]. Every confirmed
 /// publish of llmq (results, dead letters, retries, replays, `llmq publish`) checks its
 /// confirm here.
+///
+/// A returned message fails exactly the publish it belongs to, never another one on the same
+/// channel: a mandatory publish carries its own id, and returns are matched by it
+/// ([`crate::broker::returns`]). Every publish on a channel that carries mandatory publishes
+/// must come through here, since lapin may hand a return to any confirm of the channel.
 pub async fn publish_confirmed(
     channel: &Channel,
     exchange: &str,
@@ -318,8 +333,19 @@ pub async fn publish_confirmed(
         destination: destination(),
         source,
     };
-    let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, async {
-        channel
+    // Registered before the send: from then on a confirm that carries this message's return
+    // hands it here, whichever publish lapin gave it to.
+    let mut ticket = returns::Ticket::open(channel.id(), mandatory);
+    let props = if mandatory {
+        ticket.stamp(props)
+    } else {
+        props
+    };
+    // Bounded: a blocked connection (a broker alarm) never confirms. A ticket dropped by the
+    // timeout leaves its confirm in the book as an orphan, watched for the return it may
+    // still carry.
+    let (confirm, attribution) = tokio::time::timeout(CONFIRM_TIMEOUT, async {
+        let confirm = channel
             .basic_publish(
                 ShortString::from(exchange),
                 ShortString::from(routing_key),
@@ -331,25 +357,26 @@ pub async fn publish_confirmed(
                 props,
             )
             .await
-            .map_err(broker)?
-            .await
-            .map_err(broker)
+            .map_err(broker)?;
+        let confirm = ticket.confirm(confirm).await.map_err(broker)?;
+        Ok::<_, PublishError>((confirm, ticket.attribution().await))
     })
     .await
     .map_err(|_| PublishError::Unconfirmed {
         destination: destination(),
     })??;
-    match confirm {
-        Confirmation::Ack(None) => Ok(()),
-        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-            Err(PublishError::Returned {
-                destination: destination(),
-                code: returned.reply_code,
-                text: returned.reply_text.to_string(),
-            })
-        }
+    match (confirm, attribution) {
+        (_, Attribution::Returned(returned)) => Err(PublishError::Returned {
+            destination: destination(),
+            code: returned.reply_code,
+            text: returned.reply_text.to_string(),
+        }),
+        (Confirmation::Ack(_), Attribution::Routed) => Ok(()),
+        (Confirmation::Ack(_), Attribution::Unknown) => Err(PublishError::Unattributed {
+            destination: destination(),
+        }),
         // NotRequested: the channel is not in confirm mode; treat it as unconfirmed.
-        Confirmation::Nack(None) | Confirmation::NotRequested => Err(PublishError::Nacked {
+        (Confirmation::Nack(_) | Confirmation::NotRequested, _) => Err(PublishError::Nacked {
             destination: destination(),
         }),
     }

@@ -3,8 +3,11 @@
 //!
 //! Long waits go through durable delayed-retry queues: the request is republished, with its
 //! attempt count in a header, to a queue whose messages expire after their per-message TTL
-//! and dead-letter back to the request exchange. The queues are tiered by delay, because a classic queue only
-//! expires the message at its head: a 10 s retry never waits behind a 10 min one.
+//! and dead-letter back to the request exchange. The queues are quorum queues that
+//! dead-letter at least once (the broker keeps an expired message until its work queue
+//! confirms it, see [`crate::broker::topology::retry_queue_arguments`]). They are tiered by
+//! delay, because a queue only expires the message at its head: a 10 s retry never waits
+//! behind a 10 min one.
 
 use std::time::Duration;
 

@@ -7,9 +7,14 @@
 //! - `llm_results` (direct) -> durable queue `llm_results` (key `result`), optional.
 //! - `llm_requests.dlx` (direct) -> `llm_processing.dlq` (key `dead`). The worker publishes
 //!   its dead letters there itself, so it does not depend on the policy.
-//! - `llm_requests.retry` (headers) -> `llm_requests.retry.{5s,30s,2m,10m,1h}`, each matched
-//!   on the `llmq-retry-tier` header and dead-lettering expired messages back to
-//!   `llm_requests` with their routing key (see [`crate::broker::retry`]).
+//! - `llm_requests.retry.q` (headers) -> `llm_requests.retry.q.{5s,30s,2m,10m,1h}`, each
+//!   matched on the `llmq-retry-tier` header and dead-lettering expired messages back to
+//!   `llm_requests` with their routing key (see [`crate::broker::retry`]). The tiers are
+//!   quorum queues with at-least-once dead-lettering: the broker republishes an expired
+//!   message with confirms, and keeps it until the work queue takes it.
+//! - `llm_unroutable` (fanout) -> durable queue `llm_unroutable`: the alternate exchange that
+//!   a policy (`rabbitmq/definitions.json`, never an exchange argument, which would make
+//!   every existing declaration fail) gives the request, dead-letter and retry exchanges.
 
 use lapin::{
     Channel, Connection, ExchangeKind,
@@ -26,6 +31,24 @@ pub fn work_queue_arguments(topo: &TopologyConfig) -> FieldTable {
         "x-max-priority".into(),
         AMQPValue::LongInt(topo.max_priority.into()),
     );
+    args
+}
+
+/// The arguments of a delayed-retry tier: a quorum queue that dead-letters expired messages
+/// back to the request exchange at least once (the broker holds a message until the queue it
+/// routes to confirms it; it needs `x-overflow: reject-publish`). No dead-letter routing key:
+/// an expired message keeps the work queue's key it was republished with, so it lands back in
+/// the queue it came from.
+pub fn retry_queue_arguments(topo: &TopologyConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    for (key, value) in [
+        ("x-queue-type", "quorum"),
+        ("x-dead-letter-exchange", topo.request_exchange.as_str()),
+        ("x-dead-letter-strategy", "at-least-once"),
+        ("x-overflow", "reject-publish"),
+    ] {
+        args.insert(key.into(), AMQPValue::LongString(value.into()));
+    }
     args
 }
 
@@ -75,6 +98,22 @@ pub async fn declare(channel: &Channel, topo: &TopologyConfig) -> Result<(), lap
         ),
     ];
     declare_retry_tiers(channel, topo).await?;
+    channel
+        .exchange_declare(
+            topo.unroutable_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    // A fanout exchange ignores the binding key.
+    let any_key = String::new();
+    queues.push((
+        &topo.unroutable_queue,
+        &topo.unroutable_exchange,
+        &any_key,
+        FieldTable::default(),
+    ));
     if topo.keep_results {
         queues.push((
             &topo.results_queue,
@@ -110,7 +149,7 @@ pub async fn declare_on(conn: &Connection, topo: &TopologyConfig) -> Result<(), 
 }
 
 /// The headers exchange of the delayed-retry tiers and one queue per tier, each
-/// dead-lettering back to the request exchange.
+/// dead-lettering back to the request exchange ([`retry_queue_arguments`]).
 async fn declare_retry_tiers(channel: &Channel, topo: &TopologyConfig) -> Result<(), lapin::Error> {
     let durable_queue = QueueDeclareOptions {
         durable: true,
@@ -130,15 +169,12 @@ async fn declare_retry_tiers(channel: &Channel, topo: &TopologyConfig) -> Result
         .await?;
     for tier in retry::TIERS {
         let queue = retry_queue(topo, tier.name);
-        let mut args = FieldTable::default();
-        // No dead-letter routing key: an expired message keeps the work queue's key it was
-        // republished with, so it lands back in the queue it came from.
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(topo.request_exchange.as_str().into()),
-        );
         channel
-            .queue_declare(queue.as_str().into(), durable_queue, args)
+            .queue_declare(
+                queue.as_str().into(),
+                durable_queue,
+                retry_queue_arguments(topo),
+            )
             .await?;
         let mut bind = FieldTable::default();
         bind.insert("x-match".into(), AMQPValue::LongString("all".into()));
@@ -168,6 +204,7 @@ pub async fn delete(channel: &Channel, topo: &TopologyConfig) {
         topo.embeddings_queue.clone(),
         topo.results_queue.clone(),
         topo.dead_letter_queue.clone(),
+        topo.unroutable_queue.clone(),
     ];
     queues.extend(retry::TIERS.iter().map(|tier| retry_queue(topo, tier.name)));
     for q in queues {
@@ -180,6 +217,7 @@ pub async fn delete(channel: &Channel, topo: &TopologyConfig) {
         &topo.results_exchange,
         &topo.dead_letter_exchange,
         &topo.retry_exchange,
+        &topo.unroutable_exchange,
     ] {
         let _ = channel
             .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
@@ -215,4 +253,63 @@ pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<QueueDepth, l
 /// The name of a delayed-retry queue.
 pub fn retry_queue(topo: &TopologyConfig, tier: &str) -> String {
     format!("{}.{tier}", topo.retry_queue_prefix)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+
+    /// The definitions that `docker compose` loads name the defaults' alternate exchange, by
+    /// policy on the request, dead-letter and retry exchanges (not the results exchange:
+    /// without `keep_results` nobody needs its results kept).
+    #[test]
+    fn definitions_give_the_default_exchanges_their_alternate_exchange() {
+        let defs: Value =
+            serde_json::from_str(include_str!("../../rabbitmq/definitions.json")).unwrap();
+        let t = TopologyConfig::default();
+        let policy = defs["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["definition"].get("alternate-exchange").is_some())
+            .unwrap();
+        assert_eq!(policy["apply-to"], "exchanges");
+        assert_eq!(
+            policy["definition"]["alternate-exchange"],
+            t.unroutable_exchange.as_str()
+        );
+        let escaped = |name: &str| name.replace('.', "\\.");
+        let expected = format!(
+            "^{}({}|{})?$",
+            escaped(&t.request_exchange),
+            escaped(&t.dead_letter_exchange[t.request_exchange.len()..]),
+            escaped(&t.retry_exchange[t.request_exchange.len()..])
+        );
+        assert_eq!(policy["pattern"], expected.as_str());
+        let declared = |kind: &str, name: &str| {
+            defs[kind]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|o| o["name"] == name)
+        };
+        assert!(declared("exchanges", &t.unroutable_exchange));
+        assert!(declared("queues", &t.unroutable_queue));
+    }
+
+    #[test]
+    fn retry_tiers_dead_letter_at_least_once() {
+        let args = retry_queue_arguments(&TopologyConfig::default());
+        let get = |k: &str| match args.inner().get(k) {
+            Some(AMQPValue::LongString(s)) => s.to_string(),
+            other => panic!("{k}: {other:?}"),
+        };
+        assert_eq!(get("x-queue-type"), "quorum");
+        assert_eq!(get("x-dead-letter-strategy"), "at-least-once");
+        // at-least-once is ignored without it.
+        assert_eq!(get("x-overflow"), "reject-publish");
+        assert_eq!(get("x-dead-letter-exchange"), "llm_requests");
+    }
 }

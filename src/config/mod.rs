@@ -123,6 +123,8 @@ mod tests {
                 retry_exchange: "x.retry".into(),
                 retry_queue_prefix: "x.retry-q".into(),
                 results_ttl_secs: 60,
+                unroutable_exchange: "x.unroutable".into(),
+                unroutable_queue: "x.unroutable-kept".into(),
             },
             llm: LlmConfig {
                 base_url: SecretUrl::new("https://api.example/v1"),

@@ -17,6 +17,10 @@ impl TopologyConfig {
             OwnedQueue::subtree(&self.embeddings_queue, "topology.embeddings_queue"),
             // The delayed-retry tiers, `<prefix>.<tier>`.
             OwnedQueue::subtree(&self.retry_queue_prefix, "topology.retry_queue_prefix"),
+            // Every queue named under the request exchange: the classic retry tiers of
+            // earlier versions (`llm_requests.retry.5s`, still there after an upgrade) too.
+            OwnedQueue::subtree(&self.request_exchange, "topology.request_exchange"),
+            OwnedQueue::exact(&self.unroutable_queue, "topology.unroutable_queue"),
             OwnedQueue::exact(&self.dead_letter_queue, "topology.dead_letter_queue"),
             // Even when not declared (`keep_results = false`): it is llmq's name.
             OwnedQueue::exact(&self.results_queue, "topology.results_queue"),
@@ -57,6 +61,8 @@ mod tests {
             t.dead_letter_queue.clone(),
             t.results_queue.clone(),
             format!("{}.5s", t.retry_queue_prefix),
+            "llm_requests.retry.5s".to_string(),
+            t.unroutable_queue.clone(),
             format!("{}.lane.0f3a", t.processing_queue),
             format!("{}.lane.0f3a", t.embeddings_queue),
         ] {

@@ -91,12 +91,21 @@ pub struct TopologyConfig {
     /// Headers exchange in front of the delayed-retry queues.
     pub retry_exchange: String,
     /// Prefix of the delayed-retry queues (`<prefix>.5s`, `<prefix>.30s`, ...). Messages wait
-    /// there for their per-message TTL, then dead-letter back to `request_exchange`.
+    /// there for their per-message TTL, then dead-letter back to `request_exchange`
+    /// (at-least-once: they are quorum queues). The default is not the old classic tiers'
+    /// `llm_requests.retry`: a quorum queue cannot take a classic queue's name.
     pub retry_queue_prefix: String,
     /// Seconds a result copy waits in `results_queue` before the broker drops it (its
     /// per-message `expiration`, so the queue's declaration never changes); 0 keeps results
     /// until they are consumed. The copy sent to `reply_to` has none.
     pub results_ttl_secs: u64,
+    /// Fanout exchange that the `alternate-exchange` policy (`rabbitmq/definitions.json`)
+    /// names: whatever the request, dead-letter and retry exchanges cannot route ends there
+    /// instead of being dropped.
+    pub unroutable_exchange: String,
+    /// Durable queue bound to `unroutable_exchange`, where unroutable messages wait for an
+    /// operator.
+    pub unroutable_queue: String,
 }
 
 impl Default for TopologyConfig {
@@ -115,8 +124,10 @@ impl Default for TopologyConfig {
             dead_letter_exchange: "llm_requests.dlx".into(),
             dead_letter_queue: "llm_processing.dlq".into(),
             dead_letter_key: "dead".into(),
-            retry_exchange: "llm_requests.retry".into(),
-            retry_queue_prefix: "llm_requests.retry".into(),
+            retry_exchange: "llm_requests.retry.q".into(),
+            retry_queue_prefix: "llm_requests.retry.q".into(),
+            unroutable_exchange: "llm_unroutable".into(),
+            unroutable_queue: "llm_unroutable".into(),
             results_ttl_secs: 86_400,
         }
     }
@@ -203,6 +214,8 @@ impl TopologyConfig {
             dead_letter_queue: format!("{p}.dlq"),
             retry_exchange: format!("{p}.retry"),
             retry_queue_prefix: format!("{p}.retry"),
+            unroutable_exchange: format!("{p}.unroutable"),
+            unroutable_queue: format!("{p}.unroutable"),
             ..self.clone()
         }
     }

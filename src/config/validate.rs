@@ -292,6 +292,8 @@ fn validate_topology(t: &TopologyConfig, p: &mut Problems) {
         ("topology.dead_letter_queue", &t.dead_letter_queue),
         ("topology.retry_exchange", &t.retry_exchange),
         ("topology.retry_queue_prefix", &t.retry_queue_prefix),
+        ("topology.unroutable_exchange", &t.unroutable_exchange),
+        ("topology.unroutable_queue", &t.unroutable_queue),
     ] {
         p.check(
             !value.is_empty() && value.len() <= 255,

@@ -30,6 +30,12 @@ pub const LAST_ERROR: &str = "x-llmq-last-error";
 /// which ignores header names starting with `x-` when matching, hence no prefix.
 pub const RETRY_TIER: &str = "llmq-retry-tier";
 
+/// The id of one mandatory publish, `<process nonce>.<channel>.<ticket>`, so that a
+/// `basic.return` is matched to the publish it belongs to (lapin hands a return to whichever
+/// confirm completes next, see [`crate::broker::returns`]). Overwritten on every mandatory
+/// publish; meaningless to anyone else.
+pub const PUBLISH_ID: &str = "x-llmq-publish-id";
+
 /// A dead letter's [`ErrorKind`].
 pub const ERROR_KIND: &str = "x-error-kind";
 /// A dead letter's reason (at most [`MAX_ERROR_TEXT`] bytes).

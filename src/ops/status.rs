@@ -30,6 +30,7 @@ pub async fn status(config: &Config) -> Result<Vec<QueueStatus>, OpsError> {
         t.embeddings_queue.clone(),
         t.results_queue.clone(),
         t.dead_letter_queue.clone(),
+        t.unroutable_queue.clone(),
     ];
     queues.extend(
         retry::TIERS

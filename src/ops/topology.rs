@@ -47,11 +47,16 @@ pub fn describe(t: &TopologyConfig) -> String {
     line(format!("exchange {} (headers)", t.retry_exchange));
     for tier in retry::TIERS {
         line(format!(
-            "  -> queue {} (dead-letters to {})",
+            "  -> queue {} (quorum, dead-letters to {} at least once)",
             topology::retry_queue(t, tier.name),
             t.request_exchange
         ));
     }
+    line(format!(
+        "exchange {} (fanout; the alternate exchange of {}, {} and {} by policy)",
+        t.unroutable_exchange, t.request_exchange, t.dead_letter_exchange, t.retry_exchange
+    ));
+    line(format!("  -> queue {}", t.unroutable_queue));
     out
 }
 
@@ -70,6 +75,7 @@ mod tests {
             &t.results_exchange,
             &t.dead_letter_queue,
             &t.retry_exchange,
+            &t.unroutable_queue,
         ] {
             assert!(text.contains(name.as_str()), "{name} missing in\n{text}");
         }

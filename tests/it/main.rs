@@ -13,5 +13,6 @@ mod guarantees;
 mod helpers;
 mod interop;
 mod ops;
+mod routing;
 mod tls;
 mod validation;
