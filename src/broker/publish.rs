@@ -165,7 +165,8 @@ impl Publisher {
         // Boxed: most requests have no reply_to, and every in-flight delivery's task would
         // otherwise be sized for two publishes.
         Box::pin(async {
-            // Not mandatory: a caller that left is common.
+            // Not mandatory: a caller that left is common, and its result is on the results
+            // exchange anyway; a return would only be logged.
             let reply = self.send("", reply_to, false, body, props.clone());
             let (results, reply) = tokio::join!(self.send_result(body, &props), reply);
             results?;

@@ -389,12 +389,13 @@ impl Settling<'_> {
             worker: ctx.worker(),
         };
         let published = with_retries(|| self.publisher.dead_letter(self.delivery, &failure)).await;
+        // Error results are not stored: a replayed dead letter (`llmq dlq replay`) must be
+        // processed again, not answered with its old error. And a request handed back because
+        // its dead letter was not confirmed must not find its own lease in the way.
+        self.release().await;
         if published.is_ok() {
             error!(error_kind = %kind, attempts = self.attempts, reason = %reason, "dead-lettered");
             ctx.metrics.dead_lettered(self.kind.as_str(), kind.as_str());
-            // Error results are not stored: a replayed dead letter (`llmq dlq replay`) must
-            // be processed again, not answered with its old error.
-            self.release().await;
             // The caller hears of it too, so that an RPC caller never waits forever. The dead
             // letter is the durable record; this result is best effort.
             let mut result = JobResult::error(
