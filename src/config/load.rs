@@ -178,6 +178,21 @@ mod tests {
     use crate::config::redact_url;
     use figment::Jail;
 
+    /// The repository's `config.toml` (copied into the Docker image) holds the defaults and
+    /// nothing else, so it never pins a value the code has moved on from (a retry tier's
+    /// name, say).
+    #[test]
+    fn the_shipped_config_toml_is_the_defaults() {
+        let text = include_str!("../../config.toml");
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("config.toml", text)?;
+            let loaded = Config::load(None).map_err(|e| e.problems.join("; "))?;
+            assert_eq!(loaded, Config::default());
+            Ok(())
+        });
+    }
+
     /// Loads inside a jail (its own cwd and environment) with `file` as `./config.toml`.
     fn problems(file: Option<&str>, vars: &[(&str, &str)]) -> Vec<String> {
         let mut out = Vec::new();

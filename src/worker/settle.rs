@@ -165,16 +165,7 @@ impl Settling<'_> {
                     }
                     match self.attempt(job, started).await {
                         Some(outcome) => {
-                            if outcome.called_upstream() {
-                                self.attempts += 1;
-                            }
-                            match &outcome {
-                                Outcome::Retry { .. } => {
-                                    self.first_failure.get_or_insert_with(unix_now);
-                                }
-                                Outcome::Done(result) => body = Some(result.to_bytes()),
-                                Outcome::Failed { .. } | Outcome::Deferred { .. } => {}
-                            }
+                            body = self.record(&outcome);
                             produced = Some(outcome);
                         }
                         None => stopping = true,
@@ -220,6 +211,22 @@ impl Settling<'_> {
                     return Box::pin(self.finish(terminal, Some(job), produced.as_ref())).await;
                 }
             }
+        }
+    }
+
+    /// Counts what an attempt produced; an answer comes back serialized, the result to
+    /// publish.
+    fn record(&mut self, outcome: &Outcome) -> Option<Vec<u8>> {
+        if outcome.called_upstream() {
+            self.attempts += 1;
+        }
+        match outcome {
+            Outcome::Retry { .. } => {
+                self.first_failure.get_or_insert_with(unix_now);
+                None
+            }
+            Outcome::Done(result) => Some(result.to_bytes()),
+            Outcome::Failed { .. } | Outcome::Deferred { .. } => None,
         }
     }
 
