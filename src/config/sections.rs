@@ -351,7 +351,7 @@ impl Default for IdempotencyConfig {
             store: StoreKind::Memory,
             ttl_secs: 86_400,
             redis_url: SecretUrl::new("redis://127.0.0.1:6379"),
-            memory_max_bytes: 128 * 1024 * 1024,
+            memory_max_bytes: 32 * 1024 * 1024,
             key_prefix: "llmq".into(),
             on_store_error: OnStoreError::Requeue,
         }
