@@ -97,8 +97,10 @@ pub(super) async fn start_worker(conn: &Connection, cfg: &RunConfig) -> Result<C
             break;
         }
         if Instant::now() > deadline {
+            // The child is killed when dropped; the run's topology goes with it.
+            topology::delete(&setup, &cfg.topology).await;
             return Err(BenchError::Setup(format!(
-                "the worker did not subscribe within {patience} s"
+                "the worker did not subscribe within {patience} s (its log is above)"
             )));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
