@@ -469,3 +469,49 @@ async fn a_missing_impersonator_tag_is_detected_at_connect() {
         .expect("the worker's user has the tag");
     let _ = worker_conn.close(200, "done".into()).await;
 }
+
+/// The embeddings consumers buffer at most `batch.max_buffered_bytes` of worst-case bodies
+/// (`worker.max_body_bytes` each), even with a fixed `worker.prefetch` that would take
+/// more: what the broker has not handed out stays in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embeddings_prefetch_is_bounded_by_buffered_bytes() {
+    let env = TestEnv::with(
+        MockOptions {
+            latency_ms: 3000,
+            ..Default::default()
+        },
+        |c| {
+            c.worker.consumers = 2;
+            c.worker.prefetch = 16;
+            c.worker.max_body_bytes = 1024;
+            // 8 KiB of 1 KiB bodies: 4 per consumer, 8 in all (16 each without the bound).
+            c.batch.max_buffered_bytes = 8 * 1024;
+        },
+    )
+    .await;
+    let key = env.config.topology.embeddings_key.clone();
+    for i in 0..40 {
+        let body = json!({"request_id": format!("emb-{i}"), "kind": "embedding", "input": "x"});
+        env.publish(
+            &key,
+            body.to_string().as_bytes(),
+            BasicProperties::default().with_content_type("application/json".into()),
+        )
+        .await;
+    }
+    let worker = env.start_worker();
+    wait_until(
+        Duration::from_secs(20),
+        "a batched call in flight",
+        || async { env.mock.stats().in_flight.load(Ordering::Relaxed) >= 1 },
+    )
+    .await;
+    let queue = env.config.topology.embeddings_queue.clone();
+    assert_eq!(
+        env.queue_len(&queue).await,
+        32,
+        "8 of 40 handed out while the calls hold them"
+    );
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
