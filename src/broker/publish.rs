@@ -24,18 +24,31 @@ use crate::{
     runtime::clock::{unix_now, unix_now_ms},
 };
 
-/// Longest wait for the broker to take a publish and confirm it. A broker under a memory or
-/// disk alarm blocks the publishing connection, and lapin then writes nothing on it: without
-/// a bound, a delivery would wait for its confirm until the alarm clears, shutdown included.
+/// Longest wait of the tools (`llmq publish`, `llmq dlq replay`, the impersonation check)
+/// for the broker to take a publish and confirm it. A broker under a memory or disk alarm
+/// blocks the publishing connection, and lapin then writes nothing on it.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a publish waits for the broker to take and confirm it.
+#[derive(Debug, Clone, Copy)]
+pub enum Patience<'a> {
+    /// At most this long: the tools, which must not hang on a blocked broker.
+    Timeout(Duration),
+    /// Until this token is cancelled: the worker's shutdown deadline. A publish is never
+    /// abandoned while the broker merely blocks it (an alarm): lapin keeps its frames and
+    /// sends them once unblocked, so giving up would hand the request back while its result
+    /// or move still goes out, a duplicate for every try. It waits the alarm out instead,
+    /// and the delivery stays unacked on the consuming connection, which is never blocked.
+    Until(&'a tokio_util::sync::CancellationToken),
+}
 
 /// A publish the broker did not confirm.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    /// No confirm within [`CONFIRM_TIMEOUT`] (a blocked connection, an overloaded broker):
-    /// the message may still be published later, so the request is handed back, not retried
-    /// here.
-    #[error("no confirm from the broker within {}s for the message to {destination}", CONFIRM_TIMEOUT.as_secs())]
+    /// No confirm within the publish's [`Patience`] (a blocked connection at a tool's
+    /// timeout, or the worker's shutdown deadline): the message may still be published
+    /// later, so the request is handed back, not retried here.
+    #[error("no confirm from the broker in time for the message to {destination}")]
     Unconfirmed {
         /// Where it was going.
         destination: String,
@@ -115,16 +128,27 @@ pub enum Reply {
 pub struct Publisher {
     channel: Channel,
     topo: TopologyConfig,
+    /// Cancelled at the shutdown deadline: the only point at which a publish gives up.
+    give_up: tokio_util::sync::CancellationToken,
 }
 
 impl Publisher {
-    /// Opens its own channel on `conn` and turns on publisher confirms.
-    pub async fn open(conn: &Connection, topo: TopologyConfig) -> Result<Self, lapin::Error> {
+    /// Opens its own channel on `conn` and turns on publisher confirms. Its publishes wait
+    /// for their confirms until `give_up` is cancelled ([`Patience::Until`]).
+    pub async fn open(
+        conn: &Connection,
+        topo: TopologyConfig,
+        give_up: tokio_util::sync::CancellationToken,
+    ) -> Result<Self, lapin::Error> {
         let channel = conn.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        Ok(Self { channel, topo })
+        Ok(Self {
+            channel,
+            topo,
+            give_up,
+        })
     }
 
     /// Whether the channel is still open.
@@ -302,7 +326,17 @@ impl Publisher {
         body: &[u8],
         props: BasicProperties,
     ) -> Result<(), PublishError> {
-        publish_confirmed(&self.channel, exchange, routing_key, mandatory, body, props).await
+        let patience = Patience::Until(&self.give_up);
+        publish_with(
+            &self.channel,
+            exchange,
+            routing_key,
+            mandatory,
+            body,
+            props,
+            patience,
+        )
+        .await
     }
 }
 
@@ -315,6 +349,9 @@ impl Publisher {
 /// channel: a mandatory publish carries its own id, and returns are matched by it
 /// ([`crate::broker::returns`]). Every publish on a channel that carries mandatory publishes
 /// must come through here, since lapin may hand a return to any confirm of the channel.
+///
+/// Waits at most [`CONFIRM_TIMEOUT`]: for the tools. The worker's publishes wait until its
+/// shutdown deadline instead ([`Publisher`], [`Patience::Until`]).
 pub async fn publish_confirmed(
     channel: &Channel,
     exchange: &str,
@@ -322,6 +359,29 @@ pub async fn publish_confirmed(
     mandatory: bool,
     body: &[u8],
     props: BasicProperties,
+) -> Result<(), PublishError> {
+    let patience = Patience::Timeout(CONFIRM_TIMEOUT);
+    publish_with(
+        channel,
+        exchange,
+        routing_key,
+        mandatory,
+        body,
+        props,
+        patience,
+    )
+    .await
+}
+
+/// [`publish_confirmed`] with its [`Patience`].
+async fn publish_with(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    mandatory: bool,
+    body: &[u8],
+    props: BasicProperties,
+    patience: Patience<'_>,
 ) -> Result<(), PublishError> {
     let destination = || {
         if exchange.is_empty() {
@@ -342,10 +402,10 @@ pub async fn publish_confirmed(
     } else {
         props
     };
-    // Bounded: a blocked connection (a broker alarm) never confirms. A ticket dropped by the
-    // timeout leaves its confirm in the book as an orphan, watched for the return it may
-    // still carry.
-    let (confirm, attribution) = tokio::time::timeout(CONFIRM_TIMEOUT, async {
+    // Bounded by the patience: a blocked connection (a broker alarm) confirms nothing until
+    // it is unblocked. A ticket dropped by giving up leaves its confirm in the book as an
+    // orphan, watched for the return it may still carry.
+    let publish = async {
         let confirm = channel
             .basic_publish(
                 ShortString::from(exchange),
@@ -361,11 +421,19 @@ pub async fn publish_confirmed(
             .map_err(broker)?;
         let confirm = ticket.confirm(confirm).await.map_err(broker)?;
         Ok::<_, PublishError>((confirm, ticket.attribution().await))
-    })
-    .await
-    .map_err(|_| PublishError::Unconfirmed {
+    };
+    let unconfirmed = || PublishError::Unconfirmed {
         destination: destination(),
-    })??;
+    };
+    let (confirm, attribution) = match patience {
+        Patience::Timeout(limit) => tokio::time::timeout(limit, publish)
+            .await
+            .map_err(|_| unconfirmed())??,
+        Patience::Until(give_up) => tokio::select! {
+            done = publish => done?,
+            _ = give_up.cancelled() => return Err(unconfirmed()),
+        },
+    };
     match (confirm, attribution) {
         (_, Attribution::Returned(returned)) => Err(PublishError::Returned {
             destination: destination(),

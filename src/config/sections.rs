@@ -249,8 +249,7 @@ pub struct WorkerConfig {
     /// Bodies larger than this are dead-lettered as `too_large` without being parsed.
     pub max_body_bytes: usize,
     /// On SIGTERM, how long in-flight work may take to finish before it is handed back. At
-    /// least `llm.timeout_secs`; the default also leaves a result's confirm time
-    /// ([`crate::broker::publish::CONFIRM_TIMEOUT`]).
+    /// least `llm.timeout_secs`; the default also leaves a result time to be confirmed.
     pub shutdown_grace_secs: u64,
     /// A result larger than this, serialized, is not published: the request gets a small
     /// `result_too_large` error result and a dead letter. The default is RabbitMQ 4.x's

@@ -122,7 +122,7 @@ async fn session(
     // not wait for it.
     let publisher = tokio::select! {
         _ = stop.cancelled() => return Ok(()),
-        publisher = Publisher::open(&links.publish, ctx.config.topology.clone()) => publisher?,
+        publisher = Publisher::open(&links.publish, ctx.config.topology.clone(), ctx.abort.clone()) => publisher?,
     };
     let mut limit = ctx.flow.watch_limit();
     let mut current = *limit.borrow_and_update();
