@@ -15,6 +15,7 @@ use lapin::{
     message::Delivery,
     options::{BasicAckOptions, BasicNackOptions},
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::{
@@ -43,7 +44,7 @@ pub(super) async fn handle(ctx: &Context, publisher: &Publisher, kind: Kind, del
     if settle.catch_unwind().await.is_err() {
         ctx.metrics
             .dead_lettered(kind.as_str(), ErrorKind::InternalError.as_str());
-        Box::pin(dead_letter_after_panic(publisher, delivery, ctx.worker())).await;
+        Box::pin(dead_letter_after_panic(publisher, delivery, ctx)).await;
     }
 }
 
@@ -188,7 +189,8 @@ impl Settling<'_> {
                         }
                         Err(e) => {
                             error!(error = %e, "the result could not be confirmed by the broker; handing the request back");
-                            return self.hand_back().await;
+                            self.release().await;
+                            return nack_after_a_pause(self.delivery, &ctx.stop).await;
                         }
                     }
                 }
@@ -382,7 +384,7 @@ impl Settling<'_> {
                 with_retries(|| self.publisher.requeue(self.delivery, queue, state)).await
             }
         };
-        ack_if_confirmed(self.delivery, published).await;
+        ack_if_confirmed(self.delivery, published, &self.ctx.stop).await;
     }
 
     /// Dead-letters the delivery (confirmed), tells the caller, then acks.
@@ -425,7 +427,7 @@ impl Settling<'_> {
                 }
             }
         }
-        ack_if_confirmed(self.delivery, published).await;
+        ack_if_confirmed(self.delivery, published, &self.ctx.stop).await;
     }
 
     /// Gives the delivery back to its queue, and the lease with it.
@@ -455,7 +457,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// After a panic anywhere in handling a delivery: dead-letter it (confirmed) and ack.
-async fn dead_letter_after_panic(publisher: &Publisher, delivery: &Delivery, worker: &str) {
+async fn dead_letter_after_panic(publisher: &Publisher, delivery: &Delivery, ctx: &Context) {
     error!(
         delivery_tag = delivery.delivery_tag,
         "the worker panicked while handling a message; dead-lettering it"
@@ -465,21 +467,40 @@ async fn dead_letter_after_panic(publisher: &Publisher, delivery: &Delivery, wor
         reason: "the worker panicked while handling this message",
         attempts: RetryState::read(&delivery.properties).attempts,
         first_failure: unix_now(),
-        worker,
+        worker: ctx.worker(),
     };
     let published = with_retries(|| publisher.dead_letter(delivery, &failure)).await;
-    ack_if_confirmed(delivery, published).await;
+    ack_if_confirmed(delivery, published, &ctx.stop).await;
 }
 
-/// Acks a delivery whose outcome the broker confirmed; hands it back otherwise.
-async fn ack_if_confirmed(delivery: &Delivery, published: Result<(), PublishError>) {
+/// How long a delivery whose outcome the broker would not confirm is held before it is
+/// handed back: the broker redelivers it at once, and a queue that stays missing or
+/// refusing must not turn that into a loop of one try a second.
+const HAND_BACK_PAUSE: Duration = Duration::from_secs(5);
+
+/// Acks a delivery whose outcome the broker confirmed; hands it back otherwise (after a
+/// pause).
+async fn ack_if_confirmed(
+    delivery: &Delivery,
+    published: Result<(), PublishError>,
+    stop: &CancellationToken,
+) {
     match published {
         Ok(()) => ack(delivery).await,
         Err(e) => {
             error!(error = %e, "the outcome could not be confirmed by the broker; handing the request back");
-            nack(delivery).await;
+            nack_after_a_pause(delivery, stop).await;
         }
     }
+}
+
+/// Hands a delivery back after [`HAND_BACK_PAUSE`], or at once when the worker stops.
+async fn nack_after_a_pause(delivery: &Delivery, stop: &CancellationToken) {
+    tokio::select! {
+        _ = tokio::time::sleep(HAND_BACK_PAUSE) => {}
+        _ = stop.cancelled() => {}
+    }
+    nack(delivery).await;
 }
 
 async fn ack(delivery: &Delivery) {
