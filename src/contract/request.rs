@@ -58,7 +58,9 @@ pub struct Job {
 
 impl Job {
     /// Tokens this job is expected to use, for the token budget: prompt characters / 4 plus
-    /// `max_tokens` (or `default_max_tokens`) for chat; input characters / 4 for embeddings.
+    /// the completion allowance for chat, which is `max_tokens` or `max_completion_tokens`
+    /// (the larger; else `default_max_tokens`) for each of its `n` choices; input characters
+    /// / 4 for embeddings.
     pub fn token_estimate(&self, default_max_tokens: u64) -> u64 {
         match &self.call {
             Call::Chat { messages, params } => {
@@ -69,11 +71,13 @@ impl Job {
                         other => other.to_string().len(),
                     })
                     .sum();
-                let completion = params
-                    .get("max_tokens")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(default_max_tokens);
-                (chars / 4) as u64 + completion
+                let asked = ["max_tokens", "max_completion_tokens"]
+                    .iter()
+                    .filter_map(|k| params.get(*k).and_then(Value::as_u64))
+                    .max();
+                let choices = params.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+                let completion = asked.unwrap_or(default_max_tokens).saturating_mul(choices);
+                ((chars / 4) as u64).saturating_add(completion)
             }
             Call::Embedding { input, .. } => {
                 (input.iter().map(String::len).sum::<usize>() / 4).max(1) as u64
@@ -562,6 +566,10 @@ mod tests {
         assert_eq!(job.token_estimate(256), 258);
         let job = ok(r#"{"kind": "embedding", "input": ["abcd", "efgh"]}"#);
         assert_eq!(job.token_estimate(256), 2);
+        let job = ok(r#"{"prompt": "12345678", "params": {"max_completion_tokens": 100, "n": 3}}"#);
+        assert_eq!(job.token_estimate(256), 302, "every choice is paid for");
+        let job = ok(r#"{"prompt": "12345678", "params": {"n": 2}}"#);
+        assert_eq!(job.token_estimate(256), 514);
     }
 
     #[test]
