@@ -57,6 +57,10 @@ struct Context {
     upstream: Upstream,
     policy: RetryPolicy,
     store: Store,
+    /// How often a lease is renewed while its attempt runs (half the lease): a call that
+    /// waits long for a slot or a budget keeps its lease, so a duplicate is not called
+    /// beside it.
+    lease_renewal: Duration,
     /// Concurrency limit, pauses and budgets toward the upstream.
     flow: Arc<Flow>,
     /// Readiness for the admin endpoints.
@@ -114,6 +118,7 @@ impl Worker {
                 policy: RetryPolicy::new(&config.retry),
                 upstream,
                 store,
+                lease_renewal: lease / 2,
                 flow,
                 health: Arc::default(),
                 metrics,

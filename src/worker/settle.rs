@@ -263,17 +263,25 @@ impl Settling<'_> {
         let ctx = self.ctx;
         let attempt = self.attempts + 1;
         let call = AssertUnwindSafe(ctx.upstream.attempt(job, attempt, started, &ctx.stop));
-        tokio::select! {
-            outcome = call.catch_unwind() => match outcome {
-                Ok(outcome) => outcome,
-                Err(_) => Some(Outcome::Failed {
-                    kind: ErrorKind::InternalError,
-                    reason: "the worker panicked while processing this request".into(),
-                }),
-            },
-            _ = ctx.abort.cancelled() => {
-                info!(attempt, "shutdown deadline reached mid-call; handing the request back");
-                None
+        let mut call = std::pin::pin!(call.catch_unwind());
+        loop {
+            tokio::select! {
+                outcome = &mut call => return match outcome {
+                    Ok(outcome) => outcome,
+                    Err(_) => Some(Outcome::Failed {
+                        kind: ErrorKind::InternalError,
+                        reason: "the worker panicked while processing this request".into(),
+                    }),
+                },
+                // The wait for a slot or a budget can outlast the lease (up to half the
+                // consumer timeout): keep it.
+                _ = tokio::time::sleep(ctx.lease_renewal), if self.claimed => {
+                    ctx.store.renew(&self.key, ctx.worker()).await;
+                }
+                _ = ctx.abort.cancelled() => {
+                    info!(attempt, "shutdown deadline reached mid-call; handing the request back");
+                    return None;
+                }
             }
         }
     }
