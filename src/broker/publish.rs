@@ -429,9 +429,12 @@ async fn publish_with(
         Patience::Timeout(limit) => tokio::time::timeout(limit, publish)
             .await
             .map_err(|_| unconfirmed())??,
+        // Checked first: past the deadline nothing is sent at all, since a message sent and
+        // then given up on would still arrive, beside the delivery handed back.
         Patience::Until(give_up) => tokio::select! {
-            done = publish => done?,
+            biased;
             _ = give_up.cancelled() => return Err(unconfirmed()),
+            done = publish => done?,
         },
     };
     match (confirm, attribution) {

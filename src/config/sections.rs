@@ -305,9 +305,9 @@ pub struct RetryConfig {
     /// queues, so they hold no prefetch slot and cannot hit the broker's consumer timeout.
     pub inline_max_ms: u64,
     /// A delivery that arrives redelivered (its previous delivery was never settled: the
-    /// worker crashed, lost its connection or handed it back at shutdown) more than this many
-    /// times is dead-lettered as `redelivery_limit`, without an upstream call. Counted apart
-    /// from attempts, in the `x-llmq-redeliveries` header.
+    /// worker crashed, lost its connection, or was past its shutdown deadline) more than
+    /// this many times is dead-lettered as `redelivery_limit`, without an upstream call.
+    /// Counted apart from attempts, in the `x-llmq-redeliveries` header.
     pub max_redeliveries: u32,
 }
 

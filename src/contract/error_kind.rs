@@ -21,7 +21,7 @@ pub enum ErrorKind {
     /// The worker itself failed (a panic while handling the message).
     InternalError,
     /// The message was delivered again and again without being settled (its worker
-    /// crashed, or handed it back at shutdown) more than `retry.max_redeliveries` times.
+    /// crashed, or still held it at its shutdown deadline) more than `retry.max_redeliveries` times.
     RedeliveryLimit,
     /// The answer, serialized, is larger than `worker.max_result_bytes`.
     ResultTooLarge,

@@ -18,7 +18,7 @@ use super::error_kind::ErrorKind;
 /// Upstream attempts made before this delivery (a count that travels with the message).
 pub const ATTEMPTS: &str = "x-llmq-attempts";
 /// Times the request was delivered again without being settled (a worker crashed, or
-/// handed it back at shutdown), counted apart from attempts.
+/// still held it at its shutdown deadline), counted apart from attempts.
 pub const REDELIVERIES: &str = "x-llmq-redeliveries";
 /// Unix seconds of the request's first failure.
 pub const FIRST_FAILURE: &str = "x-llmq-first-failure";

@@ -307,7 +307,7 @@ impl Settling<'_> {
                 self.republish(&move_to).await
             }
             Decision::DeadLetter { kind, reason } => self.dead_letter(job, kind, &reason).await,
-            Decision::HandBack => self.hand_back().await,
+            Decision::HandBack => self.give_back().await,
             // Not final, or carried out by `run` itself.
             Decision::Claim
             | Decision::Call
@@ -438,6 +438,19 @@ impl Settling<'_> {
         ack_if_confirmed(self.delivery, published, &self.ctx.stop).await;
     }
 
+    /// Gives the delivery back at a graceful shutdown, with the attempts made in it, and
+    /// the lease with it ([`give_back`]).
+    async fn give_back(&self) {
+        self.release().await;
+        let state = RetryState {
+            attempts: self.attempts,
+            redeliveries: self.redeliveries,
+            first_failure: self.first_failure,
+            not_before_ms: None,
+        };
+        give_back(self.ctx, self.publisher, self.kind, self.delivery, state).await;
+    }
+
     /// Gives the delivery back to its queue, and the lease with it.
     async fn hand_back(&self) {
         self.release().await;
@@ -462,6 +475,39 @@ fn failure_reason(produced: Option<&Outcome>) -> &str {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Gives a delivery back at a graceful shutdown: republished to the tail of its queue with
+/// `state` (confirmed), then acked. A nack would bring it back flagged `redelivered`, which
+/// cannot be told from a crash, so every shutdown would count as a redelivery, and the
+/// attempts made in this delivery would be forgotten. A delivery that arrived redelivered
+/// and was never started keeps that redelivery in its count. Nacked when the republish
+/// cannot be confirmed (past the shutdown deadline, on a blocked broker).
+pub(super) async fn give_back(
+    ctx: &Context,
+    publisher: &Publisher,
+    kind: Kind,
+    delivery: &Delivery,
+    state: RetryState,
+) {
+    let state = RetryState {
+        redeliveries: state
+            .redeliveries
+            .saturating_add(u32::from(delivery.redelivered)),
+        ..state
+    };
+    let topo = &ctx.config.topology;
+    let queue = match kind {
+        Kind::Chat => &topo.processing_queue,
+        Kind::Embedding => &topo.embeddings_queue,
+    };
+    match publisher.requeue(delivery, queue, state).await {
+        Ok(()) => ack(delivery).await,
+        Err(e) => {
+            debug!(error = %e, "could not requeue at shutdown; handing the request back");
+            nack(delivery).await;
+        }
+    }
 }
 
 /// After a panic anywhere in handling a delivery: dead-letter it (confirmed) and ack.

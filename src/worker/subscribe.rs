@@ -22,6 +22,7 @@ use super::{Context, health::Consuming, settle};
 use crate::{
     broker::{publish::Publisher, topology},
     config::Config,
+    contract::headers::RetryState,
     contract::request::Kind,
 };
 
@@ -144,7 +145,7 @@ async fn session(
         let next = tokio::select! {
             biased;
             _ = stop.cancelled() => {
-                unsubscribe(&channel, &live, &mut streams).await;
+                unsubscribe(ctx, &publisher, &channel, &live, &mut streams).await;
                 return Ok(());
             }
             changed = limit.changed(), if ctx.config.worker.prefetch == 0 => {
@@ -209,19 +210,32 @@ async fn session(
     }
 }
 
-/// At shutdown: cancels the consumers, and hands back at once the deliveries buffered but
-/// never started, so another replica can take them while this one drains.
-async fn unsubscribe(channel: &lapin::Channel, live: &[String], streams: &mut Streams) {
+/// At shutdown: cancels the consumers, and gives back at once the deliveries buffered but
+/// never started ([`settle::give_back`]: requeued with their counts, not counted as a
+/// redelivery), so another replica can take them while this one drains.
+async fn unsubscribe(
+    ctx: &Context,
+    publisher: &Publisher,
+    channel: &lapin::Channel,
+    live: &[String],
+    streams: &mut Streams,
+) {
     for tag in live {
         let _ = channel
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
             .await;
     }
-    while let Some(Some((_, _, item))) = streams.next().now_or_never() {
+    let mut buffered = Vec::new();
+    while let Some(Some((_, kind, item))) = streams.next().now_or_never() {
         if let Some(Ok(delivery)) = item {
-            settle::nack(&delivery).await;
+            buffered.push((kind, delivery));
         }
     }
+    let give_back = buffered.iter().map(|(kind, delivery)| {
+        let state = RetryState::read(&delivery.properties);
+        settle::give_back(ctx, publisher, *kind, delivery, state)
+    });
+    futures_util::future::join_all(give_back).await;
 }
 
 /// Sets the prefetch and subscribes to both work queues; returns the consumer tags.

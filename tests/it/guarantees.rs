@@ -515,3 +515,50 @@ async fn the_embeddings_prefetch_is_bounded_by_buffered_bytes() {
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// A graceful shutdown is not a crash: the requests a stopping worker gives back (waiting
+/// for a slot, or buffered) are requeued with their counts unchanged, so rolling restarts
+/// never use up `retry.max_redeliveries`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdowns_do_not_count_as_redeliveries() {
+    let env = TestEnv::with(
+        MockOptions {
+            latency_ms: 800,
+            ..Default::default()
+        },
+        |c| {
+            c.retry.max_redeliveries = 1;
+            c.worker.max_inflight = 1;
+            c.worker.min_inflight = 1;
+        },
+    )
+    .await;
+    const N: u64 = 4;
+    for i in 0..N {
+        env.publish_chat(
+            &json!({"prompt": format!("restart {i}"), "request_id": format!("restart-{i}")}),
+            BasicProperties::default(),
+        )
+        .await;
+    }
+    // One call at a time: every restart answers one request and gives the others back.
+    for round in 1..N {
+        let worker = env.start_worker();
+        wait_until(Duration::from_secs(20), "a call in flight", || async {
+            chat_calls(&env) >= round
+        })
+        .await;
+        worker.stop().await.unwrap();
+    }
+    let worker = env.start_worker();
+    let (all, ok) = crate::helpers::drain_results(&env, N as usize, Duration::from_secs(30)).await;
+    worker.stop().await.unwrap();
+    assert_eq!(ok.len(), N as usize, "every request answered: {all:?}");
+    assert_eq!(
+        env.queue_len(&env.config.topology.dead_letter_queue).await,
+        0,
+        "no redelivery_limit for restarts"
+    );
+    assert_eq!(chat_calls(&env), N, "one call each");
+    env.cleanup().await;
+}
