@@ -150,9 +150,10 @@ pub fn decide(i: &Input<'_>) -> Decision {
             reason: invalid.message.clone(),
         };
     }
-    // A delivery its worker never settled (a crash, a lost connection, a hand-back) comes
-    // back flagged; count it before anything else, so that a request that kills its worker
-    // runs out of redeliveries, with no upstream call, whatever the idempotency store.
+    // A delivery its worker never settled (a crash, a lost connection, a nack at the shutdown
+    // deadline) comes back flagged; count it before anything else, so that a request that
+    // kills its worker runs out of redeliveries, with no upstream call, whatever the
+    // idempotency store.
     if i.redelivered {
         let redeliveries = i.redeliveries.saturating_add(1);
         if !i.policy.may_redeliver(redeliveries) {
