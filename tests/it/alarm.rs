@@ -19,21 +19,7 @@ use llmq::{app::App, tools::mock::MockOptions};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{TestEnv, drain_results, wait_until};
-
-/// Runs `rabbitmqctl` with `args`; its trimmed output.
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs (the alarm tests need the broker on this machine)");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
+use crate::helpers::{TestEnv, drain_results, rabbitmqctl, wait_until};
 
 /// Whether the broker reports a memory alarm.
 fn memory_alarm_on() -> bool {

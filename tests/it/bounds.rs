@@ -3,10 +3,7 @@
 //! the worker past half of the broker's consumer timeout, and a blackholed Redis costs every
 //! waiting delivery one connect timeout at once.
 
-use std::{
-    sync::atomic::Ordering,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use crate::helpers::{TestEnv, drain_results, header, wait_until};
 use lapin::BasicProperties;
@@ -17,10 +14,6 @@ use llmq::{
 };
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-
-fn chat_calls(env: &TestEnv) -> u64 {
-    env.mock.stats().chat_calls.load(Ordering::Relaxed)
-}
 
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -53,7 +46,7 @@ async fn a_refused_huge_estimate_leaves_the_budget_whole(adjust: impl FnOnce(&mu
         header(&dead[0], "x-error-kind").as_deref(),
         Some("upstream_permanent")
     );
-    assert_eq!(chat_calls(&env), 1, "refused at once, not retried");
+    assert_eq!(env.chat_calls(), 1, "refused at once, not retried");
     let started = Instant::now();
     for i in 0..50 {
         env.publish_chat(
@@ -77,7 +70,7 @@ async fn a_refused_huge_estimate_leaves_the_budget_whole(adjust: impl FnOnce(&mu
             .count(),
         1
     );
-    assert_eq!(chat_calls(&env), 51);
+    assert_eq!(env.chat_calls(), 51);
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
@@ -140,7 +133,7 @@ async fn an_answer_over_max_response_bytes_is_dead_lettered() {
     assert_eq!(error["status"], "error");
     assert_eq!(error["error"]["kind"], "upstream_permanent");
     assert_eq!(error["attempts"], 1);
-    assert_eq!(chat_calls(&env), 1);
+    assert_eq!(env.chat_calls(), 1);
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
@@ -199,7 +192,7 @@ async fn a_delivery_stuck_behind_higher_priorities_goes_to_the_retry_queue_uncou
         wait_until(
             Duration::from_secs(5),
             "the last high in its call",
-            || async { chat_calls(&env) >= highs as u64 },
+            || async { env.chat_calls() >= highs as u64 },
         )
         .await;
         if env.queue_len(&tier).await == 1 {
@@ -286,7 +279,7 @@ async fn a_blackholed_redis_parks_every_request_within_one_connect_timeout() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(chat_calls(&env), 0);
+    assert_eq!(env.chat_calls(), 0);
     worker.stop().await.unwrap();
     env.cleanup().await;
     blackhole.abort();

@@ -18,10 +18,6 @@ use llmq::{
 };
 use serde_json::json;
 
-fn chat_calls(env: &TestEnv) -> u64 {
-    env.mock.stats().chat_calls.load(Ordering::Relaxed)
-}
-
 async fn publish_many(env: &TestEnv, prefix: &str, n: usize) {
     for i in 0..n {
         env.publish_chat(
@@ -53,7 +49,7 @@ async fn sigkill_with_requests_in_flight_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut first = spawn_worker_process(&env.config, &dir.path().join("first.log"));
     wait_until(Duration::from_secs(20), "50 requests in flight", || async {
-        chat_calls(&env) >= 50
+        env.chat_calls() >= 50
     })
     .await;
     signal(&first.child, "KILL");
@@ -64,7 +60,7 @@ async fn sigkill_with_requests_in_flight_loses_nothing() {
         0,
         "no call finished before the kill"
     );
-    let in_flight_at_kill = chat_calls(&env);
+    let in_flight_at_kill = env.chat_calls();
     env.mock.set_options(MockOptions {
         latency_ms: 20,
         ..Default::default()
@@ -73,7 +69,7 @@ async fn sigkill_with_requests_in_flight_loses_nothing() {
     let (_, ok) = drain_results(&env, N, Duration::from_secs(60)).await;
     assert_eq!(ok.len(), N, "every request got an ok result");
     second.stop().await.unwrap();
-    let calls = chat_calls(&env);
+    let calls = env.chat_calls();
     assert!(
         (N as u64..=N as u64 + in_flight_at_kill).contains(&calls),
         "{calls} upstream calls for {N} requests with {in_flight_at_kill} in flight at the kill"
@@ -102,7 +98,7 @@ async fn broker_connection_cut_for_5s_loses_nothing() {
     let worker = env.start_worker();
     publish_many(&env, "cut", N).await;
     wait_until(Duration::from_secs(20), "some progress", || async {
-        chat_calls(&env) >= 20
+        env.chat_calls() >= 20
     })
     .await;
     proxy.cut_for(Duration::from_secs(5)).await;
@@ -203,7 +199,7 @@ async fn long_waits_go_through_the_retry_queue() {
     );
     let attempts = llmq::contract::headers::get_u32(&dead[0].properties, "x-attempts");
     assert_eq!(attempts, Some(3));
-    assert_eq!(chat_calls(&env), 3, "exactly max_attempts upstream calls");
+    assert_eq!(env.chat_calls(), 3, "exactly max_attempts upstream calls");
     let times: Vec<Instant> = env
         .mock
         .stats()
@@ -255,7 +251,7 @@ async fn hanging_upstream_times_out_and_attempts_stay_bounded() {
         Some("retries_exhausted")
     );
     assert!(header(&dead[0], "x-error").unwrap().contains("timed out"));
-    assert_eq!(chat_calls(&env), 2);
+    assert_eq!(env.chat_calls(), 2);
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
@@ -373,7 +369,7 @@ async fn every_bad_input_is_dead_lettered_with_its_reason() {
     }
     let (_, ok) = drain_results(&env, 1, Duration::from_secs(30)).await;
     assert!(ok.contains("after-bad"), "the next valid message succeeds");
-    assert_eq!(chat_calls(&env), 1, "no bad input reached the upstream");
+    assert_eq!(env.chat_calls(), 1, "no bad input reached the upstream");
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
@@ -398,7 +394,7 @@ async fn duplicates_are_absorbed_by_request_id() {
         second[0].0.correlation_id().as_ref().unwrap().as_str(),
         "second"
     );
-    assert_eq!(chat_calls(&env), 1, "one upstream call for two copies");
+    assert_eq!(env.chat_calls(), 1, "one upstream call for two copies");
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
@@ -430,7 +426,7 @@ async fn redis_store_deduplicates_across_workers() {
             .iter()
             .all(|(_, r)| r["status"] == "ok" && r["request_id"] == "redis-dup")
     );
-    assert_eq!(chat_calls(&env), 1, "one upstream call across the fleet");
+    assert_eq!(env.chat_calls(), 1, "one upstream call across the fleet");
     a.stop().await.unwrap();
     b.stop().await.unwrap();
     env.cleanup().await;
@@ -458,7 +454,7 @@ async fn unreachable_redis_keeps_requests() {
         || async { env.queue_len(&tier).await == 1 },
     )
     .await;
-    assert_eq!(chat_calls(&env), 0);
+    assert_eq!(env.chat_calls(), 0);
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
@@ -525,7 +521,7 @@ async fn sigterm_mid_load_exits_cleanly_and_loses_nothing() {
     let log = dir.path().join("worker.log");
     let mut child = spawn_worker_process(&env.config, &log);
     wait_until(Duration::from_secs(20), "work under way", || async {
-        chat_calls(&env) >= 30
+        env.chat_calls() >= 30
     })
     .await;
     signal(&child.child, "TERM");
@@ -566,7 +562,7 @@ async fn unfinished_work_at_the_deadline_goes_back_to_the_queue() {
     let worker = env.start_worker();
     publish_many(&env, "slow", 3).await;
     wait_until(Duration::from_secs(10), "3 calls in flight", || async {
-        chat_calls(&env) == 3
+        env.chat_calls() == 3
     })
     .await;
     let started = Instant::now();

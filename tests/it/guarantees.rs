@@ -13,26 +13,9 @@ use llmq::{config::StoreKind, tools::mock::MockOptions};
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    TestEnv, amqp_url, header, json, signal, spawn_worker_process, unique, wait_until,
+    Policy, TestEnv, amqp_url, exactly, header, json, rabbitmqctl, signal, spawn_worker_process,
+    unique, wait_until,
 };
-
-fn chat_calls(env: &TestEnv) -> u64 {
-    env.mock.stats().chat_calls.load(Ordering::Relaxed)
-}
-
-/// Runs `rabbitmqctl` on the test broker's machine; panics when it fails.
-fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl")
-        .arg("-q")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A RabbitMQ user for one test, deleted when dropped.
 struct BrokerUser {
@@ -42,8 +25,8 @@ struct BrokerUser {
 impl BrokerUser {
     fn create(what: &str) -> Self {
         let name = unique(what);
-        rabbitmqctl(&["add_user", &name, "pw"]);
-        rabbitmqctl(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]);
+        rabbitmqctl(&["-q", "add_user", &name, "pw"]);
+        rabbitmqctl(&["-q", "set_permissions", "-p", "/", &name, ".*", ".*", ".*"]);
         Self { name }
     }
 
@@ -64,46 +47,6 @@ impl Drop for BrokerUser {
             .args(["-q", "delete_user", &self.name])
             .status();
     }
-}
-
-/// A queue policy for one test, cleared when dropped.
-struct Policy {
-    name: String,
-}
-
-impl Policy {
-    fn set(queue: &str, definition: &Value) -> Self {
-        let name = unique("policy");
-        let pattern = format!("^{}$", regex_escape(queue));
-        rabbitmqctl(&[
-            "set_policy",
-            "--apply-to",
-            "queues",
-            "--priority",
-            "100",
-            &name,
-            &pattern,
-            &definition.to_string(),
-        ]);
-        Self { name }
-    }
-}
-
-impl Drop for Policy {
-    fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["-q", "clear_policy", &self.name])
-            .status();
-    }
-}
-
-fn regex_escape(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            let special = ".^$|?*+()[]{}\\".contains(c);
-            special.then_some('\\').into_iter().chain([c])
-        })
-        .collect()
 }
 
 /// Publishes a chat request as the user of `conn`, with its `user_id` set, confirmed.
@@ -165,7 +108,7 @@ async fn crash_loop_is_bounded(store: StoreKind) {
         let mut worker =
             spawn_worker_process(&env.config, &dir.path().join(format!("w{crash}.log")));
         wait_until(Duration::from_secs(20), "the call in flight", || async {
-            chat_calls(&env) >= crash
+            env.chat_calls() >= crash
         })
         .await;
         signal(&worker.child, "KILL");
@@ -186,7 +129,7 @@ async fn crash_loop_is_bounded(store: StoreKind) {
     assert_eq!(results[0].1["status"], "error");
     assert_eq!(results[0].1["error"]["kind"], "redelivery_limit");
     last.stop().await.unwrap();
-    assert_eq!(chat_calls(&env), 3, "no upstream call past the limit");
+    assert_eq!(env.chat_calls(), 3, "no upstream call past the limit");
     assert_eq!(
         env.queue_len(&env.config.topology.processing_queue).await,
         0
@@ -265,7 +208,7 @@ async fn a_refusing_reply_queue_gets_one_result_on_the_results_queue() {
         "published once"
     );
     assert_eq!(env.queue_len(&topo.processing_queue).await, 0, "acked");
-    assert_eq!(chat_calls(&env), 1);
+    assert_eq!(env.chat_calls(), 1);
     delete_queue(&env, &reply_to).await;
     env.cleanup().await;
 }
@@ -278,7 +221,8 @@ async fn a_refusing_results_queue_backs_off_through_the_retry_queue() {
     let env = TestEnv::new(MockOptions::default()).await;
     let topo = env.config.topology.clone();
     let full = Policy::set(
-        &topo.results_queue,
+        "queues",
+        &exactly(&[&topo.results_queue]),
         &json!({"max-length": 0, "overflow": "reject-publish"}),
     );
     env.publish_chat(
@@ -298,7 +242,7 @@ async fn a_refusing_results_queue_backs_off_through_the_retry_queue() {
     let results = env.results(1).await;
     assert_eq!(results[0].1["status"], "ok");
     worker.stop().await.unwrap();
-    assert_eq!(chat_calls(&env), 1, "the stored result was published");
+    assert_eq!(env.chat_calls(), 1, "the stored result was published");
     assert_eq!(
         env.queue_len(&topo.results_queue).await,
         0,
@@ -330,7 +274,7 @@ async fn a_result_over_max_result_bytes_is_dead_lettered() {
     let results = env.results(1).await;
     assert_eq!(results[0].1["error"]["kind"], "result_too_large");
     worker.stop().await.unwrap();
-    assert_eq!(chat_calls(&env), 1);
+    assert_eq!(env.chat_calls(), 1);
     env.cleanup().await;
 }
 
@@ -376,7 +320,7 @@ async fn request_ids_are_scoped_by_identity_and_conflicts_refused() {
     let again = env.results(1).await;
     assert_eq!(again[0].1["content"], "mock reply to: alice's question");
     assert_eq!(
-        chat_calls(&env),
+        env.chat_calls(),
         2,
         "the resend was answered from the store"
     );
@@ -400,7 +344,7 @@ async fn request_ids_are_scoped_by_identity_and_conflicts_refused() {
     let conflict = env.results(1).await;
     assert_eq!(conflict[0].1["error"]["kind"], "idempotency_conflict");
     worker.stop().await.unwrap();
-    assert_eq!(chat_calls(&env), 2, "no call for the conflict");
+    assert_eq!(env.chat_calls(), 2, "no call for the conflict");
     let _ = alice_conn.close(200, "done".into()).await;
     let _ = bob_conn.close(200, "done".into()).await;
     env.cleanup().await;
@@ -545,7 +489,7 @@ async fn graceful_shutdowns_do_not_count_as_redeliveries() {
     for round in 1..N {
         let worker = env.start_worker();
         wait_until(Duration::from_secs(20), "a call in flight", || async {
-            chat_calls(&env) >= round
+            env.chat_calls() >= round
         })
         .await;
         worker.stop().await.unwrap();
@@ -559,6 +503,6 @@ async fn graceful_shutdowns_do_not_count_as_redeliveries() {
         0,
         "no redelivery_limit for restarts"
     );
-    assert_eq!(chat_calls(&env), N, "one call each");
+    assert_eq!(env.chat_calls(), N, "one call each");
     env.cleanup().await;
 }

@@ -177,6 +177,14 @@ impl TestEnv {
         take(&self.conn, queue, n, timeout).await
     }
 
+    /// Chat calls the mock has answered, failed ones included.
+    pub fn chat_calls(&self) -> u64 {
+        self.mock
+            .stats()
+            .chat_calls
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Takes `n` dead letters from the DLQ.
     pub async fn dead_letters(&self, n: usize) -> Vec<Delivery> {
         let q = self.config.topology.dead_letter_queue.clone();
@@ -481,4 +489,65 @@ pub async fn drain_results(
     .await;
     let _ = ch.close(200, "ok".into()).await;
     (all, ok)
+}
+
+/// Runs `rabbitmqctl` on this machine's broker (installed with rabbitmq-server); its
+/// trimmed output. Panics when it fails.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs (these tests need the broker on this machine)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A policy set with `rabbitmqctl` for one test; cleared when dropped, on panic too.
+pub struct Policy(String);
+
+impl Policy {
+    /// `rabbitmqctl set_policy --apply-to <apply_to> <unique name> <pattern> <definition>`,
+    /// at a priority above the shipped policies.
+    pub fn set(apply_to: &str, pattern: &str, definition: &Value) -> Self {
+        let name = unique("policy");
+        let definition = definition.to_string();
+        rabbitmqctl(&[
+            "set_policy",
+            "--apply-to",
+            apply_to,
+            "--priority",
+            "100",
+            &name,
+            pattern,
+            &definition,
+        ]);
+        Self(name)
+    }
+}
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["clear_policy", &self.0])
+            .output();
+    }
+}
+
+/// A policy pattern that matches exactly these names.
+pub fn exactly(names: &[&str]) -> String {
+    let escaped: Vec<String> = names.iter().map(|n| regex_escape(n)).collect();
+    format!("^({})$", escaped.join("|"))
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let special = ".^$|()[]{}*+?\\-".contains(c);
+            special.then_some('\\').into_iter().chain([c])
+        })
+        .collect()
 }

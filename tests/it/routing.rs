@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::helpers::{TestEnv, amqp_url, header, unique, wait_until};
+use crate::helpers::{Policy, TestEnv, amqp_url, exactly, header, unique, wait_until};
 use lapin::{
     BasicProperties, Connection, ConnectionProperties, ExchangeKind,
     options::{
@@ -24,50 +24,6 @@ use llmq::{
     tools::mock::MockOptions,
 };
 use serde_json::json;
-
-/// A policy set with `rabbitmqctl` for one test; cleared when dropped.
-struct Policy(String);
-
-impl Policy {
-    /// `rabbitmqctl set_policy --apply-to exchanges <name> <pattern> <definition>`.
-    fn on_exchanges(pattern: &str, definition: serde_json::Value) -> Self {
-        let name = unique("policy");
-        let out = std::process::Command::new("rabbitmqctl")
-            .args(["set_policy", "--apply-to", "exchanges", "--priority", "10"])
-            .args([&name, pattern, &definition.to_string()])
-            .output()
-            .expect("rabbitmqctl (installed with rabbitmq-server) sets policies");
-        assert!(
-            out.status.success(),
-            "set_policy: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self(name)
-    }
-}
-
-impl Drop for Policy {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["clear_policy", &self.0])
-            .output();
-    }
-}
-
-/// A regex that matches exactly these names.
-fn exactly(names: &[&str]) -> String {
-    let escaped: Vec<String> = names.iter().map(|n| regex_escape(n)).collect();
-    format!("^({})$", escaped.join("|"))
-}
-
-fn regex_escape(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            let special = ".^$|()[]{}*+?\\-".contains(c);
-            special.then_some('\\').into_iter().chain([c])
-        })
-        .collect()
-}
 
 /// The worker with its admin server; returns the `/metrics` URL.
 async fn worker_with_metrics(
@@ -364,13 +320,6 @@ async fn quorum_tier_hop_survives_a_deleted_work_queue() {
     env.cleanup().await;
 }
 
-fn chat_calls(env: &TestEnv) -> u64 {
-    env.mock
-        .stats()
-        .chat_calls
-        .load(std::sync::atomic::Ordering::SeqCst)
-}
-
 /// The DLQ is missing when a request must be dead-lettered: the dead letter comes back
 /// unroutable, the request is not acked but handed back and tried again, and once the DLQ is
 /// declared again it lands there, once.
@@ -396,7 +345,7 @@ async fn dead_letter_to_a_missing_dlq_is_not_acked_and_lands_once_it_exists() {
     wait_until(
         Duration::from_secs(30),
         "the request handed back and tried again",
-        || async { chat_calls(&env) >= 2 },
+        || async { env.chat_calls() >= 2 },
     )
     .await;
     topology::declare(&env.channel, &topo).await.unwrap();
@@ -454,7 +403,7 @@ async fn retry_to_a_missing_tier_is_not_acked_and_waits_there_once_it_exists() {
     wait_until(
         Duration::from_secs(30),
         "the request handed back and tried again",
-        || async { chat_calls(&env) >= 2 },
+        || async { env.chat_calls() >= 2 },
     )
     .await;
     topology::declare(&env.channel, &topo).await.unwrap();
@@ -503,7 +452,7 @@ async fn result_to_a_missing_results_queue_is_not_acked_and_arrives_once_it_exis
     assert_eq!(results[0].1["request_id"], "rs-1");
     assert_eq!(results[0].1["status"], "ok");
     stop_worker(stop, task).await;
-    assert_eq!(chat_calls(&env), 1, "the stored result was published again");
+    assert_eq!(env.chat_calls(), 1, "the stored result was published again");
     assert_eq!(env.queue_len(&topo.results_queue).await, 0, "one result");
     assert_eq!(env.queue_len(&topo.processing_queue).await, 0);
     env.cleanup().await;
@@ -518,13 +467,14 @@ async fn result_to_a_missing_results_queue_is_not_acked_and_arrives_once_it_exis
 async fn unroutable_messages_land_in_the_alternate_exchange_set_by_policy() {
     let env = TestEnv::new(MockOptions::default()).await;
     let topo = env.config.topology.clone();
-    let _policy = Policy::on_exchanges(
+    let _policy = Policy::set(
+        "exchanges",
         &exactly(&[
             &topo.request_exchange,
             &topo.dead_letter_exchange,
             &topo.retry_exchange,
         ]),
-        json!({"alternate-exchange": topo.unroutable_exchange}),
+        &json!({"alternate-exchange": topo.unroutable_exchange}),
     );
     delete_queue(&env, &topo.processing_queue).await;
     delete_queue(&env, &topo.dead_letter_queue).await;
