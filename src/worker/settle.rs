@@ -128,7 +128,11 @@ impl Settling<'_> {
             Err(invalid) => (None, Some(invalid)),
         };
         let prior = self.attempts;
-        let fingerprint = job.as_ref().map(fingerprint).unwrap_or_default();
+        // Only a store compares fingerprints: without one, no hash on the hot path.
+        let fingerprint = match (&ctx.store, &job) {
+            (idempotency::Store::Off, _) | (_, None) => String::new(),
+            (_, Some(job)) => fingerprint(job),
+        };
         let mut claim = Claim::NotAsked;
         // The result to publish: the answer serialized, or the one stored before.
         let mut body: Option<Vec<u8>> = None;
