@@ -47,7 +47,7 @@ impl App {
             Some(addr) => {
                 let admin = Admin {
                     metrics: worker.metrics(),
-                    flow: worker.flow(),
+                    router: worker.router(),
                     health: worker.health(),
                 };
                 let bound = admin::serve(addr, admin, admin_stop.clone())

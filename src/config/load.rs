@@ -69,6 +69,8 @@ impl Config {
                 "amqp" => section(key, value, &mut config.amqp, problems),
                 "topology" => section(key, value, &mut config.topology, problems),
                 "llm" => section(key, value, &mut config.llm, problems),
+                "upstreams" => section(key, value, &mut config.upstreams, problems),
+                "routing" => section(key, value, &mut config.routing, problems),
                 "worker" => section(key, value, &mut config.worker, problems),
                 "retry" => section(key, value, &mut config.retry, problems),
                 "idempotency" => section(key, value, &mut config.idempotency, problems),
@@ -77,7 +79,7 @@ impl Config {
                 "admin" => section(key, value, &mut config.admin, problems),
                 "log" => section(key, value, &mut config.log, problems),
                 other => problems.push(format!(
-                    "{other} ({}): unknown key; sections are amqp, topology, llm, worker, retry, idempotency, limits, batch, admin, log",
+                    "{other} ({}): unknown key; sections are amqp, topology, llm, upstreams, routing, worker, retry, idempotency, limits, batch, admin, log",
                     env_name(other)
                 )),
             }

@@ -17,13 +17,16 @@ mod secret;
 mod sections;
 mod validate;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 pub use child::{ChildConfigError, ChildConfigFile, child_command, clean_command};
 pub use secret::{Secret, SecretUrl, redact_url};
 pub use sections::{
     AdminConfig, AmqpConfig, BatchConfig, IdempotencyConfig, LimitsConfig, LlmConfig, LogConfig,
-    LogFormat, OnStoreError, RetryConfig, StoreKind, TlsConfig, TopologyConfig, WorkerConfig,
+    LogFormat, OnStoreError, RetryConfig, RoutingConfig, StoreKind, TlsConfig, TopologyConfig,
+    UpstreamConfig, WorkerConfig,
 };
 
 /// The environment variable prefix; `__` separates nesting levels.
@@ -37,8 +40,12 @@ pub struct Config {
     pub amqp: AmqpConfig,
     /// Exchange, queue and routing-key names.
     pub topology: TopologyConfig,
-    /// The OpenAI-compatible upstream.
+    /// Request policy and defaults; without `[upstreams]`, also the one deployment.
     pub llm: LlmConfig,
+    /// The deployments by name; empty: `[llm]` is one deployment named `default`.
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Fallbacks, cooldowns and circuit breakers between deployments.
+    pub routing: RoutingConfig,
     /// Consumers, prefetch, limits on messages.
     pub worker: WorkerConfig,
     /// Retries of transient upstream failures.
@@ -63,7 +70,73 @@ pub struct ConfigError {
     pub problems: Vec<String>,
 }
 
+/// The name of the deployment `[llm]` makes when there is no `[upstreams]`.
+pub const DEFAULT_UPSTREAM: &str = "default";
+
 impl Config {
+    /// The deployments requests are routed to: `[upstreams]`, or `[llm]`'s connection keys
+    /// as one deployment named [`DEFAULT_UPSTREAM`] that serves any model.
+    pub fn deployments(&self) -> Vec<(String, UpstreamConfig)> {
+        if !self.upstreams.is_empty() {
+            return self
+                .upstreams
+                .iter()
+                .map(|(name, u)| (name.clone(), u.clone()))
+                .collect();
+        }
+        let llm = &self.llm;
+        let default = UpstreamConfig {
+            base_url: llm.base_url.clone(),
+            api_key: llm.api_key.clone(),
+            max_inflight: self.worker.max_inflight,
+            max_requests_per_minute: llm.max_requests_per_minute,
+            max_tokens_per_minute: llm.max_tokens_per_minute,
+            timeout_secs: llm.timeout_secs,
+            http2_prior_knowledge: llm.http2_prior_knowledge,
+            ..UpstreamConfig::default()
+        };
+        vec![(DEFAULT_UPSTREAM.to_string(), default)]
+    }
+
+    /// The longest call any deployment may take, which the shutdown grace and the consumer
+    /// timeout must cover.
+    pub fn longest_call_secs(&self) -> u64 {
+        self.deployments()
+            .iter()
+            .map(|(_, u)| u.timeout_secs)
+            .max()
+            .unwrap_or(self.llm.timeout_secs)
+    }
+
+    /// `[llm]` connection keys that `[upstreams]` makes meaningless: each deployment has its
+    /// own. Set ones are named in a warning at start-up.
+    pub fn ignored_llm_keys(&self) -> Vec<&'static str> {
+        if self.upstreams.is_empty() {
+            return Vec::new();
+        }
+        let (l, d) = (&self.llm, LlmConfig::default());
+        [
+            ("llm.base_url", l.base_url != d.base_url),
+            ("llm.api_key", !l.api_key.is_empty()),
+            ("llm.timeout_secs", l.timeout_secs != d.timeout_secs),
+            (
+                "llm.max_requests_per_minute",
+                l.max_requests_per_minute != d.max_requests_per_minute,
+            ),
+            (
+                "llm.max_tokens_per_minute",
+                l.max_tokens_per_minute != d.max_tokens_per_minute,
+            ),
+            (
+                "llm.http2_prior_knowledge",
+                l.http2_prior_knowledge != d.http2_prior_knowledge,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
+
     /// The whole configuration as TOML, every key included: the file a child `llmq` process
     /// is started with, so that it runs with exactly this configuration. Derived from
     /// `Serialize`, so a new key cannot be left out. Secrets are written in clear (see
@@ -159,6 +232,36 @@ mod tests {
                 max_delay_secs: 3,
                 inline_max_ms: 100,
                 max_redeliveries: 2,
+                max_rate_limited_secs: 60,
+            },
+            upstreams: BTreeMap::from([(
+                "azure".to_string(),
+                UpstreamConfig {
+                    base_url: SecretUrl::new("https://res.openai.azure.com/openai/deployments/d"),
+                    api_key: Secret::new("sk-azure"),
+                    models: vec!["chat-model".into(), "gpt-4.1".into()],
+                    weight: 3,
+                    max_inflight: 32,
+                    max_requests_per_minute: 600,
+                    max_tokens_per_minute: 90_000,
+                    timeout_secs: 6,
+                    model_names: BTreeMap::from([("chat-model".into(), "my-deployment".into())]),
+                    headers: BTreeMap::from([("api-key".into(), Secret::new("azure-key"))]),
+                    query: BTreeMap::from([("api-version".into(), "2024-10-21".into())]),
+                    http2_prior_knowledge: true,
+                },
+            )]),
+            routing: RoutingConfig {
+                fallbacks: BTreeMap::from([("chat-model".into(), vec!["gpt-4.1".into()])]),
+                context_window_fallbacks: BTreeMap::from([(
+                    "chat-model".into(),
+                    vec!["gpt-4.1".into()],
+                )]),
+                quota_cooldown_secs: 60,
+                breaker_failures: 2,
+                breaker_cooldown_secs: 5,
+                fallback_after_secs: 3,
+                auth_cooldown_secs: 60,
             },
             idempotency: IdempotencyConfig {
                 store: StoreKind::Redis,
@@ -206,11 +309,21 @@ mod tests {
         }
     }
 
-    /// The leaves of `config` serialized.
+    /// The leaves of `config` serialized, but for maps keyed by the user (deployments,
+    /// fallbacks), which are empty by default; their structs name every field instead.
     fn keys(config: &Config) -> BTreeMap<String, toml::Value> {
         let text = config.to_toml().expect("serializes");
         let mut out = BTreeMap::new();
         leaves("", &text.parse::<toml::Value>().expect("TOML"), &mut out);
+        out.retain(|k, _| {
+            ![
+                "upstreams.",
+                "routing.fallbacks.",
+                "routing.context_window_fallbacks.",
+            ]
+            .iter()
+            .any(|map| k.starts_with(map))
+        });
         out
     }
 

@@ -1,6 +1,6 @@
 //! The sections of the configuration, each with its defaults.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -228,6 +228,113 @@ impl LlmConfig {
     }
 }
 
+/// One OpenAI-compatible deployment of `[upstreams.<name>]`. Without any, `[llm]`'s
+/// connection keys make one deployment named `default`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL including `/v1` (for Azure OpenAI, `https://<resource>.openai.azure.com/openai/deployments/<deployment>`
+    /// style bases work too: calls go to `{base_url}/chat/completions`).
+    pub base_url: SecretUrl,
+    /// Bearer token; empty sends none (vLLM, Ollama, or Azure's `api-key` in `headers`).
+    pub api_key: Secret,
+    /// Routing names of the models it serves; empty or `["*"]` serves any.
+    pub models: Vec<String>,
+    /// Its share of traffic among the healthy deployments serving a model.
+    pub weight: u32,
+    /// This deployment's AIMD ceiling: calls to it running at once in this replica.
+    pub max_inflight: u16,
+    /// Its requests per minute (fleet-wide with `limits.redis_url`); 0 = no limit.
+    pub max_requests_per_minute: u64,
+    /// Its tokens per minute (fleet-wide with `limits.redis_url`); 0 = no limit.
+    pub max_tokens_per_minute: u64,
+    /// Deadline of one call to it.
+    pub timeout_secs: u64,
+    /// The name this deployment knows a routing model by (Azure deployment names); models
+    /// not listed are sent as they are.
+    pub model_names: BTreeMap<String, String>,
+    /// Extra headers sent with every call, values secret (Azure's `api-key`).
+    pub headers: BTreeMap<String, Secret>,
+    /// Extra query parameters of every call (Azure's `api-version`).
+    pub query: BTreeMap<String, String>,
+    /// Speak HTTP/2 without TLS (h2c) to a plain-`http` deployment that supports it.
+    pub http2_prior_knowledge: bool,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            base_url: SecretUrl::new(""),
+            api_key: Secret::default(),
+            models: Vec::new(),
+            weight: 1,
+            max_inflight: 256,
+            max_requests_per_minute: 0,
+            max_tokens_per_minute: 0,
+            timeout_secs: 60,
+            model_names: BTreeMap::new(),
+            headers: BTreeMap::new(),
+            query: BTreeMap::new(),
+            http2_prior_knowledge: false,
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// [`Self::timeout_secs`] as a duration.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+
+    /// Whether it serves the routing model `model`.
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|m| m == "*" || m == model)
+    }
+
+    /// The name it knows `model` by.
+    pub fn upstream_name<'a>(&'a self, model: &'a str) -> &'a str {
+        self.model_names.get(model).map_or(model, String::as_str)
+    }
+}
+
+/// How requests move between deployments and models.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Model -> models to try, in order, when none of its deployments can serve.
+    pub fallbacks: BTreeMap<String, Vec<String>>,
+    /// Model -> models to go to at once on a context-length error.
+    pub context_window_fallbacks: BTreeMap<String, Vec<String>>,
+    /// How long a deployment whose account is spent (`insufficient_quota`) is out of
+    /// rotation.
+    pub quota_cooldown_secs: u64,
+    /// Consecutive failures (connection errors, timeouts, 5xx) that open a deployment's
+    /// circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps its deployment out before one probe call (half-open).
+    pub breaker_cooldown_secs: u64,
+    /// How long every deployment of a model may be failing or cooling down before its
+    /// requests go to the fallbacks; 0 = at once.
+    pub fallback_after_secs: u64,
+    /// How long a deployment that answered 401, 403 or 404 `model_not_found` is out for that
+    /// model.
+    pub auth_cooldown_secs: u64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            fallbacks: BTreeMap::new(),
+            context_window_fallbacks: BTreeMap::new(),
+            quota_cooldown_secs: 300,
+            breaker_failures: 5,
+            breaker_cooldown_secs: 30,
+            fallback_after_secs: 0,
+            auth_cooldown_secs: 300,
+        }
+    }
+}
+
 /// Consumers and per-message limits.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -309,6 +416,10 @@ pub struct RetryConfig {
     /// this many times is dead-lettered as `redelivery_limit`, without an upstream call.
     /// Counted apart from attempts, in the `x-llmq-redeliveries` header.
     pub max_redeliveries: u32,
+    /// Longest a request may wait out rate limits (429s, deployments cooling down) in all,
+    /// counted from the first one and across deliveries; such waits use up no attempts.
+    /// Past it the request is dead-lettered as `rate_limited`.
+    pub max_rate_limited_secs: u64,
 }
 
 impl Default for RetryConfig {
@@ -319,6 +430,7 @@ impl Default for RetryConfig {
             max_delay_secs: 30,
             inline_max_ms: 2000,
             max_redeliveries: 5,
+            max_rate_limited_secs: 600,
         }
     }
 }

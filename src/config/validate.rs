@@ -7,7 +7,8 @@ use crate::contract::{reply_to::whole_name, rules::RESERVED_PARAMS};
 
 use super::{
     AdminConfig, AmqpConfig, BatchConfig, Config, IdempotencyConfig, LimitsConfig, LlmConfig,
-    LogConfig, RetryConfig, SecretUrl, StoreKind, TopologyConfig, WorkerConfig, env_name,
+    LogConfig, RetryConfig, RoutingConfig, SecretUrl, StoreKind, TopologyConfig, WorkerConfig,
+    env_name,
 };
 
 impl Config {
@@ -17,7 +18,9 @@ impl Config {
         validate_amqp(&self.amqp, &mut p);
         validate_llm(&self.llm, &mut p);
         validate_worker(&self.worker, &mut p);
-        validate_shutdown(&self.worker, &self.llm, &mut p);
+        validate_shutdown(self, &mut p);
+        validate_upstreams(self, &mut p);
+        validate_routing(&self.routing, &mut p);
         validate_batch(&self.batch, &self.worker, &mut p);
         validate_admin(&self.admin, &mut p);
         validate_limits(&self.limits, &mut p);
@@ -125,14 +128,16 @@ fn validate_llm(llm: &LlmConfig, p: &mut Problems) {
 fn validate_waits(c: &Config, p: &mut Problems) {
     let consumer_timeout = c.amqp.consumer_timeout_secs;
     let half_ms = c.amqp.hand_off_after().as_millis();
+    let longest = c.longest_call_secs();
     // A timeout out of its range is reported by its own rule.
-    if !(1..=3600).contains(&c.llm.timeout_secs) {
+    if !(1..=3600).contains(&longest) {
         return;
     }
-    let call_ms = u128::from(c.llm.timeout_secs) * 1000;
+    let key = timeout_key(c);
+    let call_ms = u128::from(longest) * 1000;
     if call_ms >= half_ms {
         p.add(
-            "llm.timeout_secs",
+            &key,
             format!(
                 "must be below half of amqp.consumer_timeout_secs ({consumer_timeout} s): a call \
                  may start just before a waiting delivery is handed to the retry queue"
@@ -144,10 +149,19 @@ fn validate_waits(c: &Config, p: &mut Problems) {
         call_ms + u128::from(c.retry.inline_max_ms) < half_ms,
         "retry.inline_max_ms",
         format!(
-            "plus llm.timeout_secs must stay below half of amqp.consumer_timeout_secs \
+            "plus {key} must stay below half of amqp.consumer_timeout_secs \
              ({consumer_timeout} s): an inline wait and a call may follow the longest wait"
         ),
     );
+}
+
+/// The key of the longest call timeout: `llm.timeout_secs`, or the deployment's.
+fn timeout_key(c: &Config) -> String {
+    let longest = c.longest_call_secs();
+    match c.upstreams.iter().find(|(_, u)| u.timeout_secs == longest) {
+        Some((name, _)) => format!("upstreams.{name}.timeout_secs"),
+        None => "llm.timeout_secs".into(),
+    }
 }
 
 fn validate_worker(worker: &WorkerConfig, p: &mut Problems) {
@@ -181,19 +195,110 @@ fn validate_worker(worker: &WorkerConfig, p: &mut Problems) {
 
 /// The shutdown grace covers one upstream call: a call started just before SIGTERM can
 /// finish, and its result be published, instead of being cut off and made again elsewhere.
-fn validate_shutdown(worker: &WorkerConfig, llm: &LlmConfig, p: &mut Problems) {
+fn validate_shutdown(c: &Config, p: &mut Problems) {
+    let longest = c.longest_call_secs();
     // With no valid timeout the grace has nothing to be checked against.
-    if (1..=3600).contains(&llm.timeout_secs) {
+    if (1..=3600).contains(&longest) {
         p.check(
-            worker.shutdown_grace_secs >= llm.timeout_secs,
+            c.worker.shutdown_grace_secs >= longest,
             "worker.shutdown_grace_secs",
             format!(
-                "must be at least llm.timeout_secs ({}), so that a call started just before \
+                "must be at least {} ({longest}), so that a call started just before \
                  SIGTERM can finish",
-                llm.timeout_secs
+                timeout_key(c)
             ),
         );
     }
+}
+
+/// Each deployment of `[upstreams]`: a name usable as a metric label and a Redis key, a
+/// URL, a timeout and a weight that make sense.
+fn validate_upstreams(c: &Config, p: &mut Problems) {
+    for (name, u) in &c.upstreams {
+        let key = |k: &str| format!("upstreams.{name}.{k}");
+        let good_name = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-');
+        p.check(
+            good_name,
+            &format!("upstreams.{name}"),
+            "a deployment's name is 1 to 64 letters, digits, '_' or '-'",
+        );
+        p.url(&key("base_url"), &u.base_url, &["http", "https"]);
+        p.check(
+            (1..=3600).contains(&u.timeout_secs),
+            &key("timeout_secs"),
+            "must be between 1 and 3600",
+        );
+        p.check(
+            (1..=10_000).contains(&u.weight),
+            &key("weight"),
+            "must be between 1 and 10000",
+        );
+        p.check(
+            u.max_inflight >= 1,
+            &key("max_inflight"),
+            "must be at least 1",
+        );
+        p.check(
+            u.models.iter().all(|m| !m.is_empty()),
+            &key("models"),
+            "a model name must not be empty",
+        );
+        for header in u.headers.keys() {
+            p.check(
+                reqwest::header::HeaderName::from_bytes(header.as_bytes()).is_ok(),
+                &key("headers"),
+                format!("{header:?} is not a header name"),
+            );
+        }
+    }
+    // Every model a fallback names must be served by some deployment.
+    let deployments = c.deployments();
+    let served = |m: &str| deployments.iter().any(|(_, u)| u.serves(m));
+    for (section, map) in [
+        ("routing.fallbacks", &c.routing.fallbacks),
+        (
+            "routing.context_window_fallbacks",
+            &c.routing.context_window_fallbacks,
+        ),
+    ] {
+        for (model, to) in map {
+            for target in to {
+                p.check(
+                    served(target),
+                    section,
+                    format!("{model} falls back to {target}, which no deployment serves"),
+                );
+            }
+        }
+    }
+}
+
+fn validate_routing(r: &RoutingConfig, p: &mut Problems) {
+    p.check(
+        r.breaker_failures >= 1,
+        "routing.breaker_failures",
+        "must be at least 1",
+    );
+    for (key, secs) in [
+        ("routing.quota_cooldown_secs", r.quota_cooldown_secs),
+        ("routing.breaker_cooldown_secs", r.breaker_cooldown_secs),
+        ("routing.auth_cooldown_secs", r.auth_cooldown_secs),
+    ] {
+        p.check(
+            (1..=86_400).contains(&secs),
+            key,
+            "must be between 1 and 86400",
+        );
+    }
+    p.check(
+        r.fallback_after_secs <= 3600,
+        "routing.fallback_after_secs",
+        "must be at most 3600",
+    );
 }
 
 fn validate_batch(batch: &BatchConfig, worker: &WorkerConfig, p: &mut Problems) {
@@ -244,6 +349,11 @@ fn validate_retry(retry: &RetryConfig, p: &mut Problems) {
         retry.max_delay_secs >= 1,
         "retry.max_delay_secs",
         "must be at least 1",
+    );
+    p.check(
+        (1..=86_400).contains(&retry.max_rate_limited_secs),
+        "retry.max_rate_limited_secs",
+        "must be between 1 and 86400",
     );
     p.check(
         retry.max_redeliveries >= 1,

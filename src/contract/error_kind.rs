@@ -27,11 +27,17 @@ pub enum ErrorKind {
     ResultTooLarge,
     /// The `request_id` was answered before for a different request of the same identity.
     IdempotencyConflict,
+    /// Rate limits (429s, every deployment of the model cooling down or down) lasted longer
+    /// than `retry.max_rate_limited_secs` in all.
+    RateLimited,
+    /// Every deployment that could serve the model, and every fallback, answered
+    /// `insufficient_quota`: the accounts are spent.
+    QuotaExhausted,
 }
 
 impl ErrorKind {
     /// Every kind, for listings and tests.
-    pub const ALL: [ErrorKind; 8] = [
+    pub const ALL: [ErrorKind; 10] = [
         ErrorKind::InvalidRequest,
         ErrorKind::TooLarge,
         ErrorKind::UpstreamPermanent,
@@ -40,6 +46,8 @@ impl ErrorKind {
         ErrorKind::RedeliveryLimit,
         ErrorKind::ResultTooLarge,
         ErrorKind::IdempotencyConflict,
+        ErrorKind::RateLimited,
+        ErrorKind::QuotaExhausted,
     ];
 
     /// The wire name: the `x-error-kind` value, `error.kind` and the metric label.
@@ -53,6 +61,8 @@ impl ErrorKind {
             ErrorKind::RedeliveryLimit => "redelivery_limit",
             ErrorKind::ResultTooLarge => "result_too_large",
             ErrorKind::IdempotencyConflict => "idempotency_conflict",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::QuotaExhausted => "quota_exhausted",
         }
     }
 }

@@ -22,6 +22,9 @@ pub const ATTEMPTS: &str = "x-llmq-attempts";
 pub const REDELIVERIES: &str = "x-llmq-redeliveries";
 /// Unix seconds of the request's first failure.
 pub const FIRST_FAILURE: &str = "x-llmq-first-failure";
+/// Unix milliseconds of the first rate limit the request met (a 429, or every deployment
+/// of its model cooling down): rate limits are bounded by the time since, not by attempts.
+pub const RATE_LIMITED_SINCE: &str = "x-llmq-rate-limited-since";
 /// Unix milliseconds before which the request must not be tried again.
 pub const NOT_BEFORE: &str = "x-llmq-not-before";
 /// The last transient error, for people reading a retry queue.
@@ -108,6 +111,8 @@ pub struct RetryState {
     pub first_failure: Option<i64>,
     /// Unix milliseconds before which it must not be tried ([`NOT_BEFORE`]).
     pub not_before_ms: Option<i64>,
+    /// Unix milliseconds of the first rate limit ([`RATE_LIMITED_SINCE`]).
+    pub rate_limited_since_ms: Option<i64>,
 }
 
 impl RetryState {
@@ -118,6 +123,7 @@ impl RetryState {
             redeliveries: get_u32(props, REDELIVERIES).unwrap_or(0),
             first_failure: get_i64(props, FIRST_FAILURE),
             not_before_ms: get_i64(props, NOT_BEFORE),
+            rate_limited_since_ms: get_i64(props, RATE_LIMITED_SINCE),
         }
     }
 }
@@ -146,6 +152,9 @@ pub fn stamp_redelivery(headers: &mut FieldTable, state: &RetryState) {
 
 fn stamp_counts(headers: &mut FieldTable, state: &RetryState) {
     headers.insert(ATTEMPTS.into(), count(state.attempts));
+    if let Some(since) = state.rate_limited_since_ms {
+        headers.insert(RATE_LIMITED_SINCE.into(), AMQPValue::LongLongInt(since));
+    }
     // The count only grows (a replay starts a message afresh by dropping it): a zero needs
     // no header.
     if state.redeliveries > 0 {
@@ -241,6 +250,7 @@ pub fn for_replay(props: &BasicProperties, reset_attempts: bool) -> FieldTable {
                         | RETRY_TIER
                         | LAST_ERROR
                         | REDELIVERIES
+                        | RATE_LIMITED_SINCE
                 )
                 || (reset_attempts && matches!(name, ATTEMPTS | FIRST_FAILURE));
             if !drop {
@@ -290,6 +300,7 @@ mod tests {
             redeliveries: 2,
             first_failure: Some(1_700_000_000),
             not_before_ms: Some(1_700_000_000_500),
+            rate_limited_since_ms: Some(1_700_000_000_250),
         };
         stamp_retry(&mut h, "30s", &state, &"e".repeat(5000));
         let p = props(h);

@@ -1,6 +1,7 @@
 //! The result contract: what a caller receives on `llm_results` and on its `reply_to`.
 //!
-//! `{"request_id", "status": "ok", "kind", "model", "content" | "embedding" | "embeddings",
+//! `{"request_id", "status": "ok", "kind", "model", "upstream", "upstream_model",
+//! "fallback_from", "content" | "embedding" | "embeddings",
 //! "usage", "attempts", "latency_ms", "worker", "metadata"}`, or on failure
 //! `{"request_id", "status": "error", "kind", "error": {"kind", "message"}, "attempts", ...}`.
 
@@ -19,9 +20,19 @@ pub struct JobResult {
     /// `chat` or `embedding`, when the request got far enough to tell.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kind: Option<&'static str>,
-    /// The model that answered.
+    /// The routing name of the model that answered: the request's (or the default), or
+    /// the fallback that answered instead. Prices and fallbacks key on it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// The deployment that answered (`[upstreams.<name>]`, or `default`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// The model as the upstream reported it (a dated snapshot, an Azure deployment's model).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_model: Option<String>,
+    /// The model the request asked for, when a fallback answered instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_from: Option<String>,
     /// Chat answer text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
@@ -78,6 +89,9 @@ impl JobResult {
             status: Status::Ok,
             kind: None,
             model: None,
+            upstream: None,
+            upstream_model: None,
+            fallback_from: None,
             content: None,
             finish_reason: None,
             embedding: None,

@@ -1,6 +1,7 @@
 //! The admin HTTP server (`admin.addr`, default 0.0.0.0:9090): `/metrics` in Prometheus
-//! text format, `/healthz` (the process is alive) and `/readyz` (connected to the broker,
-//! consuming, and not blocked by a broker memory or disk alarm; 503 otherwise).
+//! text format, `/healthz` (the process is alive), `/readyz` (connected to the broker,
+//! consuming, and not blocked by a broker memory or disk alarm; 503 otherwise) and
+//! `/upstreams` (each deployment's state as JSON).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -14,15 +15,19 @@ use axum::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{runtime::metrics::Metrics, upstream::flow::Flow, worker::Health};
+use crate::{
+    runtime::{clock::unix_now_ms, metrics::Metrics},
+    upstream::router::Router as Upstreams,
+    worker::Health,
+};
 
 /// What the endpoints read.
 #[derive(Clone)]
 pub struct Admin {
     /// The worker's metrics.
     pub metrics: Arc<Metrics>,
-    /// Its flow control (in flight, limit).
-    pub flow: Arc<Flow>,
+    /// Its deployments and their flow control (in flight, limits, state).
+    pub router: Arc<Upstreams>,
     /// Its connection state.
     pub health: Arc<Health>,
 }
@@ -39,6 +44,7 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/upstreams", get(upstreams))
         .with_state(admin);
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)
@@ -49,8 +55,9 @@ pub async fn serve(
 }
 
 async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
-    a.metrics.in_flight.set(a.flow.in_flight() as i64);
-    a.metrics.concurrency_limit.set(a.flow.limit() as i64);
+    a.metrics.in_flight.set(a.router.in_flight() as i64);
+    a.metrics.concurrency_limit.set(a.router.limit() as i64);
+    a.router.export(&a.metrics, unix_now_ms());
     a.metrics.ready.set(i64::from(a.health.ready()));
     (
         [(
@@ -59,6 +66,11 @@ async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
         )],
         a.metrics.encode(),
     )
+}
+
+/// Each deployment's state as JSON: in flight, limit, breaker, what it does not serve now.
+async fn upstreams(State(a): State<Admin>) -> impl IntoResponse {
+    axum::Json(a.router.report(unix_now_ms()))
 }
 
 async fn readyz(State(a): State<Admin>) -> impl IntoResponse {

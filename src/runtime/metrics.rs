@@ -32,6 +32,31 @@ pub struct QueueLabel {
     pub queue: String,
 }
 
+/// A deployment (`[upstreams.<name>]`, or `default`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    /// The deployment's name.
+    pub upstream: String,
+}
+
+/// A deployment and how a call to it ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamOutcome {
+    /// The deployment's name.
+    pub upstream: String,
+    /// ok, rate_limited, quota, auth, context_length, transient, permanent
+    pub outcome: String,
+}
+
+/// A model a request moved from, and the one it moved to.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    /// The model asked for.
+    pub from: String,
+    /// The model that served instead.
+    pub to: String,
+}
+
 /// Every metric of a worker.
 pub struct Metrics {
     registry: Registry,
@@ -57,6 +82,17 @@ pub struct Metrics {
     /// 1 when connected and consuming.
     pub ready: Gauge,
     queue_depth: Family<QueueLabel, Gauge>,
+    upstream_calls: Family<UpstreamOutcome, Counter>,
+    fallbacks: Family<FallbackLabels, Counter>,
+    /// Calls to a deployment running now (set when scraped).
+    pub upstream_in_flight: Family<UpstreamLabel, Gauge>,
+    /// A deployment's AIMD limit (set when scraped).
+    pub upstream_limit: Family<UpstreamLabel, Gauge>,
+    /// Models a deployment does not serve now: cooling down, spent or refused (set when
+    /// scraped).
+    pub upstream_cooling: Family<UpstreamLabel, Gauge>,
+    /// A deployment's circuit breaker: 0 closed, 1 open, 2 half-open (set when scraped).
+    pub upstream_breaker: Family<UpstreamLabel, Gauge>,
 }
 
 fn upstream_buckets() -> Family<KindLabel, Histogram> {
@@ -94,6 +130,42 @@ impl Metrics {
         let concurrency_limit = Gauge::default();
         let ready = Gauge::default();
         let queue_depth = Family::<QueueLabel, Gauge>::default();
+        let upstream_calls = Family::<UpstreamOutcome, Counter>::default();
+        let fallbacks = Family::<FallbackLabels, Counter>::default();
+        let upstream_in_flight = Family::<UpstreamLabel, Gauge>::default();
+        let upstream_limit = Family::<UpstreamLabel, Gauge>::default();
+        let upstream_cooling = Family::<UpstreamLabel, Gauge>::default();
+        let upstream_breaker = Family::<UpstreamLabel, Gauge>::default();
+        registry.register(
+            "upstream_calls",
+            "Calls to each deployment, by outcome",
+            upstream_calls.clone(),
+        );
+        registry.register(
+            "upstream_fallbacks",
+            "Requests served by a fallback model",
+            fallbacks.clone(),
+        );
+        registry.register(
+            "upstream_in_flight",
+            "Calls to each deployment running now",
+            upstream_in_flight.clone(),
+        );
+        registry.register(
+            "upstream_limit",
+            "Each deployment's AIMD concurrency limit",
+            upstream_limit.clone(),
+        );
+        registry.register(
+            "upstream_cooling",
+            "Models each deployment does not serve now (cooling down, spent or refused)",
+            upstream_cooling.clone(),
+        );
+        registry.register(
+            "upstream_breaker",
+            "Each deployment's circuit breaker: 0 closed, 1 open, 2 half-open",
+            upstream_breaker.clone(),
+        );
         registry.register(
             "requests_received",
             "Deliveries taken from the work queues",
@@ -182,7 +254,38 @@ impl Metrics {
             concurrency_limit,
             ready,
             queue_depth,
+            upstream_calls,
+            fallbacks,
+            upstream_in_flight,
+            upstream_limit,
+            upstream_cooling,
+            upstream_breaker,
         }
+    }
+
+    /// The label of deployment `upstream`.
+    pub fn upstream(upstream: &str) -> UpstreamLabel {
+        UpstreamLabel {
+            upstream: upstream.into(),
+        }
+    }
+
+    /// A call to `upstream` ended with `outcome`.
+    pub fn upstream_outcome(&self, upstream: &str, outcome: &str) {
+        let labels = UpstreamOutcome {
+            upstream: upstream.into(),
+            outcome: outcome.into(),
+        };
+        self.upstream_calls.get_or_create(&labels).inc();
+    }
+
+    /// A request for `from` was served by `to`.
+    pub fn fallback(&self, from: &str, to: &str) {
+        let labels = FallbackLabels {
+            from: from.into(),
+            to: to.into(),
+        };
+        self.fallbacks.get_or_create(&labels).inc();
     }
 
     fn kind(kind: &str) -> KindLabel {

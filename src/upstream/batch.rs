@@ -5,7 +5,7 @@
 //! bad input fails only its own message. Once shutdown begins no batch call starts: the
 //! requests waiting in a batch go back to their queue.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use serde_json::{Map, Value, json};
 use tokio::{
@@ -18,7 +18,7 @@ use crate::{
     contract::{Usage, request::Kind},
     upstream::{
         client::{EmbeddingAnswer, LlmError},
-        deployment::Deployment,
+        router::{Routed, Router, Served},
     },
 };
 
@@ -42,8 +42,8 @@ struct Item {
     /// The worker's shutdown: once cancelled, no call starts for this item, and dropping
     /// `reply` unanswered tells the caller so.
     stop: CancellationToken,
-    /// `None`: deferred, no call was made.
-    reply: oneshot::Sender<Option<Result<EmbeddingAnswer, LlmError>>>,
+    /// Dropped unanswered when shutdown came first.
+    reply: oneshot::Sender<Routed<EmbeddingAnswer>>,
 }
 
 /// Requests with the same model and extra parameters, waiting to go.
@@ -55,18 +55,18 @@ struct Pending {
 
 impl Batcher {
     /// Starts the batching task (it ends when every `Batcher` clone is dropped). Each
-    /// upstream call takes one slot of the deployment: the concurrency limit counts calls, not
-    /// the messages they carry.
-    pub fn spawn(upstream: Deployment, max_items: usize, max_wait: Duration) -> Self {
+    /// upstream call is routed as one and takes one slot of its deployment: the concurrency
+    /// limit counts calls, not the messages they carry.
+    pub fn spawn(upstream: Arc<Router>, max_items: usize, max_wait: Duration) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(run(upstream, rx, max_items.max(1), max_wait));
         Self { tx }
     }
 
     /// Embeds `input`, batched with other requests for the same model and parameters.
-    /// `Some(None)` when no call could start before `until` (for a batch, the earliest
-    /// `until` of its requests), `None` when `stop` was cancelled before its batch started:
-    /// nothing was called either way.
+    /// [`Routed::Deferred`] when no call could start before `until` (for a batch, the
+    /// earliest `until` of its requests), `None` when `stop` was cancelled before its batch
+    /// started: nothing was called either way.
     #[allow(clippy::too_many_arguments)]
     pub async fn embed(
         &self,
@@ -77,7 +77,7 @@ impl Batcher {
         tokens: u64,
         until: Instant,
         stop: &CancellationToken,
-    ) -> Option<Option<Result<EmbeddingAnswer, LlmError>>> {
+    ) -> Option<Routed<EmbeddingAnswer>> {
         if stop.is_cancelled() {
             return None;
         }
@@ -92,30 +92,34 @@ impl Batcher {
             stop: stop.clone(),
             reply,
         };
-        let gone = || LlmError::Transient {
-            message: "the embedding batcher stopped".into(),
-            retry_after: None,
-            throttle: false,
+        let gone = || Routed::Failed {
+            error: LlmError::Transient {
+                message: "the embedding batcher stopped".into(),
+                retry_after: None,
+                throttle: false,
+            },
+            elsewhere: false,
         };
         if self.tx.send(item).await.is_err() {
-            return Some(Some(Err(gone())));
+            return Some(gone());
         }
         match rx.await {
+            Ok(Routed::Stopped) => None,
             Ok(answer) => Some(answer),
             // Dropped unanswered: shutdown began before its batch started.
             Err(_) if stop.is_cancelled() => None,
-            Err(_) => Some(Some(Err(gone()))),
+            Err(_) => Some(gone()),
         }
     }
 }
 
-/// One batched (or, after a refused batch, single) call for `items`: a slot and the
-/// accounting of the deployment, per call rather than per message. `Some(None)` when no slot
-/// came before `until`; `None` when every item's shutdown came first: no call was made. A
-/// slot free right away wins over shutdown, as for a single call.
+/// One batched (or, after a refused batch, single) call for `items`, routed as one call:
+/// a slot and the accounting of its deployment, per call rather than per message.
+/// [`Routed::Stopped`] when every item's shutdown came first. A slot free right away wins
+/// over shutdown, as for a single call.
 #[allow(clippy::too_many_arguments)]
 async fn call(
-    up: &Deployment,
+    router: &Router,
     items: &[Item],
     model: &str,
     input: &[String],
@@ -123,18 +127,23 @@ async fn call(
     priority: u8,
     tokens: u64,
     until: Instant,
-) -> Option<Option<Result<EmbeddingAnswer, LlmError>>> {
+) -> Routed<EmbeddingAnswer> {
     let stopped = futures_util::future::join_all(items.iter().map(|i| i.stop.cancelled()));
-    let slot = tokio::select! {
-        biased;
-        slot = up.admit(priority, tokens, until) => slot,
-        _ = stopped => return None,
+    let stopped = async move {
+        stopped.await;
     };
-    let Some(slot) = slot else {
-        return Some(None);
-    };
-    let answer = up.client().embed(model, input, params);
-    Some(Some(up.call(Kind::Embedding, slot, answer).await))
+    let mut route = router.route(model);
+    router
+        .call(
+            &mut route,
+            Kind::Embedding,
+            priority,
+            tokens,
+            until,
+            stopped,
+            |client, model| async move { client.embed(&model, input, params).await },
+        )
+        .await
 }
 
 /// The items still wanted: those whose shutdown began are dropped unanswered, so their
@@ -146,7 +155,7 @@ fn still_wanted(items: Vec<Item>) -> Vec<Item> {
         .collect()
 }
 
-async fn run(llm: Deployment, mut rx: mpsc::Receiver<Item>, max_items: usize, max_wait: Duration) {
+async fn run(llm: Arc<Router>, mut rx: mpsc::Receiver<Item>, max_items: usize, max_wait: Duration) {
     let mut pending: HashMap<String, Pending> = HashMap::new();
     loop {
         let next_deadline = pending.values().map(|p| p.deadline).min();
@@ -204,7 +213,7 @@ async fn run(llm: Deployment, mut rx: mpsc::Receiver<Item>, max_items: usize, ma
 
 /// One upstream call for `items`, its answer split back; a batch refused as a whole is
 /// retried one request at a time.
-async fn send(up: Deployment, items: Vec<Item>) {
+async fn send(up: Arc<Router>, items: Vec<Item>) {
     let items = still_wanted(items);
     let Some(first) = items.first() else {
         return;
@@ -223,18 +232,15 @@ async fn send(up: Deployment, items: Vec<Item>) {
         &up, &items, &model, &inputs, &params, priority, tokens, until,
     )
     .await;
-    let Some(answer) = answer else {
-        // Shutdown: the items are dropped unanswered.
-        return;
-    };
-    let Some(answer) = answer else {
-        for item in items {
-            let _ = item.reply.send(None);
-        }
-        return;
-    };
     match answer {
-        Ok(answer) => {
+        // Shutdown: the items are dropped unanswered.
+        Routed::Stopped => {}
+        Routed::Served(Served {
+            answer,
+            upstream,
+            model,
+            fallback_from,
+        }) => {
             let total_chars: usize = inputs.iter().map(String::len).sum::<usize>().max(1);
             let total_tokens = answer.usage.as_ref().and_then(Usage::total).unwrap_or(0);
             let batched = items.len();
@@ -243,7 +249,7 @@ async fn send(up: Deployment, items: Vec<Item>) {
                 let chars: usize = item.input.iter().map(String::len).sum();
                 let share = total_tokens * chars as u64 / total_chars as u64;
                 let mine: Vec<Vec<f32>> = vectors.by_ref().take(item.input.len()).collect();
-                let _ = item.reply.send(Some(Ok(EmbeddingAnswer {
+                let mine = EmbeddingAnswer {
                     vectors: mine,
                     model: answer.model.clone(),
                     usage: Some(Usage {
@@ -252,10 +258,20 @@ async fn send(up: Deployment, items: Vec<Item>) {
                         completion_tokens: None,
                         other: Map::from_iter([("batched_with".into(), json!(batched - 1))]),
                     }),
-                })));
+                    spent_for: answer.spent_for,
+                };
+                let _ = item.reply.send(Routed::Served(Served {
+                    answer: mine,
+                    upstream: upstream.clone(),
+                    model: model.clone(),
+                    fallback_from: fallback_from.clone(),
+                }));
             }
         }
-        Err(LlmError::Permanent { .. }) if items.len() > 1 => {
+        Routed::Failed {
+            error: LlmError::Permanent { .. },
+            ..
+        } if items.len() > 1 => {
             // Someone's input spoiled the batch: each request on its own, so only that one
             // fails.
             let singles = still_wanted(items).into_iter().map(|item| {
@@ -272,16 +288,16 @@ async fn send(up: Deployment, items: Vec<Item>) {
                         item.until,
                     )
                     .await;
-                    if let Some(answer) = answer {
+                    if !matches!(answer, Routed::Stopped) {
                         let _ = item.reply.send(answer);
                     }
                 }
             });
             futures_util::future::join_all(singles).await;
         }
-        Err(e) => {
+        other => {
             for item in items {
-                let _ = item.reply.send(Some(Err(e.clone())));
+                let _ = item.reply.send(other.clone());
             }
         }
     }
@@ -293,10 +309,15 @@ mod tests {
 
     use super::*;
     use crate::{
-        config::{LlmConfig, SecretUrl},
+        config::RoutingConfig,
         runtime::metrics::Metrics,
         tools::mock::{MockOptions, MockServer},
-        upstream::{client::LlmClient, flow::Flow, ratelimit::Budget},
+        upstream::{
+            deployment::{Deployment, test_deployment},
+            flow::Flow,
+            ratelimit::Budget,
+            router::test_router,
+        },
     };
 
     /// A batcher of up to 4 inputs or 20 ms over a deployment limited to one call at once.
@@ -304,14 +325,14 @@ mod tests {
         let server = MockServer::start(([127, 0, 0, 1], 0).into(), MockOptions::default())
             .await
             .expect("the mock listens");
-        let cfg = LlmConfig {
-            base_url: SecretUrl::new(server.base_url()),
-            ..LlmConfig::default()
-        };
         let flow = Flow::new(1, 1, Budget::unlimited());
-        let client = LlmClient::new(&cfg).expect("client");
-        let deployment = Deployment::new(client, flow.clone(), Arc::new(Metrics::default()));
-        let batcher = Batcher::spawn(deployment.clone(), 4, Duration::from_millis(20));
+        let deployment = test_deployment(
+            &server.base_url(),
+            flow.clone(),
+            Arc::new(Metrics::default()),
+        );
+        let router = test_router(vec![deployment.clone()], RoutingConfig::default());
+        let batcher = Batcher::spawn(Arc::new(router), 4, Duration::from_millis(20));
         (server, batcher, deployment, flow)
     }
 
@@ -324,7 +345,7 @@ mod tests {
         b: &'a Batcher,
         text: &str,
         stop: &'a CancellationToken,
-    ) -> impl Future<Output = Option<Option<Result<EmbeddingAnswer, LlmError>>>> + 'a {
+    ) -> impl Future<Output = Option<Routed<EmbeddingAnswer>>> + 'a {
         let input = vec![text.to_string()];
         async move { b.embed("m", &input, &Map::new(), 0, 1, later(), stop).await }
     }
@@ -334,7 +355,7 @@ mod tests {
         let (server, b, _d, _flow) = batcher().await;
         let stop = CancellationToken::new();
         let (x, y) = tokio::join!(embed(&b, "x", &stop), embed(&b, "y", &stop));
-        assert!(matches!(x, Some(Some(Ok(_)))) && matches!(y, Some(Some(Ok(_)))));
+        assert!(matches!(x, Some(Routed::Served(_))) && matches!(y, Some(Routed::Served(_))));
         assert_eq!(server.stats().embedding_calls.load(Relaxed), 1, "one batch");
     }
 

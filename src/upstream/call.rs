@@ -1,6 +1,5 @@
-//! One attempt for a job: [`Upstream::attempt`] makes the call through the deployment (or
-//! the embedding batcher, which uses the same [`Deployment::call`]) and turns the answer into
-//! an [`Outcome`].
+//! One attempt for a job: [`Upstream::attempt`] makes the call through the router (or the
+//! embedding batcher, which routes the same way) and turns the answer into an [`Outcome`].
 //!
 //! No broker here, so tests drive it against the mock upstream alone. What to do with an
 //! outcome (publish, retry, dead-letter) is decided in [`crate::worker::decide`].
@@ -10,18 +9,22 @@ use std::{sync::Arc, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::{BatchConfig, LlmConfig},
+    config::Config,
     contract::{
         ErrorKind,
         request::{Call, Job, Kind},
         response::JobResult,
     },
     runtime::metrics::Metrics,
+    store::redis_conn::LazyConnection,
     upstream::{
         batch::Batcher,
         client::{ChatAnswer, EmbeddingAnswer, LlmClient, LlmError},
-        deployment::{Deployment, Slot},
+        deployment::Deployment,
         flow::Flow,
+        ratelimit::{Budget, REDIS_TIMEOUT},
+        router::{Route, Routed, Router, Served},
+        standing::Standing,
     },
 };
 
@@ -37,8 +40,18 @@ pub enum Outcome {
         after: Option<std::time::Duration>,
         /// What failed.
         reason: String,
-        /// The upstream pushed back (429 or a timeout).
+        /// The upstream pushed back (a timeout).
         throttle: bool,
+        /// Another deployment can take the next attempt now: no backoff.
+        elsewhere: bool,
+    },
+    /// A 429, or every deployment that can serve is cooling down or down: flow control, not
+    /// an attempt. Bounded in time by `retry.max_rate_limited_secs`.
+    RateLimited {
+        /// How long until a deployment can serve; `None`: now.
+        after: Option<std::time::Duration>,
+        /// What happened.
+        reason: String,
     },
     /// Will never succeed.
     Failed {
@@ -59,7 +72,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// The outcome of a failed call, classified once where the failure happened.
-    fn from_error(e: LlmError) -> Self {
+    fn from_error(e: LlmError, elsewhere: bool) -> Self {
         match e {
             LlmError::Transient {
                 retry_after,
@@ -68,25 +81,48 @@ impl Outcome {
             } => Outcome::Retry {
                 after: retry_after,
                 throttle,
+                elsewhere,
                 reason: e.to_string(),
             },
-            LlmError::Permanent { .. } => Outcome::Failed {
+            LlmError::RateLimited { retry_after, .. } => Outcome::RateLimited {
+                after: retry_after,
+                reason: e.to_string(),
+            },
+            LlmError::QuotaExhausted { .. } => Outcome::Failed {
+                kind: ErrorKind::QuotaExhausted,
+                reason: e.to_string(),
+            },
+            LlmError::ContextLength { .. }
+            | LlmError::Refused { .. }
+            | LlmError::Permanent { .. } => Outcome::Failed {
                 kind: ErrorKind::UpstreamPermanent,
                 reason: e.to_string(),
             },
         }
     }
 
-    /// Whether the upstream was called: every outcome but [`Outcome::Deferred`] counts as
-    /// an attempt.
+    /// The outcome of a routed call that produced no answer.
+    fn from_routed<T>(routed: Routed<T>) -> Option<Self> {
+        Some(match routed {
+            Routed::Served(_) => return None,
+            Routed::RateLimited { after, reason } => Outcome::RateLimited { after, reason },
+            Routed::Failed { error, elsewhere } => Outcome::from_error(error, elsewhere),
+            Routed::Unroutable { kind, reason } => Outcome::Failed { kind, reason },
+            Routed::Deferred | Routed::Stopped => return None,
+        })
+    }
+
+    /// Whether it counts as an upstream attempt: rate limits and deferrals do not (they are
+    /// bounded in time instead).
     pub fn called_upstream(&self) -> bool {
-        !matches!(self, Outcome::Deferred { .. })
+        !matches!(self, Outcome::Deferred { .. } | Outcome::RateLimited { .. })
     }
 
     /// The `error_kind` label of a failed attempt, `None` for an answer or no call.
     pub fn failure_label(&self) -> Option<&'static str> {
         match self {
             Outcome::Done(_) | Outcome::Deferred { .. } => None,
+            Outcome::RateLimited { .. } => Some("rate_limited"),
             Outcome::Retry { throttle: true, .. } => Some("throttled"),
             Outcome::Retry { .. } => Some("transient"),
             Outcome::Failed { kind, .. } => Some(kind.as_str()),
@@ -103,7 +139,7 @@ enum Answer {
 /// Makes upstream calls for jobs and turns answers into results.
 #[derive(Clone)]
 pub struct Upstream {
-    deployment: Deployment,
+    router: Arc<Router>,
     /// Embedding calls go through the micro-batcher unless batching is off.
     batcher: Option<Batcher>,
     chat_model: String,
@@ -117,32 +153,68 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// The configured upstream; `worker` names this replica in results; a delivery waits at
-    /// most `hand_off_after` since it was received for its call to start. Starts the
-    /// embedding batcher, so it must run inside the runtime.
+    /// The deployments of `config` (`[upstreams]`, or `[llm]` as `default`), their router
+    /// and its shared state; `worker` names this replica in results. Starts the embedding
+    /// batcher and the router's tasks, so it must run inside the runtime.
     pub fn new(
-        cfg: &LlmConfig,
-        batch: &BatchConfig,
-        flow: Arc<Flow>,
+        config: &Config,
         metrics: Arc<Metrics>,
         worker: String,
-        hand_off_after: std::time::Duration,
     ) -> Result<Self, reqwest::Error> {
-        let deployment = Deployment::new(LlmClient::new(cfg)?, flow, metrics.clone());
+        let limits = &config.limits;
+        // One Redis connection for the budgets and the fleet's shared state, made on first
+        // use.
+        let shared = (!limits.redis_url.expose().is_empty())
+            .then(|| redis::Client::open(limits.redis_url.expose()).ok())
+            .flatten()
+            .map(|client| Arc::new(LazyConnection::new(client, REDIS_TIMEOUT)));
+        let mut deployments = Vec::new();
+        let mut names = Vec::new();
+        for (name, spec) in config.deployments() {
+            let scope = (name != crate::config::DEFAULT_UPSTREAM).then_some(name.as_str());
+            let budget = Budget::new(
+                spec.max_requests_per_minute,
+                spec.max_tokens_per_minute,
+                limits,
+                shared.clone(),
+                scope,
+            );
+            let flow = Flow::new(
+                usize::from(config.worker.min_inflight),
+                usize::from(spec.max_inflight),
+                budget,
+            );
+            let client = LlmClient::new(&spec, config.llm.max_response_bytes)?;
+            deployments.push(Deployment::new(&name, spec, client, flow, metrics.clone()));
+            names.push(name);
+        }
+        let standing = Arc::new(Standing::new(
+            names,
+            config.routing.clone(),
+            shared.map(|conn| (conn, limits.key_prefix.clone())),
+        ));
+        let router = Arc::new(Router::new(
+            deployments,
+            standing,
+            config.routing.clone(),
+            metrics.clone(),
+            usize::from(config.worker.max_inflight),
+        ));
+        let batch = &config.batch;
         let batcher = (batch.max_items > 1).then(|| {
             Batcher::spawn(
-                deployment.clone(),
+                router.clone(),
                 batch.max_items,
                 std::time::Duration::from_millis(batch.max_wait_ms),
             )
         });
         Ok(Self {
-            deployment,
+            router,
             batcher,
-            chat_model: cfg.model.clone(),
-            embedding_model: cfg.embedding_model.clone(),
-            default_max_tokens: cfg.default_max_tokens,
-            hand_off_after,
+            chat_model: config.llm.model.clone(),
+            embedding_model: config.llm.embedding_model.clone(),
+            default_max_tokens: config.llm.default_max_tokens,
+            hand_off_after: config.amqp.hand_off_after(),
             worker,
             metrics,
         })
@@ -153,14 +225,29 @@ impl Upstream {
         &self.worker
     }
 
-    /// Makes the `attempt`-th upstream call for `job`; `started` is when its delivery
-    /// arrived, for `latency_ms` and the hand-off. `None` when `stop` was cancelled while it
-    /// waited for a slot or for its embedding batch to start: nothing was called, the request
-    /// goes back to its queue. [`Outcome::Deferred`] when the call could not start within the
-    /// hand-off time.
+    /// The router: the deployments, their state and the flow control.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// A fresh route for `job`: its model (or the default of its kind) and its fallbacks.
+    pub fn route(&self, job: &Job) -> Route {
+        let default = match job.kind() {
+            Kind::Chat => &self.chat_model,
+            Kind::Embedding => &self.embedding_model,
+        };
+        self.router.route(job.model.as_deref().unwrap_or(default))
+    }
+
+    /// Makes the `attempt`-th upstream call for `job` along `route`; `started` is when its
+    /// delivery arrived, for `latency_ms` and the hand-off. `None` when `stop` was cancelled
+    /// while it waited for a slot or for its embedding batch to start: nothing was called,
+    /// the request goes back to its queue. [`Outcome::Deferred`] when the call could not
+    /// start within the hand-off time.
     pub async fn attempt(
         &self,
         job: &Job,
+        route: &mut Route,
         attempt: u32,
         started: Instant,
         stop: &CancellationToken,
@@ -173,48 +260,58 @@ impl Upstream {
                 started.elapsed().as_secs()
             ),
         };
-        let answer = match &job.call {
+        let routed = match &job.call {
             Call::Chat { messages, params } => {
-                let model = job.model.as_deref().unwrap_or(&self.chat_model);
-                let Some(slot) = self.admit(job, until, stop).await? else {
-                    return Some(deferred());
-                };
-                let call = self.deployment.client().chat(model, messages, params);
-                self.deployment
-                    .call(Kind::Chat, slot, call)
+                let tokens = job.token_estimate(self.default_max_tokens);
+                self.router
+                    .call(
+                        route,
+                        Kind::Chat,
+                        job.priority,
+                        tokens,
+                        until,
+                        stop.cancelled(),
+                        |client, model| async move { client.chat(&model, messages, params).await },
+                    )
                     .await
                     .map(Answer::Chat)
             }
-            Call::Embedding { input, params, .. } => {
-                let model = job.model.as_deref().unwrap_or(&self.embedding_model);
-                match &self.batcher {
-                    // The batcher takes one slot per batched call.
-                    Some(batcher) => {
-                        let tokens = job.token_estimate(0);
-                        let embedded = batcher
-                            .embed(model, input, params, job.priority, tokens, until, stop)
-                            .await?;
-                        let Some(embedded) = embedded else {
-                            return Some(deferred());
-                        };
-                        embedded
-                    }
-                    None => {
-                        let Some(slot) = self.admit(job, until, stop).await? else {
-                            return Some(deferred());
-                        };
-                        let call = self.deployment.client().embed(model, input, params);
-                        self.deployment.call(Kind::Embedding, slot, call).await
-                    }
+            Call::Embedding { input, params, .. } => match &self.batcher {
+                // The batcher takes one slot per batched call.
+                Some(batcher) => {
+                    let tokens = job.token_estimate(0);
+                    let model = route.requested.clone();
+                    batcher
+                        .embed(&model, input, params, job.priority, tokens, until, stop)
+                        .await?
+                        .map(Answer::Embedding)
                 }
-                .map(Answer::Embedding)
-            }
+                None => {
+                    let tokens = job.token_estimate(self.default_max_tokens);
+                    self.router
+                        .call(
+                            route,
+                            Kind::Embedding,
+                            job.priority,
+                            tokens,
+                            until,
+                            stop.cancelled(),
+                            |client, model| async move { client.embed(&model, input, params).await },
+                        )
+                        .await
+                        .map(Answer::Embedding)
+                }
+            },
         };
-        // The result is built only for an answer, and only once the call is over: a call in
-        // flight holds no copy of the request's id or metadata.
-        let outcome = match answer {
-            Ok(answer) => Outcome::Done(Box::new(self.result(job, attempt, started, answer))),
-            Err(e) => Outcome::from_error(e),
+        let outcome = match routed {
+            Routed::Stopped => return None,
+            Routed::Deferred => deferred(),
+            // The result is built only for an answer, and only once the call is over: a
+            // call in flight holds no copy of the request's id or metadata.
+            Routed::Served(served) => {
+                Outcome::Done(Box::new(self.result(job, attempt, started, served)))
+            }
+            other => Outcome::from_routed(other)?,
         };
         if let Some(label) = outcome.failure_label() {
             self.metrics.failed(job.kind().as_str(), label);
@@ -223,21 +320,30 @@ impl Upstream {
     }
 
     /// The `ok` result of an answer to `job`.
-    fn result(&self, job: &Job, attempt: u32, started: Instant, answer: Answer) -> JobResult {
+    fn result(
+        &self,
+        job: &Job,
+        attempt: u32,
+        started: Instant,
+        served: Served<Answer>,
+    ) -> JobResult {
         let mut result = JobResult::ok(job.request_id.clone(), self.worker.clone());
         result.kind = Some(job.kind().as_str());
         result.metadata = job.metadata.clone();
         result.attempts = attempt;
         result.latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        match answer {
+        result.model = Some(served.model);
+        result.upstream = Some(served.upstream);
+        result.fallback_from = served.fallback_from;
+        match served.answer {
             Answer::Chat(a) => {
-                result.model = Some(a.model);
+                result.upstream_model = Some(a.model);
                 result.content = Some(a.content);
                 result.finish_reason = a.finish_reason;
                 result.usage = a.usage;
             }
             Answer::Embedding(a) => {
-                result.model = Some(a.model);
+                result.upstream_model = Some(a.model);
                 result.usage = a.usage;
                 match &job.call {
                     Call::Embedding { single: true, .. } => {
@@ -248,23 +354,5 @@ impl Upstream {
             }
         }
         result
-    }
-
-    /// A slot for `job`'s call (`Some(None)` when none came before `until`), or `None` when
-    /// `stop` comes first. A slot free right away wins over shutdown: the work starts, and
-    /// shutdown lets it finish. Every wait before a call is in here (a slot, a `Retry-After`
-    /// pause, a broker alarm's hold, the budgets), so `until` bounds them all.
-    async fn admit(
-        &self,
-        job: &Job,
-        until: tokio::time::Instant,
-        stop: &CancellationToken,
-    ) -> Option<Option<Slot>> {
-        let estimate = job.token_estimate(self.default_max_tokens);
-        tokio::select! {
-            biased;
-            slot = self.deployment.admit(job.priority, estimate, until) => Some(slot),
-            _ = stop.cancelled() => None,
-        }
     }
 }

@@ -1,8 +1,15 @@
 //! The upstream: an OpenAI-compatible HTTP API (OpenAI, vLLM, Ollama, LiteLLM, the mock).
 //!
-//! Every failure is classified here, once: [`LlmError::Transient`] (429, 408, 409, 5xx,
-//! timeouts, connection errors; retried, no sooner than `Retry-After`) or
-//! [`LlmError::Permanent`] (other 4xx, answers that do not parse; dead-lettered at once).
+//! Every failure is classified here, once, from its status and its error body:
+//! - [`LlmError::RateLimited`]: a 429 (not a spent account), with when to come back
+//!   (`Retry-After`, `retry-after-ms` or the `x-ratelimit-reset-*` of an exhausted budget);
+//! - [`LlmError::QuotaExhausted`]: a 429 whose error type or code is `insufficient_quota`;
+//! - [`LlmError::ContextLength`]: `context_length_exceeded`, or a 400 whose message says so;
+//! - [`LlmError::Refused`]: 401, 403 and 404 (a key or a model this deployment lacks);
+//! - [`LlmError::Transient`]: 408, 409, 5xx, timeouts, connection errors;
+//! - [`LlmError::Permanent`]: other 4xx, answers that do not parse.
+//!
+//! Which deployment or model to try next for each is decided by [`crate::upstream::router`].
 
 use std::time::{Duration, SystemTime};
 
@@ -10,8 +17,10 @@ use reqwest::{StatusCode, Url, header};
 use serde::{Deserialize, Serialize, ser::SerializeMap};
 use serde_json::{Map, Value};
 
+use std::collections::BTreeMap;
+
 use crate::{
-    config::{LlmConfig, Secret},
+    config::{Secret, UpstreamConfig},
     contract::Usage,
 };
 
@@ -24,15 +33,44 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 /// A failed upstream call, classified.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LlmError {
-    /// Worth retrying later.
+    /// Worth retrying later: 408, 409, 5xx, a timeout, a connection error.
     #[error("transient upstream failure: {message}")]
     Transient {
         /// What happened.
         message: String,
         /// The upstream's `Retry-After`, if it gave one.
         retry_after: Option<Duration>,
-        /// The upstream pushed back (429 or a timeout): the concurrency limit should drop.
+        /// The upstream pushed back (a timeout): the concurrency limit should drop.
         throttle: bool,
+    },
+    /// A 429 that is not a spent account: flow control, not a failure of the request.
+    #[error("rate limited: {message}")]
+    RateLimited {
+        /// What happened.
+        message: String,
+        /// When to come back, if the upstream said (`Retry-After`, `retry-after-ms`, or the
+        /// reset of an exhausted `x-ratelimit-*` budget). Without it, only the concurrency
+        /// limit drops.
+        retry_after: Option<Duration>,
+    },
+    /// A 429 whose error type or code is `insufficient_quota`: the account is spent.
+    #[error("quota exhausted: {message}")]
+    QuotaExhausted {
+        /// What happened.
+        message: String,
+    },
+    /// The prompt is longer than the model's context window.
+    #[error("context length exceeded: {message}")]
+    ContextLength {
+        /// What happened.
+        message: String,
+    },
+    /// 401, 403 or 404: this deployment cannot serve this model (a bad key, no access, a
+    /// model it does not have); another deployment may.
+    #[error("refused by the deployment: {message}")]
+    Refused {
+        /// What happened.
+        message: String,
     },
     /// Will fail the same way every time.
     #[error("permanent upstream failure: {message}")]
@@ -43,16 +81,33 @@ pub enum LlmError {
 }
 
 impl LlmError {
-    /// Whether the upstream pushed back (429 or a timeout).
+    /// Whether the upstream pushed back (a 429 or a timeout).
     pub fn is_throttle(&self) -> bool {
-        matches!(self, LlmError::Transient { throttle: true, .. })
+        matches!(
+            self,
+            LlmError::Transient { throttle: true, .. } | LlmError::RateLimited { .. }
+        )
     }
 
-    /// The upstream's `Retry-After`, if any.
+    /// When the upstream said to come back, if it did.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            LlmError::Transient { retry_after, .. } => *retry_after,
-            LlmError::Permanent { .. } => None,
+            LlmError::Transient { retry_after, .. } | LlmError::RateLimited { retry_after, .. } => {
+                *retry_after
+            }
+            _ => None,
+        }
+    }
+
+    /// The outcome label of `llmq_upstream_calls_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            LlmError::Transient { .. } => "transient",
+            LlmError::RateLimited { .. } => "rate_limited",
+            LlmError::QuotaExhausted { .. } => "quota",
+            LlmError::ContextLength { .. } => "context_length",
+            LlmError::Refused { .. } => "auth",
+            LlmError::Permanent { .. } => "permanent",
         }
     }
 }
@@ -68,6 +123,9 @@ pub struct ChatAnswer {
     pub usage: Option<Usage>,
     /// Why generation stopped.
     pub finish_reason: Option<String>,
+    /// How long the deployment's `x-ratelimit-*` budget stays spent, when this answer used
+    /// its last request or token.
+    pub spent_for: Option<Duration>,
 }
 
 /// What an embeddings call returned.
@@ -79,12 +137,16 @@ pub struct EmbeddingAnswer {
     pub model: String,
     /// Token usage as reported.
     pub usage: Option<Usage>,
+    /// As [`ChatAnswer::spent_for`].
+    pub spent_for: Option<Duration>,
 }
 
-/// A pooled HTTP client for one upstream.
+/// A pooled HTTP client for one deployment.
 #[derive(Clone)]
 pub struct LlmClient {
     http: reqwest::Client,
+    /// `[upstreams.<name>].headers`, values marked sensitive.
+    headers: header::HeaderMap,
     chat_url: Endpoint,
     embeddings_url: Endpoint,
     /// `Bearer <api_key>`, built once and marked sensitive; `None` without a key, or when
@@ -105,9 +167,15 @@ enum Endpoint {
 }
 
 impl Endpoint {
-    fn new(url: String) -> Self {
+    /// `url` with `query` appended.
+    fn new(url: String, query: &BTreeMap<String, String>) -> Self {
         match Url::parse(&url) {
-            Ok(parsed) => Endpoint::Parsed(parsed),
+            Ok(mut parsed) => {
+                if !query.is_empty() {
+                    parsed.query_pairs_mut().extend_pairs(query);
+                }
+                Endpoint::Parsed(parsed)
+            }
             Err(_) => Endpoint::Unparsed(url),
         }
     }
@@ -137,8 +205,9 @@ impl<T: Serialize + ?Sized> Serialize for Body<'_, T> {
 }
 
 impl LlmClient {
-    /// Builds the client: pooled keep-alive connections, the configured timeout.
-    pub fn new(cfg: &LlmConfig) -> Result<Self, reqwest::Error> {
+    /// Builds the client of one deployment: pooled keep-alive connections, its timeout,
+    /// headers and query; answers are read up to `max_response_bytes`.
+    pub fn new(cfg: &UpstreamConfig, max_response_bytes: usize) -> Result<Self, reqwest::Error> {
         crate::install_crypto_provider();
         let base = cfg.base_url.expose().trim_end_matches('/');
         let mut http = reqwest::Client::builder();
@@ -161,13 +230,26 @@ impl LlmClient {
                 v.set_sensitive(true);
                 v
             });
+        // Validation checks the names; a value that cannot be a header is left out rather
+        // than sent mangled (the deployment then refuses the calls, and says why).
+        let mut headers = header::HeaderMap::new();
+        for (name, value) in &cfg.headers {
+            if let (Ok(name), Ok(mut value)) = (
+                header::HeaderName::from_bytes(name.as_bytes()),
+                header::HeaderValue::from_str(value.expose()),
+            ) {
+                value.set_sensitive(true);
+                headers.insert(name, value);
+            }
+        }
         Ok(Self {
             http,
-            chat_url: Endpoint::new(format!("{base}/chat/completions")),
-            embeddings_url: Endpoint::new(format!("{base}/embeddings")),
+            headers,
+            chat_url: Endpoint::new(format!("{base}/chat/completions"), &cfg.query),
+            embeddings_url: Endpoint::new(format!("{base}/embeddings"), &cfg.query),
             auth,
             api_key: cfg.api_key.clone(),
-            max_response_bytes: cfg.max_response_bytes,
+            max_response_bytes,
         })
     }
 
@@ -184,7 +266,7 @@ impl LlmClient {
             value: messages,
             params,
         };
-        let answer: ChatResponse = self.post(&self.chat_url, &body).await?;
+        let (answer, spent_for): (ChatResponse, _) = self.post(&self.chat_url, &body).await?;
         let choice = answer
             .choices
             .into_iter()
@@ -197,6 +279,7 @@ impl LlmClient {
             model: answer.model.unwrap_or_else(|| model.to_string()),
             usage: answer.usage,
             finish_reason: choice.finish_reason,
+            spent_for,
         })
     }
 
@@ -213,7 +296,8 @@ impl LlmClient {
             value: input,
             params,
         };
-        let answer: EmbeddingResponse = self.post(&self.embeddings_url, &body).await?;
+        let (answer, spent_for): (EmbeddingResponse, _) =
+            self.post(&self.embeddings_url, &body).await?;
         let mut data = answer.data;
         if data.len() != input.len() {
             return Err(LlmError::Permanent {
@@ -229,14 +313,17 @@ impl LlmClient {
             vectors: data.into_iter().map(|d| d.embedding).collect(),
             model: answer.model.unwrap_or_else(|| model.to_string()),
             usage: answer.usage,
+            spent_for,
         })
     }
 
+    /// Posts `body` and reads the answer: the parsed body and how long the deployment's
+    /// rate-limit budget stays spent, if this call spent it.
     async fn post<T: for<'de> Deserialize<'de>>(
         &self,
         url: &Endpoint,
         body: &impl Serialize,
-    ) -> Result<T, LlmError> {
+    ) -> Result<(T, Option<Duration>), LlmError> {
         let body = serde_json::to_vec(body).map_err(|e| LlmError::Permanent {
             message: format!("cannot serialize the request: {e}"),
         })?;
@@ -250,6 +337,9 @@ impl LlmClient {
                 header::HeaderValue::from_static("application/json"),
             )
             .body(body);
+        if !self.headers.is_empty() {
+            req = req.headers(self.headers.clone());
+        }
         if let Some(auth) = &self.auth {
             req = req.header(header::AUTHORIZATION, auth.clone());
         } else if !self.api_key.is_empty() {
@@ -257,11 +347,8 @@ impl LlmClient {
         }
         let resp = req.send().await.map_err(classify_reqwest)?;
         let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
+        let spent_for = spent_for(resp.headers());
+        let retry_after = retry_after(resp.headers()).or(spent_for);
         let limit = if status.is_success() {
             self.max_response_bytes
         } else {
@@ -269,21 +356,7 @@ impl LlmClient {
         };
         let (bytes, cut) = read_bounded(resp, limit).await.map_err(classify_reqwest)?;
         if !status.is_success() {
-            // Scrubbed before the final cut, so that a key at the cut is still recognised
-            // whole; the generous first cut keeps the scrub's work bounded.
-            let text = String::from_utf8_lossy(&bytes[..bytes.len().min(4 * MAX_ERROR_TEXT)]);
-            let text = super::scrub::scrub_secrets(&text);
-            let text = crate::truncate(&text, MAX_ERROR_TEXT).to_string();
-            let message = format!("HTTP {status}: {text}");
-            return Err(if is_transient_status(status) {
-                LlmError::Transient {
-                    message,
-                    retry_after,
-                    throttle: status == StatusCode::TOO_MANY_REQUESTS,
-                }
-            } else {
-                LlmError::Permanent { message }
-            });
+            return Err(classify_failure(status, &bytes, retry_after));
         }
         if cut {
             return Err(LlmError::Permanent {
@@ -293,10 +366,122 @@ impl LlmClient {
                 ),
             });
         }
-        serde_json::from_slice(&bytes).map_err(|e| LlmError::Permanent {
+        let parsed = serde_json::from_slice(&bytes).map_err(|e| LlmError::Permanent {
             message: format!("unparseable upstream answer: {e}"),
-        })
+        })?;
+        Ok((parsed, spent_for))
     }
+}
+
+/// The class of a failed answer, from its status and its error body (`error.type`,
+/// `error.code`, `error.message`, as OpenAI, Azure, vLLM and LiteLLM send them).
+fn classify_failure(status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> LlmError {
+    // Scrubbed before the final cut, so that a key at the cut is still recognised whole;
+    // the generous first cut keeps the scrub's work bounded.
+    let text = String::from_utf8_lossy(&body[..body.len().min(4 * MAX_ERROR_TEXT)]);
+    let text = super::scrub::scrub_secrets(&text);
+    let text = crate::truncate(&text, MAX_ERROR_TEXT).to_string();
+    let message = format!("HTTP {status}: {text}");
+    let error: Value = serde_json::from_slice::<Value>(body)
+        .ok()
+        .map(|v| v.get("error").cloned().unwrap_or(v))
+        .unwrap_or(Value::Null);
+    let field = |name: &str| {
+        error
+            .get(name)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    };
+    let (kind, code) = (field("type"), field("code"));
+    let said = |what: &str| kind == what || code == what;
+    let lower = text.to_ascii_lowercase();
+    match status.as_u16() {
+        429 if said("insufficient_quota") => LlmError::QuotaExhausted { message },
+        429 => LlmError::RateLimited {
+            message,
+            retry_after,
+        },
+        _ if said("context_length_exceeded") => LlmError::ContextLength { message },
+        400 | 413 | 422 if says_context_length(&lower) => LlmError::ContextLength { message },
+        401 | 403 | 404 => LlmError::Refused { message },
+        _ if is_transient_status(status) => LlmError::Transient {
+            message,
+            retry_after,
+            throttle: false,
+        },
+        _ => LlmError::Permanent { message },
+    }
+}
+
+/// Whether an error text says the prompt is over the context window (vLLM, Ollama and
+/// LiteLLM word it differently from OpenAI's code).
+fn says_context_length(lower: &str) -> bool {
+    [
+        "context length",
+        "context window",
+        "maximum context",
+        "context_length",
+    ]
+    .iter()
+    .any(|p| lower.contains(p))
+}
+
+/// `Retry-After` (seconds or an HTTP date), or Azure's and OpenAI's `retry-after-ms`.
+fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    text("retry-after-ms")
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+        .map(|ms| Duration::from_secs_f64((ms / 1000.0).min(86_400.0)))
+        .or_else(|| text(header::RETRY_AFTER.as_str()).and_then(parse_retry_after))
+}
+
+/// How long an exhausted `x-ratelimit-*` budget stays spent: the longest reset of a
+/// request or token budget whose remaining count is 0.
+fn spent_for(headers: &header::HeaderMap) -> Option<Duration> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    ["requests", "tokens"]
+        .into_iter()
+        .filter(|budget| {
+            text(&format!("x-ratelimit-remaining-{budget}"))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .is_some_and(|left| left <= 0.0)
+        })
+        .filter_map(|budget| text(&format!("x-ratelimit-reset-{budget}")).and_then(parse_reset))
+        .max()
+}
+
+/// A reset time as OpenAI writes it (`1s`, `6m0s`, `20ms`, `1h2m3.5s`), or plain seconds.
+/// At most a day.
+pub fn parse_reset(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs.min(86_400.0)));
+    }
+    let mut total = 0.0;
+    let mut rest = value;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .filter(|&i| i > 0)?;
+        let number: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit] {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += number * scale;
+        rest = &rest[unit..];
+    }
+    (total.is_finite() && !value.is_empty()).then(|| Duration::from_secs_f64(total.min(86_400.0)))
 }
 
 /// Reads at most `limit` bytes of `resp`'s body as it streams in, never more: `true` when
@@ -446,12 +631,14 @@ mod tests {
         let mock = crate::tools::mock::MockServer::start(([127, 0, 0, 1], 0).into(), options)
             .await
             .expect("the mock listens");
-        let cfg = LlmConfig {
+        let cfg = UpstreamConfig {
             base_url: crate::config::SecretUrl::new(mock.base_url()),
-            max_response_bytes,
-            ..LlmConfig::default()
+            ..UpstreamConfig::default()
         };
-        (mock, LlmClient::new(&cfg).expect("client"))
+        (
+            mock,
+            LlmClient::new(&cfg, max_response_bytes).expect("client"),
+        )
     }
 
     fn hello() -> Vec<Value> {
@@ -495,6 +682,110 @@ mod tests {
         assert_eq!(
             message,
             "upstream answer larger than llm.max_response_bytes (65536 bytes); not read further"
+        );
+    }
+
+    fn failure(status: u16, body: serde_json::Value) -> LlmError {
+        let status = StatusCode::from_u16(status).expect("status");
+        classify_failure(status, body.to_string().as_bytes(), None)
+    }
+
+    #[test]
+    fn failures_are_classified_by_status_and_error_body() {
+        let quota = serde_json::json!({"error": {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}});
+        assert!(matches!(
+            failure(429, quota),
+            LlmError::QuotaExhausted { .. }
+        ));
+        let code_only =
+            serde_json::json!({"error": {"message": "x", "code": "insufficient_quota"}});
+        assert!(matches!(
+            failure(429, code_only),
+            LlmError::QuotaExhausted { .. }
+        ));
+        let limited =
+            serde_json::json!({"error": {"message": "slow down", "type": "rate_limit_error"}});
+        assert!(matches!(
+            failure(429, limited),
+            LlmError::RateLimited { .. }
+        ));
+        assert!(matches!(
+            failure(429, serde_json::json!("plain")),
+            LlmError::RateLimited { .. }
+        ));
+        let context = serde_json::json!({"error": {"message": "too long", "code": "context_length_exceeded"}});
+        assert!(matches!(
+            failure(400, context),
+            LlmError::ContextLength { .. }
+        ));
+        // vLLM words it in the message only.
+        let vllm = serde_json::json!({"object": "error", "message": "This model's maximum context length is 4096 tokens", "type": "BadRequestError", "code": 400});
+        assert!(matches!(failure(400, vllm), LlmError::ContextLength { .. }));
+        let other = serde_json::json!({"error": {"message": "bad temperature"}});
+        assert!(matches!(failure(400, other), LlmError::Permanent { .. }));
+        for status in [401, 403, 404] {
+            assert!(
+                matches!(
+                    failure(status, serde_json::json!({})),
+                    LlmError::Refused { .. }
+                ),
+                "{status}"
+            );
+        }
+        for status in [500, 503, 408] {
+            assert!(
+                matches!(
+                    failure(status, serde_json::json!({})),
+                    LlmError::Transient { .. }
+                ),
+                "{status}"
+            );
+        }
+    }
+
+    #[test]
+    fn reset_times_as_openai_writes_them() {
+        assert_eq!(parse_reset("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_reset("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(parse_reset("20ms"), Some(Duration::from_millis(20)));
+        assert_eq!(
+            parse_reset("1h2m3.5s"),
+            Some(Duration::from_secs_f64(3723.5))
+        );
+        assert_eq!(parse_reset("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_reset("soon"), None);
+        assert_eq!(parse_reset("5x"), None);
+        assert_eq!(parse_reset(""), None);
+    }
+
+    #[test]
+    fn an_exhausted_budget_says_how_long_it_stays_spent() {
+        let mut h = header::HeaderMap::new();
+        h.insert(
+            "x-ratelimit-remaining-requests",
+            "0".parse().expect("value"),
+        );
+        h.insert("x-ratelimit-reset-requests", "1s".parse().expect("value"));
+        h.insert(
+            "x-ratelimit-remaining-tokens",
+            "1000".parse().expect("value"),
+        );
+        h.insert("x-ratelimit-reset-tokens", "6m0s".parse().expect("value"));
+        assert_eq!(
+            spent_for(&h),
+            Some(Duration::from_secs(1)),
+            "only the spent one"
+        );
+        h.insert("x-ratelimit-remaining-tokens", "0".parse().expect("value"));
+        assert_eq!(spent_for(&h), Some(Duration::from_secs(360)), "the longest");
+        assert_eq!(spent_for(&header::HeaderMap::new()), None);
+        let mut r = header::HeaderMap::new();
+        r.insert("retry-after-ms", "250".parse().expect("value"));
+        r.insert(header::RETRY_AFTER, "9".parse().expect("value"));
+        assert_eq!(
+            retry_after(&r),
+            Some(Duration::from_millis(250)),
+            "the precise one wins"
         );
     }
 

@@ -1,7 +1,8 @@
-//! The one owner of an upstream call: a slot of the flow control, the HTTP call, its
-//! latency, the AIMD signal, the token settlement and the call metrics. Single calls and
-//! batched embedding calls both go through [`Deployment::call`], so how a call is counted
-//! is decided here and nowhere else.
+//! One deployment (`[upstreams.<name>]`) and the one owner of a call to it: a slot of its
+//! flow control, the HTTP call, its latency, the AIMD signal, the token settlement and the
+//! call metrics. Single calls and batched embedding calls both go through
+//! [`Deployment::call`] (by way of [`crate::upstream::router`]), so how a call is counted is
+//! decided here and nowhere else; which deployment to call is decided by the router.
 //!
 //! Tokens taken for a call are settled exactly once: by the reported usage after an answer;
 //! given back in full after a call that produced none (an error, a timeout, a 4xx or 5xx)
@@ -11,6 +12,7 @@
 use std::{future::Future, sync::Arc, time::Instant};
 
 use crate::{
+    config::UpstreamConfig,
     contract::{Usage, request::Kind},
     runtime::metrics::Metrics,
     upstream::{
@@ -23,11 +25,16 @@ use crate::{
 pub trait Answer {
     /// The usage the upstream reported.
     fn usage(&self) -> Option<&Usage>;
+    /// How long the deployment's rate-limit budget stays spent, if this answer spent it.
+    fn spent_for(&self) -> Option<std::time::Duration>;
 }
 
 impl Answer for ChatAnswer {
     fn usage(&self) -> Option<&Usage> {
         self.usage.as_ref()
+    }
+    fn spent_for(&self) -> Option<std::time::Duration> {
+        self.spent_for
     }
 }
 
@@ -35,31 +42,63 @@ impl Answer for EmbeddingAnswer {
     fn usage(&self) -> Option<&Usage> {
         self.usage.as_ref()
     }
+    fn spent_for(&self) -> Option<std::time::Duration> {
+        self.spent_for
+    }
 }
 
 /// A slot for one upstream call, with the tokens it was admitted for (given back if it is
 /// dropped before its call settles them).
 pub struct Slot {
     permit: Permit,
+    /// Other calls to the deployment running when this one was admitted: what a 429 cuts
+    /// the limit to.
+    others: usize,
 }
 
-/// One OpenAI-compatible deployment: its client, its flow control and the accounting of
-/// every call made to it.
+/// One OpenAI-compatible deployment: its name, what it serves, its client, its flow control
+/// and the accounting of every call made to it.
 #[derive(Clone)]
 pub struct Deployment {
+    name: Arc<str>,
+    spec: Arc<UpstreamConfig>,
     client: LlmClient,
     flow: Arc<Flow>,
     metrics: Arc<Metrics>,
 }
 
 impl Deployment {
-    /// A deployment reached through `client`, its calls limited by `flow`.
-    pub fn new(client: LlmClient, flow: Arc<Flow>, metrics: Arc<Metrics>) -> Self {
+    /// The deployment `name` configured by `spec`, reached through `client`, its calls
+    /// limited by `flow`.
+    pub fn new(
+        name: &str,
+        spec: UpstreamConfig,
+        client: LlmClient,
+        flow: Arc<Flow>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
+            name: name.into(),
+            spec: Arc::new(spec),
             client,
             flow,
             metrics,
         }
+    }
+
+    /// Its name in results, metrics and logs.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its configuration: the models it serves, their names there, its weight.
+    pub fn spec(&self) -> &UpstreamConfig {
+        &self.spec
+    }
+
+    /// Its flow control.
+    pub fn flow(&self) -> &Arc<Flow> {
+        &self.flow
     }
 
     /// The HTTP client.
@@ -82,7 +121,8 @@ impl Deployment {
         }
         let acquire = self.flow.acquire(priority, tokens);
         let permit = tokio::time::timeout_at(until, acquire).await.ok()?;
-        Some(Slot { permit })
+        let others = self.flow.in_flight().saturating_sub(1);
+        Some(Slot { permit, others })
     }
 
     /// Makes one call in `slot` and accounts for it: the latency metric, the AIMD signal
@@ -98,20 +138,22 @@ impl Deployment {
         let answer = call.await;
         // Settled below from here on; the slot gives back only what a dropped call left.
         let taken = slot.permit.take_tokens();
+        let others = slot.others;
         drop(slot);
         self.metrics.upstream_call(kind.as_str(), started.elapsed());
         match &answer {
             Ok(a) => {
+                self.metrics.upstream_outcome(&self.name, "ok");
                 self.flow.on_success();
                 let used = a.usage().and_then(Usage::total).unwrap_or(taken);
                 self.flow.settle_tokens(taken, used).await;
             }
             Err(e) => {
-                if e.is_throttle() {
-                    self.flow.on_throttle();
-                }
-                if let Some(after) = e.retry_after() {
-                    self.flow.pause_for(after);
+                self.metrics.upstream_outcome(&self.name, e.label());
+                match e {
+                    LlmError::RateLimited { .. } => self.flow.on_rate_limited(others),
+                    e if e.is_throttle() => self.flow.on_timeout(),
+                    _ => {}
                 }
                 // No answer, no usage: whatever the estimate was, nothing is counted.
                 self.flow.settle_tokens(taken, 0).await;
@@ -119,6 +161,21 @@ impl Deployment {
         }
         answer
     }
+}
+
+/// A deployment named `d` at `base_url` serving any model, limited by `flow`, for tests.
+#[cfg(test)]
+pub(crate) fn test_deployment(
+    base_url: &str,
+    flow: Arc<Flow>,
+    metrics: Arc<Metrics>,
+) -> Deployment {
+    let spec = UpstreamConfig {
+        base_url: crate::config::SecretUrl::new(base_url),
+        ..UpstreamConfig::default()
+    };
+    let client = LlmClient::new(&spec, 16 << 20).expect("a client");
+    Deployment::new("d", spec, client, flow, metrics)
 }
 
 #[cfg(test)]
@@ -129,7 +186,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        config::{LimitsConfig, LlmConfig},
+        config::LimitsConfig,
         tools::mock::{MockOptions, MockServer},
         upstream::ratelimit::Budget,
     };
@@ -150,14 +207,9 @@ mod tests {
         let server = MockServer::start(([127, 0, 0, 1], 0).into(), mock)
             .await
             .expect("the mock listens");
-        let cfg = LlmConfig {
-            base_url: crate::config::SecretUrl::new(server.base_url()),
-            ..LlmConfig::default()
-        };
         let flow = Flow::new(1, 8, budget);
         let metrics = Arc::new(Metrics::default());
-        let client = LlmClient::new(&cfg).expect("client");
-        let deployment = Deployment::new(client, flow.clone(), metrics.clone());
+        let deployment = test_deployment(&server.base_url(), flow.clone(), metrics.clone());
         (server, deployment, flow, metrics)
     }
 
@@ -186,14 +238,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_429_lowers_the_limit_and_pauses_the_deployment() {
-        let (_server, d, flow, _metrics) = deployment(MockOptions {
+    async fn a_429_cuts_the_limit_to_the_calls_running_and_is_counted() {
+        let (_server, d, flow, metrics) = deployment(MockOptions {
             error_rate: 1.0,
             status: 429,
             retry_after: Some(30),
             ..MockOptions::default()
         })
         .await;
+        let others: Vec<Slot> =
+            futures_util::future::join_all((0..3).map(|_| d.admit(0, 0, far())))
+                .await
+                .into_iter()
+                .map(|s| s.expect("a free slot"))
+                .collect();
         let slot = d.admit(0, 10, far()).await.expect("a free slot");
         let params = Map::new();
         let answer = d
@@ -202,16 +260,31 @@ mod tests {
         let Err(e) = answer else {
             panic!("the mock answers 429");
         };
-        assert!(e.is_throttle());
-        assert_eq!(flow.limit(), 4, "halved once");
+        assert!(
+            matches!(
+                e,
+                LlmError::RateLimited {
+                    retry_after: Some(_),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(flow.limit(), 3, "cut to the three other calls running");
+        drop(others);
         assert_eq!(flow.in_flight(), 0);
-        let next = tokio::time::timeout(Duration::from_millis(200), d.admit(0, 1, far()));
-        assert!(next.await.is_err(), "Retry-After pauses new calls");
+        assert!(
+            metrics
+                .encode()
+                .contains("llmq_upstream_calls_total{upstream=\"d\",outcome=\"rate_limited\"} 1"),
+            "{}",
+            metrics.encode()
+        );
     }
 
     /// A budget of exactly `tokens` a minute, local.
     fn tokens_per_minute(tokens: u64) -> Budget {
-        Budget::new(0, tokens, &LimitsConfig::default())
+        Budget::new(0, tokens, &LimitsConfig::default(), None, None)
     }
 
     /// The token bucket's level as last stored.
@@ -300,8 +373,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_wait_that_reaches_its_deadline_leaves_nothing_taken() {
         let flow = Flow::new(1, 1, tokens_per_minute(1000));
-        let client = LlmClient::new(&LlmConfig::default()).expect("client");
-        let d = Deployment::new(client, flow.clone(), Arc::new(Metrics::default()));
+        let d = test_deployment(
+            "http://127.0.0.1:9/v1",
+            flow.clone(),
+            Arc::new(Metrics::default()),
+        );
         let held = d.admit(9, 500, far()).await.expect("a free slot");
         let until = tokio::time::Instant::now() + Duration::from_secs(900);
         let started = tokio::time::Instant::now();

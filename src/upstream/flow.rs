@@ -1,15 +1,20 @@
-//! Flow control toward the upstream: how many calls may run at once, and when.
+//! Flow control toward one deployment: how many calls may run at once, and when.
 //!
-//! - A concurrency limit between `worker.min_inflight` and `worker.max_inflight`, adapted by
-//!   AIMD: a 429 or a timeout halves it (at most once per [`DECREASE_COOLDOWN`]), each window
-//!   of `limit` successes adds one. Deliveries waiting for a slot start highest priority
-//!   first, then in arrival order.
-//! - A replica-wide pause: a 429 with `Retry-After` stops new calls for that long.
+//! - A concurrency limit between `worker.min_inflight` and the deployment's `max_inflight`,
+//!   adapted by AIMD. A 429 cuts it to the number of other calls that were running when the
+//!   refused call started: the provider refused a call beyond its cap, so that count is at
+//!   least the cap, and the limit lands on it instead of far below (halving alone averages
+//!   about 0.75 of a hard cap). At or above a limit a 429 cut, growth slows to one per
+//!   [`PROBE_WINDOWS`] windows, so a hidden cap is probed rarely. A timeout halves the limit
+//!   (at most once per [`DECREASE_COOLDOWN`]). Each window of `limit` successes adds one.
+//!   Deliveries waiting for a slot start highest priority first, then in arrival order.
 //! - A hold while the broker blocks publishing (a memory or disk alarm): a result could not
 //!   be confirmed, so no call starts until the broker unblocks.
 //! - Request and token budgets per minute ([`crate::upstream::ratelimit`]), local or fleet-wide.
 //!
-//! The limit is published on a watch channel so that the consumers' prefetch follows it.
+//! `Retry-After` is not handled here: it cools the deployment down for one model
+//! ([`crate::upstream::standing`]), so its other models and the other deployments keep
+//! serving. The limit is published on a watch channel so that the prefetch follows it.
 
 use std::{
     cmp::Ordering,
@@ -29,8 +34,9 @@ use crate::upstream::ratelimit::Budget;
 /// flight together halves the limit once, not once per call.
 pub const DECREASE_COOLDOWN: Duration = Duration::from_secs(1);
 
-/// Longest replica-wide pause a `Retry-After` causes.
-pub const MAX_PAUSE: Duration = Duration::from_secs(60);
+/// At or above the limit a 429 last cut to, the limit grows by one per this many windows
+/// of successes instead of one: probing a hidden cap costs a refused call each time.
+pub const PROBE_WINDOWS: usize = 8;
 
 /// The replica's flow control.
 pub struct Flow {
@@ -50,7 +56,8 @@ struct State {
     seq: u64,
     successes: usize,
     last_decrease: Option<Instant>,
-    paused_until: Option<Instant>,
+    /// The limit a 429 last cut to: the deployment's cap, as far as it is known.
+    ceiling: Option<usize>,
 }
 
 struct Waiter {
@@ -124,7 +131,7 @@ impl Flow {
                 seq: 0,
                 successes: 0,
                 last_decrease: None,
-                paused_until: None,
+                ceiling: None,
             }),
             min,
             max,
@@ -159,18 +166,22 @@ impl Flow {
         self.limit_tx.subscribe()
     }
 
-    /// Waits for a slot (highest priority first), then for any `Retry-After` pause, any
-    /// [`hold`](Self::hold), and the request and token budgets (`tokens` is the call's
-    /// estimate). Callers bound the wait (shutdown, their own deadline) by dropping it.
+    /// The highest limit it may reach.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Whether a call could start now without waiting for a slot.
+    pub fn has_room(&self) -> bool {
+        let s = self.state();
+        s.in_flight < s.limit && s.waiters.is_empty()
+    }
+
+    /// Waits for a slot (highest priority first), then for any [`hold`](Self::hold), and
+    /// the request and token budgets (`tokens` is the call's estimate). Callers bound the
+    /// wait (shutdown, their own deadline) by dropping it.
     pub async fn acquire(self: &Arc<Self>, priority: u8, tokens: u64) -> Permit {
         let mut permit = self.slot(priority).await;
-        loop {
-            let paused = self.state().paused_until;
-            match paused {
-                Some(until) if until > Instant::now() => tokio::time::sleep_until(until).await,
-                _ => break,
-            }
-        }
         // Checked after the slot: a call waiting for one when the hold began must not start
         // when it gets it. The sender lives in `self`, so the wait cannot fail.
         let _ = self.held.subscribe().wait_for(|held| !*held).await;
@@ -228,11 +239,16 @@ impl Flow {
         }
     }
 
-    /// A call succeeded: after a window of `limit` successes the limit grows by one.
+    /// A call succeeded: after a window of `limit` successes the limit grows by one
+    /// ([`PROBE_WINDOWS`] windows at or above the last 429's cut).
     pub fn on_success(self: &Arc<Self>) {
         let mut s = self.state();
         s.successes += 1;
-        if s.successes >= s.limit && s.limit < self.max {
+        let windows = match s.ceiling {
+            Some(ceiling) if s.limit >= ceiling => PROBE_WINDOWS,
+            _ => 1,
+        };
+        if s.successes >= s.limit.saturating_mul(windows) && s.limit < self.max {
             s.successes = 0;
             s.limit += 1;
             let limit = s.limit;
@@ -242,8 +258,23 @@ impl Flow {
         }
     }
 
-    /// The upstream pushed back (429 or a timeout): halve the limit, once per cooldown.
-    pub fn on_throttle(&self) {
+    /// A call was refused with a 429 while `others` other calls to the deployment were
+    /// running when it started: the cap is at most `others`, so the limit drops to it (a
+    /// 429 never raises it). Every 429 of a burst may lower it further.
+    pub fn on_rate_limited(&self, others: usize) {
+        let mut s = self.state();
+        let limit = others.clamp(self.min, s.limit.max(self.min));
+        s.successes = 0;
+        s.ceiling = Some(limit);
+        if limit != s.limit {
+            s.limit = limit;
+            drop(s);
+            self.limit_tx.send_replace(limit);
+        }
+    }
+
+    /// A call timed out: halve the limit, once per cooldown.
+    pub fn on_timeout(&self) {
         let mut s = self.state();
         let now = Instant::now();
         if s.last_decrease
@@ -258,17 +289,6 @@ impl Flow {
             s.limit = limit;
             drop(s);
             self.limit_tx.send_replace(limit);
-        }
-    }
-
-    /// The upstream said `Retry-After`: no new call starts before then, replica-wide (at most
-    /// [`MAX_PAUSE`], so one odd header cannot stop a replica for a day; the request itself
-    /// still waits its full `Retry-After`).
-    pub fn pause_for(&self, after: Duration) {
-        let until = Instant::now() + after.min(MAX_PAUSE);
-        let mut s = self.state();
-        if s.paused_until.is_none_or(|p| p < until) {
-            s.paused_until = Some(until);
         }
     }
 
@@ -360,20 +380,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn aimd_halves_on_a_burst_and_climbs_back() {
+    async fn timeouts_halve_once_per_burst_and_successes_climb_back() {
         let f = flow(4, 64);
         let mut limits = f.watch_limit();
         for _ in 0..50 {
-            f.on_throttle();
+            f.on_timeout();
         }
         assert_eq!(f.limit(), 32, "a burst halves once");
         assert_eq!(*limits.borrow_and_update(), 32, "the prefetch follows");
         tokio::time::advance(DECREASE_COOLDOWN).await;
-        f.on_throttle();
+        f.on_timeout();
         assert_eq!(f.limit(), 16);
         for _ in 0..10 {
             tokio::time::advance(DECREASE_COOLDOWN).await;
-            f.on_throttle();
+            f.on_timeout();
         }
         assert_eq!(f.limit(), 4, "never below the floor");
         for _ in 0..4 {
@@ -390,19 +410,37 @@ mod tests {
         assert_eq!(f.limit(), 64, "never above the ceiling");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn retry_after_pauses_new_calls() {
-        let f = flow(1, 8);
-        f.pause_for(Duration::from_secs(3));
-        let start = Instant::now();
-        let _p = f.acquire(0, 0).await;
-        assert!(start.elapsed() >= Duration::from_secs(3));
-        let again = Instant::now();
-        let _q = f.acquire(0, 0).await;
-        assert!(
-            again.elapsed() < Duration::from_millis(1),
-            "the pause is over"
+    #[test]
+    fn a_429_cuts_to_the_calls_running_and_probes_slowly_above() {
+        let f = flow(4, 256);
+        // 40 calls started together against a cap of 32: the refused ones saw 32 to 39
+        // others; whichever answers first, the burst ends at the lowest.
+        for others in [37, 39, 32, 35] {
+            f.on_rate_limited(others);
+        }
+        assert_eq!(f.limit(), 32, "the cap, not half of it");
+        f.on_rate_limited(200);
+        assert_eq!(f.limit(), 32, "a 429 never raises the limit");
+        for _ in 0..32 * (PROBE_WINDOWS - 1) {
+            f.on_success();
+        }
+        assert_eq!(f.limit(), 32, "at the cap, growth waits several windows");
+        for _ in 0..32 {
+            f.on_success();
+        }
+        assert_eq!(f.limit(), 33, "then probes one above");
+        f.on_timeout();
+        assert_eq!(f.limit(), 16, "a timeout halves");
+        for _ in 0..16 {
+            f.on_success();
+        }
+        assert_eq!(
+            f.limit(),
+            17,
+            "below the last cut, growth is one per window"
         );
+        f.on_rate_limited(1);
+        assert_eq!(f.limit(), 4, "never below the floor");
     }
 
     #[tokio::test(start_paused = true)]

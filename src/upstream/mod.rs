@@ -1,6 +1,13 @@
-//! The LLM side: the OpenAI-compatible HTTP client, flow control toward it (concurrency,
-//! pauses, per-minute budgets), embedding batching, and the one place an upstream call is
-//! made and accounted for.
+//! The LLM side, in the order a call goes through it:
+//! - `call`: one attempt for a job, turned into an outcome for the worker's decision;
+//! - `batch`: embedding requests gathered into one call;
+//! - `router`: which deployment (and which model, after fallbacks) serves the call;
+//! - `standing`: which deployments may serve which model now (cooldowns, spent accounts,
+//!   refusals, circuit breakers), per replica or fleet-wide;
+//! - `deployment`: one deployment and the one place a call to it is made and accounted for;
+//! - `flow` and `ratelimit`: its concurrency limit (AIMD) and its per-minute budgets;
+//! - `client` and `scrub`: the OpenAI-compatible HTTP client, classifying every failure
+//!   once, and the secrets kept out of error texts.
 
 pub mod batch;
 pub mod call;
@@ -8,4 +15,6 @@ pub mod client;
 pub mod deployment;
 pub mod flow;
 pub mod ratelimit;
+pub mod router;
 pub mod scrub;
+pub mod standing;

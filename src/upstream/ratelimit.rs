@@ -51,7 +51,7 @@ return {wait, math.floor(charged)}
 ";
 
 /// Longest a Redis connect or script call may take before the replica limits itself alone.
-const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
+pub const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a replica limits itself alone after the shared budget's Redis failed.
 const REDIS_BACKOFF: Duration = Duration::from_secs(10);
@@ -79,14 +79,21 @@ impl Budget {
         }
     }
 
-    /// From `llm.max_requests_per_minute`, `llm.max_tokens_per_minute` (0 = no limit) and,
-    /// when `limits.redis_url` is set, shared through Redis.
-    pub fn new(requests_per_minute: u64, tokens_per_minute: u64, limits: &LimitsConfig) -> Self {
-        // One connection for both buckets, made on first use.
-        let shared = (!limits.redis_url.expose().is_empty())
-            .then(|| redis::Client::open(limits.redis_url.expose()).ok())
-            .flatten()
-            .map(|client| Arc::new(LazyConnection::new(client, REDIS_TIMEOUT)));
+    /// A deployment's budgets per minute (0 = no limit), shared through Redis when `shared`
+    /// (the connection to `limits.redis_url`) is given. The keys are
+    /// `<limits.key_prefix>:<scope>:requests` and `:tokens`, or without the scope for the
+    /// `default` deployment (the keys of the versions before `[upstreams]`).
+    pub fn new(
+        requests_per_minute: u64,
+        tokens_per_minute: u64,
+        limits: &LimitsConfig,
+        shared: Option<Arc<LazyConnection>>,
+        scope: Option<&str>,
+    ) -> Self {
+        let prefix = match scope {
+            Some(scope) => format!("{}:{scope}", limits.key_prefix),
+            None => limits.key_prefix.clone(),
+        };
         let bucket = |per_minute: u64, name: &str| -> Option<Bucket> {
             if per_minute == 0 {
                 return None;
@@ -95,7 +102,7 @@ impl Budget {
                 Some(conn) => Bucket::Shared(Box::new(SharedBucket {
                     conn: conn.clone(),
                     down_until: Mutex::new(None),
-                    key: format!("{}:{name}", limits.key_prefix),
+                    key: format!("{prefix}:{name}"),
                     capacity: per_minute,
                     fallback: LocalBucket::new(per_minute),
                 })),

@@ -66,6 +66,10 @@ pub struct Input<'a> {
     pub max_result_bytes: usize,
     /// The results queue refused the result (a length limit with `reject-publish`).
     pub results_refused: bool,
+    /// Unix ms of the first rate limit the request met (its header, or this delivery's).
+    pub rate_limited_since_ms: Option<i64>,
+    /// Rate limits met in this delivery so far, the last one included.
+    pub rate_limits: u32,
     /// The worker is shutting down (or past its deadline): start nothing new.
     pub stopping: bool,
     /// When and how often to retry.
@@ -180,7 +184,13 @@ pub fn decide(i: &Input<'_>) -> Decision {
                 reason: reason.clone(),
             };
         }
-        Some(Outcome::Retry { after, reason, .. }) => return after_transient(i, *after, reason),
+        Some(Outcome::Retry {
+            after,
+            reason,
+            elsewhere,
+            ..
+        }) => return after_transient(i, *after, *elsewhere, reason),
+        Some(Outcome::RateLimited { after, reason }) => return after_rate_limit(i, *after, reason),
         // Waited too long for a call to start, and none was made: not an attempt.
         Some(Outcome::Deferred { reason }) => {
             return Decision::retry_tier(i, TIERS[0].max, reason.clone());
@@ -258,8 +268,14 @@ fn after_answer(i: &Input<'_>) -> Decision {
     }
 }
 
-/// After a transient failure: give up, wait here, or wait in a retry tier.
-fn after_transient(i: &Input<'_>, retry_after: Option<Duration>, reason: &str) -> Decision {
+/// After a transient failure: give up, wait here, or wait in a retry tier; no wait at all
+/// when another deployment can take the next attempt now.
+fn after_transient(
+    i: &Input<'_>,
+    retry_after: Option<Duration>,
+    elsewhere: bool,
+    reason: &str,
+) -> Decision {
     if !i.policy.may_retry(i.attempts) {
         return Decision::DeadLetter {
             kind: ErrorKind::RetriesExhausted,
@@ -269,7 +285,49 @@ fn after_transient(i: &Input<'_>, retry_after: Option<Duration>, reason: &str) -
             ),
         };
     }
-    let delay = i.policy.delay(i.attempts, retry_after, i.jitter);
+    let delay = if elsewhere {
+        Duration::ZERO
+    } else {
+        i.policy.delay(i.attempts, retry_after, i.jitter)
+    };
+    if delay > i.policy.inline_max() {
+        Decision::retry_tier(i, delay, reason)
+    } else if i.stopping {
+        Decision::HandBack
+    } else {
+        Decision::RetryInline { after: delay }
+    }
+}
+
+/// After a rate limit (a 429, or every deployment cooling down): no attempt is used; the
+/// request waits until a deployment can serve, here or in a retry tier, for at most
+/// `retry.max_rate_limited_secs` since the first rate limit it met. A 429 that named no
+/// time, with nowhere else to go, is retried after a short backoff that grows with each
+/// one in this delivery (the deployment's lowered concurrency limit does the rest).
+fn after_rate_limit(i: &Input<'_>, after: Option<Duration>, reason: &str) -> Decision {
+    let since = i.rate_limited_since_ms.unwrap_or(i.now_ms);
+    let waited = Duration::from_millis(i.now_ms.saturating_sub(since).max(0).unsigned_abs());
+    if waited >= i.policy.max_rate_limited() {
+        return Decision::DeadLetter {
+            kind: ErrorKind::RateLimited,
+            reason: format!(
+                "rate limited for {} s in all, retry.max_rate_limited_secs is {}; last: {reason}",
+                waited.as_secs(),
+                i.policy.max_rate_limited().as_secs()
+            ),
+        };
+    }
+    let delay = match after {
+        Some(after) => after,
+        // The first 429 of a delivery is retried at once: the limit that caused it is lower
+        // now. Later ones back off, so a deployment answering nothing but 429s is not
+        // spun on.
+        None if i.rate_limits <= 1 => Duration::ZERO,
+        None => i
+            .policy
+            .delay(i.rate_limits - 1, None, i.jitter)
+            .min(i.policy.inline_max()),
+    };
     if delay > i.policy.inline_max() {
         Decision::retry_tier(i, delay, reason)
     } else if i.stopping {
@@ -300,6 +358,8 @@ mod tests {
             result_bytes: None,
             max_result_bytes: 1000,
             results_refused: false,
+            rate_limited_since_ms: None,
+            rate_limits: 0,
             stopping: false,
             policy,
             on_store_error: OnStoreError::Requeue,
@@ -321,7 +381,116 @@ mod tests {
             after,
             reason: "HTTP 503".into(),
             throttle: false,
+            elsewhere: false,
         }
+    }
+
+    fn rate_limited(after: Option<Duration>) -> Outcome {
+        Outcome::RateLimited {
+            after,
+            reason: "HTTP 429".into(),
+        }
+    }
+
+    #[test]
+    fn a_transient_failure_with_another_deployment_free_is_retried_at_once() {
+        let p = policy();
+        let produced = Outcome::Retry {
+            after: None,
+            reason: "connection refused".into(),
+            throttle: false,
+            elsewhere: true,
+        };
+        let i = Input {
+            attempts: 1,
+            claim: Claim::Acquired,
+            produced: Some(&produced),
+            ..fresh(&p)
+        };
+        assert_eq!(
+            decide(&i),
+            Decision::RetryInline {
+                after: Duration::ZERO
+            }
+        );
+        let last = Input { attempts: 5, ..i };
+        assert!(
+            matches!(
+                decide(&last),
+                Decision::DeadLetter {
+                    kind: ErrorKind::RetriesExhausted,
+                    ..
+                }
+            ),
+            "it still counts as an attempt"
+        );
+    }
+
+    #[test]
+    fn rate_limits_use_no_attempts_and_are_bounded_in_time() {
+        let p = policy();
+        let produced = rate_limited(None);
+        // Out of attempts, yet a rate limit is waited out all the same.
+        let i = Input {
+            attempts: 5,
+            claim: Claim::Acquired,
+            produced: Some(&produced),
+            rate_limited_since_ms: Some(NOW - 1000),
+            rate_limits: 1,
+            ..fresh(&p)
+        };
+        assert_eq!(
+            decide(&i),
+            Decision::RetryInline {
+                after: Duration::ZERO
+            },
+            "the first 429 without a time: again at once"
+        );
+        let again = Input {
+            rate_limits: 3,
+            ..i.clone()
+        };
+        // backon computes the steps in floating point: compare to the millisecond.
+        let Decision::RetryInline { after } = decide(&again) else {
+            panic!("inline: {:?}", decide(&again));
+        };
+        assert_eq!(after.as_millis(), 200, "later ones back off");
+        let said = rate_limited(Some(Duration::from_millis(700)));
+        let told = Input {
+            produced: Some(&said),
+            ..i.clone()
+        };
+        assert_eq!(
+            decide(&told),
+            Decision::RetryInline {
+                after: Duration::from_millis(700)
+            }
+        );
+        let long = rate_limited(Some(Duration::from_secs(20)));
+        let parked = Input {
+            produced: Some(&long),
+            ..i.clone()
+        };
+        assert_eq!(
+            decide(&parked),
+            tier(Duration::from_secs(20), 5, "HTTP 429"),
+            "a long wait goes to a retry tier, counts unchanged"
+        );
+        let over = Input {
+            rate_limited_since_ms: Some(NOW - 600_000),
+            ..i
+        };
+        assert!(
+            matches!(
+                decide(&over),
+                Decision::DeadLetter {
+                    kind: ErrorKind::RateLimited,
+                    ..
+                }
+            ),
+            "{:?}",
+            decide(&over)
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    broker::topology, config::TopologyConfig, runtime::metrics::Metrics, upstream::flow::Flow,
+    broker::topology, config::TopologyConfig, runtime::metrics::Metrics, upstream::router::Router,
 };
 
 /// How often the work queues' depths are read for the metrics.
@@ -54,7 +54,7 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// published: lapin drops the events nobody listens to.
 pub(super) async fn follow_publishing(
     health: Arc<Health>,
-    flow: Arc<Flow>,
+    flow: Arc<Router>,
     conn: Arc<Connection>,
     events: impl Stream<Item = Event>,
 ) {
@@ -91,7 +91,7 @@ pub(super) async fn follow_publishing(
 
 /// Clears the blocked state when a new connection replaces a blocked one: the broker blocks
 /// the new one only once it publishes, and says so.
-pub(super) fn unblock(health: &Health, flow: &Flow) {
+pub(super) fn unblock(health: &Health, flow: &Router) {
     health.blocked.store(false, Relaxed);
     flow.hold(false);
 }

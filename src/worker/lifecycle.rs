@@ -77,7 +77,7 @@ pub(super) async fn run(ctx: Arc<Context>) {
             pause(&ctx.stop, delay).await;
             continue;
         }
-        health::unblock(&ctx.health, &ctx.flow);
+        health::unblock(&ctx.health, ctx.upstream.router());
         backoff = reconnect_backoff();
         info!(
             url = %ctx.config.amqp.url,
@@ -85,7 +85,7 @@ pub(super) async fn run(ctx: Arc<Context>) {
             consumers = ctx.config.worker.consumers,
             max_inflight = ctx.config.worker.max_inflight,
             queues = ?[&ctx.config.topology.processing_queue, &ctx.config.topology.embeddings_queue],
-            upstream = %ctx.config.llm.base_url,
+            upstreams = ?ctx.upstream.router().deployments().iter().map(|d| d.name()).collect::<Vec<_>>(),
             "connected; consuming"
         );
         ctx.health.connected.store(true, Relaxed);
@@ -192,7 +192,7 @@ async fn consume_on(
     ));
     let publishing = health::follow_publishing(
         ctx.health.clone(),
-        ctx.flow.clone(),
+        ctx.upstream.router().clone(),
         links.publish.clone(),
         events,
     );

@@ -31,7 +31,7 @@ use crate::{
     contract::Rules,
     runtime::metrics::Metrics,
     store::idempotency::Store,
-    upstream::{call::Upstream, flow::Flow, ratelimit::Budget},
+    upstream::{call::Upstream, router::Router},
     worker::policy::RetryPolicy,
 };
 
@@ -61,8 +61,6 @@ struct Context {
     /// waits long for a slot or a budget keeps its lease, so a duplicate is not called
     /// beside it.
     lease_renewal: Duration,
-    /// Concurrency limit, pauses and budgets toward the upstream.
-    flow: Arc<Flow>,
     /// Readiness for the admin endpoints.
     health: Arc<Health>,
     /// Prometheus metrics.
@@ -86,28 +84,26 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Builds the upstream client, the flow control and the idempotency store.
+    /// Builds the deployments and their router, and the idempotency store.
     pub fn new(config: Config, shutdown: CancellationToken) -> Result<Self, WorkerError> {
         let worker = config.worker.worker_id();
-        let flow = Flow::new(
-            usize::from(config.worker.min_inflight),
-            usize::from(config.worker.max_inflight),
-            Budget::new(
-                config.llm.max_requests_per_minute,
-                config.llm.max_tokens_per_minute,
-                &config.limits,
-            ),
-        );
         let metrics = Arc::new(Metrics::default());
-        let upstream = Upstream::new(
-            &config.llm,
-            &config.batch,
-            flow.clone(),
-            metrics.clone(),
-            worker,
-            config.amqp.hand_off_after(),
-        )?;
-        let lease = config.llm.timeout()
+        for key in config.ignored_llm_keys() {
+            tracing::warn!(
+                key,
+                "set in [llm], but [upstreams] is configured: each deployment has its own; this one is ignored"
+            );
+        }
+        let upstream = Upstream::new(&config, metrics.clone(), worker)?;
+        // With limits.redis_url, the fleet's cooldowns and breakers are read each second.
+        tokio::spawn(
+            upstream
+                .router()
+                .standing()
+                .clone()
+                .keep_in_sync(shutdown.clone(), crate::runtime::clock::unix_now_ms),
+        );
+        let lease = Duration::from_secs(config.longest_call_secs())
             + Duration::from_millis(config.retry.inline_max_ms)
             + Duration::from_secs(10);
         let store = Store::new(&config.idempotency, lease)?;
@@ -119,7 +115,6 @@ impl Worker {
                 upstream,
                 store,
                 lease_renewal: lease / 2,
-                flow,
                 health: Arc::default(),
                 metrics,
                 stop: shutdown,
@@ -129,9 +124,10 @@ impl Worker {
         })
     }
 
-    /// The flow control (concurrency limit, in flight, waiting).
-    pub fn flow(&self) -> Arc<Flow> {
-        self.ctx.flow.clone()
+    /// The deployments, their flow control (concurrency limits, in flight, waiting) and
+    /// their state.
+    pub fn router(&self) -> Arc<Router> {
+        self.ctx.upstream.router().clone()
     }
 
     /// Connection and consumer state.

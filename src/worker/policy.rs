@@ -17,6 +17,7 @@ pub struct RetryPolicy {
     schedule: ExponentialBuilder,
     max_delay: Duration,
     inline_max: Duration,
+    max_rate_limited: Duration,
 }
 
 impl RetryPolicy {
@@ -33,12 +34,18 @@ impl RetryPolicy {
                 .without_max_times(),
             max_delay,
             inline_max: Duration::from_millis(cfg.inline_max_ms),
+            max_rate_limited: Duration::from_secs(cfg.max_rate_limited_secs),
         }
     }
 
     /// The cap of one backoff delay (`retry.max_delay_secs`).
     pub fn max_delay(&self) -> Duration {
         self.max_delay
+    }
+
+    /// Longest a request may wait out rate limits in all (`retry.max_rate_limited_secs`).
+    pub fn max_rate_limited(&self) -> Duration {
+        self.max_rate_limited
     }
 
     /// Longest wait done in the worker rather than in a retry queue.
@@ -84,6 +91,7 @@ pub(crate) mod tests {
             max_delay_secs: 2,
             inline_max_ms: 1000,
             max_redeliveries: 3,
+            max_rate_limited_secs: 600,
         })
     }
 

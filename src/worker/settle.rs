@@ -34,7 +34,7 @@ use crate::{
     },
     runtime::clock::{unix_now, unix_now_ms},
     store::idempotency,
-    upstream::call::Outcome,
+    upstream::{call::Outcome, router::Route},
 };
 
 /// Settles one delivery; a panic anywhere in it dead-letters the delivery, so it is neither
@@ -87,6 +87,8 @@ async fn settle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Del
         attempts: prior,
         redeliveries: retry.redeliveries,
         first_failure: retry.first_failure,
+        rate_limited_since_ms: retry.rate_limited_since_ms,
+        rate_limits: 0,
         claimed: false,
     };
     settling
@@ -110,6 +112,10 @@ struct Settling<'a> {
     redeliveries: u32,
     /// Unix seconds of the first transient failure.
     first_failure: Option<i64>,
+    /// Unix ms of the first rate limit the request met, here or before.
+    rate_limited_since_ms: Option<i64>,
+    /// Rate limits met in this delivery.
+    rate_limits: u32,
     /// This worker holds the request's lease in the idempotency store.
     claimed: bool,
 }
@@ -139,6 +145,8 @@ impl Settling<'_> {
         let mut produced: Option<Outcome> = None;
         let mut stopping = false;
         let mut results_refused = false;
+        // Which model and deployment the attempts go to, carried from one to the next.
+        let mut route = job.as_ref().map(|job| ctx.upstream.route(job));
         loop {
             let decision = decide(&Input {
                 invalid: invalid.as_ref(),
@@ -152,12 +160,14 @@ impl Settling<'_> {
                 result_bytes: body.as_ref().map(Vec::len),
                 max_result_bytes: ctx.config.worker.max_result_bytes,
                 results_refused,
+                rate_limited_since_ms: self.rate_limited_since_ms,
+                rate_limits: self.rate_limits,
                 stopping,
                 policy: &ctx.policy,
                 on_store_error: ctx.config.idempotency.on_store_error,
                 jitter: fastrand::f64(),
             });
-            let Some(job) = job.as_ref() else {
+            let (Some(job), Some(route)) = (job.as_ref(), route.as_mut()) else {
                 return Box::pin(self.finish(decision, None, produced.as_ref())).await;
             };
             match decision {
@@ -168,7 +178,7 @@ impl Settling<'_> {
                     if self.attempts > prior {
                         ctx.store.renew(&self.key, ctx.worker()).await;
                     }
-                    match self.attempt(job, started).await {
+                    match self.attempt(job, route, started).await {
                         Some(outcome) => {
                             body = self.record(&outcome);
                             produced = Some(outcome);
@@ -199,9 +209,13 @@ impl Settling<'_> {
                     }
                 }
                 Decision::RetryInline { after } => {
-                    ctx.metrics.retried(self.kind.as_str());
                     let reason = failure_reason(produced.as_ref());
-                    warn!(attempt = self.attempts, delay_ms = millis(after), error = %reason, "transient failure; retrying");
+                    if matches!(produced, Some(Outcome::RateLimited { .. })) {
+                        debug!(delay_ms = millis(after), reason = %reason, "rate limited; trying again");
+                    } else {
+                        ctx.metrics.retried(self.kind.as_str());
+                        warn!(attempt = self.attempts, delay_ms = millis(after), error = %reason, "transient failure; retrying");
+                    }
                     produced = None;
                     tokio::select! {
                         _ = tokio::time::sleep(after) => {}
@@ -229,6 +243,11 @@ impl Settling<'_> {
         match outcome {
             Outcome::Retry { .. } => {
                 self.first_failure.get_or_insert_with(unix_now);
+                None
+            }
+            Outcome::RateLimited { .. } => {
+                self.rate_limits = self.rate_limits.saturating_add(1);
+                self.rate_limited_since_ms.get_or_insert_with(unix_now_ms);
                 None
             }
             Outcome::Done(result) => Some(result.to_bytes()),
@@ -263,10 +282,13 @@ impl Settling<'_> {
 
     /// The next upstream attempt, or `None` when shutdown came first (while it waited for a
     /// slot, or past the deadline mid-call).
-    async fn attempt(&self, job: &Job, started: Instant) -> Option<Outcome> {
+    async fn attempt(&self, job: &Job, route: &mut Route, started: Instant) -> Option<Outcome> {
         let ctx = self.ctx;
         let attempt = self.attempts + 1;
-        let call = AssertUnwindSafe(ctx.upstream.attempt(job, attempt, started, &ctx.stop));
+        let call = AssertUnwindSafe(
+            ctx.upstream
+                .attempt(job, route, attempt, started, &ctx.stop),
+        );
         let mut call = std::pin::pin!(call.catch_unwind());
         loop {
             tokio::select! {
@@ -298,6 +320,9 @@ impl Settling<'_> {
                     (Some(Outcome::Retry { .. }), Destination::RetryTier { after }) => {
                         self.ctx.metrics.retried(self.kind.as_str());
                         warn!(attempt = self.attempts, delay_ms = millis(after), error = %move_to.reason, "transient failure; retrying through the retry queue");
+                    }
+                    (Some(Outcome::RateLimited { .. }), Destination::RetryTier { after }) => {
+                        info!(delay_ms = millis(after), reason = %move_to.reason, "rate limited; waiting in the retry queue");
                     }
                     (_, Destination::Requeue) => {
                         self.ctx.metrics.redelivered.inc();
@@ -375,6 +400,7 @@ impl Settling<'_> {
             redeliveries: to.redeliveries,
             first_failure: self.first_failure,
             not_before_ms: None,
+            rate_limited_since_ms: self.rate_limited_since_ms,
         };
         let published = match to.to {
             Destination::RetryTier { after } => {
@@ -451,6 +477,7 @@ impl Settling<'_> {
             redeliveries: self.redeliveries,
             first_failure: self.first_failure,
             not_before_ms: None,
+            rate_limited_since_ms: self.rate_limited_since_ms,
         };
         give_back(self.ctx, self.publisher, self.kind, self.delivery, state).await;
     }
@@ -472,7 +499,11 @@ impl Settling<'_> {
 /// The reason of a transient failure, for logs.
 fn failure_reason(produced: Option<&Outcome>) -> &str {
     match produced {
-        Some(Outcome::Retry { reason, .. } | Outcome::Failed { reason, .. }) => reason,
+        Some(
+            Outcome::Retry { reason, .. }
+            | Outcome::Failed { reason, .. }
+            | Outcome::RateLimited { reason, .. },
+        ) => reason,
         _ => "",
     }
 }

@@ -125,7 +125,7 @@ async fn session(
         _ = stop.cancelled() => return Ok(()),
         publisher = Publisher::open(&links.publish, ctx.config.topology.clone(), ctx.abort.clone()) => publisher?,
     };
-    let mut limit = ctx.flow.watch_limit();
+    let mut limit = ctx.upstream.router().watch_limit();
     let mut current = *limit.borrow_and_update();
     let prefetches = |limit: usize| {
         (

@@ -171,7 +171,7 @@ async fn a_delivery_stuck_behind_higher_priorities_goes_to_the_retry_queue_uncou
     assert_eq!(env.config.validate(), Vec::<String>::new());
     let stop = CancellationToken::new();
     let worker = Worker::new(env.config.clone(), stop.clone()).unwrap();
-    let flow = worker.flow();
+    let flow = worker.router();
     let task = tokio::spawn(worker.run());
     publish_high(&env, 0).await;
     wait_until(Duration::from_secs(10), "high-0 in its call", || async {

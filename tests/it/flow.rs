@@ -55,7 +55,7 @@ async fn aimd_halves_on_429s_prefetch_follows_and_it_climbs_back() {
     .await;
     let stop = CancellationToken::new();
     let worker = Worker::new(env.config.clone(), stop.clone()).unwrap();
-    let flow = worker.flow();
+    let flow = worker.router();
     let task = tokio::spawn(worker.run());
     let queue = env.config.topology.processing_queue.clone();
     wait_until(
@@ -126,7 +126,7 @@ async fn shared_redis_budget_holds_across_two_workers() {
         Worker::new(env.config.clone(), stop.clone()).unwrap(),
         Worker::new(env.config.clone(), stop.clone()).unwrap(),
     );
-    let flows = [a.flow(), b.flow()];
+    let flows = [a.router(), b.router()];
     let tasks = [tokio::spawn(a.run()), tokio::spawn(b.run())];
     for i in 0..40 {
         env.publish_chat(

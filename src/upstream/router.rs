@@ -1,0 +1,999 @@
+//! Which deployment serves a call, and what happens when it cannot: LiteLLM's Router
+//! inside the queue worker.
+//!
+//! - A request's model (or `llm.model` / `llm.embedding_model`) selects the deployments that
+//!   serve it (`[upstreams.<name>].models`); a model none serves is `invalid_request`.
+//! - Among those the [`Standing`] lets serve the model now, a deployment with room for a
+//!   call is chosen at random by weight; when none has room, the least loaded relative to
+//!   its weight, whose queue the call then waits in. The deployment the request last failed
+//!   on is avoided while another can serve.
+//! - A 429 cools the deployment down for that model ([`Standing::cool`]) and the request
+//!   comes back to the worker as a rate limit (no attempt used); an `insufficient_quota` or
+//!   a refusal (401, 403, 404) takes the deployment out and the call moves on at once; a
+//!   context-length error goes straight to `routing.context_window_fallbacks`; connection
+//!   errors, timeouts and 5xx count toward the deployment's breaker and come back as a
+//!   transient failure, saying whether another deployment could take the next attempt now.
+//! - When no deployment of the model can serve (past `routing.fallback_after_secs` for
+//!   cooldowns and breakers, at once for spent or refusing ones), `routing.fallbacks` are
+//!   tried in order.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    config::RoutingConfig,
+    contract::{ErrorKind, request::Kind},
+    runtime::{clock::unix_now_ms, metrics::Metrics},
+    upstream::{
+        client::{LlmClient, LlmError},
+        deployment::{Answer, Deployment},
+        standing::{Availability, Standing, Why},
+    },
+};
+
+/// Most routing steps in one call (moves after quota, refusals and context errors): a
+/// bound against a cycle no configuration should make.
+const MAX_STEPS: usize = 64;
+
+/// The deployments and the rules that choose between them.
+pub struct Router {
+    deployments: Vec<Deployment>,
+    standing: Arc<Standing>,
+    rules: RoutingConfig,
+    metrics: Arc<Metrics>,
+    /// The sum of the deployments' limits, at most `worker.max_inflight`: what the
+    /// consumers' prefetch follows.
+    limit: watch::Receiver<usize>,
+    cap: usize,
+}
+
+/// What one request's routing remembers from one attempt to the next.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The model the request asked for (or the default).
+    pub requested: String,
+    /// The models to try, in order: the requested one and its fallbacks, or after a
+    /// context-length error, that model's context-window fallbacks.
+    models: Vec<String>,
+    /// The deployment the last attempt failed on, avoided while another can serve.
+    avoid: Option<usize>,
+    /// Unix ms since when none of the requested model's deployments could serve, for
+    /// `routing.fallback_after_secs`.
+    unavailable_since: Option<i64>,
+}
+
+impl Route {
+    /// A fresh route for `model`, with its fallbacks from `rules`.
+    pub fn new(model: &str, rules: &RoutingConfig) -> Self {
+        let mut models = vec![model.to_string()];
+        if let Some(fallbacks) = rules.fallbacks.get(model) {
+            models.extend(fallbacks.iter().filter(|m| *m != model).cloned());
+        }
+        Self {
+            requested: model.to_string(),
+            models,
+            avoid: None,
+            unavailable_since: None,
+        }
+    }
+}
+
+/// An answer, and who gave it.
+#[derive(Debug, Clone)]
+pub struct Served<T> {
+    /// The answer.
+    pub answer: T,
+    /// The deployment's name.
+    pub upstream: String,
+    /// The routing model that answered.
+    pub model: String,
+    /// The requested model, when a fallback answered.
+    pub fallback_from: Option<String>,
+}
+
+/// What became of a routed call.
+#[derive(Debug, Clone)]
+pub enum Routed<T> {
+    /// Answered.
+    Served(Served<T>),
+    /// A 429, or every deployment that could serve is cooling down or down: flow control,
+    /// not an attempt. `after`: how long until one can serve (`None`: now, elsewhere).
+    RateLimited {
+        /// The wait.
+        after: Option<Duration>,
+        /// What happened.
+        reason: String,
+    },
+    /// The call failed.
+    Failed {
+        /// How.
+        error: LlmError,
+        /// Another deployment can take the next attempt now.
+        elsewhere: bool,
+    },
+    /// No deployment will serve this request: an unknown model, or every one spent or
+    /// refusing.
+    Unroutable {
+        /// `invalid_request`, `quota_exhausted` or `upstream_permanent`.
+        kind: ErrorKind,
+        /// Why.
+        reason: String,
+    },
+    /// No slot came before the hand-off time.
+    Deferred,
+    /// Shutdown came first; nothing was called.
+    Stopped,
+}
+
+/// The choice for one step.
+enum Pick {
+    Call { d: usize, model: String },
+    Wait { after: Duration, reason: String },
+    Unroutable { kind: ErrorKind, reason: String },
+}
+
+impl Router {
+    /// Routes between `deployments`, whose state `standing` keeps.
+    /// Routes between `deployments`, whose state `standing` keeps; `cap`
+    /// (`worker.max_inflight`) bounds the calls of all of them together that the prefetch
+    /// lets in. Starts the task that sums their limits, so it must run inside the runtime.
+    pub fn new(
+        deployments: Vec<Deployment>,
+        standing: Arc<Standing>,
+        rules: RoutingConfig,
+        metrics: Arc<Metrics>,
+        cap: usize,
+    ) -> Self {
+        let cap = cap.max(1);
+        let mut limits: Vec<watch::Receiver<usize>> =
+            deployments.iter().map(|d| d.flow().watch_limit()).collect();
+        let sum = move |limits: &mut [watch::Receiver<usize>]| {
+            limits
+                .iter_mut()
+                .map(|l| *l.borrow_and_update())
+                .sum::<usize>()
+                .min(cap)
+        };
+        let (tx, limit) = watch::channel(sum(&mut limits));
+        tokio::spawn(async move {
+            // Ends when the deployments are gone (their senders dropped).
+            loop {
+                let changes = limits.iter_mut().map(|l| Box::pin(l.changed()));
+                let (changed, _, _) = futures_util::future::select_all(changes).await;
+                if changed.is_err() {
+                    return;
+                }
+                tx.send_replace(sum(&mut limits));
+            }
+        });
+        Self {
+            deployments,
+            standing,
+            rules,
+            metrics,
+            limit,
+            cap,
+        }
+    }
+
+    /// The sum of the deployments' concurrency limits, at most `worker.max_inflight`.
+    pub fn limit(&self) -> usize {
+        self.deployments
+            .iter()
+            .map(|d| d.flow().limit())
+            .sum::<usize>()
+            .min(self.cap)
+    }
+
+    /// Follows [`Self::limit`].
+    pub fn watch_limit(&self) -> watch::Receiver<usize> {
+        self.limit.clone()
+    }
+
+    /// Calls running now, to every deployment.
+    pub fn in_flight(&self) -> usize {
+        self.deployments.iter().map(|d| d.flow().in_flight()).sum()
+    }
+
+    /// Calls waiting for a slot, at every deployment.
+    pub fn waiting(&self) -> usize {
+        self.deployments.iter().map(|d| d.flow().waiting()).sum()
+    }
+
+    /// Holds (`true`) or releases every call not yet started, at every deployment (the
+    /// broker blocks publishing).
+    pub fn hold(&self, held: bool) {
+        for d in &self.deployments {
+            d.flow().hold(held);
+        }
+    }
+
+    /// Whether new calls are held.
+    pub fn is_held(&self) -> bool {
+        self.deployments.iter().any(|d| d.flow().is_held())
+    }
+
+    /// The deployments, in configuration order.
+    pub fn deployments(&self) -> &[Deployment] {
+        &self.deployments
+    }
+
+    /// Their state.
+    pub fn standing(&self) -> &Arc<Standing> {
+        &self.standing
+    }
+
+    /// A fresh route for `model`.
+    pub fn route(&self, model: &str) -> Route {
+        Route::new(model, &self.rules)
+    }
+
+    /// Makes one call for `route`: picks a deployment, waits for its slot (until `until`,
+    /// or until `stopped` resolves) and calls it with `make(client, model as it knows it)`,
+    /// moving on at once after a spent account, a refusal or a context-length error.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn call<'r, T, F, Fut>(
+        &'r self,
+        route: &mut Route,
+        kind: Kind,
+        priority: u8,
+        tokens: u64,
+        until: tokio::time::Instant,
+        stopped: impl Future<Output = ()>,
+        make: F,
+    ) -> Routed<T>
+    where
+        T: Answer,
+        F: Fn(&'r LlmClient, String) -> Fut,
+        Fut: Future<Output = Result<T, LlmError>>,
+    {
+        let mut stopped = std::pin::pin!(stopped);
+        // What the deployments left behind said, for the reason of an unroutable request.
+        let mut last: Option<String> = None;
+        for _ in 0..MAX_STEPS {
+            let (d, model, probe) = match self.pick(route, unix_now_ms()) {
+                Pick::Call { d, model } => match self.standing.check(d, &model, unix_now_ms()) {
+                    Availability::Free => (d, model, false),
+                    Availability::Probe => (d, model, true),
+                    // Another call took its probe a moment ago.
+                    Availability::Unavailable { .. } => continue,
+                },
+                Pick::Wait { after, reason } => {
+                    return Routed::RateLimited {
+                        after: Some(after),
+                        reason,
+                    };
+                }
+                Pick::Unroutable { kind, reason } => {
+                    let reason = match last {
+                        Some(last) => format!("{reason}; last: {last}"),
+                        None => reason,
+                    };
+                    return Routed::Unroutable { kind, reason };
+                }
+            };
+            let deployment = &self.deployments[d];
+            let slot = tokio::select! {
+                biased;
+                slot = deployment.admit(priority, tokens, until) => slot,
+                () = &mut stopped => {
+                    if probe {
+                        self.standing.probe_abandoned(d);
+                    }
+                    return Routed::Stopped;
+                }
+            };
+            let Some(slot) = slot else {
+                if probe {
+                    self.standing.probe_abandoned(d);
+                }
+                return Routed::Deferred;
+            };
+            // The wait for a slot may have been long: a deployment that meanwhile cooled
+            // down or went out is not called.
+            if !probe && !self.standing.peek(d, &model, unix_now_ms()) {
+                drop(slot);
+                continue;
+            }
+            let answer = deployment
+                .call(
+                    kind,
+                    slot,
+                    make(
+                        deployment.client(),
+                        deployment.spec().upstream_name(&model).to_string(),
+                    ),
+                )
+                .await;
+            let now = unix_now_ms();
+            let error = match answer {
+                Ok(answer) => {
+                    self.standing.succeeded(d);
+                    if let Some(spent) = answer.spent_for() {
+                        self.standing.cool(d, &model, now + millis(spent));
+                    }
+                    let fallback_from = (model != route.requested).then(|| route.requested.clone());
+                    if let Some(from) = &fallback_from {
+                        self.metrics.fallback(from, &model);
+                    }
+                    return Routed::Served(Served {
+                        answer,
+                        upstream: deployment.name().to_string(),
+                        model,
+                        fallback_from,
+                    });
+                }
+                Err(e) => e,
+            };
+            match &error {
+                LlmError::RateLimited { retry_after, .. } => {
+                    if let Some(after) = retry_after {
+                        self.standing.cool(d, &model, now + millis(*after));
+                    }
+                    if probe {
+                        self.standing.succeeded(d);
+                    }
+                    route.avoid = Some(d);
+                    let elsewhere = self.can_serve_now(route, now);
+                    return Routed::RateLimited {
+                        after: if elsewhere { None } else { *retry_after },
+                        reason: format!("{}: {error}", deployment.name()),
+                    };
+                }
+                LlmError::QuotaExhausted { .. } => {
+                    self.standing.spent(d, now);
+                    last = Some(format!("{}: {error}", deployment.name()));
+                }
+                LlmError::Refused { .. } => {
+                    self.standing.refused(d, &model, now);
+                    last = Some(format!("{}: {error}", deployment.name()));
+                }
+                LlmError::ContextLength { .. } => {
+                    let next = self.rules.context_window_fallbacks.get(&model);
+                    let next: Vec<String> = next
+                        .into_iter()
+                        .flatten()
+                        .filter(|m| **m != model && **m != route.requested)
+                        .cloned()
+                        .collect();
+                    if next.is_empty() {
+                        return Routed::Failed {
+                            error,
+                            elsewhere: false,
+                        };
+                    }
+                    info!(%model, to = ?next, "context length exceeded; trying the context-window fallbacks");
+                    route.models = next;
+                    route.avoid = None;
+                }
+                LlmError::Transient { .. } => {
+                    // A timeout, a connection error or a 5xx: the deployment may be down.
+                    self.standing.failed(d, now);
+                    route.avoid = Some(d);
+                    let elsewhere = self.can_serve_now(route, now);
+                    return Routed::Failed { error, elsewhere };
+                }
+                LlmError::Permanent { .. } => {
+                    return Routed::Failed {
+                        error,
+                        elsewhere: false,
+                    };
+                }
+            }
+        }
+        warn!(model = %route.requested, "routing went round in circles; check routing.fallbacks");
+        Routed::Unroutable {
+            kind: ErrorKind::UpstreamPermanent,
+            reason: format!(
+                "no deployment could serve {} after {MAX_STEPS} moves",
+                route.requested
+            ),
+        }
+    }
+
+    /// Whether some deployment could take `route`'s next call right away (one other than
+    /// the one it avoids, with room).
+    fn can_serve_now(&self, route: &Route, now: i64) -> bool {
+        route.models.iter().any(|model| {
+            self.serving(model).any(|d| {
+                Some(d) != route.avoid
+                    && self.deployments[d].flow().has_room()
+                    && self.standing.peek(d, model, now)
+            })
+        })
+    }
+
+    /// The deployments that serve `model` at all.
+    fn serving<'a>(&'a self, model: &'a str) -> impl Iterator<Item = usize> + 'a {
+        self.deployments
+            .iter()
+            .enumerate()
+            .filter(move |(_, d)| d.spec().serves(model))
+            .map(|(i, _)| i)
+    }
+
+    /// The next deployment and model for `route` at `now`.
+    fn pick(&self, route: &mut Route, now: i64) -> Pick {
+        if self.serving(&route.requested).next().is_none() && route.models.len() <= 1 {
+            return Pick::Unroutable {
+                kind: ErrorKind::InvalidRequest,
+                reason: format!("no upstream serves the model {:?}", route.requested),
+            };
+        }
+        // The soonest a temporarily unavailable deployment comes back, and whether every
+        // one is out for good (a spent account).
+        let mut soonest: Option<(i64, Why, &str)> = None;
+        let mut spent = false;
+        let models = route.models.clone();
+        for (i, model) in models.iter().enumerate() {
+            // Fallbacks of the requested model wait for `routing.fallback_after_secs` while
+            // it is only cooling down or down (at once when it is spent or refused);
+            // context-window fallbacks replace the list and wait for nothing.
+            if i > 0 && model_is_fallback(route) {
+                let waited = now - *route.unavailable_since.get_or_insert(now);
+                if soonest.is_some() && waited < secs_ms(self.rules.fallback_after_secs) {
+                    break;
+                }
+            }
+            let mut free: Vec<usize> = Vec::new();
+            for d in self.serving(model) {
+                match self.standing.availability(d, model, now) {
+                    Some((until, why)) => {
+                        if why.is_temporary() {
+                            if soonest.is_none_or(|(u, _, _)| until < u) {
+                                soonest = Some((until, why, self.deployments[d].name()));
+                            }
+                        } else if why == Why::Quota {
+                            spent = true;
+                        }
+                    }
+                    None => free.push(d),
+                }
+            }
+            if let Some(d) = self.choose(&free, route.avoid) {
+                if i == 0 {
+                    route.unavailable_since = None;
+                }
+                return Pick::Call {
+                    d,
+                    model: model.clone(),
+                };
+            }
+        }
+        match soonest {
+            Some((until, why, name)) => {
+                route.unavailable_since.get_or_insert(now);
+                let what = match why {
+                    Why::Down => "is down (circuit breaker open)",
+                    _ => "is cooling down after a rate limit",
+                };
+                Pick::Wait {
+                    after: Duration::from_millis(u64::try_from(until - now).unwrap_or(0).max(1)),
+                    reason: format!(
+                        "every deployment that can serve {} is unavailable; {name} {what}",
+                        route.requested
+                    ),
+                }
+            }
+            None if spent => Pick::Unroutable {
+                kind: ErrorKind::QuotaExhausted,
+                reason: format!(
+                    "every deployment that can serve {} (and its fallbacks) has spent its quota",
+                    route.requested
+                ),
+            },
+            None => Pick::Unroutable {
+                kind: ErrorKind::UpstreamPermanent,
+                reason: format!(
+                    "every deployment that can serve {} (and its fallbacks) refused it (401, 403 or 404)",
+                    route.requested
+                ),
+            },
+        }
+    }
+
+    /// Among the deployments `free` to serve, the one to call: at random by weight among
+    /// those with room (leaving out `avoid` while another can serve), else the least loaded
+    /// relative to its weight.
+    fn choose(&self, free: &[usize], avoid: Option<usize>) -> Option<usize> {
+        let others: Vec<usize> = free.iter().copied().filter(|&d| Some(d) != avoid).collect();
+        let candidates = if others.is_empty() { free } else { &others[..] };
+        let roomy: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|&d| self.deployments[d].flow().has_room())
+            .collect();
+        if !roomy.is_empty() {
+            let total: u64 = roomy.iter().map(|&d| self.weight(d)).sum();
+            let mut draw = fastrand::u64(0..total.max(1));
+            for &d in &roomy {
+                let w = self.weight(d);
+                if draw < w {
+                    return Some(d);
+                }
+                draw -= w;
+            }
+            return roomy.last().copied();
+        }
+        candidates.iter().copied().min_by(|&a, &b| {
+            let load = |d: usize| {
+                let flow = self.deployments[d].flow();
+                (flow.in_flight() + flow.waiting() + 1) as f64 / self.weight(d) as f64
+            };
+            load(a).total_cmp(&load(b))
+        })
+    }
+
+    fn weight(&self, d: usize) -> u64 {
+        u64::from(self.deployments[d].spec().weight.max(1))
+    }
+}
+
+/// Whether the route's later models are fallbacks of the requested one (not the
+/// context-window fallbacks that replaced it).
+fn model_is_fallback(route: &Route) -> bool {
+    route.models.first() == Some(&route.requested)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)
+}
+
+fn secs_ms(secs: u64) -> i64 {
+    i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX / 2)
+}
+
+/// One deployment's state, as `/upstreams` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UpstreamReport {
+    /// Its name.
+    pub name: String,
+    /// The routing models it serves (`*`: any).
+    pub models: Vec<String>,
+    /// Its weight.
+    pub weight: u32,
+    /// Calls to it running now in this replica.
+    pub in_flight: usize,
+    /// Calls waiting for a slot.
+    pub waiting: usize,
+    /// Its AIMD limit now.
+    pub limit: usize,
+    /// Its `max_inflight`.
+    pub max_inflight: usize,
+    /// The standing: breaker, failures, models it does not serve now.
+    #[serde(flatten)]
+    pub standing: crate::upstream::standing::Report,
+}
+
+impl Router {
+    /// Every deployment's state at `now`.
+    pub fn report(&self, now: i64) -> Vec<UpstreamReport> {
+        self.deployments
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let flow = d.flow();
+                let models = if d.spec().models.is_empty() {
+                    vec!["*".to_string()]
+                } else {
+                    d.spec().models.clone()
+                };
+                UpstreamReport {
+                    name: d.name().to_string(),
+                    models,
+                    weight: d.spec().weight,
+                    in_flight: flow.in_flight(),
+                    waiting: flow.waiting(),
+                    limit: flow.limit(),
+                    max_inflight: flow.max(),
+                    standing: self.standing.report(i, now),
+                }
+            })
+            .collect()
+    }
+
+    /// Sets the per-deployment gauges of `metrics` (at scrape time).
+    pub fn export(&self, metrics: &Metrics, now: i64) {
+        for r in self.report(now) {
+            let label = Metrics::upstream(&r.name);
+            let set = |family: &prometheus_client::metrics::family::Family<
+                _,
+                prometheus_client::metrics::gauge::Gauge,
+            >,
+                       v: i64| {
+                family.get_or_create(&label).set(v);
+            };
+            set(&metrics.upstream_in_flight, r.in_flight as i64);
+            set(&metrics.upstream_limit, r.limit as i64);
+            set(
+                &metrics.upstream_cooling,
+                r.standing.unavailable.len() as i64,
+            );
+            let breaker = match r.standing.breaker {
+                "open" => 1,
+                "half_open" => 2,
+                _ => 0,
+            };
+            set(&metrics.upstream_breaker, breaker);
+        }
+    }
+}
+
+impl<T> Routed<T> {
+    /// The same outcome with the answer mapped.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Routed<U> {
+        match self {
+            Routed::Served(s) => Routed::Served(Served {
+                answer: f(s.answer),
+                upstream: s.upstream,
+                model: s.model,
+                fallback_from: s.fallback_from,
+            }),
+            Routed::RateLimited { after, reason } => Routed::RateLimited { after, reason },
+            Routed::Failed { error, elsewhere } => Routed::Failed { error, elsewhere },
+            Routed::Unroutable { kind, reason } => Routed::Unroutable { kind, reason },
+            Routed::Deferred => Routed::Deferred,
+            Routed::Stopped => Routed::Stopped,
+        }
+    }
+}
+
+/// A router over `deployments` with default rules and no shared state, for tests.
+#[cfg(test)]
+pub(crate) fn test_router(deployments: Vec<Deployment>, rules: RoutingConfig) -> Router {
+    let names = deployments.iter().map(|d| d.name().to_string()).collect();
+    let standing = Arc::new(Standing::new(names, rules.clone(), None));
+    Router::new(
+        deployments,
+        standing,
+        rules,
+        Arc::new(Metrics::default()),
+        usize::MAX,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use serde_json::{Map, Value, json};
+
+    use super::*;
+    use crate::{
+        config::{SecretUrl, UpstreamConfig},
+        tools::mock::{MockOptions, MockServer},
+        upstream::{client::ChatAnswer, flow::Flow, ratelimit::Budget},
+    };
+
+    async fn mock(options: MockOptions) -> MockServer {
+        MockServer::start(([127, 0, 0, 1], 0).into(), options)
+            .await
+            .expect("the mock listens")
+    }
+
+    /// A deployment `name` at `server` serving `models` (empty: any) with `weight`.
+    fn deployment(name: &str, server: &MockServer, models: &[&str], weight: u32) -> Deployment {
+        let spec = UpstreamConfig {
+            base_url: SecretUrl::new(server.base_url()),
+            models: models.iter().map(|m| m.to_string()).collect(),
+            weight,
+            ..UpstreamConfig::default()
+        };
+        let client = LlmClient::new(&spec, 1 << 20).expect("client");
+        let flow = Flow::new(1, 64, Budget::unlimited());
+        Deployment::new(name, spec, client, flow, Arc::new(Metrics::default()))
+    }
+
+    fn far() -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(3600)
+    }
+
+    async fn chat(router: &Router, route: &mut Route, prompt: &str) -> Routed<ChatAnswer> {
+        let messages = vec![json!({"role": "user", "content": prompt})];
+        let params = Map::<String, Value>::new();
+        router
+            .call(
+                route,
+                Kind::Chat,
+                0,
+                1,
+                far(),
+                std::future::pending(),
+                |client, model| {
+                    let messages = &messages;
+                    let params = &params;
+                    async move { client.chat(&model, messages, params).await }
+                },
+            )
+            .await
+    }
+
+    fn served<T: std::fmt::Debug>(routed: Routed<T>) -> Served<T> {
+        match routed {
+            Routed::Served(s) => s,
+            other => panic!("not served: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn weights_split_the_traffic() {
+        let (a, b) = (
+            mock(MockOptions::default()).await,
+            mock(MockOptions::default()).await,
+        );
+        let router = test_router(
+            vec![deployment("a", &a, &[], 3), deployment("b", &b, &[], 1)],
+            RoutingConfig::default(),
+        );
+        for i in 0..400 {
+            let mut route = router.route("m");
+            served(chat(&router, &mut route, &format!("{i}")).await);
+        }
+        let on_a = a.stats().chat_calls.load(Relaxed);
+        assert_eq!(on_a + b.stats().chat_calls.load(Relaxed), 400);
+        // 3:1 is 300 of 400; a binomial's standard deviation here is about 9.
+        assert!(
+            (255..=345).contains(&on_a),
+            "{on_a} of 400 on the weight-3 deployment"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_model_no_deployment_serves_is_unroutable() {
+        let a = mock(MockOptions::default()).await;
+        let router = test_router(
+            vec![deployment("a", &a, &["m"], 1)],
+            RoutingConfig::default(),
+        );
+        let mut route = router.route("other");
+        let Routed::Unroutable { kind, .. } = chat(&router, &mut route, "x").await else {
+            panic!("unroutable");
+        };
+        assert_eq!(kind, ErrorKind::InvalidRequest);
+        assert_eq!(a.stats().chat_calls.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_429_cools_one_deployment_and_the_next_call_goes_elsewhere() {
+        let limited = mock(MockOptions {
+            error_rate: 1.0,
+            status: 429,
+            retry_after: Some(30),
+            ..MockOptions::default()
+        })
+        .await;
+        let fine = mock(MockOptions::default()).await;
+        let router = test_router(
+            vec![
+                deployment("a", &limited, &[], 1000),
+                deployment("b", &fine, &[], 1),
+            ],
+            RoutingConfig::default(),
+        );
+        // The weights make "a" the first choice nearly always; try until it is taken.
+        let mut route = router.route("m");
+        let mut first = chat(&router, &mut route, "x").await;
+        while matches!(first, Routed::Served(_)) {
+            route = router.route("m");
+            first = chat(&router, &mut route, "x").await;
+        }
+        let Routed::RateLimited { after, .. } = first else {
+            panic!("rate limited: {first:?}");
+        };
+        assert_eq!(after, None, "another deployment can serve now");
+        let again = served(chat(&router, &mut route, "x").await);
+        assert_eq!(again.upstream, "b");
+        for _ in 0..20 {
+            let mut route = router.route("m");
+            assert_eq!(served(chat(&router, &mut route, "y").await).upstream, "b");
+        }
+        assert_eq!(
+            limited.stats().chat_calls.load(Relaxed),
+            1,
+            "cooling for 30 s"
+        );
+        let mut other_model = router.route("n");
+        let mut calls = 0;
+        while limited.stats().chat_calls.load(Relaxed) == 1 {
+            let _ = chat(&router, &mut other_model, "z").await;
+            calls += 1;
+            assert!(calls < 200, "the other model still goes to a");
+        }
+    }
+
+    #[tokio::test]
+    async fn every_deployment_cooling_is_a_wait_not_a_call() {
+        let limited = mock(MockOptions {
+            error_rate: 1.0,
+            status: 429,
+            retry_after: Some(30),
+            ..MockOptions::default()
+        })
+        .await;
+        let router = test_router(
+            vec![deployment("a", &limited, &[], 1)],
+            RoutingConfig::default(),
+        );
+        let mut route = router.route("m");
+        let Routed::RateLimited { after, .. } = chat(&router, &mut route, "x").await else {
+            panic!("rate limited");
+        };
+        let after = after.expect("nowhere else: the Retry-After");
+        assert_eq!(after, Duration::from_secs(30));
+        let Routed::RateLimited { after, .. } = chat(&router, &mut route, "x").await else {
+            panic!("still cooling");
+        };
+        let after = after.expect("a wait");
+        assert!(
+            after > Duration::from_secs(25) && after <= Duration::from_secs(30),
+            "{after:?}"
+        );
+        assert_eq!(
+            limited.stats().chat_calls.load(Relaxed),
+            1,
+            "no second call"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refusing_deployment_is_left_for_the_others_at_once() {
+        let refusing = mock(MockOptions {
+            require_key: Some("another-key".into()),
+            ..MockOptions::default()
+        })
+        .await;
+        let fine = mock(MockOptions::default()).await;
+        let router = test_router(
+            vec![
+                deployment("a", &refusing, &[], 1000),
+                deployment("b", &fine, &[], 1),
+            ],
+            RoutingConfig::default(),
+        );
+        for _ in 0..20 {
+            let mut route = router.route("m");
+            assert_eq!(served(chat(&router, &mut route, "x").await).upstream, "b");
+        }
+        assert!(refusing.stats().chat_calls.load(Relaxed) <= 1);
+        // Alone, it is upstream_permanent.
+        let lonely = test_router(
+            vec![deployment("a", &refusing, &[], 1)],
+            RoutingConfig::default(),
+        );
+        let mut route = lonely.route("m");
+        let Routed::Unroutable { kind, .. } = chat(&lonely, &mut route, "x").await else {
+            panic!("unroutable");
+        };
+        assert_eq!(kind, ErrorKind::UpstreamPermanent);
+    }
+
+    #[tokio::test]
+    async fn a_context_length_error_goes_straight_to_the_context_window_fallback() {
+        let small = mock(MockOptions {
+            max_prompt_bytes: Some(50),
+            ..MockOptions::default()
+        })
+        .await;
+        let big = mock(MockOptions::default()).await;
+        let rules = RoutingConfig {
+            context_window_fallbacks: [("small-model".to_string(), vec!["big-model".to_string()])]
+                .into(),
+            ..RoutingConfig::default()
+        };
+        let router = test_router(
+            vec![
+                deployment("a", &small, &["small-model"], 1),
+                deployment("b", &big, &["big-model"], 1),
+            ],
+            rules,
+        );
+        let mut route = router.route("small-model");
+        let answer = served(chat(&router, &mut route, &"long ".repeat(40)).await);
+        assert_eq!(answer.upstream, "b");
+        assert_eq!(answer.model, "big-model");
+        assert_eq!(answer.fallback_from.as_deref(), Some("small-model"));
+        assert_eq!(
+            answer.answer.model, "big-model",
+            "the upstream was asked for it"
+        );
+        let mut short = router.route("small-model");
+        let answer = served(chat(&router, &mut short, "hi").await);
+        assert_eq!(
+            (answer.upstream.as_str(), answer.fallback_from),
+            ("a", None)
+        );
+    }
+
+    #[tokio::test]
+    async fn fallbacks_serve_when_the_model_cannot_be_served() {
+        let cooling = mock(MockOptions {
+            error_rate: 1.0,
+            status: 429,
+            retry_after: Some(30),
+            ..MockOptions::default()
+        })
+        .await;
+        let spare = mock(MockOptions::default()).await;
+        let rules = RoutingConfig {
+            fallbacks: [("gpt-4o".to_string(), vec!["gpt-4o-mini".to_string()])].into(),
+            ..RoutingConfig::default()
+        };
+        let router = test_router(
+            vec![
+                deployment("a", &cooling, &["gpt-4o"], 1),
+                deployment("b", &spare, &["gpt-4o-mini"], 1),
+            ],
+            rules.clone(),
+        );
+        let mut route = router.route("gpt-4o");
+        assert!(
+            matches!(
+                chat(&router, &mut route, "x").await,
+                Routed::RateLimited { after: None, .. }
+            ),
+            "the fallback can serve now"
+        );
+        let answer = served(chat(&router, &mut route, "x").await);
+        assert_eq!(answer.model, "gpt-4o-mini");
+        assert_eq!(answer.fallback_from.as_deref(), Some("gpt-4o"));
+        // With fallback_after_secs, a cooldown is waited out first.
+        let patient = test_router(
+            vec![
+                deployment("a", &cooling, &["gpt-4o"], 1),
+                deployment("b", &spare, &["gpt-4o-mini"], 1),
+            ],
+            RoutingConfig {
+                fallback_after_secs: 60,
+                ..rules
+            },
+        );
+        let mut route = patient.route("gpt-4o");
+        let _ = chat(&patient, &mut route, "x").await;
+        assert!(
+            matches!(
+                chat(&patient, &mut route, "x").await,
+                Routed::RateLimited { after: Some(_), .. }
+            ),
+            "waits for gpt-4o rather than falling back"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_deployment_opens_its_breaker_and_the_others_serve() {
+        let down = mock(MockOptions {
+            error_rate: 1.0,
+            status: 503,
+            ..MockOptions::default()
+        })
+        .await;
+        let fine = mock(MockOptions::default()).await;
+        let rules = RoutingConfig {
+            breaker_failures: 2,
+            ..RoutingConfig::default()
+        };
+        let router = test_router(
+            vec![
+                deployment("a", &down, &[], 1000),
+                deployment("b", &fine, &[], 1),
+            ],
+            rules,
+        );
+        let mut failures = 0;
+        for _ in 0..50 {
+            let mut route = router.route("m");
+            match chat(&router, &mut route, "x").await {
+                Routed::Served(s) => assert_eq!(s.upstream, "b"),
+                Routed::Failed { elsewhere, .. } => {
+                    assert!(elsewhere, "b could take the next attempt");
+                    failures += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(failures, 2, "the breaker opened at the second failure");
+        assert_eq!(down.stats().chat_calls.load(Relaxed), 2);
+        assert_eq!(router.report(unix_now_ms())[0].standing.breaker, "open");
+    }
+}

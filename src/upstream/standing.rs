@@ -1,0 +1,639 @@
+//! Which deployment may serve which model now: the memory of what each deployment
+//! answered lately.
+//!
+//! - **Cooling down** (one model): a 429 said when to come back (`Retry-After`, or an
+//!   exhausted `x-ratelimit-*` budget). The deployment keeps serving its other models.
+//! - **Out** of rotation: a spent account (`insufficient_quota`, every model, for
+//!   `routing.quota_cooldown_secs`), or a refusal (401, 403, 404: that model, for
+//!   `routing.auth_cooldown_secs`).
+//! - **Circuit breaker** (the whole deployment): `routing.breaker_failures` consecutive
+//!   connection errors, timeouts or 5xx open it for `routing.breaker_cooldown_secs`; then
+//!   one call probes it (half-open), which closes it on success or opens it again.
+//!
+//! Times are Unix milliseconds, passed in, so every rule is a plain function of its inputs.
+//! With `limits.redis_url` every change is also written to Redis and every replica reads
+//! the others' each second ([`Standing::sync`]), so a deployment one replica found spent
+//! or down is left alone by the whole fleet; without it each replica keeps its own.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use redis::AsyncCommands;
+use tracing::{debug, warn};
+
+use crate::{config::RoutingConfig, store::redis_conn::LazyConnection};
+
+/// Why a deployment is not serving a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Why {
+    /// Cooling down after a 429 that said when to come back.
+    RateLimited,
+    /// Its account is spent.
+    Quota,
+    /// It refused the key or the model (401, 403, 404).
+    Refused,
+    /// Its circuit breaker is open.
+    Down,
+}
+
+impl Why {
+    /// The field prefix in Redis and the word in `/upstreams`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Why::RateLimited => "cooling",
+            Why::Quota => "quota",
+            Why::Refused => "refused",
+            Why::Down => "down",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Why::RateLimited, Why::Quota, Why::Refused, Why::Down]
+            .into_iter()
+            .find(|w| w.as_str() == s)
+    }
+
+    /// Whether the deployment comes back for this request within the wait of a rate limit:
+    /// a cooldown or a breaker; a spent account or a refusal is not waited for.
+    pub fn is_temporary(self) -> bool {
+        matches!(self, Why::RateLimited | Why::Down)
+    }
+}
+
+/// Whether a deployment may take a call for a model now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    /// Yes.
+    Free,
+    /// Yes, as the one probe of its half-open breaker (report its outcome).
+    Probe,
+    /// Not until `until_ms`, for `why`.
+    Unavailable {
+        /// Why.
+        why: Why,
+        /// Unix ms when it may be tried again.
+        until_ms: i64,
+    },
+}
+
+/// Every model of a deployment, in the key of an entry.
+const EVERY_MODEL: &str = "*";
+
+/// How long a half-open breaker waits for its probe before letting another call probe.
+const PROBE_TIMEOUT_MS: i64 = 120_000;
+
+/// The state of every deployment, by index.
+pub struct Standing {
+    inner: Mutex<Inner>,
+    names: Vec<String>,
+    rules: RoutingConfig,
+    shared: Option<Shared>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// (deployment, model or [`EVERY_MODEL`]) -> until when, and why.
+    out: HashMap<(usize, String), (i64, Why)>,
+    breakers: Vec<Breaker>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Breaker {
+    /// Consecutive failures seen by this replica.
+    failures: u32,
+    /// Open until then; half-open after.
+    open_until: Option<i64>,
+    /// A probe is out since then (half-open): others wait for it.
+    probing_since: Option<i64>,
+}
+
+/// One deployment's state, for `/upstreams` and the metrics.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Report {
+    /// `closed`, `open` or `half_open`.
+    pub breaker: &'static str,
+    /// Consecutive failures seen by this replica.
+    pub failures: u32,
+    /// Models not served now: model (`*` for all) -> why and for how many more ms.
+    pub unavailable: Vec<Unavailable>,
+}
+
+/// One model a deployment does not serve now.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Unavailable {
+    /// The routing model, or `*`.
+    pub model: String,
+    /// `cooling`, `quota` or `refused`.
+    pub why: &'static str,
+    /// Milliseconds left.
+    pub for_ms: i64,
+}
+
+impl Standing {
+    /// The state of the deployments named `names` (by index), with the routing rules;
+    /// shared through `shared` (a Redis connection and a key prefix) when given.
+    pub fn new(
+        names: Vec<String>,
+        rules: RoutingConfig,
+        shared: Option<(Arc<LazyConnection>, String)>,
+    ) -> Self {
+        let inner = Inner {
+            out: HashMap::new(),
+            breakers: vec![Breaker::default(); names.len()],
+        };
+        Self {
+            inner: Mutex::new(inner),
+            names,
+            rules,
+            shared: shared.map(|(conn, prefix)| Shared { conn, prefix }),
+        }
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        // Plain maps and counters: keep going after a panic elsewhere.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether deployment `d` may take a call for `model` at `now`. Taking a [`Probe`]
+    /// marks the probe out: report its outcome with [`Self::succeeded`] or
+    /// [`Self::failed`] (or [`Self::probe_abandoned`]).
+    ///
+    /// [`Probe`]: Availability::Probe
+    pub fn check(&self, d: usize, model: &str, now: i64) -> Availability {
+        let mut inner = self.inner();
+        if let Some((until_ms, why)) = unavailable(&inner, d, model, now) {
+            return Availability::Unavailable { why, until_ms };
+        }
+        match inner.breakers.get_mut(d) {
+            Some(b) if b.open_until.is_some() => {
+                b.probing_since = Some(now);
+                Availability::Probe
+            }
+            _ => Availability::Free,
+        }
+    }
+
+    /// Until when and why `d` may not take a call for `model` at `now`; `None` when it may
+    /// (a half-open breaker whose probe is not out yet included). Takes nothing.
+    pub fn availability(&self, d: usize, model: &str, now: i64) -> Option<(i64, Why)> {
+        unavailable(&self.inner(), d, model, now)
+    }
+
+    /// Whether `d` may take a call for `model` at `now`.
+    pub fn peek(&self, d: usize, model: &str, now: i64) -> bool {
+        self.availability(d, model, now).is_none()
+    }
+
+    /// The probe taken from `d` was not made after all (shutdown, or no slot in time):
+    /// another call may probe.
+    pub fn probe_abandoned(&self, d: usize) {
+        if let Some(b) = self.inner().breakers.get_mut(d) {
+            b.probing_since = None;
+        }
+    }
+
+    /// A call to `d` answered: its breaker closes and its failures are forgotten.
+    pub fn succeeded(&self, d: usize) {
+        let reopened = {
+            let mut inner = self.inner();
+            let Some(b) = inner.breakers.get_mut(d) else {
+                return;
+            };
+            let was_open = b.open_until.is_some();
+            *b = Breaker::default();
+            was_open
+        };
+        if reopened {
+            debug!(upstream = %self.name(d), "circuit breaker closed: the probe call succeeded");
+            self.write(d, Field::Breaker, 0);
+        }
+    }
+
+    /// A call to `d` failed in a way that may mean it is down (a connection error, a
+    /// timeout, a 5xx): counts toward its breaker, and opens it at the threshold or when a
+    /// probe fails. Answers whether it opened now.
+    pub fn failed(&self, d: usize, now: i64) -> bool {
+        let cooldown = secs_ms(self.rules.breaker_cooldown_secs);
+        let until = {
+            let mut inner = self.inner();
+            let Some(b) = inner.breakers.get_mut(d) else {
+                return false;
+            };
+            b.failures = b.failures.saturating_add(1);
+            let probe_failed = b.open_until.is_some_and(|u| u <= now);
+            if !(probe_failed || b.failures >= self.rules.breaker_failures) {
+                return false;
+            }
+            b.open_until = Some(now + cooldown);
+            b.probing_since = None;
+            now + cooldown
+        };
+        warn!(
+            upstream = %self.name(d),
+            cooldown_secs = self.rules.breaker_cooldown_secs,
+            "circuit breaker open: the deployment keeps failing; others serve meanwhile"
+        );
+        self.write(d, Field::Breaker, until);
+        true
+    }
+
+    /// Takes `d` out for `model` (or, for a spent account, every model) until `until_ms`.
+    pub fn take_out(&self, d: usize, model: &str, why: Why, until_ms: i64) {
+        let model = match why {
+            Why::Quota => EVERY_MODEL,
+            _ => model,
+        };
+        let newer = {
+            let mut inner = self.inner();
+            let entry = inner.out.entry((d, model.to_string())).or_insert((0, why));
+            let newer = entry.0 < until_ms;
+            if newer {
+                *entry = (until_ms, why);
+            }
+            newer
+        };
+        if newer {
+            self.write(d, Field::Out(why, model.to_string()), until_ms);
+        }
+    }
+
+    /// A deployment answered a 429 for `model` that said when to come back.
+    pub fn cool(&self, d: usize, model: &str, until_ms: i64) {
+        self.take_out(d, model, Why::RateLimited, until_ms);
+    }
+
+    /// A deployment's account is spent.
+    pub fn spent(&self, d: usize, now: i64) {
+        let until = now + secs_ms(self.rules.quota_cooldown_secs);
+        warn!(upstream = %self.name(d), cooldown_secs = self.rules.quota_cooldown_secs, "insufficient quota: the deployment is out of rotation");
+        self.take_out(d, EVERY_MODEL, Why::Quota, until);
+    }
+
+    /// A deployment refused `model` (401, 403, 404).
+    pub fn refused(&self, d: usize, model: &str, now: i64) {
+        let until = now + secs_ms(self.rules.auth_cooldown_secs);
+        warn!(upstream = %self.name(d), %model, cooldown_secs = self.rules.auth_cooldown_secs, "the deployment refused the key or the model: out of rotation for it");
+        self.take_out(d, model, Why::Refused, until);
+    }
+
+    /// Deployment `d`'s state at `now`.
+    pub fn report(&self, d: usize, now: i64) -> Report {
+        let inner = self.inner();
+        let b = inner.breakers.get(d).copied().unwrap_or_default();
+        let breaker = match b.open_until {
+            None => "closed",
+            Some(u) if u > now => "open",
+            Some(_) => "half_open",
+        };
+        let mut unavailable: Vec<Unavailable> = inner
+            .out
+            .iter()
+            .filter(|((dep, _), (until, _))| *dep == d && *until > now)
+            .map(|((_, model), (until, why))| Unavailable {
+                model: model.clone(),
+                why: why.as_str(),
+                for_ms: until - now,
+            })
+            .collect();
+        unavailable.sort_by(|a, b| a.model.cmp(&b.model));
+        Report {
+            breaker,
+            failures: b.failures,
+            unavailable,
+        }
+    }
+
+    fn name(&self, d: usize) -> &str {
+        self.names.get(d).map_or("?", String::as_str)
+    }
+
+    /// Writes a change to Redis, in a task of its own: the call path never waits on it.
+    fn write(&self, d: usize, field: Field, until_ms: i64) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let (Ok(runtime), Some(name)) = (tokio::runtime::Handle::try_current(), self.names.get(d))
+        else {
+            return;
+        };
+        let key = shared.key(name);
+        let conn = shared.conn.clone();
+        runtime.spawn(async move {
+            let Ok(mut conn) = conn.get().await else {
+                return;
+            };
+            let field = field.to_string();
+            let written: redis::RedisResult<()> = if until_ms == 0 {
+                conn.hdel(&key, &field).await
+            } else {
+                redis::pipe()
+                    .hset(&key, &field, until_ms)
+                    .ignore()
+                    .pexpire(&key, SHARED_TTL_MS)
+                    .ignore()
+                    .query_async(&mut conn)
+                    .await
+            };
+            if let Err(e) = written {
+                debug!(error = %e, "could not share an upstream's state through Redis");
+            }
+        });
+    }
+
+    /// Reads the fleet's state from Redis into this replica's, once. Entries only ever
+    /// extend what is known here: a breaker another replica opened is open here too, until
+    /// it half-opens here.
+    pub async fn sync(&self, now: i64) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let Ok(mut conn) = shared.conn.get().await else {
+            return;
+        };
+        for (d, name) in self.names.iter().enumerate() {
+            let fields: redis::RedisResult<HashMap<String, i64>> =
+                conn.hgetall(shared.key(name)).await;
+            let fields = match fields {
+                Ok(fields) => fields,
+                Err(e) => {
+                    debug!(error = %e, "could not read the fleet's upstream state from Redis");
+                    return;
+                }
+            };
+            let mut inner = self.inner();
+            for (field, until) in fields {
+                if until <= now {
+                    continue;
+                }
+                match Field::parse(&field) {
+                    Some(Field::Breaker) => {
+                        if let Some(b) = inner.breakers.get_mut(d)
+                            && b.open_until.is_none_or(|u| u < until)
+                        {
+                            b.open_until = Some(until);
+                            b.probing_since = None;
+                        }
+                    }
+                    Some(Field::Out(why, model)) => {
+                        let entry = inner.out.entry((d, model)).or_insert((0, why));
+                        if entry.0 < until {
+                            *entry = (until, why);
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
+    /// Runs [`Self::sync`] every second until `stop`; returns at once when not shared.
+    pub async fn keep_in_sync(
+        self: Arc<Self>,
+        stop: tokio_util::sync::CancellationToken,
+        now: impl Fn() -> i64,
+    ) {
+        if self.shared.is_none() {
+            return;
+        }
+        loop {
+            self.sync(now()).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// Until when and why `d` may not serve `model` at `now`: the longest-lasting reason for
+/// the model or for every model, then its breaker (open, or half-open with its probe out).
+fn unavailable(inner: &Inner, d: usize, model: &str, now: i64) -> Option<(i64, Why)> {
+    let mut worst: Option<(i64, Why)> = None;
+    for key in [model, EVERY_MODEL] {
+        if let Some(&(until, why)) = inner.out.get(&(d, key.to_string()))
+            && until > now
+            && worst.is_none_or(|(u, w)| rank(why) > rank(w) || (why == w && until > u))
+        {
+            worst = Some((until, why));
+        }
+    }
+    if worst.is_some() {
+        return worst;
+    }
+    let b = inner.breakers.get(d)?;
+    match (b.open_until, b.probing_since) {
+        (Some(until), _) if until > now => Some((until, Why::Down)),
+        (Some(_), Some(since)) if now - since < PROBE_TIMEOUT_MS => {
+            Some((since + PROBE_TIMEOUT_MS, Why::Down))
+        }
+        _ => None,
+    }
+}
+
+/// Longest a shared entry lives in Redis without being written again (a day: the longest
+/// cooldown validation allows).
+const SHARED_TTL_MS: i64 = 86_400_000;
+
+/// The order in which reasons win when several hold: the longest-lasting kind first.
+fn rank(why: Why) -> u8 {
+    match why {
+        Why::Refused => 3,
+        Why::Quota => 2,
+        Why::Down => 1,
+        Why::RateLimited => 0,
+    }
+}
+
+fn secs_ms(secs: u64) -> i64 {
+    i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX / 2)
+}
+
+/// Redis, shared by the fleet.
+struct Shared {
+    conn: Arc<LazyConnection>,
+    prefix: String,
+}
+
+impl Shared {
+    /// The hash of one deployment: `<limits.key_prefix>:upstream:<name>`.
+    fn key(&self, name: &str) -> String {
+        format!("{}:upstream:{name}", self.prefix)
+    }
+}
+
+/// A field of a deployment's hash in Redis; its value is a Unix ms time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Field {
+    /// `breaker`: open until then.
+    Breaker,
+    /// `<why>:<model>`: out for that model until then.
+    Out(Why, String),
+}
+
+impl std::fmt::Display for Field {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Field::Breaker => f.write_str("breaker"),
+            Field::Out(why, model) => write!(f, "{}:{model}", why.as_str()),
+        }
+    }
+}
+
+impl Field {
+    fn parse(s: &str) -> Option<Self> {
+        if s == "breaker" {
+            return Some(Field::Breaker);
+        }
+        let (why, model) = s.split_once(':')?;
+        Some(Field::Out(Why::parse(why)?, model.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn standing() -> Standing {
+        Standing::new(
+            vec!["a".into(), "b".into()],
+            RoutingConfig {
+                breaker_failures: 3,
+                breaker_cooldown_secs: 30,
+                quota_cooldown_secs: 300,
+                auth_cooldown_secs: 60,
+                ..RoutingConfig::default()
+            },
+            None,
+        )
+    }
+
+    #[test]
+    fn a_cooldown_holds_one_model_of_one_deployment() {
+        let s = standing();
+        s.cool(0, "m", NOW + 1000);
+        assert_eq!(
+            s.check(0, "m", NOW),
+            Availability::Unavailable {
+                why: Why::RateLimited,
+                until_ms: NOW + 1000
+            }
+        );
+        assert_eq!(s.check(0, "other", NOW), Availability::Free, "other models");
+        assert_eq!(
+            s.check(1, "m", NOW),
+            Availability::Free,
+            "other deployments"
+        );
+        assert_eq!(s.check(0, "m", NOW + 1000), Availability::Free, "over");
+        s.cool(0, "m", NOW + 500);
+        assert_eq!(
+            s.check(0, "m", NOW),
+            Availability::Unavailable {
+                why: Why::RateLimited,
+                until_ms: NOW + 1000
+            },
+            "a shorter cooldown does not cut a longer one"
+        );
+    }
+
+    #[test]
+    fn a_spent_account_takes_every_model_out_and_a_refusal_one() {
+        let s = standing();
+        s.spent(0, NOW);
+        for model in ["m", "n"] {
+            assert_eq!(
+                s.check(0, model, NOW + 299_999),
+                Availability::Unavailable {
+                    why: Why::Quota,
+                    until_ms: NOW + 300_000
+                }
+            );
+        }
+        assert_eq!(s.check(0, "m", NOW + 300_000), Availability::Free);
+        s.refused(1, "m", NOW);
+        assert!(matches!(
+            s.check(1, "m", NOW),
+            Availability::Unavailable {
+                why: Why::Refused,
+                ..
+            }
+        ));
+        assert_eq!(s.check(1, "n", NOW), Availability::Free);
+    }
+
+    #[test]
+    fn the_breaker_opens_probes_once_and_closes_or_reopens() {
+        let s = standing();
+        assert!(!s.failed(0, NOW));
+        assert!(!s.failed(0, NOW));
+        s.succeeded(0);
+        assert!(!s.failed(0, NOW), "a success resets the count");
+        assert!(!s.failed(0, NOW));
+        assert!(s.failed(0, NOW), "the third in a row opens it");
+        assert_eq!(
+            s.check(0, "m", NOW + 29_999),
+            Availability::Unavailable {
+                why: Why::Down,
+                until_ms: NOW + 30_000
+            }
+        );
+        assert_eq!(s.check(1, "m", NOW), Availability::Free);
+        assert_eq!(s.report(0, NOW).breaker, "open");
+        let later = NOW + 30_000;
+        assert_eq!(s.report(0, later).breaker, "half_open");
+        assert_eq!(s.check(0, "m", later), Availability::Probe, "one probe");
+        assert!(
+            matches!(
+                s.check(0, "m", later),
+                Availability::Unavailable { why: Why::Down, .. }
+            ),
+            "the others wait for it"
+        );
+        assert!(s.failed(0, later + 10), "a failed probe reopens it");
+        assert_eq!(
+            s.check(0, "m", later + 20),
+            Availability::Unavailable {
+                why: Why::Down,
+                until_ms: later + 10 + 30_000
+            }
+        );
+        let again = later + 10 + 30_000;
+        assert_eq!(s.check(0, "m", again), Availability::Probe);
+        s.succeeded(0);
+        assert_eq!(s.check(0, "m", again), Availability::Free, "closed");
+        assert_eq!(s.report(0, again).breaker, "closed");
+    }
+
+    #[test]
+    fn a_lost_probe_is_replaced_after_its_timeout() {
+        let s = standing();
+        for _ in 0..3 {
+            s.failed(0, NOW);
+        }
+        let half_open = NOW + 30_000;
+        assert_eq!(s.check(0, "m", half_open), Availability::Probe);
+        assert_eq!(
+            s.check(0, "m", half_open + PROBE_TIMEOUT_MS),
+            Availability::Probe,
+            "a probe that never reported does not block the deployment forever"
+        );
+    }
+
+    #[test]
+    fn fields_round_trip() {
+        for f in [
+            Field::Breaker,
+            Field::Out(Why::RateLimited, "gpt-4o".into()),
+            Field::Out(Why::Quota, "*".into()),
+            Field::Out(Why::Refused, "a:b".into()),
+        ] {
+            assert_eq!(Field::parse(&f.to_string()), Some(f));
+        }
+        assert_eq!(Field::parse("nonsense"), None);
+    }
+}
