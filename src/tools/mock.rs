@@ -6,6 +6,13 @@
 //! failures are injectable, and can be changed while it runs (the tests do), and it counts
 //! what it served.
 //!
+//! It can also behave as the deployments of a fleet do: serve some models only (404
+//! `model_not_found`), be out of quota (429 `insufficient_quota`), cap concurrent calls
+//! without saying so (429 `rate_limit_exceeded`), send OpenAI's `x-ratelimit-*` headers,
+//! report a dated snapshot as the model, and require Azure's `api-key` header and
+//! `api-version` query parameter. A call meets these checks in the order a provider makes
+//! them: credentials, model, quota, concurrency; then its latency and injected failures.
+//!
 //! It speaks HTTP/1.1 and HTTP/2 without TLS (h2c, prior knowledge) on the same port, and
 //! lets one HTTP/2 connection carry tens of thousands of calls at once: a client over h2c
 //! multiplexes every call to a host on one connection.
@@ -22,8 +29,8 @@ use std::{
 use axum::{
     Json, Router,
     body::{Body, Bytes},
-    extract::State,
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    extract::{RawQuery, State},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -87,6 +94,36 @@ pub struct MockOptions {
     /// this many bytes, as a model refuses a prompt beyond its context window.
     #[arg(long)]
     pub max_prompt_bytes: Option<usize>,
+    /// The only models it serves (`--models a,b`): a chat or embeddings call for another
+    /// gets 404 `model_not_found`, as a deployment that lacks the model answers. Empty: any.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// Answer every chat and embeddings call 429 `insufficient_quota`, without
+    /// `Retry-After`: an account out of credit, which waiting does not cure.
+    #[arg(long)]
+    pub insufficient_quota: bool,
+    /// Calls it answers at once, each counted from its arrival to its answer (its latency
+    /// included): a call beyond them is refused at once with 429 `rate_limit_exceeded` and
+    /// no `Retry-After`, as a provider enforces a concurrency cap it does not announce.
+    /// Counted in [`MockStats::over_cap`] and [`MockStats::peak_in_flight`].
+    #[arg(long)]
+    pub max_concurrency: Option<u64>,
+    /// Send injected 429s with OpenAI's `x-ratelimit-remaining-requests: 0` and
+    /// `x-ratelimit-reset-requests: <retry_after or 1>s` instead of `Retry-After`.
+    #[arg(long)]
+    pub rate_limit_headers: bool,
+    /// Appended to the requested model in answers (`--model-suffix -2024-07-18`), as
+    /// OpenAI reports the dated snapshot that served an alias.
+    #[arg(long, allow_hyphen_values = true)]
+    pub model_suffix: Option<String>,
+    /// Require this header, `name: value` (401 otherwise), as Azure OpenAI requires
+    /// `api-key`. A value without a `:` matches no call.
+    #[arg(long, value_parser = header_requirement)]
+    pub require_header: Option<String>,
+    /// Require this query parameter, `name=value` (401 otherwise), as Azure OpenAI
+    /// requires `api-version`. A value without a `=` matches no call.
+    #[arg(long, value_parser = query_requirement)]
+    pub require_query: Option<String>,
 }
 
 impl Default for MockOptions {
@@ -102,7 +139,32 @@ impl Default for MockOptions {
             record_prompts: false,
             response_bytes: 0,
             max_prompt_bytes: None,
+            models: Vec::new(),
+            insufficient_quota: false,
+            max_concurrency: None,
+            rate_limit_headers: false,
+            model_suffix: None,
+            require_header: None,
+            require_query: None,
         }
+    }
+}
+
+/// `--require-header`: `name: value` with a valid header name and value.
+fn header_requirement(s: &str) -> Result<String, String> {
+    let (name, value) = s
+        .split_once(':')
+        .ok_or_else(|| format!("`{s}` is not `name: value`"))?;
+    HeaderName::try_from(name.trim()).map_err(|e| format!("header name `{name}`: {e}"))?;
+    HeaderValue::try_from(value.trim()).map_err(|e| format!("header value: {e}"))?;
+    Ok(s.to_string())
+}
+
+/// `--require-query`: `name=value`.
+fn query_requirement(s: &str) -> Result<String, String> {
+    match s.split_once('=') {
+        Some((name, _)) if !name.is_empty() => Ok(s.to_string()),
+        _ => Err(format!("`{s}` is not `name=value`")),
     }
 }
 
@@ -120,14 +182,35 @@ pub struct MockStats {
     /// Calls being answered right now (waiting out their latency): how many calls a client
     /// has in flight, as the mock sees it.
     pub in_flight: AtomicU64,
+    /// The most calls it was answering at once, each counted from its arrival to its answer
+    /// (calls refused before the concurrency check, for credentials, model or quota, are
+    /// not counted): never above [`MockOptions::max_concurrency`].
+    pub peak_in_flight: AtomicU64,
+    /// Calls refused with 429 because [`MockOptions::max_concurrency`] calls were being
+    /// answered.
+    pub over_cap: AtomicU64,
     /// Chat calls seen when recording, in arrival order: the last message and when it came.
     pub prompts: std::sync::Mutex<Vec<(String, std::time::Instant)>>,
 }
 
 struct MockState {
-    options: RwLock<MockOptions>,
+    /// Shared, so that a call reads them without copying their strings.
+    options: RwLock<Arc<MockOptions>>,
     stats: Arc<MockStats>,
+    /// Calls past the concurrency check, for spreading injected failures.
     calls: AtomicU64,
+    /// Calls being answered, counted from arrival (see [`Admitted`]).
+    answering: AtomicU64,
+}
+
+impl MockState {
+    /// The options as they are now.
+    fn options(&self) -> Arc<MockOptions> {
+        match self.options.read() {
+            Ok(o) => Arc::clone(&o),
+            Err(_) => Arc::default(),
+        }
+    }
 }
 
 /// A running mock, stopped when dropped.
@@ -144,9 +227,10 @@ impl MockServer {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(MockState {
-            options: RwLock::new(options),
+            options: RwLock::new(Arc::new(options)),
             stats: Arc::default(),
             calls: AtomicU64::new(0),
+            answering: AtomicU64::new(0),
         });
         let stop = CancellationToken::new();
         tokio::spawn(serve(listener, router(state.clone()), stop.clone()));
@@ -166,7 +250,7 @@ impl MockServer {
     /// Changes its behaviour from now on.
     pub fn set_options(&self, options: MockOptions) {
         if let Ok(mut o) = self.state.options.write() {
-            *o = options;
+            *o = Arc::new(options);
         }
     }
 }
@@ -252,33 +336,132 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Checks the key, waits the latency, and decides whether this call fails.
-async fn gate(state: &MockState, headers: &HeaderMap, items: u64) -> Option<Response> {
-    let options = match state.options.read() {
-        Ok(o) => o.clone(),
-        Err(_) => MockOptions::default(),
-    };
-    if let Some(key) = &options.require_key {
-        let expected = format!("Bearer {key}");
-        if headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            != Some(&expected)
-        {
-            let body =
-                json!({"error": {"message": "invalid api key", "type": "invalid_request_error"}});
-            return Some((StatusCode::UNAUTHORIZED, Json(body)).into_response());
-        }
+/// A call's place among those being answered, from its arrival until its answer is made;
+/// given back when dropped, so a client that hangs up mid-call frees its place.
+struct Admitted<'a>(&'a AtomicU64);
+
+impl<'a> Admitted<'a> {
+    /// Takes a place, or `None` when `cap` calls hold one already. The count moves from
+    /// below the cap to one more in a single atomic step: calls arriving together cannot
+    /// take more places than there are, and a refused call never shows in the count (as it
+    /// would for a moment with an add undone on refusal, refusing a call that had room).
+    fn new(state: &'a MockState, cap: Option<u64>) -> Option<Self> {
+        let before = state
+            .answering
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                cap.is_none_or(|cap| n < cap).then_some(n + 1)
+            })
+            .ok()?;
+        state
+            .stats
+            .peak_in_flight
+            .fetch_max(before + 1, Ordering::Relaxed);
+        Some(Self(&state.answering))
     }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What [`gate`] looks at in a chat or embeddings call.
+struct Call<'r> {
+    headers: &'r HeaderMap,
+    /// The raw query string, if any.
+    query: Option<&'r str>,
+    /// The model asked for, `""` when none.
+    model: &'r str,
+    /// Embedding inputs; 1 for a chat call.
+    items: u64,
+}
+
+/// OpenAI's headers that say a request budget is spent and when it refills.
+const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+
+/// Makes a provider's checks in its order (credentials, model, quota, concurrency), waits
+/// the latency and decides whether this call fails. `Ok` is the call's place among those
+/// being answered, for the handler to hold until its answer is made.
+async fn gate<'s>(
+    state: &'s MockState,
+    options: &MockOptions,
+    call: &Call<'_>,
+) -> Result<Admitted<'s>, Response> {
+    if !authorized(options, call) {
+        return Err(api_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid api key",
+            "invalid_request_error",
+            None,
+        ));
+    }
+    if !options.models.is_empty() && !options.models.iter().any(|m| m == call.model) {
+        return Err(api_error(
+            StatusCode::NOT_FOUND,
+            &format!("The model `{}` does not exist", call.model),
+            "invalid_request_error",
+            Some("model_not_found"),
+        ));
+    }
+    if options.insufficient_quota {
+        return Err(api_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "You exceeded your current quota, please check your plan and billing details.",
+            "insufficient_quota",
+            Some("insufficient_quota"),
+        ));
+    }
+    let Some(admitted) = Admitted::new(state, options.max_concurrency) else {
+        state.stats.over_cap.fetch_add(1, Ordering::Relaxed);
+        return Err(api_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many concurrent requests",
+            "rate_limit_error",
+            Some("rate_limit_exceeded"),
+        ));
+    };
     let delay = Duration::from_millis(options.latency_ms)
-        + Duration::from_micros(options.per_item_us.saturating_mul(items));
+        + Duration::from_micros(options.per_item_us.saturating_mul(call.items));
     if !delay.is_zero() {
         let _serving = InFlight::new(&state.stats.in_flight);
         tokio::time::sleep(delay).await;
     }
+    match injected_failure(state, options) {
+        Some(failure) => Err(failure),
+        None => Ok(admitted),
+    }
+}
+
+/// Whether the call carries the bearer key, the header and the query parameter that the
+/// options require.
+fn authorized(options: &MockOptions, call: &Call<'_>) -> bool {
+    let key = options.require_key.as_ref().is_none_or(|key| {
+        call.headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            == Some(format!("Bearer {key}").as_str())
+    });
+    let named_header = options.require_header.as_ref().is_none_or(|required| {
+        required.split_once(':').is_some_and(|(name, value)| {
+            call.headers.get(name.trim()).and_then(|v| v.to_str().ok()) == Some(value.trim())
+        })
+    });
+    let query = options.require_query.as_ref().is_none_or(|required| {
+        required.split_once('=').is_some_and(|(name, value)| {
+            url::form_urlencoded::parse(call.query.unwrap_or_default().as_bytes())
+                .any(|(k, v)| k == name && v == value)
+        })
+    });
+    key && named_header && query
+}
+
+/// Fails call n of those past the concurrency check when the running count of failures
+/// due at `error_rate` steps up: evenly spread, no RNG.
+fn injected_failure(state: &MockState, options: &MockOptions) -> Option<Response> {
     let n = state.calls.fetch_add(1, Ordering::Relaxed);
     let rate = options.error_rate.clamp(0.0, 1.0);
-    // Fails call n when the running count of failures due steps up: evenly spread, no RNG.
     let fail = ((n + 1) as f64 * rate).floor() > (n as f64 * rate).floor();
     if !fail {
         return None;
@@ -287,23 +470,47 @@ async fn gate(state: &MockState, headers: &HeaderMap, items: u64) -> Option<Resp
     let status = StatusCode::from_u16(options.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let message = options
         .error_message
+        .clone()
         .unwrap_or_else(|| format!("injected failure {status}"));
-    let body = json!({"error": {"message": message, "type": "mock_error"}});
-    let mut response = (status, Json(body)).into_response();
-    if let Some(secs) = options.retry_after
-        && let Ok(v) = HeaderValue::from_str(&secs.to_string())
-    {
-        response.headers_mut().insert(header::RETRY_AFTER, v);
+    let mut response = api_error(status, &message, "mock_error", None);
+    let headers = response.headers_mut();
+    if options.rate_limit_headers && status == StatusCode::TOO_MANY_REQUESTS {
+        let reset = format!("{}s", options.retry_after.unwrap_or(1));
+        headers.insert(REMAINING_REQUESTS, HeaderValue::from_static("0"));
+        if let Ok(v) = HeaderValue::from_str(&reset) {
+            headers.insert(RESET_REQUESTS, v);
+        }
+    } else if let Some(secs) = options.retry_after {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     Some(response)
 }
 
+/// An error answer in OpenAI's shape, `{"error": {"message", "type", "code"}}`, without
+/// `code` when `None`.
+fn api_error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Response {
+    let mut error = json!({"message": message, "type": kind});
+    if let Some(code) = code {
+        error["code"] = json!(code);
+    }
+    (status, Json(json!({ "error": error }))).into_response()
+}
+
+/// The model an answer reports: the one asked for (`default` when none) with
+/// `model_suffix`, as OpenAI names the dated snapshot that served an alias.
+fn answered_model(options: &MockOptions, asked: Option<&str>, default: &str) -> String {
+    let suffix = options.model_suffix.as_deref().unwrap_or_default();
+    format!("{}{suffix}", asked.unwrap_or(default))
+}
+
 async fn chat(
     State(state): State<Arc<MockState>>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
     state.stats.chat_calls.fetch_add(1, Ordering::Relaxed);
+    let options = state.options();
     let last = body["messages"]
         .as_array()
         .and_then(|m| m.last())
@@ -312,40 +519,45 @@ async fn chat(
             other => other.to_string(),
         })
         .unwrap_or_default();
-    let (record, response_bytes, max_prompt_bytes) = state
-        .options
-        .read()
-        .map(|o| (o.record_prompts, o.response_bytes, o.max_prompt_bytes))
-        .unwrap_or((false, 0, None));
-    if record && let Ok(mut prompts) = state.stats.prompts.lock() {
+    if options.record_prompts
+        && let Ok(mut prompts) = state.stats.prompts.lock()
+    {
         prompts.push((last.clone(), std::time::Instant::now()));
     }
     let prompt_bytes = body["messages"].to_string().len();
-    if max_prompt_bytes.is_some_and(|max| prompt_bytes > max) {
-        let body = json!({"error": {
-            "message": format!("prompt of {prompt_bytes} bytes exceeds the context window"),
-            "type": "invalid_request_error",
-            "code": "context_length_exceeded"
-        }});
-        return (StatusCode::BAD_REQUEST, Json(body)).into_response();
-    }
-    if let Some(failure) = gate(&state, &headers, 1).await {
-        return failure;
-    }
-    if response_bytes > 0 {
-        return huge_reply(
-            body["model"].as_str().unwrap_or("mock-model"),
-            response_bytes,
+    if options
+        .max_prompt_bytes
+        .is_some_and(|max| prompt_bytes > max)
+    {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            &format!("prompt of {prompt_bytes} bytes exceeds the context window"),
+            "invalid_request_error",
+            Some("context_length_exceeded"),
         );
     }
+    let call = Call {
+        headers: &headers,
+        query: query.as_deref(),
+        model: body["model"].as_str().unwrap_or_default(),
+        items: 1,
+    };
+    let _admitted = match gate(&state, &options, &call).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal,
+    };
+    let model = answered_model(&options, body["model"].as_str(), "mock-model");
+    if options.response_bytes > 0 {
+        return huge_reply(&model, options.response_bytes);
+    }
     let content = format!("mock reply to: {last}");
-    let prompt_tokens = body["messages"].to_string().len() / 4;
+    let prompt_tokens = prompt_bytes / 4;
     let completion_tokens = content.len() / 4;
     Json(json!({
         "id": "chatcmpl-mock",
         "object": "chat.completion",
         "created": 0,
-        "model": body["model"].as_str().unwrap_or("mock-model"),
+        "model": model,
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": content},
@@ -394,6 +606,7 @@ fn huge_reply(model: &str, bytes: u64) -> Response {
 
 async fn embeddings(
     State(state): State<Arc<MockState>>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
@@ -408,22 +621,38 @@ async fn embeddings(
             })
             .collect(),
         _ => {
-            let body = json!({"error": {"message": "input must be a string or a list", "type": "invalid_request_error"}});
-            return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "input must be a string or a list",
+                "invalid_request_error",
+                None,
+            );
         }
     };
     state.stats.embedding_calls.fetch_add(1, Ordering::Relaxed);
     if inputs.iter().any(|i| i == REJECTED_INPUT) {
-        let body = json!({"error": {"message": "input rejected", "type": "invalid_request_error"}});
-        return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "input rejected",
+            "invalid_request_error",
+            None,
+        );
     }
     state
         .stats
         .embedding_items
         .fetch_add(inputs.len() as u64, Ordering::Relaxed);
-    if let Some(failure) = gate(&state, &headers, inputs.len() as u64).await {
-        return failure;
-    }
+    let options = state.options();
+    let call = Call {
+        headers: &headers,
+        query: query.as_deref(),
+        model: body["model"].as_str().unwrap_or_default(),
+        items: inputs.len() as u64,
+    };
+    let _admitted = match gate(&state, &options, &call).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal,
+    };
     let tokens: usize = inputs.iter().map(|s| s.len() / 4 + 1).sum();
     let data: Vec<Value> = inputs
         .iter()
@@ -432,7 +661,7 @@ async fn embeddings(
         .collect();
     Json(json!({
         "object": "list",
-        "model": body["model"].as_str().unwrap_or("mock-embedding"),
+        "model": answered_model(&options, body["model"].as_str(), "mock-embedding"),
         "data": data,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}
     }))
@@ -578,6 +807,293 @@ mod tests {
         let short = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
         let response = http.post(&url).json(&short).send().await.unwrap();
         assert_eq!(response.status(), 200);
+    }
+
+    fn chat_body(model: &str) -> Value {
+        json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+    }
+
+    /// A chat call for `model` to `mock` (its path may carry a query string).
+    async fn chat(mock: &MockServer, path: &str, model: &str) -> reqwest::Response {
+        client(false)
+            .post(format!("{}{path}", mock.base_url()))
+            .json(&chat_body(model))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn embed(mock: &MockServer, model: &str) -> reqwest::Response {
+        client(false)
+            .post(format!("{}/embeddings", mock.base_url()))
+            .json(&json!({"model": model, "input": ["a", "b"]}))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The status, the `error` object and whether `Retry-After` came.
+    async fn refusal(response: reqwest::Response) -> (u16, Value, bool) {
+        let status = response.status().as_u16();
+        let retry_after = response.headers().contains_key(header::RETRY_AFTER);
+        let body: Value = response.json().await.unwrap();
+        (status, body["error"].clone(), retry_after)
+    }
+
+    #[test]
+    fn the_defaults_are_the_command_line_s_and_every_flag_parses() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            mock: MockOptions,
+        }
+        let parse = |args: &[&str]| {
+            <Cli as clap::Parser>::try_parse_from([&["mock-llm"], args].concat()).map(|c| c.mock)
+        };
+        let none = parse(&[]).unwrap();
+        assert_eq!(format!("{none:?}"), format!("{:?}", MockOptions::default()));
+        let all = parse(&[
+            "--models",
+            "a,b",
+            "--insufficient-quota",
+            "--max-concurrency",
+            "3",
+            "--rate-limit-headers",
+            "--model-suffix",
+            "-2024-07-18",
+            "--require-header",
+            "api-key: secret",
+            "--require-query",
+            "api-version=2024-10-21",
+        ])
+        .unwrap();
+        assert_eq!(all.models, ["a", "b"]);
+        assert!(all.insufficient_quota && all.rate_limit_headers);
+        assert_eq!(all.max_concurrency, Some(3));
+        assert_eq!(all.model_suffix.as_deref(), Some("-2024-07-18"));
+        assert_eq!(all.require_header.as_deref(), Some("api-key: secret"));
+        assert_eq!(all.require_query.as_deref(), Some("api-version=2024-10-21"));
+        assert!(parse(&["--require-header", "api-key"]).is_err());
+        assert!(parse(&["--require-header", "bad name: x"]).is_err());
+        assert!(parse(&["--require-query", "api-version"]).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_model_off_the_list_is_not_found() {
+        let mock = start(MockOptions {
+            models: vec!["gpt-4o".into(), "text-embedding-3-small".into()],
+            ..Default::default()
+        })
+        .await;
+        let (status, error, _) = refusal(chat(&mock, "/chat/completions", "gpt-4").await).await;
+        assert_eq!(status, 404);
+        assert_eq!(
+            error,
+            json!({"message": "The model `gpt-4` does not exist", "type": "invalid_request_error", "code": "model_not_found"})
+        );
+        let (status, error, _) = refusal(embed(&mock, "gpt-4").await).await;
+        assert_eq!((status, &error["code"]), (404, &json!("model_not_found")));
+        assert_eq!(
+            chat(&mock, "/chat/completions", "gpt-4o").await.status(),
+            200
+        );
+        assert_eq!(embed(&mock, "text-embedding-3-small").await.status(), 200);
+        // The list may change while it runs.
+        mock.set_options(MockOptions::default());
+        assert_eq!(
+            chat(&mock, "/chat/completions", "gpt-4").await.status(),
+            200
+        );
+    }
+
+    #[tokio::test]
+    async fn out_of_quota_every_call_is_refused_without_retry_after() {
+        let mock = start(MockOptions {
+            insufficient_quota: true,
+            // Not sent with a quota refusal: waiting does not cure it.
+            retry_after: Some(5),
+            ..Default::default()
+        })
+        .await;
+        let quota = json!({
+            "message": "You exceeded your current quota, please check your plan and billing details.",
+            "type": "insufficient_quota",
+            "code": "insufficient_quota"
+        });
+        for response in [
+            chat(&mock, "/chat/completions", "m").await,
+            embed(&mock, "e").await,
+        ] {
+            assert_eq!(refusal(response).await, (429, quota.clone(), false));
+        }
+        mock.set_options(MockOptions::default());
+        assert_eq!(chat(&mock, "/chat/completions", "m").await.status(), 200);
+    }
+
+    /// 10 calls at once against a cap of 3: exactly 3 answered, 7 refused at once.
+    #[tokio::test]
+    async fn calls_beyond_the_concurrency_cap_are_refused_at_once() {
+        let mock = start(MockOptions {
+            max_concurrency: Some(3),
+            latency_ms: 1_500,
+            retry_after: Some(5),
+            ..Default::default()
+        })
+        .await;
+        let http = client(true);
+        let url = format!("{}/chat/completions", mock.base_url());
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..10)
+            .map(|_| tokio::spawn(http.post(&url).json(&chat_body("m")).send()))
+            .collect();
+        let mut refused = Vec::new();
+        let mut answered = 0;
+        for task in tasks {
+            let response = task.await.unwrap().unwrap();
+            if response.status() == 200 {
+                answered += 1;
+            } else {
+                refused.push(refusal(response).await);
+            }
+        }
+        assert_eq!(answered, 3);
+        let over_cap = json!({"message": "Too many concurrent requests", "type": "rate_limit_error", "code": "rate_limit_exceeded"});
+        assert_eq!(refused, vec![(429, over_cap, false); 7]);
+        let stats = mock.stats();
+        assert_eq!(stats.over_cap.load(Ordering::Relaxed), 7);
+        assert_eq!(stats.peak_in_flight.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.chat_calls.load(Ordering::Relaxed), 10);
+        assert!(started.elapsed() < Duration::from_millis(3_000), "one wave");
+        // Every place was given back.
+        mock.set_options(MockOptions {
+            max_concurrency: Some(3),
+            ..Default::default()
+        });
+        let again: Vec<_> = (0..3)
+            .map(|_| tokio::spawn(http.post(&url).json(&chat_body("m")).send()))
+            .collect();
+        for task in again {
+            assert_eq!(task.await.unwrap().unwrap().status(), 200);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_hanging_up_mid_call_gives_its_place_back() {
+        let mock = start(MockOptions {
+            max_concurrency: Some(1),
+            latency_ms: 60_000,
+            ..Default::default()
+        })
+        .await;
+        let gave_up = client(false)
+            .post(format!("{}/chat/completions", mock.base_url()))
+            .json(&chat_body("m"))
+            .timeout(Duration::from_millis(300))
+            .send()
+            .await;
+        assert!(gave_up.is_err_and(|e| e.is_timeout()));
+        let in_flight = &mock.stats().in_flight;
+        assert!(wait_until(|| in_flight.load(Ordering::Relaxed) == 0).await);
+        mock.set_options(MockOptions {
+            max_concurrency: Some(1),
+            ..Default::default()
+        });
+        assert_eq!(chat(&mock, "/chat/completions", "m").await.status(), 200);
+        assert_eq!(mock.stats().over_cap.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn injected_429s_can_carry_openai_s_rate_limit_headers() {
+        let limited = |retry_after| MockOptions {
+            error_rate: 1.0,
+            status: 429,
+            retry_after,
+            rate_limit_headers: true,
+            ..Default::default()
+        };
+        let mock = start(limited(Some(7))).await;
+        let header = |r: &reqwest::Response, name: &str| {
+            r.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        let response = chat(&mock, "/chat/completions", "m").await;
+        assert_eq!(response.status(), 429);
+        assert_eq!(
+            header(&response, "x-ratelimit-remaining-requests").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            header(&response, "x-ratelimit-reset-requests").as_deref(),
+            Some("7s")
+        );
+        assert_eq!(header(&response, "retry-after"), None);
+        mock.set_options(limited(None));
+        let response = embed(&mock, "e").await;
+        assert_eq!(
+            header(&response, "x-ratelimit-reset-requests").as_deref(),
+            Some("1s")
+        );
+        // Without the flag, Retry-After as before.
+        mock.set_options(MockOptions {
+            rate_limit_headers: false,
+            ..limited(Some(7))
+        });
+        let response = chat(&mock, "/chat/completions", "m").await;
+        assert_eq!(header(&response, "retry-after").as_deref(), Some("7"));
+        assert_eq!(header(&response, "x-ratelimit-reset-requests"), None);
+    }
+
+    #[tokio::test]
+    async fn answers_name_the_dated_snapshot() {
+        let mock = start(MockOptions {
+            model_suffix: Some("-2024-07-18".into()),
+            ..Default::default()
+        })
+        .await;
+        let answer: Value = chat(&mock, "/chat/completions", "gpt-4o-mini")
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["model"], "gpt-4o-mini-2024-07-18");
+        let answer: Value = embed(&mock, "e").await.json().await.unwrap();
+        assert_eq!(answer["model"], "e-2024-07-18");
+    }
+
+    #[tokio::test]
+    async fn azure_s_header_and_query_parameter_are_required_when_asked() {
+        let mock = start(MockOptions {
+            require_header: Some("api-key: secret".into()),
+            require_query: Some("api-version=2024-10-21".into()),
+            ..Default::default()
+        })
+        .await;
+        let url = format!("{}/chat/completions", mock.base_url());
+        let send = |key: Option<&'static str>, query: &'static str| {
+            let mut request = client(false)
+                .post(format!("{url}{query}"))
+                .json(&chat_body("m"));
+            if let Some(key) = key {
+                request = request.header("api-key", key);
+            }
+            async move { request.send().await.unwrap().status() }
+        };
+        let good = "?api-version=2024-10-21";
+        assert_eq!(send(Some("secret"), good).await, 200);
+        assert_eq!(
+            send(Some("secret"), "?x=1&api-version=2024-10-21").await,
+            200
+        );
+        assert_eq!(send(None, good).await, 401);
+        assert_eq!(send(Some("wrong"), good).await, 401);
+        assert_eq!(send(Some("secret"), "").await, 401);
+        assert_eq!(send(Some("secret"), "?api-version=2024-02-01").await, 401);
+        let (status, error, _) = refusal(embed(&mock, "e").await).await;
+        assert_eq!(
+            (status, &error["message"]),
+            (401, &json!("invalid api key"))
+        );
     }
 
     #[tokio::test]
