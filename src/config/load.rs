@@ -242,6 +242,71 @@ mod tests {
     }
 
     #[test]
+    fn upstreams_load_from_the_file_and_the_environment() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file(
+                "c.toml",
+                r#"
+[upstreams.openai]
+base_url = "https://api.openai.com/v1"
+models = ["gpt-4o", "gpt-4o-mini"]
+weight = 3
+
+[upstreams.azure]
+base_url = "https://res.openai.azure.com/openai/deployments/mini"
+model_names = { "gpt-4o-mini" = "mini" }
+headers = { "api-key" = "azure-secret" }
+query = { "api-version" = "2024-10-21" }
+
+[routing]
+fallbacks = { "gpt-4o" = ["gpt-4o-mini"] }
+"#,
+            )?;
+            jail.set_env("LLMQ_UPSTREAMS__OPENAI__API_KEY", "sk-from-env");
+            jail.set_env("LLMQ_UPSTREAMS__OPENAI__MAX_INFLIGHT", "32");
+            let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            let openai = &c.upstreams["openai"];
+            assert_eq!(openai.api_key.expose(), "sk-from-env");
+            assert_eq!((openai.weight, openai.max_inflight), (3, 32));
+            assert!(openai.serves("gpt-4o") && !openai.serves("o1"));
+            let azure = &c.upstreams["azure"];
+            assert!(azure.serves("anything"), "no models: any");
+            assert_eq!(azure.upstream_name("gpt-4o-mini"), "mini");
+            assert_eq!(azure.headers["api-key"].expose(), "azure-secret");
+            assert!(
+                !format!("{c:?}").contains("azure-secret"),
+                "secret in Debug"
+            );
+            assert_eq!(c.deployments().len(), 2, "[llm] is no deployment then");
+            assert_eq!(c.routing.fallbacks["gpt-4o"], ["gpt-4o-mini"]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn without_upstreams_llm_is_the_default_deployment() {
+        let mut c = Config::default();
+        c.llm.timeout_secs = 20;
+        c.worker.max_inflight = 99;
+        let d = c.deployments();
+        assert_eq!(d.len(), 1);
+        let (name, spec) = &d[0];
+        assert_eq!(name, "default");
+        assert_eq!((spec.timeout_secs, spec.max_inflight), (20, 99));
+        assert_eq!(spec.base_url, c.llm.base_url);
+        assert!(spec.serves("any-model"));
+        assert!(c.ignored_llm_keys().is_empty());
+        c.upstreams
+            .insert("a".into(), crate::config::UpstreamConfig::default());
+        assert_eq!(
+            c.ignored_llm_keys(),
+            ["llm.timeout_secs"],
+            "named in a warning"
+        );
+    }
+
+    #[test]
     fn lists_load_from_the_environment() {
         Jail::expect_with(|jail| {
             jail.clear_env();

@@ -974,4 +974,118 @@ mod tests {
         assert!(!all.is_empty());
         assert!(!all.contains("canary"), "{all}");
     }
+
+    /// A configuration with one valid deployment `a`, changed by `change`.
+    fn with_upstream(change: impl FnOnce(&mut crate::config::UpstreamConfig)) -> String {
+        only_problem(|c| {
+            let mut u = crate::config::UpstreamConfig {
+                base_url: SecretUrl::new("http://127.0.0.1:8000/v1"),
+                ..Default::default()
+            };
+            change(&mut u);
+            c.upstreams.insert("a".into(), u);
+        })
+    }
+
+    #[test]
+    fn upstream_rules() {
+        assert_eq!(
+            with_upstream(|u| u.base_url = SecretUrl::new("ftp://x")),
+            "upstreams.a.base_url (LLMQ_UPSTREAMS__A__BASE_URL): scheme must be http or https, got ftp"
+        );
+        assert_eq!(
+            with_upstream(|u| u.weight = 0),
+            "upstreams.a.weight (LLMQ_UPSTREAMS__A__WEIGHT): must be between 1 and 10000"
+        );
+        assert_eq!(
+            with_upstream(|u| u.max_inflight = 0),
+            "upstreams.a.max_inflight (LLMQ_UPSTREAMS__A__MAX_INFLIGHT): must be at least 1"
+        );
+        assert_eq!(
+            with_upstream(|u| u.timeout_secs = 0),
+            "upstreams.a.timeout_secs (LLMQ_UPSTREAMS__A__TIMEOUT_SECS): must be between 1 and 3600"
+        );
+        assert_eq!(
+            with_upstream(|u| u.models = vec![String::new()]),
+            "upstreams.a.models (LLMQ_UPSTREAMS__A__MODELS): a model name must not be empty"
+        );
+        assert_eq!(
+            with_upstream(|u| {
+                u.headers.insert("bad header".into(), Secret::new("v"));
+            }),
+            "upstreams.a.headers (LLMQ_UPSTREAMS__A__HEADERS): \"bad header\" is not a header name"
+        );
+        let p = only_problem(|c| {
+            c.upstreams.insert(
+                "bad name!".into(),
+                crate::config::UpstreamConfig {
+                    base_url: SecretUrl::new("http://127.0.0.1:8000/v1"),
+                    ..Default::default()
+                },
+            );
+        });
+        assert!(p.contains("1 to 64 letters, digits"), "{p}");
+    }
+
+    #[test]
+    fn the_longest_deployment_timeout_bounds_the_grace_and_the_waits() {
+        assert_eq!(
+            with_upstream(|u| u.timeout_secs = 90),
+            "worker.shutdown_grace_secs (LLMQ_WORKER__SHUTDOWN_GRACE_SECS): must be at least \
+             upstreams.a.timeout_secs (90), so that a call started just before SIGTERM can finish"
+        );
+        let p = only_problem(|c| {
+            c.amqp.consumer_timeout_secs = 100;
+            c.worker.shutdown_grace_secs = 60;
+            c.upstreams.insert(
+                "a".into(),
+                crate::config::UpstreamConfig {
+                    base_url: SecretUrl::new("http://127.0.0.1:8000/v1"),
+                    timeout_secs: 50,
+                    ..Default::default()
+                },
+            );
+            c.llm.timeout_secs = 10;
+        });
+        assert!(p.starts_with("upstreams.a.timeout_secs"), "{p}");
+    }
+
+    #[test]
+    fn fallbacks_name_served_models() {
+        let p = only_problem(|c| {
+            c.upstreams.insert(
+                "a".into(),
+                crate::config::UpstreamConfig {
+                    base_url: SecretUrl::new("http://127.0.0.1:8000/v1"),
+                    models: vec!["gpt-4o".into()],
+                    ..Default::default()
+                },
+            );
+            c.routing.fallbacks = [("gpt-4o".into(), vec!["gpt-4o-mini".into()])].into();
+        });
+        assert_eq!(
+            p,
+            "routing.fallbacks (LLMQ_ROUTING__FALLBACKS): gpt-4o falls back to gpt-4o-mini, which no deployment serves"
+        );
+    }
+
+    #[test]
+    fn routing_rules() {
+        assert_eq!(
+            only_problem(|c| c.routing.breaker_failures = 0),
+            "routing.breaker_failures (LLMQ_ROUTING__BREAKER_FAILURES): must be at least 1"
+        );
+        assert_eq!(
+            only_problem(|c| c.routing.quota_cooldown_secs = 0),
+            "routing.quota_cooldown_secs (LLMQ_ROUTING__QUOTA_COOLDOWN_SECS): must be between 1 and 86400"
+        );
+        assert_eq!(
+            only_problem(|c| c.routing.fallback_after_secs = 3601),
+            "routing.fallback_after_secs (LLMQ_ROUTING__FALLBACK_AFTER_SECS): must be at most 3600"
+        );
+        assert_eq!(
+            only_problem(|c| c.retry.max_rate_limited_secs = 0),
+            "retry.max_rate_limited_secs (LLMQ_RETRY__MAX_RATE_LIMITED_SECS): must be between 1 and 86400"
+        );
+    }
 }

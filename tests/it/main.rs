@@ -15,4 +15,5 @@ mod interop;
 mod ops;
 mod routing;
 mod tls;
+mod upstreams;
 mod validation;
