@@ -789,6 +789,57 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn azure_style_headers_and_query_are_sent() {
+        let mock = crate::tools::mock::MockServer::start(
+            ([127, 0, 0, 1], 0).into(),
+            crate::tools::mock::MockOptions {
+                require_header: Some("api-key: azure-secret".into()),
+                require_query: Some("api-version=2024-10-21".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("the mock listens");
+        let bare = UpstreamConfig {
+            base_url: crate::config::SecretUrl::new(mock.base_url()),
+            ..UpstreamConfig::default()
+        };
+        let refused = LlmClient::new(&bare, 1 << 20).expect("client");
+        let answer = refused.chat("m", &hello(), &Map::new()).await;
+        assert!(matches!(answer, Err(LlmError::Refused { .. })), "{answer:?}");
+        let azure = UpstreamConfig {
+            headers: [("api-key".to_string(), Secret::new("azure-secret"))].into(),
+            query: [("api-version".to_string(), "2024-10-21".to_string())].into(),
+            ..bare
+        };
+        let client = LlmClient::new(&azure, 1 << 20).expect("client");
+        let answer = client.chat("m", &hello(), &Map::new()).await;
+        assert!(answer.is_ok(), "{answer:?}");
+        let answer = client.embed("e", &["x".to_string()], &Map::new()).await;
+        assert!(answer.is_ok(), "the embeddings URL too: {answer:?}");
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_rate_limit_budget_is_a_retry_after() {
+        let (_mock, client) = client_of(
+            crate::tools::mock::MockOptions {
+                error_rate: 1.0,
+                status: 429,
+                retry_after: Some(7),
+                rate_limit_headers: true,
+                ..Default::default()
+            },
+            1 << 20,
+        )
+        .await;
+        let answer = client.chat("m", &hello(), &Map::new()).await;
+        let Err(LlmError::RateLimited { retry_after, .. }) = answer else {
+            panic!("rate limited: {answer:?}");
+        };
+        assert_eq!(retry_after, Some(Duration::from_secs(7)), "from x-ratelimit-reset-requests");
+    }
+
     #[test]
     fn retry_after_forms() {
         assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
