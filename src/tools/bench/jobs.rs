@@ -1,7 +1,14 @@
-//! (b), (c), (e), (g): runs of jobs published as fast as confirms allow, timed from the first
-//! publish to the last result, with the worker's CPU time and peak RSS over the run.
+//! (b), (c), (e), (g), and (u) through [`jobs_per_s`]: runs of jobs published as fast as
+//! confirms allow, timed from the first publish to the last result, with the worker's CPU
+//! time and peak RSS over the run and the error results.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
 
 use lapin::Connection;
+use serde::Deserialize;
 use serde_json::json;
 
 use super::{
@@ -21,6 +28,8 @@ pub(super) struct JobsRun {
     /// The worker's user + system CPU time from the first publish to the last result, per
     /// job (its start-up is left out).
     pub(super) cpu_us_per_job: f64,
+    /// Results with `status: error`.
+    pub(super) errors: u64,
 }
 
 impl JobsRun {
@@ -29,6 +38,7 @@ impl JobsRun {
         jobs_per_s: f64::NAN,
         peak_rss_kib: 0,
         cpu_us_per_job: f64::NAN,
+        errors: 0,
     };
 }
 
@@ -71,7 +81,11 @@ pub(super) async fn measure_slow(bench: &Bench<'_>) -> Result<JobsRun, BenchErro
 }
 
 /// `n` chat jobs published as fast as confirms allow, until the last result.
-async fn jobs_per_s(conn: &Connection, cfg: &RunConfig, n: usize) -> Result<JobsRun, BenchError> {
+pub(super) async fn jobs_per_s(
+    conn: &Connection,
+    cfg: &RunConfig,
+    n: usize,
+) -> Result<JobsRun, BenchError> {
     let key = cfg.topology.processing_key.clone();
     run_jobs(conn, cfg, n, &key, chat_body).await
 }
@@ -81,8 +95,15 @@ pub(super) fn chat_body(i: usize) -> serde_json::Value {
     json!({"prompt": format!("bench {i}"), "request_id": format!("b-{i}")})
 }
 
+/// The part of a result that says whether it failed.
+#[derive(Deserialize)]
+struct ResultStatus {
+    status: String,
+}
+
 /// Publishes `n` requests made by `body` on `key` through a fresh worker, as fast as confirms
-/// allow; returns jobs/s until the last result, the worker's peak RSS and its CPU per job.
+/// allow; returns jobs/s until the last result, the worker's peak RSS, its CPU per job and
+/// the error results.
 pub(super) async fn run_jobs(
     conn: &Connection,
     cfg: &RunConfig,
@@ -94,11 +115,19 @@ pub(super) async fn run_jobs(
     let pid = child.id().unwrap_or(0);
     let ticks = clock_ticks_per_s();
     let cpu_before = cpu_ticks(pid);
+    let errors = Arc::new(AtomicU64::new(0));
     let results = collect(
         conn.create_channel().await?,
         cfg.topology.results_queue.clone(),
         n,
-        |_| {},
+        {
+            let errors = errors.clone();
+            move |data| {
+                if serde_json::from_slice::<ResultStatus>(data).is_ok_and(|r| r.status == "error") {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        },
     );
     let start = publish_requests(conn, cfg, key, n, body).await?;
     let end = results
@@ -116,5 +145,6 @@ pub(super) async fn run_jobs(
         jobs_per_s: n as f64 / (end - start).as_secs_f64(),
         peak_rss_kib,
         cpu_us_per_job: cpu,
+        errors: errors.load(Ordering::Relaxed),
     })
 }

@@ -1,4 +1,4 @@
-//! `llmq bench`: one run, nine figures, as ratios against the raw broker and the ideal.
+//! `llmq bench`: one run, ten figures, as ratios against the raw broker and the ideal.
 //!
 //! Against the configured broker and an in-process mock upstream, with the worker as a real
 //! child process (`llmq run`) so its memory can be read:
@@ -19,13 +19,20 @@
 //!   all, and again after every result arrived. Both processes hold one socket per call, so
 //!   `ulimit -n` must allow it (the Makefile raises the soft limit);
 //! - (h2) the same over HTTP/2 without TLS (`llm.http2_prior_knowledge`, h2c): every call a
-//!   stream of one connection to the mock, which allows that many streams at once.
+//!   stream of one connection to the mock, which allows that many streams at once;
+//! - (u) an unknown provider cap: 200 ms upstream that answers at most 32 calls at once and
+//!   refuses any beyond them at once with 429 and no `Retry-After`, the worker with default
+//!   settings (`worker.max_inflight` 256): ok jobs/s and the ratio to 32 / 0.2 s = 160,
+//!   the 429s the mock answered over its cap and the error results (requests whose retries
+//!   ran out).
 //!
 //! One file per family of runs: [`broker`] (the ceiling, and the publishing and collecting
 //! every run shares), [`jobs`] (b, c, e, g), [`latency`] (d), [`embeddings`] (f), [`held`]
-//! (h, h2); [`worker`] starts and stops the worker process and reads its figures from `/proc`.
+//! (h, h2), [`capped`] (u); [`worker`] starts and stops the worker process and reads its
+//! figures from `/proc`.
 
 mod broker;
+mod capped;
 mod embeddings;
 mod held;
 mod jobs;
@@ -70,9 +77,12 @@ pub struct BenchArgs {
     /// to be published and started before the first call ends.
     #[arg(long, default_value_t = 10)]
     pub inflight_latency_secs: u64,
-    /// Run only these measures (letters from "bcdfhH", H for (h2); the broker ceiling always
+    /// Jobs for the run against an unannounced cap of 32 calls (u).
+    #[arg(long, default_value_t = 3_000)]
+    pub capped_jobs: usize,
+    /// Run only these measures (letters from "bcdfhHu", H for (h2); the broker ceiling always
     /// runs, (g) is measured during (b)).
-    #[arg(long, default_value = "bcdfhH")]
+    #[arg(long, default_value = "bcdfhHu")]
     pub only: String,
     /// Also write the report as JSON here.
     #[arg(long)]
@@ -131,6 +141,15 @@ pub struct Report {
     pub inflight_h2_peak_rss_mib: f64,
     /// (h2) MiB, VmHWM after every result arrived.
     pub inflight_h2_peak_rss_end_mib: f64,
+    /// (u) ok results/s against an unannounced cap of 32 calls at 200 ms (error results
+    /// are not jobs done).
+    pub capped_jobs_per_s: f64,
+    /// (u) / (32 / 0.2 s = 160 jobs/s); target >= 0.8.
+    pub capped_ratio: f64,
+    /// (u) calls the mock refused with 429 over its cap.
+    pub capped_over_cap: Option<u64>,
+    /// (u) results with `status: error`; target 0.
+    pub capped_errors: Option<u64>,
 }
 
 /// Why the benchmark could not run.
@@ -157,6 +176,7 @@ pub async fn run(base: &Config, args: &BenchArgs) -> Result<Report, BenchError> 
         ceiling: broker::measure_ceiling(&bench).await?,
         fast: jobs::measure_fast(&bench).await?,
         slow: jobs::measure_slow(&bench).await?,
+        capped: capped::measure(&bench).await?,
         latency: latency::measure(&bench).await?,
         embeddings: embeddings::measure(&bench).await?,
         held: held::measure(&bench, Protocol::Http1).await?,
@@ -222,6 +242,8 @@ struct Figures {
     fast: jobs::JobsRun,
     /// (c, e).
     slow: jobs::JobsRun,
+    /// (u).
+    capped: capped::Capped,
     /// (d).
     latency: latency::Latency,
     /// (f).
@@ -266,6 +288,10 @@ impl Figures {
             inflight_h2_reached: self.held_h2.reached,
             inflight_h2_peak_rss_mib: mib(self.held_h2.peak_kib),
             inflight_h2_peak_rss_end_mib: mib(self.held_h2.peak_end_kib),
+            capped_jobs_per_s: self.capped.jobs_per_s,
+            capped_ratio: self.capped.jobs_per_s / capped::IDEAL_JOBS_PER_S,
+            capped_over_cap: self.capped.over_cap,
+            capped_errors: self.capped.errors,
         }
     }
 }
@@ -334,6 +360,7 @@ pub fn table(r: &Report) -> String {
         r.worker_cpu_us_per_job <= 80.0,
     );
     t += &held_rows(r);
+    t += &capped_rows(r);
     t
 }
 
@@ -364,6 +391,30 @@ fn held_rows(r: &Report) -> String {
             r.inflight_calls,
             r.inflight_h2_peak_rss_mib,
         ),
+    );
+    t
+}
+
+/// The rows of (u): throughput against an unannounced cap, and what it cost.
+fn capped_rows(r: &Report) -> String {
+    let mut t = row(
+        "(u) unknown provider cap of 32, 200 ms upstream",
+        format!("{:.0} ok jobs/s", r.capped_jobs_per_s),
+        format!("{:.2} of ideal", r.capped_ratio),
+        ">= 0.8",
+        r.capped_ratio >= 0.8,
+    );
+    let (value, ok) = match (r.capped_over_cap, r.capped_errors) {
+        (Some(over_cap), Some(errors)) => (format!("{over_cap} / {errors}"), errors == 0),
+        // As `row` knows a run left out.
+        _ => ("NaN".to_string(), false),
+    };
+    t += &row(
+        "(u) 429s over the cap / error results",
+        value,
+        String::new(),
+        "0 errors",
+        ok,
     );
     t
 }
@@ -415,6 +466,10 @@ mod tests {
             inflight_h2_reached: h2_reached,
             inflight_h2_peak_rss_mib: h2_rss_mib,
             inflight_h2_peak_rss_end_mib: h2_rss_mib + 5.0,
+            capped_jobs_per_s: 80.0,
+            capped_ratio: 0.5,
+            capped_over_cap: Some(1_234),
+            capped_errors: Some(0),
         }
     }
 
@@ -451,6 +506,40 @@ mod tests {
         }
         let h2 = h2_row(&t);
         assert!(h2.ends_with("| met |"), "{h2}");
+    }
+
+    fn line<'t>(t: &'t str, start: &str) -> &'t str {
+        t.lines().find(|l| l.starts_with(start)).unwrap_or_default()
+    }
+
+    #[test]
+    fn capped_rows_show_the_ratio_the_429s_and_the_errors() {
+        let mut r = report(10_000, 10_000, 200.0);
+        let t = table(&r);
+        let ratio = line(&t, "| (u) unknown provider cap");
+        assert!(
+            ratio.contains("80 ok jobs/s") && ratio.contains("0.50 of ideal"),
+            "{ratio}"
+        );
+        assert!(ratio.ends_with("| NOT met |"), "{ratio}");
+        let cost = line(&t, "| (u) 429s");
+        assert!(
+            cost.contains("1234 / 0") && cost.ends_with("| met |"),
+            "{cost}"
+        );
+        r.capped_ratio = 0.85;
+        r.capped_errors = Some(3);
+        let t = table(&r);
+        assert!(line(&t, "| (u) unknown").ends_with("| met |"));
+        assert!(line(&t, "| (u) 429s").ends_with("| NOT met |"));
+        r.capped_jobs_per_s = f64::NAN;
+        r.capped_ratio = f64::NAN;
+        r.capped_over_cap = None;
+        r.capped_errors = None;
+        let t = table(&r);
+        for start in ["| (u) unknown", "| (u) 429s"] {
+            assert!(line(&t, start).ends_with("| skipped |"), "{t}");
+        }
     }
 
     #[test]

@@ -30,6 +30,19 @@ pub(super) struct RunConfig {
     config: Config,
     /// As [`Base::wrap`].
     wrap: Vec<String>,
+    /// What the worker logs (`LLMQ_LOG__LEVEL`), on the bench's stderr.
+    log_level: &'static str,
+}
+
+impl RunConfig {
+    /// The worker logs at `level` (`warn` unless told): for a run where warnings are
+    /// expected by the thousand.
+    pub(super) fn log_level(self, level: &'static str) -> Self {
+        Self {
+            log_level: level,
+            ..self
+        }
+    }
 }
 
 impl std::ops::Deref for RunConfig {
@@ -57,6 +70,7 @@ pub(super) fn bench_config(
     RunConfig {
         config: c,
         wrap: base.wrap.clone(),
+        log_level: "warn",
     }
 }
 
@@ -81,7 +95,7 @@ pub(super) async fn start_worker(conn: &Connection, cfg: &RunConfig) -> Result<C
     };
     let child = Command::from(cmd)
         .arg("run")
-        .env("LLMQ_LOG__LEVEL", "warn")
+        .env("LLMQ_LOG__LEVEL", cfg.log_level)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
