@@ -41,7 +41,10 @@ impl Config {
                 .split("__"),
         );
         let mut config = Self::from_figment(&figment, &mut problems);
+        // The fallback serves the one deployment of `[llm]`; each of `[upstreams]` names
+        // its own key.
         if config.llm.api_key.is_empty()
+            && config.upstreams.is_empty()
             && let Ok(key) = std::env::var("OPENAI_API_KEY")
         {
             config.llm.api_key = Secret::new(key);
@@ -115,11 +118,19 @@ fn section<T: DeserializeOwned>(
                         good.insert(key.clone(), v.clone());
                     }
                     Err(e) => {
-                        let full = format!("{name}.{key}");
+                        // The nested key, where there is one (`upstreams.openai.weight`).
+                        let path = if e.path.len() > 1 && e.path[0] == *key {
+                            e.path.clone()
+                        } else {
+                            vec![key.clone()]
+                        };
+                        let full = format!("{name}.{}", path.join("."));
+                        let secret = name == "upstreams"
+                            || path.iter().any(|k| SECRET_KEYS.contains(&k.as_str()));
                         problems.push(format!(
                             "{full} ({}): {}",
                             env_name(&full),
-                            describe(key, &e)
+                            describe(secret, &e)
                         ));
                     }
                 }
@@ -132,12 +143,13 @@ fn section<T: DeserializeOwned>(
     }
 }
 
-/// Keys whose values are secret or may hold one: their errors never quote the value.
-const SECRET_KEYS: [&str; 3] = ["api_key", "url", "redis_url"];
+/// Keys whose values are secret or may hold one: their errors never quote the value. Every
+/// value of `[upstreams]` is treated so (keys, headers and URLs live there).
+const SECRET_KEYS: [&str; 5] = ["api_key", "url", "redis_url", "base_url", "headers"];
 
-/// A key's error, without its value when the key is secret.
-fn describe(key: &str, e: &figment::Error) -> String {
-    if SECRET_KEYS.contains(&key) {
+/// A key's error, without its value when the key is `secret`.
+fn describe(secret: bool, e: &figment::Error) -> String {
+    if secret {
         use figment::error::Kind;
         match &e.kind {
             Kind::InvalidType(_, expected) => {

@@ -137,6 +137,32 @@ impl Config {
         .collect()
     }
 
+    /// What start-up should warn about: `[llm]` connection keys that `[upstreams]` makes
+    /// meaningless, and default models no deployment serves (a request naming no model
+    /// would be `invalid_request`).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .ignored_llm_keys()
+            .into_iter()
+            .map(|key| {
+                format!("{key} is set, but [upstreams] is configured: each deployment has its own; ignored")
+            })
+            .collect();
+        let deployments = self.deployments();
+        for (key, model) in [
+            ("llm.model", &self.llm.model),
+            ("llm.embedding_model", &self.llm.embedding_model),
+        ] {
+            if !deployments.iter().any(|(_, u)| u.serves(model)) {
+                out.push(format!(
+                    "{key} = {model:?} is served by no deployment: requests that name no model \
+                     will be dead-lettered as invalid_request"
+                ));
+            }
+        }
+        out
+    }
+
     /// The whole configuration as TOML, every key included: the file a child `llmq` process
     /// is started with, so that it runs with exactly this configuration. Derived from
     /// `Serialize`, so a new key cannot be left out. Secrets are written in clear (see

@@ -220,11 +220,12 @@ fn validate_upstreams(c: &Config, p: &mut Problems) {
             && name.len() <= 64
             && name
                 .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-');
+                .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == '-');
         p.check(
             good_name,
             &format!("upstreams.{name}"),
-            "a deployment's name is 1 to 64 letters, digits, '_' or '-'",
+            "a deployment's name is 1 to 64 lowercase letters, digits, '_' or '-' (environment \
+             variables are read lowercased, so LLMQ_UPSTREAMS__OPENAI__... sets `openai`)",
         );
         p.url(&key("base_url"), &u.base_url, &["http", "https"]);
         p.check(
@@ -1024,7 +1025,7 @@ mod tests {
                 },
             );
         });
-        assert!(p.contains("1 to 64 letters, digits"), "{p}");
+        assert!(p.contains("1 to 64 lowercase letters"), "{p}");
     }
 
     #[test]

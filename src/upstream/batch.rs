@@ -132,7 +132,12 @@ async fn call(
     let stopped = async move {
         stopped.await;
     };
+    // A batch of several is split on a context-length error, so that one long input moves
+    // to a context-window fallback alone.
     let mut route = router.route(model);
+    if items.len() > 1 {
+        route = route.without_context_fallbacks();
+    }
     router
         .call(
             &mut route,
@@ -269,7 +274,7 @@ async fn send(up: Arc<Router>, items: Vec<Item>) {
             }
         }
         Routed::Failed {
-            error: LlmError::Permanent { .. },
+            error: LlmError::Permanent { .. } | LlmError::ContextLength { .. },
             ..
         } if items.len() > 1 => {
             // Someone's input spoiled the batch: each request on its own, so only that one

@@ -807,7 +807,10 @@ mod tests {
         };
         let refused = LlmClient::new(&bare, 1 << 20).expect("client");
         let answer = refused.chat("m", &hello(), &Map::new()).await;
-        assert!(matches!(answer, Err(LlmError::Refused { .. })), "{answer:?}");
+        assert!(
+            matches!(answer, Err(LlmError::Refused { .. })),
+            "{answer:?}"
+        );
         let azure = UpstreamConfig {
             headers: [("api-key".to_string(), Secret::new("azure-secret"))].into(),
             query: [("api-version".to_string(), "2024-10-21".to_string())].into(),
@@ -837,7 +840,11 @@ mod tests {
         let Err(LlmError::RateLimited { retry_after, .. }) = answer else {
             panic!("rate limited: {answer:?}");
         };
-        assert_eq!(retry_after, Some(Duration::from_secs(7)), "from x-ratelimit-reset-requests");
+        assert_eq!(
+            retry_after,
+            Some(Duration::from_secs(7)),
+            "from x-ratelimit-reset-requests"
+        );
     }
 
     #[test]

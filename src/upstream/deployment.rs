@@ -151,7 +151,13 @@ impl Deployment {
             Err(e) => {
                 self.metrics.upstream_outcome(&self.name, e.label());
                 match e {
-                    LlmError::RateLimited { .. } => self.flow.on_rate_limited(others),
+                    // A 429 that says when to come back is a rate (requests or tokens per
+                    // minute): the deployment cools down for the model, and its concurrency
+                    // is not to blame. One that says nothing is taken for a concurrency cap.
+                    LlmError::RateLimited {
+                        retry_after: None, ..
+                    } => self.flow.on_rate_limited(others),
+                    LlmError::RateLimited { .. } => {}
                     e if e.is_throttle() => self.flow.on_timeout(),
                     _ => {}
                 }
@@ -239,10 +245,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_429_cuts_the_limit_to_the_calls_running_and_is_counted() {
-        let (_server, d, flow, metrics) = deployment(MockOptions {
+        let (server, d, flow, metrics) = deployment(MockOptions {
             error_rate: 1.0,
             status: 429,
-            retry_after: Some(30),
             ..MockOptions::default()
         })
         .await;
@@ -264,7 +269,7 @@ mod tests {
             matches!(
                 e,
                 LlmError::RateLimited {
-                    retry_after: Some(_),
+                    retry_after: None,
                     ..
                 }
             ),
@@ -272,11 +277,37 @@ mod tests {
         );
         assert_eq!(flow.limit(), 3, "cut to the three other calls running");
         drop(others);
+        // A 429 that says when to come back is a rate limit, not a concurrency cap.
+        server.set_options(MockOptions {
+            error_rate: 1.0,
+            status: 429,
+            retry_after: Some(30),
+            ..MockOptions::default()
+        });
+        let slot = d.admit(0, 10, far()).await.expect("a free slot");
+        let answer = d
+            .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
+            .await;
+        assert!(
+            matches!(
+                answer,
+                Err(LlmError::RateLimited {
+                    retry_after: Some(_),
+                    ..
+                })
+            ),
+            "{answer:?}"
+        );
+        assert_eq!(
+            flow.limit(),
+            3,
+            "left alone: the deployment cools down instead"
+        );
         assert_eq!(flow.in_flight(), 0);
         assert!(
             metrics
                 .encode()
-                .contains("llmq_upstream_calls_total{upstream=\"d\",outcome=\"rate_limited\"} 1"),
+                .contains("llmq_upstream_calls_total{upstream=\"d\",outcome=\"rate_limited\"} 2"),
             "{}",
             metrics.encode()
         );

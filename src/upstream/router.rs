@@ -57,11 +57,17 @@ pub struct Route {
     /// The models to try, in order: the requested one and its fallbacks, or after a
     /// context-length error, that model's context-window fallbacks.
     models: Vec<String>,
-    /// The deployment the last attempt failed on, avoided while another can serve.
-    avoid: Option<usize>,
+    /// The deployments this request's attempts failed on (a transient failure or a 429),
+    /// avoided while another can serve; when none is left, the backoff applies.
+    failed: Vec<usize>,
+    /// Models that answered this request with a context-length error: never tried again.
+    too_small: Vec<String>,
+    /// Whether a context-length error moves to `routing.context_window_fallbacks` (not for
+    /// a batch of several inputs, which is split instead, so one long input moves alone).
+    context_fallbacks: bool,
     /// Unix ms since when none of the requested model's deployments could serve, for
-    /// `routing.fallback_after_secs`.
-    unavailable_since: Option<i64>,
+    /// `routing.fallback_after_secs` (carried across deliveries by the rate-limit header).
+    pub unavailable_since: Option<i64>,
 }
 
 impl Route {
@@ -74,8 +80,24 @@ impl Route {
         Self {
             requested: model.to_string(),
             models,
-            avoid: None,
+            failed: Vec::new(),
+            too_small: Vec::new(),
+            context_fallbacks: true,
             unavailable_since: None,
+        }
+    }
+
+    /// The same route without context-window fallbacks.
+    pub fn without_context_fallbacks(self) -> Self {
+        Self {
+            context_fallbacks: false,
+            ..self
+        }
+    }
+
+    fn failed_on(&mut self, d: usize) {
+        if !self.failed.contains(&d) {
+            self.failed.push(d);
         }
     }
 }
@@ -308,11 +330,15 @@ impl Router {
                 )
                 .await;
             let now = unix_now_ms();
+            // Any answer but a transient failure says the deployment is up: that closes its
+            // breaker (and settles a probe) whatever the answer was.
+            if !matches!(answer, Err(LlmError::Transient { .. })) {
+                self.standing.succeeded(d, now);
+            }
             let error = match answer {
                 Ok(answer) => {
-                    self.standing.succeeded(d);
                     if let Some(spent) = answer.spent_for() {
-                        self.standing.cool(d, &model, now + millis(spent));
+                        self.standing.cool(d, &model, now + millis(spent), now);
                     }
                     let fallback_from = (model != route.requested).then(|| route.requested.clone());
                     if let Some(from) = &fallback_from {
@@ -330,12 +356,9 @@ impl Router {
             match &error {
                 LlmError::RateLimited { retry_after, .. } => {
                     if let Some(after) = retry_after {
-                        self.standing.cool(d, &model, now + millis(*after));
+                        self.standing.cool(d, &model, now + millis(*after), now);
                     }
-                    if probe {
-                        self.standing.succeeded(d);
-                    }
-                    route.avoid = Some(d);
+                    route.failed_on(d);
                     let elsewhere = self.can_serve_now(route, now);
                     return Routed::RateLimited {
                         after: if elsewhere { None } else { *retry_after },
@@ -351,14 +374,15 @@ impl Router {
                     last = Some(format!("{}: {error}", deployment.name()));
                 }
                 LlmError::ContextLength { .. } => {
+                    route.too_small.push(model.clone());
                     let next = self.rules.context_window_fallbacks.get(&model);
                     let next: Vec<String> = next
                         .into_iter()
                         .flatten()
-                        .filter(|m| **m != model && **m != route.requested)
+                        .filter(|m| !route.too_small.contains(m))
                         .cloned()
                         .collect();
-                    if next.is_empty() {
+                    if next.is_empty() || !route.context_fallbacks {
                         return Routed::Failed {
                             error,
                             elsewhere: false,
@@ -366,12 +390,12 @@ impl Router {
                     }
                     info!(%model, to = ?next, "context length exceeded; trying the context-window fallbacks");
                     route.models = next;
-                    route.avoid = None;
+                    route.failed.clear();
                 }
                 LlmError::Transient { .. } => {
                     // A timeout, a connection error or a 5xx: the deployment may be down.
                     self.standing.failed(d, now);
-                    route.avoid = Some(d);
+                    route.failed_on(d);
                     let elsewhere = self.can_serve_now(route, now);
                     return Routed::Failed { error, elsewhere };
                 }
@@ -393,12 +417,12 @@ impl Router {
         }
     }
 
-    /// Whether some deployment could take `route`'s next call right away (one other than
-    /// the one it avoids, with room).
+    /// Whether some deployment could take `route`'s next call right away (one this request
+    /// has not failed on, with room).
     fn can_serve_now(&self, route: &Route, now: i64) -> bool {
         route.models.iter().any(|model| {
             self.serving(model).any(|d| {
-                Some(d) != route.avoid
+                !route.failed.contains(&d)
                     && self.deployments[d].flow().has_room()
                     && self.standing.peek(d, model, now)
             })
@@ -452,7 +476,7 @@ impl Router {
                     None => free.push(d),
                 }
             }
-            if let Some(d) = self.choose(&free, route.avoid) {
+            if let Some(d) = self.choose(&free, &route.failed) {
                 if i == 0 {
                     route.unavailable_since = None;
                 }
@@ -464,7 +488,15 @@ impl Router {
         }
         match soonest {
             Some((until, why, name)) => {
-                route.unavailable_since.get_or_insert(now);
+                let since = *route.unavailable_since.get_or_insert(now);
+                // With fallbacks to wait for, come back when they may serve, not later.
+                let fallback_at = since + secs_ms(self.rules.fallback_after_secs);
+                let until =
+                    if model_is_fallback(route) && route.models.len() > 1 && fallback_at > now {
+                        until.min(fallback_at)
+                    } else {
+                        until
+                    };
                 let what = match why {
                     Why::Down => "is down (circuit breaker open)",
                     _ => "is cooling down after a rate limit",
@@ -495,10 +527,14 @@ impl Router {
     }
 
     /// Among the deployments `free` to serve, the one to call: at random by weight among
-    /// those with room (leaving out `avoid` while another can serve), else the least loaded
-    /// relative to its weight.
-    fn choose(&self, free: &[usize], avoid: Option<usize>) -> Option<usize> {
-        let others: Vec<usize> = free.iter().copied().filter(|&d| Some(d) != avoid).collect();
+    /// those with room (leaving out those in `avoid` while another can serve), else the
+    /// least loaded relative to its weight.
+    fn choose(&self, free: &[usize], avoid: &[usize]) -> Option<usize> {
+        let others: Vec<usize> = free
+            .iter()
+            .copied()
+            .filter(|d| !avoid.contains(d))
+            .collect();
         let candidates = if others.is_empty() { free } else { &others[..] };
         let roomy: Vec<usize> = candidates
             .iter()
@@ -951,13 +987,53 @@ mod tests {
         );
         let mut route = patient.route("gpt-4o");
         let _ = chat(&patient, &mut route, "x").await;
+        let Routed::RateLimited { after, .. } = chat(&patient, &mut route, "x").await else {
+            panic!("waits for gpt-4o rather than falling back");
+        };
+        let after = after.expect("a wait");
         assert!(
-            matches!(
-                chat(&patient, &mut route, "x").await,
-                Routed::RateLimited { after: Some(_), .. }
-            ),
-            "waits for gpt-4o rather than falling back"
+            after > Duration::from_secs(25) && after <= Duration::from_secs(30),
+            "until the cooldown ends, which is before the fallback's time: {after:?}"
         );
+        // Once every deployment of gpt-4o has been unavailable for fallback_after_secs (as
+        // the rate-limit header carries it across deliveries), the fallback serves.
+        let mut later = patient.route("gpt-4o");
+        later.unavailable_since = Some(unix_now_ms() - 61_000);
+        let answer = served(chat(&patient, &mut later, "x").await);
+        assert_eq!(answer.fallback_from.as_deref(), Some("gpt-4o"));
+        assert_eq!(
+            calls_of(&cooling),
+            2,
+            "once for each router, none after its 429"
+        );
+    }
+
+    fn calls_of(server: &MockServer) -> u64 {
+        server.stats().chat_calls.load(Relaxed)
+    }
+
+    #[tokio::test]
+    async fn a_request_does_not_bounce_between_failing_deployments() {
+        let failing = || MockOptions {
+            error_rate: 1.0,
+            status: 503,
+            ..MockOptions::default()
+        };
+        let (a, b) = (mock(failing()).await, mock(failing()).await);
+        let router = test_router(
+            vec![deployment("a", &a, &[], 1), deployment("b", &b, &[], 1)],
+            RoutingConfig::default(),
+        );
+        let mut route = router.route("m");
+        let Routed::Failed { elsewhere, .. } = chat(&router, &mut route, "x").await else {
+            panic!("failed");
+        };
+        assert!(elsewhere, "the other one is untried");
+        let Routed::Failed { elsewhere, .. } = chat(&router, &mut route, "x").await else {
+            panic!("failed");
+        };
+        assert!(!elsewhere, "both failed for this request: back off");
+        assert_eq!((calls_of(&a), calls_of(&b)), (1, 1), "one each");
     }
 
     #[tokio::test]

@@ -79,11 +79,32 @@ pub enum Availability {
     },
 }
 
-/// Every model of a deployment, in the key of an entry.
-const EVERY_MODEL: &str = "*";
+/// What an entry holds a deployment out of: every model, or one. Typed, so that no model
+/// name (a request may name `*`) can stand for every model.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Scope {
+    /// Every model (a spent account).
+    All,
+    /// One routing model.
+    Model(String),
+}
+
+impl Scope {
+    /// How `/upstreams` shows it.
+    fn label(&self) -> &str {
+        match self {
+            Scope::All => "*",
+            Scope::Model(m) => m,
+        }
+    }
+}
 
 /// How long a half-open breaker waits for its probe before letting another call probe.
 const PROBE_TIMEOUT_MS: i64 = 120_000;
+
+/// How long other calls wait before looking again while a probe is out: the probe usually
+/// answers within a call's time, so they look often rather than wait out the timeout.
+const PROBE_WAIT_MS: i64 = 1_000;
 
 /// The state of every deployment, by index.
 pub struct Standing {
@@ -95,8 +116,8 @@ pub struct Standing {
 
 #[derive(Default)]
 struct Inner {
-    /// (deployment, model or [`EVERY_MODEL`]) -> until when, and why.
-    out: HashMap<(usize, String), (i64, Why)>,
+    /// (deployment, scope, why) -> until when. Expired entries are dropped as new ones come.
+    out: HashMap<(usize, Scope, Why), i64>,
     breakers: Vec<Breaker>,
 }
 
@@ -195,8 +216,10 @@ impl Standing {
         }
     }
 
-    /// A call to `d` answered: its breaker closes and its failures are forgotten.
-    pub fn succeeded(&self, d: usize) {
+    /// A call to `d` got an answer that says the deployment is up (anything but a
+    /// connection error, a timeout or a 5xx): its breaker closes and its failures are
+    /// forgotten.
+    pub fn succeeded(&self, d: usize, now: i64) {
         let reopened = {
             let mut inner = self.inner();
             let Some(b) = inner.breakers.get_mut(d) else {
@@ -207,8 +230,9 @@ impl Standing {
             was_open
         };
         if reopened {
-            debug!(upstream = %self.name(d), "circuit breaker closed: the probe call succeeded");
-            self.write(d, Field::Breaker, 0);
+            debug!(upstream = %self.name(d), "circuit breaker closed: the probe call got an answer");
+            // Removed in Redis only if no replica opened it again since.
+            self.write(d, Field::Breaker, -now);
         }
     }
 
@@ -240,43 +264,42 @@ impl Standing {
         true
     }
 
-    /// Takes `d` out for `model` (or, for a spent account, every model) until `until_ms`.
-    pub fn take_out(&self, d: usize, model: &str, why: Why, until_ms: i64) {
-        let model = match why {
-            Why::Quota => EVERY_MODEL,
-            _ => model,
-        };
+    /// Takes `d` out of `scope` for `why` until `until_ms`.
+    fn take_out(&self, d: usize, scope: Scope, why: Why, until_ms: i64, now: i64) {
         let newer = {
             let mut inner = self.inner();
-            let entry = inner.out.entry((d, model.to_string())).or_insert((0, why));
-            let newer = entry.0 < until_ms;
+            // Model names come from requests: without this the map would only grow.
+            inner.out.retain(|_, until| *until > now);
+            let until = inner.out.entry((d, scope.clone(), why)).or_insert(0);
+            let newer = *until < until_ms;
             if newer {
-                *entry = (until_ms, why);
+                *until = until_ms;
             }
             newer
         };
         if newer {
-            self.write(d, Field::Out(why, model.to_string()), until_ms);
+            self.write(d, Field::Out(why, scope), until_ms);
         }
     }
 
     /// A deployment answered a 429 for `model` that said when to come back.
-    pub fn cool(&self, d: usize, model: &str, until_ms: i64) {
-        self.take_out(d, model, Why::RateLimited, until_ms);
+    pub fn cool(&self, d: usize, model: &str, until_ms: i64, now: i64) {
+        let scope = Scope::Model(model.to_string());
+        self.take_out(d, scope, Why::RateLimited, until_ms, now);
     }
 
     /// A deployment's account is spent.
     pub fn spent(&self, d: usize, now: i64) {
         let until = now + secs_ms(self.rules.quota_cooldown_secs);
         warn!(upstream = %self.name(d), cooldown_secs = self.rules.quota_cooldown_secs, "insufficient quota: the deployment is out of rotation");
-        self.take_out(d, EVERY_MODEL, Why::Quota, until);
+        self.take_out(d, Scope::All, Why::Quota, until, now);
     }
 
     /// A deployment refused `model` (401, 403, 404).
     pub fn refused(&self, d: usize, model: &str, now: i64) {
         let until = now + secs_ms(self.rules.auth_cooldown_secs);
         warn!(upstream = %self.name(d), %model, cooldown_secs = self.rules.auth_cooldown_secs, "the deployment refused the key or the model: out of rotation for it");
-        self.take_out(d, model, Why::Refused, until);
+        self.take_out(d, Scope::Model(model.to_string()), Why::Refused, until, now);
     }
 
     /// Deployment `d`'s state at `now`.
@@ -291,9 +314,9 @@ impl Standing {
         let mut unavailable: Vec<Unavailable> = inner
             .out
             .iter()
-            .filter(|((dep, _), (until, _))| *dep == d && *until > now)
-            .map(|((_, model), (until, why))| Unavailable {
-                model: model.clone(),
+            .filter(|((dep, _, _), until)| *dep == d && **until > now)
+            .map(|((_, scope, why), until)| Unavailable {
+                model: scope.label().to_string(),
                 why: why.as_str(),
                 for_ms: until - now,
             })
@@ -310,7 +333,8 @@ impl Standing {
         self.names.get(d).map_or("?", String::as_str)
     }
 
-    /// Writes a change to Redis, in a task of its own: the call path never waits on it.
+    /// Writes a change to Redis, in a task of its own: the call path never waits on it. A
+    /// time of `-now` removes the field if it holds no time later than `now`.
     fn write(&self, d: usize, field: Field, until_ms: i64) {
         let Some(shared) = &self.shared else {
             return;
@@ -326,8 +350,13 @@ impl Standing {
                 return;
             };
             let field = field.to_string();
-            let written: redis::RedisResult<()> = if until_ms == 0 {
-                conn.hdel(&key, &field).await
+            let written: redis::RedisResult<()> = if until_ms <= 0 {
+                redis::Script::new(DELETE_IF_PAST)
+                    .key(&key)
+                    .arg(&field)
+                    .arg(-until_ms)
+                    .invoke_async(&mut conn)
+                    .await
             } else {
                 redis::pipe()
                     .hset(&key, &field, until_ms)
@@ -363,6 +392,19 @@ impl Standing {
                     return;
                 }
             };
+            let expired: Vec<&String> = fields
+                .iter()
+                .filter(|(_, until)| **until <= now)
+                .map(|(field, _)| field)
+                .collect();
+            if !expired.is_empty() {
+                // Left by replicas long gone; removing a field another replica has just
+                // renewed costs nothing worse than a second look at that deployment.
+                let removed: redis::RedisResult<()> = conn.hdel(shared.key(name), &expired).await;
+                if let Err(e) = removed {
+                    debug!(error = %e, "could not prune the fleet's upstream state in Redis");
+                }
+            }
             let mut inner = self.inner();
             for (field, until) in fields {
                 if until <= now {
@@ -377,10 +419,10 @@ impl Standing {
                             b.probing_since = None;
                         }
                     }
-                    Some(Field::Out(why, model)) => {
-                        let entry = inner.out.entry((d, model)).or_insert((0, why));
-                        if entry.0 < until {
-                            *entry = (until, why);
+                    Some(Field::Out(why, scope)) => {
+                        let entry = inner.out.entry((d, scope, why)).or_insert(0);
+                        if *entry < until {
+                            *entry = until;
                         }
                     }
                     None => {}
@@ -412,12 +454,14 @@ impl Standing {
 /// the model or for every model, then its breaker (open, or half-open with its probe out).
 fn unavailable(inner: &Inner, d: usize, model: &str, now: i64) -> Option<(i64, Why)> {
     let mut worst: Option<(i64, Why)> = None;
-    for key in [model, EVERY_MODEL] {
-        if let Some(&(until, why)) = inner.out.get(&(d, key.to_string()))
+    let model = Scope::Model(model.to_string());
+    for ((dep, scope, why), &until) in &inner.out {
+        if *dep == d
+            && (*scope == Scope::All || *scope == model)
             && until > now
-            && worst.is_none_or(|(u, w)| rank(why) > rank(w) || (why == w && until > u))
+            && worst.is_none_or(|(u, w)| rank(*why) > rank(w) || (*why == w && until > u))
         {
-            worst = Some((until, why));
+            worst = Some((until, *why));
         }
     }
     if worst.is_some() {
@@ -426,12 +470,21 @@ fn unavailable(inner: &Inner, d: usize, model: &str, now: i64) -> Option<(i64, W
     let b = inner.breakers.get(d)?;
     match (b.open_until, b.probing_since) {
         (Some(until), _) if until > now => Some((until, Why::Down)),
-        (Some(_), Some(since)) if now - since < PROBE_TIMEOUT_MS => {
-            Some((since + PROBE_TIMEOUT_MS, Why::Down))
-        }
+        (Some(_), Some(since)) if now - since < PROBE_TIMEOUT_MS => Some((
+            (now + PROBE_WAIT_MS).min(since + PROBE_TIMEOUT_MS),
+            Why::Down,
+        )),
         _ => None,
     }
 }
+
+/// Removes `ARGV[1]` from the hash `KEYS[1]` unless it holds a time later than `ARGV[2]`:
+/// closing a breaker must not erase an opening another replica wrote since.
+const DELETE_IF_PAST: &str = r"
+local v = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') or 0
+if v <= tonumber(ARGV[2]) then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
+";
 
 /// Longest a shared entry lives in Redis without being written again (a day: the longest
 /// cooldown validation allows).
@@ -469,15 +522,16 @@ impl Shared {
 enum Field {
     /// `breaker`: open until then.
     Breaker,
-    /// `<why>:<model>`: out for that model until then.
-    Out(Why, String),
+    /// `<why>` (every model) or `<why>:<model>`: out until then.
+    Out(Why, Scope),
 }
 
 impl std::fmt::Display for Field {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Field::Breaker => f.write_str("breaker"),
-            Field::Out(why, model) => write!(f, "{}:{model}", why.as_str()),
+            Field::Out(why, Scope::All) => f.write_str(why.as_str()),
+            Field::Out(why, Scope::Model(model)) => write!(f, "{}:{model}", why.as_str()),
         }
     }
 }
@@ -487,8 +541,10 @@ impl Field {
         if s == "breaker" {
             return Some(Field::Breaker);
         }
-        let (why, model) = s.split_once(':')?;
-        Some(Field::Out(Why::parse(why)?, model.to_string()))
+        match s.split_once(':') {
+            Some((why, model)) => Some(Field::Out(Why::parse(why)?, Scope::Model(model.into()))),
+            None => Some(Field::Out(Why::parse(s)?, Scope::All)),
+        }
     }
 }
 
@@ -515,7 +571,7 @@ mod tests {
     #[test]
     fn a_cooldown_holds_one_model_of_one_deployment() {
         let s = standing();
-        s.cool(0, "m", NOW + 1000);
+        s.cool(0, "m", NOW + 1000, NOW);
         assert_eq!(
             s.check(0, "m", NOW),
             Availability::Unavailable {
@@ -530,7 +586,7 @@ mod tests {
             "other deployments"
         );
         assert_eq!(s.check(0, "m", NOW + 1000), Availability::Free, "over");
-        s.cool(0, "m", NOW + 500);
+        s.cool(0, "m", NOW + 500, NOW);
         assert_eq!(
             s.check(0, "m", NOW),
             Availability::Unavailable {
@@ -564,6 +620,10 @@ mod tests {
             }
         ));
         assert_eq!(s.check(1, "n", NOW), Availability::Free);
+        // A request may name "*": that is one model, never every model.
+        s.refused(1, "*", NOW);
+        assert_eq!(s.check(1, "other", NOW), Availability::Free);
+        assert!(!s.peek(1, "*", NOW));
     }
 
     #[test]
@@ -571,7 +631,7 @@ mod tests {
         let s = standing();
         assert!(!s.failed(0, NOW));
         assert!(!s.failed(0, NOW));
-        s.succeeded(0);
+        s.succeeded(0, NOW);
         assert!(!s.failed(0, NOW), "a success resets the count");
         assert!(!s.failed(0, NOW));
         assert!(s.failed(0, NOW), "the third in a row opens it");
@@ -604,7 +664,7 @@ mod tests {
         );
         let again = later + 10 + 30_000;
         assert_eq!(s.check(0, "m", again), Availability::Probe);
-        s.succeeded(0);
+        s.succeeded(0, NOW);
         assert_eq!(s.check(0, "m", again), Availability::Free, "closed");
         assert_eq!(s.report(0, again).breaker, "closed");
     }
@@ -628,9 +688,10 @@ mod tests {
     fn fields_round_trip() {
         for f in [
             Field::Breaker,
-            Field::Out(Why::RateLimited, "gpt-4o".into()),
-            Field::Out(Why::Quota, "*".into()),
-            Field::Out(Why::Refused, "a:b".into()),
+            Field::Out(Why::RateLimited, Scope::Model("gpt-4o".into())),
+            Field::Out(Why::Quota, Scope::All),
+            Field::Out(Why::Refused, Scope::Model("*".into())),
+            Field::Out(Why::Refused, Scope::Model("a:b".into())),
         ] {
             assert_eq!(Field::parse(&f.to_string()), Some(f));
         }

@@ -305,15 +305,28 @@ fn after_transient(
 /// time, with nowhere else to go, is retried after a short backoff that grows with each
 /// one in this delivery (the deployment's lowered concurrency limit does the rest).
 fn after_rate_limit(i: &Input<'_>, after: Option<Duration>, reason: &str) -> Decision {
-    let since = i.rate_limited_since_ms.unwrap_or(i.now_ms);
-    let waited = Duration::from_millis(i.now_ms.saturating_sub(since).max(0).unsigned_abs());
-    if waited >= i.policy.max_rate_limited() {
+    // The header comes from the publisher: a time in the future is not one llmq set.
+    let since = i
+        .rate_limited_since_ms
+        .filter(|since| *since <= i.now_ms)
+        .unwrap_or(i.now_ms);
+    let waited = Duration::from_millis(i.now_ms.saturating_sub(since).unsigned_abs());
+    let limit = i.policy.max_rate_limited();
+    // A wait that would end past the limit is not begun: the request would only come back
+    // to be dead-lettered (a Retry-After of a day must not park it for a day).
+    if waited >= limit || waited + after.unwrap_or(Duration::ZERO) > limit {
         return Decision::DeadLetter {
             kind: ErrorKind::RateLimited,
             reason: format!(
-                "rate limited for {} s in all, retry.max_rate_limited_secs is {}; last: {reason}",
+                "rate limited for {} s in all (retry.max_rate_limited_secs is {}){}; last: {reason}",
                 waited.as_secs(),
-                i.policy.max_rate_limited().as_secs()
+                limit.as_secs(),
+                match after {
+                    Some(after) if waited < limit => {
+                        format!(", and told to wait {} s more", after.as_secs())
+                    }
+                    _ => String::new(),
+                }
             ),
         };
     }
@@ -475,6 +488,31 @@ mod tests {
             decide(&parked),
             tier(Duration::from_secs(20), 5, "HTTP 429"),
             "a long wait goes to a retry tier, counts unchanged"
+        );
+        let too_long = rate_limited(Some(Duration::from_secs(86_400)));
+        let a_day = Input {
+            produced: Some(&too_long),
+            ..i.clone()
+        };
+        assert!(
+            matches!(
+                decide(&a_day),
+                Decision::DeadLetter {
+                    kind: ErrorKind::RateLimited,
+                    ..
+                }
+            ),
+            "a wait past the limit is not begun: {:?}",
+            decide(&a_day)
+        );
+        let forged = Input {
+            rate_limited_since_ms: Some(i64::MAX),
+            ..i.clone()
+        };
+        assert_eq!(
+            decide(&forged),
+            decide(&i),
+            "a time in the future counts as now"
         );
         let over = Input {
             rate_limited_since_ms: Some(NOW - 600_000),

@@ -88,11 +88,8 @@ impl Worker {
     pub fn new(config: Config, shutdown: CancellationToken) -> Result<Self, WorkerError> {
         let worker = config.worker.worker_id();
         let metrics = Arc::new(Metrics::default());
-        for key in config.ignored_llm_keys() {
-            tracing::warn!(
-                key,
-                "set in [llm], but [upstreams] is configured: each deployment has its own; this one is ignored"
-            );
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
         }
         let upstream = Upstream::new(&config, metrics.clone(), worker)?;
         // With limits.redis_url, the fleet's cooldowns and breakers are read each second.
@@ -144,6 +141,10 @@ impl Worker {
     /// `worker.shutdown_grace_secs` and returns. Broker outages are waited out, not
     /// returned.
     pub async fn run(self) {
+        // What the fleet learned about the deployments (spent accounts, open breakers) is
+        // read before the first delivery, not a second after it.
+        let standing = self.ctx.upstream.router().standing().clone();
+        standing.sync(crate::runtime::clock::unix_now_ms()).await;
         lifecycle::run(self.ctx).await
     }
 }

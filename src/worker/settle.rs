@@ -87,7 +87,10 @@ async fn settle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Del
         attempts: prior,
         redeliveries: retry.redeliveries,
         first_failure: retry.first_failure,
-        rate_limited_since_ms: retry.rate_limited_since_ms,
+        // The header comes from the publisher: a time in the future is not one llmq set.
+        rate_limited_since_ms: retry
+            .rate_limited_since_ms
+            .filter(|since| *since <= unix_now_ms()),
         rate_limits: 0,
         claimed: false,
     };
@@ -146,7 +149,14 @@ impl Settling<'_> {
         let mut stopping = false;
         let mut results_refused = false;
         // Which model and deployment the attempts go to, carried from one to the next.
-        let mut route = job.as_ref().map(|job| ctx.upstream.route(job));
+        let mut route = job.as_ref().map(|job| {
+            let mut route = ctx.upstream.route(job);
+            // Rate limits met before count toward `routing.fallback_after_secs` too.
+            route.unavailable_since = self.rate_limited_since_ms;
+            route
+        });
+        // Calls started in this delivery: every one after the first renews the lease.
+        let mut calls = 0u32;
         loop {
             let decision = decide(&Input {
                 invalid: invalid.as_ref(),
@@ -175,9 +185,12 @@ impl Settling<'_> {
                     claim = self.claim(&fingerprint, &mut body).await;
                 }
                 Decision::Call => {
-                    if self.attempts > prior {
+                    // A later call of this delivery (a retry, or after a rate limit, which
+                    // counts no attempt) may come long after the lease was taken.
+                    if calls > 0 || self.attempts > prior {
                         ctx.store.renew(&self.key, ctx.worker()).await;
                     }
+                    calls += 1;
                     match self.attempt(job, route, started).await {
                         Some(outcome) => {
                             body = self.record(&outcome);

@@ -517,3 +517,74 @@ async fn without_upstreams_llm_is_the_default_deployment() {
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// 3. A deployment that keeps failing opens its circuit breaker: the others serve, it gets
+/// no call while open, and after `routing.breaker_cooldown_secs` one call probes it; an
+/// answer closes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_deployment_opens_its_breaker_then_a_probe_closes_it() {
+    let down = mock(MockOptions {
+        error_rate: 1.0,
+        status: 503,
+        ..MockOptions::default()
+    })
+    .await;
+    let fine = mock(MockOptions::default()).await;
+    let env = TestEnv::with(MockOptions::default(), |c| {
+        c.upstreams = [
+            ("down".into(), upstream(&down, &[], 1000)),
+            ("fine".into(), upstream(&fine, &[], 1)),
+        ]
+        .into();
+        c.routing.breaker_failures = 2;
+        c.routing.breaker_cooldown_secs = 5;
+    })
+    .await;
+    let (base, stop, task) = start_with_admin(&env.config).await;
+    let breaker = || async {
+        let all: Value = serde_json::from_str(&get(&format!("{base}/upstreams")).await).unwrap();
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["name"] == "down")
+            .unwrap()["breaker"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    for i in 0..2 {
+        publish(&env, &format!("fail{i}"), 1, "gpt-4o-mini").await;
+        let r = &results(&env, 1, Duration::from_secs(30)).await[&format!("fail{i}-0")];
+        assert_eq!(
+            (&r["upstream"], &r["attempts"]),
+            (&json!("fine"), &json!(2)),
+            "{r}"
+        );
+    }
+    assert_eq!(breaker().await, "open");
+    publish(&env, "open", 5, "gpt-4o-mini").await;
+    let counts = by_upstream(&results(&env, 5, Duration::from_secs(30)).await);
+    assert_eq!(counts, HashMap::from([("fine".to_string(), 5)]));
+    assert_eq!(calls(&down), 2, "no call while the breaker is open");
+
+    down.set_options(MockOptions::default());
+    let probed = std::sync::atomic::AtomicUsize::new(0);
+    wait_until(
+        Duration::from_secs(20),
+        "a probe closes the breaker",
+        || async {
+            let i = probed.fetch_add(1, Relaxed);
+            publish(&env, &format!("probe{i}"), 1, "gpt-4o-mini").await;
+            results(&env, 1, Duration::from_secs(30)).await;
+            calls(&down) > 2 && breaker().await == "closed"
+        },
+    )
+    .await;
+    assert_eq!(
+        env.queue_len(&env.config.topology.dead_letter_queue).await,
+        0
+    );
+    stop.cancel();
+    task.await.unwrap();
+    env.cleanup().await;
+}
