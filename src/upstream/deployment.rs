@@ -51,8 +51,8 @@ impl Answer for EmbeddingAnswer {
 /// dropped before its call settles them).
 pub struct Slot {
     permit: Permit,
-    /// Other calls to the deployment running when this one was admitted: what a 429 cuts
-    /// the limit to.
+    /// Other calls to the deployment running when this one was admitted: with those running
+    /// at its answer, what a 429 cuts the limit to.
     others: usize,
 }
 
@@ -138,7 +138,13 @@ impl Deployment {
         let answer = call.await;
         // Settled below from here on; the slot gives back only what a dropped call left.
         let taken = slot.permit.take_tokens();
-        let others = slot.others;
+        // Other calls running when this one started, or when its answer came, whichever is
+        // more: calls admitted together reach the provider in any order (each may open a
+        // connection first), so the count at admission alone can fall below the cap the
+        // provider enforced; a 429 comes back at once, so the count at its answer is still
+        // what the provider saw, or more. Either way the cut lands at or above the cap,
+        // and later 429s bring it down to it.
+        let others = slot.others.max(self.flow.in_flight().saturating_sub(1));
         drop(slot);
         self.metrics.upstream_call(kind.as_str(), started.elapsed());
         match &answer {

@@ -1,9 +1,10 @@
 //! Flow control toward one deployment: how many calls may run at once, and when.
 //!
 //! - A concurrency limit between `worker.min_inflight` and the deployment's `max_inflight`,
-//!   adapted by AIMD. A 429 cuts it to the number of other calls that were running when the
-//!   refused call started: the provider refused a call beyond its cap, so that count is at
-//!   least the cap, and the limit lands on it instead of far below (halving alone averages
+//!   adapted by AIMD. A 429 that names no time to wait cuts it to the number of other calls
+//!   that were running when the refused call started or when its answer came, whichever is
+//!   more: the provider refused a call beyond its cap, so that count is at least the cap,
+//!   and the limit lands on it instead of far below (halving alone averages
 //!   about 0.75 of a hard cap). At or above a limit a 429 cut, growth slows to one per
 //!   [`PROBE_WINDOWS`] windows, so a hidden cap is probed rarely. A timeout halves the limit
 //!   (at most once per [`DECREASE_COOLDOWN`]). Each window of `limit` successes adds one.
@@ -259,7 +260,7 @@ impl Flow {
     }
 
     /// A call was refused with a 429 while `others` other calls to the deployment were
-    /// running when it started: the cap is at most `others`, so the limit drops to it (a
+    /// running: the cap is at most `others`, so the limit drops to it (a
     /// 429 never raises it). Every 429 of a burst may lower it further.
     pub fn on_rate_limited(&self, others: usize) {
         let mut s = self.state();

@@ -144,7 +144,7 @@ pub struct Report {
     /// (u) ok results/s against an unannounced cap of 32 calls at 200 ms (error results
     /// are not jobs done).
     pub capped_jobs_per_s: f64,
-    /// (u) / (32 / 0.2 s = 160 jobs/s); target >= 0.8.
+    /// (u) / (32 / 0.2 s = 160 jobs/s); target >= 0.85 (the goal; halving alone averages about 0.75).
     pub capped_ratio: f64,
     /// (u) calls the mock refused with 429 over its cap.
     pub capped_over_cap: Option<u64>,
@@ -401,8 +401,8 @@ fn capped_rows(r: &Report) -> String {
         "(u) unknown provider cap of 32, 200 ms upstream",
         format!("{:.0} ok jobs/s", r.capped_jobs_per_s),
         format!("{:.2} of ideal", r.capped_ratio),
-        ">= 0.8",
-        r.capped_ratio >= 0.8,
+        ">= 0.85",
+        r.capped_ratio >= 0.85,
     );
     let (value, ok) = match (r.capped_over_cap, r.capped_errors) {
         (Some(over_cap), Some(errors)) => (format!("{over_cap} / {errors}"), errors == 0),
