@@ -149,6 +149,12 @@ struct RawRequest {
     params: Option<Map<String, Value>>,
     metadata: Option<Value>,
     input: Option<RawInput>,
+    /// OpenAI's tool and output-format fields, accepted at the top level as in OpenAI's own
+    /// body, and passed through as if they were in `params`.
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<Value>,
+    response_format: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -309,6 +315,20 @@ fn chat_call(raw: RawRequest) -> Result<Call, InvalidRequest> {
         }
     }
     let mut params = raw.params.unwrap_or_default();
+    for (key, value) in [
+        ("tools", raw.tools),
+        ("tool_choice", raw.tool_choice),
+        ("parallel_tool_calls", raw.parallel_tool_calls),
+        ("response_format", raw.response_format),
+    ] {
+        let Some(value) = value else { continue };
+        if params.contains_key(key) {
+            return Err(InvalidRequest::new(format!(
+                "field `{key}`: given both at the top level and in `params`"
+            )));
+        }
+        params.insert(key.into(), value);
+    }
     if let Some(max_tokens) = raw.max_tokens {
         params.insert("max_tokens".into(), max_tokens.into());
     }
@@ -384,7 +404,45 @@ fn check_message(i: usize, m: RawMessage) -> Result<Value, InvalidRequest> {
             ROLES.join(", ")
         )));
     }
-    let has_tool_calls = m.rest.contains_key("tool_calls");
+    let has_tool_calls = match m.rest.get("tool_calls") {
+        None | Some(Value::Null) => false,
+        Some(Value::Array(calls)) if m.role == "assistant" => {
+            if let Some(j) = calls.iter().position(|c| {
+                c.get("id").and_then(Value::as_str).is_none()
+                    || c.get("function")
+                        .and_then(|f| f.get("name"))
+                        .and_then(Value::as_str)
+                        .is_none()
+            }) {
+                return Err(InvalidRequest::new(format!(
+                    "field `messages[{i}].tool_calls[{j}]`: needs an `id` and a `function.name`"
+                )));
+            }
+            true
+        }
+        Some(Value::Array(_)) => {
+            return Err(InvalidRequest::new(format!(
+                "field `messages[{i}].tool_calls`: only an assistant message makes tool calls"
+            )));
+        }
+        Some(other) => {
+            return Err(InvalidRequest::new(format!(
+                "field `messages[{i}].tool_calls`: expected a list, got {}",
+                json_type(other)
+            )));
+        }
+    };
+    if m.role == "tool"
+        && !m
+            .rest
+            .get("tool_call_id")
+            .is_some_and(|id| id.as_str().is_some_and(|id| !id.is_empty()))
+    {
+        return Err(InvalidRequest::new(format!(
+            "field `messages[{i}].tool_call_id`: a tool message answers one tool call and names \
+             its id"
+        )));
+    }
     match &m.content {
         Value::String(_) | Value::Array(_) => {}
         Value::Null if m.role == "assistant" && has_tool_calls => {}
@@ -434,7 +492,8 @@ pub fn request_id_of_invalid(body: &[u8], props: &BasicProperties) -> String {
         .unwrap_or_else(|| fallback_request_id(body, props))
 }
 
-fn json_type(v: &Value) -> &'static str {
+/// The JSON type of a value, for error messages.
+pub fn json_type(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -696,5 +755,59 @@ mod tests {
         assert_eq!(job.kind(), Kind::Chat);
         let job = ok(r#"{"kind":"embedding","input":"x","params":{"dimensions":8,"user":"u"}}"#);
         assert_eq!(job.kind(), Kind::Embedding);
+    }
+
+    #[test]
+    fn tool_fields_pass_through_from_the_top_level() {
+        let job = ok(
+            r#"{"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": "auto", "parallel_tool_calls": false,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {}}}}"#,
+        );
+        let Call::Chat { params, .. } = &job.call else {
+            panic!("chat");
+        };
+        assert_eq!(params["tools"][0]["function"]["name"], "f");
+        assert_eq!(params["tool_choice"], "auto");
+        assert_eq!(params["parallel_tool_calls"], false);
+        assert_eq!(params["response_format"]["type"], "json_schema");
+        assert!(
+            err(br#"{"prompt": "x", "tools": [], "params": {"tools": []}}"#)
+                .contains("both at the top level and in `params`")
+        );
+    }
+
+    #[test]
+    fn tool_conversations_validate() {
+        let job = ok(r#"{"messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "18"}]}"#);
+        let Call::Chat { messages, .. } = &job.call else {
+            panic!("chat");
+        };
+        assert!(messages[1]["content"].is_null());
+        assert_eq!(messages[2]["tool_call_id"], "c1");
+        for (body, says) in [
+            (
+                &br#"{"messages": [{"role": "tool", "content": "18"}]}"#[..],
+                "messages[0].tool_call_id",
+            ),
+            (
+                br#"{"messages": [{"role": "assistant", "content": null, "tool_calls": [{"type": "function"}]}]}"#,
+                "messages[0].tool_calls[0]",
+            ),
+            (
+                br#"{"messages": [{"role": "user", "content": "x", "tool_calls": []}]}"#,
+                "only an assistant message",
+            ),
+            (
+                br#"{"messages": [{"role": "assistant", "content": null}]}"#,
+                "messages[0].content",
+            ),
+        ] {
+            let e = err(body);
+            assert!(e.contains(says), "{e}");
+        }
     }
 }

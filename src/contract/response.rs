@@ -33,9 +33,20 @@ pub struct JobResult {
     /// The model the request asked for, when a fallback answered instead.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback_from: Option<String>,
-    /// Chat answer text.
+    /// Chat answer text: a string, or `null` when the model answered only with tool calls
+    /// (always present in a chat `ok` result).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub content: Option<String>,
+    pub content: Option<Value>,
+    /// The tool calls the model made, verbatim, when it made any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+    /// The model's refusal, verbatim, when it refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<Value>,
+    /// Every choice verbatim (`index`, `message`, `finish_reason`, `logprobs`), when there
+    /// is more than one or logprobs were asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub choices: Option<Vec<Value>>,
     /// Why generation stopped (chat).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<String>,
@@ -93,6 +104,9 @@ impl JobResult {
             upstream_model: None,
             fallback_from: None,
             content: None,
+            tool_calls: None,
+            refusal: None,
+            choices: None,
             finish_reason: None,
             embedding: None,
             embeddings: None,

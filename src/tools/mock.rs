@@ -550,19 +550,64 @@ async fn chat(
     if options.response_bytes > 0 {
         return huge_reply(&model, options.response_bytes);
     }
-    let content = format!("mock reply to: {last}");
     let prompt_tokens = prompt_bytes / 4;
-    let completion_tokens = content.len() / 4;
+    // `n` choices (1 to 8); each a text reply, or, when the request offers tools and the
+    // last message is not a tool's answer, a call of the first tool. Choice `i` > 0 says
+    // which it is, so the choices differ.
+    let n = body["n"].as_u64().unwrap_or(1).clamp(1, 8);
+    let last_role = body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m["role"].as_str())
+        .unwrap_or("user");
+    let tool = body["tools"]
+        .as_array()
+        .and_then(|t| t.first())
+        .and_then(|t| t["function"]["name"].as_str())
+        .filter(|_| last_role != "tool");
+    let mut completion_tokens = 0;
+    let choices: Vec<Value> = (0..n)
+        .map(|i| {
+            let suffix = if i == 0 { String::new() } else { format!(" (choice {i})") };
+            let logprobs = (body["logprobs"] == json!(true))
+                .then(|| json!({"content": [{"token": "mock", "logprob": -0.1, "bytes": [109, 111, 99, 107], "top_logprobs": []}]}));
+            match tool {
+                Some(name) => {
+                    completion_tokens += 10;
+                    json!({
+                        "index": i,
+                        "message": {
+                            "role": "assistant",
+                            "content": null,
+                            "tool_calls": [{
+                                "id": format!("call_mock_{i}"),
+                                "type": "function",
+                                "function": {"name": name, "arguments": format!("{{\"question\":{}}}", json!(format!("{last}{suffix}")))}
+                            }]
+                        },
+                        "logprobs": logprobs,
+                        "finish_reason": "tool_calls"
+                    })
+                }
+                None => {
+                    let content = format!("mock reply to: {last}{suffix}");
+                    completion_tokens += content.len() / 4;
+                    json!({
+                        "index": i,
+                        "message": {"role": "assistant", "content": content},
+                        "logprobs": logprobs,
+                        "finish_reason": "stop"
+                    })
+                }
+            }
+        })
+        .collect();
     Json(json!({
         "id": "chatcmpl-mock",
         "object": "chat.completion",
         "created": 0,
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": content},
-            "finish_reason": "stop"
-        }],
+        "choices": choices,
         "usage": {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,

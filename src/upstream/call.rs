@@ -6,6 +6,7 @@
 
 use std::{sync::Arc, time::Instant};
 
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -338,9 +339,18 @@ impl Upstream {
         match served.answer {
             Answer::Chat(a) => {
                 result.upstream_model = Some(a.model);
-                result.content = Some(a.content);
+                result.content = Some(a.content.map_or(Value::Null, Value::String));
+                result.tool_calls = a.tool_calls;
+                result.refusal = a.refusal;
                 result.finish_reason = a.finish_reason;
                 result.usage = a.usage;
+                let logprobs = match &job.call {
+                    Call::Chat { params, .. } => params.get("logprobs") == Some(&Value::Bool(true)),
+                    Call::Embedding { .. } => false,
+                };
+                if a.choices.len() > 1 || logprobs {
+                    result.choices = Some(a.choices);
+                }
             }
             Answer::Embedding(a) => {
                 result.upstream_model = Some(a.model);

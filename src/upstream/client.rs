@@ -115,8 +115,14 @@ impl LlmError {
 /// What a chat completion returned.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatAnswer {
-    /// The first choice's text (empty when the model answered only with tool calls).
-    pub content: String,
+    /// The first choice's text; `None` when the model answered only with tool calls.
+    pub content: Option<String>,
+    /// The first choice's `tool_calls`, verbatim.
+    pub tool_calls: Option<Value>,
+    /// The first choice's `refusal`, verbatim.
+    pub refusal: Option<Value>,
+    /// Every choice verbatim (`index`, `message`, `finish_reason`, `logprobs`).
+    pub choices: Vec<Value>,
     /// The model that answered, as the upstream names it.
     pub model: String,
     /// Token usage as reported.
@@ -267,19 +273,43 @@ impl LlmClient {
             params,
         };
         let (answer, spent_for): (ChatResponse, _) = self.post(&self.chat_url, &body).await?;
-        let choice = answer
-            .choices
-            .into_iter()
-            .next()
-            .ok_or_else(|| LlmError::Permanent {
-                message: "upstream answer has no choices".into(),
-            })?;
+        // The first choice is read for the top-level fields; every choice is kept as sent.
+        let first = answer.choices.first().ok_or_else(|| LlmError::Permanent {
+            message: "upstream answer has no choices".into(),
+        })?;
+        let message = first.get("message").and_then(Value::as_object);
+        let field = |name: &str| {
+            message
+                .and_then(|m| m.get(name))
+                .filter(|v| !v.is_null())
+                .cloned()
+        };
+        let content = match field("content") {
+            None => None,
+            Some(Value::String(text)) => Some(text),
+            Some(other) => {
+                return Err(LlmError::Permanent {
+                    message: format!(
+                        "unparseable upstream answer: choices[0].message.content is {}",
+                        crate::contract::request::json_type(&other)
+                    ),
+                });
+            }
+        };
+        let (tool_calls, refusal) = (field("tool_calls"), field("refusal"));
+        let finish_reason = first
+            .get("finish_reason")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         Ok(ChatAnswer {
-            content: choice.message.content.unwrap_or_default(),
+            content,
+            tool_calls,
+            refusal,
             model: answer.model.unwrap_or_else(|| model.to_string()),
             usage: answer.usage,
-            finish_reason: choice.finish_reason,
+            finish_reason,
             spent_for,
+            choices: answer.choices,
         })
     }
 
@@ -555,19 +585,9 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 #[derive(Deserialize)]
 struct ChatResponse {
     model: Option<String>,
-    choices: Vec<ChatChoice>,
+    /// Kept verbatim: tool calls, refusals, logprobs and whatever a provider adds.
+    choices: Vec<Value>,
     usage: Option<Usage>,
-}
-
-#[derive(Deserialize)]
-struct ChatChoice {
-    message: ChatMessage,
-    finish_reason: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct ChatMessage {
-    content: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -656,7 +676,10 @@ mod tests {
         )
         .await;
         let answer = client.chat("m", &hello(), &Map::new()).await;
-        assert_eq!(answer.map(|a| a.content.len()).ok(), Some(60_000));
+        assert_eq!(
+            answer.map(|a| a.content.unwrap_or_default().len()).ok(),
+            Some(60_000)
+        );
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod alarm;
+mod answers;
 mod bounds;
 mod cli;
 mod end_to_end;
