@@ -432,12 +432,12 @@ fn check_message(i: usize, m: RawMessage) -> Result<Value, InvalidRequest> {
             )));
         }
     };
-    if m.role == "tool"
-        && !m
-            .rest
-            .get("tool_call_id")
-            .is_some_and(|id| id.as_str().is_some_and(|id| !id.is_empty()))
-    {
+    let names_its_call = m
+        .rest
+        .get("tool_call_id")
+        .and_then(Value::as_str)
+        .is_some_and(|id| !id.is_empty());
+    if m.role == "tool" && !names_its_call {
         return Err(InvalidRequest::new(format!(
             "field `messages[{i}].tool_call_id`: a tool message answers one tool call and names \
              its id"
