@@ -251,6 +251,7 @@ mod tests {
                 shutdown_grace_secs: 7,
                 max_result_bytes: 5000,
                 reply_to_pattern: "replies\\..+".into(),
+                max_age_secs: 3600,
             },
             retry: RetryConfig {
                 max_attempts: 2,

@@ -42,6 +42,7 @@ impl Config {
                 self.topology.owned_queues(),
                 &self.worker.reply_to_pattern,
             )?,
+            max_age_secs: self.worker.max_age_secs,
         })
     }
 }

@@ -365,6 +365,9 @@ pub struct WorkerConfig {
     /// A regex every `reply_to` must match whole (besides never naming one of llmq's own
     /// queues); empty adds no restriction. `amq.rabbitmq.reply-to` is always allowed.
     pub reply_to_pattern: String,
+    /// Requests older than this (from the body's `timestamp`, else the AMQP `timestamp`
+    /// property) are expired: not called, dead-lettered `expired`; 0 = no age limit.
+    pub max_age_secs: u64,
 }
 
 impl Default for WorkerConfig {
@@ -379,6 +382,7 @@ impl Default for WorkerConfig {
             shutdown_grace_secs: 75,
             max_result_bytes: 16 * 1024 * 1024,
             reply_to_pattern: String::new(),
+            max_age_secs: 0,
         }
     }
 }

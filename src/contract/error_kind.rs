@@ -33,11 +33,14 @@ pub enum ErrorKind {
     /// Every deployment that could serve the model, and every fallback, answered
     /// `insufficient_quota`: the accounts are spent.
     QuotaExhausted,
+    /// The request's deadline (its `deadline`, or `timestamp` plus `worker.max_age_secs`)
+    /// passed before it was answered.
+    Expired,
 }
 
 impl ErrorKind {
     /// Every kind, for listings and tests.
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::InvalidRequest,
         ErrorKind::TooLarge,
         ErrorKind::UpstreamPermanent,
@@ -48,6 +51,7 @@ impl ErrorKind {
         ErrorKind::IdempotencyConflict,
         ErrorKind::RateLimited,
         ErrorKind::QuotaExhausted,
+        ErrorKind::Expired,
     ];
 
     /// The wire name: the `x-error-kind` value, `error.kind` and the metric label.
@@ -63,6 +67,7 @@ impl ErrorKind {
             ErrorKind::IdempotencyConflict => "idempotency_conflict",
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::QuotaExhausted => "quota_exhausted",
+            ErrorKind::Expired => "expired",
         }
     }
 }

@@ -54,6 +54,10 @@ pub struct Job {
     pub metadata: Option<Value>,
     /// AMQP priority, 0 when absent.
     pub priority: u8,
+    /// Unix ms after which the request is not worth answering: its `deadline`, or its
+    /// `timestamp` (else the AMQP `timestamp`) plus `worker.max_age_secs`, whichever comes
+    /// first.
+    pub deadline_ms: Option<i64>,
 }
 
 impl Job {
@@ -152,6 +156,10 @@ struct RawRequest {
     /// OpenAI's tool and output-format fields, accepted at the top level as in OpenAI's own
     /// body, and passed through as if they were in `params`.
     tools: Option<Value>,
+    /// Unix seconds after which the caller no longer wants an answer.
+    deadline: Option<f64>,
+    /// Unix seconds when the request was made (the seed form's field).
+    timestamp: Option<f64>,
     tool_choice: Option<Value>,
     parallel_tool_calls: Option<Value>,
     response_format: Option<Value>,
@@ -221,6 +229,7 @@ pub fn parse(
         None => {}
     }
     let (model, metadata) = (raw.model.take(), raw.metadata.take());
+    let deadline_ms = deadline_of(&raw, props, rules.max_age_secs)?;
     let call = match kind {
         Kind::Chat => chat_call(raw)?,
         Kind::Embedding => embedding_call(raw)?,
@@ -235,6 +244,44 @@ pub fn parse(
         call,
         metadata,
         priority: props.priority().unwrap_or(0),
+        deadline_ms,
+    })
+}
+
+/// Unix seconds as the wire carries them, in ms; `None` when not a usable time.
+fn unix_secs_ms(secs: f64) -> Option<i64> {
+    (secs.is_finite() && secs > 0.0 && secs < 1e12).then_some((secs * 1000.0) as i64)
+}
+
+/// The request's deadline: its `deadline`, or its age limit (`timestamp`, else the AMQP
+/// `timestamp` property, plus `max_age_secs`), whichever comes first.
+fn deadline_of(
+    raw: &RawRequest,
+    props: &BasicProperties,
+    max_age_secs: u64,
+) -> Result<Option<i64>, InvalidRequest> {
+    let explicit = match raw.deadline {
+        None => None,
+        Some(secs) => Some(unix_secs_ms(secs).ok_or_else(|| {
+            InvalidRequest::new(format!(
+                "field `deadline`: {secs} is not a time in Unix seconds"
+            ))
+        })?),
+    };
+    let made = match raw.timestamp {
+        Some(secs) => unix_secs_ms(secs),
+        None => props
+            .timestamp()
+            .and_then(|secs| i64::try_from(secs).ok())
+            .map(|secs| secs.saturating_mul(1000)),
+    };
+    let max_age_ms = i64::try_from(max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let aged = made
+        .filter(|_| max_age_secs > 0)
+        .map(|made| made.saturating_add(max_age_ms));
+    Ok(match (explicit, aged) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     })
 }
 
@@ -809,5 +856,56 @@ mod tests {
             let e = err(body);
             assert!(e.contains(says), "{e}");
         }
+    }
+
+    #[test]
+    fn deadlines_come_from_the_body_or_the_age_limit() {
+        let parse_with = |body: &str, props: &BasicProperties, max_age_secs: u64| {
+            let rules = Rules {
+                max_age_secs,
+                ..Rules::default()
+            };
+            parse(body.as_bytes(), props, Kind::Chat, &rules)
+        };
+        let none = BasicProperties::default();
+        let d = |body: &str, props: &BasicProperties, age: u64| {
+            parse_with(body, props, age).expect("valid").deadline_ms
+        };
+        assert_eq!(d(r#"{"prompt":"x"}"#, &none, 0), None);
+        assert_eq!(
+            d(r#"{"prompt":"x","deadline":1700000000.5}"#, &none, 0),
+            Some(1_700_000_000_500)
+        );
+        assert_eq!(
+            d(r#"{"prompt":"x","timestamp":1700000000}"#, &none, 0),
+            None,
+            "no age limit configured"
+        );
+        assert_eq!(
+            d(r#"{"prompt":"x","timestamp":1700000000}"#, &none, 60),
+            Some(1_700_000_060_000)
+        );
+        let stamped = BasicProperties::default().with_timestamp(1_700_000_100);
+        assert_eq!(
+            d(r#"{"prompt":"x"}"#, &stamped, 60),
+            Some(1_700_000_160_000),
+            "else the AMQP timestamp"
+        );
+        assert_eq!(
+            d(r#"{"prompt":"x","timestamp":1700000000}"#, &stamped, 60),
+            Some(1_700_000_060_000),
+            "the body's timestamp first"
+        );
+        assert_eq!(
+            d(
+                r#"{"prompt":"x","deadline":1700000010,"timestamp":1700000000}"#,
+                &none,
+                60
+            ),
+            Some(1_700_000_010_000),
+            "whichever comes first"
+        );
+        let e = parse_with(r#"{"prompt":"x","deadline":-5}"#, &none, 0).expect_err("bad");
+        assert!(e.message.contains("field `deadline`"), "{e}");
     }
 }

@@ -57,6 +57,9 @@ pub struct Rules {
     pub allowed_params: BTreeSet<String>,
     /// Where results may be sent.
     pub reply_to: ReplyToPolicy,
+    /// `worker.max_age_secs`: a request older than this (from its `timestamp`) is expired;
+    /// 0 = no age limit.
+    pub max_age_secs: u64,
 }
 
 impl Default for Rules {
@@ -72,6 +75,7 @@ impl Default for Rules {
                 .map(|s| s.to_string())
                 .collect(),
             reply_to: ReplyToPolicy::default(),
+            max_age_secs: 0,
         }
     }
 }

@@ -70,6 +70,9 @@ pub struct Input<'a> {
     pub rate_limited_since_ms: Option<i64>,
     /// Rate limits met in this delivery so far, the last one included.
     pub rate_limits: u32,
+    /// Unix ms after which the request is not called any more (its `deadline`, or its age
+    /// limit).
+    pub deadline_ms: Option<i64>,
     /// The worker is shutting down (or past its deadline): start nothing new.
     pub stopping: bool,
     /// When and how often to retry.
@@ -175,6 +178,15 @@ pub fn decide(i: &Input<'_>) -> Decision {
             redeliveries,
             reason: "redelivered".into(),
         });
+    }
+    // Past its deadline a request is not called (again): an answer already made is still
+    // published, a stored one too, a failure keeps its own kind.
+    if let Some(deadline) = i.deadline_ms
+        && i.now_ms >= deadline
+        && !matches!(i.produced, Some(Outcome::Done(_) | Outcome::Failed { .. }))
+        && i.claim != Claim::Finished
+    {
+        return expired(i, deadline);
     }
     match i.produced {
         Some(Outcome::Done(_)) => return after_answer(i),
@@ -290,6 +302,9 @@ fn after_transient(
     } else {
         i.policy.delay(i.attempts, retry_after, i.jitter)
     };
+    if let Some(expired) = ends_past_deadline(i, delay) {
+        return expired;
+    }
     if delay > i.policy.inline_max() {
         Decision::retry_tier(i, delay, reason)
     } else if i.stopping {
@@ -341,6 +356,9 @@ fn after_rate_limit(i: &Input<'_>, after: Option<Duration>, reason: &str) -> Dec
             .delay(i.rate_limits - 1, None, i.jitter)
             .min(i.policy.inline_max()),
     };
+    if let Some(expired) = ends_past_deadline(i, delay) {
+        return expired;
+    }
     if delay > i.policy.inline_max() {
         Decision::retry_tier(i, delay, reason)
     } else if i.stopping {
@@ -348,6 +366,24 @@ fn after_rate_limit(i: &Input<'_>, after: Option<Duration>, reason: &str) -> Dec
     } else {
         Decision::RetryInline { after: delay }
     }
+}
+
+/// The dead letter of a request whose deadline passed.
+fn expired(i: &Input<'_>, deadline_ms: i64) -> Decision {
+    Decision::DeadLetter {
+        kind: ErrorKind::Expired,
+        reason: format!(
+            "its deadline passed {} ms ago; not calling the upstream (again)",
+            i.now_ms.saturating_sub(deadline_ms)
+        ),
+    }
+}
+
+/// Expired now, rather than after a wait that would end past the deadline.
+fn ends_past_deadline(i: &Input<'_>, wait: Duration) -> Option<Decision> {
+    let deadline = i.deadline_ms?;
+    let wait_ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+    (i.now_ms.saturating_add(wait_ms) >= deadline).then(|| expired(i, deadline))
 }
 
 #[cfg(test)]
@@ -373,6 +409,7 @@ mod tests {
             results_refused: false,
             rate_limited_since_ms: None,
             rate_limits: 0,
+            deadline_ms: None,
             stopping: false,
             policy,
             on_store_error: OnStoreError::Requeue,
@@ -403,6 +440,73 @@ mod tests {
             after,
             reason: "HTTP 429".into(),
         }
+    }
+
+    #[test]
+    fn past_its_deadline_a_request_is_not_called_nor_retried() {
+        let p = policy();
+        let late = Input {
+            deadline_ms: Some(NOW),
+            ..fresh(&p)
+        };
+        assert!(
+            matches!(
+                decide(&late),
+                Decision::DeadLetter {
+                    kind: ErrorKind::Expired,
+                    ..
+                }
+            ),
+            "{:?}",
+            decide(&late)
+        );
+        let in_time = Input {
+            deadline_ms: Some(NOW + 1),
+            ..fresh(&p)
+        };
+        assert_eq!(decide(&in_time), Decision::Claim);
+        // A retry whose wait would end past the deadline is not waited for.
+        let failed = transient(Some(Duration::from_millis(500)));
+        let retry = Input {
+            attempts: 1,
+            claim: Claim::Acquired,
+            produced: Some(&failed),
+            deadline_ms: Some(NOW + 400),
+            ..fresh(&p)
+        };
+        assert!(matches!(
+            decide(&retry),
+            Decision::DeadLetter {
+                kind: ErrorKind::Expired,
+                ..
+            }
+        ));
+        let soon_enough = Input {
+            deadline_ms: Some(NOW + 600),
+            ..retry.clone()
+        };
+        assert_eq!(
+            decide(&soon_enough),
+            Decision::RetryInline {
+                after: Duration::from_millis(500)
+            }
+        );
+        // An answer made in time is published; a stored one too.
+        let answer = Outcome::Done(Box::new(JobResult::ok("r".into(), "w".into())));
+        let answered = Input {
+            claim: Claim::Acquired,
+            produced: Some(&answer),
+            result_bytes: Some(10),
+            deadline_ms: Some(NOW - 1),
+            ..fresh(&p)
+        };
+        assert_eq!(decide(&answered), Decision::Publish);
+        let stored = Input {
+            claim: Claim::Finished,
+            deadline_ms: Some(NOW - 1),
+            ..fresh(&p)
+        };
+        assert_eq!(decide(&stored), Decision::PublishStored);
     }
 
     #[test]

@@ -172,6 +172,7 @@ impl Settling<'_> {
                 results_refused,
                 rate_limited_since_ms: self.rate_limited_since_ms,
                 rate_limits: self.rate_limits,
+                deadline_ms: job.as_ref().and_then(|j| j.deadline_ms),
                 stopping,
                 policy: &ctx.policy,
                 on_store_error: ctx.config.idempotency.on_store_error,
@@ -303,8 +304,30 @@ impl Settling<'_> {
                 .attempt(job, route, attempt, started, &ctx.stop),
         );
         let mut call = std::pin::pin!(call.catch_unwind());
+        // A call still running at the request's deadline is cut off there (dropping it
+        // gives back its slot and its token estimate).
+        let deadline = job.deadline_ms.map(|ms| {
+            let left = ms.saturating_sub(unix_now_ms()).max(0).unsigned_abs();
+            tokio::time::Instant::now() + Duration::from_millis(left)
+        });
+        let past_deadline = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut past_deadline = std::pin::pin!(past_deadline);
         loop {
             tokio::select! {
+                () = &mut past_deadline => {
+                    info!(attempt, "the request's deadline passed mid-call; cut off");
+                    return Some(Outcome::Failed {
+                        kind: ErrorKind::Expired,
+                        reason: "its deadline passed while the upstream call was running; the \
+                                 call was cut off"
+                            .into(),
+                    });
+                }
                 outcome = &mut call => return match outcome {
                     Ok(outcome) => outcome,
                     Err(_) => Some(Outcome::Failed {

@@ -128,3 +128,65 @@ async fn several_choices_are_all_kept() {
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// A request past its deadline (its own, or its age limit) is dead-lettered `expired` with
+/// no upstream call; a call still running at the deadline is cut off there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_requests_are_never_called_and_late_calls_are_cut_off() {
+    let env = TestEnv::with(
+        MockOptions {
+            latency_ms: 30_000,
+            ..MockOptions::default()
+        },
+        |c| c.worker.max_age_secs = 60,
+    )
+    .await;
+    let worker = env.start_worker();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    env.publish_chat(
+        &json!({"request_id": "late", "prompt": "x", "deadline": now - 1.0}),
+        BasicProperties::default(),
+    )
+    .await;
+    env.publish_chat(
+        &json!({"request_id": "old", "prompt": "x", "timestamp": now - 120.0}),
+        BasicProperties::default(),
+    )
+    .await;
+    env.publish_chat(
+        &json!({"request_id": "stale", "prompt": "x"}),
+        BasicProperties::default().with_timestamp((now - 120.0) as u64),
+    )
+    .await;
+    let dead = env.dead_letters(3).await;
+    for d in &dead {
+        assert_eq!(header(d, "x-error-kind").as_deref(), Some("expired"));
+    }
+    assert_eq!(env.chat_calls(), 0, "no call for an expired request");
+    let q = env.config.topology.results_queue.clone();
+    for d in env.take(&q, 3, Duration::from_secs(10)).await {
+        let r = crate::helpers::json(&d.data);
+        assert_eq!(r["error"]["kind"], "expired", "{r}");
+    }
+
+    // The mock takes 30 s, the deadline is 1.5 s away: only a cut-off call ends in a dead
+    // letter (a finished one would be an ok result, 30 s later).
+    env.publish_chat(
+        &json!({"request_id": "slow", "prompt": "x", "deadline": now + 1.5}),
+        BasicProperties::default(),
+    )
+    .await;
+    let dead = env.dead_letters(1).await;
+    assert_eq!(header(&dead[0], "x-error-kind").as_deref(), Some("expired"));
+    assert!(
+        header(&dead[0], "x-error").unwrap().contains("cut off"),
+        "{:?}",
+        header(&dead[0], "x-error")
+    );
+    assert_eq!(env.chat_calls(), 1);
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
