@@ -53,6 +53,12 @@ enum Command {
     },
     /// Publish one request to the request exchange.
     Publish(PublishArgs),
+    /// Cancel a request: every worker hears it; one in flight is aborted, one still queued
+    /// is answered `cancelled` when it is reached.
+    Cancel {
+        /// The request's id.
+        request_id: String,
+    },
     /// Inspect, replay or purge the dead-letter queue.
     Dlq {
         #[command(subcommand)]
@@ -136,6 +142,10 @@ fn main() -> ExitCode {
             Command::Publish(args) => match client::publish(&config, &args).await {
                 Ok((request_id, result)) => print(result.unwrap_or(request_id)),
                 Err(e) => fail("publish", e),
+            },
+            Command::Cancel { request_id } => match client::cancel(&config, &request_id).await {
+                Ok(()) => print(format!("cancel sent for {request_id}")),
+                Err(e) => fail("cancel", e),
             },
             Command::Bench(args) => match bench::run(&config, &args).await {
                 Ok(report) => {

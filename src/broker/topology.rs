@@ -77,6 +77,14 @@ pub async fn declare(channel: &Channel, topo: &TopologyConfig) -> Result<(), lap
             )
             .await?;
     }
+    channel
+        .exchange_declare(
+            topo.control_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
     let mut queues = vec![
         (
             &topo.processing_queue,
@@ -218,6 +226,7 @@ pub async fn delete(channel: &Channel, topo: &TopologyConfig) {
         &topo.dead_letter_exchange,
         &topo.retry_exchange,
         &topo.unroutable_exchange,
+        &topo.control_exchange,
     ] {
         let _ = channel
             .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())

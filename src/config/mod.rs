@@ -224,6 +224,7 @@ mod tests {
                 results_ttl_secs: 60,
                 unroutable_exchange: "x.unroutable".into(),
                 unroutable_queue: "x.unroutable-kept".into(),
+                control_exchange: "x.control".into(),
             },
             llm: LlmConfig {
                 base_url: SecretUrl::new("https://api.example/v1"),
@@ -252,6 +253,7 @@ mod tests {
                 max_result_bytes: 5000,
                 reply_to_pattern: "replies\\..+".into(),
                 max_age_secs: 3600,
+                cancel_ttl_secs: 60,
             },
             retry: RetryConfig {
                 max_attempts: 2,

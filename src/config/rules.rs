@@ -24,6 +24,8 @@ impl TopologyConfig {
             OwnedQueue::exact(&self.dead_letter_queue, "topology.dead_letter_queue"),
             // Even when not declared (`keep_results = false`): it is llmq's name.
             OwnedQueue::exact(&self.results_queue, "topology.results_queue"),
+            // Each worker's control queue, `<control_exchange>.<uuid>`.
+            OwnedQueue::subtree(&self.control_exchange, "topology.control_exchange"),
         ]
     }
 }

@@ -106,6 +106,9 @@ pub struct TopologyConfig {
     /// Durable queue bound to `unroutable_exchange`, where unroutable messages wait for an
     /// operator.
     pub unroutable_queue: String,
+    /// Fanout exchange for control messages (`{"cancel": "<request_id>"}`): every worker
+    /// binds its own exclusive queue to it.
+    pub control_exchange: String,
 }
 
 impl Default for TopologyConfig {
@@ -128,6 +131,7 @@ impl Default for TopologyConfig {
             retry_queue_prefix: "llm_requests.retry.q".into(),
             unroutable_exchange: "llm_unroutable".into(),
             unroutable_queue: "llm_unroutable".into(),
+            control_exchange: "llm_control".into(),
             results_ttl_secs: 86_400,
         }
     }
@@ -216,6 +220,7 @@ impl TopologyConfig {
             retry_queue_prefix: format!("{p}.retry"),
             unroutable_exchange: format!("{p}.unroutable"),
             unroutable_queue: format!("{p}.unroutable"),
+            control_exchange: format!("{p}.control"),
             ..self.clone()
         }
     }
@@ -368,6 +373,9 @@ pub struct WorkerConfig {
     /// Requests older than this (from the body's `timestamp`, else the AMQP `timestamp`
     /// property) are expired: not called, dead-lettered `expired`; 0 = no age limit.
     pub max_age_secs: u64,
+    /// How long a cancel is remembered for requests not reached yet: in Redis when
+    /// `idempotency.store = "redis"` (fleet-wide), else in each replica.
+    pub cancel_ttl_secs: u64,
 }
 
 impl Default for WorkerConfig {
@@ -383,6 +391,7 @@ impl Default for WorkerConfig {
             max_result_bytes: 16 * 1024 * 1024,
             reply_to_pattern: String::new(),
             max_age_secs: 0,
+            cancel_ttl_secs: 86_400,
         }
     }
 }

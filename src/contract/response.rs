@@ -15,7 +15,7 @@ use super::{error_kind::ErrorKind, usage::Usage};
 pub struct JobResult {
     /// The request's id (also the AMQP `message_id` of the result).
     pub request_id: String,
-    /// `ok` or `error`.
+    /// `ok`, `error` or `cancelled`.
     pub status: Status,
     /// `chat` or `embedding`, when the request got far enough to tell.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -81,6 +81,9 @@ pub enum Status {
     Ok,
     /// The request was dead-lettered; see `error`.
     Error,
+    /// The caller cancelled the request (`{"cancel": "<request_id>"}` on the control
+    /// exchange); it was not answered, and not dead-lettered.
+    Cancelled,
 }
 
 /// The failure of a dead-lettered request.
@@ -127,6 +130,14 @@ impl JobResult {
                 kind,
                 message: message.to_string(),
             }),
+            ..Self::ok(request_id, worker)
+        }
+    }
+
+    /// A `cancelled` result.
+    pub fn cancelled(request_id: String, worker: String) -> Self {
+        Self {
+            status: Status::Cancelled,
             ..Self::ok(request_id, worker)
         }
     }

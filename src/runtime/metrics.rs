@@ -75,6 +75,8 @@ pub struct Metrics {
     pub replies_refused: Counter,
     /// Deliveries that arrived redelivered (never settled before) and were counted.
     pub redelivered: Counter,
+    /// Requests answered `cancelled` at their caller's request.
+    pub cancelled: Counter,
     /// Calls to the upstream running now.
     pub in_flight: Gauge,
     /// The current AIMD concurrency limit.
@@ -126,6 +128,12 @@ impl Metrics {
         let reconnects = Counter::default();
         let replies_refused = Counter::default();
         let redelivered = Counter::default();
+        let cancelled = Counter::default();
+        registry.register(
+            "requests_cancelled",
+            "Requests answered cancelled at their caller's request",
+            cancelled.clone(),
+        );
         let in_flight = Gauge::default();
         let concurrency_limit = Gauge::default();
         let ready = Gauge::default();
@@ -250,6 +258,7 @@ impl Metrics {
             reconnects,
             replies_refused,
             redelivered,
+            cancelled,
             in_flight,
             concurrency_limit,
             ready,

@@ -148,3 +148,24 @@ pub async fn publish(
     let _ = conn.close(200, "done".into()).await;
     Ok((request_id, result))
 }
+
+/// `llmq cancel`: publishes `{"cancel": "<request_id>"}` to the control exchange, where every
+/// worker hears it. It cancels the request of the same identity: send it as the user (AMQP
+/// `user_id`) that sent the request; `llmq publish` sets none, nor does this.
+pub async fn cancel(config: &Config, request_id: &str) -> Result<(), ClientError> {
+    let conn = connection::connect(&config.amqp, "llmq cancel").await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let body = json!({ "cancel": request_id }).to_string();
+    let props = BasicProperties::default().with_content_type("application/json".into());
+    let exchange = &config.topology.control_exchange;
+    // Not mandatory: with no worker running there is no queue to route to, and nobody to
+    // cancel anything.
+    publish_confirmed(&channel, exchange, "", false, body.as_bytes(), props)
+        .await
+        .map_err(ClientError::NotConfirmed)?;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}

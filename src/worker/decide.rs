@@ -73,6 +73,8 @@ pub struct Input<'a> {
     /// Unix ms after which the request is not called any more (its `deadline`, or its age
     /// limit).
     pub deadline_ms: Option<i64>,
+    /// The caller cancelled the request (before it was reached, or while it ran).
+    pub cancelled: bool,
     /// The worker is shutting down (or past its deadline): start nothing new.
     pub stopping: bool,
     /// When and how often to retry.
@@ -110,6 +112,8 @@ pub enum Decision {
     },
     /// Give the delivery back to its queue (nack with requeue).
     HandBack,
+    /// Answer `cancelled` (confirmed), then ack: the caller asked for it, so no dead letter.
+    Cancelled,
 }
 
 /// A request moved to another queue, carrying its counts.
@@ -156,6 +160,10 @@ pub fn decide(i: &Input<'_>) -> Decision {
             kind: invalid.kind,
             reason: invalid.message.clone(),
         };
+    }
+    // The caller's cancel wins over anything but an answer already made.
+    if i.cancelled && !matches!(i.produced, Some(Outcome::Done(_))) {
+        return Decision::Cancelled;
     }
     // A delivery its worker never settled (a crash, a lost connection, a nack at the shutdown
     // deadline) comes back flagged; count it before anything else, so that a request that
@@ -410,6 +418,7 @@ mod tests {
             rate_limited_since_ms: None,
             rate_limits: 0,
             deadline_ms: None,
+            cancelled: false,
             stopping: false,
             policy,
             on_store_error: OnStoreError::Requeue,
@@ -440,6 +449,35 @@ mod tests {
             after,
             reason: "HTTP 429".into(),
         }
+    }
+
+    #[test]
+    fn a_cancel_wins_over_everything_but_an_answer() {
+        let p = policy();
+        let cancelled = Input {
+            cancelled: true,
+            redelivered: true,
+            ..fresh(&p)
+        };
+        assert_eq!(decide(&cancelled), Decision::Cancelled);
+        let failed = transient(None);
+        let mid_retry = Input {
+            cancelled: true,
+            attempts: 2,
+            claim: Claim::Acquired,
+            produced: Some(&failed),
+            ..fresh(&p)
+        };
+        assert_eq!(decide(&mid_retry), Decision::Cancelled);
+        let answer = Outcome::Done(Box::new(JobResult::ok("r".into(), "w".into())));
+        let answered = Input {
+            cancelled: true,
+            claim: Claim::Acquired,
+            produced: Some(&answer),
+            result_bytes: Some(10),
+            ..fresh(&p)
+        };
+        assert_eq!(decide(&answered), Decision::Publish, "too late to cancel");
     }
 
     #[test]

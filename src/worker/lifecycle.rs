@@ -184,6 +184,12 @@ async fn consume_on(
     tracker: &TaskTracker,
 ) -> Option<SessionEnd> {
     let lost = ctx.stop.child_token();
+    tokio::spawn(super::cancel::listen(
+        links.consume.clone(),
+        ctx.config.topology.control_exchange.clone(),
+        ctx.cancels.clone(),
+        lost.clone(),
+    ));
     tokio::spawn(health::poll_queue_depths(
         ctx.metrics.clone(),
         ctx.config.topology.clone(),

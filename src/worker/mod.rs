@@ -13,6 +13,7 @@
 //! - [`decide`] and [`policy`]: the decision, pure, tested branch by branch.
 //! - [`health`]: readiness and the queue depths for the admin endpoints.
 
+pub mod cancel;
 pub mod decide;
 pub mod health;
 mod lifecycle;
@@ -63,6 +64,8 @@ struct Context {
     lease_renewal: Duration,
     /// Readiness for the admin endpoints.
     health: Arc<Health>,
+    /// Cancels heard on the control exchange, and the requests being settled here.
+    cancels: Arc<cancel::Cancels>,
     /// Prometheus metrics.
     metrics: Arc<Metrics>,
     /// Cancelled on shutdown: stop taking deliveries, cut retry waits short.
@@ -113,6 +116,7 @@ impl Worker {
                 store,
                 lease_renewal: lease / 2,
                 health: Arc::default(),
+                cancels: Arc::new(cancel::Cancels::new(&config)),
                 metrics,
                 stop: shutdown,
                 abort: CancellationToken::new(),

@@ -35,6 +35,7 @@ use crate::{
     runtime::clock::{unix_now, unix_now_ms},
     store::idempotency,
     upstream::{call::Outcome, router::Route},
+    worker::cancel::Watch,
 };
 
 /// Settles one delivery; a panic anywhere in it dead-letters the delivery, so it is neither
@@ -77,12 +78,19 @@ async fn settle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Del
         attempt = prior + 1,
         delivery_tag = delivery.delivery_tag,
     );
+    let key = identity.scope(&request_id);
+    // Watched while it is settled here; a cancel heard before it was reached (here, or
+    // with the Redis store anywhere) is a tombstone.
+    let watch = ctx.cancels.watch(&key);
+    let tombstoned = parsed.is_ok() && ctx.cancels.tombstoned(&key).await;
     let settling = Settling {
         ctx,
         publisher,
         delivery,
         kind,
-        key: identity.scope(&request_id),
+        key,
+        watch,
+        tombstoned,
         route: route_of(delivery, &request_id, &ctx.rules.reply_to),
         attempts: prior,
         redeliveries: retry.redeliveries,
@@ -108,6 +116,10 @@ struct Settling<'a> {
     kind: Kind,
     /// The request id scoped by the sender's identity: the idempotency store's key.
     key: String,
+    /// Fires when the caller cancels the request.
+    watch: Watch,
+    /// The caller cancelled it before it was reached.
+    tombstoned: bool,
     route: ReplyRoute,
     /// Upstream attempts made for this request, counting earlier deliveries.
     attempts: u32,
@@ -173,6 +185,7 @@ impl Settling<'_> {
                 rate_limited_since_ms: self.rate_limited_since_ms,
                 rate_limits: self.rate_limits,
                 deadline_ms: job.as_ref().and_then(|j| j.deadline_ms),
+                cancelled: self.tombstoned || self.watch.is_cancelled(),
                 stopping,
                 policy: &ctx.policy,
                 on_store_error: ctx.config.idempotency.on_store_error,
@@ -192,12 +205,19 @@ impl Settling<'_> {
                         ctx.store.renew(&self.key, ctx.worker()).await;
                     }
                     calls += 1;
-                    match self.attempt(job, route, started).await {
-                        Some(outcome) => {
+                    // A cancel drops the call where it is (its HTTP call, its wait for a
+                    // slot or a batch), which gives back its permit and token estimate.
+                    let attempted = tokio::select! {
+                        attempted = self.attempt(job, route, started) => Some(attempted),
+                        () = self.watch.cancelled() => None,
+                    };
+                    match attempted {
+                        Some(Some(outcome)) => {
                             body = self.record(&outcome);
                             produced = Some(outcome);
                         }
-                        None => stopping = true,
+                        Some(None) => stopping = true,
+                        None => info!("cancelled by its caller mid-call"),
                     }
                 }
                 Decision::Publish | Decision::PublishStored => {
@@ -233,6 +253,7 @@ impl Settling<'_> {
                     produced = None;
                     tokio::select! {
                         _ = tokio::time::sleep(after) => {}
+                        () = self.watch.cancelled() => {}
                         _ = ctx.stop.cancelled() => {
                             info!(attempt = self.attempts, "shutting down during a retry wait; handing the request back");
                             stopping = true;
@@ -373,6 +394,7 @@ impl Settling<'_> {
             }
             Decision::DeadLetter { kind, reason } => self.dead_letter(job, kind, &reason).await,
             Decision::HandBack => self.give_back().await,
+            Decision::Cancelled => self.cancelled().await,
             // Not final, or carried out by `run` itself.
             Decision::Claim
             | Decision::Call
@@ -502,6 +524,32 @@ impl Settling<'_> {
             }
         }
         ack_if_confirmed(self.delivery, published, &self.ctx.stop).await;
+    }
+
+    /// Answers `cancelled` (confirmed) and acks: the caller asked, so no dead letter.
+    async fn cancelled(&self) {
+        let ctx = self.ctx;
+        self.release().await;
+        let mut result = JobResult::cancelled(self.route.request_id.clone(), ctx.worker().into());
+        result.attempts = self.attempts;
+        result.kind = Some(self.kind.as_str());
+        let published = match self
+            .publisher
+            .result_body(&self.route, &result.to_bytes())
+            .await
+        {
+            Ok(reply) => {
+                self.replied(reply);
+                info!(
+                    attempts = self.attempts,
+                    "cancelled by its caller; answered cancelled"
+                );
+                ctx.metrics.cancelled.inc();
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        ack_if_confirmed(self.delivery, published, &ctx.stop).await;
     }
 
     /// Gives the delivery back at a graceful shutdown, with the attempts made in it, and

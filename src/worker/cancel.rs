@@ -1,0 +1,278 @@
+//! Cancellation: a message `{"cancel": "<request_id>"}` on the control exchange
+//! (`topology.control_exchange`, fanout) reaches every worker, each through an exclusive
+//! queue of its own. It is scoped by the sender's [`Identity`], as idempotency is, so one
+//! user cannot cancel another's request.
+//!
+//! - A request in flight here is aborted: its [`Watch`] fires, and the delivery's settling
+//!   stops whatever it waits for (its HTTP call, its slot, its retry sleep), which gives
+//!   back its permit and its token estimate; the request is answered `cancelled`.
+//! - A request not reached yet finds a tombstone when it is: kept `worker.cancel_ttl_secs`
+//!   in Redis when `idempotency.store = "redis"` (the whole fleet sees it), else in each
+//!   replica, which heard the fanout (a replica started after the cancel does not know it).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use futures_util::StreamExt;
+use lapin::{
+    Connection,
+    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use redis::AsyncCommands;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::{Config, StoreKind},
+    contract::Identity,
+    store::redis_conn::LazyConnection,
+};
+
+/// Largest control message read; anything longer is not a cancel.
+const MAX_CONTROL_BYTES: usize = 4096;
+
+/// How long a tombstone lookup in Redis may take before the request goes on uncancelled.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The cancels this worker knows of, and the requests it is settling.
+pub struct Cancels {
+    running: Mutex<HashMap<String, (CancellationToken, usize)>>,
+    tombstones: moka::sync::Cache<String, ()>,
+    shared: Option<(LazyConnection, String)>,
+    ttl: Duration,
+}
+
+/// A request being settled here: [`Watch::cancelled`] resolves when it is cancelled.
+pub struct Watch {
+    cancels: Arc<Cancels>,
+    key: String,
+    token: CancellationToken,
+}
+
+impl Watch {
+    /// Resolves when a cancel for this request arrives.
+    pub async fn cancelled(&self) {
+        self.token.cancelled().await;
+    }
+
+    /// Whether a cancel for this request arrived.
+    pub fn is_cancelled(&self) -> bool {
+        self.token.is_cancelled()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut running = self.cancels.running();
+        if let Some((_, watchers)) = running.get_mut(&self.key) {
+            *watchers -= 1;
+            if *watchers == 0 {
+                running.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Cancels {
+    /// From `worker.cancel_ttl_secs` and, with the Redis idempotency store, its Redis.
+    pub fn new(config: &Config) -> Self {
+        let ttl = Duration::from_secs(config.worker.cancel_ttl_secs.max(1));
+        let idem = &config.idempotency;
+        let shared = (idem.store == StoreKind::Redis)
+            .then(|| redis::Client::open(idem.redis_url.expose()).ok())
+            .flatten()
+            .map(|client| {
+                (
+                    LazyConnection::new(client, REDIS_TIMEOUT),
+                    format!("{}:cancel:", idem.key_prefix),
+                )
+            });
+        Self {
+            running: Mutex::new(HashMap::new()),
+            tombstones: moka::sync::Cache::builder()
+                .time_to_live(ttl)
+                .max_capacity(1_000_000)
+                .build(),
+            shared,
+            ttl,
+        }
+    }
+
+    fn running(&self) -> MutexGuard<'_, HashMap<String, (CancellationToken, usize)>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Watches `key` (a request id scoped by identity) while its delivery is settled.
+    pub fn watch(self: &Arc<Self>, key: &str) -> Watch {
+        let mut running = self.running();
+        let (token, watchers) = running
+            .entry(key.to_string())
+            .or_insert_with(|| (CancellationToken::new(), 0));
+        *watchers += 1;
+        let token = token.clone();
+        drop(running);
+        if self.tombstones.contains_key(key) {
+            token.cancel();
+        }
+        Watch {
+            cancels: self.clone(),
+            key: key.to_string(),
+            token,
+        }
+    }
+
+    /// A cancel for `key` arrived: abort it if it runs here, and remember it for when it is
+    /// reached.
+    pub async fn cancel(&self, key: &str) {
+        self.tombstones.insert(key.to_string(), ());
+        if let Some((token, _)) = self.running().get(key) {
+            token.cancel();
+        }
+        if let Some((conn, prefix)) = &self.shared {
+            let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+            let stored = async {
+                let mut conn = conn.get().await.map_err(|e| e.to_string())?;
+                conn.pset_ex::<_, _, ()>(format!("{prefix}{key}"), 1, ttl_ms)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            if let Err(e) = stored.await {
+                warn!(error = %e, "could not keep the cancel in Redis; only this replica knows it");
+            }
+        }
+    }
+
+    /// Whether `key` was cancelled before its delivery got here: this replica heard it, or
+    /// (with the Redis store) any replica did.
+    pub async fn tombstoned(&self, key: &str) -> bool {
+        if self.tombstones.contains_key(key) {
+            return true;
+        }
+        let Some((conn, prefix)) = &self.shared else {
+            return false;
+        };
+        let found = async {
+            let mut conn = conn.get().await.map_err(|e| e.to_string())?;
+            conn.exists::<_, bool>(format!("{prefix}{key}"))
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(REDIS_TIMEOUT, found).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                debug!(error = %e, "could not look for a cancel in Redis");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// A control message.
+#[derive(Deserialize)]
+struct Control {
+    cancel: String,
+}
+
+/// Listens to the control exchange on `conn` (an exclusive queue of this worker's, gone
+/// with the connection) until `stop`, handing each cancel to `cancels`.
+pub(super) async fn listen(
+    conn: Arc<Connection>,
+    exchange: String,
+    cancels: Arc<Cancels>,
+    stop: CancellationToken,
+) {
+    let listening = async {
+        let channel = conn.create_channel().await?;
+        // Named under the exchange, so that no request's reply_to may name it.
+        let name = format!("{exchange}.{}", uuid::Uuid::new_v4().simple());
+        let queue = channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.name().as_str().into(),
+                exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.name().as_str().into(),
+                "llmq-control".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        while let Some(delivery) = consumer.next().await {
+            let delivery = delivery?;
+            if delivery.data.len() > MAX_CONTROL_BYTES {
+                debug!("a control message over 4 KiB; ignored");
+                continue;
+            }
+            match serde_json::from_slice::<Control>(&delivery.data) {
+                Ok(control) if !control.cancel.is_empty() => {
+                    let identity = Identity::of(&delivery.properties);
+                    info!(request_id = %control.cancel, %identity, "cancel received");
+                    cancels.cancel(&identity.scope(&control.cancel)).await;
+                }
+                _ => debug!(
+                    "a control message that is not {{\"cancel\": \"<request_id>\"}}; ignored"
+                ),
+            }
+        }
+        Ok::<(), lapin::Error>(())
+    };
+    tokio::select! {
+        ended = listening => {
+            if let Err(e) = ended {
+                warn!(error = %e, "the control queue closed; cancels wait for the reconnect");
+            }
+        }
+        () = stop.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_cancel_fires_the_watches_of_its_key_only_and_is_remembered() {
+        let cancels = Arc::new(Cancels::new(&Config::default()));
+        let a = cancels.watch("alice:r1");
+        let a_again = cancels.watch("alice:r1");
+        let b = cancels.watch("bob:r1");
+        cancels.cancel("alice:r1").await;
+        assert!(a.is_cancelled() && a_again.is_cancelled());
+        assert!(!b.is_cancelled(), "another identity's request");
+        assert!(cancels.tombstoned("alice:r1").await);
+        assert!(!cancels.tombstoned("bob:r1").await);
+        drop((a, a_again, b));
+        assert!(
+            cancels.running().is_empty(),
+            "watches go with their deliveries"
+        );
+        let later = cancels.watch("alice:r1");
+        assert!(later.is_cancelled(), "reached after its cancel");
+    }
+}

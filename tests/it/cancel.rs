@@ -1,0 +1,168 @@
+//! Cancellation: `{"cancel": "<request_id>"}` on the control exchange aborts a request in
+//! flight and answers `cancelled`; a request still queued is answered `cancelled` when it
+//! is reached, with no call; a cancel from another identity cancels nothing.
+
+use std::{sync::atomic::Ordering::Relaxed, time::Duration};
+
+use crate::helpers::{TestEnv, wait_until};
+use lapin::{BasicProperties, options::BasicPublishOptions};
+use llmq::tools::{client, mock::MockOptions};
+use serde_json::{Value, json};
+
+async fn one_result(env: &TestEnv) -> Value {
+    let q = env.config.topology.results_queue.clone();
+    let d = env.take(&q, 1, Duration::from_secs(30)).await;
+    crate::helpers::json(&d[0].data)
+}
+
+/// Sends a cancel as AMQP user `user_id` (the test connection's own user may be named).
+async fn cancel_as(env: &TestEnv, request_id: &str, user_id: &str) {
+    let confirm = env
+        .channel
+        .basic_publish(
+            env.config.topology.control_exchange.as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            json!({ "cancel": request_id }).to_string().as_bytes(),
+            BasicProperties::default().with_user_id(user_id.into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_in_flight_and_queued_requests() {
+    let env = TestEnv::new(MockOptions::default()).await;
+    let worker = env.start_worker();
+    // Once a request is answered, the worker consumes, and its control queue is bound.
+    env.publish_chat(
+        &json!({"request_id": "warm", "prompt": "x"}),
+        BasicProperties::default(),
+    )
+    .await;
+    assert_eq!(one_result(&env).await["status"], "ok");
+
+    // In flight: the mock holds the call for 30 s.
+    env.mock.set_options(MockOptions {
+        latency_ms: 30_000,
+        ..MockOptions::default()
+    });
+    env.publish_chat(
+        &json!({"request_id": "running", "prompt": "x"}),
+        BasicProperties::default(),
+    )
+    .await;
+    let in_flight = || env.mock.stats().in_flight.load(Relaxed);
+    wait_until(Duration::from_secs(10), "the call is running", || async {
+        in_flight() == 1
+    })
+    .await;
+    // From another identity (the connection's own user, where the request has none): no
+    // effect.
+    cancel_as(&env, "running", "llmq").await;
+    client::cancel(&env.config, "running").await.unwrap();
+    let r = one_result(&env).await;
+    assert_eq!(
+        (&r["request_id"], &r["status"]),
+        (&json!("running"), &json!("cancelled")),
+        "{r}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the HTTP call is aborted",
+        || async { in_flight() == 0 },
+    )
+    .await;
+
+    // Queued: cancelled before it is published, answered when reached, never called.
+    env.mock.set_options(MockOptions::default());
+    client::cancel(&env.config, "queued").await.unwrap();
+    let calls = env.chat_calls();
+    // The fanout reaches the worker's control queue; wait until it has been read.
+    wait_until(Duration::from_secs(10), "the cancel is heard", || async {
+        env.publish_chat(
+            &json!({"request_id": "queued", "prompt": "x"}),
+            BasicProperties::default(),
+        )
+        .await;
+        one_result(&env).await["status"] == "cancelled"
+    })
+    .await;
+    assert!(
+        env.chat_calls() <= calls + 1,
+        "at most a probe before the cancel was heard"
+    );
+
+    // Another identity's cancel, heard before the request: still answered.
+    cancel_as(&env, "theirs", "llmq").await;
+    env.publish_chat(
+        &json!({"request_id": "theirs", "prompt": "x"}),
+        BasicProperties::default(),
+    )
+    .await;
+    assert_eq!(one_result(&env).await["status"], "ok");
+    assert_eq!(
+        env.queue_len(&env.config.topology.dead_letter_queue).await,
+        0,
+        "not dead-lettered"
+    );
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+/// With the Redis store, a cancel one replica heard waits in Redis: a replica started
+/// after it answers the request `cancelled` without a call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_redis_store_a_cancel_reaches_replicas_started_later() {
+    let env = TestEnv::with(MockOptions::default(), |c| {
+        c.idempotency.store = llmq::config::StoreKind::Redis;
+    })
+    .await;
+    let first = env.start_worker();
+    env.publish_chat(
+        &json!({"request_id": "warm", "prompt": "x"}),
+        BasicProperties::default(),
+    )
+    .await;
+    assert_eq!(one_result(&env).await["status"], "ok");
+    client::cancel(&env.config, "later").await.unwrap();
+    let redis_url = env.config.idempotency.redis_url.expose().to_string();
+    let key = format!(
+        "{}:cancel:anonymous:later",
+        env.config.idempotency.key_prefix
+    );
+    let redis = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    wait_until(Duration::from_secs(10), "the tombstone in Redis", || {
+        let (mut conn, key) = (conn.clone(), key.clone());
+        async move {
+            redis::cmd("EXISTS")
+                .arg(&key)
+                .query_async::<bool>(&mut conn)
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+    first.stop().await.unwrap();
+
+    let second = env.start_worker();
+    let calls = env.chat_calls();
+    env.publish_chat(
+        &json!({"request_id": "later", "prompt": "x"}),
+        BasicProperties::default(),
+    )
+    .await;
+    assert_eq!(one_result(&env).await["status"], "cancelled");
+    assert_eq!(env.chat_calls(), calls, "no call");
+    second.stop().await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
