@@ -21,6 +21,7 @@ impl Config {
         validate_shutdown(self, &mut p);
         validate_upstreams(self, &mut p);
         validate_routing(&self.routing, &mut p);
+        validate_cancels(self, &mut p);
         validate_batch(&self.batch, &self.worker, &mut p);
         validate_admin(&self.admin, &mut p);
         validate_limits(&self.limits, &mut p);
@@ -333,6 +334,20 @@ fn validate_limits(limits: &LimitsConfig, p: &mut Problems) {
     if !limits.redis_url.expose().is_empty() {
         p.url("limits.redis_url", &limits.redis_url, &["redis", "rediss"]);
     }
+}
+
+fn validate_cancels(c: &Config, p: &mut Problems) {
+    let x = &c.topology.control_exchange;
+    p.check(
+        !x.is_empty() && x.len() <= 200 && !x.starts_with("amq."),
+        "topology.control_exchange",
+        "must be 1 to 200 bytes and not start with amq. (each worker's queue is <name>.<uuid>)",
+    );
+    p.check(
+        (1..=30 * 86_400).contains(&c.worker.cancel_ttl_secs),
+        "worker.cancel_ttl_secs",
+        "must be between 1 and 2592000 (30 days)",
+    );
 }
 
 fn validate_retry(retry: &RetryConfig, p: &mut Problems) {
@@ -1087,6 +1102,24 @@ mod tests {
         assert_eq!(
             only_problem(|c| c.retry.max_rate_limited_secs = 0),
             "retry.max_rate_limited_secs (LLMQ_RETRY__MAX_RATE_LIMITED_SECS): must be between 1 and 86400"
+        );
+    }
+
+    #[test]
+    fn cancel_rules() {
+        assert_eq!(
+            only_problem(|c| c.topology.control_exchange = "amq.control".into()),
+            "topology.control_exchange (LLMQ_TOPOLOGY__CONTROL_EXCHANGE): must be 1 to 200 bytes \
+             and not start with amq. (each worker's queue is <name>.<uuid>)"
+        );
+        assert!(
+            only_problem(|c| c.topology.control_exchange = "x".repeat(201))
+                .starts_with("topology.control_exchange")
+        );
+        assert_eq!(
+            only_problem(|c| c.worker.cancel_ttl_secs = 0),
+            "worker.cancel_ttl_secs (LLMQ_WORKER__CANCEL_TTL_SECS): must be between 1 and 2592000 \
+             (30 days)"
         );
     }
 }

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use super::{error_kind::ErrorKind, rules::Rules};
 
 /// Longest `request_id` accepted (it becomes the AMQP `message_id`, a short string).
-const MAX_REQUEST_ID: usize = 255;
+pub const MAX_REQUEST_ID: usize = 255;
 /// Most embedding inputs in one request (the OpenAI limit).
 const MAX_EMBEDDING_INPUTS: usize = 2048;
 
@@ -158,8 +158,10 @@ struct RawRequest {
     tools: Option<Value>,
     /// Unix seconds after which the caller no longer wants an answer.
     deadline: Option<f64>,
-    /// Unix seconds when the request was made (the seed form's field).
-    timestamp: Option<f64>,
+    /// Unix seconds when the request was made (the seed form's field). Read leniently: it
+    /// was an ignored field before `worker.max_age_secs`, so a value that is not a time is
+    /// ignored rather than refused.
+    timestamp: Option<Value>,
     tool_choice: Option<Value>,
     parallel_tool_calls: Option<Value>,
     response_format: Option<Value>,
@@ -268,13 +270,18 @@ fn deadline_of(
             ))
         })?),
     };
-    let made = match raw.timestamp {
-        Some(secs) => unix_secs_ms(secs),
-        None => props
-            .timestamp()
-            .and_then(|secs| i64::try_from(secs).ok())
-            .map(|secs| secs.saturating_mul(1000)),
-    };
+    let made = raw
+        .timestamp
+        .as_ref()
+        .and_then(Value::as_f64)
+        .and_then(unix_secs_ms)
+        .or_else(|| {
+            props
+                .timestamp()
+                .and_then(|secs| i64::try_from(secs).ok())
+                .filter(|secs| *secs > 0)
+                .map(|secs| secs.saturating_mul(1000))
+        });
     let max_age_ms = i64::try_from(max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
     let aged = made
         .filter(|_| max_age_secs > 0)
@@ -907,5 +914,10 @@ mod tests {
         );
         let e = parse_with(r#"{"prompt":"x","deadline":-5}"#, &none, 0).expect_err("bad");
         assert!(e.message.contains("field `deadline`"), "{e}");
+        assert_eq!(
+            d(r#"{"prompt":"x","timestamp":"yesterday"}"#, &stamped, 60),
+            Some(1_700_000_160_000),
+            "a timestamp that is no time is ignored, not refused"
+        );
     }
 }

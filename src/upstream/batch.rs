@@ -152,11 +152,12 @@ async fn call(
 }
 
 /// The items still wanted: those whose shutdown began are dropped unanswered, so their
-/// requests go back to their queue rather than into a call that starts now.
+/// requests go back to their queue rather than into a call that starts now; those whose
+/// caller stopped waiting (a cancel) are left out of the call, and out of its cost.
 fn still_wanted(items: Vec<Item>) -> Vec<Item> {
     items
         .into_iter()
-        .filter(|i| !i.stop.is_cancelled())
+        .filter(|i| !i.stop.is_cancelled() && !i.reply.is_closed())
         .collect()
 }
 

@@ -277,7 +277,14 @@ impl LlmClient {
         let first = answer.choices.first().ok_or_else(|| LlmError::Permanent {
             message: "upstream answer has no choices".into(),
         })?;
-        let message = first.get("message").and_then(Value::as_object);
+        let message = Some(
+            first
+                .get("message")
+                .and_then(Value::as_object)
+                .ok_or_else(|| LlmError::Permanent {
+                    message: "unparseable upstream answer: choices[0] has no message".into(),
+                })?,
+        );
         let field = |name: &str| {
             message
                 .and_then(|m| m.get(name))

@@ -29,12 +29,16 @@ use tracing::{debug, info, warn};
 
 use crate::{
     config::{Config, StoreKind},
-    contract::Identity,
+    contract::{Identity, request::MAX_REQUEST_ID},
     store::redis_conn::LazyConnection,
 };
 
 /// Largest control message read; anything longer is not a cancel.
 const MAX_CONTROL_BYTES: usize = 4096;
+
+/// Bytes of tombstones a replica keeps at most (keys plus a fixed overhead each); past it
+/// the least used go first.
+const MAX_TOMBSTONE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// How long a tombstone lookup in Redis may take before the request goes on uncancelled.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
@@ -43,7 +47,7 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct Cancels {
     running: Mutex<HashMap<String, (CancellationToken, usize)>>,
     tombstones: moka::sync::Cache<String, ()>,
-    shared: Option<(LazyConnection, String)>,
+    shared: Option<(Arc<LazyConnection>, String)>,
     ttl: Duration,
 }
 
@@ -88,15 +92,20 @@ impl Cancels {
             .flatten()
             .map(|client| {
                 (
-                    LazyConnection::new(client, REDIS_TIMEOUT),
+                    Arc::new(LazyConnection::new(client, REDIS_TIMEOUT)),
                     format!("{}:cancel:", idem.key_prefix),
                 )
             });
         Self {
             running: Mutex::new(HashMap::new()),
+            // Bounded in bytes: cancels come from anyone, for ids that may never arrive.
             tombstones: moka::sync::Cache::builder()
                 .time_to_live(ttl)
-                .max_capacity(1_000_000)
+                .weigher(|key: &String, _: &()| u32::try_from(key.len() + 64).unwrap_or(u32::MAX))
+                .max_capacity(MAX_TOMBSTONE_BYTES)
+                // Least recently used out first: a flood of junk must not keep real
+                // cancels out (the default admission policy would).
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build(),
             shared,
             ttl,
@@ -127,24 +136,35 @@ impl Cancels {
     }
 
     /// A cancel for `key` arrived: abort it if it runs here, and remember it for when it is
-    /// reached.
-    pub async fn cancel(&self, key: &str) {
+    /// reached (in Redis too, by a task of its own, so that a slow Redis never delays the
+    /// next cancel).
+    pub fn cancel(&self, key: &str) {
         self.tombstones.insert(key.to_string(), ());
         if let Some((token, _)) = self.running().get(key) {
             token.cancel();
         }
-        if let Some((conn, prefix)) = &self.shared {
-            let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        let (Some((conn, prefix)), Ok(runtime)) =
+            (&self.shared, tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        let (conn, key) = (conn.clone(), format!("{prefix}{key}"));
+        runtime.spawn(async move {
             let stored = async {
                 let mut conn = conn.get().await.map_err(|e| e.to_string())?;
-                conn.pset_ex::<_, _, ()>(format!("{prefix}{key}"), 1, ttl_ms)
+                conn.pset_ex::<_, _, ()>(key, 1, ttl_ms)
                     .await
                     .map_err(|e| e.to_string())
             };
-            if let Err(e) = stored.await {
-                warn!(error = %e, "could not keep the cancel in Redis; only this replica knows it");
+            match tokio::time::timeout(REDIS_TIMEOUT, stored).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(error = %e, "could not keep the cancel in Redis; only this replica knows it")
+                }
+                Err(_) => warn!("Redis did not answer in time; only this replica knows the cancel"),
             }
-        }
+        });
     }
 
     /// Whether `key` was cancelled before its delivery got here: this replica heard it, or
@@ -179,13 +199,30 @@ struct Control {
     cancel: String,
 }
 
-/// Listens to the control exchange on `conn` (an exclusive queue of this worker's, gone
-/// with the connection) until `stop`, handing each cancel to `cancels`.
+/// Listens to the control exchange on `conn` until `stop`, handing each cancel to
+/// `cancels`; a control channel that fails alone (its queue deleted, a permission) is
+/// opened again after a pause, while the connection lives.
 pub(super) async fn listen(
     conn: Arc<Connection>,
     exchange: String,
     cancels: Arc<Cancels>,
     stop: CancellationToken,
+) {
+    while !stop.is_cancelled() && conn.status().connected() {
+        listen_once(&conn, &exchange, &cancels, &stop).await;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = stop.cancelled() => {}
+        }
+    }
+}
+
+/// One control queue (exclusive to this worker, gone with its channel) and its consumer.
+async fn listen_once(
+    conn: &Connection,
+    exchange: &str,
+    cancels: &Cancels,
+    stop: &CancellationToken,
 ) {
     let listening = async {
         let channel = conn.create_channel().await?;
@@ -205,7 +242,7 @@ pub(super) async fn listen(
         channel
             .queue_bind(
                 queue.name().as_str().into(),
-                exchange.as_str().into(),
+                exchange.into(),
                 "".into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
@@ -230,10 +267,13 @@ pub(super) async fn listen(
                 continue;
             }
             match serde_json::from_slice::<Control>(&delivery.data) {
-                Ok(control) if !control.cancel.is_empty() => {
+                // No request id is longer; a longer one would only fill the tombstones.
+                Ok(control)
+                    if !control.cancel.is_empty() && control.cancel.len() <= MAX_REQUEST_ID =>
+                {
                     let identity = Identity::of(&delivery.properties);
                     info!(request_id = %control.cancel, %identity, "cancel received");
-                    cancels.cancel(&identity.scope(&control.cancel)).await;
+                    cancels.cancel(&identity.scope(&control.cancel));
                 }
                 _ => debug!(
                     "a control message that is not {{\"cancel\": \"<request_id>\"}}; ignored"
@@ -245,7 +285,7 @@ pub(super) async fn listen(
     tokio::select! {
         ended = listening => {
             if let Err(e) = ended {
-                warn!(error = %e, "the control queue closed; cancels wait for the reconnect");
+                warn!(error = %e, "the control queue closed; cancels are heard again after a pause");
             }
         }
         () = stop.cancelled() => {}
@@ -262,7 +302,7 @@ mod tests {
         let a = cancels.watch("alice:r1");
         let a_again = cancels.watch("alice:r1");
         let b = cancels.watch("bob:r1");
-        cancels.cancel("alice:r1").await;
+        cancels.cancel("alice:r1");
         assert!(a.is_cancelled() && a_again.is_cancelled());
         assert!(!b.is_cancelled(), "another identity's request");
         assert!(cancels.tombstoned("alice:r1").await);

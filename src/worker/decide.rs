@@ -161,10 +161,6 @@ pub fn decide(i: &Input<'_>) -> Decision {
             reason: invalid.message.clone(),
         };
     }
-    // The caller's cancel wins over anything but an answer already made.
-    if i.cancelled && !matches!(i.produced, Some(Outcome::Done(_))) {
-        return Decision::Cancelled;
-    }
     // A delivery its worker never settled (a crash, a lost connection, a nack at the shutdown
     // deadline) comes back flagged; count it before anything else, so that a request that
     // kills its worker runs out of redeliveries, with no upstream call, whatever the
@@ -187,14 +183,21 @@ pub fn decide(i: &Input<'_>) -> Decision {
             reason: "redelivered".into(),
         });
     }
-    // Past its deadline a request is not called (again): an answer already made is still
-    // published, a stored one too, a failure keeps its own kind.
-    if let Some(deadline) = i.deadline_ms
-        && i.now_ms >= deadline
+    // A cancelled request, or one past its deadline, is not called (again). An answer
+    // already made is still published, and so is a stored one: the store is asked first, so
+    // that a duplicate of a request answered in time gets its answer, not a second,
+    // contradicting result. A failure keeps its own kind.
+    let past_deadline = i.deadline_ms.filter(|deadline| i.now_ms >= *deadline);
+    if (i.cancelled || past_deadline.is_some())
         && !matches!(i.produced, Some(Outcome::Done(_) | Outcome::Failed { .. }))
-        && i.claim != Claim::Finished
     {
-        return expired(i, deadline);
+        match (&i.claim, past_deadline) {
+            (Claim::NotAsked, _) => return Decision::Claim,
+            (Claim::Finished | Claim::Conflict, _) => {}
+            _ if i.cancelled => return Decision::Cancelled,
+            (_, Some(deadline)) => return expired(i, deadline),
+            (_, None) => {}
+        }
     }
     match i.produced {
         Some(Outcome::Done(_)) => return after_answer(i),
@@ -456,10 +459,31 @@ mod tests {
         let p = policy();
         let cancelled = Input {
             cancelled: true,
-            redelivered: true,
             ..fresh(&p)
         };
-        assert_eq!(decide(&cancelled), Decision::Cancelled);
+        assert_eq!(decide(&cancelled), Decision::Claim, "a stored answer first");
+        let acquired = Input {
+            claim: Claim::Acquired,
+            ..cancelled.clone()
+        };
+        assert_eq!(decide(&acquired), Decision::Cancelled);
+        let stored = Input {
+            claim: Claim::Finished,
+            ..cancelled.clone()
+        };
+        assert_eq!(
+            decide(&stored),
+            Decision::PublishStored,
+            "answered before the cancel: the answer stands"
+        );
+        let redelivered = Input {
+            redelivered: true,
+            ..acquired.clone()
+        };
+        assert!(
+            matches!(decide(&redelivered), Decision::Republish(_)),
+            "redeliveries are still counted, so a cancel that cannot be answered is bounded"
+        );
         let failed = transient(None);
         let mid_retry = Input {
             cancelled: true,
@@ -483,8 +507,17 @@ mod tests {
     #[test]
     fn past_its_deadline_a_request_is_not_called_nor_retried() {
         let p = policy();
+        assert_eq!(
+            decide(&Input {
+                deadline_ms: Some(NOW),
+                ..fresh(&p)
+            }),
+            Decision::Claim,
+            "a stored answer first"
+        );
         let late = Input {
             deadline_ms: Some(NOW),
+            claim: Claim::Acquired,
             ..fresh(&p)
         };
         assert!(

@@ -547,6 +547,13 @@ impl Settling<'_> {
                 ctx.metrics.cancelled.inc();
                 Ok(())
             }
+            // The caller asked for the cancel; a results queue that refuses the notice must
+            // not make the request spin.
+            Err(e) if e.refused() => {
+                warn!(error = %e, "the results queue refused the cancelled notice; the request is dropped as asked");
+                ctx.metrics.cancelled.inc();
+                Ok(())
+            }
             Err(e) => Err(e),
         };
         ack_if_confirmed(self.delivery, published, &ctx.stop).await;

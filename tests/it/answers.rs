@@ -172,10 +172,14 @@ async fn expired_requests_are_never_called_and_late_calls_are_cut_off() {
         assert_eq!(r["error"]["kind"], "expired", "{r}");
     }
 
-    // The mock takes 30 s, the deadline is 1.5 s away: only a cut-off call ends in a dead
+    // The mock takes 30 s, the deadline is 3 s away: only a cut-off call ends in a dead
     // letter (a finished one would be an ok result, 30 s later).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
     env.publish_chat(
-        &json!({"request_id": "slow", "prompt": "x", "deadline": now + 1.5}),
+        &json!({"request_id": "slow", "prompt": "x", "deadline": now + 3.0}),
         BasicProperties::default(),
     )
     .await;
