@@ -253,22 +253,25 @@ async fn a_spent_account_is_left_for_the_others_and_shown_to_operators() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_one_of_two_deployments_mid_load_loses_nothing() {
     let slow = || MockOptions {
-        latency_ms: 20,
+        latency_ms: 100,
         ..MockOptions::default()
     };
     let (a, b) = (mock(slow()).await, mock(slow()).await);
+    // Eight calls at once per deployment, 100 ms each: the 200 requests take over a second,
+    // so the kill lands mid-load.
+    let capped = |server: &MockServer| UpstreamConfig {
+        max_inflight: 8,
+        ..upstream(server, &[], 1)
+    };
     let env = TestEnv::with(MockOptions::default(), |c| {
-        c.upstreams = [
-            ("a".into(), upstream(&a, &[], 1)),
-            ("b".into(), upstream(&b, &[], 1)),
-        ]
-        .into();
+        c.upstreams = [("a".into(), capped(&a)), ("b".into(), capped(&b))].into();
+        c.worker.min_inflight = 8;
     })
     .await;
     let worker = env.start_worker();
     publish(&env, "failover", 200, "gpt-4o-mini").await;
     wait_until(Duration::from_secs(30), "a served some", || async {
-        calls(&a) >= 20
+        calls(&a) >= 8
     })
     .await;
     let served_before = calls(&a);
