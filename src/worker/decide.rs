@@ -193,7 +193,9 @@ pub fn decide(i: &Input<'_>) -> Decision {
     {
         match (&i.claim, past_deadline) {
             (Claim::NotAsked, _) => return Decision::Claim,
-            (Claim::Finished | Claim::Conflict, _) => {}
+            // Another worker's answer, or its lease: that worker answers (it hears the
+            // cancel too, and cuts its call at the deadline); this one checks back later.
+            (Claim::Finished | Claim::Conflict | Claim::Busy, _) => {}
             _ if i.cancelled => return Decision::Cancelled,
             (_, Some(deadline)) => return expired(i, deadline),
             (_, None) => {}
@@ -475,6 +477,14 @@ mod tests {
             decide(&stored),
             Decision::PublishStored,
             "answered before the cancel: the answer stands"
+        );
+        let busy = Input {
+            claim: Claim::Busy,
+            ..cancelled.clone()
+        };
+        assert!(
+            matches!(decide(&busy), Decision::Republish(_)),
+            "the worker holding it answers; this one checks back"
         );
         let redelivered = Input {
             redelivered: true,
