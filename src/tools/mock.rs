@@ -112,6 +112,14 @@ pub struct MockOptions {
     /// `x-ratelimit-reset-requests: <retry_after or 1>s` instead of `Retry-After`.
     #[arg(long)]
     pub rate_limit_headers: bool,
+    /// Milliseconds between the chunks of a streamed answer (a request with
+    /// `"stream": true` is answered with server-sent events).
+    #[arg(long, default_value_t = 0)]
+    pub chunk_ms: u64,
+    /// Cut every streamed answer off after this many chunks (the connection drops without
+    /// `[DONE]`), as an upstream failing mid-stream does.
+    #[arg(long)]
+    pub fail_mid_stream_after: Option<u64>,
     /// Appended to the requested model in answers (`--model-suffix -2024-07-18`), as
     /// OpenAI reports the dated snapshot that served an alias.
     #[arg(long, allow_hyphen_values = true)]
@@ -143,6 +151,8 @@ impl Default for MockOptions {
             insufficient_quota: false,
             max_concurrency: None,
             rate_limit_headers: false,
+            chunk_ms: 0,
+            fail_mid_stream_after: None,
             model_suffix: None,
             require_header: None,
             require_query: None,
@@ -602,6 +612,16 @@ async fn chat(
             }
         })
         .collect();
+    let usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens
+    });
+    if body["stream"] == json!(true) {
+        let with_usage = body["stream_options"]["include_usage"] == json!(true);
+        let events = sse_events(&model, &choices, with_usage.then_some(&usage));
+        return sse_reply(events, &options);
+    }
     Json(json!({
         "id": "chatcmpl-mock",
         "object": "chat.completion",
@@ -615,6 +635,95 @@ async fn chat(
         }
     }))
     .into_response()
+}
+
+/// The server-sent events of a streamed answer with these `choices`, as OpenAI sends them:
+/// per choice a first chunk with the role, the text word by word (or each tool call in two
+/// fragments: its id and name, then its arguments), a last chunk with the finish reason;
+/// then, when asked for, a usage-only chunk with empty `choices`; then `[DONE]`. A comment
+/// line comes first, as proxies' keep-alives do.
+fn sse_events(model: &str, choices: &[Value], usage: Option<&Value>) -> Vec<String> {
+    let chunk = |choices: Value| {
+        let body = json!({
+            "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0,
+            "model": model, "choices": choices
+        });
+        format!("data: {body}\n\n")
+    };
+    let mut events = vec![": keep-alive\n\n".to_string()];
+    for choice in choices {
+        let index = &choice["index"];
+        let message = &choice["message"];
+        events.push(chunk(json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}])));
+        if let Some(text) = message["content"].as_str() {
+            for (i, word) in text.split(' ').enumerate() {
+                let piece = if i == 0 {
+                    word.to_string()
+                } else {
+                    format!(" {word}")
+                };
+                events.push(chunk(
+                    json!([{"index": index, "delta": {"content": piece}, "finish_reason": null}]),
+                ));
+            }
+        }
+        for (i, call) in message["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let head = json!({"index": i, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}});
+            let tail =
+                json!({"index": i, "function": {"arguments": call["function"]["arguments"]}});
+            for part in [head, tail] {
+                events.push(chunk(json!([{"index": index, "delta": {"tool_calls": [part]}, "finish_reason": null}])));
+            }
+        }
+        events.push(chunk(
+            json!([{"index": index, "delta": {}, "finish_reason": choice["finish_reason"]}]),
+        ));
+    }
+    if let Some(usage) = usage {
+        let body = json!({
+            "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0,
+            "model": model, "choices": [], "usage": usage
+        });
+        events.push(format!("data: {body}\n\n"));
+    }
+    events.push("data: [DONE]\n\n".to_string());
+    events
+}
+
+/// Sends `events` as `text/event-stream`, `chunk_ms` apart; with `fail_mid_stream_after`,
+/// the body breaks off after that many (the connection drops, no `[DONE]`).
+fn sse_reply(events: Vec<String>, options: &MockOptions) -> Response {
+    let pace = Duration::from_millis(options.chunk_ms);
+    let cut = options
+        .fail_mid_stream_after
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let stream = futures_util::stream::unfold(
+        (events.into_iter().enumerate(), pace),
+        move |(mut events, pace)| async move {
+            let (i, event) = events.next()?;
+            if cut.is_some_and(|cut| i >= cut) {
+                let broken = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "cut");
+                return Some((Err(broken), (events, pace)));
+            }
+            if i > 0 && !pace.is_zero() {
+                tokio::time::sleep(pace).await;
+            }
+            Some((Ok(Bytes::from(event)), (events, pace)))
+        },
+    );
+    let mut response = Body::from_stream(stream).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
 }
 
 /// A chat answer whose reply is `bytes` of `x`, streamed in 64 KiB chunks made as they are
@@ -1155,5 +1264,104 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(refused, "still accepting on {addr}");
+    }
+
+    /// The `data:` payloads of a server-sent event stream, comments and blank lines left out.
+    fn data_lines(text: &str) -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_streamed_answer_is_sent_as_openai_chunks() {
+        let mock = start(MockOptions {
+            chunk_ms: 1,
+            ..MockOptions::default()
+        })
+        .await;
+        let body = json!({
+            "model": "m", "stream": true, "stream_options": {"include_usage": true}, "n": 2,
+            "messages": [{"role": "user", "content": "hi there"}]
+        });
+        let resp = client(false)
+            .post(format!("{}/chat/completions", mock.base_url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
+        let text = resp.text().await.unwrap();
+        assert!(text.starts_with(": keep-alive"), "{text}");
+        let data = data_lines(&text);
+        assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+        let chunks: Vec<Value> = data[..data.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        let text_of = |index: u64| -> String {
+            chunks
+                .iter()
+                .flat_map(|c| c["choices"].as_array().cloned().unwrap_or_default())
+                .filter(|c| c["index"] == index)
+                .filter_map(|c| c["delta"]["content"].as_str().map(str::to_string))
+                .collect()
+        };
+        assert_eq!(text_of(0), "mock reply to: hi there");
+        assert_eq!(text_of(1), "mock reply to: hi there (choice 1)");
+        let last = chunks.last().unwrap();
+        assert_eq!(last["choices"], json!([]), "a usage-only last chunk");
+        assert!(last["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    }
+
+    #[tokio::test]
+    async fn streamed_tool_calls_come_in_fragments_and_a_stream_can_break_off() {
+        let mock = start(MockOptions::default()).await;
+        let body = json!({
+            "model": "m", "stream": true,
+            "tools": [{"type": "function", "function": {"name": "get_weather"}}],
+            "messages": [{"role": "user", "content": "weather?"}]
+        });
+        let url = format!("{}/chat/completions", mock.base_url());
+        let text = client(false)
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let fragments: Vec<Value> = data_lines(&text)
+            .iter()
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str::<Value>(d).unwrap())
+            .filter_map(|c| {
+                c["choices"][0]["delta"]["tool_calls"][0]
+                    .as_object()
+                    .cloned()
+            })
+            .map(Value::Object)
+            .collect();
+        assert_eq!(fragments.len(), 2, "{text}");
+        assert_eq!(fragments[0]["function"]["name"], "get_weather");
+        assert_eq!(fragments[0]["id"], "call_mock_0");
+        assert!(
+            fragments[1]["function"]["arguments"]
+                .as_str()
+                .unwrap()
+                .contains("weather?")
+        );
+
+        // Paced, so that the head and the first chunks are out before the cut.
+        mock.set_options(MockOptions {
+            fail_mid_stream_after: Some(3),
+            chunk_ms: 20,
+            ..MockOptions::default()
+        });
+        let resp = client(false).post(&url).json(&body).send().await.unwrap();
+        assert!(resp.status().is_success(), "the stream starts well");
+        assert!(resp.text().await.is_err(), "and breaks off");
     }
 }
