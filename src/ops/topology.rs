@@ -57,6 +57,14 @@ pub fn describe(t: &TopologyConfig) -> String {
         t.unroutable_exchange, t.request_exchange, t.dead_letter_exchange, t.retry_exchange
     ));
     line(format!("  -> queue {}", t.unroutable_queue));
+    line(format!(
+        "exchange {} (fanout; control messages such as {{\"cancel\": \"<request_id>\"}})",
+        t.control_exchange
+    ));
+    line(format!(
+        "  -> queue {}.<uuid> per worker (exclusive)",
+        t.control_exchange
+    ));
     out
 }
 
@@ -76,6 +84,7 @@ mod tests {
             &t.dead_letter_queue,
             &t.retry_exchange,
             &t.unroutable_queue,
+            &t.control_exchange,
         ] {
             assert!(text.contains(name.as_str()), "{name} missing in\n{text}");
         }

@@ -153,7 +153,14 @@ impl Cancels {
         runtime.spawn(async move {
             let stored = async {
                 let mut conn = conn.get().await.map_err(|e| e.to_string())?;
-                conn.pset_ex::<_, _, ()>(key, 1, ttl_ms)
+                // Every replica hears the cancel; the first one's write is enough.
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query_async::<()>(&mut conn)
                     .await
                     .map_err(|e| e.to_string())
             };
