@@ -29,7 +29,7 @@ use crate::{
     upstream::{
         client::{LlmClient, LlmError},
         deployment::{Answer, Deployment},
-        standing::{Availability, Standing, Why},
+        standing::{Availability, Standing, Why, secs_ms},
     },
 };
 
@@ -575,10 +575,6 @@ fn model_is_fallback(route: &Route) -> bool {
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)
-}
-
-fn secs_ms(secs: u64) -> i64 {
-    i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX / 2)
 }
 
 /// One deployment's state, as `/upstreams` shows it.

@@ -500,7 +500,8 @@ fn rank(why: Why) -> u8 {
     }
 }
 
-fn secs_ms(secs: u64) -> i64 {
+/// `secs` seconds in milliseconds, saturating.
+pub(crate) fn secs_ms(secs: u64) -> i64 {
     i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX / 2)
 }
 

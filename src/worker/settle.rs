@@ -82,7 +82,8 @@ async fn settle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Del
     // Watched while it is settled here; a cancel heard before it was reached (here, or
     // with the Redis store anywhere) is a tombstone.
     let watch = ctx.cancels.watch(&key);
-    let tombstoned = parsed.is_ok() && ctx.cancels.tombstoned(&key).await;
+    // `watch` fired already for a cancel this replica heard; only then is Redis spared.
+    let tombstoned = parsed.is_ok() && !watch.is_cancelled() && ctx.cancels.tombstoned(&key).await;
     let settling = Settling {
         ctx,
         publisher,
