@@ -204,6 +204,36 @@ impl Publisher {
         .await
     }
 
+    /// One message of a streamed answer (a delta or a restart marker, `kind` its AMQP
+    /// `type`) to the caller's `reply_to`, on this channel, so that it arrives before the
+    /// result that follows it; returns once the broker confirmed it. Transient and not
+    /// mandatory: the result is the durable record, and a caller that left is common.
+    pub async fn stream_message(
+        &self,
+        route: &ReplyRoute,
+        kind: &'static str,
+        message_id: String,
+        body: &[u8],
+    ) -> Result<(), PublishError> {
+        let Some(reply_to) = &route.reply_to else {
+            return Ok(());
+        };
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(1)
+            .with_message_id(message_id.into())
+            .with_correlation_id(
+                route
+                    .correlation_id
+                    .as_deref()
+                    .unwrap_or(&route.request_id)
+                    .into(),
+            )
+            .with_timestamp(unix_now().try_into().unwrap_or(0))
+            .with_type(kind.into());
+        self.send("", reply_to, false, body, props).await
+    }
+
     /// A result to the results exchange: mandatory when the worker keeps results, with the
     /// results TTL as its expiration, tried a few times.
     async fn send_result(&self, body: &[u8], props: &BasicProperties) -> Result<(), PublishError> {

@@ -79,10 +79,11 @@ impl Config {
                 "idempotency" => section(key, value, &mut config.idempotency, problems),
                 "limits" => section(key, value, &mut config.limits, problems),
                 "batch" => section(key, value, &mut config.batch, problems),
+                "stream" => section(key, value, &mut config.stream, problems),
                 "admin" => section(key, value, &mut config.admin, problems),
                 "log" => section(key, value, &mut config.log, problems),
                 other => problems.push(format!(
-                    "{other} ({}): unknown key; sections are amqp, topology, llm, upstreams, routing, worker, retry, idempotency, limits, batch, admin, log",
+                    "{other} ({}): unknown key; sections are amqp, topology, llm, upstreams, routing, worker, retry, idempotency, limits, batch, stream, admin, log",
                     env_name(other)
                 )),
             }

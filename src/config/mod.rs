@@ -25,8 +25,8 @@ pub use child::{ChildConfigError, ChildConfigFile, child_command, clean_command}
 pub use secret::{Secret, SecretUrl, redact_url};
 pub use sections::{
     AdminConfig, AmqpConfig, BatchConfig, IdempotencyConfig, LimitsConfig, LlmConfig, LogConfig,
-    LogFormat, OnStoreError, RetryConfig, RoutingConfig, StoreKind, TlsConfig, TopologyConfig,
-    UpstreamConfig, WorkerConfig,
+    LogFormat, OnStoreError, RetryConfig, RoutingConfig, StoreKind, StreamConfig, TlsConfig,
+    TopologyConfig, UpstreamConfig, WorkerConfig,
 };
 
 /// The environment variable prefix; `__` separates nesting levels.
@@ -56,6 +56,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Embedding micro-batching.
     pub batch: BatchConfig,
+    /// Streaming deltas to `reply_to`.
+    pub stream: StreamConfig,
     /// The admin HTTP server.
     pub admin: AdminConfig,
     /// Log format and filter.
@@ -106,6 +108,14 @@ impl Config {
             .map(|(_, u)| u.timeout_secs)
             .max()
             .unwrap_or(self.llm.timeout_secs)
+    }
+
+    /// The longest attempt, streamed or not, which the consumer timeout and the idempotency
+    /// lease must cover. (The shutdown grace covers only [`Self::longest_call_secs`]: a
+    /// stream still running at the shutdown deadline goes back to its queue and restarts,
+    /// with its restart marker.)
+    pub fn longest_attempt_secs(&self) -> u64 {
+        self.longest_call_secs().max(self.llm.stream_max_secs)
     }
 
     /// `[llm]` connection keys that `[upstreams]` makes meaningless: each deployment has its
@@ -232,6 +242,8 @@ mod tests {
                 model: "chat-model".into(),
                 embedding_model: "embedding-model".into(),
                 timeout_secs: 5,
+                stream_idle_timeout_secs: 4,
+                stream_max_secs: 6,
                 max_requests_per_minute: 100,
                 max_tokens_per_minute: 10_000,
                 default_max_tokens: 99,
@@ -309,6 +321,7 @@ mod tests {
                 max_wait_ms: 20,
                 max_buffered_bytes: 1 << 20,
             },
+            stream: StreamConfig { flush_ms: 25 },
             admin: AdminConfig {
                 addr: "127.0.0.1:9191".into(),
             },

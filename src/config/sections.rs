@@ -154,6 +154,13 @@ pub struct LlmConfig {
     /// Deadline of one upstream call; with `retry.inline_max_ms` it must stay below half of
     /// `amqp.consumer_timeout_secs`.
     pub timeout_secs: u64,
+    /// Longest silence of a streamed call (`"stream": true`): before its answer starts, and
+    /// between two chunks (keep-alive comments count). A stream silent longer is cut off
+    /// and retried.
+    pub stream_idle_timeout_secs: u64,
+    /// Longest streamed call, first byte to last (it replaces `timeout_secs` for streams);
+    /// with `retry.inline_max_ms` it must stay below half of `amqp.consumer_timeout_secs`.
+    pub stream_max_secs: u64,
     /// Requests per minute this replica (or, with `limits.redis_url`, the fleet) may send;
     /// 0 = no limit.
     pub max_requests_per_minute: u64,
@@ -191,6 +198,8 @@ impl Default for LlmConfig {
             model: "gpt-4o-mini".into(),
             embedding_model: "text-embedding-3-small".into(),
             timeout_secs: 60,
+            stream_idle_timeout_secs: 60,
+            stream_max_secs: 300,
             max_requests_per_minute: 0,
             max_tokens_per_minute: 0,
             default_max_tokens: 256,
@@ -522,6 +531,28 @@ impl AdminConfig {
     /// The address to listen on, if the server is on.
     pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
         self.addr.parse().ok()
+    }
+}
+
+/// Streaming to `reply_to`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamConfig {
+    /// After a stream's first delta (sent at once), deltas are coalesced into at most one
+    /// message per this many milliseconds; 0 sends each chunk as it comes.
+    pub flush_ms: u64,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self { flush_ms: 50 }
+    }
+}
+
+impl StreamConfig {
+    /// [`Self::flush_ms`] as a duration.
+    pub fn flush(&self) -> Duration {
+        Duration::from_millis(self.flush_ms)
     }
 }
 

@@ -17,6 +17,7 @@ impl Config {
         let mut p = Problems::default();
         validate_amqp(&self.amqp, &mut p);
         validate_llm(&self.llm, &mut p);
+        validate_stream(self, &mut p);
         validate_worker(&self.worker, &mut p);
         validate_shutdown(self, &mut p);
         validate_upstreams(self, &mut p);
@@ -123,18 +124,42 @@ fn validate_llm(llm: &LlmConfig, p: &mut Problems) {
     );
 }
 
+/// Streamed calls: their timeouts, and how often deltas go out.
+fn validate_stream(c: &Config, p: &mut Problems) {
+    let llm = &c.llm;
+    p.check(
+        (1..=3600).contains(&llm.stream_idle_timeout_secs),
+        "llm.stream_idle_timeout_secs",
+        "must be between 1 and 3600",
+    );
+    p.check(
+        (1..=3600).contains(&llm.stream_max_secs),
+        "llm.stream_max_secs",
+        "must be between 1 and 3600",
+    );
+    p.check(
+        c.stream.flush_ms <= 10_000,
+        "stream.flush_ms",
+        "must be at most 10000",
+    );
+}
+
 /// Waits in the worker against the broker's `consumer_timeout`: a delivery waits for a slot
 /// up to half of it, then a call and an inline retry wait may still follow, and all of it
 /// must end before the broker closes the channel.
 fn validate_waits(c: &Config, p: &mut Problems) {
     let consumer_timeout = c.amqp.consumer_timeout_secs;
     let half_ms = c.amqp.hand_off_after().as_millis();
-    let longest = c.longest_call_secs();
+    let longest = c.longest_attempt_secs();
     // A timeout out of its range is reported by its own rule.
     if !(1..=3600).contains(&longest) {
         return;
     }
-    let key = timeout_key(c);
+    let key = if c.llm.stream_max_secs > c.longest_call_secs() {
+        "llm.stream_max_secs".to_string()
+    } else {
+        timeout_key(c)
+    };
     let call_ms = u128::from(longest) * 1000;
     if call_ms >= half_ms {
         p.add(
@@ -632,6 +657,7 @@ mod tests {
             assert_eq!(
                 only_problem(|c| {
                     c.llm.timeout_secs = timeout;
+                    c.llm.stream_max_secs = 1;
                     c.worker.shutdown_grace_secs = timeout;
                     c.amqp.consumer_timeout_secs = consumer_timeout;
                 }),
@@ -644,9 +670,33 @@ mod tests {
         }
         let mut c = Config::default();
         c.llm.timeout_secs = 1;
+        c.llm.stream_max_secs = 1;
         c.retry.inline_max_ms = 100;
         c.amqp.consumer_timeout_secs = 3;
         assert!(c.validate().is_empty(), "1.1 s of 1.5 s");
+        // A stream is a call too, and the longer one is named.
+        c.llm.stream_max_secs = 2;
+        assert_eq!(
+            c.validate(),
+            [
+                "llm.stream_max_secs (LLMQ_LLM__STREAM_MAX_SECS): must be below half of \
+              amqp.consumer_timeout_secs (3 s): a call may start just before a waiting \
+              delivery is handed to the retry queue"
+            ]
+        );
+    }
+
+    #[test]
+    fn stream_timeouts_and_flush_are_bounded() {
+        assert_eq!(
+            only_problem(|c| c.llm.stream_idle_timeout_secs = 0),
+            "llm.stream_idle_timeout_secs (LLMQ_LLM__STREAM_IDLE_TIMEOUT_SECS): must be between 1 \
+             and 3600"
+        );
+        assert_eq!(
+            only_problem(|c| c.stream.flush_ms = 10_001),
+            "stream.flush_ms (LLMQ_STREAM__FLUSH_MS): must be at most 10000"
+        );
     }
 
     #[test]
@@ -654,6 +704,7 @@ mod tests {
         assert_eq!(
             only_problem(|c| {
                 c.llm.timeout_secs = 60;
+                c.llm.stream_max_secs = 60;
                 c.retry.inline_max_ms = 840_000;
             }),
             "retry.inline_max_ms (LLMQ_RETRY__INLINE_MAX_MS): plus llm.timeout_secs must stay \
@@ -1062,6 +1113,7 @@ mod tests {
                 },
             );
             c.llm.timeout_secs = 10;
+            c.llm.stream_max_secs = 10;
         });
         assert!(p.starts_with("upstreams.a.timeout_secs"), "{p}");
     }

@@ -27,6 +27,9 @@ pub const FIRST_FAILURE: &str = "x-llmq-first-failure";
 pub const RATE_LIMITED_SINCE: &str = "x-llmq-rate-limited-since";
 /// Unix milliseconds before which the request must not be tried again.
 pub const NOT_BEFORE: &str = "x-llmq-not-before";
+/// An earlier attempt of a streamed request may have sent deltas to its `reply_to`: the
+/// next attempt starts with a restart marker.
+pub const STREAMED: &str = "x-llmq-streamed";
 /// The last transient error, for people reading a retry queue.
 pub const LAST_ERROR: &str = "x-llmq-last-error";
 /// Which delayed-retry queue a message goes to. The retry exchange is a headers exchange,
@@ -113,6 +116,8 @@ pub struct RetryState {
     pub not_before_ms: Option<i64>,
     /// Unix milliseconds of the first rate limit ([`RATE_LIMITED_SINCE`]).
     pub rate_limited_since_ms: Option<i64>,
+    /// Deltas may have gone out before ([`STREAMED`]).
+    pub streamed: bool,
 }
 
 impl RetryState {
@@ -124,6 +129,7 @@ impl RetryState {
             first_failure: get_i64(props, FIRST_FAILURE),
             not_before_ms: get_i64(props, NOT_BEFORE),
             rate_limited_since_ms: get_i64(props, RATE_LIMITED_SINCE),
+            streamed: get_i64(props, STREAMED).is_some_and(|v| v > 0),
         }
     }
 }
@@ -154,6 +160,9 @@ fn stamp_counts(headers: &mut FieldTable, state: &RetryState) {
     headers.insert(ATTEMPTS.into(), count(state.attempts));
     if let Some(since) = state.rate_limited_since_ms {
         headers.insert(RATE_LIMITED_SINCE.into(), AMQPValue::LongLongInt(since));
+    }
+    if state.streamed {
+        headers.insert(STREAMED.into(), count(1));
     }
     // The count only grows (a replay starts a message afresh by dropping it): a zero needs
     // no header.
@@ -301,6 +310,7 @@ mod tests {
             first_failure: Some(1_700_000_000),
             not_before_ms: Some(1_700_000_000_500),
             rate_limited_since_ms: Some(1_700_000_000_250),
+            streamed: true,
         };
         stamp_retry(&mut h, "30s", &state, &"e".repeat(5000));
         let p = props(h);

@@ -58,6 +58,9 @@ pub struct Job {
     /// `timestamp` (else the AMQP `timestamp`) plus `worker.max_age_secs`, whichever comes
     /// first.
     pub deadline_ms: Option<i64>,
+    /// The caller asked for the answer as it is generated (`"stream": true`): deltas go to
+    /// its `reply_to` before the result. Without a `reply_to` it is ignored.
+    pub stream: bool,
 }
 
 impl Job {
@@ -86,6 +89,14 @@ impl Job {
             Call::Embedding { input, .. } => {
                 (input.iter().map(String::len).sum::<usize>() / 4).max(1) as u64
             }
+        }
+    }
+
+    /// Choices a chat request asks for (`n`, 1 when unset); 1 for embeddings.
+    pub fn choices(&self) -> u64 {
+        match &self.call {
+            Call::Chat { params, .. } => params.get("n").and_then(Value::as_u64).unwrap_or(1),
+            Call::Embedding { .. } => 1,
         }
     }
 
@@ -165,6 +176,8 @@ struct RawRequest {
     tool_choice: Option<Value>,
     parallel_tool_calls: Option<Value>,
     response_format: Option<Value>,
+    /// Stream the answer to `reply_to` as it is generated.
+    stream: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -232,6 +245,12 @@ pub fn parse(
     }
     let (model, metadata) = (raw.model.take(), raw.metadata.take());
     let deadline_ms = deadline_of(&raw, props, rules.max_age_secs)?;
+    let stream = raw.stream.unwrap_or(false);
+    if stream && kind == Kind::Embedding {
+        return Err(InvalidRequest::new(
+            "field `stream`: only chat answers stream; embeddings come whole",
+        ));
+    }
     let call = match kind {
         Kind::Chat => chat_call(raw)?,
         Kind::Embedding => embedding_call(raw)?,
@@ -247,6 +266,7 @@ pub fn parse(
         metadata,
         priority: props.priority().unwrap_or(0),
         deadline_ms,
+        stream,
     })
 }
 
@@ -774,6 +794,18 @@ mod tests {
         )
         .expect_err("embeddings too");
         assert!(e.message.contains("llm.allowed_models"));
+    }
+
+    #[test]
+    fn stream_is_a_top_level_switch_for_chat_only() {
+        assert!(ok(r#"{"prompt":"x","stream":true}"#).stream);
+        assert!(!ok(r#"{"prompt":"x","stream":false}"#).stream);
+        assert!(!ok(r#"{"prompt":"x"}"#).stream);
+        assert!(err(br#"{"prompt":"x","stream":"yes"}"#).contains("stream"));
+        assert_eq!(
+            err(br#"{"kind":"embedding","input":"x","stream":true}"#),
+            "field `stream`: only chat answers stream; embeddings come whole"
+        );
     }
 
     #[test]

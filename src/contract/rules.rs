@@ -37,7 +37,8 @@ pub const DEFAULT_ALLOWED_PARAMS: [&str; 19] = [
     "encoding_format",
 ];
 /// Body fields llmq sets itself: never accepted in `params`, whatever the allowlist says.
-/// (`stream` and `stream_options` are refused until llmq streams.)
+/// (A request streams with the top-level `"stream": true`; llmq then sets both `stream`
+/// and `stream_options` upstream.)
 pub const RESERVED_PARAMS: [&str; 5] = ["model", "messages", "input", "stream", "stream_options"];
 /// Parameters capped by [`Rules::max_tokens_cap`].
 const TOKEN_PARAMS: [&str; 2] = ["max_tokens", "max_completion_tokens"];

@@ -120,6 +120,16 @@ pub struct MockOptions {
     /// `[DONE]`), as an upstream failing mid-stream does.
     #[arg(long)]
     pub fail_mid_stream_after: Option<u64>,
+    /// With `--fail-mid-stream-after`, the fraction of streamed answers cut off: the first
+    /// of every 1/rate (0.5 cuts the 1st, 3rd, 5th...), so that a retry of a cut stream
+    /// gets through.
+    #[arg(long, default_value_t = 1.0)]
+    pub fail_mid_stream_rate: f64,
+    /// Break a stream off with an error event (`data: {"error": {...}}`, then the end of
+    /// the body), as OpenAI and vLLM report a failure mid-stream, instead of dropping the
+    /// connection.
+    #[arg(long)]
+    pub mid_stream_error: bool,
     /// Appended to the requested model in answers (`--model-suffix -2024-07-18`), as
     /// OpenAI reports the dated snapshot that served an alias.
     #[arg(long, allow_hyphen_values = true)]
@@ -153,6 +163,8 @@ impl Default for MockOptions {
             rate_limit_headers: false,
             chunk_ms: 0,
             fail_mid_stream_after: None,
+            fail_mid_stream_rate: 1.0,
+            mid_stream_error: false,
             model_suffix: None,
             require_header: None,
             require_query: None,
@@ -199,6 +211,10 @@ pub struct MockStats {
     /// Calls refused with 429 because [`MockOptions::max_concurrency`] calls were being
     /// answered.
     pub over_cap: AtomicU64,
+    /// Streamed answers begun.
+    pub streams: AtomicU64,
+    /// Streamed answers cut off midway (`--fail-mid-stream-after`).
+    pub streams_cut: AtomicU64,
     /// Chat calls seen when recording, in arrival order: the last message and when it came.
     pub prompts: std::sync::Mutex<Vec<(String, std::time::Instant)>>,
 }
@@ -620,7 +636,14 @@ async fn chat(
     if body["stream"] == json!(true) {
         let with_usage = body["stream_options"]["include_usage"] == json!(true);
         let events = sse_events(&model, &choices, with_usage.then_some(&usage));
-        return sse_reply(events, &options);
+        let n = state.stats.streams.fetch_add(1, Ordering::Relaxed);
+        let rate = options.fail_mid_stream_rate.clamp(0.0, 1.0);
+        let cut = ((n + 1) as f64 * rate).ceil() > (n as f64 * rate).ceil();
+        let cut = options.fail_mid_stream_after.filter(|_| cut);
+        if cut.is_some() {
+            state.stats.streams_cut.fetch_add(1, Ordering::Relaxed);
+        }
+        return sse_reply(events, cut, &options);
     }
     Json(json!({
         "id": "chatcmpl-mock",
@@ -695,18 +718,28 @@ fn sse_events(model: &str, choices: &[Value], usage: Option<&Value>) -> Vec<Stri
     events
 }
 
-/// Sends `events` as `text/event-stream`, `chunk_ms` apart; with `fail_mid_stream_after`,
-/// the body breaks off after that many (the connection drops, no `[DONE]`).
-fn sse_reply(events: Vec<String>, options: &MockOptions) -> Response {
+/// Sends `events` as `text/event-stream`, `chunk_ms` apart; with `cut`, the body breaks
+/// off after that many: the connection drops (no `[DONE]`), or with `--mid-stream-error`
+/// an error event ends it.
+fn sse_reply(events: Vec<String>, cut: Option<u64>, options: &MockOptions) -> Response {
     let pace = Duration::from_millis(options.chunk_ms);
-    let cut = options
-        .fail_mid_stream_after
-        .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let cut = cut.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let error_event = options.mid_stream_error;
     let stream = futures_util::stream::unfold(
         (events.into_iter().enumerate(), pace),
         move |(mut events, pace)| async move {
             let (i, event) = events.next()?;
-            if cut.is_some_and(|cut| i >= cut) {
+            if cut.is_some_and(|cut| i > cut) {
+                return None;
+            }
+            if cut.is_some_and(|cut| i == cut) {
+                if error_event {
+                    let error = json!({"error": {"message": "the model failed mid-stream", "type": "server_error", "code": null}});
+                    return Some((
+                        Ok(Bytes::from(format!("data: {error}\n\n"))),
+                        (events, pace),
+                    ));
+                }
                 let broken = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "cut");
                 return Some((Err(broken), (events, pace)));
             }
@@ -1363,5 +1396,31 @@ mod tests {
         let resp = client(false).post(&url).json(&body).send().await.unwrap();
         assert!(resp.status().is_success(), "the stream starts well");
         assert!(resp.text().await.is_err(), "and breaks off");
+
+        // Every other stream cut, the first of each two, with an error event.
+        mock.set_options(MockOptions {
+            fail_mid_stream_after: Some(2),
+            fail_mid_stream_rate: 0.5,
+            mid_stream_error: true,
+            ..MockOptions::default()
+        });
+        let mut bodies = Vec::new();
+        for _ in 0..4 {
+            let resp = client(false).post(&url).json(&body).send().await.unwrap();
+            bodies.push(
+                resp.text()
+                    .await
+                    .expect("an error event ends the body cleanly"),
+            );
+        }
+        for (i, text) in bodies.iter().enumerate() {
+            let data = data_lines(text);
+            if i % 2 == 0 {
+                assert_eq!(data.len(), 2, "{text}");
+                assert!(data[1].contains("\"error\""), "{text}");
+            } else {
+                assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+            }
+        }
     }
 }

@@ -26,6 +26,7 @@ use crate::{
         ratelimit::{Budget, REDIS_TIMEOUT},
         router::{Route, Routed, Router, Served},
         standing::Standing,
+        stream::{Deltas, StreamLimits},
     },
 };
 
@@ -185,7 +186,12 @@ impl Upstream {
                 usize::from(spec.max_inflight),
                 budget,
             );
-            let client = LlmClient::new(&spec, config.llm.max_response_bytes)?;
+            let client = LlmClient::new(&spec, config.llm.max_response_bytes)?.with_stream_limits(
+                StreamLimits {
+                    idle: std::time::Duration::from_secs(config.llm.stream_idle_timeout_secs),
+                    total: std::time::Duration::from_secs(config.llm.stream_max_secs),
+                },
+            );
             deployments.push(Deployment::new(&name, spec, client, flow, metrics.clone()));
             names.push(name);
         }
@@ -245,6 +251,9 @@ impl Upstream {
     /// while it waited for a slot or for its embedding batch to start: nothing was called,
     /// the request goes back to its queue. [`Outcome::Deferred`] when the call could not
     /// start within the hand-off time.
+    ///
+    /// With `deltas`, a chat call streams: each delta goes there as it arrives, and the
+    /// outcome is the same as without.
     pub async fn attempt(
         &self,
         job: &Job,
@@ -252,6 +261,7 @@ impl Upstream {
         attempt: u32,
         started: Instant,
         stop: &CancellationToken,
+        deltas: Option<&Deltas>,
     ) -> Option<Outcome> {
         let until = tokio::time::Instant::from_std(started) + self.hand_off_after;
         let deferred = || Outcome::Deferred {
@@ -272,7 +282,14 @@ impl Upstream {
                         tokens,
                         until,
                         stop.cancelled(),
-                        |client, model| async move { client.chat(&model, messages, params).await },
+                        |client, model| async move {
+                            match deltas {
+                                Some(deltas) => {
+                                    client.chat_stream(&model, messages, params, deltas).await
+                                }
+                                None => client.chat(&model, messages, params).await,
+                            }
+                        },
                     )
                     .await
                     .map(Answer::Chat)

@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 
 use std::collections::BTreeMap;
 
+use super::stream::{Deltas, StreamLimits};
 use crate::{
     config::{Secret, UpstreamConfig},
     contract::Usage,
@@ -162,6 +163,8 @@ pub struct LlmClient {
     api_key: Secret,
     /// `llm.max_response_bytes`: an answer is read up to this and refused beyond it.
     max_response_bytes: usize,
+    /// The timeouts of streamed calls.
+    stream: StreamLimits,
 }
 
 /// An upstream URL, parsed once rather than on every call (parsing showed up at 4% of the
@@ -194,6 +197,8 @@ struct Body<'a, T: Serialize + ?Sized> {
     key: &'static str,
     value: &'a T,
     params: &'a Map<String, Value>,
+    /// Ask for server-sent events, with usage in the last chunk.
+    stream: bool,
 }
 
 impl<T: Serialize + ?Sized> Serialize for Body<'_, T> {
@@ -206,6 +211,14 @@ impl<T: Serialize + ?Sized> Serialize for Body<'_, T> {
         }
         map.serialize_entry("model", self.model)?;
         map.serialize_entry(self.key, self.value)?;
+        // `stream` and `stream_options` are reserved: never among the params.
+        if self.stream {
+            map.serialize_entry("stream", &true)?;
+            map.serialize_entry(
+                "stream_options",
+                &serde_json::json!({"include_usage": true}),
+            )?;
+        }
         map.end()
     }
 }
@@ -256,7 +269,13 @@ impl LlmClient {
             auth,
             api_key: cfg.api_key.clone(),
             max_response_bytes,
+            stream: StreamLimits::default(),
         })
+    }
+
+    /// The same client with these timeouts for streamed calls.
+    pub fn with_stream_limits(self, stream: StreamLimits) -> Self {
+        Self { stream, ..self }
     }
 
     /// `POST {base_url}/chat/completions`.
@@ -271,55 +290,121 @@ impl LlmClient {
             key: "messages",
             value: messages,
             params,
+            stream: false,
         };
         let (answer, spent_for): (ChatResponse, _) = self.post(&self.chat_url, &body).await?;
-        // The first choice is read for the top-level fields; every choice is kept as sent.
-        let first = answer.choices.first().ok_or_else(|| LlmError::Permanent {
-            message: "upstream answer has no choices".into(),
-        })?;
-        let message = Some(
-            first
-                .get("message")
-                .and_then(Value::as_object)
-                .ok_or_else(|| LlmError::Permanent {
-                    message: "unparseable upstream answer: choices[0] has no message".into(),
-                })?,
-        );
-        let field = |name: &str| {
-            message
-                .and_then(|m| m.get(name))
-                .filter(|v| !v.is_null())
-                .cloned()
-        };
-        let content = match field("content") {
-            None => None,
-            Some(Value::String(text)) => Some(text),
-            Some(other) => {
-                return Err(LlmError::Permanent {
-                    message: format!(
-                        "unparseable upstream answer: choices[0].message.content is {}",
-                        crate::contract::request::json_type(&other)
-                    ),
-                });
-            }
-        };
-        let (tool_calls, refusal) = (field("tool_calls"), field("refusal"));
-        let finish_reason = first
-            .get("finish_reason")
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        Ok(ChatAnswer {
-            content,
-            tool_calls,
-            refusal,
-            model: answer.model.unwrap_or_else(|| model.to_string()),
-            usage: answer.usage,
-            finish_reason,
-            spent_for,
-            choices: answer.choices,
-        })
+        chat_answer(answer, model, spent_for)
     }
 
+    /// `POST {base_url}/chat/completions` with `stream: true`: each delta goes to `deltas`
+    /// as it arrives, and the whole answer is returned at the end
+    /// ([`super::stream::read`]). A server that answers whole instead is understood too: its
+    /// answer is handed on as one delta per choice.
+    pub async fn chat_stream(
+        &self,
+        model: &str,
+        messages: &[Value],
+        params: &Map<String, Value>,
+        deltas: &Deltas,
+    ) -> Result<ChatAnswer, LlmError> {
+        let body = Body {
+            model,
+            key: "messages",
+            value: messages,
+            params,
+            stream: true,
+        };
+        let limits = self.stream;
+        let until = tokio::time::Instant::now() + limits.total;
+        let sent = self.send(&self.chat_url, &body, Some(limits.total));
+        let idle = until.min(tokio::time::Instant::now() + limits.idle);
+        let (resp, spent_for) =
+            tokio::time::timeout_at(idle, sent)
+                .await
+                .map_err(|_| LlmError::Transient {
+                    message: format!(
+                        "no answer within {} s (llm.stream_idle_timeout_secs)",
+                        limits.idle.as_secs()
+                    ),
+                    retry_after: None,
+                    throttle: true,
+                })??;
+        let streamed = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+        if !streamed {
+            let (answer, spent_for) = self.parse::<ChatResponse>(resp, spent_for).await?;
+            let answer = chat_answer(answer, model, spent_for)?;
+            super::stream::pieces_of(&answer, deltas);
+            return Ok(answer);
+        }
+        let bytes = futures_util::StreamExt::map(resp.bytes_stream(), |chunk| {
+            chunk.map_err(classify_reqwest)
+        });
+        let mut answer =
+            super::stream::read(bytes, model, self.max_response_bytes, limits, until, deltas)
+                .await?;
+        answer.spent_for = spent_for;
+        Ok(answer)
+    }
+}
+
+/// A chat completion's answer read: the first choice for the top-level fields, every choice
+/// kept as sent.
+fn chat_answer(
+    answer: ChatResponse,
+    model: &str,
+    spent_for: Option<Duration>,
+) -> Result<ChatAnswer, LlmError> {
+    let first = answer.choices.first().ok_or_else(|| LlmError::Permanent {
+        message: "upstream answer has no choices".into(),
+    })?;
+    let message = Some(
+        first
+            .get("message")
+            .and_then(Value::as_object)
+            .ok_or_else(|| LlmError::Permanent {
+                message: "unparseable upstream answer: choices[0] has no message".into(),
+            })?,
+    );
+    let field = |name: &str| {
+        message
+            .and_then(|m| m.get(name))
+            .filter(|v| !v.is_null())
+            .cloned()
+    };
+    let content = match field("content") {
+        None => None,
+        Some(Value::String(text)) => Some(text),
+        Some(other) => {
+            return Err(LlmError::Permanent {
+                message: format!(
+                    "unparseable upstream answer: choices[0].message.content is {}",
+                    crate::contract::request::json_type(&other)
+                ),
+            });
+        }
+    };
+    let (tool_calls, refusal) = (field("tool_calls"), field("refusal"));
+    let finish_reason = first
+        .get("finish_reason")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    Ok(ChatAnswer {
+        content,
+        tool_calls,
+        refusal,
+        model: answer.model.unwrap_or_else(|| model.to_string()),
+        usage: answer.usage,
+        finish_reason,
+        spent_for,
+        choices: answer.choices,
+    })
+}
+
+impl LlmClient {
     /// `POST {base_url}/embeddings`.
     pub async fn embed(
         &self,
@@ -332,6 +417,7 @@ impl LlmClient {
             key: "input",
             value: input,
             params,
+            stream: false,
         };
         let (answer, spent_for): (EmbeddingResponse, _) =
             self.post(&self.embeddings_url, &body).await?;
@@ -361,6 +447,41 @@ impl LlmClient {
         url: &Endpoint,
         body: &impl Serialize,
     ) -> Result<(T, Option<Duration>), LlmError> {
+        let (resp, spent_for) = self.send(url, body, None).await?;
+        self.parse(resp, spent_for).await
+    }
+
+    /// Reads a successful answer whole (at most `llm.max_response_bytes`) and parses it.
+    async fn parse<T: for<'de> Deserialize<'de>>(
+        &self,
+        resp: reqwest::Response,
+        spent_for: Option<Duration>,
+    ) -> Result<(T, Option<Duration>), LlmError> {
+        let limit = self.max_response_bytes;
+        let (bytes, cut) = read_bounded(resp, limit).await.map_err(classify_reqwest)?;
+        if cut {
+            return Err(LlmError::Permanent {
+                message: format!(
+                    "upstream answer larger than llm.max_response_bytes ({limit} bytes); not read \
+                     further"
+                ),
+            });
+        }
+        let parsed = serde_json::from_slice(&bytes).map_err(|e| LlmError::Permanent {
+            message: format!("unparseable upstream answer: {e}"),
+        })?;
+        Ok((parsed, spent_for))
+    }
+
+    /// Posts `body` (with `timeout` in place of the deployment's, for a stream) and returns
+    /// a successful answer unread, with how long the deployment's rate-limit budget stays
+    /// spent if this call spent it; a failed one is read (its error text) and classified.
+    async fn send(
+        &self,
+        url: &Endpoint,
+        body: &impl Serialize,
+        timeout: Option<Duration>,
+    ) -> Result<(reqwest::Response, Option<Duration>), LlmError> {
         let body = serde_json::to_vec(body).map_err(|e| LlmError::Permanent {
             message: format!("cannot serialize the request: {e}"),
         })?;
@@ -382,37 +503,29 @@ impl LlmClient {
         } else if !self.api_key.is_empty() {
             req = req.bearer_auth(self.api_key.expose());
         }
+        if let Some(timeout) = timeout {
+            req = req.timeout(timeout);
+        }
         let resp = req.send().await.map_err(classify_reqwest)?;
         let status = resp.status();
         let spent_for = spent_for(resp.headers());
+        if status.is_success() {
+            return Ok((resp, spent_for));
+        }
         let retry_after = retry_after(resp.headers()).or(spent_for);
-        let limit = if status.is_success() {
-            self.max_response_bytes
-        } else {
-            MAX_ERROR_BODY.min(self.max_response_bytes)
-        };
-        let (bytes, cut) = read_bounded(resp, limit).await.map_err(classify_reqwest)?;
-        if !status.is_success() {
-            return Err(classify_failure(status, &bytes, retry_after));
-        }
-        if cut {
-            return Err(LlmError::Permanent {
-                message: format!(
-                    "upstream answer larger than llm.max_response_bytes ({limit} bytes); not read \
-                     further"
-                ),
-            });
-        }
-        let parsed = serde_json::from_slice(&bytes).map_err(|e| LlmError::Permanent {
-            message: format!("unparseable upstream answer: {e}"),
-        })?;
-        Ok((parsed, spent_for))
+        let limit = MAX_ERROR_BODY.min(self.max_response_bytes);
+        let (bytes, _) = read_bounded(resp, limit).await.map_err(classify_reqwest)?;
+        Err(classify_failure(status, &bytes, retry_after))
     }
 }
 
 /// The class of a failed answer, from its status and its error body (`error.type`,
 /// `error.code`, `error.message`, as OpenAI, Azure, vLLM and LiteLLM send them).
-fn classify_failure(status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> LlmError {
+pub(crate) fn classify_failure(
+    status: StatusCode,
+    body: &[u8],
+    retry_after: Option<Duration>,
+) -> LlmError {
     // Scrubbed before the final cut, so that a key at the cut is still recognised whole;
     // the generous first cut keeps the scrub's work bounded.
     let text = String::from_utf8_lossy(&body[..body.len().min(4 * MAX_ERROR_TEXT)]);
@@ -642,6 +755,7 @@ mod tests {
             key: "messages",
             value: &messages[..],
             params: &params,
+            stream: false,
         };
         let text = serde_json::to_string(&body).expect("serializes");
         assert_eq!(
@@ -649,6 +763,14 @@ mod tests {
             serde_json::json!({"model": "m", "temperature": 0.5, "messages": [{"role": "user", "content": "hi"}]})
         );
         assert_eq!(text.matches("\"model\"").count(), 1, "{text}");
+        let streamed = Body {
+            stream: true,
+            ..body
+        };
+        assert_eq!(
+            serde_json::to_value(&streamed).expect("serializes"),
+            serde_json::json!({"model": "m", "temperature": 0.5, "messages": [{"role": "user", "content": "hi"}], "stream": true, "stream_options": {"include_usage": true}})
+        );
     }
 
     async fn client_of(

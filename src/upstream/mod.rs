@@ -8,6 +8,8 @@
 //! - `flow` and `ratelimit`: its concurrency limit (AIMD) and its per-minute budgets;
 //! - `client` and `scrub`: the OpenAI-compatible HTTP client, classifying every failure
 //!   once, and the secrets kept out of error texts.
+//! - `stream`: a streamed chat answer (server-sent events), its deltas handed on as they
+//!   arrive and merged into the whole answer.
 
 pub mod batch;
 pub mod call;
@@ -18,3 +20,4 @@ pub mod ratelimit;
 pub mod router;
 pub mod scrub;
 pub mod standing;
+pub mod stream;

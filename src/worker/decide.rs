@@ -47,6 +47,9 @@ pub struct Input<'a> {
     pub invalid: Option<&'a InvalidRequest>,
     /// The broker redelivers this message: an earlier delivery of it was never settled.
     pub redelivered: bool,
+    /// The request streams to its `reply_to`: a delivery that was never settled may have
+    /// sent deltas under its attempt's number, so that attempt counts.
+    pub streams: bool,
     /// Unsettled redeliveries counted before this delivery (its header).
     pub redeliveries: u32,
     /// Upstream attempts made for this request, counting earlier deliveries.
@@ -178,7 +181,7 @@ pub fn decide(i: &Input<'_>) -> Decision {
         }
         return Decision::Republish(Republish {
             to: Destination::Requeue,
-            attempts: i.attempts,
+            attempts: i.attempts.saturating_add(u32::from(i.streams)),
             redeliveries,
             reason: "redelivered".into(),
         });
@@ -411,6 +414,7 @@ mod tests {
         Input {
             invalid: None,
             redelivered: false,
+            streams: false,
             redeliveries: 0,
             attempts: 0,
             not_before_ms: None,
@@ -983,6 +987,18 @@ mod tests {
                 reason: "redelivered".into(),
             }),
             "the attempt count is left alone"
+        );
+        // A stream's unsettled attempt may have sent deltas under its number: it counts,
+        // so that the next attempt's deltas have ids of their own.
+        let streamed = Input { streams: true, ..i };
+        assert_eq!(
+            decide(&streamed),
+            Decision::Republish(Republish {
+                to: Destination::Requeue,
+                attempts: 2,
+                redeliveries: 3,
+                reason: "redelivered".into(),
+            })
         );
     }
 

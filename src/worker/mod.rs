@@ -19,6 +19,7 @@ pub mod health;
 mod lifecycle;
 pub mod policy;
 mod settle;
+mod stream;
 mod subscribe;
 
 use std::{sync::Arc, time::Duration};
@@ -103,7 +104,7 @@ impl Worker {
                 .clone()
                 .keep_in_sync(shutdown.clone(), crate::runtime::clock::unix_now_ms),
         );
-        let lease = Duration::from_secs(config.longest_call_secs())
+        let lease = Duration::from_secs(config.longest_attempt_secs())
             + Duration::from_millis(config.retry.inline_max_ms)
             + Duration::from_secs(10);
         let store = Store::new(&config.idempotency, lease)?;

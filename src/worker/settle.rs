@@ -35,7 +35,7 @@ use crate::{
     runtime::clock::{unix_now, unix_now_ms},
     store::idempotency,
     upstream::{call::Outcome, router::Route},
-    worker::cancel::Watch,
+    worker::{cancel::Watch, stream},
 };
 
 /// Settles one delivery; a panic anywhere in it dead-letters the delivery, so it is neither
@@ -79,6 +79,9 @@ async fn settle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Del
         delivery_tag = delivery.delivery_tag,
     );
     let key = identity.scope(&request_id);
+    let route = route_of(delivery, &request_id, &ctx.rules.reply_to);
+    // Without a reply_to there is nowhere to stream to: only the result goes out.
+    let streams = route.reply_to.is_some() && parsed.as_ref().is_ok_and(|job| job.stream);
     // Watched while it is settled here; a cancel heard before it was reached (here, or
     // with the Redis store anywhere) is a tombstone.
     let watch = ctx.cancels.watch(&key);
@@ -92,7 +95,11 @@ async fn settle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Del
         key,
         watch,
         tombstoned,
-        route: route_of(delivery, &request_id, &ctx.rules.reply_to),
+        route,
+        streams,
+        // A delivery its worker never settled may have streamed under its attempt.
+        restart: retry.streamed || (streams && delivery.redelivered),
+        progress: stream::Progress::default(),
         attempts: prior,
         redeliveries: retry.redeliveries,
         first_failure: retry.first_failure,
@@ -122,6 +129,13 @@ struct Settling<'a> {
     /// The caller cancelled it before it was reached.
     tombstoned: bool,
     route: ReplyRoute,
+    /// Deltas of the answer go to `reply_to` as it is generated.
+    streams: bool,
+    /// An earlier attempt may have sent deltas that no restart marker has cleared since:
+    /// the next attempt sends one first. Travels in [`RetryState::streamed`].
+    restart: bool,
+    /// What the running attempt has streamed.
+    progress: stream::Progress,
     /// Upstream attempts made for this request, counting earlier deliveries.
     attempts: u32,
     /// Unsettled redeliveries counted before this delivery.
@@ -174,6 +188,7 @@ impl Settling<'_> {
             let decision = decide(&Input {
                 invalid: invalid.as_ref(),
                 redelivered: self.delivery.redelivered,
+                streams: self.streams,
                 redeliveries: self.redeliveries,
                 attempts: self.attempts,
                 not_before_ms,
@@ -212,12 +227,20 @@ impl Settling<'_> {
                         attempted = self.attempt(job, route, started) => Some(attempted),
                         () = self.watch.cancelled() => None,
                     };
+                    let streamed = self.streamed();
                     match attempted {
                         Some(Some(outcome)) => {
                             body = self.record(&outcome);
                             produced = Some(outcome);
                         }
-                        Some(None) => stopping = true,
+                        Some(None) => {
+                            // A stream cut off by the shutdown deadline was paid for, and
+                            // its deltas went out under this attempt's number.
+                            if streamed {
+                                self.attempts += 1;
+                            }
+                            stopping = true;
+                        }
                         None => info!("cancelled by its caller mid-call"),
                     }
                 }
@@ -316,15 +339,52 @@ impl Settling<'_> {
         }
     }
 
+    /// Whether the attempt just made sent deltas, and what the next one must do about it:
+    /// a restart marker clears what came before; deltas sent call for a marker next time.
+    fn streamed(&mut self) -> bool {
+        let progress = std::mem::take(&mut self.progress);
+        let (marked, delta) = (progress.marked.into_inner(), progress.delta.into_inner());
+        if marked {
+            self.restart = false;
+        }
+        if delta {
+            self.restart = true;
+        }
+        delta
+    }
+
     /// The next upstream attempt, or `None` when shutdown came first (while it waited for a
-    /// slot, or past the deadline mid-call).
+    /// slot, or past the deadline mid-call). A streamed one sends its deltas to `reply_to`
+    /// as they come, all of them confirmed before it returns.
     async fn attempt(&self, job: &Job, route: &mut Route, started: Instant) -> Option<Outcome> {
         let ctx = self.ctx;
         let attempt = self.attempts + 1;
-        let call = AssertUnwindSafe(
-            ctx.upstream
-                .attempt(job, route, attempt, started, &ctx.stop),
-        );
+        let upstream = &ctx.upstream;
+        let call = async move {
+            if !self.streams {
+                return upstream
+                    .attempt(job, route, attempt, started, &ctx.stop, None)
+                    .await;
+            }
+            let (deltas, pieces) = tokio::sync::mpsc::unbounded_channel();
+            let out = stream::Out {
+                publisher: self.publisher,
+                route: &self.route,
+                attempt,
+                flush: ctx.config.stream.flush(),
+                indexed: job.choices() > 1,
+            };
+            let call = async move {
+                // Dropping the sender at the end of the call ends the forwarding.
+                let deltas = deltas;
+                upstream
+                    .attempt(job, route, attempt, started, &ctx.stop, Some(&deltas))
+                    .await
+            };
+            let forward = stream::forward(out, pieces, self.restart, &self.progress);
+            futures_util::future::join(call, forward).await.0
+        };
+        let call = AssertUnwindSafe(call);
         let mut call = std::pin::pin!(call.catch_unwind());
         // A call still running at the request's deadline is cut off there (dropping it
         // gives back its slot and its token estimate).
@@ -460,6 +520,7 @@ impl Settling<'_> {
             first_failure: self.first_failure,
             not_before_ms: None,
             rate_limited_since_ms: self.rate_limited_since_ms,
+            streamed: self.restart,
         };
         let published = match to.to {
             Destination::RetryTier { after } => {
@@ -570,6 +631,7 @@ impl Settling<'_> {
             first_failure: self.first_failure,
             not_before_ms: None,
             rate_limited_since_ms: self.rate_limited_since_ms,
+            streamed: self.restart,
         };
         give_back(self.ctx, self.publisher, self.kind, self.delivery, state).await;
     }

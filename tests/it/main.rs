@@ -16,6 +16,7 @@ mod helpers;
 mod interop;
 mod ops;
 mod routing;
+mod streaming;
 mod tls;
 mod upstreams;
 mod validation;

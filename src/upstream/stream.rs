@@ -1,0 +1,687 @@
+//! A streamed chat answer (`stream: true`): the upstream's server-sent events read as they
+//! arrive, each chunk's delta handed on as a [`Piece`] (for the worker to publish to
+//! `reply_to`), and merged into the whole answer, which ends as the same [`ChatAnswer`] a
+//! call without streaming returns.
+//!
+//! The events are parsed by `eventsource-stream` over reqwest's byte stream: one HTTP call,
+//! one stream, never a reconnect (each would be a new, billed call). What any
+//! OpenAI-compatible server sends is understood: `data:` lines, comments and keep-alives,
+//! `[DONE]`, a usage-only last chunk with empty `choices`, tool-call deltas split across
+//! chunks, and an `error` event in place of a chunk.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use bytes::Bytes;
+use eventsource_stream::{EventStreamError, Eventsource};
+use futures_util::{Stream, StreamExt};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use super::client::{ChatAnswer, LlmError};
+use crate::contract::Usage;
+
+/// Where the deltas of a streamed answer go, in the order they came.
+pub type Deltas = mpsc::UnboundedSender<Piece>;
+
+/// The timeouts of a streamed call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Longest silence: before the answer's headers, and between two chunks
+    /// (`llm.stream_idle_timeout_secs`). Comments count: they are how proxies keep a
+    /// stream alive.
+    pub idle: Duration,
+    /// Longest stream, from the call to its last chunk (`llm.stream_max_secs`).
+    pub total: Duration,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self {
+            idle: Duration::from_secs(60),
+            total: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What one chunk added to one choice: its `delta` without the role (`content`,
+/// `refusal` or `tool_calls` fragments), in the OpenAI chunk shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Piece {
+    /// The choice's `index`.
+    pub index: u64,
+    /// The fragment.
+    pub delta: Map<String, Value>,
+}
+
+impl Piece {
+    /// Appends a later piece of the same choice: texts joined, tool-call fragments merged by
+    /// their `index`, so that a coalesced delta reads as one chunk would.
+    pub fn absorb(&mut self, later: Piece) {
+        merge(&mut self.delta, later.delta);
+    }
+}
+
+/// Merges `delta` into `acc` as streamed chat deltas accumulate (as OpenAI's own SDKs do):
+/// strings are appended, except `index`, `type`, `id` and `role`, which are set; objects
+/// merge; list items with an `index` merge into the item of the same index, others are
+/// appended; nulls change nothing.
+pub fn merge(acc: &mut Map<String, Value>, delta: Map<String, Value>) {
+    for (key, value) in delta {
+        if value.is_null() {
+            continue;
+        }
+        let Some(slot) = acc.get_mut(&key) else {
+            acc.insert(key, value);
+            continue;
+        };
+        match (slot, value) {
+            (slot, value) if matches!(key.as_str(), "index" | "type" | "id" | "role") => {
+                *slot = value;
+            }
+            (Value::String(s), Value::String(more)) => s.push_str(&more),
+            (Value::Object(inner), Value::Object(more)) => merge(inner, more),
+            (Value::Array(items), Value::Array(more)) => {
+                for item in more {
+                    let at = item
+                        .get("index")
+                        .and_then(|i| items.iter().position(|have| have.get("index") == Some(i)));
+                    match (at, item) {
+                        (Some(at), Value::Object(item)) => {
+                            if let Value::Object(have) = &mut items[at] {
+                                merge(have, item);
+                            }
+                        }
+                        (_, item) => items.push(item),
+                    }
+                }
+            }
+            (slot, value) => *slot = value,
+        }
+    }
+}
+
+/// One choice as its chunks built it.
+#[derive(Debug, Default)]
+struct Choice {
+    /// The message's fields merged from every delta (role included).
+    message: Map<String, Value>,
+    finish_reason: Option<Value>,
+    /// `logprobs.content` items, in order.
+    logprobs: Option<Vec<Value>>,
+}
+
+/// The answer being assembled from the chunks.
+#[derive(Debug, Default)]
+struct Assembly {
+    choices: BTreeMap<u64, Choice>,
+    model: Option<String>,
+    usage: Option<Usage>,
+    /// Pieces handed on so far: after the first, any failure is transient, since the
+    /// caller has seen part of an answer and only a new attempt (with its restart marker)
+    /// can replace it.
+    pieces: u64,
+}
+
+impl Assembly {
+    /// Takes one chunk: merges its deltas and hands each non-empty one on.
+    fn chunk(&mut self, chunk: Value, deltas: &Deltas) -> Result<(), LlmError> {
+        let Value::Object(mut chunk) = chunk else {
+            return Err(unparseable("a chunk is not a JSON object"));
+        };
+        if let Some(error) = chunk.remove("error") {
+            return Err(stream_error(&error));
+        }
+        if self.model.is_none()
+            && let Some(Value::String(model)) = chunk.remove("model")
+        {
+            self.model = Some(model);
+        }
+        if let Some(usage) = chunk.remove("usage").filter(|u| !u.is_null()) {
+            self.usage = Some(
+                serde_json::from_value(usage)
+                    .map_err(|e| unparseable(&format!("a chunk's usage: {e}")))?,
+            );
+        }
+        let choices = match chunk.remove("choices") {
+            None | Some(Value::Null) => return Ok(()),
+            Some(Value::Array(choices)) => choices,
+            Some(_) => return Err(unparseable("a chunk's choices is not a list")),
+        };
+        for choice in choices {
+            let Value::Object(mut choice) = choice else {
+                return Err(unparseable("a chunk's choice is not an object"));
+            };
+            let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let have = self.choices.entry(index).or_default();
+            if let Some(reason) = choice.remove("finish_reason").filter(|r| !r.is_null()) {
+                have.finish_reason = Some(reason);
+            }
+            if let Some(Value::Array(items)) = choice
+                .remove("logprobs")
+                .and_then(|mut l| l.get_mut("content").map(Value::take))
+            {
+                have.logprobs.get_or_insert_with(Vec::new).extend(items);
+            }
+            let delta = match choice.remove("delta") {
+                Some(Value::Object(delta)) => delta,
+                None | Some(Value::Null) => continue,
+                Some(_) => return Err(unparseable("a chunk's delta is not an object")),
+            };
+            let piece: Map<String, Value> = delta
+                .iter()
+                .filter(|(key, value)| key.as_str() != "role" && carries(value))
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect();
+            merge(&mut have.message, delta);
+            if !piece.is_empty() {
+                self.pieces += 1;
+                // A caller that stopped listening leaves the answer to be assembled.
+                let _ = deltas.send(Piece {
+                    index,
+                    delta: piece,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole answer, as a call without streaming returns it: every choice as
+    /// `{index, message, logprobs, finish_reason}`.
+    fn finish(self, requested: &str) -> Result<ChatAnswer, LlmError> {
+        let mut choices = Vec::with_capacity(self.choices.len());
+        for (index, choice) in self.choices {
+            let mut message = choice.message;
+            message
+                .entry("role")
+                .or_insert_with(|| Value::String("assistant".into()));
+            let tool_calls = message.get_mut("tool_calls").and_then(Value::as_array_mut);
+            let has_tools = tool_calls.as_ref().is_some_and(|t| !t.is_empty());
+            // A non-streamed message's tool calls carry no `index`.
+            for call in tool_calls.into_iter().flatten() {
+                if let Value::Object(call) = call {
+                    call.remove("index");
+                }
+            }
+            // As a non-streamed answer says it: no text beside tool calls is `null`.
+            let empty = message
+                .get("content")
+                .is_none_or(|c| c.as_str().is_some_and(str::is_empty) || c.is_null());
+            if empty {
+                let content = if has_tools {
+                    Value::Null
+                } else {
+                    Value::String(String::new())
+                };
+                message.insert("content".into(), content);
+            }
+            choices.push(serde_json::json!({
+                "index": index,
+                "message": message,
+                "logprobs": choice.logprobs.map(|content| serde_json::json!({"content": content})),
+                "finish_reason": choice.finish_reason,
+            }));
+        }
+        let first = choices
+            .first()
+            .ok_or_else(|| unparseable("the stream carried no choice"))?;
+        let message = &first["message"];
+        let field = |name: &str| Some(message[name].clone()).filter(|v| !v.is_null());
+        let content = match field("content") {
+            None => None,
+            Some(Value::String(text)) => Some(text),
+            Some(_) => return Err(unparseable("choices[0]'s content is not text")),
+        };
+        Ok(ChatAnswer {
+            content,
+            tool_calls: field("tool_calls"),
+            refusal: field("refusal"),
+            finish_reason: first["finish_reason"].as_str().map(str::to_string),
+            model: self.model.unwrap_or_else(|| requested.to_string()),
+            usage: self.usage,
+            spent_for: None,
+            choices,
+        })
+    }
+
+    /// Whether every choice has said why it ended: a stream that stops there without
+    /// `[DONE]` (as a few servers do) is complete.
+    fn finished(&self) -> bool {
+        !self.choices.is_empty() && self.choices.values().all(|c| c.finish_reason.is_some())
+    }
+}
+
+/// Whether a delta field adds anything: a non-empty text, list or object.
+fn carries(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        _ => true,
+    }
+}
+
+fn unparseable(what: &str) -> LlmError {
+    LlmError::Permanent {
+        message: format!("unparseable upstream stream: {what}"),
+    }
+}
+
+/// An `error` sent in the stream, classified as if it had come as the answer's status:
+/// its numeric `code` when it has one, else a server error.
+fn stream_error(error: &Value) -> LlmError {
+    let status = error
+        .get("code")
+        .and_then(Value::as_u64)
+        .and_then(|c| u16::try_from(c).ok())
+        .and_then(|c| reqwest::StatusCode::from_u16(c).ok())
+        .filter(|s| s.is_client_error() || s.is_server_error())
+        .unwrap_or(reqwest::StatusCode::BAD_GATEWAY);
+    let body = serde_json::json!({ "error": error }).to_string();
+    super::client::classify_failure(status, body.as_bytes(), None)
+}
+
+/// Why the byte stream stopped.
+#[derive(Debug)]
+enum Cut {
+    /// The transport failed (classified already).
+    Failed(LlmError),
+    /// More than the answer may hold.
+    TooLarge(usize),
+}
+
+impl std::fmt::Display for Cut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cut::Failed(e) => e.fmt(f),
+            Cut::TooLarge(limit) => write!(f, "over {limit} bytes"),
+        }
+    }
+}
+
+/// Reads a stream of server-sent events to its end (`[DONE]`), handing each delta to
+/// `deltas` as it comes, and returns the whole answer. At most `max_bytes` are read; a
+/// silence longer than `limits.idle`, or a stream still running at `until`, is cut off.
+///
+/// A failure after the first delta was handed on is always [`LlmError::Transient`]: the
+/// caller holds part of an answer, which only a new attempt can replace.
+pub async fn read<S>(
+    bytes: S,
+    requested: &str,
+    max_bytes: usize,
+    limits: StreamLimits,
+    until: tokio::time::Instant,
+    deltas: &Deltas,
+) -> Result<ChatAnswer, LlmError>
+where
+    S: Stream<Item = Result<Bytes, LlmError>>,
+{
+    let mut seen = 0usize;
+    // When the last bytes came, in ms from `start`: comments and keep-alives make no event,
+    // yet they show the stream is alive.
+    let start = tokio::time::Instant::now();
+    let heard = std::sync::atomic::AtomicU64::new(0);
+    let bounded = bytes.map(|chunk| {
+        let chunk = chunk.map_err(Cut::Failed)?;
+        let now = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        heard.store(now, std::sync::atomic::Ordering::Relaxed);
+        seen = seen.saturating_add(chunk.len());
+        if seen > max_bytes {
+            return Err(Cut::TooLarge(max_bytes));
+        }
+        Ok(chunk)
+    });
+    let events = bounded.eventsource();
+    let mut events = std::pin::pin!(events);
+    let mut answer = Assembly::default();
+    let outcome = loop {
+        let last = start + Duration::from_millis(heard.load(std::sync::atomic::Ordering::Relaxed));
+        let next = tokio::time::timeout_at(until.min(last + limits.idle), events.next());
+        let event = match next.await {
+            Ok(Some(Ok(event))) => event,
+            Ok(Some(Err(e))) => break Err(broken(e)),
+            Ok(None) if answer.finished() => break Ok(()),
+            Ok(None) => break Err(transient("the stream ended before [DONE]".into(), false)),
+            Err(_) if tokio::time::Instant::now() >= until => {
+                break Err(transient(
+                    format!(
+                        "the stream ran longer than llm.stream_max_secs ({} s)",
+                        limits.total.as_secs()
+                    ),
+                    true,
+                ));
+            }
+            // Bytes came meanwhile (a comment): not idle. Waiting for the next event again
+            // loses nothing: the parser keeps what it has read.
+            Err(_)
+                if heard.load(std::sync::atomic::Ordering::Relaxed)
+                    > u64::try_from((last - start).as_millis()).unwrap_or(u64::MAX) =>
+            {
+                continue;
+            }
+            Err(_) => {
+                break Err(transient(
+                    format!(
+                        "no chunk for {} s (llm.stream_idle_timeout_secs)",
+                        limits.idle.as_secs()
+                    ),
+                    true,
+                ));
+            }
+        };
+        let data = event.data.trim();
+        if data == "[DONE]" {
+            break Ok(());
+        }
+        // An event without data (a named ping, a bare `event:` line) carries nothing.
+        if data.is_empty() {
+            continue;
+        }
+        let chunk = match serde_json::from_str(data) {
+            Ok(chunk) => chunk,
+            Err(e) => break Err(unparseable(&format!("a chunk is not JSON: {e}"))),
+        };
+        if let Err(e) = answer.chunk(chunk, deltas) {
+            break Err(e);
+        }
+    };
+    match outcome {
+        Ok(()) => answer.finish(requested),
+        Err(e) if answer.pieces > 0 && !matches!(e, LlmError::Transient { .. }) => {
+            Err(transient(format!("after part of the answer: {e}"), false))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn transient(message: String, throttle: bool) -> LlmError {
+    LlmError::Transient {
+        message,
+        retry_after: None,
+        throttle,
+    }
+}
+
+/// A stream that broke off: a transport failure keeps its class; an answer over the size
+/// limit is permanent, as it is without streaming.
+fn broken(e: EventStreamError<Cut>) -> LlmError {
+    match e {
+        EventStreamError::Transport(Cut::Failed(e)) => match e {
+            LlmError::Transient {
+                message,
+                retry_after,
+                throttle,
+            } => LlmError::Transient {
+                message: format!("the stream broke off: {message}"),
+                retry_after,
+                throttle,
+            },
+            other => other,
+        },
+        EventStreamError::Transport(Cut::TooLarge(limit)) => LlmError::Permanent {
+            message: format!(
+                "upstream answer larger than llm.max_response_bytes ({limit} bytes); not read \
+                 further"
+            ),
+        },
+        EventStreamError::Utf8(e) => unparseable(&format!("not UTF-8: {e}")),
+        EventStreamError::Parser(e) => unparseable(&format!("not server-sent events: {e}")),
+    }
+}
+
+/// Hands on the text and tool calls of an answer that came whole although a stream was
+/// asked for (a server that does not stream): one piece per choice.
+pub fn pieces_of(answer: &ChatAnswer, deltas: &Deltas) {
+    for choice in &answer.choices {
+        let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
+        let Some(Value::Object(message)) = choice.get("message") else {
+            continue;
+        };
+        let mut delta: Map<String, Value> = message
+            .iter()
+            .filter(|(key, value)| {
+                matches!(key.as_str(), "content" | "refusal" | "tool_calls") && carries(value)
+            })
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        // Streamed tool-call fragments carry their position.
+        if let Some(Value::Array(calls)) = delta.get_mut("tool_calls") {
+            for (i, call) in calls.iter_mut().enumerate() {
+                if let Value::Object(call) = call {
+                    call.entry("index").or_insert_with(|| Value::from(i));
+                }
+            }
+        }
+        if !delta.is_empty() {
+            let _ = deltas.send(Piece { index, delta });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// Reads `body` as a stream split into `split`-byte chunks, with the pieces it handed on.
+    async fn read_body(body: &str, split: usize) -> (Result<ChatAnswer, LlmError>, Vec<Piece>) {
+        let parts: Vec<Result<Bytes, LlmError>> = body
+            .as_bytes()
+            .chunks(split)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        let answer = read(
+            futures_util::stream::iter(parts),
+            "asked",
+            1 << 20,
+            StreamLimits::default(),
+            until,
+            &tx,
+        )
+        .await;
+        drop(tx);
+        let mut pieces = Vec::new();
+        while let Some(p) = rx.recv().await {
+            pieces.push(p);
+        }
+        (answer, pieces)
+    }
+
+    fn event(chunk: Value) -> String {
+        format!("data: {chunk}\n\n")
+    }
+
+    fn delta(index: u64, delta: Value) -> Value {
+        json!({"model": "m-1", "choices": [{"index": index, "delta": delta, "finish_reason": null}]})
+    }
+
+    #[tokio::test]
+    async fn text_tool_calls_and_usage_whatever_the_byte_boundaries() {
+        let body = [
+            ": keep-alive\n\n".to_string(),
+            event(delta(0, json!({"role": "assistant", "content": ""}))),
+            event(delta(0, json!({"content": "Hel"}))),
+            "event: ping\ndata: \n\n".to_string(),
+            event(delta(0, json!({"content": "lo"}))),
+            event(delta(
+                0,
+                json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}]}),
+            )),
+            event(delta(
+                0,
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\":"}}]}),
+            )),
+            event(delta(
+                0,
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
+            )),
+            event(json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})),
+            event(
+                json!({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}),
+            ),
+            "data: [DONE]\n\n".to_string(),
+        ]
+        .concat();
+        for split in [1, 3, 7, 64, body.len()] {
+            let (answer, pieces) = read_body(&body, split).await;
+            let answer = answer.expect("an answer");
+            assert_eq!(answer.content.as_deref(), Some("Hello"), "split {split}");
+            assert_eq!(
+                answer.tool_calls,
+                Some(
+                    json!([{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}])
+                )
+            );
+            assert_eq!(answer.finish_reason.as_deref(), Some("tool_calls"));
+            assert_eq!(answer.model, "m-1");
+            assert_eq!(answer.usage.as_ref().and_then(Usage::total), Some(7));
+            assert_eq!(answer.choices.len(), 1);
+            // The role-only chunk hands nothing on; every other delta does, as it came.
+            assert_eq!(pieces.len(), 5, "split {split}");
+            assert_eq!(
+                pieces[0].delta,
+                json!({"content": "Hel"}).as_object().cloned().unwrap()
+            );
+            let mut joined = pieces[0].clone();
+            for p in pieces[1..].iter().cloned() {
+                joined.absorb(p);
+            }
+            assert_eq!(
+                Value::Object(joined.delta),
+                json!({"content": "Hello", "tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]})
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn several_choices_are_kept_apart() {
+        let body = [
+            event(delta(0, json!({"content": "a"}))),
+            event(delta(1, json!({"content": "b"}))),
+            event(delta(0, json!({"content": "c"}))),
+            event(
+                json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}, {"index": 1, "delta": {}, "finish_reason": "length"}]}),
+            ),
+            "data: [DONE]\n\n".into(),
+        ]
+        .concat();
+        let (answer, pieces) = read_body(&body, 5).await;
+        let answer = answer.expect("an answer");
+        assert_eq!(answer.content.as_deref(), Some("ac"));
+        assert_eq!(
+            answer.choices[1],
+            json!({"index": 1, "message": {"role": "assistant", "content": "b"}, "logprobs": null, "finish_reason": "length"})
+        );
+        let indices: Vec<u64> = pieces.iter().map(|p| p.index).collect();
+        assert_eq!(indices, [0, 1, 0]);
+    }
+
+    #[tokio::test]
+    async fn an_error_event_is_classified_and_is_transient_after_a_delta() {
+        let quota = event(
+            json!({"error": {"message": "You exceeded your quota", "type": "insufficient_quota", "code": 429}}),
+        );
+        let (answer, _) = read_body(&quota, 8).await;
+        assert!(
+            matches!(answer, Err(LlmError::QuotaExhausted { .. })),
+            "{answer:?}"
+        );
+        let bad =
+            event(json!({"error": {"message": "bad", "type": "BadRequestError", "code": 400}}));
+        let (answer, _) = read_body(&bad, 8).await;
+        assert!(
+            matches!(answer, Err(LlmError::Permanent { .. })),
+            "{answer:?}"
+        );
+        let after = [event(delta(0, json!({"content": "par"}))), bad].concat();
+        let (answer, pieces) = read_body(&after, 8).await;
+        assert!(
+            matches!(answer, Err(LlmError::Transient { .. })),
+            "{answer:?}"
+        );
+        assert_eq!(pieces.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_stops_before_done_is_transient_unless_every_choice_finished() {
+        let cut = event(delta(0, json!({"content": "par"})));
+        let (answer, _) = read_body(&cut, 4).await;
+        let Err(LlmError::Transient { message, .. }) = answer else {
+            panic!("{answer:?}")
+        };
+        assert!(message.contains("before [DONE]"), "{message}");
+        let finished = [
+            cut,
+            event(json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})),
+        ]
+        .concat();
+        let (answer, _) = read_body(&finished, 4).await;
+        assert_eq!(answer.expect("complete").content.as_deref(), Some("par"));
+    }
+
+    #[tokio::test]
+    async fn garbage_and_oversized_streams_are_refused() {
+        let (answer, _) = read_body("data: {not json\n\n", 4).await;
+        assert!(
+            matches!(answer, Err(LlmError::Permanent { .. })),
+            "{answer:?}"
+        );
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let huge = futures_util::stream::repeat_with(|| Ok(Bytes::from_static(b"data: xxxxxxxx")));
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        let answer = read(huge, "m", 4096, StreamLimits::default(), until, &tx).await;
+        let Err(LlmError::Permanent { message }) = answer else {
+            panic!("{answer:?}")
+        };
+        assert!(message.contains("llm.max_response_bytes"), "{message}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_and_length_are_cut_off() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let limits = StreamLimits {
+            idle: Duration::from_secs(5),
+            total: Duration::from_secs(60),
+        };
+        let silent = futures_util::stream::pending::<Result<Bytes, LlmError>>();
+        let until = tokio::time::Instant::now() + limits.total;
+        let Err(LlmError::Transient { message, .. }) =
+            read(silent, "m", 1 << 20, limits, until, &tx).await
+        else {
+            panic!("an idle stream is cut off")
+        };
+        assert!(message.contains("stream_idle_timeout_secs"), "{message}");
+        // A keep-alive every second: never idle, cut at the total.
+        let alive = futures_util::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Some((Ok(Bytes::from_static(b": ping\n\n")), ()))
+        });
+        let until = tokio::time::Instant::now() + limits.total;
+        let Err(LlmError::Transient { message, .. }) =
+            read(alive, "m", 1 << 20, limits, until, &tx).await
+        else {
+            panic!("a long stream is cut off")
+        };
+        assert!(message.contains("stream_max_secs"), "{message}");
+    }
+
+    #[test]
+    fn merging_follows_the_sdk_rules() {
+        let mut acc = json!({"role": "assistant", "content": "a", "tool_calls": [{"index": 0, "id": "x", "function": {"name": "f", "arguments": "{"}}]});
+        let Value::Object(acc_map) = &mut acc else {
+            unreachable!()
+        };
+        let more = json!({"role": "assistant", "content": "b", "refusal": null, "tool_calls": [{"index": 0, "function": {"arguments": "}"}}, {"index": 1, "id": "y"}]});
+        let Value::Object(more) = more else {
+            unreachable!()
+        };
+        merge(acc_map, more);
+        assert_eq!(
+            acc,
+            json!({"role": "assistant", "content": "ab", "tool_calls": [{"index": 0, "id": "x", "function": {"name": "f", "arguments": "{}"}}, {"index": 1, "id": "y"}]})
+        );
+    }
+}

@@ -1,0 +1,171 @@
+//! A streamed answer on its way to the caller's `reply_to`: the deltas an attempt hands on
+//! ([`crate::upstream::stream`]) published as they come, on the delivery's publishing
+//! channel, so that none arrives after the result that follows them.
+//!
+//! - A restart marker `{"request_id", "status": "restart", "attempt"}` (AMQP `type`
+//!   `restart`) goes first when an earlier attempt may have sent deltas: the caller drops
+//!   the partial text it holds.
+//! - The first delta goes at once; later ones are coalesced to at most one message per
+//!   `stream.flush_ms` for each choice, each `{"request_id", "status": "delta", "attempt",
+//!   "seq", "delta"}` (plus the choice's `index` when the request asked for several), with
+//!   AMQP `type` `delta` and `message_id` `<request_id>:<attempt>:<seq>`.
+//!
+//! Each message waits for its confirm before the next goes out, so a slow broker makes the
+//! messages fewer and larger, never the stream slower. Deltas are best effort: one that
+//! cannot be published ends the deltas of this attempt, and the result still goes out.
+
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tokio::{sync::mpsc::UnboundedReceiver, time::Instant};
+use tracing::warn;
+
+use crate::{
+    broker::publish::{Publisher, ReplyRoute},
+    upstream::stream::Piece,
+};
+
+/// The AMQP `type` of a delta message.
+pub const DELTA: &str = "delta";
+/// The AMQP `type` of a restart marker.
+pub const RESTART: &str = "restart";
+
+/// Where and how one attempt's deltas go.
+pub(super) struct Out<'a> {
+    pub publisher: &'a Publisher,
+    pub route: &'a ReplyRoute,
+    /// The attempt's number (`attempts` once it is made).
+    pub attempt: u32,
+    /// `stream.flush_ms`.
+    pub flush: Duration,
+    /// The request asked for several choices: each message names its choice.
+    pub indexed: bool,
+}
+
+/// What went out, as it went: read after the attempt, even one dropped midway.
+#[derive(Debug, Default)]
+pub(super) struct Progress {
+    /// A restart marker was published.
+    pub marked: AtomicBool,
+    /// At least one delta was published.
+    pub delta: AtomicBool,
+}
+
+#[derive(Serialize)]
+struct Delta<'a> {
+    request_id: &'a str,
+    status: &'static str,
+    attempt: u32,
+    seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<u64>,
+    delta: &'a Map<String, Value>,
+}
+
+#[derive(Serialize)]
+struct Restart<'a> {
+    request_id: &'a str,
+    status: &'static str,
+    attempt: u32,
+}
+
+/// Publishes a restart marker first when `restart`, then the pieces from `pieces` until the
+/// attempt drops its end of the channel (its answer is complete, or it failed), then
+/// returns: every delta of the attempt is confirmed by then.
+pub(super) async fn forward(
+    out: Out<'_>,
+    mut pieces: UnboundedReceiver<Piece>,
+    restart: bool,
+    progress: &Progress,
+) {
+    let request_id = out.route.request_id.as_str();
+    if restart {
+        let body = serde_json::to_vec(&Restart {
+            request_id,
+            status: RESTART,
+            attempt: out.attempt,
+        })
+        .unwrap_or_default();
+        let id = format!("{request_id}:{}:restart", out.attempt);
+        match out
+            .publisher
+            .stream_message(out.route, RESTART, id, &body)
+            .await
+        {
+            Ok(()) => progress.marked.store(true, Ordering::Relaxed),
+            Err(e) => {
+                warn!(error = %e, "the restart marker could not be published; no deltas for this attempt");
+                return;
+            }
+        }
+    }
+    let mut seq = 0u64;
+    let mut last: Option<Instant> = None;
+    let mut batch: Vec<Piece> = Vec::new();
+    loop {
+        let Some(first) = pieces.recv().await else {
+            return;
+        };
+        add(&mut batch, first);
+        let mut open = true;
+        // After the first message, at most one per flush interval: what comes meanwhile is
+        // merged; the end of the stream flushes at once.
+        if let Some(last) = last {
+            let due = last + out.flush;
+            loop {
+                tokio::select! {
+                    biased;
+                    () = tokio::time::sleep_until(due) => break,
+                    piece = pieces.recv() => match piece {
+                        Some(piece) => add(&mut batch, piece),
+                        None => {
+                            open = false;
+                            break;
+                        }
+                    },
+                }
+            }
+        }
+        while let Ok(piece) = pieces.try_recv() {
+            add(&mut batch, piece);
+        }
+        for piece in batch.drain(..) {
+            let body = serde_json::to_vec(&Delta {
+                request_id,
+                status: DELTA,
+                attempt: out.attempt,
+                seq,
+                index: out.indexed.then_some(piece.index),
+                delta: &piece.delta,
+            })
+            .unwrap_or_default();
+            let id = format!("{request_id}:{}:{seq}", out.attempt);
+            if let Err(e) = out
+                .publisher
+                .stream_message(out.route, DELTA, id, &body)
+                .await
+            {
+                warn!(error = %e, seq, "a delta could not be published; no more deltas for this attempt, the result follows");
+                return;
+            }
+            progress.delta.store(true, Ordering::Relaxed);
+            seq += 1;
+        }
+        last = Some(Instant::now());
+        if !open {
+            return;
+        }
+    }
+}
+
+/// Adds a piece to the batch: merged into the one of its choice, if there is one.
+fn add(batch: &mut Vec<Piece>, piece: Piece) {
+    match batch.iter_mut().find(|p| p.index == piece.index) {
+        Some(have) => have.absorb(piece),
+        None => batch.push(piece),
+    }
+}

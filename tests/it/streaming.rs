@@ -1,0 +1,356 @@
+//! Streaming to `reply_to`: deltas in order before the result, joined deltas equal to the
+//! result's content, and a restart marker before an attempt that follows one which
+//! streamed (a stream that broke off, a stream cut by a shutdown).
+
+use std::{collections::BTreeMap, time::Duration};
+
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties,
+    message::Delivery,
+    options::{BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use llmq::tools::mock::MockOptions;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestEnv, json, unique};
+
+/// An exclusive, server-named reply queue on the env's connection (gone with it; not
+/// auto-deleted, since each collection consumes it anew).
+async fn reply_queue(env: &TestEnv) -> String {
+    env.channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("a reply queue")
+        .name()
+        .to_string()
+}
+
+/// Everything that reaches `queue` until `results` results (AMQP type `llmq.result`) have
+/// come, in arrival order, grouped by correlation id.
+async fn collect(
+    env: &TestEnv,
+    queue: &str,
+    results: usize,
+    timeout: Duration,
+) -> BTreeMap<String, Vec<Delivery>> {
+    let ch = env.conn.create_channel().await.expect("a channel");
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            unique("c").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut by_request: BTreeMap<String, Vec<Delivery>> = BTreeMap::new();
+    let mut seen = 0;
+    let gather = async {
+        while seen < results {
+            let d = consumer
+                .next()
+                .await
+                .expect("consumer open")
+                .expect("delivery");
+            d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+            if kind(&d) == "llmq.result" {
+                seen += 1;
+            }
+            let corr = d
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.to_string())
+                .unwrap_or_default();
+            by_request.entry(corr).or_default().push(d);
+        }
+    };
+    if tokio::time::timeout(timeout, gather).await.is_err() {
+        panic!("only {seen} of {results} results within {timeout:?}");
+    }
+    let _ = ch.close(200, "ok".into()).await;
+    by_request
+}
+
+fn kind(d: &Delivery) -> String {
+    d.properties
+        .kind()
+        .as_ref()
+        .map(|k| k.to_string())
+        .unwrap_or_default()
+}
+
+/// Checks one request's messages: deltas numbered from 0 in each attempt, each attempt
+/// after the first announced by a restart marker, the result last; returns the text of the
+/// last attempt's deltas, the attempts that streamed, and the result.
+fn check_stream(request_id: &str, messages: &[&Delivery]) -> (String, Vec<u64>, Value) {
+    let (last, before) = messages.split_last().expect("messages");
+    assert_eq!(kind(last), "llmq.result", "the result comes last");
+    let result = json(&last.data);
+    let mut text = String::new();
+    let mut attempts = Vec::new();
+    let mut next_seq = 0;
+    for d in before {
+        let body = json(&d.data);
+        assert_eq!(body["request_id"], request_id, "{body}");
+        assert_eq!(
+            d.properties.delivery_mode(),
+            &Some(1),
+            "stream messages are transient"
+        );
+        let attempt = body["attempt"].as_u64().expect("attempt");
+        let id = d.properties.message_id().as_ref().expect("message_id");
+        match kind(d).as_str() {
+            "restart" => {
+                assert_eq!(body["status"], "restart", "{body}");
+                assert!(
+                    attempts.last().is_none_or(|a| *a < attempt),
+                    "a restart names a later attempt: {body}"
+                );
+                assert_eq!(id.as_str(), format!("{request_id}:{attempt}:restart"));
+                attempts.push(attempt);
+                text.clear();
+                next_seq = 0;
+            }
+            "delta" => {
+                assert_eq!(body["status"], "delta", "{body}");
+                if attempts.is_empty() {
+                    attempts.push(attempt);
+                }
+                assert_eq!(Some(&attempt), attempts.last(), "{body}");
+                assert_eq!(body["seq"], next_seq, "in order, none lost: {body}");
+                assert_eq!(id.as_str(), format!("{request_id}:{attempt}:{next_seq}"));
+                assert!(body.get("index").is_none(), "one choice, no index: {body}");
+                text.push_str(body["delta"]["content"].as_str().unwrap_or_default());
+                next_seq += 1;
+            }
+            other => panic!("unexpected message type {other:?}: {body}"),
+        }
+    }
+    (text, attempts, result)
+}
+
+/// 100 streams at once, all to one reply queue: each request's deltas arrive in order,
+/// none lost, before its result, and joined they are the result's content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_streams_arrive_whole_and_in_order() {
+    let env = TestEnv::with(
+        MockOptions {
+            chunk_ms: 20,
+            ..Default::default()
+        },
+        |c| {
+            c.worker.prefetch = 100;
+            c.worker.max_inflight = 200;
+        },
+    )
+    .await;
+    let reply = reply_queue(&env).await;
+    let worker = env.start_worker();
+    for i in 0..100 {
+        env.publish_chat(
+            &json!({"request_id": format!("s-{i}"), "prompt": format!("stream {i} tells a story of several words"), "stream": true}),
+            BasicProperties::default()
+                .with_reply_to(reply.as_str().into())
+                .with_correlation_id(format!("corr-{i}").into()),
+        )
+        .await;
+    }
+    let by_request = collect(&env, &reply, 100, Duration::from_secs(60)).await;
+    assert_eq!(by_request.len(), 100);
+    let mut deltas = 0;
+    for i in 0..100 {
+        let messages = &by_request[&format!("corr-{i}")];
+        let all: Vec<&Delivery> = messages.iter().collect();
+        let (text, attempts, result) = check_stream(&format!("s-{i}"), &all);
+        assert_eq!(result["status"], "ok", "{result}");
+        let expected = format!("mock reply to: stream {i} tells a story of several words");
+        assert_eq!(result["content"], expected.as_str());
+        assert_eq!(text, expected, "joined deltas are the content");
+        assert_eq!(attempts, [1]);
+        // Coalescing merges chunks and never splits one: at most one delta per word.
+        let n = messages.len() - 1;
+        assert!((1..=expected.split(' ').count()).contains(&n), "{n} deltas");
+        deltas += n;
+    }
+    assert!(deltas >= 100);
+    // The durable copy is on the results exchange as always.
+    assert_eq!(env.results(100).await.len(), 100);
+    assert_eq!(
+        env.mock
+            .stats()
+            .streams
+            .load(std::sync::atomic::Ordering::Relaxed),
+        100
+    );
+    worker.stop().await.expect("worker stops");
+    env.cleanup().await;
+}
+
+/// A stream that breaks off (a dropped connection, then an error event) is retried: the
+/// next attempt starts with a restart marker, its deltas start again at seq 0, and the
+/// result is the second attempt's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_breaks_off_is_retried_after_a_restart_marker() {
+    let env = TestEnv::new(MockOptions {
+        chunk_ms: 10,
+        fail_mid_stream_after: Some(4),
+        fail_mid_stream_rate: 0.5,
+        ..Default::default()
+    })
+    .await;
+    let reply = reply_queue(&env).await;
+    let worker = env.start_worker();
+    for (i, error_event) in [false, true].into_iter().enumerate() {
+        env.mock.set_options(MockOptions {
+            chunk_ms: 10,
+            fail_mid_stream_after: Some(4),
+            fail_mid_stream_rate: 0.5,
+            mid_stream_error: error_event,
+            ..Default::default()
+        });
+        let id = format!("broken-{i}");
+        env.publish_chat(
+            &json!({"request_id": id, "prompt": "a story that breaks off midway", "stream": true}),
+            BasicProperties::default()
+                .with_reply_to(reply.as_str().into())
+                .with_correlation_id(id.as_str().into()),
+        )
+        .await;
+        let by_request = collect(&env, &reply, 1, Duration::from_secs(30)).await;
+        let messages = &by_request[&id];
+        let all: Vec<&Delivery> = messages.iter().collect();
+        let (text, attempts, result) = check_stream(&id, &all);
+        assert_eq!(attempts, [1, 2], "error event: {error_event}");
+        assert_eq!(kind(&messages[0]), "delta", "the first attempt streamed");
+        assert!(
+            messages.iter().any(|d| kind(d) == "restart"),
+            "a restart marker"
+        );
+        assert_eq!(result["status"], "ok", "{result}");
+        assert_eq!(result["attempts"], 2);
+        assert_eq!(
+            result["content"],
+            "mock reply to: a story that breaks off midway"
+        );
+        assert_eq!(text, "mock reply to: a story that breaks off midway");
+    }
+    let stats = env.mock.stats();
+    assert_eq!(
+        stats.streams_cut.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    assert_eq!(stats.streams.load(std::sync::atomic::Ordering::Relaxed), 4);
+    worker.stop().await.expect("worker stops");
+    env.cleanup().await;
+}
+
+/// Without a `reply_to` there is nowhere to stream: the upstream is called without
+/// streaming and only the result goes out. With `n: 2`, each delta names its choice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reply_to_no_stream_and_several_choices_are_indexed() {
+    let env = TestEnv::new(MockOptions::default()).await;
+    let worker = env.start_worker();
+    env.publish_chat(
+        &json!({"request_id": "quiet", "prompt": "hi", "stream": true}),
+        BasicProperties::default(),
+    )
+    .await;
+    let (_, result) = &env.results(1).await[0];
+    assert_eq!(result["status"], "ok", "{result}");
+    assert_eq!(result["content"], "mock reply to: hi");
+    let streams = || {
+        env.mock
+            .stats()
+            .streams
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(streams(), 0, "the upstream was not asked to stream");
+
+    let reply = reply_queue(&env).await;
+    env.publish_chat(
+        &json!({"request_id": "two", "prompt": "hi there", "stream": true, "params": {"n": 2}}),
+        BasicProperties::default()
+            .with_reply_to(reply.as_str().into())
+            .with_correlation_id("two".into()),
+    )
+    .await;
+    let by_request = collect(&env, &reply, 1, Duration::from_secs(30)).await;
+    let messages = &by_request["two"];
+    let (result, deltas) = messages.split_last().expect("messages");
+    let result = json(&result.data);
+    let mut texts: BTreeMap<u64, String> = BTreeMap::new();
+    for d in deltas {
+        let body = json(&d.data);
+        let index = body["index"].as_u64().expect("each delta names its choice");
+        texts
+            .entry(index)
+            .or_default()
+            .push_str(body["delta"]["content"].as_str().unwrap_or_default());
+    }
+    assert_eq!(texts[&0], "mock reply to: hi there");
+    assert_eq!(texts[&1], "mock reply to: hi there (choice 1)");
+    assert_eq!(result["content"], texts[&0].as_str());
+    let choices = result["choices"].as_array().expect("choices");
+    assert_eq!(choices[1]["message"]["content"], texts[&1].as_str());
+    assert_eq!(streams(), 1);
+    worker.stop().await.expect("worker stops");
+    env.cleanup().await;
+}
+
+/// A stream still running at the shutdown deadline goes back to its queue; the next worker
+/// starts it again with a restart marker, as a later attempt (the cut one was paid for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_by_shutdown_restarts_with_its_marker() {
+    let env = TestEnv::with(
+        MockOptions {
+            chunk_ms: 300,
+            ..Default::default()
+        },
+        |c| {
+            c.llm.timeout_secs = 1;
+            c.worker.shutdown_grace_secs = 1;
+        },
+    )
+    .await;
+    let reply = reply_queue(&env).await;
+    let worker = env.start_worker();
+    env.publish_chat(
+        &json!({"request_id": "cut", "prompt": "a long story told slowly, word by word, until the end", "stream": true}),
+        BasicProperties::default()
+            .with_reply_to(reply.as_str().into())
+            .with_correlation_id("cut".into()),
+    )
+    .await;
+    // The first delta is out: the stream is running.
+    let first = env.take(&reply, 1, Duration::from_secs(30)).await;
+    assert_eq!(kind(&first[0]), "delta");
+    assert_eq!(json(&first[0].data)["attempt"], 1);
+    worker.stop().await.expect("worker stops");
+    env.mock.set_options(MockOptions::default());
+    let worker = env.start_worker();
+    let by_request = collect(&env, &reply, 1, Duration::from_secs(30)).await;
+    // What the first worker sent after the delta taken above may be here too.
+    let messages: Vec<&Delivery> = by_request["cut"]
+        .iter()
+        .filter(|d| !(kind(d) == "delta" && json(&d.data)["attempt"] == 1))
+        .collect();
+    let (text, attempts, result) = check_stream("cut", &messages);
+    assert_eq!(attempts.last(), Some(&2), "restarted as attempt 2");
+    assert!(messages.iter().any(|d| kind(d) == "restart"));
+    assert_eq!(result["status"], "ok", "{result}");
+    assert_eq!(result["attempts"], 2);
+    assert_eq!(result["content"], text.as_str());
+    assert!(text.ends_with("until the end"), "{text}");
+    worker.stop().await.expect("worker stops");
+    env.cleanup().await;
+}
