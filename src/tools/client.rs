@@ -45,6 +45,11 @@ pub struct PublishArgs {
     /// The request id (a random one otherwise).
     #[arg(long)]
     pub request_id: Option<String>,
+    /// Ask for the answer as it is generated and print its text as it arrives, then the
+    /// result (JSON) on a line of its own. Implies `--wait`. A restart (an attempt that
+    /// broke off and was retried) is said on stderr, and the text starts again.
+    #[arg(long, conflicts_with = "embed")]
+    pub stream: bool,
 }
 
 /// Why `llmq publish` failed.
@@ -90,6 +95,9 @@ pub async fn publish(
         (&topo.processing_key, json!({"prompt": args.prompt}))
     };
     body["request_id"] = json!(request_id);
+    if args.stream {
+        body["stream"] = json!(true);
+    }
     if let Some(model) = &args.model {
         body["model"] = json!(model);
     }
@@ -100,7 +108,7 @@ pub async fn publish(
         .with_message_id(request_id.as_str().into())
         .with_correlation_id(request_id.as_str().into());
     // Direct Reply-to: consume the pseudo-queue (no-ack) before publishing.
-    let mut replies = if args.wait {
+    let mut replies = if args.wait || args.stream {
         props = props.with_reply_to(DIRECT_REPLY_TO.into());
         Some(
             channel
@@ -136,8 +144,25 @@ pub async fn publish(
                 .correlation_id()
                 .as_ref()
                 .is_some_and(|c| c.as_str() == request_id);
-            if matches {
-                return Ok(Some(String::from_utf8_lossy(&delivery.data).into_owned()));
+            if !matches {
+                continue;
+            }
+            match delivery.properties.kind().as_ref().map(|k| k.as_str()) {
+                Some("delta") => print_delta(&delivery.data),
+                Some("restart") => {
+                    let attempt = serde_json::from_slice::<serde_json::Value>(&delivery.data)
+                        .ok()
+                        .and_then(|m| m["attempt"].as_u64())
+                        .unwrap_or(0);
+                    println!();
+                    eprintln!("[the answer broke off; attempt {attempt} starts again]");
+                }
+                _ => {
+                    if args.stream {
+                        println!();
+                    }
+                    return Ok(Some(String::from_utf8_lossy(&delivery.data).into_owned()));
+                }
             }
         }
         Ok::<_, ClientError>(None)
@@ -147,6 +172,23 @@ pub async fn publish(
         .map_err(|_| ClientError::Timeout(timeout))??;
     let _ = conn.close(200, "done".into()).await;
     Ok((request_id, result))
+}
+
+/// Prints the text of a delta as it comes (the first choice's; tool calls come whole in
+/// the result).
+fn print_delta(data: &[u8]) {
+    use std::io::Write;
+    let Ok(message) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    if message["index"].as_u64().unwrap_or(0) != 0 {
+        return;
+    }
+    if let Some(text) = message["delta"]["content"].as_str() {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(text.as_bytes());
+        let _ = out.flush();
+    }
 }
 
 /// `llmq cancel`: publishes `{"cancel": "<request_id>"}` to the control exchange, where every

@@ -4,6 +4,7 @@
 use std::{
     path::Path,
     process::{Command, Stdio},
+    sync::atomic::Ordering,
     time::Duration,
 };
 
@@ -109,6 +110,49 @@ async fn publish_wait_prints_the_result() {
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["status"], "ok", "{result}");
     assert_eq!(result["content"], "mock reply to: Hello from the CLI");
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+/// `llmq publish --stream` prints the text as it comes, then the result on its own line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_stream_prints_the_text_then_the_result() {
+    let env = TestEnv::new(MockOptions {
+        chunk_ms: 5,
+        ..Default::default()
+    })
+    .await;
+    let worker = env.start_worker();
+    let t = &env.config.topology;
+    let out = tokio::process::Command::from(llmq())
+        .args([
+            "publish",
+            "Tell me a streamed story",
+            "--stream",
+            "--timeout-secs",
+            "30",
+        ])
+        .env("LLMQ_AMQP__URL", crate::helpers::amqp_url())
+        .env("LLMQ_TOPOLOGY__REQUEST_EXCHANGE", &t.request_exchange)
+        .env("LLMQ_TOPOLOGY__PROCESSING_KEY", &t.processing_key)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert_eq!(lines[0], "mock reply to: Tell me a streamed story");
+    let result: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+    assert_eq!(result["status"], "ok", "{result}");
+    assert_eq!(result["content"], lines[0]);
+    let streams = env.mock.stats().streams.load(Ordering::Relaxed);
+    assert_eq!(streams, 1, "the upstream streamed");
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
