@@ -77,6 +77,10 @@ pub struct Metrics {
     pub redelivered: Counter,
     /// Requests answered `cancelled` at their caller's request.
     pub cancelled: Counter,
+    /// Delta messages of streamed answers published to `reply_to`.
+    pub stream_deltas: Counter,
+    /// Restart markers published: attempts of a streamed request after one that streamed.
+    pub stream_restarts: Counter,
     /// Calls to the upstream running now.
     pub in_flight: Gauge,
     /// The current AIMD concurrency limit.
@@ -133,6 +137,18 @@ impl Metrics {
             "requests_cancelled",
             "Requests answered cancelled at their caller's request",
             cancelled.clone(),
+        );
+        let stream_deltas = Counter::default();
+        registry.register(
+            "stream_deltas",
+            "Delta messages of streamed answers published to reply_to",
+            stream_deltas.clone(),
+        );
+        let stream_restarts = Counter::default();
+        registry.register(
+            "stream_restarts",
+            "Restart markers published before a streamed request's next attempt",
+            stream_restarts.clone(),
         );
         let in_flight = Gauge::default();
         let concurrency_limit = Gauge::default();
@@ -259,6 +275,8 @@ impl Metrics {
             replies_refused,
             redelivered,
             cancelled,
+            stream_deltas,
+            stream_restarts,
             in_flight,
             concurrency_limit,
             ready,

@@ -373,6 +373,7 @@ impl Settling<'_> {
                 attempt,
                 flush: ctx.config.stream.flush(),
                 indexed: job.choices() > 1,
+                metrics: &ctx.metrics,
             };
             let call = async move {
                 // Dropping the sender at the end of the call ends the forwarding.

@@ -26,6 +26,7 @@ use tracing::warn;
 
 use crate::{
     broker::publish::{Publisher, ReplyRoute},
+    runtime::metrics::Metrics,
     upstream::stream::Piece,
 };
 
@@ -44,6 +45,7 @@ pub(super) struct Out<'a> {
     pub flush: Duration,
     /// The request asked for several choices: each message names its choice.
     pub indexed: bool,
+    pub metrics: &'a Metrics,
 }
 
 /// What went out, as it went: read after the attempt, even one dropped midway.
@@ -96,7 +98,10 @@ pub(super) async fn forward(
             .stream_message(out.route, RESTART, id, &body)
             .await
         {
-            Ok(()) => progress.marked.store(true, Ordering::Relaxed),
+            Ok(()) => {
+                out.metrics.stream_restarts.inc();
+                progress.marked.store(true, Ordering::Relaxed);
+            }
             Err(e) => {
                 warn!(error = %e, "the restart marker could not be published; no deltas for this attempt");
                 return;
@@ -152,6 +157,7 @@ pub(super) async fn forward(
                 warn!(error = %e, seq, "a delta could not be published; no more deltas for this attempt, the result follows");
                 return;
             }
+            out.metrics.stream_deltas.inc();
             progress.delta.store(true, Ordering::Relaxed);
             seq += 1;
         }

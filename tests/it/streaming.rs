@@ -354,3 +354,42 @@ async fn a_stream_cut_by_shutdown_restarts_with_its_marker() {
     worker.stop().await.expect("worker stops");
     env.cleanup().await;
 }
+
+/// A stream cancelled by its caller stops: its deltas end, `cancelled` comes last, and
+/// nothing follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_stream_ends_with_cancelled_and_nothing_after() {
+    let env = TestEnv::new(MockOptions {
+        chunk_ms: 200,
+        ..Default::default()
+    })
+    .await;
+    let reply = reply_queue(&env).await;
+    let worker = env.start_worker();
+    env.publish_chat(
+        &json!({"request_id": "stop-me", "prompt": "a long story that nobody will hear the end of, for it goes on and on, word after word, for many seconds yet", "stream": true}),
+        BasicProperties::default()
+            .with_reply_to(reply.as_str().into())
+            .with_correlation_id("stop-me".into()),
+    )
+    .await;
+    let first = env.take(&reply, 1, Duration::from_secs(30)).await;
+    assert_eq!(kind(&first[0]), "delta", "the stream is running");
+    llmq::tools::client::cancel(&env.config, "stop-me")
+        .await
+        .expect("cancel sent");
+    let by_request = collect(&env, &reply, 1, Duration::from_secs(30)).await;
+    let messages = &by_request["stop-me"];
+    let (last, deltas) = messages.split_last().expect("messages");
+    let result = json(&last.data);
+    assert_eq!(result["status"], "cancelled", "{result}");
+    assert!(deltas.iter().all(|d| kind(d) == "delta"));
+    // Once the worker has stopped, nothing of this request can still be on its way.
+    worker.stop().await.expect("worker stops");
+    assert_eq!(
+        env.queue_len(&reply).await,
+        0,
+        "nothing after the cancelled notice"
+    );
+    env.cleanup().await;
+}
