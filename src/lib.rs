@@ -9,11 +9,13 @@
 //! 3. [`runtime`]: metrics, logs, the clock and shutdown, used by everything above.
 //! 4. [`broker`]: connections, the topology, confirmed publishing, the delayed-retry tiers.
 //! 5. [`store`]: idempotency by request id (stored results and leases).
-//! 6. [`upstream`]: the OpenAI-compatible client, flow control, budgets, embedding batching,
+//! 6. [`tenant`]: who a request belongs to, what its answer cost, what each tenant spent.
+//! 7. [`upstream`]: the OpenAI-compatible client, flow control, budgets, embedding batching,
 //!    and the one owner of an upstream call.
-//! 7. [`worker`]: the path of one delivery: consume, decide (a pure function), settle.
-//! 8. [`ops`]: the admin HTTP endpoints and the `dlq`, `status`, `topology` commands.
-//! 9. [`tools`]: the mock upstream, the benchmark, the `llmq publish` client.
+//! 8. [`worker`]: the path of one delivery: consume, decide (a pure function), settle.
+//! 9. [`ops`]: the admin HTTP endpoints and the `dlq`, `status`, `topology`, `usage`
+//!    commands.
+//! 10. [`tools`]: the mock upstream, the benchmark, the `llmq publish` client.
 //!
 //! [`app`] wires the worker, the admin server and shutdown for the binary and the tests.
 #![deny(unsafe_code)]
@@ -26,6 +28,7 @@ pub mod contract;
 pub mod ops;
 pub mod runtime;
 pub mod store;
+pub mod tenant;
 pub mod tools;
 pub mod upstream;
 pub mod worker;

@@ -80,10 +80,13 @@ impl Config {
                 "limits" => section(key, value, &mut config.limits, problems),
                 "batch" => section(key, value, &mut config.batch, problems),
                 "stream" => section(key, value, &mut config.stream, problems),
+                "tenancy" => section(key, value, &mut config.tenancy, problems),
+                "tenants" => section(key, value, &mut config.tenants, problems),
+                "prices" => section(key, value, &mut config.prices, problems),
                 "admin" => section(key, value, &mut config.admin, problems),
                 "log" => section(key, value, &mut config.log, problems),
                 other => problems.push(format!(
-                    "{other} ({}): unknown key; sections are amqp, topology, llm, upstreams, routing, worker, retry, idempotency, limits, batch, stream, admin, log",
+                    "{other} ({}): unknown key; sections are amqp, topology, llm, upstreams, routing, worker, retry, idempotency, limits, batch, stream, tenancy, tenants, prices, admin, log",
                     env_name(other)
                 )),
             }

@@ -15,6 +15,7 @@ mod load;
 mod rules;
 mod secret;
 mod sections;
+mod tenancy;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -27,6 +28,10 @@ pub use sections::{
     AdminConfig, AmqpConfig, BatchConfig, IdempotencyConfig, LimitsConfig, LlmConfig, LogConfig,
     LogFormat, OnStoreError, RetryConfig, RoutingConfig, StoreKind, StreamConfig, TlsConfig,
     TopologyConfig, UpstreamConfig, WorkerConfig,
+};
+pub use tenancy::{
+    DEFAULT_TENANT, OTHER_TENANTS, PriceConfig, TenancyConfig, TenantConfig, TenantLimits, Tenants,
+    Usd,
 };
 
 /// The environment variable prefix; `__` separates nesting levels.
@@ -58,6 +63,12 @@ pub struct Config {
     pub batch: BatchConfig,
     /// Streaming deltas to `reply_to`.
     pub stream: StreamConfig,
+    /// Who a request belongs to.
+    pub tenancy: TenancyConfig,
+    /// What each tenant may use; `default` for every tenant without a section.
+    pub tenants: BTreeMap<String, TenantConfig>,
+    /// Model (routing name) -> USD per million tokens.
+    pub prices: BTreeMap<String, PriceConfig>,
     /// The admin HTTP server.
     pub admin: AdminConfig,
     /// Log format and filter.
@@ -322,6 +333,39 @@ mod tests {
                 max_buffered_bytes: 1 << 20,
             },
             stream: StreamConfig { flush_ms: 25 },
+            tenancy: TenancyConfig {
+                header: "x-tenant".into(),
+                max_tenants: 50,
+            },
+            tenants: BTreeMap::from([
+                (
+                    DEFAULT_TENANT.into(),
+                    TenantConfig {
+                        max_inflight: Some(20),
+                        max_usd_per_month: Some(Usd(100_000_000)),
+                        ..Default::default()
+                    },
+                ),
+                (
+                    "Alice:Corp".into(),
+                    TenantConfig {
+                        weight: Some(3),
+                        max_inflight: Some(0),
+                        max_requests_per_minute: Some(600),
+                        max_tokens_per_minute: Some(90_000),
+                        max_usd_per_day: Some(Usd(50_000_000)),
+                        max_usd_per_month: Some(Usd(1_000_000_000)),
+                    },
+                ),
+            ]),
+            prices: BTreeMap::from([(
+                "gpt-4o-mini".into(),
+                PriceConfig {
+                    input_per_mtok: Usd(150_000),
+                    output_per_mtok: Usd(600_000),
+                    cached_input_per_mtok: Some(Usd(75_000)),
+                },
+            )]),
             admin: AdminConfig {
                 addr: "127.0.0.1:9191".into(),
             },
@@ -362,6 +406,8 @@ mod tests {
                 "upstreams.",
                 "routing.fallbacks.",
                 "routing.context_window_fallbacks.",
+                "tenants.",
+                "prices.",
             ]
             .iter()
             .any(|map| k.starts_with(map))

@@ -22,6 +22,7 @@ impl Config {
         validate_shutdown(self, &mut p);
         validate_upstreams(self, &mut p);
         validate_routing(&self.routing, &mut p);
+        validate_tenants(self, &mut p);
         validate_cancels(self, &mut p);
         validate_batch(&self.batch, &self.worker, &mut p);
         validate_admin(&self.admin, &mut p);
@@ -326,6 +327,33 @@ fn validate_routing(r: &RoutingConfig, p: &mut Problems) {
         "routing.fallback_after_secs",
         "must be at most 3600",
     );
+}
+
+/// `[tenancy]` and `[tenants]`: `other` is the label of every tenant without a section, so
+/// no section may take it; weights are positive.
+fn validate_tenants(c: &Config, p: &mut Problems) {
+    p.check(
+        c.tenancy.header.len() <= 128,
+        "tenancy.header",
+        "must be at most 128 bytes (an AMQP header name)",
+    );
+    p.check(
+        c.tenancy.max_tenants >= 1,
+        "tenancy.max_tenants",
+        "must be at least 1",
+    );
+    p.check(
+        !c.tenants.contains_key(super::OTHER_TENANTS),
+        "tenants.other",
+        "`other` is the metric label of every tenant without a section; it cannot name one",
+    );
+    for (name, tenant) in &c.tenants {
+        p.check(
+            tenant.weight.is_none_or(|w| (1..=1000).contains(&w)),
+            &format!("tenants.{name}.weight"),
+            "must be between 1 and 1000",
+        );
+    }
 }
 
 fn validate_batch(batch: &BatchConfig, worker: &WorkerConfig, p: &mut Problems) {
@@ -683,6 +711,27 @@ mod tests {
               amqp.consumer_timeout_secs (3 s): a call may start just before a waiting \
               delivery is handed to the retry queue"
             ]
+        );
+    }
+
+    #[test]
+    fn other_names_no_tenant_and_weights_are_positive() {
+        let p = only_problem(|c| {
+            c.tenants.insert("other".into(), Default::default());
+        });
+        assert!(p.starts_with("tenants.other"), "{p}");
+        let p = only_problem(|c| {
+            c.tenants.insert(
+                "alice".into(),
+                crate::config::TenantConfig {
+                    weight: Some(0),
+                    ..Default::default()
+                },
+            );
+        });
+        assert!(
+            p.starts_with("tenants.alice.weight") && p.ends_with("must be between 1 and 1000"),
+            "{p}"
         );
     }
 

@@ -36,11 +36,14 @@ pub enum ErrorKind {
     /// The request's deadline (its `deadline`, or `timestamp` plus `worker.max_age_secs`)
     /// passed before it was answered.
     Expired,
+    /// Its tenant had spent its day's or month's budget (`max_usd_per_day`,
+    /// `max_usd_per_month`): not called; replayable once the budget resets.
+    BudgetExceeded,
 }
 
 impl ErrorKind {
     /// Every kind, for listings and tests.
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::InvalidRequest,
         ErrorKind::TooLarge,
         ErrorKind::UpstreamPermanent,
@@ -52,6 +55,7 @@ impl ErrorKind {
         ErrorKind::RateLimited,
         ErrorKind::QuotaExhausted,
         ErrorKind::Expired,
+        ErrorKind::BudgetExceeded,
     ];
 
     /// The wire name: the `x-error-kind` value, `error.kind` and the metric label.
@@ -68,6 +72,7 @@ impl ErrorKind {
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::QuotaExhausted => "quota_exhausted",
             ErrorKind::Expired => "expired",
+            ErrorKind::BudgetExceeded => "budget_exceeded",
         }
     }
 }

@@ -5,7 +5,10 @@
 //!
 //! It is the AMQP `user_id` property, which RabbitMQ checks against the publishing
 //! connection's user, so nobody can claim another's. A request without one is
-//! [`ANONYMOUS`]'s.
+//! [`ANONYMOUS`]'s. Behind a trusted gateway that publishes for its tenants,
+//! `tenancy.header` names a header that carries the identity instead.
+//!
+//! The identity is also the request's tenant: its fair share, its limits and its spend.
 
 use std::fmt;
 
@@ -14,13 +17,24 @@ use lapin::BasicProperties;
 /// The identity of a request without a `user_id`.
 pub const ANONYMOUS: &str = "anonymous";
 
+/// Longest identity taken from a header (a `user_id` is an AMQP short string, at most 255
+/// bytes, already).
+const MAX_IDENTITY: usize = 255;
+
 /// The broker-validated sender of a request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Identity(String);
 
 impl Identity {
-    /// The identity a delivery carries: its `user_id`, else [`ANONYMOUS`].
-    pub fn of(props: &BasicProperties) -> Self {
+    /// The identity a delivery carries: with `header` (`tenancy.header`) set, that
+    /// header's text; else (or without it) its `user_id`; else [`ANONYMOUS`].
+    pub fn of(props: &BasicProperties, header: &str) -> Self {
+        if !header.is_empty()
+            && let Some(named) = crate::contract::headers::get_str(props, header)
+            && !named.is_empty()
+        {
+            return Identity(crate::truncate(&named, MAX_IDENTITY).to_string());
+        }
         match props.user_id() {
             Some(user) if !user.as_str().is_empty() => Identity(user.to_string()),
             _ => Identity(ANONYMOUS.to_string()),
@@ -63,13 +77,36 @@ mod tests {
     #[test]
     fn the_user_id_is_the_identity_else_anonymous() {
         let alice = BasicProperties::default().with_user_id("alice".into());
-        assert_eq!(Identity::of(&alice).as_str(), "alice");
+        assert_eq!(Identity::of(&alice, "").as_str(), "alice");
         assert_eq!(
-            Identity::of(&BasicProperties::default()).as_str(),
+            Identity::of(&BasicProperties::default(), "").as_str(),
             ANONYMOUS
         );
         let empty = BasicProperties::default().with_user_id("".into());
-        assert_eq!(Identity::of(&empty).as_str(), ANONYMOUS);
+        assert_eq!(Identity::of(&empty, "").as_str(), ANONYMOUS);
+    }
+
+    #[test]
+    fn a_trusted_header_names_the_identity_when_configured() {
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            "x-tenant".into(),
+            lapin::types::AMQPValue::LongString("bob".into()),
+        );
+        let props = BasicProperties::default()
+            .with_user_id("gateway".into())
+            .with_headers(headers);
+        assert_eq!(Identity::of(&props, "x-tenant").as_str(), "bob");
+        assert_eq!(
+            Identity::of(&props, "").as_str(),
+            "gateway",
+            "off by default"
+        );
+        assert_eq!(
+            Identity::of(&props, "x-other").as_str(),
+            "gateway",
+            "without the header, the user_id"
+        );
     }
 
     #[test]

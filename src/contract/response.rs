@@ -68,6 +68,13 @@ pub struct JobResult {
     pub latency_ms: u64,
     /// The worker that produced the result.
     pub worker: String,
+    /// Who the request belongs to (its identity).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// What the answer cost in USD, when the model that answered has a price
+    /// (`[prices]`): counted in whole micro-dollars.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
     /// The request's `metadata`, untouched.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
@@ -118,6 +125,8 @@ impl JobResult {
             attempts: 0,
             latency_ms: 0,
             worker,
+            tenant: None,
+            cost_usd: None,
             metadata: None,
         }
     }

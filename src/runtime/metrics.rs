@@ -1,6 +1,6 @@
 //! Prometheus metrics of a worker, served by [`crate::ops::admin`] at `/metrics`.
 
-use std::time::Duration;
+use std::{sync::atomic::AtomicU64, time::Duration};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -30,6 +30,14 @@ pub struct ErrorLabels {
 pub struct QueueLabel {
     /// The queue.
     pub queue: String,
+}
+
+/// A tenant named in `[tenants]`, or `other` for every tenant that is not: the label's
+/// values stay few whoever sends.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabel {
+    /// The tenant's name, or `other`.
+    pub tenant: String,
 }
 
 /// A deployment (`[upstreams.<name>]`, or `default`).
@@ -89,6 +97,9 @@ pub struct Metrics {
     pub ready: Gauge,
     queue_depth: Family<QueueLabel, Gauge>,
     upstream_calls: Family<UpstreamOutcome, Counter>,
+    tenant_requests: Family<TenantLabel, Counter>,
+    tenant_tokens: Family<TenantLabel, Counter>,
+    tenant_cost: Family<TenantLabel, Counter<f64, AtomicU64>>,
     fallbacks: Family<FallbackLabels, Counter>,
     /// Calls to a deployment running now (set when scraped).
     pub upstream_in_flight: Family<UpstreamLabel, Gauge>,
@@ -154,6 +165,24 @@ impl Metrics {
         let concurrency_limit = Gauge::default();
         let ready = Gauge::default();
         let queue_depth = Family::<QueueLabel, Gauge>::default();
+        let tenant_requests = Family::<TenantLabel, Counter>::default();
+        registry.register(
+            "tenant_requests",
+            "Requests answered, by tenant (named in [tenants], else other)",
+            tenant_requests.clone(),
+        );
+        let tenant_tokens = Family::<TenantLabel, Counter>::default();
+        registry.register(
+            "tenant_tokens",
+            "Tokens the upstreams reported, by tenant (named in [tenants], else other)",
+            tenant_tokens.clone(),
+        );
+        let tenant_cost = Family::<TenantLabel, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "tenant_cost_usd",
+            "What answers cost in USD by [prices], by tenant (named in [tenants], else other)",
+            tenant_cost.clone(),
+        );
         let upstream_calls = Family::<UpstreamOutcome, Counter>::default();
         let fallbacks = Family::<FallbackLabels, Counter>::default();
         let upstream_in_flight = Family::<UpstreamLabel, Gauge>::default();
@@ -282,6 +311,9 @@ impl Metrics {
             ready,
             queue_depth,
             upstream_calls,
+            tenant_requests,
+            tenant_tokens,
+            tenant_cost,
             fallbacks,
             upstream_in_flight,
             upstream_limit,
@@ -294,6 +326,19 @@ impl Metrics {
     pub fn upstream(upstream: &str) -> UpstreamLabel {
         UpstreamLabel {
             upstream: upstream.into(),
+        }
+    }
+
+    /// An answer for a tenant (`label`: its name in `[tenants]`, or `other`) that used
+    /// `tokens` and cost `usd`.
+    pub fn tenant_answered(&self, label: &str, tokens: u64, usd: f64) {
+        let labels = TenantLabel {
+            tenant: label.into(),
+        };
+        self.tenant_requests.get_or_create(&labels).inc();
+        self.tenant_tokens.get_or_create(&labels).inc_by(tokens);
+        if usd > 0.0 {
+            self.tenant_cost.get_or_create(&labels).inc_by(usd);
         }
     }
 

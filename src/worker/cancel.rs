@@ -49,6 +49,8 @@ pub struct Cancels {
     tombstones: moka::sync::Cache<String, ()>,
     shared: Option<(Arc<LazyConnection>, String)>,
     ttl: Duration,
+    /// `tenancy.header`: a cancel's identity is read as a request's is.
+    identity_header: String,
 }
 
 /// A request being settled here: [`Watch::cancelled`] resolves when it is cancelled.
@@ -109,6 +111,7 @@ impl Cancels {
                 .build(),
             shared,
             ttl,
+            identity_header: config.tenancy.header.clone(),
         }
     }
 
@@ -278,7 +281,7 @@ async fn listen_once(
                 Ok(control)
                     if !control.cancel.is_empty() && control.cancel.len() <= MAX_REQUEST_ID =>
                 {
-                    let identity = Identity::of(&delivery.properties);
+                    let identity = Identity::of(&delivery.properties, &cancels.identity_header);
                     info!(request_id = %control.cancel, %identity, "cancel received");
                     cancels.cancel(&identity.scope(&control.cancel));
                 }

@@ -78,6 +78,9 @@ pub struct Input<'a> {
     pub deadline_ms: Option<i64>,
     /// The caller cancelled the request (before it was reached, or while it ran).
     pub cancelled: bool,
+    /// Why the request's tenant may not be called: its day's or month's budget is spent
+    /// (asked before each call).
+    pub over_budget: Option<&'a str>,
     /// The worker is shutting down (or past its deadline): start nothing new.
     pub stopping: bool,
     /// When and how often to retry.
@@ -273,6 +276,14 @@ pub fn decide(i: &Input<'_>) -> Decision {
             ),
         };
     }
+    // Asked once the store had its say: a duplicate of a request answered before its
+    // tenant ran out still gets its answer.
+    if let Some(why) = i.over_budget {
+        return Decision::DeadLetter {
+            kind: ErrorKind::BudgetExceeded,
+            reason: why.to_string(),
+        };
+    }
     Decision::Call
 }
 
@@ -428,6 +439,7 @@ mod tests {
             rate_limits: 0,
             deadline_ms: None,
             cancelled: false,
+            over_budget: None,
             stopping: false,
             policy,
             on_store_error: OnStoreError::Requeue,
@@ -967,6 +979,40 @@ mod tests {
             ..fresh(&p)
         };
         assert_eq!(decide(&fresh_stopping), Decision::HandBack);
+    }
+
+    #[test]
+    fn a_tenant_over_budget_is_not_called_but_gets_a_stored_answer() {
+        let p = policy();
+        let why = "tenant \"alice\" has spent $1.000000 of its max_usd_per_day $1.000000";
+        let over = Input {
+            claim: Claim::Acquired,
+            over_budget: Some(why),
+            ..fresh(&p)
+        };
+        assert_eq!(
+            decide(&over),
+            Decision::DeadLetter {
+                kind: ErrorKind::BudgetExceeded,
+                reason: why.into()
+            }
+        );
+        let stored = Input {
+            claim: Claim::Finished,
+            ..over.clone()
+        };
+        assert_eq!(decide(&stored), Decision::PublishStored);
+        let answered = Outcome::Done(Box::new(JobResult::ok("r".into(), "w".into())));
+        let late = Input {
+            produced: Some(&answered),
+            result_bytes: Some(10),
+            ..over
+        };
+        assert_eq!(
+            decide(&late),
+            Decision::Publish,
+            "an answer made is published"
+        );
     }
 
     #[test]

@@ -29,10 +29,11 @@ use tokio_util::sync::CancellationToken;
 pub use health::Health;
 
 use crate::{
-    config::Config,
+    config::{Config, Tenants},
     contract::Rules,
     runtime::metrics::Metrics,
     store::idempotency::Store,
+    tenant::{cost::Prices, spend::Ledger},
     upstream::{call::Upstream, router::Router},
     worker::policy::RetryPolicy,
 };
@@ -67,6 +68,12 @@ struct Context {
     health: Arc<Health>,
     /// Cancels heard on the control exchange, and the requests being settled here.
     cancels: Arc<cancel::Cancels>,
+    /// Every tenant's limits and budgets.
+    tenants: Tenants,
+    /// What models cost.
+    prices: Prices,
+    /// What each tenant spent.
+    ledger: Ledger,
     /// Prometheus metrics.
     metrics: Arc<Metrics>,
     /// Cancelled on shutdown: stop taking deliveries, cut retry waits short.
@@ -118,6 +125,9 @@ impl Worker {
                 lease_renewal: lease / 2,
                 health: Arc::default(),
                 cancels: Arc::new(cancel::Cancels::new(&config)),
+                tenants: Tenants::new(&config.tenants),
+                prices: Prices::new(&config.prices),
+                ledger: Ledger::new(&config),
                 metrics,
                 stop: shutdown,
                 abort: CancellationToken::new(),

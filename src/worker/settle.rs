@@ -68,7 +68,7 @@ async fn settle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Del
     };
     let retry = RetryState::read(&delivery.properties);
     let prior = retry.attempts;
-    let identity = Identity::of(&delivery.properties);
+    let identity = Identity::of(&delivery.properties, &ctx.config.tenancy.header);
     let span = info_span!(
         "job",
         %request_id,
@@ -93,6 +93,8 @@ async fn settle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Del
         delivery,
         kind,
         key,
+        tenant: identity.as_str().to_string(),
+        over_budget: None,
         watch,
         tombstoned,
         route,
@@ -124,6 +126,10 @@ struct Settling<'a> {
     kind: Kind,
     /// The request id scoped by the sender's identity: the idempotency store's key.
     key: String,
+    /// Who the request belongs to (its identity).
+    tenant: String,
+    /// Why its tenant may not be called now, asked before each call.
+    over_budget: Option<String>,
     /// Fires when the caller cancels the request.
     watch: Watch,
     /// The caller cancelled it before it was reached.
@@ -184,6 +190,8 @@ impl Settling<'_> {
         });
         // Calls started in this delivery: every one after the first renews the lease.
         let mut calls = 0u32;
+        // The tenant's budget was asked about for the next call.
+        let mut budget_asked = false;
         loop {
             let decision = decide(&Input {
                 invalid: invalid.as_ref(),
@@ -202,6 +210,7 @@ impl Settling<'_> {
                 rate_limits: self.rate_limits,
                 deadline_ms: job.as_ref().and_then(|j| j.deadline_ms),
                 cancelled: self.tombstoned || self.watch.is_cancelled(),
+                over_budget: self.over_budget.as_deref(),
                 stopping,
                 policy: &ctx.policy,
                 on_store_error: ctx.config.idempotency.on_store_error,
@@ -214,7 +223,18 @@ impl Settling<'_> {
                 Decision::Claim => {
                     claim = self.claim(&fingerprint, &mut body).await;
                 }
+                Decision::Call if !budget_asked => {
+                    // Asked before each call: spend made meanwhile (by this request's own
+                    // earlier attempt, or the fleet's) counts.
+                    budget_asked = true;
+                    let limits = ctx.tenants.limits(&self.tenant);
+                    self.over_budget = ctx
+                        .ledger
+                        .over_budget(&self.tenant, limits, unix_now())
+                        .await;
+                }
                 Decision::Call => {
+                    budget_asked = false;
                     // A later call of this delivery (a retry, or after a rate limit, which
                     // counts no attempt) may come long after the lease was taken.
                     if calls > 0 || self.attempts > prior {
@@ -229,7 +249,8 @@ impl Settling<'_> {
                     };
                     let streamed = self.streamed();
                     match attempted {
-                        Some(Some(outcome)) => {
+                        Some(Some(mut outcome)) => {
+                            self.account(&mut outcome).await;
                             body = self.record(&outcome);
                             produced = Some(outcome);
                         }
@@ -312,6 +333,29 @@ impl Settling<'_> {
             Outcome::Done(result) => Some(result.to_bytes()),
             Outcome::Failed { .. } | Outcome::Deferred { .. } => None,
         }
+    }
+
+    /// Puts an answer on its tenant's account: the result names the tenant and its cost
+    /// (when the model has a price), and the ledger and the metrics count it.
+    async fn account(&self, outcome: &mut Outcome) {
+        let Outcome::Done(result) = outcome else {
+            return;
+        };
+        let ctx = self.ctx;
+        let usage = result.usage.as_ref();
+        let cost = match (&result.model, usage) {
+            (Some(model), Some(usage)) => ctx.prices.cost(model, usage),
+            _ => None,
+        };
+        let tokens = usage.and_then(Usage::total).unwrap_or(0);
+        result.tenant = Some(self.tenant.clone());
+        result.cost_usd = cost.map(crate::config::Usd::dollars);
+        let cost = cost.unwrap_or_default();
+        ctx.ledger
+            .record(&self.tenant, cost, tokens, unix_now())
+            .await;
+        ctx.metrics
+            .tenant_answered(ctx.tenants.label(&self.tenant), tokens, cost.dollars());
     }
 
     /// Asks the idempotency store for the request's lease.
@@ -574,6 +618,7 @@ impl Settling<'_> {
             );
             result.attempts = self.attempts;
             result.kind = Some(self.kind.as_str());
+            result.tenant = Some(self.tenant.clone());
             result.metadata = job.and_then(|j| j.metadata.clone());
             match self
                 .publisher
@@ -595,6 +640,7 @@ impl Settling<'_> {
         self.release().await;
         let mut result = JobResult::cancelled(self.route.request_id.clone(), ctx.worker().into());
         result.attempts = self.attempts;
+        result.tenant = Some(self.tenant.clone());
         result.kind = Some(self.kind.as_str());
         let published = match self
             .publisher
