@@ -126,6 +126,7 @@ impl Config {
     /// stream still running at the shutdown deadline goes back to its queue and restarts,
     /// with its restart marker.)
     pub fn longest_attempt_secs(&self) -> u64 {
+        // 0: each deployment's own timeout, which the longest call covers.
         self.longest_call_secs().max(self.llm.stream_max_secs)
     }
 

@@ -158,8 +158,9 @@ pub struct LlmConfig {
     /// between two chunks (keep-alive comments count). A stream silent longer is cut off
     /// and retried.
     pub stream_idle_timeout_secs: u64,
-    /// Longest streamed call, first byte to last (it replaces `timeout_secs` for streams);
-    /// with `retry.inline_max_ms` it must stay below half of `amqp.consumer_timeout_secs`.
+    /// Longest streamed call, first byte to last, in place of the deployment's
+    /// `timeout_secs`; 0 = that `timeout_secs`. With `retry.inline_max_ms` it must stay
+    /// below half of `amqp.consumer_timeout_secs`.
     pub stream_max_secs: u64,
     /// Requests per minute this replica (or, with `limits.redis_url`, the fleet) may send;
     /// 0 = no limit.
@@ -199,7 +200,7 @@ impl Default for LlmConfig {
             embedding_model: "text-embedding-3-small".into(),
             timeout_secs: 60,
             stream_idle_timeout_secs: 60,
-            stream_max_secs: 300,
+            stream_max_secs: 0,
             max_requests_per_minute: 0,
             max_tokens_per_minute: 0,
             default_max_tokens: 256,

@@ -189,7 +189,11 @@ impl Upstream {
             let client = LlmClient::new(&spec, config.llm.max_response_bytes)?.with_stream_limits(
                 StreamLimits {
                     idle: std::time::Duration::from_secs(config.llm.stream_idle_timeout_secs),
-                    total: std::time::Duration::from_secs(config.llm.stream_max_secs),
+                    // 0: the deployment's own call timeout.
+                    total: match config.llm.stream_max_secs {
+                        0 => spec.timeout(),
+                        secs => std::time::Duration::from_secs(secs),
+                    },
                 },
             );
             deployments.push(Deployment::new(&name, spec, client, flow, metrics.clone()));

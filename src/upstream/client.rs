@@ -335,7 +335,19 @@ impl LlmClient {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
         if !streamed {
-            let (answer, spent_for) = self.parse::<ChatResponse>(resp, spent_for).await?;
+            let limit = self.max_response_bytes;
+            let (body, cut) = read_bounded(resp, limit).await.map_err(classify_reqwest)?;
+            // Events under another content type (a proxy that relabels them) are still
+            // events.
+            let text = body.trim_ascii_start();
+            if !cut && (text.starts_with(b"data:") || text.starts_with(b":")) {
+                let events = futures_util::stream::iter([Ok(bytes::Bytes::from(body))]);
+                let mut answer =
+                    super::stream::read(events, model, limit, limits, until, deltas).await?;
+                answer.spent_for = spent_for;
+                return Ok(answer);
+            }
+            let (answer, spent_for) = parse_body::<ChatResponse>(&body, cut, limit, spent_for)?;
             let answer = chat_answer(answer, model, spent_for)?;
             super::stream::pieces_of(&answer, deltas);
             return Ok(answer);
@@ -349,6 +361,28 @@ impl LlmClient {
         answer.spent_for = spent_for;
         Ok(answer)
     }
+}
+
+/// A successful answer's body parsed; `cut`: it was longer than `limit` and not read
+/// further.
+fn parse_body<T: for<'de> Deserialize<'de>>(
+    bytes: &[u8],
+    cut: bool,
+    limit: usize,
+    spent_for: Option<Duration>,
+) -> Result<(T, Option<Duration>), LlmError> {
+    if cut {
+        return Err(LlmError::Permanent {
+            message: format!(
+                "upstream answer larger than llm.max_response_bytes ({limit} bytes); not read \
+                 further"
+            ),
+        });
+    }
+    let parsed = serde_json::from_slice(bytes).map_err(|e| LlmError::Permanent {
+        message: format!("unparseable upstream answer: {e}"),
+    })?;
+    Ok((parsed, spent_for))
 }
 
 /// A chat completion's answer read: the first choice for the top-level fields, every choice
@@ -459,18 +493,7 @@ impl LlmClient {
     ) -> Result<(T, Option<Duration>), LlmError> {
         let limit = self.max_response_bytes;
         let (bytes, cut) = read_bounded(resp, limit).await.map_err(classify_reqwest)?;
-        if cut {
-            return Err(LlmError::Permanent {
-                message: format!(
-                    "upstream answer larger than llm.max_response_bytes ({limit} bytes); not read \
-                     further"
-                ),
-            });
-        }
-        let parsed = serde_json::from_slice(&bytes).map_err(|e| LlmError::Permanent {
-            message: format!("unparseable upstream answer: {e}"),
-        })?;
-        Ok((parsed, spent_for))
+        parse_body(&bytes, cut, limit, spent_for)
     }
 
     /// Posts `body` (with `timeout` in place of the deployment's, for a stream) and returns

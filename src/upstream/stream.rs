@@ -20,6 +20,17 @@ use tokio::sync::mpsc;
 use super::client::{ChatAnswer, LlmError};
 use crate::contract::Usage;
 
+/// Most choices a stream may carry (`llm.max_n` is far below), and most items of a list in
+/// one choice (its tool calls): a hostile upstream sending more is refused rather than
+/// merged item by item.
+const MAX_CHOICES: u64 = 128;
+const MAX_LIST_ITEMS: usize = 256;
+/// Longest run of bytes without a newline: one event line (a chunk) is far shorter, and the
+/// parser scans its buffer again for every piece of a line that has not ended.
+const MAX_LINE: usize = 1 << 20;
+/// What is kept of the body's start, to read an error body sent as if it were a stream.
+const HEAD_BYTES: usize = 4096;
+
 /// Where the deltas of a streamed answer go, in the order they came.
 pub type Deltas = mpsc::UnboundedSender<Piece>;
 
@@ -82,9 +93,13 @@ pub fn merge(acc: &mut Map<String, Value>, delta: Map<String, Value>) {
             (Value::Object(inner), Value::Object(more)) => merge(inner, more),
             (Value::Array(items), Value::Array(more)) => {
                 for item in more {
-                    let at = item
-                        .get("index")
-                        .and_then(|i| items.iter().position(|have| have.get("index") == Some(i)));
+                    // Bounded: the assembly refuses longer lists before they get here.
+                    let at = item.get("index").and_then(|i| {
+                        items
+                            .iter()
+                            .take(MAX_LIST_ITEMS)
+                            .position(|have| have.get("index") == Some(i))
+                    });
                     match (at, item) {
                         (Some(at), Value::Object(item)) => {
                             if let Value::Object(have) = &mut items[at] {
@@ -120,6 +135,10 @@ struct Assembly {
     /// caller has seen part of an answer and only a new attempt (with its restart marker)
     /// can replace it.
     pieces: u64,
+    /// Bytes of the answer assembled so far (its texts and fields, not the events'
+    /// framing), and the most it may hold (`llm.max_response_bytes`).
+    size: usize,
+    max_size: usize,
 }
 
 impl Assembly {
@@ -128,7 +147,7 @@ impl Assembly {
         let Value::Object(mut chunk) = chunk else {
             return Err(unparseable("a chunk is not a JSON object"));
         };
-        if let Some(error) = chunk.remove("error") {
+        if let Some(error) = chunk.remove("error").filter(|e| !e.is_null()) {
             return Err(stream_error(&error));
         }
         if self.model.is_none()
@@ -152,6 +171,9 @@ impl Assembly {
                 return Err(unparseable("a chunk's choice is not an object"));
             };
             let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
+            if index >= MAX_CHOICES {
+                return Err(unparseable(&format!("a choice index of {index}")));
+            }
             let have = self.choices.entry(index).or_default();
             if let Some(reason) = choice.remove("finish_reason").filter(|r| !r.is_null()) {
                 have.finish_reason = Some(reason);
@@ -172,6 +194,19 @@ impl Assembly {
                 .filter(|(key, value)| key.as_str() != "role" && carries(value))
                 .map(|(key, value)| (key.clone(), value.clone()))
                 .collect();
+            self.size = self.size.saturating_add(size_of(&delta));
+            if self.size > self.max_size {
+                return Err(too_large(self.max_size));
+            }
+            let long = |m: &Map<String, Value>| {
+                m.values()
+                    .any(|v| v.as_array().is_some_and(|a| a.len() > MAX_LIST_ITEMS))
+            };
+            if long(&delta) || long(&have.message) {
+                return Err(unparseable(&format!(
+                    "a list of over {MAX_LIST_ITEMS} items in a choice"
+                )));
+            }
             merge(&mut have.message, delta);
             if !piece.is_empty() {
                 self.pieces += 1;
@@ -202,12 +237,14 @@ impl Assembly {
                     call.remove("index");
                 }
             }
-            // As a non-streamed answer says it: no text beside tool calls is `null`.
+            // As a non-streamed answer says it: no text beside tool calls or a refusal is
+            // `null`.
+            let refused = message.get("refusal").is_some_and(carries);
             let empty = message
                 .get("content")
                 .is_none_or(|c| c.as_str().is_some_and(str::is_empty) || c.is_null());
             if empty {
-                let content = if has_tools {
+                let content = if has_tools || refused {
                     Value::Null
                 } else {
                     Value::String(String::new())
@@ -268,17 +305,61 @@ fn unparseable(what: &str) -> LlmError {
 }
 
 /// An `error` sent in the stream, classified as if it had come as the answer's status:
-/// its numeric `code` when it has one, else a server error.
+/// its `code` when it is an HTTP status (a number, or a number in a string, as LiteLLM
+/// sends it), else the status its `type` or `code` names (OpenAI sends strings such as
+/// `insufficient_quota` or `rate_limit_exceeded` there), else a server error.
 fn stream_error(error: &Value) -> LlmError {
-    let status = error
-        .get("code")
-        .and_then(Value::as_u64)
+    use reqwest::StatusCode;
+    let text = |name: &str| {
+        error
+            .get(name)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    };
+    let numeric = match error.get("code") {
+        Some(Value::Number(n)) => n.as_u64(),
+        Some(Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    };
+    let named = |what: &str| text("type").contains(what) || text("code").contains(what);
+    let status = numeric
         .and_then(|c| u16::try_from(c).ok())
-        .and_then(|c| reqwest::StatusCode::from_u16(c).ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
         .filter(|s| s.is_client_error() || s.is_server_error())
-        .unwrap_or(reqwest::StatusCode::BAD_GATEWAY);
+        .unwrap_or(if named("insufficient_quota") || named("rate_limit") {
+            StatusCode::TOO_MANY_REQUESTS
+        } else if named("invalid_request") || named("context_length") || named("content_") {
+            StatusCode::BAD_REQUEST
+        } else if named("authentication") || named("permission") {
+            StatusCode::UNAUTHORIZED
+        } else {
+            StatusCode::BAD_GATEWAY
+        });
     let body = serde_json::json!({ "error": error }).to_string();
     super::client::classify_failure(status, body.as_bytes(), None)
+}
+
+/// Bytes a delta adds to the answer: its texts and keys, and a few for anything else.
+fn size_of(delta: &Map<String, Value>) -> usize {
+    fn value(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.len(),
+            Value::Array(a) => a.iter().map(value).sum::<usize>() + 2,
+            Value::Object(o) => size_of(o),
+            _ => 8,
+        }
+    }
+    delta.iter().map(|(k, v)| k.len() + value(v)).sum()
+}
+
+fn too_large(limit: usize) -> LlmError {
+    LlmError::Permanent {
+        message: format!(
+            "upstream answer larger than llm.max_response_bytes ({limit} bytes); not read \
+             further"
+        ),
+    }
 }
 
 /// Why the byte stream stopped.
@@ -286,25 +367,74 @@ fn stream_error(error: &Value) -> LlmError {
 enum Cut {
     /// The transport failed (classified already).
     Failed(LlmError),
-    /// More than the answer may hold.
-    TooLarge(usize),
+    /// A line longer than [`MAX_LINE`].
+    LineTooLong,
+    /// Bytes that are not UTF-8 (the parser would hold back everything after them).
+    NotUtf8,
 }
 
 impl std::fmt::Display for Cut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Cut::Failed(e) => e.fmt(f),
-            Cut::TooLarge(limit) => write!(f, "over {limit} bytes"),
+            Cut::LineTooLong => write!(f, "a line of over {MAX_LINE} bytes"),
+            Cut::NotUtf8 => f.write_str("bytes that are not UTF-8"),
         }
     }
 }
 
+/// What the byte stream goes through before the parser: only whole lines are passed on
+/// (the parser scans its whole buffer again for every piece of an unfinished line, so a
+/// line cut into many pieces would cost its length squared), each line at most
+/// [`MAX_LINE`] bytes and valid UTF-8 (the parser would hold back everything after a bad
+/// byte); and the body's first bytes are kept.
+#[derive(Default)]
+struct Lines {
+    /// An unfinished line.
+    pending: Vec<u8>,
+    head: Vec<u8>,
+}
+
+impl Lines {
+    /// The whole lines that `chunk` completes (maybe none).
+    fn pass(&mut self, chunk: Bytes) -> Result<Bytes, Cut> {
+        if self.head.len() < HEAD_BYTES {
+            let room = HEAD_BYTES - self.head.len();
+            self.head.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+        let whole = match chunk.iter().rposition(|b| *b == b'\n') {
+            None => {
+                self.pending.extend_from_slice(&chunk);
+                Bytes::new()
+            }
+            // The usual case: whole lines, nothing pending.
+            Some(at) if at + 1 == chunk.len() && self.pending.is_empty() => chunk,
+            Some(at) => {
+                let mut whole = std::mem::take(&mut self.pending);
+                whole.extend_from_slice(&chunk[..=at]);
+                self.pending.extend_from_slice(&chunk[at + 1..]);
+                Bytes::from(whole)
+            }
+        };
+        if self.pending.len() > MAX_LINE {
+            return Err(Cut::LineTooLong);
+        }
+        // Whole lines end in a newline, which no UTF-8 sequence straddles.
+        if std::str::from_utf8(&whole).is_err() {
+            return Err(Cut::NotUtf8);
+        }
+        Ok(whole)
+    }
+}
+
 /// Reads a stream of server-sent events to its end (`[DONE]`), handing each delta to
-/// `deltas` as it comes, and returns the whole answer. At most `max_bytes` are read; a
-/// silence longer than `limits.idle`, or a stream still running at `until`, is cut off.
+/// `deltas` as it comes, and returns the whole answer. An answer over `max_bytes`
+/// (assembled, not counting the events' framing) is refused; a silence longer than
+/// `limits.idle`, or a stream still running at `until`, is cut off.
 ///
-/// A failure after the first delta was handed on is always [`LlmError::Transient`]: the
-/// caller holds part of an answer, which only a new attempt can replace.
+/// A failure after the first delta was handed on is [`LlmError::Transient`] (the caller
+/// holds part of an answer, which a new attempt replaces), unless it would only happen
+/// again: an answer too large, or a stream longer than `llm.stream_max_secs`.
 pub async fn read<S>(
     bytes: S,
     requested: &str,
@@ -316,24 +446,24 @@ pub async fn read<S>(
 where
     S: Stream<Item = Result<Bytes, LlmError>>,
 {
-    let mut seen = 0usize;
     // When the last bytes came, in ms from `start`: comments and keep-alives make no event,
     // yet they show the stream is alive.
     let start = tokio::time::Instant::now();
     let heard = std::sync::atomic::AtomicU64::new(0);
-    let bounded = bytes.map(|chunk| {
+    let lines = std::sync::Mutex::new(Lines::default());
+    let checked = bytes.map(|chunk| {
         let chunk = chunk.map_err(Cut::Failed)?;
         let now = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
         heard.store(now, std::sync::atomic::Ordering::Relaxed);
-        seen = seen.saturating_add(chunk.len());
-        if seen > max_bytes {
-            return Err(Cut::TooLarge(max_bytes));
-        }
-        Ok(chunk)
+        lines.lock().unwrap_or_else(|e| e.into_inner()).pass(chunk)
     });
-    let events = bounded.eventsource();
+    let events = checked.eventsource();
     let mut events = std::pin::pin!(events);
-    let mut answer = Assembly::default();
+    let mut answer = Assembly {
+        max_size: max_bytes,
+        ..Assembly::default()
+    };
+    let mut any_event = false;
     let outcome = loop {
         let last = start + Duration::from_millis(heard.load(std::sync::atomic::Ordering::Relaxed));
         let next = tokio::time::timeout_at(until.min(last + limits.idle), events.next());
@@ -341,15 +471,27 @@ where
             Ok(Some(Ok(event))) => event,
             Ok(Some(Err(e))) => break Err(broken(e)),
             Ok(None) if answer.finished() => break Ok(()),
+            // Not a stream at all, though it said so: an error body, read as one.
+            Ok(None) if !any_event => {
+                let head =
+                    std::mem::take(&mut lines.lock().unwrap_or_else(|e| e.into_inner()).head);
+                break Err(match serde_json::from_slice::<Value>(&head) {
+                    Ok(Value::Object(mut body)) if body.contains_key("error") => {
+                        stream_error(&body.remove("error").unwrap_or_default())
+                    }
+                    _ => transient("the stream ended before [DONE]".into(), false),
+                });
+            }
             Ok(None) => break Err(transient("the stream ended before [DONE]".into(), false)),
+            // Not pushback: a generation this long would be cut off again.
             Err(_) if tokio::time::Instant::now() >= until => {
-                break Err(transient(
-                    format!(
-                        "the stream ran longer than llm.stream_max_secs ({} s)",
+                break Err(LlmError::Permanent {
+                    message: format!(
+                        "the stream ran longer than llm.stream_max_secs ({} s); raise it for \
+                         longer generations",
                         limits.total.as_secs()
                     ),
-                    true,
-                ));
+                });
             }
             // Bytes came meanwhile (a comment): not idle. Waiting for the next event again
             // loses nothing: the parser keeps what it has read.
@@ -369,6 +511,7 @@ where
                 ));
             }
         };
+        any_event = true;
         let data = event.data.trim();
         if data == "[DONE]" {
             break Ok(());
@@ -385,12 +528,22 @@ where
             break Err(e);
         }
     };
-    match outcome {
-        Ok(()) => answer.finish(requested),
-        Err(e) if answer.pieces > 0 && !matches!(e, LlmError::Transient { .. }) => {
-            Err(transient(format!("after part of the answer: {e}"), false))
+    let pieces = answer.pieces;
+    match outcome.and_then(|()| answer.finish(requested)) {
+        // What would only happen again stays as it is.
+        Err(LlmError::Permanent { message })
+            if pieces > 0
+                && !message.contains("llm.max_response_bytes")
+                && !message.contains("llm.stream_max_secs") =>
+        {
+            Err(transient(
+                format!("after part of the answer: {message}"),
+                false,
+            ))
         }
-        Err(e) => Err(e),
+        Err(e @ (LlmError::Transient { .. } | LlmError::Permanent { .. })) => Err(e),
+        Err(e) if pieces > 0 => Err(transient(format!("after part of the answer: {e}"), false)),
+        other => other,
     }
 }
 
@@ -418,12 +571,10 @@ fn broken(e: EventStreamError<Cut>) -> LlmError {
             },
             other => other,
         },
-        EventStreamError::Transport(Cut::TooLarge(limit)) => LlmError::Permanent {
-            message: format!(
-                "upstream answer larger than llm.max_response_bytes ({limit} bytes); not read \
-                 further"
-            ),
-        },
+        EventStreamError::Transport(Cut::LineTooLong) => {
+            unparseable(&format!("a line of over {MAX_LINE} bytes"))
+        }
+        EventStreamError::Transport(Cut::NotUtf8) => unparseable("bytes that are not UTF-8"),
         EventStreamError::Utf8(e) => unparseable(&format!("not UTF-8: {e}")),
         EventStreamError::Parser(e) => unparseable(&format!("not server-sent events: {e}")),
     }
@@ -629,14 +780,113 @@ mod tests {
             matches!(answer, Err(LlmError::Permanent { .. })),
             "{answer:?}"
         );
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let huge = futures_util::stream::repeat_with(|| Ok(Bytes::from_static(b"data: xxxxxxxx")));
         let until = tokio::time::Instant::now() + Duration::from_secs(30);
-        let answer = read(huge, "m", 4096, StreamLimits::default(), until, &tx).await;
-        let Err(LlmError::Permanent { message }) = answer else {
-            panic!("{answer:?}")
+        let (tx, _rx) = mpsc::unbounded_channel();
+        // A line that never ends is refused at 1 MiB, not buffered on.
+        let endless =
+            futures_util::stream::repeat_with(|| Ok(Bytes::from_static(b"data: xxxxxxxx")));
+        let Err(LlmError::Permanent { message }) =
+            read(endless, "m", 1 << 30, StreamLimits::default(), until, &tx).await
+        else {
+            panic!("an endless line is refused")
         };
-        assert!(message.contains("llm.max_response_bytes"), "{message}");
+        assert!(
+            message.contains("a line of over 1048576 bytes"),
+            "{message}"
+        );
+        // An answer larger than max_response_bytes, counted as assembled: refused for good,
+        // even after deltas went out (it would be again).
+        let big = futures_util::stream::repeat_with(|| {
+            Ok(Bytes::from(event(delta(
+                0,
+                json!({"content": "0123456789"}),
+            ))))
+        });
+        let Err(LlmError::Permanent { message }) =
+            read(big, "m", 4096, StreamLimits::default(), until, &tx).await
+        else {
+            panic!("an answer over the limit is refused")
+        };
+        assert!(
+            message.contains("llm.max_response_bytes (4096 bytes)"),
+            "{message}"
+        );
+        // Not UTF-8: refused at once, not held back until the body ends.
+        let bad = futures_util::stream::iter([Ok(Bytes::from_static(b"data: \xff\xfe\n\n"))])
+            .chain(futures_util::stream::pending());
+        let Err(LlmError::Permanent { message }) =
+            read(bad, "m", 1 << 20, StreamLimits::default(), until, &tx).await
+        else {
+            panic!("bytes that are not UTF-8 are refused")
+        };
+        assert!(message.contains("not UTF-8"), "{message}");
+        // A character split between two chunks is fine.
+        let body = event(delta(0, json!({"content": "héllo"}))) + "data: [DONE]\n\n";
+        let (answer, _) = read_body(&body, 9).await;
+        assert_eq!(answer.expect("an answer").content.as_deref(), Some("héllo"));
+    }
+
+    #[tokio::test]
+    async fn errors_in_the_stream_are_classified_by_their_words_too() {
+        let cases = [
+            (
+                json!({"message": "out of credit", "type": "insufficient_quota", "code": "insufficient_quota"}),
+                "quota",
+            ),
+            (
+                json!({"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"}),
+                "rate_limited",
+            ),
+            (
+                json!({"message": "slow down", "code": "429"}),
+                "rate_limited",
+            ),
+            (
+                json!({"message": "bad", "type": "invalid_request_error", "code": null}),
+                "permanent",
+            ),
+            (
+                json!({"message": "boom", "type": "server_error"}),
+                "transient",
+            ),
+        ];
+        for (error, label) in cases {
+            let (answer, _) = read_body(&event(json!({ "error": error })), 16).await;
+            let e = answer.expect_err("an error");
+            assert_eq!(e.label(), label, "{error}: {e}");
+        }
+        // A null error is no error.
+        let body = [
+            event(json!({"error": null, "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]})),
+            "data: [DONE]\n\n".to_string(),
+        ]
+        .concat();
+        assert_eq!(
+            read_body(&body, 7).await.0.expect("ok").content.as_deref(),
+            Some("ok")
+        );
+        // An error body sent as if it were a stream is read as the error it is.
+        let (answer, _) = read_body(
+            r#"{"error": {"message": "no such model", "type": "invalid_request_error", "code": 404}}"#,
+            10,
+        )
+        .await;
+        assert_eq!(answer.expect_err("an error").label(), "auth");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_leaves_content_null_as_without_streaming() {
+        let body = [
+            event(delta(0, json!({"role": "assistant", "content": ""}))),
+            event(delta(0, json!({"refusal": "I can't"}))),
+            event(json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})),
+            "data: [DONE]\n\n".to_string(),
+        ]
+        .concat();
+        let answer = read_body(&body, 11).await.0.expect("an answer");
+        assert_eq!(answer.content, None);
+        assert_eq!(answer.refusal, Some(json!("I can't")));
+        assert_eq!(answer.choices[0]["message"]["content"], Value::Null);
     }
 
     #[tokio::test(start_paused = true)]
@@ -654,13 +904,13 @@ mod tests {
             panic!("an idle stream is cut off")
         };
         assert!(message.contains("stream_idle_timeout_secs"), "{message}");
-        // A keep-alive every second: never idle, cut at the total.
+        // A keep-alive every second: never idle, cut at the total, for good.
         let alive = futures_util::stream::unfold((), |()| async {
             tokio::time::sleep(Duration::from_secs(1)).await;
             Some((Ok(Bytes::from_static(b": ping\n\n")), ()))
         });
         let until = tokio::time::Instant::now() + limits.total;
-        let Err(LlmError::Transient { message, .. }) =
+        let Err(LlmError::Permanent { message }) =
             read(alive, "m", 1 << 20, limits, until, &tx).await
         else {
             panic!("a long stream is cut off")

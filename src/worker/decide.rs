@@ -50,6 +50,10 @@ pub struct Input<'a> {
     /// The request streams to its `reply_to`: a delivery that was never settled may have
     /// sent deltas under its attempt's number, so that attempt counts.
     pub streams: bool,
+    /// An attempt of this delivery sent deltas: the next attempt waits in a retry tier, so
+    /// that its number is in the message before it streams (at most one attempt streams
+    /// per delivery, and a crash then counts exactly that one).
+    pub streamed_here: bool,
     /// Unsettled redeliveries counted before this delivery (its header).
     pub redeliveries: u32,
     /// Upstream attempts made for this request, counting earlier deliveries.
@@ -332,7 +336,7 @@ fn after_transient(
     if let Some(expired) = ends_past_deadline(i, delay) {
         return expired;
     }
-    if delay > i.policy.inline_max() {
+    if delay > i.policy.inline_max() || i.streamed_here {
         Decision::retry_tier(i, delay, reason)
     } else if i.stopping {
         Decision::HandBack
@@ -426,6 +430,7 @@ mod tests {
             invalid: None,
             redelivered: false,
             streams: false,
+            streamed_here: false,
             redeliveries: 0,
             attempts: 0,
             not_before_ms: None,
@@ -898,6 +903,30 @@ mod tests {
             panic!("expected an inline retry");
         };
         assert_eq!(after.as_millis(), 100, "half the second step (200 ms)");
+    }
+
+    #[test]
+    fn after_an_attempt_that_streamed_the_next_waits_in_a_tier() {
+        let p = policy();
+        let failed = transient(None);
+        let i = Input {
+            claim: Claim::Acquired,
+            attempts: 2,
+            produced: Some(&failed),
+            jitter: 0.5,
+            streams: true,
+            streamed_here: true,
+            ..fresh(&p)
+        };
+        let Decision::Republish(Republish {
+            to: Destination::RetryTier { after },
+            attempts: 2,
+            ..
+        }) = decide(&i)
+        else {
+            panic!("its attempt count is in the message before the next attempt streams");
+        };
+        assert_eq!(after.as_millis(), 100, "the same backoff");
     }
 
     #[test]

@@ -102,6 +102,7 @@ async fn settle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Del
         // A delivery its worker never settled may have streamed under its attempt.
         restart: retry.streamed || (streams && delivery.redelivered),
         progress: stream::Progress::default(),
+        streamed_here: false,
         attempts: prior,
         redeliveries: retry.redeliveries,
         first_failure: retry.first_failure,
@@ -142,6 +143,8 @@ struct Settling<'a> {
     restart: bool,
     /// What the running attempt has streamed.
     progress: stream::Progress,
+    /// An attempt of this delivery sent deltas.
+    streamed_here: bool,
     /// Upstream attempts made for this request, counting earlier deliveries.
     attempts: u32,
     /// Unsettled redeliveries counted before this delivery.
@@ -197,6 +200,7 @@ impl Settling<'_> {
                 invalid: invalid.as_ref(),
                 redelivered: self.delivery.redelivered,
                 streams: self.streams,
+                streamed_here: self.streamed_here,
                 redeliveries: self.redeliveries,
                 attempts: self.attempts,
                 not_before_ms,
@@ -393,6 +397,7 @@ impl Settling<'_> {
         }
         if delta {
             self.restart = true;
+            self.streamed_here = true;
         }
         delta
     }

@@ -144,7 +144,7 @@ pub(super) async fn forward(
                 status: DELTA,
                 attempt: out.attempt,
                 seq,
-                index: out.indexed.then_some(piece.index),
+                index: (out.indexed || piece.index != 0).then_some(piece.index),
                 delta: &piece.delta,
             })
             .unwrap_or_default();

@@ -162,7 +162,6 @@ async fn a_delivery_stuck_behind_higher_priorities_goes_to_the_retry_queue_uncou
         |c| {
             c.amqp.consumer_timeout_secs = 6;
             c.llm.timeout_secs = 2;
-            c.llm.stream_max_secs = 2;
             c.retry.inline_max_ms = 400;
             c.worker.max_inflight = 1;
             c.worker.min_inflight = 1;

@@ -185,6 +185,10 @@ async fn a_hundred_concurrent_streams_arrive_whole_and_in_order() {
     assert!(deltas >= 100);
     // The durable copy is on the results exchange as always.
     assert_eq!(env.results(100).await.len(), 100);
+    // Once the worker has stopped, nothing can still be on its way: no delta came after
+    // its result.
+    worker.stop().await.expect("worker stops");
+    assert_eq!(env.queue_len(&reply).await, 0);
     assert_eq!(
         env.mock
             .stats()
@@ -192,7 +196,6 @@ async fn a_hundred_concurrent_streams_arrive_whole_and_in_order() {
             .load(std::sync::atomic::Ordering::Relaxed),
         100
     );
-    worker.stop().await.expect("worker stops");
     env.cleanup().await;
 }
 
