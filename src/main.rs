@@ -9,7 +9,7 @@ use llmq::{
     config::Config,
     ops::{
         dlq::{self, Selection},
-        status, topology,
+        status, topology, usage,
     },
     runtime::{logs, shutdown},
     tools::{
@@ -72,6 +72,16 @@ enum Command {
     },
     /// Declare the topology (as a worker does) and print it, without consuming.
     Topology,
+    /// What each tenant spent, used and asked for today and this month (UTC), from Redis
+    /// (`limits.redis_url`).
+    Usage {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure throughput, latency and memory against the broker (see README, Benchmarks).
     Bench(bench::BenchArgs),
     /// Exit 0 when an HTTP GET of URL answers 2xx (container health checks).
@@ -97,13 +107,17 @@ enum DlqCommand {
         /// Every dead letter.
         #[arg(
             long,
-            conflicts_with = "request_id",
-            required_unless_present = "request_id"
+            conflicts_with_all = ["request_id", "kind"],
+            required_unless_present_any = ["request_id", "kind"]
         )]
         all: bool,
         /// Only these request ids (repeatable).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "kind")]
         request_id: Vec<String>,
+        /// Only dead letters of this kind (`x-error-kind`), e.g. `budget_exceeded` once the
+        /// budgets reset.
+        #[arg(long)]
+        kind: Option<llmq::contract::ErrorKind>,
         /// Start the attempt count afresh (else a request out of attempts fails again at once).
         #[arg(long)]
         reset_attempts: bool,
@@ -165,6 +179,13 @@ fn main() -> ExitCode {
                 Err(e) => fail("bench", e),
             },
             Command::Dlq { command } => dlq(&config, command).await,
+            Command::Usage { tenant, json } => {
+                match usage::usage(&config, tenant.as_deref()).await {
+                    Ok((period, rows)) if json => print(usage::json(&period, &rows)),
+                    Ok((period, rows)) => print(usage::table(&period, &rows)),
+                    Err(e) => fail("usage", e),
+                }
+            }
             Command::Status { json } => match status::status(&config).await {
                 Ok(queues) if json => {
                     print(serde_json::to_string_pretty(&queues).unwrap_or_default())
@@ -209,12 +230,13 @@ async fn dlq(config: &Config, command: DlqCommand) -> ExitCode {
         DlqCommand::Replay {
             all,
             request_id,
+            kind,
             reset_attempts,
         } => {
-            let selection = if all {
-                Selection::All
-            } else {
-                Selection::Ids(request_id.into_iter().collect())
+            let selection = match kind {
+                _ if all => Selection::All,
+                Some(kind) => Selection::Kind(kind),
+                None => Selection::Ids(request_id.into_iter().collect()),
             };
             match dlq::replay(config, &selection, reset_attempts).await {
                 Ok(done) => {

@@ -21,6 +21,7 @@ use crate::{
     broker::{publish::publish_confirmed, topology::queue_depth},
     config::{Config, TopologyConfig},
     contract::{
+        ErrorKind,
         headers::{self, DeadLetterInfo},
         request,
     },
@@ -51,6 +52,9 @@ pub enum Selection {
     All,
     /// Only these request ids.
     Ids(HashSet<String>),
+    /// Only dead letters of this kind (`x-error-kind`), e.g. `budget_exceeded` once the
+    /// budgets reset.
+    Kind(ErrorKind),
 }
 
 fn describe(m: &BasicGetMessage) -> DeadLetter {
@@ -122,6 +126,7 @@ pub async fn replay(
         let chosen = match selection {
             Selection::All => true,
             Selection::Ids(ids) => ids.contains(&info.request_id),
+            Selection::Kind(kind) => info.error_kind == kind.as_str(),
         };
         if !chosen {
             kept.push(m);

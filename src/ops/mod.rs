@@ -1,10 +1,11 @@
-//! Operating llmq: the admin HTTP endpoints, and the commands `llmq dlq`, `llmq status` and
-//! `llmq topology`.
+//! Operating llmq: the admin HTTP endpoints, and the commands `llmq dlq`, `llmq status`,
+//! `llmq topology` and `llmq usage`.
 
 pub mod admin;
 pub mod dlq;
 pub mod status;
 pub mod topology;
+pub mod usage;
 
 use lapin::{Channel, Connection};
 

@@ -17,6 +17,7 @@ mod interop;
 mod ops;
 mod routing;
 mod streaming;
+mod tenants;
 mod tls;
 mod upstreams;
 mod validation;
