@@ -18,6 +18,7 @@
 //! multiplexes every call to a host on one connection.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc, RwLock,
@@ -85,6 +86,10 @@ pub struct MockOptions {
     /// Keep every prompt in [`MockStats::prompts`] (tests; unbounded, so off by default).
     #[arg(skip)]
     pub record_prompts: bool,
+    /// Note when each streamed answer's first content chunk goes out, in
+    /// [`MockStats::first_chunks`] (`llmq bench`; unbounded, so off by default).
+    #[arg(skip)]
+    pub record_first_chunks: bool,
     /// Answer chat calls with a reply of this many bytes, streamed in chunks without a
     /// `Content-Length` (made as it is sent, so a huge one costs the mock nothing); 0 = the
     /// usual short reply. Tests `llm.max_response_bytes`.
@@ -155,6 +160,7 @@ impl Default for MockOptions {
             error_message: None,
             require_key: None,
             record_prompts: false,
+            record_first_chunks: false,
             response_bytes: 0,
             max_prompt_bytes: None,
             models: Vec::new(),
@@ -217,6 +223,10 @@ pub struct MockStats {
     pub streams_cut: AtomicU64,
     /// Chat calls seen when recording, in arrival order: the last message and when it came.
     pub prompts: std::sync::Mutex<Vec<(String, std::time::Instant)>>,
+    /// Streamed answers when recording ([`MockOptions::record_first_chunks`]), by their
+    /// last message: the instant just before the first chunk after the role chunk went into
+    /// the body. A later answer to the same message keeps the first instant.
+    pub first_chunks: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 struct MockState {
@@ -643,7 +653,11 @@ async fn chat(
         if cut.is_some() {
             state.stats.streams_cut.fetch_add(1, Ordering::Relaxed);
         }
-        return sse_reply(events, cut, &options);
+        let first_chunk = options.record_first_chunks.then(|| FirstChunk {
+            stats: Arc::clone(&state.stats),
+            key: last.clone(),
+        });
+        return sse_reply(events, cut, &options, first_chunk);
     }
     Json(json!({
         "id": "chatcmpl-mock",
@@ -658,6 +672,26 @@ async fn chat(
         }
     }))
     .into_response()
+}
+
+/// Where the first content comes in [`sse_events`]' list: after the comment and the first
+/// choice's role chunk.
+const FIRST_CONTENT_EVENT: usize = 2;
+
+/// Notes when a streamed answer's first content goes out
+/// ([`MockOptions::record_first_chunks`]).
+struct FirstChunk {
+    stats: Arc<MockStats>,
+    /// The answer's last message.
+    key: String,
+}
+
+impl FirstChunk {
+    fn note(self) {
+        if let Ok(mut seen) = self.stats.first_chunks.lock() {
+            seen.entry(self.key).or_insert_with(std::time::Instant::now);
+        }
+    }
 }
 
 /// The server-sent events of a streamed answer with these `choices`, as OpenAI sends them:
@@ -720,14 +754,19 @@ fn sse_events(model: &str, choices: &[Value], usage: Option<&Value>) -> Vec<Stri
 
 /// Sends `events` as `text/event-stream`, `chunk_ms` apart; with `cut`, the body breaks
 /// off after that many: the connection drops (no `[DONE]`), or with `--mid-stream-error`
-/// an error event ends it.
-fn sse_reply(events: Vec<String>, cut: Option<u64>, options: &MockOptions) -> Response {
+/// an error event ends it. `first_chunk` notes when the first content goes out.
+fn sse_reply(
+    events: Vec<String>,
+    cut: Option<u64>,
+    options: &MockOptions,
+    first_chunk: Option<FirstChunk>,
+) -> Response {
     let pace = Duration::from_millis(options.chunk_ms);
     let cut = cut.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
     let error_event = options.mid_stream_error;
     let stream = futures_util::stream::unfold(
-        (events.into_iter().enumerate(), pace),
-        move |(mut events, pace)| async move {
+        (events.into_iter().enumerate(), pace, first_chunk),
+        move |(mut events, pace, mut first_chunk)| async move {
             let (i, event) = events.next()?;
             if cut.is_some_and(|cut| i > cut) {
                 return None;
@@ -737,16 +776,21 @@ fn sse_reply(events: Vec<String>, cut: Option<u64>, options: &MockOptions) -> Re
                     let error = json!({"error": {"message": "the model failed mid-stream", "type": "server_error", "code": null}});
                     return Some((
                         Ok(Bytes::from(format!("data: {error}\n\n"))),
-                        (events, pace),
+                        (events, pace, first_chunk),
                     ));
                 }
                 let broken = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "cut");
-                return Some((Err(broken), (events, pace)));
+                return Some((Err(broken), (events, pace, first_chunk)));
             }
             if i > 0 && !pace.is_zero() {
                 tokio::time::sleep(pace).await;
             }
-            Some((Ok(Bytes::from(event)), (events, pace)))
+            if i == FIRST_CONTENT_EVENT
+                && let Some(first) = first_chunk.take()
+            {
+                first.note();
+            }
+            Some((Ok(Bytes::from(event)), (events, pace, first_chunk)))
         },
     );
     let mut response = Body::from_stream(stream).into_response();
@@ -1346,6 +1390,29 @@ mod tests {
         let last = chunks.last().unwrap();
         assert_eq!(last["choices"], json!([]), "a usage-only last chunk");
         assert!(last["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    }
+
+    #[tokio::test]
+    async fn a_streamed_answer_s_first_content_is_noted_when_recording() {
+        let mock = start(MockOptions::default()).await;
+        let url = format!("{}/chat/completions", mock.base_url());
+        let stream = |text: &str| {
+            let body = json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": text}]});
+            let request = client(false).post(&url).json(&body);
+            async move { request.send().await.unwrap().text().await.unwrap() }
+        };
+        stream("not recorded").await;
+        mock.set_options(MockOptions {
+            record_first_chunks: true,
+            ..MockOptions::default()
+        });
+        let before = Instant::now();
+        let text = stream("recorded").await;
+        let after = Instant::now();
+        assert!(text.contains("mock"), "{text}");
+        let seen = mock.stats().first_chunks.lock().unwrap();
+        assert_eq!(seen.keys().collect::<Vec<_>>(), ["recorded"]);
+        assert!((before..=after).contains(&seen["recorded"]));
     }
 
     #[tokio::test]
