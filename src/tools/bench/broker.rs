@@ -108,12 +108,24 @@ pub(super) async fn publish_requests(
     n: usize,
     body: impl Fn(usize) -> serde_json::Value,
 ) -> Result<Instant, BenchError> {
+    publish_requests_with(conn, cfg, key, n, body, BasicProperties::default()).await
+}
+
+/// As [`publish_requests`], each request with `props` besides (a `reply_to`).
+pub(super) async fn publish_requests_with(
+    conn: &Connection,
+    cfg: &RunConfig,
+    key: &str,
+    n: usize,
+    body: impl Fn(usize) -> serde_json::Value,
+    props: BasicProperties,
+) -> Result<Instant, BenchError> {
     let publisher = conn.create_channel().await?;
     publisher
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let start = Instant::now();
-    let props = BasicProperties::default()
+    let props = props
         .with_delivery_mode(2)
         .with_content_type("application/json".into());
     publish_window(

@@ -101,6 +101,11 @@ struct ResultStatus {
     status: String,
 }
 
+/// Whether a result's body says `status: error`.
+pub(super) fn is_error(result: &[u8]) -> bool {
+    serde_json::from_slice::<ResultStatus>(result).is_ok_and(|r| r.status == "error")
+}
+
 /// Publishes `n` requests made by `body` on `key` through a fresh worker, as fast as confirms
 /// allow; returns jobs/s until the last result, the worker's peak RSS, its CPU per job and
 /// the error results.
@@ -123,7 +128,7 @@ pub(super) async fn run_jobs(
         {
             let errors = errors.clone();
             move |data| {
-                if serde_json::from_slice::<ResultStatus>(data).is_ok_and(|r| r.status == "error") {
+                if is_error(data) {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
             }

@@ -54,7 +54,7 @@ pub(super) async fn measure(bench: &Bench<'_>) -> Result<Latency, BenchError> {
 }
 
 /// The `p` quantile (0..=1) of `sorted`, NaN when empty.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted
         .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
         .copied()

@@ -1,4 +1,4 @@
-//! `llmq bench`: one run, ten figures, as ratios against the raw broker and the ideal.
+//! `llmq bench`: one run, eleven figures, as ratios against the raw broker and the ideal.
 //!
 //! Against the configured broker and an in-process mock upstream, with the worker as a real
 //! child process (`llmq run`) so its memory can be read:
@@ -24,12 +24,18 @@
 //!   refuses any beyond them at once with 429 and no `Retry-After`, the worker with default
 //!   settings (`worker.max_inflight` 256): ok jobs/s and the ratio to 32 / 0.2 s = 160,
 //!   the 429s the mock answered over its cap and the error results (requests whose retries
-//!   ran out).
+//!   ran out);
+//! - (s) streaming: 300 streams at once (`--streams`, `worker.max_inflight`), the mock
+//!   sending a word every 50 ms, `stream.flush_ms` = 50, every delta to one reply queue:
+//!   delta messages/s, the worker's CPU and peak RSS, the median and p99 time from the
+//!   mock's first content chunk to the first delta on `reply_to`; then the same requests
+//!   without `stream` (the mock taking as long as a stream), for the peak RSS of the same
+//!   concurrency without streaming.
 //!
 //! One file per family of runs: [`broker`] (the ceiling, and the publishing and collecting
 //! every run shares), [`jobs`] (b, c, e, g), [`latency`] (d), [`embeddings`] (f), [`held`]
-//! (h, h2), [`capped`] (u); [`worker`] starts and stops the worker process and reads its
-//! figures from `/proc`.
+//! (h, h2), [`capped`] (u), [`streaming`] (s); [`worker`] starts and stops the worker
+//! process and reads its figures from `/proc`.
 
 mod broker;
 mod capped;
@@ -37,6 +43,7 @@ mod embeddings;
 mod held;
 mod jobs;
 mod latency;
+mod streaming;
 mod worker;
 
 use std::path::PathBuf;
@@ -80,9 +87,16 @@ pub struct BenchArgs {
     /// Jobs for the run against an unannounced cap of 32 calls (u).
     #[arg(long, default_value_t = 3_000)]
     pub capped_jobs: usize,
-    /// Run only these measures (letters from "bcdfhHu", H for (h2); the broker ceiling always
-    /// runs, (g) is measured during (b)).
-    #[arg(long, default_value = "bcdfhHu")]
+    /// Streams at once in the streaming run (s): its `worker.max_inflight`.
+    #[arg(long, default_value_t = 300)]
+    pub streams: u16,
+    /// Requests of the streaming run (s), and again of its run without streaming: with 300
+    /// streams of about 4.2 s, six waves, about 25 s each.
+    #[arg(long, default_value_t = 1_800)]
+    pub stream_jobs: usize,
+    /// Run only these measures (letters from "bcdfhHsu", H for (h2); the broker ceiling
+    /// always runs, (g) is measured during (b)).
+    #[arg(long, default_value = "bcdfhHsu")]
     pub only: String,
     /// Also write the report as JSON here.
     #[arg(long)]
@@ -150,6 +164,38 @@ pub struct Report {
     pub capped_over_cap: Option<u64>,
     /// (u) results with `status: error`; target 0.
     pub capped_errors: Option<u64>,
+    /// (s) streams asked for at once.
+    pub stream_concurrency: u64,
+    /// (s) the most streams under way at once, as the reply queue showed them (first delta
+    /// come, result not yet).
+    pub stream_concurrency_reached: u64,
+    /// (s) delta messages/s on the reply queue while every stream ran.
+    pub stream_deltas_per_s: f64,
+    /// (s) over streams x 20 chunks/s (every chunk a message of its own).
+    pub stream_deltas_ratio: f64,
+    /// (s) words per delta message (coalescing by `stream.flush_ms`).
+    pub stream_words_per_delta: f64,
+    /// (s) the worker's user + system CPU over the streaming run, % of one core.
+    pub stream_worker_cpu_pct: f64,
+    /// (s) the same per delta message, µs.
+    pub stream_worker_cpu_us_per_delta: f64,
+    /// (s) the worker's CPU over the run without streaming, % of one core.
+    pub stream_plain_worker_cpu_pct: f64,
+    /// (s) MiB, the worker's VmHWM streaming.
+    pub stream_peak_rss_mib: f64,
+    /// (s) MiB, the worker's VmHWM at the same concurrency without streaming.
+    pub stream_plain_peak_rss_mib: f64,
+    /// (s) streaming / not; target <= 1.5.
+    pub stream_rss_ratio: f64,
+    /// (s) from the mock's first content chunk to the first delta on `reply_to`, median,
+    /// ms (loopback HTTP, worker, broker, the bench's consumer); target < 5.
+    pub stream_first_delta_p50_ms: f64,
+    /// (s) the same, p99, ms.
+    pub stream_first_delta_p99_ms: f64,
+    /// (s) requests timed.
+    pub stream_first_delta_samples: usize,
+    /// (s) results with `status: error`, both runs; target 0.
+    pub stream_errors: Option<u64>,
 }
 
 /// Why the benchmark could not run.
@@ -181,6 +227,7 @@ pub async fn run(base: &Config, args: &BenchArgs) -> Result<Report, BenchError> 
         embeddings: embeddings::measure(&bench).await?,
         held: held::measure(&bench, Protocol::Http1).await?,
         held_h2: held::measure(&bench, Protocol::Http2).await?,
+        streaming: streaming::measure(&bench).await?,
     };
     let _ = bench.conn.close(200, "bench done".into()).await;
     Ok(figures.report())
@@ -252,6 +299,8 @@ struct Figures {
     held: held::Held,
     /// (h2).
     held_h2: held::Held,
+    /// (s).
+    streaming: streaming::Streaming,
 }
 
 impl Figures {
@@ -267,6 +316,7 @@ impl Figures {
             }
         };
         let emb = &self.embeddings;
+        let s = &self.streaming;
         Report {
             broker_ceiling_msgs_per_s: a,
             fleet_0ms_jobs_per_s: b,
@@ -292,6 +342,21 @@ impl Figures {
             capped_ratio: self.capped.jobs_per_s / capped::IDEAL_JOBS_PER_S,
             capped_over_cap: self.capped.over_cap,
             capped_errors: self.capped.errors,
+            stream_concurrency: s.streams,
+            stream_concurrency_reached: s.most_streams,
+            stream_deltas_per_s: s.deltas_per_s,
+            stream_deltas_ratio: s.deltas_per_s / s.ideal_deltas_per_s(),
+            stream_words_per_delta: s.words_per_delta,
+            stream_worker_cpu_pct: s.cpu_pct,
+            stream_worker_cpu_us_per_delta: s.cpu_us_per_delta,
+            stream_plain_worker_cpu_pct: s.plain_cpu_pct,
+            stream_peak_rss_mib: mib(s.peak_rss_kib),
+            stream_plain_peak_rss_mib: mib(s.plain_peak_rss_kib),
+            stream_rss_ratio: mib(s.peak_rss_kib) / mib(s.plain_peak_rss_kib),
+            stream_first_delta_p50_ms: s.first_delta_p50_ms,
+            stream_first_delta_p99_ms: s.first_delta_p99_ms,
+            stream_first_delta_samples: s.first_delta_samples,
+            stream_errors: s.errors,
         }
     }
 }
@@ -361,6 +426,7 @@ pub fn table(r: &Report) -> String {
     );
     t += &held_rows(r);
     t += &capped_rows(r);
+    t += &streaming_rows(r);
     t
 }
 
@@ -419,6 +485,59 @@ fn capped_rows(r: &Report) -> String {
     t
 }
 
+/// The rows of (s): deltas/s and the worker's CPU (figures without a target), the time to
+/// the first delta, the memory streaming costs, the error results.
+fn streaming_rows(r: &Report) -> String {
+    let mut t = figure_row(
+        &format!(
+            "(s) {} streams, a chunk every 50 ms",
+            r.stream_concurrency_reached
+        ),
+        format!("{:.0} deltas/s", r.stream_deltas_per_s),
+        format!(
+            "{:.2} of {}",
+            r.stream_deltas_ratio,
+            r.stream_concurrency * 1000 / streaming::CHUNK_MS
+        ),
+    );
+    t += &figure_row(
+        "(s) worker CPU while streaming",
+        format!("{:.0}% of a core", r.stream_worker_cpu_pct),
+        format!("{:.1} µs/delta", r.stream_worker_cpu_us_per_delta),
+    );
+    t += &row(
+        "(s) first chunk to first delta, p50",
+        format!("{:.2} ms", r.stream_first_delta_p50_ms),
+        format!("p99 {:.2} ms", r.stream_first_delta_p99_ms),
+        "< 5 ms",
+        r.stream_first_delta_p50_ms < 5.0,
+    );
+    t += &row(
+        "(s) worker peak RSS, streaming / not",
+        format!(
+            "{:.1} / {:.1} MiB",
+            r.stream_peak_rss_mib, r.stream_plain_peak_rss_mib
+        ),
+        format!("{:.2}x", r.stream_rss_ratio),
+        "<= 1.5x",
+        r.stream_rss_ratio <= 1.5,
+    );
+    let (value, ok) = match r.stream_errors {
+        Some(errors) => (errors.to_string(), errors == 0),
+        None => ("NaN".to_string(), false),
+    };
+    t += &row("(s) error results", value, String::new(), "0", ok);
+    t
+}
+
+/// A row with a figure and no target (skipped as [`row`] does).
+fn figure_row(name: &str, value: String, ratio: String) -> String {
+    if value.contains("NaN") {
+        return row(name, value, ratio, "", false);
+    }
+    format!("| {name:<42} | {value:>16} | {ratio:>14} | {:<9} | |\n", "")
+}
+
 /// A measured row of the table: what, its figure, a ratio or a second figure, the target
 /// and whether it is met.
 fn row(name: &str, value: String, ratio: String, target: &str, ok: bool) -> String {
@@ -470,6 +589,21 @@ mod tests {
             capped_ratio: 0.5,
             capped_over_cap: Some(1_234),
             capped_errors: Some(0),
+            stream_concurrency: 300,
+            stream_concurrency_reached: 300,
+            stream_deltas_per_s: 5_700.0,
+            stream_deltas_ratio: 0.95,
+            stream_words_per_delta: 1.05,
+            stream_worker_cpu_pct: 40.0,
+            stream_worker_cpu_us_per_delta: 70.0,
+            stream_plain_worker_cpu_pct: 5.0,
+            stream_peak_rss_mib: 45.0,
+            stream_plain_peak_rss_mib: 36.0,
+            stream_rss_ratio: 1.25,
+            stream_first_delta_p50_ms: 2.5,
+            stream_first_delta_p99_ms: 12.0,
+            stream_first_delta_samples: 1_800,
+            stream_errors: Some(0),
         }
     }
 
@@ -539,6 +673,45 @@ mod tests {
         let t = table(&r);
         for start in ["| (u) unknown", "| (u) 429s"] {
             assert!(line(&t, start).ends_with("| skipped |"), "{t}");
+        }
+    }
+
+    #[test]
+    fn streaming_rows_show_the_figures_and_judge_the_two_goals() {
+        let mut r = report(10_000, 10_000, 200.0);
+        let t = table(&r);
+        let rate = line(&t, "| (s) 300 streams");
+        assert!(
+            rate.contains("5700 deltas/s") && rate.contains("0.95 of 6000"),
+            "{rate}"
+        );
+        assert!(rate.ends_with("| |"), "no target: {rate}");
+        let cpu = line(&t, "| (s) worker CPU");
+        assert!(cpu.contains("40% of a core") && cpu.contains("70.0 µs/delta"));
+        let first = line(&t, "| (s) first chunk");
+        assert!(first.contains("2.50 ms") && first.contains("p99 12.00 ms"));
+        assert!(first.ends_with("| met |"), "{first}");
+        let rss = line(&t, "| (s) worker peak RSS");
+        assert!(rss.contains("45.0 / 36.0 MiB") && rss.contains("1.25x"));
+        assert!(rss.ends_with("| met |"), "{rss}");
+        assert!(line(&t, "| (s) error results").ends_with("| met |"));
+        r.stream_first_delta_p50_ms = 5.0;
+        r.stream_rss_ratio = 1.6;
+        r.stream_errors = Some(2);
+        let t = table(&r);
+        for start in ["| (s) first chunk", "| (s) worker peak RSS", "| (s) error"] {
+            assert!(line(&t, start).ends_with("| NOT met |"), "{t}");
+        }
+        r.stream_deltas_per_s = f64::NAN;
+        r.stream_worker_cpu_pct = f64::NAN;
+        r.stream_first_delta_p50_ms = f64::NAN;
+        r.stream_peak_rss_mib = f64::NAN;
+        r.stream_errors = None;
+        let t = table(&r);
+        let rows: Vec<&str> = t.lines().filter(|l| l.starts_with("| (s)")).collect();
+        assert_eq!(rows.len(), 5, "{t}");
+        for row in rows {
+            assert!(row.ends_with("| skipped |"), "{row}");
         }
     }
 
