@@ -138,6 +138,9 @@ pub(super) async fn forward(
         while let Ok(piece) = pieces.try_recv() {
             add(&mut batch, piece);
         }
+        // The interval runs from this publish, not from its confirm: a confirm's wait does
+        // not space the messages out further.
+        let sent = Instant::now();
         for piece in batch.drain(..) {
             let body = serde_json::to_vec(&Delta {
                 request_id,
@@ -161,7 +164,7 @@ pub(super) async fn forward(
             progress.delta.store(true, Ordering::Relaxed);
             seq += 1;
         }
-        last = Some(Instant::now());
+        last = Some(sent);
         if !open {
             return;
         }
