@@ -97,6 +97,7 @@ async fn a_refused_huge_estimate_leaves_the_shared_token_budget_whole() {
         .await
         .unwrap();
     assert_eq!(deleted, 1, "the budget lived in Redis");
+    crate::helpers::delete_redis_keys(&prefix).await;
 }
 
 /// An answer larger than `llm.max_response_bytes` is cut off as it streams in (the mock's

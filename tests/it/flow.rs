@@ -158,6 +158,7 @@ async fn shared_redis_budget_holds_across_two_workers() {
     for task in tasks {
         task.await.unwrap();
     }
+    crate::helpers::delete_redis_keys(&env.config.limits.key_prefix).await;
     env.cleanup().await;
 }
 

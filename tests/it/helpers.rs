@@ -551,3 +551,25 @@ fn regex_escape(s: &str) -> String {
         })
         .collect()
 }
+
+/// Deletes every Redis key under `prefix:` (a test's budgets, usage ledger, shared state).
+pub async fn delete_redis_keys(prefix: &str) {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let client = redis::Client::open(url).expect("redis");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    for key in keys {
+        let _: () = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .expect("del");
+    }
+}

@@ -144,23 +144,7 @@ async fn a_spent_budget_stops_its_tenant_only_with_exact_cost_arithmetic() {
     assert_eq!(env.chat_calls(), calls + 1, "only Bob's call");
 
     worker.stop().await.expect("worker stops");
-    let client = redis::Client::open(redis_url()).expect("redis");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
-        .await
-        .expect("keys");
-    for key in keys {
-        let _: () = redis::cmd("DEL")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .expect("del");
-    }
+    crate::helpers::delete_redis_keys(&prefix).await;
     env.cleanup().await;
 }
 

@@ -502,6 +502,8 @@ async fn a_deployment_one_replica_found_spent_is_left_alone_by_the_fleet() {
             .await
             .unwrap();
     }
+    // The usage ledger of the answers.
+    crate::helpers::delete_redis_keys(&prefix).await;
     env.cleanup().await;
 }
 
