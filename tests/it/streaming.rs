@@ -320,7 +320,9 @@ async fn a_stream_cut_by_shutdown_restarts_with_its_marker() {
             ..Default::default()
         },
         |c| {
+            // A short grace, and streams allowed to outlast it (the grace covers calls).
             c.llm.timeout_secs = 1;
+            c.llm.stream_max_secs = 30;
             c.worker.shutdown_grace_secs = 1;
         },
     )
