@@ -99,6 +99,25 @@ pub struct ReplyRoute {
     pub reply_to: Option<String>,
 }
 
+impl ReplyRoute {
+    /// The properties of a message to the caller (a result, a delta, a restart marker):
+    /// JSON, its AMQP `type` `kind`, `message_id`, the caller's `correlation_id` (else the
+    /// request id) and the time.
+    fn properties(&self, kind: &str, message_id: &str) -> BasicProperties {
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(message_id.into())
+            .with_correlation_id(
+                self.correlation_id
+                    .as_deref()
+                    .unwrap_or(&self.request_id)
+                    .into(),
+            )
+            .with_timestamp(unix_now().try_into().unwrap_or(0))
+            .with_type(kind.into())
+    }
+}
+
 impl PublishError {
     /// The broker took the publish and refused it (a nack: a queue at its length limit with
     /// `reject-publish`; or returned: no queue to take it). Waiting may fix it; retrying at
@@ -170,19 +189,9 @@ impl Publisher {
         route: &ReplyRoute,
         body: &[u8],
     ) -> Result<Reply, PublishError> {
-        let props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_message_id(route.request_id.as_str().into())
-            .with_correlation_id(
-                route
-                    .correlation_id
-                    .as_deref()
-                    .unwrap_or(&route.request_id)
-                    .into(),
-            )
-            .with_timestamp(unix_now().try_into().unwrap_or(0))
-            .with_type("llmq.result".into());
+        let props = route
+            .properties("llmq.result", route.request_id.as_str())
+            .with_delivery_mode(2);
         let Some(reply_to) = &route.reply_to else {
             return self.send_result(body, &props).await.map(|()| Reply::None);
         };
@@ -218,19 +227,7 @@ impl Publisher {
         let Some(reply_to) = &route.reply_to else {
             return Ok(());
         };
-        let props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(1)
-            .with_message_id(message_id.into())
-            .with_correlation_id(
-                route
-                    .correlation_id
-                    .as_deref()
-                    .unwrap_or(&route.request_id)
-                    .into(),
-            )
-            .with_timestamp(unix_now().try_into().unwrap_or(0))
-            .with_type(kind.into());
+        let props = route.properties(kind, &message_id).with_delivery_mode(1);
         self.send("", reply_to, false, body, props).await
     }
 

@@ -100,6 +100,8 @@ impl Own {
 pub struct Ledger {
     own: moka::sync::Cache<String, Arc<Mutex<Own>>>,
     shared: Option<(Arc<LazyConnection>, String)>,
+    /// Some tenant has a budget: this replica's count is needed.
+    budgets: bool,
 }
 
 impl Ledger {
@@ -118,7 +120,16 @@ impl Ledger {
         Self {
             own: moka::sync::Cache::new(config.tenancy.max_tenants),
             shared,
+            budgets: config.tenants.values().any(|t| {
+                t.max_usd_per_day.is_some_and(|u| !u.is_zero())
+                    || t.max_usd_per_month.is_some_and(|u| !u.is_zero())
+            }),
         }
+    }
+
+    /// Whether some tenant has a budget to check.
+    pub fn has_budgets(&self) -> bool {
+        self.budgets
     }
 
     /// Why `tenant` may not be called now, if it has spent its day's or its month's
@@ -138,32 +149,34 @@ impl Ledger {
             Some(spent) => spent,
             None => self.own_spend(tenant, &period),
         };
-        let over = |max: Usd, spent: u64| !max.is_zero() && spent >= max.0;
         let (day, month) = spent;
-        if over(day_max, day) {
-            return Some(format!(
-                "tenant {tenant:?} has spent {} of its max_usd_per_day {} (UTC day {}); \
-                 replay once it resets: llmq dlq replay --kind budget_exceeded",
-                Usd(day),
-                day_max,
-                period.day
-            ));
-        }
-        if over(month_max, month) {
-            return Some(format!(
-                "tenant {tenant:?} has spent {} of its max_usd_per_month {} (UTC month {}); \
-                 replay once it resets: llmq dlq replay --kind budget_exceeded",
-                Usd(month),
+        [
+            (day, day_max, "max_usd_per_day", "day", &period.day),
+            (
+                month,
                 month_max,
-                period.month
-            ));
-        }
-        None
+                "max_usd_per_month",
+                "month",
+                &period.month,
+            ),
+        ]
+        .into_iter()
+        .find(|(spent, max, ..)| !max.is_zero() && *spent >= max.0)
+        .map(|(spent, max, key, what, when)| {
+            format!(
+                "tenant {tenant:?} has spent {} of its {key} {max} (UTC {what} {when}); replay \
+                 once it resets: llmq dlq replay --kind budget_exceeded",
+                Usd(spent)
+            )
+        })
     }
 
     /// Counts an answer of `tenant` that cost `cost` (zero when its model has no price) and
-    /// used `tokens`.
+    /// used `tokens`. Nothing to do, and nothing done, without budgets or Redis.
     pub async fn record(&self, tenant: &str, cost: Usd, tokens: u64, now_secs: i64) {
+        if !self.budgets && self.shared.is_none() {
+            return;
+        }
         let period = Period::at(now_secs);
         {
             let own = self.own.get_with_by_ref(tenant, Default::default);
@@ -287,7 +300,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_budget_is_spent_at_its_amount_and_resets_with_its_period() {
-        let ledger = Ledger::new(&Config::default());
+        let mut config = Config::default();
+        config.tenants.insert(
+            crate::config::DEFAULT_TENANT.into(),
+            crate::config::TenantConfig {
+                max_usd_per_day: Some(Usd(1000)),
+                ..Default::default()
+            },
+        );
+        let ledger = Ledger::new(&config);
         let limits = TenantLimits {
             max_usd_per_day: Usd(1000),
             ..Default::default()

@@ -363,6 +363,16 @@ impl LlmClient {
     }
 }
 
+/// An answer longer than `llm.max_response_bytes` (`limit`): it would be again.
+pub(crate) fn too_large(limit: usize) -> LlmError {
+    LlmError::Permanent {
+        message: format!(
+            "upstream answer larger than llm.max_response_bytes ({limit} bytes); not read \
+             further"
+        ),
+    }
+}
+
 /// A successful answer's body parsed; `cut`: it was longer than `limit` and not read
 /// further.
 fn parse_body<T: for<'de> Deserialize<'de>>(
@@ -372,12 +382,7 @@ fn parse_body<T: for<'de> Deserialize<'de>>(
     spent_for: Option<Duration>,
 ) -> Result<(T, Option<Duration>), LlmError> {
     if cut {
-        return Err(LlmError::Permanent {
-            message: format!(
-                "upstream answer larger than llm.max_response_bytes ({limit} bytes); not read \
-                 further"
-            ),
-        });
+        return Err(too_large(limit));
     }
     let parsed = serde_json::from_slice(bytes).map_err(|e| LlmError::Permanent {
         message: format!("unparseable upstream answer: {e}"),

@@ -139,6 +139,9 @@ struct Assembly {
     /// framing), and the most it may hold (`llm.max_response_bytes`).
     size: usize,
     max_size: usize,
+    /// The failure would only happen again (the answer is too large): not retried, even
+    /// after deltas.
+    lasting: bool,
 }
 
 impl Assembly {
@@ -196,7 +199,8 @@ impl Assembly {
                 .collect();
             self.size = self.size.saturating_add(size_of(&delta));
             if self.size > self.max_size {
-                return Err(too_large(self.max_size));
+                self.lasting = true;
+                return Err(super::client::too_large(self.max_size));
             }
             let long = |m: &Map<String, Value>| {
                 m.values()
@@ -353,15 +357,6 @@ fn size_of(delta: &Map<String, Value>) -> usize {
     delta.iter().map(|(k, v)| k.len() + value(v)).sum()
 }
 
-fn too_large(limit: usize) -> LlmError {
-    LlmError::Permanent {
-        message: format!(
-            "upstream answer larger than llm.max_response_bytes ({limit} bytes); not read \
-             further"
-        ),
-    }
-}
-
 /// Why the byte stream stopped.
 #[derive(Debug)]
 enum Cut {
@@ -485,6 +480,7 @@ where
             Ok(None) => break Err(transient("the stream ended before [DONE]".into(), false)),
             // Not pushback: a generation this long would be cut off again.
             Err(_) if tokio::time::Instant::now() >= until => {
+                answer.lasting = true;
                 break Err(LlmError::Permanent {
                     message: format!(
                         "the stream ran longer than llm.stream_max_secs ({} s); raise it for \
@@ -528,19 +524,13 @@ where
             break Err(e);
         }
     };
-    let pieces = answer.pieces;
+    let (pieces, lasting) = (answer.pieces, answer.lasting);
     match outcome.and_then(|()| answer.finish(requested)) {
         // What would only happen again stays as it is.
-        Err(LlmError::Permanent { message })
-            if pieces > 0
-                && !message.contains("llm.max_response_bytes")
-                && !message.contains("llm.stream_max_secs") =>
-        {
-            Err(transient(
-                format!("after part of the answer: {message}"),
-                false,
-            ))
-        }
+        Err(LlmError::Permanent { message }) if pieces > 0 && !lasting => Err(transient(
+            format!("after part of the answer: {message}"),
+            false,
+        )),
         Err(e @ (LlmError::Transient { .. } | LlmError::Permanent { .. })) => Err(e),
         Err(e) if pieces > 0 => Err(transient(format!("after part of the answer: {e}"), false)),
         other => other,

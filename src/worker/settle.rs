@@ -227,7 +227,8 @@ impl Settling<'_> {
                 Decision::Claim => {
                     claim = self.claim(&fingerprint, &mut body).await;
                 }
-                Decision::Call if !budget_asked => {
+                // Without budgets there is nothing to ask: no second decision per call.
+                Decision::Call if !budget_asked && ctx.ledger.has_budgets() => {
                     // Asked before each call: spend made meanwhile (by this request's own
                     // earlier attempt, or the fleet's) counts.
                     budget_asked = true;
