@@ -182,30 +182,6 @@ impl Config {
                 ));
             }
         }
-        // Read and validated, not yet acted on: said at start-up rather than left to be
-        // found out under load.
-        for (name, tenant) in &self.tenants {
-            for (key, set) in [
-                ("weight", tenant.weight.is_some()),
-                ("max_inflight", tenant.max_inflight.is_some_and(|n| n > 0)),
-                (
-                    "max_requests_per_minute",
-                    tenant.max_requests_per_minute.is_some_and(|n| n > 0),
-                ),
-                (
-                    "max_tokens_per_minute",
-                    tenant.max_tokens_per_minute.is_some_and(|n| n > 0),
-                ),
-            ] {
-                if set {
-                    out.push(format!(
-                        "tenants.{name}.{key} is set, but this version does not enforce \
-                         per-tenant shares and limits yet (budgets it does): see the README's \
-                         Tenants section"
-                    ));
-                }
-            }
-        }
         out
     }
 

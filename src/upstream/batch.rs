@@ -18,6 +18,7 @@ use crate::{
     contract::{Usage, request::Kind},
     upstream::{
         client::{EmbeddingAnswer, LlmError},
+        flow::Turn,
         router::{Routed, Router, Served},
     },
 };
@@ -32,7 +33,7 @@ pub struct Batcher {
 }
 
 struct Item {
-    priority: u8,
+    turn: Turn,
     tokens: u64,
     /// Latest time its call may start (the hand-off time of its delivery).
     until: Instant,
@@ -73,7 +74,7 @@ impl Batcher {
         model: &str,
         input: &[String],
         params: &Map<String, Value>,
-        priority: u8,
+        turn: Turn,
         tokens: u64,
         until: Instant,
         stop: &CancellationToken,
@@ -83,7 +84,7 @@ impl Batcher {
         }
         let (reply, rx) = oneshot::channel();
         let item = Item {
-            priority,
+            turn,
             tokens,
             until,
             model: model.to_string(),
@@ -124,7 +125,7 @@ async fn call(
     model: &str,
     input: &[String],
     params: &Map<String, Value>,
-    priority: u8,
+    turn: Turn,
     tokens: u64,
     until: Instant,
 ) -> Routed<EmbeddingAnswer> {
@@ -142,7 +143,7 @@ async fn call(
         .call(
             &mut route,
             Kind::Embedding,
-            priority,
+            turn,
             tokens,
             until,
             stopped,
@@ -226,7 +227,12 @@ async fn send(up: Arc<Router>, items: Vec<Item>) {
     };
     let (model, params) = (first.model.clone(), first.params.clone());
     let inputs: Vec<String> = items.iter().flat_map(|i| i.input.iter().cloned()).collect();
-    let priority = items.iter().map(|i| i.priority).max().unwrap_or(0);
+    // The batch waits in the turn of its most urgent request.
+    let turn = items
+        .iter()
+        .map(|i| i.turn)
+        .max_by_key(|t| t.priority)
+        .unwrap_or(Turn::anyone(0));
     let tokens = items.iter().map(|i| i.tokens).sum();
     // The batch waits no longer than its most hurried request may.
     let until = items
@@ -234,10 +240,7 @@ async fn send(up: Arc<Router>, items: Vec<Item>) {
         .map(|i| i.until)
         .min()
         .unwrap_or_else(Instant::now);
-    let answer = call(
-        &up, &items, &model, &inputs, &params, priority, tokens, until,
-    )
-    .await;
+    let answer = call(&up, &items, &model, &inputs, &params, turn, tokens, until).await;
     match answer {
         // Shutdown: the items are dropped unanswered.
         Routed::Stopped => {}
@@ -289,7 +292,7 @@ async fn send(up: Arc<Router>, items: Vec<Item>) {
                         &item.model,
                         &item.input,
                         &item.params,
-                        item.priority,
+                        item.turn,
                         item.tokens,
                         item.until,
                     )
@@ -353,7 +356,7 @@ mod tests {
         stop: &'a CancellationToken,
     ) -> impl Future<Output = Option<Routed<EmbeddingAnswer>>> + 'a {
         let input = vec![text.to_string()];
-        async move { b.embed("m", &input, &Map::new(), 0, 1, later(), stop).await }
+        async move { b.embed("m", &input, &Map::new(), Turn::anyone(0), 1, later(), stop).await }
     }
 
     #[tokio::test]
@@ -370,12 +373,12 @@ mod tests {
         let (server, b, d, flow) = batcher().await;
         let stop = CancellationToken::new();
         // The only slot is taken: the batch waits for it.
-        let busy = d.admit(0, 0, later()).await.expect("a free slot");
+        let busy = d.admit(Turn::anyone(0), 0, later()).await.expect("a free slot");
         let waiting = tokio::spawn({
             let (b, stop) = (b.clone(), stop.clone());
             async move {
                 let input = vec!["x".to_string()];
-                b.embed("m", &input, &Map::new(), 0, 1, later(), &stop)
+                b.embed("m", &input, &Map::new(), Turn::anyone(0), 1, later(), &stop)
                     .await
             }
         });

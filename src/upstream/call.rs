@@ -25,6 +25,7 @@ use crate::{
         flow::Flow,
         ratelimit::{Budget, REDIS_TIMEOUT},
         router::{Route, Routed, Router, Served},
+        share::{NotEntered, Shares},
         standing::Standing,
         stream::{Deltas, StreamLimits},
     },
@@ -142,6 +143,8 @@ enum Answer {
 #[derive(Clone)]
 pub struct Upstream {
     router: Arc<Router>,
+    /// Every tenant's turn and caps.
+    shares: Arc<Shares>,
     /// Embedding calls go through the micro-batcher unless batching is off.
     batcher: Option<Batcher>,
     chat_model: String,
@@ -199,6 +202,7 @@ impl Upstream {
             deployments.push(Deployment::new(&name, spec, client, flow, metrics.clone()));
             names.push(name);
         }
+        let shares = Arc::new(Shares::new(config, shared.clone()));
         let standing = Arc::new(Standing::new(
             names,
             config.routing.clone(),
@@ -221,6 +225,7 @@ impl Upstream {
         });
         Ok(Self {
             router,
+            shares,
             batcher,
             chat_model: config.llm.model.clone(),
             embedding_model: config.llm.embedding_model.clone(),
@@ -250,17 +255,20 @@ impl Upstream {
         self.router.route(job.model.as_deref().unwrap_or(default))
     }
 
-    /// Makes the `attempt`-th upstream call for `job` along `route`; `started` is when its
-    /// delivery arrived, for `latency_ms` and the hand-off. `None` when `stop` was cancelled
-    /// while it waited for a slot or for its embedding batch to start: nothing was called,
-    /// the request goes back to its queue. [`Outcome::Deferred`] when the call could not
-    /// start within the hand-off time.
+    /// Makes the `attempt`-th upstream call for `job` of `tenant` along `route`; `started`
+    /// is when its delivery arrived, for `latency_ms` and the hand-off. The call first waits
+    /// for its tenant's caps, then for a slot in its tenant's turn ([`Shares`]). `None` when
+    /// `stop` was cancelled while it waited for those or for its embedding batch to start:
+    /// nothing was called, the request goes back to its queue. [`Outcome::Deferred`] when
+    /// the call could not start within the hand-off time.
     ///
     /// With `deltas`, a chat call streams: each delta goes there as it arrives, and the
     /// outcome is the same as without.
+    #[allow(clippy::too_many_arguments)]
     pub async fn attempt(
         &self,
         job: &Job,
+        tenant: &str,
         route: &mut Route,
         attempt: u32,
         started: Instant,
@@ -275,6 +283,16 @@ impl Upstream {
                 started.elapsed().as_secs()
             ),
         };
+        let estimate = match job.kind() {
+            Kind::Chat => job.token_estimate(self.default_max_tokens),
+            Kind::Embedding => job.token_estimate(0),
+        };
+        let pass = match self.shares.enter(tenant, estimate, until, stop).await {
+            Ok(pass) => pass,
+            Err(NotEntered::Stopped) => return None,
+            Err(NotEntered::Deferred) => return Some(deferred()),
+        };
+        let turn = self.shares.turn(tenant, job.priority);
         let routed = match &job.call {
             Call::Chat { messages, params } => {
                 let tokens = job.token_estimate(self.default_max_tokens);
@@ -282,7 +300,7 @@ impl Upstream {
                     .call(
                         route,
                         Kind::Chat,
-                        job.priority,
+                        turn,
                         tokens,
                         until,
                         stop.cancelled(),
@@ -304,7 +322,7 @@ impl Upstream {
                     let tokens = job.token_estimate(0);
                     let model = route.requested.clone();
                     batcher
-                        .embed(&model, input, params, job.priority, tokens, until, stop)
+                        .embed(&model, input, params, turn, tokens, until, stop)
                         .await?
                         .map(Answer::Embedding)
                 }
@@ -314,7 +332,7 @@ impl Upstream {
                         .call(
                             route,
                             Kind::Embedding,
-                            job.priority,
+                            turn,
                             tokens,
                             until,
                             stop.cancelled(),
@@ -338,6 +356,11 @@ impl Upstream {
         if let Some(label) = outcome.failure_label() {
             self.metrics.failed(job.kind().as_str(), label);
         }
+        let used = match &outcome {
+            Outcome::Done(result) => result.usage.as_ref().and_then(|u| u.total()).unwrap_or(0),
+            _ => 0,
+        };
+        pass.settle(used).await;
         Some(outcome)
     }
 

@@ -17,7 +17,7 @@ use crate::{
     runtime::metrics::Metrics,
     upstream::{
         client::{ChatAnswer, EmbeddingAnswer, LlmClient, LlmError},
-        flow::{Flow, Permit},
+        flow::{Flow, Permit, Turn},
     },
 };
 
@@ -106,20 +106,20 @@ impl Deployment {
         &self.client
     }
 
-    /// Waits for a slot (highest priority first), any `Retry-After` pause and the budgets
+    /// Waits for a slot (by `turn`: its tenant's share, then its priority), any `Retry-After` pause and the budgets
     /// for `tokens`, until `until` at most. `None` when the wait reached `until` (or it had
     /// passed already): the waiter has left the queue and nothing was taken, so the delivery
     /// can be handed to the retry queue before the broker's consumer timeout.
     pub async fn admit(
         &self,
-        priority: u8,
+        turn: Turn,
         tokens: u64,
         until: tokio::time::Instant,
     ) -> Option<Slot> {
         if tokio::time::Instant::now() >= until {
             return None;
         }
-        let acquire = self.flow.acquire(priority, tokens);
+        let acquire = self.flow.acquire(turn, tokens);
         let permit = tokio::time::timeout_at(until, acquire).await.ok()?;
         let others = self.flow.in_flight().saturating_sub(1);
         Some(Slot { permit, others })
@@ -232,7 +232,7 @@ mod tests {
     #[tokio::test]
     async fn a_call_is_counted_once_and_its_slot_released() {
         let (_server, d, flow, metrics) = deployment(MockOptions::default()).await;
-        let slot = d.admit(0, 10, far()).await.expect("a free slot");
+        let slot = d.admit(Turn::anyone(0), 10, far()).await.expect("a free slot");
         assert_eq!(flow.in_flight(), 1, "the slot is held during the call");
         let params = Map::new();
         let answer = d
@@ -258,12 +258,12 @@ mod tests {
         })
         .await;
         let others: Vec<Slot> =
-            futures_util::future::join_all((0..3).map(|_| d.admit(0, 0, far())))
+            futures_util::future::join_all((0..3).map(|_| d.admit(Turn::anyone(0), 0, far())))
                 .await
                 .into_iter()
                 .map(|s| s.expect("a free slot"))
                 .collect();
-        let slot = d.admit(0, 10, far()).await.expect("a free slot");
+        let slot = d.admit(Turn::anyone(0), 10, far()).await.expect("a free slot");
         let params = Map::new();
         let answer = d
             .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
@@ -290,7 +290,7 @@ mod tests {
             retry_after: Some(30),
             ..MockOptions::default()
         });
-        let slot = d.admit(0, 10, far()).await.expect("a free slot");
+        let slot = d.admit(Turn::anyone(0), 10, far()).await.expect("a free slot");
         let answer = d
             .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
             .await;
@@ -340,7 +340,7 @@ mod tests {
             tokens_per_minute(1000),
         )
         .await;
-        let slot = d.admit(0, 1000, far()).await.expect("a full budget");
+        let slot = d.admit(Turn::anyone(0), 1000, far()).await.expect("a full budget");
         assert_eq!(level(&flow), 0.0, "all taken");
         let params = Map::new();
         let answer = d
@@ -357,7 +357,7 @@ mod tests {
     async fn an_answer_settles_by_its_usage() {
         let (_server, d, flow, _metrics) =
             deployment_with(MockOptions::default(), tokens_per_minute(1000)).await;
-        let slot = d.admit(0, 1000, far()).await.expect("a full budget");
+        let slot = d.admit(Turn::anyone(0), 1000, far()).await.expect("a full budget");
         let params = Map::new();
         let answer = d
             .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
@@ -385,7 +385,7 @@ mod tests {
             tokens_per_minute(1000),
         )
         .await;
-        let slot = d.admit(0, 1000, far()).await.expect("a full budget");
+        let slot = d.admit(Turn::anyone(0), 1000, far()).await.expect("a full budget");
         let (messages, params) = (hello(), Map::new());
         let call = d.call(Kind::Chat, slot, d.client().chat("m", &messages, &params));
         assert!(
@@ -415,16 +415,16 @@ mod tests {
             flow.clone(),
             Arc::new(Metrics::default()),
         );
-        let held = d.admit(9, 500, far()).await.expect("a free slot");
+        let held = d.admit(Turn::anyone(9), 500, far()).await.expect("a free slot");
         let until = tokio::time::Instant::now() + Duration::from_secs(900);
         let started = tokio::time::Instant::now();
         assert!(
-            d.admit(0, 500, until).await.is_none(),
+            d.admit(Turn::anyone(0), 500, until).await.is_none(),
             "no slot before the deadline"
         );
         assert_eq!(started.elapsed(), Duration::from_secs(900));
         assert!(
-            d.admit(0, 1, until).await.is_none(),
+            d.admit(Turn::anyone(0), 1, until).await.is_none(),
             "a deadline past already"
         );
         drop(held);
@@ -434,7 +434,7 @@ mod tests {
             "the slot is not granted to the waiter gone"
         );
         assert_eq!(flow.waiting(), 0);
-        let slot = d.admit(0, 1000, far()).await.expect("a free slot");
+        let slot = d.admit(Turn::anyone(0), 1000, far()).await.expect("a free slot");
         assert_eq!(slot.permit.tokens(), 1000);
     }
 }

@@ -8,7 +8,9 @@
 //!   about 0.75 of a hard cap). At or above a limit a 429 cut, growth slows to one per
 //!   [`PROBE_WINDOWS`] windows, so a hidden cap is probed rarely. A timeout halves the limit
 //!   (at most once per [`DECREASE_COOLDOWN`]). Each window of `limit` successes adds one.
-//!   Deliveries waiting for a slot start highest priority first, then in arrival order.
+//!   Deliveries waiting for a slot start by their tenant's share ([`Turn`]): stride
+//!   scheduling across tenants by weight, and within a tenant highest priority first, then in
+//!   arrival order.
 //! - A hold while the broker blocks publishing (a memory or disk alarm): a result could not
 //!   be confirmed, so no call starts until the broker unblocks.
 //! - Request and token budgets per minute ([`crate::upstream::ratelimit`]), local or fleet-wide.
@@ -19,7 +21,8 @@
 
 use std::{
     cmp::Ordering,
-    collections::BinaryHeap,
+    collections::{BinaryHeap, HashMap},
+    hash::{DefaultHasher, Hash, Hasher},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
@@ -53,12 +56,118 @@ pub struct Flow {
 struct State {
     limit: usize,
     in_flight: usize,
-    waiters: BinaryHeap<Waiter>,
+    waiters: Waiters,
     seq: u64,
     successes: usize,
     last_decrease: Option<Instant>,
     /// The limit a 429 last cut to: the deployment's cap, as far as it is known.
     ceiling: Option<usize>,
+}
+
+/// Whose call waits for a slot, and how it ranks: its tenant and the tenant's weight decide
+/// between tenants, its priority within the tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Turn {
+    /// The request's priority (0 to the work queue's `x-max-priority`).
+    pub priority: u8,
+    /// Its tenant, hashed ([`Turn::tenant_key`]).
+    pub tenant: u64,
+    /// The tenant's share under contention, at least 1.
+    pub weight: u32,
+}
+
+impl Turn {
+    /// A call of `tenant`, whose weight is `weight`, at `priority`.
+    pub fn new(tenant: &str, weight: u32, priority: u8) -> Self {
+        Self {
+            priority,
+            tenant: Self::tenant_key(tenant),
+            weight: weight.max(1),
+        }
+    }
+
+    /// A call of no tenant in particular (tools, tests): all such calls share one turn.
+    pub fn anyone(priority: u8) -> Self {
+        Self {
+            priority,
+            tenant: 0,
+            weight: 1,
+        }
+    }
+
+    /// The key a tenant's name is waited under. Only compared within this process.
+    pub fn tenant_key(tenant: &str) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        tenant.hash(&mut hasher);
+        hasher.finish()
+    }
+}
+
+/// What one step of a weight-1 tenant advances its pass by; a tenant of weight `w` advances
+/// by `STRIDE / w` (weights are at most 1000, so the steps stay distinct).
+const STRIDE: u64 = 1 << 20;
+
+/// The calls waiting for a slot, by tenant: stride scheduling. Each waiting tenant has a
+/// pass; the slot goes to the tenant with the lowest (the earliest waiter breaks ties), whose
+/// pass then grows by `STRIDE / weight`, so under contention tenants start calls in
+/// proportion to their weights. A tenant that starts waiting again takes the current pass
+/// (the last one served): time spent idle earns no credit to crowd the others out later.
+/// Within a tenant the highest priority goes first, then the earliest.
+#[derive(Default)]
+struct Waiters {
+    lines: HashMap<u64, Line>,
+    /// The pass of the tenant served last.
+    now: u64,
+    len: usize,
+}
+
+/// One tenant's waiting calls.
+struct Line {
+    pass: u64,
+    stride: u64,
+    waiters: BinaryHeap<Waiter>,
+}
+
+impl Waiters {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, turn: Turn, waiter: Waiter) {
+        let now = self.now;
+        let line = self.lines.entry(turn.tenant).or_insert_with(|| Line {
+            pass: now,
+            stride: 0,
+            waiters: BinaryHeap::new(),
+        });
+        // The weight of its latest request counts (a configuration reload changes it).
+        line.stride = STRIDE / u64::from(turn.weight.max(1));
+        line.waiters.push(waiter);
+        self.len += 1;
+    }
+
+    /// The next waiter: the head of the line with the lowest pass.
+    fn pop(&mut self) -> Option<Waiter> {
+        let (&tenant, _) = self.lines.iter().min_by_key(|(_, line)| {
+            let head = line.waiters.peek().map_or(u64::MAX, |w| w.seq);
+            (line.pass, head)
+        })?;
+        let line = self.lines.get_mut(&tenant)?;
+        let waiter = line.waiters.pop();
+        self.now = line.pass;
+        line.pass = line.pass.saturating_add(line.stride);
+        if line.waiters.is_empty() {
+            self.lines.remove(&tenant);
+        }
+        if waiter.is_some() {
+            self.len -= 1;
+        }
+        waiter
+    }
 }
 
 struct Waiter {
@@ -128,7 +237,7 @@ impl Flow {
             state: Mutex::new(State {
                 limit: max,
                 in_flight: 0,
-                waiters: BinaryHeap::new(),
+                waiters: Waiters::default(),
                 seq: 0,
                 successes: 0,
                 last_decrease: None,
@@ -178,11 +287,11 @@ impl Flow {
         s.in_flight < s.limit && s.waiters.is_empty()
     }
 
-    /// Waits for a slot (highest priority first), then for any [`hold`](Self::hold), and
-    /// the request and token budgets (`tokens` is the call's estimate). Callers bound the
-    /// wait (shutdown, their own deadline) by dropping it.
-    pub async fn acquire(self: &Arc<Self>, priority: u8, tokens: u64) -> Permit {
-        let mut permit = self.slot(priority).await;
+    /// Waits for a slot (by `turn`: its tenant's share, then its priority), then for any
+    /// [`hold`](Self::hold), and the request and token budgets (`tokens` is the call's
+    /// estimate). Callers bound the wait (shutdown, their own deadline) by dropping it.
+    pub async fn acquire(self: &Arc<Self>, turn: Turn, tokens: u64) -> Permit {
+        let mut permit = self.slot(turn).await;
         // Checked after the slot: a call waiting for one when the hold began must not start
         // when it gets it. The sender lives in `self`, so the wait cannot fail.
         let _ = self.held.subscribe().wait_for(|held| !*held).await;
@@ -190,7 +299,7 @@ impl Flow {
         permit
     }
 
-    async fn slot(self: &Arc<Self>, priority: u8) -> Permit {
+    async fn slot(self: &Arc<Self>, turn: Turn) -> Permit {
         let rx = {
             let mut s = self.state();
             if s.in_flight < s.limit && s.waiters.is_empty() {
@@ -203,14 +312,15 @@ impl Flow {
             let (tx, rx) = oneshot::channel();
             s.seq += 1;
             let seq = s.seq;
-            s.waiters.push(Waiter { priority, seq, tx });
+            let priority = turn.priority;
+            s.waiters.push(turn, Waiter { priority, seq, tx });
             rx
         };
         // The sender lives in the heap until granted; a closed channel cannot happen while
         // the flow exists, but wait again rather than run unpermitted if it ever does.
         match rx.await {
             Ok(permit) => permit,
-            Err(_) => Box::pin(self.slot(priority)).await,
+            Err(_) => Box::pin(self.slot(turn)).await,
         }
     }
 
@@ -341,12 +451,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn limit_bounds_concurrency_and_releases() {
         let f = flow(1, 2);
-        let a = f.acquire(0, 0).await;
-        let _b = f.acquire(0, 0).await;
+        let a = f.acquire(Turn::anyone(0), 0).await;
+        let _b = f.acquire(Turn::anyone(0), 0).await;
         assert_eq!(f.in_flight(), 2);
         let waiting = tokio::spawn({
             let f = f.clone();
-            async move { f.acquire(0, 0).await }
+            async move { f.acquire(Turn::anyone(0), 0).await }
         });
         tokio::task::yield_now().await;
         assert_eq!(f.waiting(), 1);
@@ -359,13 +469,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waiters_start_highest_priority_first() {
         let f = flow(1, 1);
-        let held = f.acquire(0, 0).await;
+        let held = f.acquire(Turn::anyone(0), 0).await;
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for (i, priority) in [1u8, 9, 5, 9, 0].into_iter().enumerate() {
             let (f, order) = (f.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
-                let _p = f.acquire(priority, 0).await;
+                let _p = f.acquire(Turn::anyone(priority), 0).await;
                 order.lock().unwrap().push((priority, i));
             }));
             tokio::task::yield_now().await;
@@ -378,6 +488,98 @@ mod tests {
             *order.lock().unwrap(),
             vec![(9, 1), (9, 3), (5, 2), (1, 0), (0, 4)]
         );
+    }
+
+    /// Calls started by a flow of one slot for waiters queued as `(tenant, weight,
+    /// priority)`, in the order they started.
+    async fn started_order(waiting: &[(&'static str, u32, u8)]) -> Vec<(&'static str, u8)> {
+        let f = flow(1, 1);
+        let held = f.acquire(Turn::anyone(0), 0).await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for &(tenant, weight, priority) in waiting {
+            let (f, order) = (f.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let _p = f.acquire(Turn::new(tenant, weight, priority), 0).await;
+                order.lock().unwrap().push((tenant, priority));
+            }));
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        Arc::try_unwrap(order).unwrap().into_inner().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tenants_start_calls_by_weight_whatever_the_order_they_came_in() {
+        // Alice's eight came first; Bob (weight 1) and Carol (weight 2) came after.
+        let mut waiting = vec![("alice", 1, 0); 8];
+        waiting.extend([("bob", 1, 0); 4]);
+        waiting.extend([("carol", 2, 0); 8]);
+        let order = started_order(&waiting).await;
+        let first: Vec<&str> = order.iter().take(8).map(|(t, _)| *t).collect();
+        // Passes: alice and bob step 4, carol 2; ties go to the earliest waiter.
+        assert_eq!(
+            first,
+            [
+                "alice", "bob", "carol", "carol", "alice", "bob", "carol", "carol"
+            ]
+        );
+        assert_eq!(order.len(), 20, "every waiter started");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn within_a_tenant_priority_then_arrival_decides() {
+        let order = started_order(&[
+            ("alice", 1, 1),
+            ("bob", 1, 0),
+            ("alice", 1, 9),
+            ("alice", 1, 5),
+            ("bob", 1, 7),
+        ])
+        .await;
+        assert_eq!(
+            order,
+            [
+                ("alice", 9),
+                ("bob", 7),
+                ("bob", 0),
+                ("alice", 5),
+                ("alice", 1)
+            ],
+            "weights decide between tenants (equal passes: the earlier head first), \
+             priorities within each"
+        );
+    }
+
+    #[test]
+    fn a_newcomer_is_served_at_once_but_earns_no_credit_for_its_absence() {
+        let mut w = Waiters::default();
+        let (turn_a, turn_b) = (Turn::new("a", 1, 0), Turn::new("b", 1, 0));
+        let waiter = |seq| Waiter {
+            priority: 0,
+            seq,
+            tx: oneshot::channel().0,
+        };
+        for seq in 0..100 {
+            w.push(turn_a, waiter(seq));
+        }
+        // A alone is served fifty times: its pass runs ahead.
+        for seq in 0..50 {
+            assert_eq!(w.pop().map(|w| w.seq), Some(seq));
+        }
+        // B arrives: it starts at the pass last served, so it goes next, and then the two
+        // alternate; it does not get fifty turns in a row for the time it was away.
+        for seq in 100..110 {
+            w.push(turn_b, waiter(seq));
+        }
+        let served: Vec<u64> = std::iter::from_fn(|| w.pop().map(|w| w.seq))
+            .take(5)
+            .collect();
+        assert_eq!(served, [100, 50, 101, 51, 102]);
+        assert_eq!(w.len(), 55);
     }
 
     #[tokio::test(start_paused = true)]
@@ -447,17 +649,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn abandoned_waiters_do_not_leak_slots() {
         let f = flow(1, 1);
-        let held = f.acquire(0, 0).await;
+        let held = f.acquire(Turn::anyone(0), 0).await;
         let abandoned = tokio::spawn({
             let f = f.clone();
-            async move { f.acquire(0, 0).await }
+            async move { f.acquire(Turn::anyone(0), 0).await }
         });
         tokio::task::yield_now().await;
         abandoned.abort();
         let _ = abandoned.await;
         drop(held);
         assert_eq!(f.in_flight(), 0);
-        let _p = f.acquire(0, 0).await;
+        let _p = f.acquire(Turn::anyone(0), 0).await;
         assert_eq!(f.in_flight(), 1);
     }
     #[tokio::test(start_paused = true)]
@@ -466,7 +668,7 @@ mod tests {
         f.hold(true);
         let held = tokio::spawn({
             let f = f.clone();
-            async move { f.acquire(0, 0).await }
+            async move { f.acquire(Turn::anyone(0), 0).await }
         });
         // Long past any wait: still held.
         tokio::time::sleep(Duration::from_secs(3600)).await;

@@ -1,5 +1,6 @@
 //! The LLM side, in the order a call goes through it:
 //! - `call`: one attempt for a job, turned into an outcome for the worker's decision;
+//! - `share`: its tenant's turn (weight) and caps (calls at once, per-minute budgets);
 //! - `batch`: embedding requests gathered into one call;
 //! - `router`: which deployment (and which model, after fallbacks) serves the call;
 //! - `standing`: which deployments may serve which model now (cooldowns, spent accounts,
@@ -19,5 +20,6 @@ pub mod flow;
 pub mod ratelimit;
 pub mod router;
 pub mod scrub;
+pub mod share;
 pub mod standing;
 pub mod stream;

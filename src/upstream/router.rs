@@ -29,6 +29,7 @@ use crate::{
     upstream::{
         client::{LlmClient, LlmError},
         deployment::{Answer, Deployment},
+        flow::Turn,
         standing::{Availability, Standing, Why, secs_ms},
     },
 };
@@ -260,7 +261,7 @@ impl Router {
         &'r self,
         route: &mut Route,
         kind: Kind,
-        priority: u8,
+        turn: Turn,
         tokens: u64,
         until: tokio::time::Instant,
         stopped: impl Future<Output = ()>,
@@ -299,7 +300,7 @@ impl Router {
             let deployment = &self.deployments[d];
             let slot = tokio::select! {
                 biased;
-                slot = deployment.admit(priority, tokens, until) => slot,
+                slot = deployment.admit(turn, tokens, until) => slot,
                 () = &mut stopped => {
                     if probe {
                         self.standing.probe_abandoned(d);
@@ -729,7 +730,7 @@ mod tests {
             .call(
                 route,
                 Kind::Chat,
-                0,
+                Turn::anyone(0),
                 1,
                 far(),
                 std::future::pending(),

@@ -413,7 +413,7 @@ impl Settling<'_> {
         let call = async move {
             if !self.streams {
                 return upstream
-                    .attempt(job, route, attempt, started, &ctx.stop, None)
+                    .attempt(job, &self.tenant, route, attempt, started, &ctx.stop, None)
                     .await;
             }
             let (deltas, pieces) = tokio::sync::mpsc::unbounded_channel();
@@ -429,7 +429,15 @@ impl Settling<'_> {
                 // Dropping the sender at the end of the call ends the forwarding.
                 let deltas = deltas;
                 upstream
-                    .attempt(job, route, attempt, started, &ctx.stop, Some(&deltas))
+                    .attempt(
+                        job,
+                        &self.tenant,
+                        route,
+                        attempt,
+                        started,
+                        &ctx.stop,
+                        Some(&deltas),
+                    )
                     .await
             };
             let forward = stream::forward(out, pieces, self.restart, &self.progress);
