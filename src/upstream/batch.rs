@@ -356,7 +356,10 @@ mod tests {
         stop: &'a CancellationToken,
     ) -> impl Future<Output = Option<Routed<EmbeddingAnswer>>> + 'a {
         let input = vec![text.to_string()];
-        async move { b.embed("m", &input, &Map::new(), Turn::anyone(0), 1, later(), stop).await }
+        async move {
+            b.embed("m", &input, &Map::new(), Turn::anyone(0), 1, later(), stop)
+                .await
+        }
     }
 
     #[tokio::test]
@@ -373,7 +376,10 @@ mod tests {
         let (server, b, d, flow) = batcher().await;
         let stop = CancellationToken::new();
         // The only slot is taken: the batch waits for it.
-        let busy = d.admit(Turn::anyone(0), 0, later()).await.expect("a free slot");
+        let busy = d
+            .admit(Turn::anyone(0), 0, later())
+            .await
+            .expect("a free slot");
         let waiting = tokio::spawn({
             let (b, stop) = (b.clone(), stop.clone());
             async move {

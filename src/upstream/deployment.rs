@@ -232,7 +232,10 @@ mod tests {
     #[tokio::test]
     async fn a_call_is_counted_once_and_its_slot_released() {
         let (_server, d, flow, metrics) = deployment(MockOptions::default()).await;
-        let slot = d.admit(Turn::anyone(0), 10, far()).await.expect("a free slot");
+        let slot = d
+            .admit(Turn::anyone(0), 10, far())
+            .await
+            .expect("a free slot");
         assert_eq!(flow.in_flight(), 1, "the slot is held during the call");
         let params = Map::new();
         let answer = d
@@ -263,7 +266,10 @@ mod tests {
                 .into_iter()
                 .map(|s| s.expect("a free slot"))
                 .collect();
-        let slot = d.admit(Turn::anyone(0), 10, far()).await.expect("a free slot");
+        let slot = d
+            .admit(Turn::anyone(0), 10, far())
+            .await
+            .expect("a free slot");
         let params = Map::new();
         let answer = d
             .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
@@ -290,7 +296,10 @@ mod tests {
             retry_after: Some(30),
             ..MockOptions::default()
         });
-        let slot = d.admit(Turn::anyone(0), 10, far()).await.expect("a free slot");
+        let slot = d
+            .admit(Turn::anyone(0), 10, far())
+            .await
+            .expect("a free slot");
         let answer = d
             .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
             .await;
@@ -340,7 +349,10 @@ mod tests {
             tokens_per_minute(1000),
         )
         .await;
-        let slot = d.admit(Turn::anyone(0), 1000, far()).await.expect("a full budget");
+        let slot = d
+            .admit(Turn::anyone(0), 1000, far())
+            .await
+            .expect("a full budget");
         assert_eq!(level(&flow), 0.0, "all taken");
         let params = Map::new();
         let answer = d
@@ -357,7 +369,10 @@ mod tests {
     async fn an_answer_settles_by_its_usage() {
         let (_server, d, flow, _metrics) =
             deployment_with(MockOptions::default(), tokens_per_minute(1000)).await;
-        let slot = d.admit(Turn::anyone(0), 1000, far()).await.expect("a full budget");
+        let slot = d
+            .admit(Turn::anyone(0), 1000, far())
+            .await
+            .expect("a full budget");
         let params = Map::new();
         let answer = d
             .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
@@ -385,7 +400,10 @@ mod tests {
             tokens_per_minute(1000),
         )
         .await;
-        let slot = d.admit(Turn::anyone(0), 1000, far()).await.expect("a full budget");
+        let slot = d
+            .admit(Turn::anyone(0), 1000, far())
+            .await
+            .expect("a full budget");
         let (messages, params) = (hello(), Map::new());
         let call = d.call(Kind::Chat, slot, d.client().chat("m", &messages, &params));
         assert!(
@@ -415,7 +433,10 @@ mod tests {
             flow.clone(),
             Arc::new(Metrics::default()),
         );
-        let held = d.admit(Turn::anyone(9), 500, far()).await.expect("a free slot");
+        let held = d
+            .admit(Turn::anyone(9), 500, far())
+            .await
+            .expect("a free slot");
         let until = tokio::time::Instant::now() + Duration::from_secs(900);
         let started = tokio::time::Instant::now();
         assert!(
@@ -434,7 +455,10 @@ mod tests {
             "the slot is not granted to the waiter gone"
         );
         assert_eq!(flow.waiting(), 0);
-        let slot = d.admit(Turn::anyone(0), 1000, far()).await.expect("a free slot");
+        let slot = d
+            .admit(Turn::anyone(0), 1000, far())
+            .await
+            .expect("a free slot");
         assert_eq!(slot.permit.tokens(), 1000);
     }
 }

@@ -295,11 +295,13 @@ mod tests {
     use crate::config::TenantConfig;
 
     fn shares(sections: &[(&str, TenantConfig)]) -> Shares {
-        let mut config = Config::default();
-        config.tenants = sections
-            .iter()
-            .map(|(name, section)| (name.to_string(), section.clone()))
-            .collect::<BTreeMap<_, _>>();
+        let config = Config {
+            tenants: sections
+                .iter()
+                .map(|(name, section)| (name.to_string(), section.clone()))
+                .collect::<BTreeMap<_, _>>(),
+            ..Default::default()
+        };
         Shares::new(&config, None)
     }
 
