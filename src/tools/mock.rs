@@ -83,7 +83,8 @@ pub struct MockOptions {
     /// Require this bearer token (401 otherwise).
     #[arg(long)]
     pub require_key: Option<String>,
-    /// Keep every prompt in [`MockStats::prompts`] (tests; unbounded, so off by default).
+    /// Keep every prompt in [`MockStats::prompts`], and when its call ended in
+    /// [`MockStats::ends`] (tests; unbounded, so off by default).
     #[arg(skip)]
     pub record_prompts: bool,
     /// Note when each streamed answer's first content chunk goes out, in
@@ -223,6 +224,11 @@ pub struct MockStats {
     pub streams_cut: AtomicU64,
     /// Chat calls seen when recording, in arrival order: the last message and when it came.
     pub prompts: std::sync::Mutex<Vec<(String, std::time::Instant)>>,
+    /// The same calls when recording, in the order they ended: the last message and when
+    /// its handler finished (its answer made, or the call given up; a streamed answer when
+    /// its body begins). With [`Self::prompts`], how many calls of one kind (a tenant's, by
+    /// a prefix of their messages) were being answered at once.
+    pub ends: std::sync::Mutex<Vec<(String, std::time::Instant)>>,
     /// Streamed answers when recording ([`MockOptions::record_first_chunks`]), by their
     /// last message: the instant just before the first chunk after the role chunk went into
     /// the body. A later answer to the same message keeps the first instant.
@@ -560,6 +566,11 @@ async fn chat(
     {
         prompts.push((last.clone(), std::time::Instant::now()));
     }
+    // Dropped last, whichever way the handler returns.
+    let _end = options.record_prompts.then(|| CallEnd {
+        stats: Arc::clone(&state.stats),
+        prompt: last.clone(),
+    });
     let prompt_bytes = body["messages"].to_string().len();
     if options
         .max_prompt_bytes
@@ -672,6 +683,22 @@ async fn chat(
         }
     }))
     .into_response()
+}
+
+/// Notes in [`MockStats::ends`] when a recorded chat call's handler is done, however it
+/// returns (or is dropped, when the client hangs up).
+struct CallEnd {
+    stats: Arc<MockStats>,
+    /// The call's last message.
+    prompt: String,
+}
+
+impl Drop for CallEnd {
+    fn drop(&mut self) {
+        if let Ok(mut ends) = self.stats.ends.lock() {
+            ends.push((std::mem::take(&mut self.prompt), std::time::Instant::now()));
+        }
+    }
 }
 
 /// Where the first content comes in [`sse_events`]' list: after the comment and the first

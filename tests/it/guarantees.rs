@@ -2,7 +2,7 @@
 //! redeliveries bounded whatever the store, a refusing reply or results queue never loops,
 //! oversize results, identity-scoped idempotency and conflicts, the results TTL.
 
-use std::{process::Command, sync::atomic::Ordering, time::Duration};
+use std::{sync::atomic::Ordering, time::Duration};
 
 use lapin::{
     BasicProperties, Connection, ConnectionProperties,
@@ -13,41 +13,9 @@ use llmq::{config::StoreKind, tools::mock::MockOptions};
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    Policy, TestEnv, amqp_url, exactly, header, json, rabbitmqctl, signal, spawn_worker_process,
+    BrokerUser, Policy, TestEnv, amqp_url, exactly, header, json, signal, spawn_worker_process,
     unique, wait_until,
 };
-
-/// A RabbitMQ user for one test, deleted when dropped.
-struct BrokerUser {
-    name: String,
-}
-
-impl BrokerUser {
-    fn create(what: &str) -> Self {
-        let name = unique(what);
-        rabbitmqctl(&["-q", "add_user", &name, "pw"]);
-        rabbitmqctl(&["-q", "set_permissions", "-p", "/", &name, ".*", ".*", ".*"]);
-        Self { name }
-    }
-
-    /// A connection authenticated as this user.
-    async fn connect(&self) -> Connection {
-        let mut url = url::Url::parse(&amqp_url()).unwrap();
-        url.set_username(&self.name).unwrap();
-        url.set_password(Some("pw")).unwrap();
-        Connection::connect(url.as_str(), ConnectionProperties::default())
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for BrokerUser {
-    fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["-q", "delete_user", &self.name])
-            .status();
-    }
-}
 
 /// Publishes a chat request as the user of `conn`, with its `user_id` set, confirmed.
 async fn publish_as(env: &TestEnv, conn: &Connection, user: &str, body: &Value) {

@@ -130,8 +130,14 @@ impl TestEnv {
     /// Starts the service (worker and admin server) with this env's config, as `llmq run`
     /// does.
     pub fn start_worker(&self) -> Worker {
+        self.start_worker_with(self.config.clone())
+    }
+
+    /// Starts the service with `config`: another replica of this env's topology, say, under
+    /// a worker id of its own.
+    pub fn start_worker_with(&self, config: Config) -> Worker {
         let stop = CancellationToken::new();
-        let (config, token) = (self.config.clone(), stop.clone());
+        let token = stop.clone();
         let task = tokio::spawn(async move {
             App::start(config, token).await?.run().await;
             Ok(())
@@ -504,6 +510,72 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A RabbitMQ user for one test, with every permission on `/`: a sender whose `user_id` the
+/// broker checks, so a tenant of its own. Deleted when dropped, on panic too.
+pub struct BrokerUser {
+    /// Its unique name.
+    pub name: String,
+}
+
+/// The password of every [`BrokerUser`].
+const BROKER_USER_PASSWORD: &str = "pw";
+
+impl BrokerUser {
+    /// A user named [`unique`]`(what)`.
+    pub fn create(what: &str) -> Self {
+        let name = unique(what);
+        rabbitmqctl(&["-q", "add_user", &name, BROKER_USER_PASSWORD]);
+        // Made before it is given permissions, so that a failure below still deletes it.
+        let user = Self { name };
+        rabbitmqctl(&[
+            "-q",
+            "set_permissions",
+            "-p",
+            "/",
+            &user.name,
+            ".*",
+            ".*",
+            ".*",
+        ]);
+        user
+    }
+
+    /// Several users, made side by side (each `rabbitmqctl` call takes most of a second).
+    pub fn create_all<const N: usize>(what: [&str; N]) -> [Self; N] {
+        std::thread::scope(|s| {
+            what.map(|w| s.spawn(move || Self::create(w)))
+                .map(|made| made.join().expect("rabbitmqctl makes the user"))
+        })
+    }
+
+    /// Deletes these users side by side (dropped one by one, each waits for the last).
+    pub fn delete_all(users: impl IntoIterator<Item = Self>) {
+        std::thread::scope(|s| {
+            for user in users {
+                s.spawn(move || drop(user));
+            }
+        });
+    }
+
+    /// A connection authenticated as this user.
+    pub async fn connect(&self) -> Connection {
+        let mut url = url::Url::parse(&amqp_url()).unwrap();
+        url.set_username(&self.name).unwrap();
+        url.set_password(Some(BROKER_USER_PASSWORD)).unwrap();
+        Connection::connect(url.as_str(), ConnectionProperties::default())
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "delete_user", &self.name])
+            .status();
+    }
 }
 
 /// A policy set with `rabbitmqctl` for one test; cleared when dropped, on panic too.
