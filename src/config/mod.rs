@@ -234,6 +234,7 @@ mod tests {
                 embeddings_queue: "x.embeddings".into(),
                 embeddings_key: "x-embed".into(),
                 max_priority: 5,
+                lanes: 4,
                 results_exchange: "x.results".into(),
                 results_key: "x-result".into(),
                 results_queue: "x.results-kept".into(),

@@ -73,6 +73,11 @@ pub struct TopologyConfig {
     /// `x-max-priority` of both work queues. Clients that declare the queue themselves must
     /// use the same value, so the default is the one common tutorials use.
     pub max_priority: u8,
+    /// Lane queues per work queue for fair share between tenants: a tenant that holds more
+    /// than its share of a saturated replica has its requests moved to
+    /// `<work queue>.lane.<nn>`, the lane its name hashes to (see the README's Fair share
+    /// section); 0 turns fair share's lanes off.
+    pub lanes: u16,
     /// Direct exchange results are published to.
     pub results_exchange: String,
     /// Routing key of results on `results_exchange`.
@@ -120,6 +125,7 @@ impl Default for TopologyConfig {
             embeddings_queue: "llm_embeddings".into(),
             embeddings_key: "embed".into(),
             max_priority: 10,
+            lanes: 16,
             results_exchange: "llm_results".into(),
             results_key: "result".into(),
             results_queue: "llm_results".into(),

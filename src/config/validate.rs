@@ -30,6 +30,7 @@ impl Config {
         validate_retry(&self.retry, &mut p);
         validate_idempotency(&self.idempotency, &mut p);
         validate_topology(&self.topology, &mut p);
+        validate_lanes(&self.topology, &mut p);
         validate_log(&self.log, &mut p);
         validate_waits(self, &mut p);
         validate_request_limits(&self.llm, &mut p);
@@ -500,6 +501,37 @@ fn validate_topology(t: &TopologyConfig, p: &mut Problems) {
         "topology.embeddings_key",
         "must differ from topology.processing_key",
     );
+}
+
+/// The most lanes per work queue: a lane's name ends in two hex digits.
+const MAX_LANES: u16 = 256;
+
+/// The fair-share lanes, `<work queue>.lane.<nn>`: few enough to be named with two hex
+/// digits, and every lane's name within the broker's 255 bytes. A work queue name too long
+/// for any name is reported by [`validate_topology`].
+fn validate_lanes(t: &TopologyConfig, p: &mut Problems) {
+    p.check(
+        t.lanes <= MAX_LANES,
+        "topology.lanes",
+        format!("must be at most {MAX_LANES} (0 turns the lanes off)"),
+    );
+    if t.lanes == 0 {
+        return;
+    }
+    let longest = 255 - ".lane.00".len();
+    for (key, queue) in [
+        ("topology.processing_queue", &t.processing_queue),
+        ("topology.embeddings_queue", &t.embeddings_queue),
+    ] {
+        p.check(
+            queue.len() <= longest || queue.len() > 255,
+            key,
+            format!(
+                "must be at most {longest} bytes while topology.lanes is not 0: its lanes are \
+                 named <queue>.lane.<nn>"
+            ),
+        );
+    }
 }
 
 /// The caps and allowlists requests are checked against.
@@ -1007,6 +1039,34 @@ mod tests {
             "topology.embeddings_key (LLMQ_TOPOLOGY__EMBEDDINGS_KEY): must differ from \
              topology.processing_key"
         );
+    }
+
+    #[test]
+    fn topology_lanes_at_most_256() {
+        assert_eq!(
+            only_problem(|c| c.topology.lanes = 257),
+            "topology.lanes (LLMQ_TOPOLOGY__LANES): must be at most 256 (0 turns the lanes off)"
+        );
+        for fine in [0, 1, 256] {
+            let mut c = Config::default();
+            c.topology.lanes = fine;
+            assert_eq!(c.validate(), Vec::<String>::new(), "{fine} lanes");
+        }
+    }
+
+    #[test]
+    fn topology_work_queue_names_leave_room_for_their_lanes() {
+        assert_eq!(
+            only_problem(|c| c.topology.embeddings_queue = "q".repeat(248)),
+            "topology.embeddings_queue (LLMQ_TOPOLOGY__EMBEDDINGS_QUEUE): must be at most 247 \
+             bytes while topology.lanes is not 0: its lanes are named <queue>.lane.<nn>"
+        );
+        let mut c = Config::default();
+        c.topology.processing_queue = "q".repeat(247);
+        assert_eq!(c.validate(), Vec::<String>::new(), "247 bytes leave room");
+        c.topology.processing_queue = "q".repeat(255);
+        c.topology.lanes = 0;
+        assert_eq!(c.validate(), Vec::<String>::new(), "no lanes, no limit");
     }
 
     #[test]
