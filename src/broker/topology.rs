@@ -4,6 +4,10 @@
 //!   `embed`), both durable with exactly `{x-max-priority: 10}`, so a client that declares
 //!   the queue the way tutorials do gets no PRECONDITION_FAILED. Broker-side dead-lettering
 //!   of expired messages is a policy (`rabbitmq/definitions.json`), not a queue argument.
+//! - `llm_processing.lane.<nn>` and `llm_embeddings.lane.<nn>`, `topology.lanes` of each
+//!   (16 by default, none with 0): the fair-share lanes, durable with exactly the work queues'
+//!   arguments and bound to no exchange. The worker moves a tenant's requests into the lane
+//!   its name hashes to ([`lane_of`]) through the default exchange.
 //! - `llm_results` (direct) -> durable queue `llm_results` (key `result`), optional.
 //! - `llm_requests.dlx` (direct) -> `llm_processing.dlq` (key `dead`). The worker publishes
 //!   its dead letters there itself, so it does not depend on the policy.
@@ -21,6 +25,7 @@ use lapin::{
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
 };
+use sha2::{Digest, Sha256};
 
 use crate::{broker::retry, config::TopologyConfig, contract::headers};
 
@@ -32,6 +37,43 @@ pub fn work_queue_arguments(topo: &TopologyConfig) -> FieldTable {
         AMQPValue::LongInt(topo.max_priority.into()),
     );
     args
+}
+
+/// The name of lane `lane` of work queue `queue`: `<queue>.lane.<nn>`, `nn` two lowercase hex
+/// digits (`llm_processing.lane.0a`). Lanes are numbered from 0 to `topology.lanes - 1`, at
+/// most 255.
+pub fn lane_queue(queue: &str, lane: u16) -> String {
+    format!("{queue}.lane.{lane:02x}")
+}
+
+/// The lane a tenant's requests go to among `lanes`, or `None` when there are none (`0`).
+///
+/// The first 8 bytes of the SHA-256 of the tenant's name (its UTF-8 bytes), read as a
+/// big-endian `u64`, modulo `lanes`. Every replica must send a tenant to the same lane, and
+/// so must every version of llmq (replicas of two versions run side by side during a rolling
+/// upgrade): this is a fixed function of the name and the lane count, never of a process's
+/// random hasher state. Changing it is a breaking change.
+pub fn lane_of(tenant: &str, lanes: u16) -> Option<u16> {
+    if lanes == 0 {
+        return None;
+    }
+    let digest = Sha256::digest(tenant.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    let lane = u64::from_be_bytes(first) % u64::from(lanes);
+    // Below `lanes`, itself a u16.
+    u16::try_from(lane).ok()
+}
+
+/// Every lane of work queue `queue` in order, `<queue>.lane.00` to `<queue>.lane.<lanes - 1>`.
+pub fn lanes_of(queue: &str, lanes: u16) -> impl Iterator<Item = String> + '_ {
+    (0..lanes).map(move |lane| lane_queue(queue, lane))
+}
+
+/// Every lane of both work queues: the processing queue's, then the embeddings queue's
+/// (`2 × topology.lanes` names).
+pub fn lanes(topo: &TopologyConfig) -> impl Iterator<Item = String> + '_ {
+    lanes_of(&topo.processing_queue, topo.lanes).chain(lanes_of(&topo.embeddings_queue, topo.lanes))
 }
 
 /// The arguments of a delayed-retry tier: a quorum queue that dead-letters expired messages
@@ -106,6 +148,7 @@ pub async fn declare(channel: &Channel, topo: &TopologyConfig) -> Result<(), lap
         ),
     ];
     declare_retry_tiers(channel, topo).await?;
+    declare_lanes(channel, topo).await?;
     channel
         .exchange_declare(
             topo.unroutable_exchange.as_str().into(),
@@ -153,6 +196,26 @@ pub async fn declare_on(conn: &Connection, topo: &TopologyConfig) -> Result<(), 
     let setup = conn.create_channel().await?;
     declare(&setup, topo).await?;
     let _ = setup.close(200, "topology declared".into()).await;
+    Ok(())
+}
+
+/// Every lane of both work queues ([`lanes`]): durable, with exactly the work queues'
+/// arguments ([`work_queue_arguments`]), so a request moved into a lane keeps its priority;
+/// bound to no exchange, since the worker fills them through the default exchange.
+async fn declare_lanes(channel: &Channel, topo: &TopologyConfig) -> Result<(), lapin::Error> {
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for lane in lanes(topo) {
+        channel
+            .queue_declare(
+                lane.as_str().into(),
+                durable_queue,
+                work_queue_arguments(topo),
+            )
+            .await?;
+    }
     Ok(())
 }
 
@@ -215,6 +278,7 @@ pub async fn delete(channel: &Channel, topo: &TopologyConfig) {
         topo.unroutable_queue.clone(),
     ];
     queues.extend(retry::TIERS.iter().map(|tier| retry_queue(topo, tier.name)));
+    queues.extend(lanes(topo));
     for q in queues {
         let _ = channel
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
@@ -257,6 +321,49 @@ pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<QueueDepth, l
         messages: q.message_count(),
         consumers: q.consumer_count(),
     })
+}
+
+/// Reads the depths of many queues, one passive declare each, on one channel for as long as
+/// it lasts: a passive declare of a missing queue makes the broker close its channel, and the
+/// next read opens another. Cheap enough for every lane every few seconds.
+pub struct DepthReader<'a> {
+    conn: &'a Connection,
+    /// The channel of the last successful read, reused by the next.
+    channel: Option<Channel>,
+}
+
+impl<'a> DepthReader<'a> {
+    /// A reader on `conn`; it opens its first channel at its first read.
+    pub fn new(conn: &'a Connection) -> Self {
+        Self {
+            conn,
+            channel: None,
+        }
+    }
+
+    /// The depth of `queue`, or `None` if it cannot be read (it does not exist). An error only
+    /// when no channel can be opened: the connection is gone.
+    pub async fn read(&mut self, queue: &str) -> Result<Option<QueueDepth>, lapin::Error> {
+        let channel = match self.channel.take().filter(|c| c.status().connected()) {
+            Some(channel) => channel,
+            None => self.conn.create_channel().await?,
+        };
+        match queue_depth(&channel, queue).await {
+            Ok(depth) => {
+                self.channel = Some(channel);
+                Ok(Some(depth))
+            }
+            // The broker closed the channel with the failure.
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Closes the channel kept for the next read, if any.
+    pub async fn close(self) {
+        if let Some(channel) = self.channel {
+            let _ = channel.close(200, "depths read".into()).await;
+        }
+    }
 }
 
 /// The name of a delayed-retry queue.
@@ -306,6 +413,89 @@ mod tests {
         };
         assert!(declared("exchanges", &t.unroutable_exchange));
         assert!(declared("queues", &t.unroutable_queue));
+    }
+
+    #[test]
+    fn lanes_are_named_with_two_lowercase_hex_digits() {
+        assert_eq!(lane_queue("llm_processing", 0), "llm_processing.lane.00");
+        assert_eq!(lane_queue("llm_processing", 10), "llm_processing.lane.0a");
+        assert_eq!(lane_queue("llm_embeddings", 255), "llm_embeddings.lane.ff");
+    }
+
+    /// Fixed values: a change here moves every tenant to another lane, and replicas of two
+    /// versions would disagree during a rolling upgrade.
+    #[test]
+    fn a_tenant_s_lane_is_sha256_of_its_name_modulo_the_lanes() {
+        // SHA-256("acme") starts 82 2b 33 ad 87 c1 48 a0 = 9379647469329139872.
+        assert_eq!(lane_of("acme", 16), Some(0));
+        assert_eq!(lane_of("acme", 256), Some(160));
+        // SHA-256("tenant-a") starts 80 a7 07 af 7d c7 7e e1.
+        assert_eq!(lane_of("tenant-a", 16), Some(1));
+        assert_eq!(lane_of("tenant-a", 256), Some(225));
+        // SHA-256("") starts e3 b0 c4 42 98 fc 1c 14.
+        assert_eq!(lane_of("", 16), Some(4));
+        assert_eq!(lane_of("acme", 1), Some(0));
+        assert_eq!(lane_of("acme", 0), None);
+    }
+
+    #[test]
+    fn every_tenant_lands_in_a_lane_that_exists() {
+        for lanes in [1, 3, 16, 256] {
+            for tenant in ["a", "b", "acme", "other", "\u{e9}t\u{e9}"] {
+                let lane = lane_of(tenant, lanes).expect("lanes > 0");
+                assert!(lane < lanes, "{tenant}: {lane} of {lanes}");
+            }
+        }
+    }
+
+    #[test]
+    fn both_work_queues_have_every_lane() {
+        let t = TopologyConfig::default();
+        let all: Vec<String> = lanes(&t).collect();
+        assert_eq!(all.len(), 32);
+        assert_eq!(all[0], "llm_processing.lane.00");
+        assert_eq!(all[15], "llm_processing.lane.0f");
+        assert_eq!(all[16], "llm_embeddings.lane.00");
+        assert_eq!(all[31], "llm_embeddings.lane.0f");
+        let off = TopologyConfig { lanes: 0, ..t };
+        assert_eq!(lanes(&off).count(), 0);
+    }
+
+    /// The dead-letter policy of `rabbitmq/definitions.json` covers every queue a request
+    /// waits in, the lanes too (a request expiring there is dead-lettered, not dropped), and
+    /// nothing else.
+    #[test]
+    fn definitions_dead_letter_the_work_queues_and_their_lanes() {
+        let defs: Value =
+            serde_json::from_str(include_str!("../../rabbitmq/definitions.json")).unwrap();
+        let t = TopologyConfig {
+            lanes: 256,
+            ..TopologyConfig::default()
+        };
+        let policy = defs["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["definition"].get("dead-letter-exchange").is_some())
+            .unwrap();
+        assert_eq!(policy["apply-to"], "queues");
+        assert_eq!(
+            policy["definition"]["dead-letter-exchange"],
+            t.dead_letter_exchange.as_str()
+        );
+        let pattern = regex::Regex::new(policy["pattern"].as_str().unwrap()).unwrap();
+        let waiting = [t.processing_queue.clone(), t.embeddings_queue.clone()];
+        for queue in waiting.into_iter().chain(lanes(&t)) {
+            assert!(pattern.is_match(&queue), "{queue}");
+        }
+        for other in [
+            &t.dead_letter_queue,
+            &t.results_queue,
+            &t.unroutable_queue,
+            &retry_queue(&t, "5s"),
+        ] {
+            assert!(!pattern.is_match(other), "{other}");
+        }
     }
 
     #[test]

@@ -12,7 +12,8 @@ impl TopologyConfig {
     /// is one more line here.
     pub fn owned_queues(&self) -> Vec<OwnedQueue> {
         vec![
-            // The work queues, and everything under them (`<queue>.lane.<hash>`).
+            // The work queues, and everything under them: their fair-share lanes
+            // (`<queue>.lane.<nn>`).
             OwnedQueue::subtree(&self.processing_queue, "topology.processing_queue"),
             OwnedQueue::subtree(&self.embeddings_queue, "topology.embeddings_queue"),
             // The delayed-retry tiers, `<prefix>.<tier>`.
@@ -68,6 +69,9 @@ mod tests {
             t.unroutable_queue.clone(),
             format!("{}.lane.0f3a", t.processing_queue),
             format!("{}.lane.0f3a", t.embeddings_queue),
+            // The fair-share lanes as declared (`topology::lane_queue`).
+            "llm_processing.lane.0a".to_string(),
+            "llm_embeddings.lane.ff".to_string(),
         ] {
             assert!(!rules.reply_to.allows(&queue), "{queue}");
         }
@@ -86,7 +90,14 @@ mod tests {
         config.topology = config.topology.with_prefix("t1");
         config.worker.reply_to_pattern = "replies\\..*".into();
         let rules = config.request_rules().expect("pattern compiles");
-        for queue in ["t1.processing", "t1.dlq", "t1.retry.30s", "t1.results"] {
+        for queue in [
+            "t1.processing",
+            "t1.processing.lane.0a",
+            "t1.embeddings.lane.00",
+            "t1.dlq",
+            "t1.retry.30s",
+            "t1.results",
+        ] {
             assert!(!rules.reply_to.allows(queue), "{queue}");
         }
         assert!(rules.reply_to.allows("replies.x"));

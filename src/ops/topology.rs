@@ -32,6 +32,15 @@ pub fn describe(t: &TopologyConfig) -> String {
             t.max_priority
         ));
     }
+    for queue in [&t.processing_queue, &t.embeddings_queue] {
+        if let Some(lanes) = lane_range(queue, t.lanes) {
+            line(format!(
+                "queues {lanes} (fair-share lanes, x-max-priority {}, bound to no exchange: \
+                 filled through the default exchange)",
+                t.max_priority
+            ));
+        }
+    }
     line(format!("exchange {} (direct)", t.results_exchange));
     if t.keep_results {
         line(format!(
@@ -68,6 +77,16 @@ pub fn describe(t: &TopologyConfig) -> String {
     out
 }
 
+/// The lanes of `queue` as `<first> .. <last>`, `None` without lanes.
+fn lane_range(queue: &str, lanes: u16) -> Option<String> {
+    let last = lanes.checked_sub(1)?;
+    Some(format!(
+        "{} .. {}",
+        topology::lane_queue(queue, 0),
+        topology::lane_queue(queue, last)
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +113,17 @@ mod tests {
                 .count(),
             retry::TIERS.len()
         );
+    }
+
+    #[test]
+    fn describes_the_lanes_unless_there_are_none() {
+        let t = TopologyConfig::default();
+        let text = describe(&t);
+        for queue in [&t.processing_queue, &t.embeddings_queue] {
+            let range = format!("queues {queue}.lane.00 .. {queue}.lane.0f (fair-share lanes");
+            assert!(text.contains(&range), "{range} missing in\n{text}");
+        }
+        let off = describe(&TopologyConfig { lanes: 0, ..t });
+        assert!(!off.contains(".lane."), "{off}");
     }
 }
