@@ -1,25 +1,29 @@
 //! What a running worker shows the outside: readiness (connected, consuming, publishing not
 //! blocked by a broker alarm), and the depths of its queues for the `llmq_queue_depth`
-//! metric.
+//! metric; the depths of the fair-share lanes for the worker itself too.
 
 use std::{
+    collections::HashMap,
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
     },
     time::Duration,
 };
 
 use futures_util::{Stream, StreamExt};
-use lapin::{Channel, Connection, Event};
+use lapin::{Connection, Event};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    broker::topology, config::TopologyConfig, runtime::metrics::Metrics, upstream::router::Router,
+    broker::topology::{self, DepthReader},
+    config::TopologyConfig,
+    runtime::metrics::Metrics,
+    upstream::router::Router,
 };
 
-/// How often the work queues' depths are read for the metrics.
+/// How often the depths of the work queues, their lanes and the DLQ are read.
 const DEPTH_EVERY: Duration = Duration::from_secs(5);
 
 /// Readiness, for the admin endpoints and the tests.
@@ -32,6 +36,8 @@ pub struct Health {
     /// The broker blocks the publishing connection (a memory or disk alarm): no result can be
     /// confirmed, so no new upstream call starts.
     pub blocked: AtomicBool,
+    /// Ready messages of each lane queue at its last read, by name; see [`Health::lane_depth`].
+    lane_depths: Mutex<HashMap<String, u32>>,
 }
 
 impl Health {
@@ -40,6 +46,42 @@ impl Health {
         self.connected.load(Relaxed)
             && self.consuming.load(Relaxed) > 0
             && !self.blocked.load(Relaxed)
+    }
+
+    /// The ready messages of the lane queue named `queue` (`topology::lane_queue(work queue,
+    /// lane)`) at its last read. Every lane of both work queues is read every 5 seconds, so
+    /// the count is up to that old (requests moved in and taken out change it in between).
+    /// `None` when it is not known: before the first read, when the last read failed (the
+    /// lane does not exist), while the broker is unreachable, or for a name that is not a
+    /// lane of this worker's topology.
+    pub fn lane_depth(&self, queue: &str) -> Option<u32> {
+        self.lane_depths().get(queue).copied()
+    }
+
+    /// Records a lane's depth as read, `None` when it could not be read.
+    fn set_lane_depth(&self, queue: &str, depth: Option<u32>) {
+        let mut depths = self.lane_depths();
+        match depth {
+            Some(depth) => {
+                depths.insert(queue.to_string(), depth);
+            }
+            None => {
+                depths.remove(queue);
+            }
+        }
+    }
+
+    /// Forgets every lane's depth: none can be read.
+    fn forget_lane_depths(&self) {
+        self.lane_depths().clear();
+    }
+
+    /// The lane depths; a panic while they were held left them whole (each write is one map
+    /// operation), so a poisoned lock is used as it is.
+    fn lane_depths(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.lane_depths
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -112,36 +154,79 @@ impl Drop for Consuming<'_> {
     }
 }
 
-/// Reads the ready messages of the work queues and the DLQ every [`DEPTH_EVERY`] until
-/// `stop`.
+/// Reads the ready messages of the work queues, their lanes and the DLQ every
+/// [`DEPTH_EVERY`] until `stop`: all of them for the `llmq_queue_depth` metric, the lanes for
+/// [`Health::lane_depth`] too. One passive declare each, on one channel while it lasts.
 pub(super) async fn poll_queue_depths(
+    health: Arc<Health>,
     metrics: Arc<Metrics>,
     topo: TopologyConfig,
     conn: Arc<Connection>,
     stop: CancellationToken,
 ) {
     let queues = [
-        &topo.processing_queue,
-        &topo.embeddings_queue,
-        &topo.dead_letter_queue,
+        topo.processing_queue.clone(),
+        topo.embeddings_queue.clone(),
+        topo.dead_letter_queue.clone(),
     ];
-    let mut channel: Option<Channel> = None;
+    let lanes: Vec<String> = topology::lanes(&topo).collect();
+    let mut reader = DepthReader::new(&conn);
     loop {
-        if channel.as_ref().is_none_or(|c| !c.status().connected()) {
-            channel = conn.create_channel().await.ok();
-        }
-        if let Some(ch) = &channel {
-            for q in queues {
-                match topology::queue_depth(ch, q).await {
-                    Ok(depth) => metrics.queue_depth(q, depth.messages),
-                    // A missing queue closes the channel; it is reopened next round.
-                    Err(_) => break,
-                }
-            }
+        if read_depths(&mut reader, &queues, &lanes, &health, &metrics)
+            .await
+            .is_err()
+        {
+            // The connection is gone; the next session's poll reads them again.
+            health.forget_lane_depths();
         }
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             _ = tokio::time::sleep(DEPTH_EVERY) => {}
         }
+    }
+    reader.close().await;
+}
+
+/// One round of [`poll_queue_depths`]. A queue that cannot be read (it does not exist) keeps
+/// its last metric value and has no lane depth; an error means the connection is gone.
+async fn read_depths(
+    reader: &mut DepthReader<'_>,
+    queues: &[String],
+    lanes: &[String],
+    health: &Health,
+    metrics: &Metrics,
+) -> Result<(), lapin::Error> {
+    for queue in queues {
+        if let Some(depth) = reader.read(queue).await? {
+            metrics.queue_depth(queue, depth.messages);
+        }
+    }
+    for lane in lanes {
+        let depth = reader.read(lane).await?.map(|d| d.messages);
+        if let Some(messages) = depth {
+            metrics.queue_depth(lane, messages);
+        }
+        health.set_lane_depth(lane, depth);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lane_depth_is_known_from_its_read_until_a_read_fails() {
+        let health = Health::default();
+        let lane = topology::lane_queue("llm_processing", 3);
+        assert_eq!(health.lane_depth(&lane), None, "not read yet");
+        health.set_lane_depth(&lane, Some(7));
+        assert_eq!(health.lane_depth(&lane), Some(7));
+        assert_eq!(health.lane_depth("llm_processing.lane.04"), None);
+        health.set_lane_depth(&lane, None);
+        assert_eq!(health.lane_depth(&lane), None, "the lane is missing");
+        health.set_lane_depth(&lane, Some(0));
+        health.forget_lane_depths();
+        assert_eq!(health.lane_depth(&lane), None, "the broker is unreachable");
     }
 }

@@ -191,6 +191,7 @@ async fn consume_on(
         lost.clone(),
     ));
     tokio::spawn(health::poll_queue_depths(
+        ctx.health.clone(),
         ctx.metrics.clone(),
         ctx.config.topology.clone(),
         links.consume.clone(),
