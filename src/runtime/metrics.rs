@@ -78,6 +78,8 @@ pub struct Metrics {
     publish_latency: Histogram,
     /// Broker connections lost and reopened.
     pub reconnects: Counter,
+    /// Requests moved from a work queue to their tenant's lane (fair share).
+    pub lane_moves: Counter,
     /// Results a caller's `reply_to` refused (or that could not be sent there); each is on
     /// the results exchange all the same.
     pub replies_refused: Counter,
@@ -141,6 +143,7 @@ impl Metrics {
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
         ]);
         let reconnects = Counter::default();
+        let lane_moves = Counter::default();
         let replies_refused = Counter::default();
         let redelivered = Counter::default();
         let cancelled = Counter::default();
@@ -265,6 +268,11 @@ impl Metrics {
             reconnects.clone(),
         );
         registry.register(
+            "lane_moves",
+            "Requests moved from a work queue to their tenant's lane (fair share)",
+            lane_moves.clone(),
+        );
+        registry.register(
             "replies_refused",
             "Results the caller's reply_to refused; they are on the results exchange",
             replies_refused.clone(),
@@ -301,6 +309,7 @@ impl Metrics {
             upstream_latency,
             publish_latency,
             reconnects,
+            lane_moves,
             replies_refused,
             redelivered,
             cancelled,

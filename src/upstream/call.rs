@@ -241,6 +241,11 @@ impl Upstream {
         &self.worker
     }
 
+    /// Every tenant's turn and caps.
+    pub fn shares(&self) -> &Shares {
+        &self.shares
+    }
+
     /// The router: the deployments, their state and the flow control.
     pub fn router(&self) -> &Arc<Router> {
         &self.router

@@ -12,7 +12,13 @@
 //! replica's calls stop counting once their lease is over). Without Redis, or while it cannot
 //! be reached, each replica holds the caps alone.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+    time::Duration,
+};
 
 use redis::Script;
 use tokio::{
@@ -67,6 +73,8 @@ struct Gate {
     /// Calls at once in the fleet: the lease set's key and its size.
     fleet: Option<(String, u64)>,
     budget: Budget,
+    /// Calls waiting for these caps now.
+    waiting: AtomicUsize,
 }
 
 /// Why a call did not get past its tenant's caps.
@@ -183,6 +191,7 @@ impl Shares {
             .gates
             .get_with_by_ref(tenant, || Arc::new(self.gate(tenant, limits)));
         let wait = async {
+            let _waiting = Waiting::new(&gate.waiting);
             let call = match &gate.calls {
                 // The semaphore is never closed.
                 Some(calls) => calls.clone().acquire_owned().await.ok(),
@@ -230,7 +239,15 @@ impl Shares {
                 self.shared.as_ref().map(|(conn, _)| conn.clone()),
                 Some(&scope),
             ),
+            waiting: AtomicUsize::new(0),
         }
+    }
+
+    /// Whether calls of `tenant` wait for its own caps now.
+    pub fn waiting(&self, tenant: &str) -> bool {
+        self.gates
+            .get(tenant)
+            .is_some_and(|gate| gate.waiting.load(Relaxed) > 0)
     }
 
     /// Waits for one of the `cap` fleet-wide leases of `key`. `None` when Redis cannot be
@@ -272,6 +289,22 @@ impl Shares {
                 }
             }
         }
+    }
+}
+
+/// Counts a call waiting for its tenant's caps while alive.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 

@@ -16,6 +16,7 @@
 pub mod cancel;
 pub mod decide;
 pub mod health;
+pub mod lanes;
 mod lifecycle;
 pub mod policy;
 mod settle;
@@ -70,6 +71,8 @@ struct Context {
     cancels: Arc<cancel::Cancels>,
     /// Every tenant's limits and budgets.
     tenants: Tenants,
+    /// Who holds what here, and which tenants' requests go to their lane.
+    lanes: lanes::Lanes,
     /// What models cost.
     prices: Prices,
     /// What each tenant spent.
@@ -126,6 +129,7 @@ impl Worker {
                 health: Arc::default(),
                 cancels: Arc::new(cancel::Cancels::new(&config)),
                 tenants: Tenants::new(&config.tenants),
+                lanes: lanes::Lanes::new(config.topology.lanes, config.tenancy.max_tenants),
                 prices: Prices::new(&config.prices),
                 ledger: Ledger::new(&config),
                 metrics,

@@ -21,9 +21,14 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use super::{
     Context,
     decide::{Claim, Decision, Destination, Input, Republish, decide},
+    lanes::Pressure,
+    subscribe::Origin,
 };
 use crate::{
-    broker::publish::{PublishError, Publisher, Reply, ReplyRoute, with_retries},
+    broker::{
+        publish::{PublishError, Publisher, Reply, ReplyRoute, with_retries},
+        topology,
+    },
     contract::{
         ErrorKind, Identity, Usage,
         fingerprint::fingerprint,
@@ -38,10 +43,27 @@ use crate::{
     worker::{cancel::Watch, stream},
 };
 
-/// Settles one delivery; a panic anywhere in it dead-letters the delivery, so it is neither
-/// lost nor left unacked until the broker's consumer timeout.
-pub(super) async fn handle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Delivery) {
-    let settle = AssertUnwindSafe(settle(ctx, publisher, kind, delivery));
+/// Settles one delivery, or moves it to its tenant's lane ([`super::lanes`]); a panic
+/// anywhere in it dead-letters the delivery, so it is neither lost nor left unacked until
+/// the broker's consumer timeout.
+pub(super) async fn handle(
+    ctx: &Context,
+    publisher: &Publisher,
+    origin: Origin,
+    delivery: &Delivery,
+) {
+    let kind = origin.kind;
+    let settle = AssertUnwindSafe(async {
+        let identity = Identity::of(&delivery.properties, &ctx.config.tenancy.header);
+        let weight = ctx.tenants.limits(identity.as_str()).weight;
+        if origin.lane.is_none()
+            && let Some(lane) = lane_for(ctx, kind, identity.as_str(), weight)
+        {
+            return move_to_lane(ctx, publisher, delivery, &lane).await;
+        }
+        let _held = ctx.lanes.hold(identity.as_str(), weight);
+        settle(ctx, publisher, kind, delivery, identity).await
+    });
     if settle.catch_unwind().await.is_err() {
         ctx.metrics
             .dead_lettered(kind.as_str(), ErrorKind::InternalError.as_str());
@@ -49,7 +71,46 @@ pub(super) async fn handle(ctx: &Context, publisher: &Publisher, kind: Kind, del
     }
 }
 
-async fn settle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Delivery) {
+/// The lane a request of `tenant` from the `kind` work queue moves to, if any.
+fn lane_for(ctx: &Context, kind: Kind, tenant: &str, weight: u32) -> Option<String> {
+    let topo = &ctx.config.topology;
+    if topo.lanes == 0 {
+        return None;
+    }
+    let queue = match kind {
+        Kind::Chat => &topo.processing_queue,
+        Kind::Embedding => &topo.embeddings_queue,
+    };
+    let router = ctx.upstream.router();
+    let pressure = Pressure {
+        weight,
+        limit: router.limit(),
+        waiting: router.waiting() > 0 || ctx.upstream.shares().waiting(tenant),
+    };
+    let depth = |lane| ctx.health.lane_depth(&topology::lane_queue(queue, lane));
+    let lane = ctx.lanes.route(tenant, pressure, depth)?;
+    Some(topology::lane_queue(queue, lane))
+}
+
+/// Moves a request to `lane` as it is (every property and header, its `user_id` too),
+/// confirmed, then acks it; hands it back if the broker would not confirm.
+async fn move_to_lane(ctx: &Context, publisher: &Publisher, delivery: &Delivery, lane: &str) {
+    let headers = delivery.properties.headers().clone().unwrap_or_default();
+    let moved =
+        with_retries(|| publisher.republish(delivery, "", lane, headers.clone(), None)).await;
+    if moved.is_ok() {
+        ctx.metrics.lane_moves.inc();
+    }
+    ack_if_confirmed(delivery, moved, &ctx.stop).await;
+}
+
+async fn settle(
+    ctx: &Context,
+    publisher: &Publisher,
+    kind: Kind,
+    delivery: &Delivery,
+    identity: Identity,
+) {
     let started = Instant::now();
     ctx.metrics.received(kind.as_str());
     let rules = &ctx.rules;
@@ -68,7 +129,6 @@ async fn settle(ctx: &Context, publisher: &Publisher, kind: Kind, delivery: &Del
     };
     let retry = RetryState::read(&delivery.properties);
     let prior = retry.attempts;
-    let identity = Identity::of(&delivery.properties, &ctx.config.tenancy.header);
     let span = info_span!(
         "job",
         %request_id,

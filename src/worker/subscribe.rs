@@ -1,5 +1,6 @@
-//! Consumer slots: each a consuming channel subscribed to both work queues, with its own
-//! confirm-mode publishing channel, and a prefetch that follows the concurrency limit. The
+//! Consumer slots: each a consuming channel subscribed to both work queues and their lanes
+//! ([`super::lanes`]), with its own confirm-mode publishing channel, and a prefetch that
+//! follows the concurrency limit. The
 //! consuming channels live on one connection and the publishing ones on another
 //! ([`Links`]), so that a broker blocking publishers can never stop an ack or a nack.
 
@@ -97,8 +98,17 @@ pub(super) async fn consumer_slot(
 /// concurrency limit.
 const RESUBSCRIBE_EVERY: Duration = Duration::from_secs(1);
 
+/// Where a delivery comes from: a work queue, or one of its lanes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Origin {
+    /// The work queue's kind.
+    pub kind: Kind,
+    /// The lane, `None` for the work queue itself.
+    pub lane: Option<u16>,
+}
+
 /// A delivery from one of a slot's consumers, or the end of that consumer's stream.
-type Tagged = (String, Kind, Option<Result<Delivery, lapin::Error>>);
+type Tagged = (String, Origin, Option<Result<Delivery, lapin::Error>>);
 
 /// The merged deliveries of a slot's consumers.
 type Streams = futures_util::stream::SelectAll<
@@ -183,13 +193,13 @@ async fn session(
             next = streams.next() => next,
         };
         match next {
-            Some((_, kind, Some(Ok(delivery)))) => {
+            Some((_, origin, Some(Ok(delivery)))) => {
                 // The task keeps the consuming channel open until it has acked: dropping the
                 // last handle closes the channel, and the broker would requeue the delivery.
                 let keep_open = channel.clone();
                 let (ctx, publisher) = (ctx.clone(), publisher.clone());
                 tracker.spawn(async move {
-                    settle::handle(&ctx, &publisher, kind, &delivery).await;
+                    settle::handle(&ctx, &publisher, origin, &delivery).await;
                     drop(keep_open);
                 });
             }
@@ -226,9 +236,9 @@ async fn unsubscribe(
             .await;
     }
     let mut buffered = Vec::new();
-    while let Some(Some((_, kind, item))) = streams.next().now_or_never() {
+    while let Some(Some((_, origin, item))) = streams.next().now_or_never() {
         if let Some(Ok(delivery)) = item {
-            buffered.push((kind, delivery));
+            buffered.push((origin.kind, delivery));
         }
     }
     let give_back = buffered.iter().map(|(kind, delivery)| {
@@ -238,7 +248,10 @@ async fn unsubscribe(
     futures_util::future::join_all(give_back).await;
 }
 
-/// Sets the prefetch and subscribes to both work queues; returns the consumer tags.
+/// Sets the prefetch and subscribes to both work queues and every lane of each, all with
+/// the same prefetch (a tenant alone in its lane can fill the replica); returns the consumer
+/// tags. The broker delivers only from queues that hold messages, so idle lanes cost a
+/// consumer each and nothing more.
 async fn subscribe(
     ctx: &Context,
     channel: &lapin::Channel,
@@ -248,16 +261,11 @@ async fn subscribe(
     streams: &mut Streams,
 ) -> Result<Vec<String>, lapin::Error> {
     let topo = &ctx.config.topology;
-    let mut tags = Vec::with_capacity(2);
+    let mut tags = Vec::with_capacity(2 * (1 + usize::from(topo.lanes)));
     for (kind, queue) in [
         (Kind::Chat, &topo.processing_queue),
         (Kind::Embedding, &topo.embeddings_queue),
     ] {
-        let tag = format!(
-            "llmq-{}-{slot}.{generation}-{}",
-            ctx.worker(),
-            kind.as_str()
-        );
         // basic.qos applies to the consumers created after it.
         channel
             .basic_qos(
@@ -265,21 +273,33 @@ async fn subscribe(
                 BasicQosOptions::default(),
             )
             .await?;
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let (t1, t2) = (tag.clone(), tag.clone());
-        // The end marker tells a cancelled consumer apart from an idle one.
-        let stream = consumer
-            .map(move |d| (t1.clone(), kind, Some(d)))
-            .chain(futures_util::stream::iter([(t2, kind, None)]));
-        streams.push(Box::pin(stream));
-        tags.push(tag);
+        let lanes = (0..topo.lanes).map(|lane| (Some(lane), topology::lane_queue(queue, lane)));
+        for (lane, queue) in std::iter::once((None, queue.clone())).chain(lanes) {
+            let origin = Origin { kind, lane };
+            let mut tag = format!(
+                "llmq-{}-{slot}.{generation}-{}",
+                ctx.worker(),
+                kind.as_str()
+            );
+            if let Some(lane) = lane {
+                tag.push_str(&format!("-lane.{lane:02x}"));
+            }
+            let consumer = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            let (t1, t2) = (tag.clone(), tag.clone());
+            // The end marker tells a cancelled consumer apart from an idle one.
+            let stream = consumer
+                .map(move |d| (t1.clone(), origin, Some(d)))
+                .chain(futures_util::stream::iter([(t2, origin, None)]));
+            streams.push(Box::pin(stream));
+            tags.push(tag);
+        }
     }
     Ok(tags)
 }
