@@ -1,13 +1,22 @@
 //! `llmq status`: depths and consumers of every queue of the topology.
+//!
+//! The fair-share lanes are many (`topology.lanes` per work queue, 16 by default) and mostly
+//! empty, so the table folds them: under each work queue one line `<queue>.lane.* (<n>
+//! lanes)` with their messages summed and the fewest consumers any of them has (a lane
+//! nobody consumes shows as 0), then only the lanes that hold messages. `--json` lists every
+//! queue, each lane included, flat.
 
-use std::fmt::Write;
+use std::{collections::HashSet, fmt::Write};
 
 use serde::Serialize;
 
 use super::OpsError;
 use crate::{
-    broker::{connection, retry, topology},
-    config::Config,
+    broker::{
+        connection, retry,
+        topology::{self, DepthReader},
+    },
+    config::{Config, TopologyConfig},
 };
 
 /// One queue in `llmq status`.
@@ -19,50 +28,171 @@ pub struct QueueStatus {
     pub messages: u32,
     /// Consumers subscribed.
     pub consumers: u32,
+    /// For a fair-share lane, the work queue it is a lane of; absent for every other queue.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lane_of: Option<String>,
 }
 
-/// Depths and consumers of every queue of the topology (missing ones are skipped).
+/// Depths and consumers of every queue of the topology (missing ones are skipped), each work
+/// queue followed by its lanes.
 pub async fn status(config: &Config) -> Result<Vec<QueueStatus>, OpsError> {
     let conn = connection::connect(&config.amqp, "llmq status").await?;
-    let t = &config.topology;
-    let mut queues = vec![
-        t.processing_queue.clone(),
-        t.embeddings_queue.clone(),
-        t.results_queue.clone(),
-        t.dead_letter_queue.clone(),
-        t.unroutable_queue.clone(),
-    ];
-    queues.extend(
-        retry::TIERS
-            .iter()
-            .map(|tier| topology::retry_queue(t, tier.name)),
-    );
+    let mut reader = DepthReader::new(&conn);
     let mut out = Vec::new();
-    for queue in queues {
-        // A passive declare of a missing queue closes its channel: one channel per queue.
-        let channel = conn.create_channel().await?;
-        if let Ok(depth) = topology::queue_depth(&channel, &queue).await {
+    for (queue, lane_of) in queues(&config.topology) {
+        if let Some(depth) = reader.read(&queue).await? {
             out.push(QueueStatus {
                 queue,
                 messages: depth.messages,
                 consumers: depth.consumers,
+                lane_of,
             });
-            let _ = channel.close(200, "ok".into()).await;
         }
     }
+    reader.close().await;
     let _ = conn.close(200, "done".into()).await;
     Ok(out)
 }
 
-/// The table `llmq status` prints.
+/// Every queue `llmq status` reads, in its order, each lane with its work queue.
+fn queues(t: &TopologyConfig) -> Vec<(String, Option<String>)> {
+    let mut queues = Vec::new();
+    for work in [&t.processing_queue, &t.embeddings_queue] {
+        queues.push((work.clone(), None));
+        queues.extend(topology::lanes_of(work, t.lanes).map(|lane| (lane, Some(work.clone()))));
+    }
+    let others = [
+        t.results_queue.clone(),
+        t.dead_letter_queue.clone(),
+        t.unroutable_queue.clone(),
+    ];
+    let tiers = retry::TIERS
+        .iter()
+        .map(|tier| topology::retry_queue(t, tier.name));
+    queues.extend(others.into_iter().chain(tiers).map(|q| (q, None)));
+    queues
+}
+
+/// The table `llmq status` prints: one line per queue, the lanes folded (see the module's
+/// documentation).
 pub fn table(queues: &[QueueStatus]) -> String {
-    let mut out = format!("{:<48} {:>10} {:>10}\n", "queue", "messages", "consumers");
+    let mut out = String::new();
+    row(&mut out, "queue", "messages", "consumers");
+    let mut folded = HashSet::new();
     for q in queues {
-        let _ = writeln!(
-            out,
-            "{:<48} {:>10} {:>10}",
-            q.queue, q.messages, q.consumers
-        );
+        match &q.lane_of {
+            None => row(&mut out, &q.queue, q.messages, q.consumers),
+            Some(work) if folded.insert(work) => lane_rows(&mut out, work, queues),
+            Some(_) => {}
+        }
     }
     out
+}
+
+/// The lanes of work queue `work`: their summary line, then each lane that holds messages.
+fn lane_rows(out: &mut String, work: &str, queues: &[QueueStatus]) {
+    let lanes: Vec<&QueueStatus> = queues
+        .iter()
+        .filter(|q| q.lane_of.as_deref() == Some(work))
+        .collect();
+    let messages: u64 = lanes.iter().map(|q| u64::from(q.messages)).sum();
+    let fewest_consumers = lanes.iter().map(|q| q.consumers).min().unwrap_or(0);
+    let summary = format!("{work}.lane.* ({} lanes)", lanes.len());
+    row(out, &summary, messages, fewest_consumers);
+    for lane in lanes.iter().filter(|q| q.messages > 0) {
+        row(
+            out,
+            &format!("  {}", lane.queue),
+            lane.messages,
+            lane.consumers,
+        );
+    }
+}
+
+/// One line of the table.
+fn row(out: &mut String, queue: &str, messages: impl ToString, consumers: impl ToString) {
+    let _ = writeln!(
+        out,
+        "{:<48} {:>10} {:>10}",
+        queue,
+        messages.to_string(),
+        consumers.to_string()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(name: &str, messages: u32, consumers: u32, lane_of: Option<&str>) -> QueueStatus {
+        QueueStatus {
+            queue: name.into(),
+            messages,
+            consumers,
+            lane_of: lane_of.map(String::from),
+        }
+    }
+
+    #[test]
+    fn every_lane_is_read_after_its_work_queue() {
+        let t = TopologyConfig::default();
+        let names: Vec<String> = queues(&t).into_iter().map(|(q, _)| q).collect();
+        assert_eq!(names[0], "llm_processing");
+        assert_eq!(names[1], "llm_processing.lane.00");
+        assert_eq!(names[16], "llm_processing.lane.0f");
+        assert_eq!(names[17], "llm_embeddings");
+        assert_eq!(names[18], "llm_embeddings.lane.00");
+        assert_eq!(names.len(), 2 + 32 + 3 + retry::TIERS.len());
+        let lanes = queues(&t).into_iter().filter(|(_, w)| w.is_some()).count();
+        assert_eq!(lanes, 32);
+    }
+
+    #[test]
+    fn the_table_folds_the_lanes_and_shows_those_that_hold_messages() {
+        let mut rows = vec![queue("llm_processing", 5, 2, None)];
+        for lane in 0..16u16 {
+            let name = topology::lane_queue("llm_processing", lane);
+            let messages = match lane {
+                3 => 100,
+                10 => 20,
+                _ => 0,
+            };
+            let consumers = if lane == 7 { 1 } else { 2 };
+            rows.push(queue(&name, messages, consumers, Some("llm_processing")));
+        }
+        rows.push(queue("llm_processing.dlq", 1, 0, None));
+        let text = table(&rows);
+        let lines: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                vec!["queue", "messages", "consumers"],
+                vec!["llm_processing", "5", "2"],
+                vec!["llm_processing.lane.*", "(16", "lanes)", "120", "1"],
+                vec!["llm_processing.lane.03", "100", "2"],
+                vec!["llm_processing.lane.0a", "20", "2"],
+                vec!["llm_processing.dlq", "1", "0"],
+            ]
+        );
+    }
+
+    #[test]
+    fn json_marks_lanes_and_only_lanes() {
+        let rows = [
+            queue("llm_processing", 0, 1, None),
+            queue("llm_processing.lane.00", 4, 1, Some("llm_processing")),
+        ];
+        let json = serde_json::to_value(rows).expect("serializes");
+        assert_eq!(
+            json,
+            serde_json::json!([
+                {"queue": "llm_processing", "messages": 0, "consumers": 1},
+                {"queue": "llm_processing.lane.00", "messages": 4, "consumers": 1,
+                 "lane_of": "llm_processing"},
+            ])
+        );
+    }
 }
