@@ -1,12 +1,16 @@
 //! Operating it: metrics that move with real jobs, readiness that follows the broker
-//! connection, DLQ tooling round trips.
+//! connection, DLQ tooling round trips, the fair-share lanes from declaration to cleanup.
 
 use std::{collections::HashSet, path::Path, time::Duration};
 
-use crate::helpers::{TestEnv, amqp_url_via, broker_addr, wait_until};
-use lapin::BasicProperties;
+use crate::helpers::{TestEnv, amqp_url, amqp_url_via, broker_addr, rabbitmqctl, wait_until};
+use lapin::{
+    BasicProperties,
+    options::{BasicPublishOptions, QueueDeleteOptions},
+};
 use llmq::{
     app::App,
+    broker::topology,
     config::{SecretUrl, child_command},
     ops::dlq::{self, Selection},
     ops::status,
@@ -193,4 +197,142 @@ async fn dlq_list_and_replay_round_trip() {
     assert_eq!(env.queue_len(&dlq_name).await, 0);
     worker.stop().await.unwrap();
     env.cleanup().await;
+}
+
+/// The fair-share lanes: a worker declares every lane of both work queues as it declares the
+/// work queues (durable, exactly `x-max-priority`, bound to nothing), reads their depths for
+/// `llmq_queue_depth`; `llmq status` folds them into one line per work queue plus the lanes
+/// that hold messages; the tests' cleanup deletes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_are_declared_measured_reported_and_cleaned_up() {
+    let env = TestEnv::new(MockOptions::default()).await;
+    let topo = env.config.topology.clone();
+    let lanes: Vec<String> = topology::lanes(&topo).collect();
+    assert_eq!(lanes.len(), 2 * usize::from(topo.lanes));
+    // The env declared them; the worker must declare them itself.
+    for lane in &lanes {
+        env.channel
+            .queue_delete(lane.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+    let (base, stop, task) = worker_with_admin(&env).await;
+    wait_until(Duration::from_secs(10), "ready", || async {
+        get(&format!("{base}/readyz")).await.0 == 200
+    })
+    .await;
+    wait_until(Duration::from_secs(15), "every lane's depth", || async {
+        let metrics = get(&format!("{base}/metrics")).await.1;
+        lanes
+            .iter()
+            .all(|lane| metrics.contains(&format!("llmq_queue_depth{{queue=\"{lane}\"}}")))
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+
+    let declared = declared_queues();
+    let work_args = &declared[topo.processing_queue.as_str()]["arguments"];
+    assert_eq!(
+        work_args,
+        &json!([["x-max-priority", "signedint", topo.max_priority]])
+    );
+    for lane in &lanes {
+        let q = declared
+            .get(lane.as_str())
+            .unwrap_or_else(|| panic!("{lane} missing"));
+        assert_eq!(q["durable"], true, "{lane}");
+        assert_eq!(
+            &q["arguments"], work_args,
+            "{lane}: the work queues' arguments"
+        );
+    }
+    // Bound to no exchange: only the default exchange's implicit binding.
+    let bound = rabbitmqctl(&[
+        "list_bindings",
+        "-q",
+        "destination_name",
+        "--formatter",
+        "json",
+    ]);
+    let bound: Vec<serde_json::Value> = serde_json::from_str(&bound).unwrap();
+    for lane in &lanes {
+        let bindings = bound
+            .iter()
+            .filter(|b| b["destination_name"] == lane.as_str())
+            .count();
+        assert_eq!(bindings, 1, "{lane}: the default exchange's binding only");
+    }
+
+    // Three requests waiting in one lane of the processing queue.
+    let lane = topology::lane_queue(&topo.processing_queue, 10);
+    for i in 0..3 {
+        env.channel
+            .basic_publish(
+                "".into(),
+                lane.as_str().into(),
+                BasicPublishOptions::default(),
+                format!("{{\"prompt\": \"lane-{i}\"}}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let queues = status::status(&env.config).await.unwrap();
+    let in_lanes: Vec<_> = queues.iter().filter(|q| q.lane_of.is_some()).collect();
+    assert_eq!(in_lanes.len(), lanes.len(), "every lane listed");
+    let row = queues.iter().find(|q| q.queue == lane).unwrap();
+    assert_eq!(row.messages, 3);
+    assert_eq!(row.lane_of.as_deref(), Some(topo.processing_queue.as_str()));
+    let table = status::table(&queues);
+    let line = |start: &str| {
+        table
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|words| words.first() == Some(&start))
+            .unwrap_or_else(|| panic!("no line for {start} in\n{table}"))
+    };
+    let n = topo.lanes.to_string();
+    let folded = format!("{}.lane.*", topo.processing_queue);
+    assert_eq!(line(&folded)[1..], [&format!("({n}"), "lanes)", "3", "0"]);
+    assert_eq!(line(&lane)[1..], ["3", "0"]);
+    let folded = format!("{}.lane.*", topo.embeddings_queue);
+    assert_eq!(line(&folded)[1..], [&format!("({n}"), "lanes)", "0", "0"]);
+    assert_eq!(
+        table.lines().filter(|l| l.contains(".lane.")).count(),
+        3,
+        "two folded lines and the one lane that holds messages:\n{table}"
+    );
+
+    env.cleanup().await;
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let mut reader = topology::DepthReader::new(&conn);
+    for lane in &lanes {
+        assert_eq!(reader.read(lane).await.unwrap(), None, "{lane} deleted");
+    }
+    reader.close().await;
+    let _ = conn.close(200, "checked".into()).await;
+}
+
+/// Every queue on the broker by name, as `rabbitmqctl list_queues` reports it (name,
+/// durable, arguments).
+fn declared_queues() -> std::collections::HashMap<String, serde_json::Value> {
+    let out = rabbitmqctl(&[
+        "list_queues",
+        "-q",
+        "name",
+        "durable",
+        "arguments",
+        "--formatter",
+        "json",
+    ]);
+    let queues: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    queues
+        .into_iter()
+        .filter_map(|q| Some((q["name"].as_str()?.to_string(), q)))
+        .collect()
 }
