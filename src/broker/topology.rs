@@ -76,6 +76,27 @@ pub fn lanes(topo: &TopologyConfig) -> impl Iterator<Item = String> + '_ {
     lanes_of(&topo.processing_queue, topo.lanes).chain(lanes_of(&topo.embeddings_queue, topo.lanes))
 }
 
+/// How many lanes of work queue `queue` exist, `configured` or more: the lanes a worker must
+/// consume so that none is left with requests in it. Lanes are always declared as a prefix
+/// (`00` up to a count), and the union of prefixes is a prefix, so after a configuration
+/// that lowered `topology.lanes` (or set it to 0) the lanes still there are the ones from
+/// `configured` up to the first missing: one passive declare past the last finds the end.
+pub async fn lanes_in_use(
+    conn: &Connection,
+    queue: &str,
+    configured: u16,
+) -> Result<u16, lapin::Error> {
+    let mut reader = DepthReader::new(conn);
+    let mut count = configured;
+    while count < crate::config::MAX_LANES
+        && reader.read(&lane_queue(queue, count)).await?.is_some()
+    {
+        count += 1;
+    }
+    reader.close().await;
+    Ok(count)
+}
+
 /// The arguments of a delayed-retry tier: a quorum queue that dead-letters expired messages
 /// back to the request exchange at least once (the broker holds a message until the queue it
 /// routes to confirms it; it needs `x-overflow: reject-publish`). No dead-letter routing key:

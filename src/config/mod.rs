@@ -33,6 +33,7 @@ pub use tenancy::{
     DEFAULT_TENANT, OTHER_TENANTS, PriceConfig, TenancyConfig, TenantConfig, TenantLimits, Tenants,
     Usd,
 };
+pub use validate::MAX_LANES;
 
 /// The environment variable prefix; `__` separates nesting levels.
 pub const ENV_PREFIX: &str = "LLMQ_";

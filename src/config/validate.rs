@@ -504,7 +504,7 @@ fn validate_topology(t: &TopologyConfig, p: &mut Problems) {
 }
 
 /// The most lanes per work queue: a lane's name ends in two hex digits.
-const MAX_LANES: u16 = 256;
+pub const MAX_LANES: u16 = 256;
 
 /// The fair-share lanes, `<work queue>.lane.<nn>`: few enough to be named with two hex
 /// digits, and every lane's name within the broker's 255 bytes. A work queue name too long

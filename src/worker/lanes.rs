@@ -15,6 +15,11 @@
 //! they stay in order behind the ones moved before. The binding lasts [`BIND_FOR`] after
 //! the tenant was last seen over its share, and while its lane last held messages.
 //!
+//! Two tenants may hash to one lane. A tenant is not bound to a lane another tenant is bound
+//! to here: its requests would queue behind the other's backlog, first in, first out. It
+//! stays in the work queue instead, which the backlog has left, and its requests in hand
+//! are shared by weight as everyone's are.
+//!
 //! The tenant is always read from each message's identity, never from the lane it came
 //! from: anyone may publish into a queue by name.
 
@@ -43,8 +48,23 @@ struct State {
     held: HashMap<String, (usize, u32)>,
     /// The sum of the weights of the tenants in `held`.
     weights: u64,
-    /// Tenants bound to their lane, until when at least.
-    bound: HashMap<String, Instant>,
+    /// Tenants bound to their lane.
+    bound: HashMap<String, Binding>,
+}
+
+/// A tenant bound to its lane.
+#[derive(Debug, Clone, Copy)]
+struct Binding {
+    lane: u16,
+    /// Until when at least.
+    until: Instant,
+}
+
+impl Binding {
+    /// Whether it still holds: within its time, or its lane held messages when last read.
+    fn holds(&self, now: Instant, depth: &impl Fn(u16) -> Option<u32>) -> bool {
+        now < self.until || depth(self.lane).is_some_and(|d| d > 0)
+    }
 }
 
 /// What a replica knows when a request of a tenant comes from the work queue.
@@ -119,16 +139,24 @@ impl Lanes {
         let lane = topology::lane_of(tenant, self.count)?;
         let now = Instant::now();
         let mut s = self.state();
+        let binding = Binding {
+            lane,
+            until: now + BIND_FOR,
+        };
         if pressure.waiting && s.over_share(tenant, pressure) {
-            if s.bound.len() < self.max_bound || s.bound.contains_key(tenant) {
-                s.bound.insert(tenant.to_string(), now + BIND_FOR);
+            if let Some(bound) = s.bound.get_mut(tenant) {
+                *bound = binding;
                 return Some(lane);
             }
-            // Too many tenants bound: this one is settled here, in the work queue's order.
-            return None;
+            // Too many tenants bound, or the lane is another's: this one is settled here,
+            // in the work queue's order.
+            if s.bound.len() >= self.max_bound || s.lane_taken(lane, now, &depth) {
+                return None;
+            }
+            s.bound.insert(tenant.to_string(), binding);
+            return Some(lane);
         }
-        let until = *s.bound.get(tenant)?;
-        if now < until || depth(lane).is_some_and(|d| d > 0) {
+        if s.bound.get(tenant)?.holds(now, &depth) {
             return Some(lane);
         }
         s.bound.remove(tenant);
@@ -142,6 +170,17 @@ impl Lanes {
 }
 
 impl State {
+    /// Whether another tenant is bound to `lane`; bindings found over are dropped.
+    fn lane_taken(&mut self, lane: u16, now: Instant, depth: &impl Fn(u16) -> Option<u32>) -> bool {
+        let mut taken = false;
+        self.bound.retain(|_, b| {
+            let holds = b.holds(now, depth);
+            taken |= holds && b.lane == lane;
+            holds
+        });
+        taken
+    }
+
     /// Whether `tenant` holds more than its share of the calls: the limit split by weight
     /// between the tenants in hand and one more of weight 1, the tenant not seen yet whose
     /// requests may wait behind. At least two in hand: a single request is never moved.
@@ -235,6 +274,33 @@ mod tests {
         let _b: Vec<_> = (0..50).map(|_| full.hold("bob", 1)).collect();
         assert!(full.route("alice", busy(1, 10), empty).is_some());
         assert_eq!(full.route("bob", busy(1, 10), empty), None);
+    }
+
+    #[test]
+    fn a_tenant_whose_lane_is_taken_stays_in_the_work_queue() {
+        let lanes = Lanes::new(16, 100);
+        // Two names that hash to one lane.
+        let first = "tenant-0";
+        let lane = topology::lane_of(first, 16);
+        let second = (1..)
+            .map(|i| format!("tenant-{i}"))
+            .find(|t| topology::lane_of(t, 16) == lane)
+            .expect("a name on the same lane");
+        let _a: Vec<_> = (0..20).map(|_| lanes.hold(first, 1)).collect();
+        let _b: Vec<_> = (0..20).map(|_| lanes.hold(&second, 1)).collect();
+        assert_eq!(lanes.route(first, busy(1, 10), empty), lane);
+        assert_eq!(
+            lanes.route(&second, busy(1, 10), empty),
+            None,
+            "not behind the first one's backlog"
+        );
+        // Another lane is free.
+        let other = (1..)
+            .map(|i| format!("other-{i}"))
+            .find(|t| topology::lane_of(t, 16) != lane)
+            .expect("a name on another lane");
+        let _c: Vec<_> = (0..20).map(|_| lanes.hold(&other, 1)).collect();
+        assert!(lanes.route(&other, busy(1, 10), empty).is_some());
     }
 
     #[test]

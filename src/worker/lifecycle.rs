@@ -44,6 +44,7 @@ pub(super) async fn run(ctx: Arc<Context>) {
                 let links = Links {
                     consume: Arc::new(conns.consume),
                     publish: Arc::new(conns.publish),
+                    lanes: [ctx.config.topology.lanes; 2],
                 };
                 (links, events)
             }
@@ -54,12 +55,20 @@ pub(super) async fn run(ctx: Arc<Context>) {
                 continue;
             }
         };
-        if let Err(e) = topology::declare_on(&links.consume, &ctx.config.topology).await {
-            let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-            warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "declaring the topology failed");
-            close(&links, "topology failed").await;
-            pause(&ctx.stop, delay).await;
-            continue;
+        let mut links = links;
+        let declared = match topology::declare_on(&links.consume, &ctx.config.topology).await {
+            Ok(()) => lanes_in_use(&links.consume, &ctx.config.topology).await,
+            Err(e) => Err(e),
+        };
+        match declared {
+            Ok(lanes) => links.lanes = lanes,
+            Err(e) => {
+                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "declaring the topology failed");
+                close(&links, "topology failed").await;
+                pause(&ctx.stop, delay).await;
+                continue;
+            }
         }
         // On the publishing connection: the probe publishes, and a connection that publishes
         // is one the broker may block.
@@ -156,6 +165,30 @@ async fn close(links: &Links, why: &str) {
         close_one(links.consume.clone(), "consume"),
         close_one(links.publish.clone(), "publish"),
     );
+}
+
+/// The lanes to consume of each work queue: the configured ones, and any left by an earlier
+/// setting with more, so that none is left with requests nobody takes.
+async fn lanes_in_use(
+    conn: &Connection,
+    topo: &crate::config::TopologyConfig,
+) -> Result<[u16; 2], lapin::Error> {
+    let mut lanes = [topo.lanes; 2];
+    for (count, queue) in lanes
+        .iter_mut()
+        .zip([&topo.processing_queue, &topo.embeddings_queue])
+    {
+        *count = topology::lanes_in_use(conn, queue, topo.lanes).await?;
+        if *count > topo.lanes {
+            warn!(
+                queue = %queue,
+                configured = topo.lanes,
+                found = *count,
+                "lanes of an earlier topology.lanes are still there: consuming them too, moving nothing into them; delete them once empty"
+            );
+        }
+    }
+    Ok(lanes)
 }
 
 /// Reconnection delays: 0.5 s doubling to 30 s, jittered, forever.

@@ -3,8 +3,10 @@
 //! - `lifecycle`: a broker connection kept alive (reconnect with backoff, redeclare the
 //!   topology), then draining in-flight work at shutdown.
 //! - `subscribe`: `worker.consumers` slots, each a consuming channel subscribed to both
-//!   work queues with a prefetch that follows the concurrency limit, and its own
-//!   confirm-mode publishing channel. Every delivery is handled in its own task.
+//!   work queues and their lanes with a prefetch that follows the concurrency limit, and its
+//!   own confirm-mode publishing channel. Every delivery is handled in its own task.
+//! - [`lanes`]: fair share: a request of a tenant over its share while requests wait moves
+//!   from the work queue to its tenant's lane instead of being settled here.
 //! - `settle`: one delivery: parse ([`crate::contract::request`]), then ask [`decide`]
 //!   what to do and carry it out: the idempotency store ([`crate::store`]), an upstream
 //!   attempt ([`crate::upstream::call`]), a wait, and finally a confirmed publish

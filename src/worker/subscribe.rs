@@ -54,6 +54,9 @@ pub(super) struct Links {
     pub consume: Arc<Connection>,
     /// Confirm-mode publishing channels: results, retries, dead letters.
     pub publish: Arc<Connection>,
+    /// Lanes to consume per work queue (chat, embeddings): `topology.lanes`, or more while
+    /// lanes of an earlier, larger setting are still there ([`topology::lanes_in_use`]).
+    pub lanes: [u16; 2],
 }
 
 impl Links {
@@ -145,7 +148,16 @@ async fn session(
     };
     let mut generation = 0u32;
     let mut streams = Streams::new();
-    let mut live = subscribe(ctx, &channel, slot, generation, current, &mut streams).await?;
+    let mut live = subscribe(
+        ctx,
+        links,
+        &channel,
+        slot,
+        generation,
+        current,
+        &mut streams,
+    )
+    .await?;
     let _consuming = Consuming::new(&ctx.health);
     let mut cancelled: Vec<String> = Vec::new();
     let mut last_change = Instant::now();
@@ -178,7 +190,7 @@ async fn session(
                 }
                 generation += 1;
                 let old = std::mem::take(&mut live);
-                live = subscribe(ctx, &channel, slot, generation, wanted, &mut streams).await?;
+                live = subscribe(ctx, links, &channel, slot, generation, wanted, &mut streams).await?;
                 for tag in old {
                     channel
                         .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
@@ -254,6 +266,7 @@ async fn unsubscribe(
 /// consumer each and nothing more.
 async fn subscribe(
     ctx: &Context,
+    links: &Links,
     channel: &lapin::Channel,
     slot: u16,
     generation: u32,
@@ -261,7 +274,7 @@ async fn subscribe(
     streams: &mut Streams,
 ) -> Result<Vec<String>, lapin::Error> {
     let topo = &ctx.config.topology;
-    let mut tags = Vec::with_capacity(2 * (1 + usize::from(topo.lanes)));
+    let mut tags = Vec::new();
     for (kind, queue) in [
         (Kind::Chat, &topo.processing_queue),
         (Kind::Embedding, &topo.embeddings_queue),
@@ -273,7 +286,8 @@ async fn subscribe(
                 BasicQosOptions::default(),
             )
             .await?;
-        let lanes = (0..topo.lanes).map(|lane| (Some(lane), topology::lane_queue(queue, lane)));
+        let count = links.lanes[usize::from(kind == Kind::Embedding)];
+        let lanes = (0..count).map(|lane| (Some(lane), topology::lane_queue(queue, lane)));
         for (lane, queue) in std::iter::once((None, queue.clone())).chain(lanes) {
             let origin = Origin { kind, lane };
             let mut tag = format!(

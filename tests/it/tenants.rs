@@ -726,3 +726,63 @@ async fn per_tenant_requests_per_minute() {
     BrokerUser::delete_all([alice.close().await, bob.close().await]);
     env.cleanup().await;
 }
+
+/// Lanes left by an earlier, larger `topology.lanes` (here 4, now 2) are still consumed, so
+/// the requests in them are answered, not stranded; none is moved into them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_of_an_earlier_larger_setting_are_still_consumed() {
+    let env = TestEnv::with(MockOptions::default(), |c| c.topology.lanes = 2).await;
+    let topo = env.config.topology.clone();
+    let leftovers: Vec<String> = (2..4)
+        .map(|lane| llmq::broker::topology::lane_queue(&topo.processing_queue, lane))
+        .collect();
+    for (i, lane) in leftovers.iter().enumerate() {
+        env.channel
+            .queue_declare(
+                lane.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                llmq::broker::topology::work_queue_arguments(&topo),
+            )
+            .await
+            .unwrap();
+        let body = json!({"request_id": format!("left-{i}"), "prompt": "stranded?"});
+        env.channel
+            .basic_publish(
+                "".into(),
+                lane.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body.to_string().as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let worker = env.start_worker();
+    let mut ids: Vec<String> = env
+        .results(2)
+        .await
+        .into_iter()
+        .map(|(_, r)| {
+            assert_eq!(r["status"], "ok", "{r}");
+            r["request_id"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["left-0", "left-1"]);
+    worker.stop().await.expect("worker stops");
+    for lane in &leftovers {
+        env.channel
+            .queue_delete(lane.as_str().into(), Default::default())
+            .await
+            .unwrap();
+    }
+    env.cleanup().await;
+}
