@@ -525,7 +525,11 @@ const BROKER_USER_PASSWORD: &str = "pw";
 impl BrokerUser {
     /// A user named [`unique`]`(what)`.
     pub fn create(what: &str) -> Self {
-        let name = unique(what);
+        Self::create_named(unique(what))
+    }
+
+    /// A user named `name` (a name no other test uses).
+    pub fn create_named(name: String) -> Self {
         rabbitmqctl(&["-q", "add_user", &name, BROKER_USER_PASSWORD]);
         // Made before it is given permissions, so that a failure below still deletes it.
         let user = Self { name };

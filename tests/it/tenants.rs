@@ -423,10 +423,32 @@ fn waiting(env: &TestEnv) -> u64 {
 /// queue (at broker speed) and then start about one for one with Alice's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fairness() {
+    fairness_with(false).await;
+}
+
+/// The same when Bob's name hashes to Alice's lane: Bob is not bound to it behind her
+/// backlog, he stays in the work queue she has left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fairness_when_both_hash_to_one_lane() {
+    fairness_with(true).await;
+}
+
+/// The two users of a fair-share test: Bob's name on Alice's lane or on another.
+fn alice_and_bob(same_lane: bool) -> [BrokerUser; 2] {
+    let lanes = Config::default().topology.lanes;
+    let lane = |name: &str| llmq::broker::topology::lane_of(name, lanes);
+    let alice = BrokerUser::create("alice");
+    let bob_name = std::iter::repeat_with(|| unique("bob"))
+        .find(|bob| (lane(bob) == lane(&alice.name)) == same_lane)
+        .expect("a name");
+    [alice, BrokerUser::create_named(bob_name)]
+}
+
+async fn fairness_with(same_lane: bool) {
     const ALICE: usize = 300;
     const BOB: usize = 20;
     const K: usize = 10;
-    let [alice, bob] = BrokerUser::create_all(["alice", "bob"]);
+    let [alice, bob] = alice_and_bob(same_lane);
     let env = TestEnv::with(recording(100), |c| fixed_concurrency(c, K as u16)).await;
     let (alice, bob) = (
         Tenant::new(alice, "alice").await,
