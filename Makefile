@@ -41,8 +41,8 @@ services:
 	@scripts/ensure-services.sh
 
 ## Broker ceiling vs the worker, latency, memory, batching, CPU per job, memory with 10 000
-## calls in flight over HTTP/1.1 (h) and HTTP/2 (h2), 300 streams to reply_to (s): one run,
-## a table and target/bench.json.
+## calls in flight over HTTP/1.1 (h) and HTTP/2 (h2), 300 streams to reply_to (s), fair
+## share between tenants with lanes and without (t): one run, a table and target/bench.json.
 ## (h) holds a socket per call in the bench (mock) and in the worker, hence the raised
 ## open-files limit.
 bench: services

@@ -108,33 +108,35 @@ pub(super) async fn publish_requests(
     n: usize,
     body: impl Fn(usize) -> serde_json::Value,
 ) -> Result<Instant, BenchError> {
-    publish_requests_with(conn, cfg, key, n, body, BasicProperties::default()).await
+    publish_requests_with(conn, cfg, key, n, body, |_| BasicProperties::default()).await
 }
 
-/// As [`publish_requests`], each request with `props` besides (a `reply_to`).
+/// As [`publish_requests`], request `i` with `props(i)` besides (a `reply_to`, headers);
+/// its body is made just before it is published, so a time it holds is its publish time.
 pub(super) async fn publish_requests_with(
     conn: &Connection,
     cfg: &RunConfig,
     key: &str,
     n: usize,
     body: impl Fn(usize) -> serde_json::Value,
-    props: BasicProperties,
+    props: impl Fn(usize) -> BasicProperties,
 ) -> Result<Instant, BenchError> {
     let publisher = conn.create_channel().await?;
     publisher
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let start = Instant::now();
-    let props = props
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into());
     publish_window(
         &publisher,
         &cfg.topology.request_exchange,
         key,
         n,
         |i| body(i).to_string().into_bytes(),
-        |_| props.clone(),
+        |i| {
+            props(i)
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+        },
     )
     .await?;
     Ok(start)

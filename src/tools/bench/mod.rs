@@ -30,12 +30,18 @@
 //!   delta messages/s, the worker's CPU and peak RSS, the median and p99 time from the
 //!   mock's first content chunk to the first delta on `reply_to`; then the same requests
 //!   without `stream` (the mock taking as long as a stream), for the peak RSS of the same
-//!   concurrency without streaming.
+//!   concurrency without streaming;
+//! - (t) fair share between tenants (named by an `x-tenant` header), each run with lanes
+//!   (`topology.lanes` 16) and without, on, off, off, on: even (`--tenant-jobs` from 200
+//!   tenants in turn, 50 ms upstream, a fixed limit of 100 calls): jobs/s with lanes over
+//!   without, goal >= 0.9; noisy (one tenant's `--tenant-jobs`, then another's 50): the
+//!   latter's time from publish to result, p50 and p99; flood (one tenant, 0 ms upstream,
+//!   (b)'s setup): jobs/s with lanes over without; and each lanes run's moves to a lane.
 //!
 //! One file per family of runs: [`broker`] (the ceiling, and the publishing and collecting
 //! every run shares), [`jobs`] (b, c, e, g), [`latency`] (d), [`embeddings`] (f), [`held`]
-//! (h, h2), [`capped`] (u), [`streaming`] (s); [`worker`] starts and stops the worker
-//! process and reads its figures from `/proc`.
+//! (h, h2), [`capped`] (u), [`streaming`] (s), [`tenants`] (t); [`worker`] starts and stops
+//! the worker process and reads its figures from `/proc`.
 
 mod broker;
 mod capped;
@@ -44,6 +50,7 @@ mod held;
 mod jobs;
 mod latency;
 mod streaming;
+mod tenants;
 mod worker;
 
 use std::path::PathBuf;
@@ -94,9 +101,13 @@ pub struct BenchArgs {
     /// streams of about 4.2 s, six waves, about 25 s each.
     #[arg(long, default_value_t = 1_800)]
     pub stream_jobs: usize,
-    /// Run only these measures (letters from "bcdfhHsu", H for (h2); the broker ceiling
+    /// Jobs of each fair-share run (t): of the 200 tenants of the even runs, of the noisy
+    /// tenant (the quiet one adds 50); the flood runs take twice as many.
+    #[arg(long, default_value_t = 6_000)]
+    pub tenant_jobs: usize,
+    /// Run only these measures (letters from "bcdfhHsut", H for (h2); the broker ceiling
     /// always runs, (g) is measured during (b)).
-    #[arg(long, default_value = "bcdfhHsu")]
+    #[arg(long, default_value = "bcdfhHsut")]
     pub only: String,
     /// Also write the report as JSON here.
     #[arg(long)]
@@ -196,6 +207,40 @@ pub struct Report {
     pub stream_first_delta_samples: usize,
     /// (s) results with `status: error`, both runs; target 0.
     pub stream_errors: Option<u64>,
+    /// (t) even, 200 tenants in turn: jobs/s with lanes, the mean of its runs.
+    pub tenants_even_lanes_jobs_per_s: f64,
+    /// (t) even: jobs/s without lanes.
+    pub tenants_even_plain_jobs_per_s: f64,
+    /// (t) even: with lanes / without; target >= 0.9 (the goal).
+    pub tenants_even_ratio: f64,
+    /// (t) even: requests moved to a lane in each lanes run (none expected: no tenant holds
+    /// two deliveries at once); `null` when the worker's `/metrics` could not be read.
+    pub tenants_even_lane_moves: Vec<Option<u64>>,
+    /// (t) noisy, one tenant's backlog then another's 50: jobs/s with lanes.
+    pub tenants_noisy_lanes_jobs_per_s: f64,
+    /// (t) noisy: jobs/s without lanes.
+    pub tenants_noisy_plain_jobs_per_s: f64,
+    /// (t) noisy: the quiet tenant's time from publish to result with lanes, median of
+    /// every lanes run's requests, ms.
+    pub tenants_quiet_lanes_p50_ms: f64,
+    /// (t) noisy: the same, p99, ms.
+    pub tenants_quiet_lanes_p99_ms: f64,
+    /// (t) noisy: the quiet tenant's median without lanes (behind the whole backlog), ms.
+    pub tenants_quiet_plain_p50_ms: f64,
+    /// (t) noisy: the same, p99, ms.
+    pub tenants_quiet_plain_p99_ms: f64,
+    /// (t) noisy: requests moved to a lane in each lanes run.
+    pub tenants_noisy_lane_moves: Vec<Option<u64>>,
+    /// (t) flood, one tenant alone, 0 ms upstream: jobs/s with lanes.
+    pub tenants_flood_lanes_jobs_per_s: f64,
+    /// (t) flood: jobs/s without lanes.
+    pub tenants_flood_plain_jobs_per_s: f64,
+    /// (t) flood: with lanes / without, what a tenant alone pays for its backlog's moves.
+    pub tenants_flood_ratio: f64,
+    /// (t) flood: requests moved to a lane in each lanes run.
+    pub tenants_flood_lane_moves: Vec<Option<u64>>,
+    /// (t) results with `status: error`, every run; target 0.
+    pub tenants_errors: Option<u64>,
 }
 
 /// Why the benchmark could not run.
@@ -228,6 +273,7 @@ pub async fn run(base: &Config, args: &BenchArgs) -> Result<Report, BenchError> 
         held: held::measure(&bench, Protocol::Http1).await?,
         held_h2: held::measure(&bench, Protocol::Http2).await?,
         streaming: streaming::measure(&bench).await?,
+        tenants: tenants::measure(&bench).await?,
     };
     let _ = bench.conn.close(200, "bench done".into()).await;
     Ok(figures.report())
@@ -301,6 +347,8 @@ struct Figures {
     held_h2: held::Held,
     /// (s).
     streaming: streaming::Streaming,
+    /// (t).
+    tenants: tenants::Tenants,
 }
 
 impl Figures {
@@ -317,6 +365,7 @@ impl Figures {
         };
         let emb = &self.embeddings;
         let s = &self.streaming;
+        let (even, noisy, flood) = (&self.tenants.even, &self.tenants.noisy, &self.tenants.flood);
         Report {
             broker_ceiling_msgs_per_s: a,
             fleet_0ms_jobs_per_s: b,
@@ -357,6 +406,22 @@ impl Figures {
             stream_first_delta_p99_ms: s.first_delta_p99_ms,
             stream_first_delta_samples: s.first_delta_samples,
             stream_errors: s.errors,
+            tenants_even_lanes_jobs_per_s: even.lanes.jobs_per_s(),
+            tenants_even_plain_jobs_per_s: even.plain.jobs_per_s(),
+            tenants_even_ratio: even.ratio(),
+            tenants_even_lane_moves: even.lanes.moves.clone(),
+            tenants_noisy_lanes_jobs_per_s: noisy.lanes.jobs_per_s(),
+            tenants_noisy_plain_jobs_per_s: noisy.plain.jobs_per_s(),
+            tenants_quiet_lanes_p50_ms: noisy.lanes.quiet_ms(0.50),
+            tenants_quiet_lanes_p99_ms: noisy.lanes.quiet_ms(0.99),
+            tenants_quiet_plain_p50_ms: noisy.plain.quiet_ms(0.50),
+            tenants_quiet_plain_p99_ms: noisy.plain.quiet_ms(0.99),
+            tenants_noisy_lane_moves: noisy.lanes.moves.clone(),
+            tenants_flood_lanes_jobs_per_s: flood.lanes.jobs_per_s(),
+            tenants_flood_plain_jobs_per_s: flood.plain.jobs_per_s(),
+            tenants_flood_ratio: flood.ratio(),
+            tenants_flood_lane_moves: flood.lanes.moves.clone(),
+            tenants_errors: self.tenants.errors(),
         }
     }
 }
@@ -427,6 +492,7 @@ pub fn table(r: &Report) -> String {
     t += &held_rows(r);
     t += &capped_rows(r);
     t += &streaming_rows(r);
+    t += &tenants_rows(r);
     t
 }
 
@@ -530,6 +596,87 @@ fn streaming_rows(r: &Report) -> String {
     t
 }
 
+/// The rows of (t): each scenario with lanes and without, the moves, the error results.
+fn tenants_rows(r: &Report) -> String {
+    let limit = tenants::LIMIT;
+    let mut t = row(
+        &format!("(t) even, 200 tenants, 50 ms, {limit} in flight"),
+        format!(
+            "{:.0} / {:.0} jobs/s",
+            r.tenants_even_lanes_jobs_per_s, r.tenants_even_plain_jobs_per_s
+        ),
+        format!("{:.2} of no lanes", r.tenants_even_ratio),
+        &format!(">= {}", tenants::EVEN_GOAL),
+        r.tenants_even_ratio >= tenants::EVEN_GOAL,
+    );
+    t += &figure_row(
+        "(t) even: moved to a lane, each lanes run",
+        moves(&r.tenants_even_lane_moves),
+        String::new(),
+    );
+    t += &figure_row(
+        &format!(
+            "(t) noisy: the quiet tenant's {} jobs, p50",
+            tenants::QUIET_JOBS
+        ),
+        format!(
+            "{:.0} / {:.0} ms",
+            r.tenants_quiet_lanes_p50_ms, r.tenants_quiet_plain_p50_ms
+        ),
+        format!(
+            "p99 {:.0} / {:.0}",
+            r.tenants_quiet_lanes_p99_ms, r.tenants_quiet_plain_p99_ms
+        ),
+    );
+    t += &figure_row(
+        "(t) noisy: all jobs",
+        format!(
+            "{:.0} / {:.0} jobs/s",
+            r.tenants_noisy_lanes_jobs_per_s, r.tenants_noisy_plain_jobs_per_s
+        ),
+        format!(
+            "{:.2} of no lanes",
+            r.tenants_noisy_lanes_jobs_per_s / r.tenants_noisy_plain_jobs_per_s
+        ),
+    );
+    t += &figure_row(
+        "(t) noisy: moved to a lane, each lanes run",
+        moves(&r.tenants_noisy_lane_moves),
+        String::new(),
+    );
+    t += &figure_row(
+        "(t) flood, one tenant, 0 ms upstream",
+        format!(
+            "{:.0} / {:.0} jobs/s",
+            r.tenants_flood_lanes_jobs_per_s, r.tenants_flood_plain_jobs_per_s
+        ),
+        format!("{:.2} of no lanes", r.tenants_flood_ratio),
+    );
+    t += &figure_row(
+        "(t) flood: moved to a lane, each lanes run",
+        moves(&r.tenants_flood_lane_moves),
+        String::new(),
+    );
+    let (value, ok) = match r.tenants_errors {
+        Some(errors) => (errors.to_string(), errors == 0),
+        None => ("NaN".to_string(), false),
+    };
+    t += &row("(t) error results", value, String::new(), "0", ok);
+    t
+}
+
+/// Each run's moves, `?` for one unread; NaN (skipped) without a run.
+fn moves(runs: &[Option<u64>]) -> String {
+    if runs.is_empty() {
+        return "NaN".into();
+    }
+    let each: Vec<String> = runs
+        .iter()
+        .map(|m| m.map_or_else(|| "?".to_string(), |m| m.to_string()))
+        .collect();
+    each.join(" / ")
+}
+
 /// A row with a figure and no target (skipped as [`row`] does).
 fn figure_row(name: &str, value: String, ratio: String) -> String {
     if value.contains("NaN") {
@@ -604,6 +751,22 @@ mod tests {
             stream_first_delta_p99_ms: 12.0,
             stream_first_delta_samples: 1_800,
             stream_errors: Some(0),
+            tenants_even_lanes_jobs_per_s: 1_900.0,
+            tenants_even_plain_jobs_per_s: 1_950.0,
+            tenants_even_ratio: 1_900.0 / 1_950.0,
+            tenants_even_lane_moves: vec![Some(0), Some(0)],
+            tenants_noisy_lanes_jobs_per_s: 1_800.0,
+            tenants_noisy_plain_jobs_per_s: 1_900.0,
+            tenants_quiet_lanes_p50_ms: 120.0,
+            tenants_quiet_lanes_p99_ms: 300.0,
+            tenants_quiet_plain_p50_ms: 2_500.0,
+            tenants_quiet_plain_p99_ms: 2_600.0,
+            tenants_noisy_lane_moves: vec![Some(5_000), None],
+            tenants_flood_lanes_jobs_per_s: 2_000.0,
+            tenants_flood_plain_jobs_per_s: 4_000.0,
+            tenants_flood_ratio: 0.5,
+            tenants_flood_lane_moves: vec![Some(11_000), Some(11_500)],
+            tenants_errors: Some(0),
         }
     }
 
@@ -710,6 +873,57 @@ mod tests {
         let t = table(&r);
         let rows: Vec<&str> = t.lines().filter(|l| l.starts_with("| (s)")).collect();
         assert_eq!(rows.len(), 5, "{t}");
+        for row in rows {
+            assert!(row.ends_with("| skipped |"), "{row}");
+        }
+    }
+
+    #[test]
+    fn tenants_rows_judge_the_even_ratio_and_show_the_rest() {
+        let mut r = report(10_000, 10_000, 200.0);
+        let t = table(&r);
+        let even = line(&t, "| (t) even, 200 tenants");
+        assert!(
+            even.contains("1900 / 1950 jobs/s") && even.contains("0.97 of no lanes"),
+            "{even}"
+        );
+        assert!(even.ends_with("| met |"), "{even}");
+        assert!(line(&t, "| (t) even: moved").contains("0 / 0"));
+        let quiet = line(&t, "| (t) noisy: the quiet tenant's 50 jobs");
+        assert!(
+            quiet.contains("120 / 2500 ms") && quiet.contains("p99 300 / 2600"),
+            "{quiet}"
+        );
+        assert!(quiet.ends_with("| |"), "no target: {quiet}");
+        assert!(line(&t, "| (t) noisy: moved").contains("5000 / ?"));
+        let flood = line(&t, "| (t) flood, one tenant");
+        assert!(
+            flood.contains("2000 / 4000 jobs/s") && flood.contains("0.50 of no lanes"),
+            "{flood}"
+        );
+        assert!(line(&t, "| (t) error results").ends_with("| met |"));
+        r.tenants_even_ratio = 0.85;
+        assert!(line(&table(&r), "| (t) even, 200").ends_with("| NOT met |"));
+        for moves in [
+            &mut r.tenants_even_lane_moves,
+            &mut r.tenants_noisy_lane_moves,
+            &mut r.tenants_flood_lane_moves,
+        ] {
+            moves.clear();
+        }
+        for figure in [
+            &mut r.tenants_even_lanes_jobs_per_s,
+            &mut r.tenants_even_ratio,
+            &mut r.tenants_noisy_lanes_jobs_per_s,
+            &mut r.tenants_quiet_lanes_p50_ms,
+            &mut r.tenants_flood_lanes_jobs_per_s,
+        ] {
+            *figure = f64::NAN;
+        }
+        r.tenants_errors = None;
+        let t = table(&r);
+        let rows: Vec<&str> = t.lines().filter(|l| l.starts_with("| (t)")).collect();
+        assert_eq!(rows.len(), 8, "{t}");
         for row in rows {
             assert!(row.ends_with("| skipped |"), "{row}");
         }

@@ -263,7 +263,7 @@ async fn run(
     };
     let props = BasicProperties::default().with_reply_to(queue.as_str().into());
     let key = &cfg.topology.processing_key;
-    let start = publish_requests_with(conn, cfg, key, n, body, props).await?;
+    let start = publish_requests_with(conn, cfg, key, n, body, |_| props.clone()).await?;
     let replies = replies
         .await
         .map_err(|e| BenchError::Stalled(e.to_string()))??;
