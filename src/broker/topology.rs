@@ -76,25 +76,31 @@ pub fn lanes(topo: &TopologyConfig) -> impl Iterator<Item = String> + '_ {
     lanes_of(&topo.processing_queue, topo.lanes).chain(lanes_of(&topo.embeddings_queue, topo.lanes))
 }
 
-/// How many lanes of work queue `queue` exist, `configured` or more: the lanes a worker must
-/// consume so that none is left with requests in it. Lanes are always declared as a prefix
-/// (`00` up to a count), and the union of prefixes is a prefix, so after a configuration
-/// that lowered `topology.lanes` (or set it to 0) the lanes still there are the ones from
-/// `configured` up to the first missing: one passive declare past the last finds the end.
+/// The lanes of work queue `queue` a worker must consume so that none is left with requests
+/// in it: the `configured` ones, and those an earlier, larger `topology.lanes` left. Lanes
+/// are declared as a prefix (`00` up to a count), so when lane `configured` is missing, none
+/// is left above it: one passive declare says so. When it is there, every possible lane is
+/// looked for, since an operator may have deleted some of the old ones already.
 pub async fn lanes_in_use(
     conn: &Connection,
     queue: &str,
     configured: u16,
-) -> Result<u16, lapin::Error> {
+) -> Result<Vec<u16>, lapin::Error> {
+    let mut lanes: Vec<u16> = (0..configured).collect();
+    if configured >= crate::config::MAX_LANES {
+        return Ok(lanes);
+    }
     let mut reader = DepthReader::new(conn);
-    let mut count = configured;
-    while count < crate::config::MAX_LANES
-        && reader.read(&lane_queue(queue, count)).await?.is_some()
-    {
-        count += 1;
+    if reader.read(&lane_queue(queue, configured)).await?.is_some() {
+        lanes.push(configured);
+        for lane in configured + 1..crate::config::MAX_LANES {
+            if reader.read(&lane_queue(queue, lane)).await?.is_some() {
+                lanes.push(lane);
+            }
+        }
     }
     reader.close().await;
-    Ok(count)
+    Ok(lanes)
 }
 
 /// The arguments of a delayed-retry tier: a quorum queue that dead-letters expired messages

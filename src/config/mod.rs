@@ -88,6 +88,12 @@ pub struct ConfigError {
 pub const DEFAULT_UPSTREAM: &str = "default";
 
 impl Config {
+    /// Whether the configuration says several tenants send: a `[tenants.<name>]` section
+    /// other than `default`, or `tenancy.header` (a gateway publishing for its tenants).
+    pub fn names_tenants(&self) -> bool {
+        !self.tenancy.header.is_empty() || self.tenants.keys().any(|name| name != DEFAULT_TENANT)
+    }
+
     /// The deployments requests are routed to: `[upstreams]`, or `[llm]`'s connection keys
     /// as one deployment named [`DEFAULT_UPSTREAM`] that serves any model.
     pub fn deployments(&self) -> Vec<(String, UpstreamConfig)> {

@@ -13,6 +13,6 @@ pub mod rules;
 pub mod usage;
 
 pub use error_kind::ErrorKind;
-pub use identity::Identity;
+pub use identity::{ANONYMOUS, Identity};
 pub use rules::Rules;
 pub use usage::Usage;

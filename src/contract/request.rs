@@ -23,7 +23,7 @@ pub const MAX_REQUEST_ID: usize = 255;
 const MAX_EMBEDDING_INPUTS: usize = 2048;
 
 /// What kind of upstream call a request needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     /// `/chat/completions`.
     Chat,

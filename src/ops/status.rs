@@ -37,9 +37,15 @@ pub struct QueueStatus {
 /// queue followed by its lanes.
 pub async fn status(config: &Config) -> Result<Vec<QueueStatus>, OpsError> {
     let conn = connection::connect(&config.amqp, "llmq status").await?;
+    // The lanes of an earlier, larger topology.lanes too, while they are there.
+    let t = &config.topology;
+    let lanes = [
+        topology::lanes_in_use(&conn, &t.processing_queue, t.lanes).await?,
+        topology::lanes_in_use(&conn, &t.embeddings_queue, t.lanes).await?,
+    ];
     let mut reader = DepthReader::new(&conn);
     let mut out = Vec::new();
-    for (queue, lane_of) in queues(&config.topology) {
+    for (queue, lane_of) in queues(t, &lanes) {
         if let Some(depth) = reader.read(&queue).await? {
             out.push(QueueStatus {
                 queue,
@@ -54,12 +60,19 @@ pub async fn status(config: &Config) -> Result<Vec<QueueStatus>, OpsError> {
     Ok(out)
 }
 
-/// Every queue `llmq status` reads, in its order, each lane with its work queue.
-fn queues(t: &TopologyConfig) -> Vec<(String, Option<String>)> {
+/// Every queue `llmq status` reads, in its order, each work queue followed by its `lanes`.
+fn queues(t: &TopologyConfig, lanes: &[Vec<u16>; 2]) -> Vec<(String, Option<String>)> {
     let mut queues = Vec::new();
-    for work in [&t.processing_queue, &t.embeddings_queue] {
+    for (work, lanes) in [&t.processing_queue, &t.embeddings_queue]
+        .into_iter()
+        .zip(lanes)
+    {
         queues.push((work.clone(), None));
-        queues.extend(topology::lanes_of(work, t.lanes).map(|lane| (lane, Some(work.clone()))));
+        queues.extend(
+            lanes
+                .iter()
+                .map(|lane| (topology::lane_queue(work, *lane), Some(work.clone()))),
+        );
     }
     let others = [
         t.results_queue.clone(),
@@ -136,15 +149,20 @@ mod tests {
     #[test]
     fn every_lane_is_read_after_its_work_queue() {
         let t = TopologyConfig::default();
-        let names: Vec<String> = queues(&t).into_iter().map(|(q, _)| q).collect();
+        let configured: Vec<u16> = (0..t.lanes).collect();
+        let lanes = [configured.clone(), configured];
+        let names: Vec<String> = queues(&t, &lanes).into_iter().map(|(q, _)| q).collect();
         assert_eq!(names[0], "llm_processing");
         assert_eq!(names[1], "llm_processing.lane.00");
         assert_eq!(names[16], "llm_processing.lane.0f");
         assert_eq!(names[17], "llm_embeddings");
         assert_eq!(names[18], "llm_embeddings.lane.00");
         assert_eq!(names.len(), 2 + 32 + 3 + retry::TIERS.len());
-        let lanes = queues(&t).into_iter().filter(|(_, w)| w.is_some()).count();
-        assert_eq!(lanes, 32);
+        let in_lanes = queues(&t, &lanes)
+            .into_iter()
+            .filter(|(_, w)| w.is_some())
+            .count();
+        assert_eq!(in_lanes, 32);
     }
 
     #[test]

@@ -292,7 +292,11 @@ impl Upstream {
             Kind::Chat => job.token_estimate(self.default_max_tokens),
             Kind::Embedding => job.token_estimate(0),
         };
-        let pass = match self.shares.enter(tenant, estimate, until, stop).await {
+        let entered = self
+            .shares
+            .enter(tenant, job.priority, estimate, until, stop)
+            .await;
+        let pass = match entered {
             Ok(pass) => pass,
             Err(NotEntered::Stopped) => return None,
             Err(NotEntered::Deferred) => return Some(deferred()),
@@ -326,10 +330,13 @@ impl Upstream {
                 Some(batcher) => {
                     let tokens = job.token_estimate(0);
                     let model = route.requested.clone();
-                    batcher
+                    match batcher
                         .embed(&model, input, params, turn, tokens, until, stop)
-                        .await?
-                        .map(Answer::Embedding)
+                        .await
+                    {
+                        Some(routed) => routed.map(Answer::Embedding),
+                        None => Routed::Stopped,
+                    }
                 }
                 None => {
                     let tokens = job.token_estimate(self.default_max_tokens);
@@ -349,23 +356,28 @@ impl Upstream {
             },
         };
         let outcome = match routed {
-            Routed::Stopped => return None,
-            Routed::Deferred => deferred(),
+            Routed::Stopped => None,
+            Routed::Deferred => Some(deferred()),
             // The result is built only for an answer, and only once the call is over: a
             // call in flight holds no copy of the request's id or metadata.
-            Routed::Served(served) => {
-                Outcome::Done(Box::new(self.result(job, attempt, started, served)))
-            }
-            other => Outcome::from_routed(other)?,
+            Routed::Served(served) => Some(Outcome::Done(Box::new(
+                self.result(job, attempt, started, served),
+            ))),
+            other => Outcome::from_routed(other),
         };
+        let (used, called) = match &outcome {
+            Some(Outcome::Done(result)) => (
+                result.usage.as_ref().and_then(|u| u.total()).unwrap_or(0),
+                true,
+            ),
+            Some(other) => (0, other.called_upstream()),
+            None => (0, false),
+        };
+        pass.settle(used, called).await;
+        let outcome = outcome?;
         if let Some(label) = outcome.failure_label() {
             self.metrics.failed(job.kind().as_str(), label);
         }
-        let used = match &outcome {
-            Outcome::Done(result) => result.usage.as_ref().and_then(|u| u.total()).unwrap_or(0),
-            _ => 0,
-        };
-        pass.settle(used).await;
         Some(outcome)
     }
 

@@ -107,14 +107,17 @@ impl Turn {
 /// by `STRIDE / w` (weights are at most 1000, so the steps stay distinct).
 const STRIDE: u64 = 1 << 20;
 
-/// The calls waiting for a slot, by tenant: stride scheduling. Each waiting tenant has a
-/// pass; the slot goes to the tenant with the lowest (the earliest waiter breaks ties), whose
+/// The calls waiting for a slot, by tenant: stride scheduling. Each tenant has a pass; the
+/// slot goes to the waiting tenant with the lowest (the earliest waiter breaks ties), whose
 /// pass then grows by `STRIDE / weight`, so under contention tenants start calls in
-/// proportion to their weights. A tenant that starts waiting again takes the current pass
-/// (the last one served): time spent idle earns no credit to crowd the others out later.
-/// Within a tenant the highest priority goes first, then the earliest.
+/// proportion to their weights. A tenant that starts waiting again keeps its pass, but never
+/// more than one weight-1 step behind the pass last served: a moment without a request in
+/// hand (its next one is on its way from the broker) costs it no turn, while time spent idle
+/// earns no credit to crowd the others out later. A new tenant starts one step behind, so
+/// it is served at once. Within a tenant the highest priority goes first, then the earliest.
 #[derive(Default)]
 struct Waiters {
+    /// Tenants waiting, and those whose pass is still ahead of the credit a newcomer gets.
     lines: HashMap<u64, Line>,
     /// The pass of the tenant served last.
     now: u64,
@@ -137,36 +140,47 @@ impl Waiters {
         self.len == 0
     }
 
+    /// The lowest pass a tenant may wait with: one weight-1 step behind the last served.
+    fn floor(&self) -> u64 {
+        self.now.saturating_sub(STRIDE)
+    }
+
     fn push(&mut self, turn: Turn, waiter: Waiter) {
-        let now = self.now;
+        let floor = self.floor();
         let line = self.lines.entry(turn.tenant).or_insert_with(|| Line {
-            pass: now,
+            pass: floor,
             stride: 0,
             waiters: BinaryHeap::new(),
         });
+        if line.waiters.is_empty() {
+            line.pass = line.pass.max(floor);
+        }
         // The weight of its latest request counts (a configuration reload changes it).
         line.stride = STRIDE / u64::from(turn.weight.max(1));
         line.waiters.push(waiter);
         self.len += 1;
     }
 
-    /// The next waiter: the head of the line with the lowest pass.
+    /// The next waiter: the head of the waiting line with the lowest pass.
     fn pop(&mut self) -> Option<Waiter> {
-        let (&tenant, _) = self.lines.iter().min_by_key(|(_, line)| {
-            let head = line.waiters.peek().map_or(u64::MAX, |w| w.seq);
-            (line.pass, head)
-        })?;
+        let (&tenant, _) = self
+            .lines
+            .iter()
+            .filter(|(_, line)| !line.waiters.is_empty())
+            .min_by_key(|(_, line)| {
+                let head = line.waiters.peek().map_or(u64::MAX, |w| w.seq);
+                (line.pass, head)
+            })?;
         let line = self.lines.get_mut(&tenant)?;
-        let waiter = line.waiters.pop();
+        let waiter = line.waiters.pop()?;
         self.now = line.pass;
         line.pass = line.pass.saturating_add(line.stride);
-        if line.waiters.is_empty() {
-            self.lines.remove(&tenant);
-        }
-        if waiter.is_some() {
-            self.len -= 1;
-        }
-        waiter
+        self.len -= 1;
+        // A line without waiters whose pass fell to the floor would start there anyway.
+        let floor = self.floor();
+        self.lines
+            .retain(|_, line| !line.waiters.is_empty() || line.pass > floor);
+        Some(waiter)
     }
 }
 
@@ -570,16 +584,47 @@ mod tests {
         for seq in 0..50 {
             assert_eq!(w.pop().map(|w| w.seq), Some(seq));
         }
-        // B arrives: it starts at the pass last served, so it goes next, and then the two
-        // alternate; it does not get fifty turns in a row for the time it was away.
+        // B arrives: it does not get fifty turns in a row for the time it was away.
         for seq in 100..110 {
             w.push(turn_b, waiter(seq));
         }
         let served: Vec<u64> = std::iter::from_fn(|| w.pop().map(|w| w.seq))
             .take(5)
             .collect();
-        assert_eq!(served, [100, 50, 101, 51, 102]);
+        // B starts one step behind A's last pass: one turn of credit, then they alternate.
+        assert_eq!(served, [100, 101, 50, 102, 51]);
         assert_eq!(w.len(), 55);
+    }
+
+    #[test]
+    fn a_tenant_with_one_request_in_hand_at_a_time_keeps_its_weight() {
+        let mut w = Waiters::default();
+        let (alice, bob) = (Turn::new("alice", 3, 0), Turn::new("bob", 1, 0));
+        let waiter = |seq| Waiter {
+            priority: 0,
+            seq,
+            tx: oneshot::channel().0,
+        };
+        let mut seq = 0;
+        let mut next = || {
+            seq += 1;
+            seq
+        };
+        for _ in 0..1000 {
+            w.push(bob, waiter(next()));
+        }
+        w.push(alice, waiter(next()));
+        // Alice's next request arrives only once her last has started: her line empties
+        // after every turn.
+        let mut alices = 0;
+        for _ in 0..400 {
+            let served = w.pop().expect("a waiter");
+            if served.seq > 1000 {
+                alices += 1;
+                w.push(alice, waiter(next()));
+            }
+        }
+        assert_eq!(alices, 300, "3:1, as if she always had one waiting");
     }
 
     #[tokio::test(start_paused = true)]

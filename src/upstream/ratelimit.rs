@@ -128,6 +128,14 @@ impl Budget {
         }
     }
 
+    /// Gives back the request [`Self::take`] took, for a call that never reached the
+    /// upstream.
+    pub async fn give_back_request(&self) {
+        if let Some(b) = &self.requests {
+            b.adjust(1).await;
+        }
+    }
+
     /// Corrects the token budget: the call used `actual` tokens, `taken` were taken (0 used
     /// gives everything back).
     pub async fn settle(&self, taken: u64, actual: u64) {

@@ -5,32 +5,32 @@
 //! - its own caps (`[tenants.<name>]`): calls at once (`max_inflight`), requests and tokens
 //!   per minute. A call waits for them before it waits for a slot, so a tenant at its cap
 //!   holds no slot and no place in the flow's queue: it waits without blocking anyone else.
+//!   Its calls waiting for its `max_inflight` start highest priority first, then in arrival
+//!   order, as in the flow.
 //!
 //! With `limits.redis_url` the caps hold for the whole fleet: the per-minute budgets are the
 //! shared buckets of [`crate::upstream::ratelimit`], and the calls at once a Redis sorted set
-//! of leases (one member per running call, scored by when its lease ends, so a crashed
-//! replica's calls stop counting once their lease is over). Without Redis, or while it cannot
-//! be reached, each replica holds the caps alone.
+//! of leases (one member per running call, scored by when its lease ends on the Redis
+//! server's clock, so a crashed replica's calls stop counting once their lease is over).
+//! Without Redis, or while it cannot be reached, each replica holds the caps alone.
 
 use std::{
+    cmp::Ordering,
+    collections::{BinaryHeap, HashMap},
     sync::{
-        Arc,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicUsize, Ordering::Relaxed},
     },
     time::Duration,
 };
 
 use redis::Script;
-use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore},
-    time::Instant,
-};
+use tokio::{sync::oneshot, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::{
     config::{Config, TenantLimits, Tenants},
-    runtime::clock::unix_now_ms,
     store::redis_conn::LazyConnection,
     upstream::{
         flow::Turn,
@@ -38,14 +38,19 @@ use crate::{
     },
 };
 
-/// Takes a lease if fewer than `ARGV[2]` unexpired leases are held: drops the leases that
-/// ended before `ARGV[1]` (now, ms), then adds member `ARGV[4]` ending at `ARGV[3]`. The key
-/// lives as long as its longest lease.
+/// Takes a lease if fewer than `ARGV[1]` unexpired leases are held: drops the leases that
+/// ended (by the server's clock), then adds member `ARGV[3]` ending `ARGV[2]` ms from now.
+/// The key lives at least as long as its longest lease; its expiry is only ever raised.
 const LEASE_SCRIPT: &str = r"
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
-  redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
+  if redis.call('PTTL', KEYS[1]) < lease then
+    redis.call('PEXPIRE', KEYS[1], lease)
+  end
   return 1
 end
 return 0
@@ -57,19 +62,23 @@ const LEASE_POLL: Duration = Duration::from_millis(50);
 /// Every tenant's share and caps, and the state of those that have caps.
 pub struct Shares {
     tenants: Tenants,
-    /// Caps of the tenants that have some, made on first use; at most `tenancy.max_tenants`.
-    gates: moka::sync::Cache<String, Arc<Gate>>,
+    /// Caps of the tenants that have some, made on first use. Past `max_gates`, the gates
+    /// no call holds are dropped; one in use never is, or its cap would start again from
+    /// nothing beside the calls that hold it.
+    gates: Mutex<HashMap<String, Arc<Gate>>>,
+    max_gates: usize,
     /// For the fleet-wide caps: the budgets' Redis and key prefix.
     shared: Option<(Arc<LazyConnection>, String)>,
     limits: crate::config::LimitsConfig,
-    /// How long a fleet-wide lease lasts: the longest a call can take, and some margin.
+    /// How long a fleet-wide lease lasts: the longest a call may wait for its slot (half of
+    /// `amqp.consumer_timeout_secs`) and then take, and a margin.
     lease: Duration,
 }
 
 /// One tenant's caps.
 struct Gate {
     /// Calls at once on this replica.
-    calls: Option<Arc<Semaphore>>,
+    calls: Option<Arc<Calls>>,
     /// Calls at once in the fleet: the lease set's key and its size.
     fleet: Option<(String, u64)>,
     budget: Budget,
@@ -87,10 +96,10 @@ pub enum NotEntered {
 }
 
 /// A call let through its tenant's caps: holds its place under `max_inflight` until dropped,
-/// and the tokens it took from the tenant's budget until [`Pass::settle`].
+/// and what it took from the tenant's budgets until [`Pass::settle`].
 #[must_use = "the tenant's caps hold while the pass lives"]
 pub struct Pass {
-    _call: Option<OwnedSemaphorePermit>,
+    _call: Option<CallPermit>,
     _lease: Option<Lease>,
     gate: Option<Arc<Gate>>,
     tokens: u64,
@@ -126,12 +135,17 @@ impl Drop for Lease {
 }
 
 impl Pass {
-    /// The call used `actual` tokens (0: none reported): the tenant's token budget is
-    /// corrected.
-    pub async fn settle(mut self, actual: u64) {
+    /// The call is over: it used `actual` tokens (0: none reported), and `called` says
+    /// whether it reached the upstream. The tenant's token budget is corrected, and a call
+    /// that never reached the upstream (it waited too long for a slot, every deployment was
+    /// cooling down, shutdown) gives its request back.
+    pub async fn settle(mut self, actual: u64, called: bool) {
         let taken = std::mem::take(&mut self.tokens);
         if let Some(gate) = &self.gate {
             gate.budget.settle(taken, actual).await;
+            if !called {
+                gate.budget.give_back_request().await;
+            }
         }
     }
 }
@@ -156,10 +170,13 @@ impl Shares {
     pub fn new(config: &Config, shared: Option<Arc<LazyConnection>>) -> Self {
         Self {
             tenants: crate::config::Tenants::new(&config.tenants),
-            gates: moka::sync::Cache::new(config.tenancy.max_tenants),
+            gates: Mutex::default(),
+            max_gates: usize::try_from(config.tenancy.max_tenants).unwrap_or(usize::MAX),
             shared: shared.map(|conn| (conn, config.limits.key_prefix.clone())),
             limits: config.limits.clone(),
-            lease: Duration::from_secs(config.longest_attempt_secs()) + Duration::from_secs(30),
+            lease: config.amqp.hand_off_after()
+                + Duration::from_secs(config.longest_attempt_secs())
+                + Duration::from_secs(30),
         }
     }
 
@@ -168,12 +185,33 @@ impl Shares {
         Turn::new(tenant, self.tenants.limits(tenant).weight, priority)
     }
 
-    /// Waits until `tenant` may make one more call of about `tokens` tokens: under its
-    /// `max_inflight`, then within its per-minute budgets; until `until` at most, or until
-    /// `stop`.
+    fn gates(&self) -> MutexGuard<'_, HashMap<String, Arc<Gate>>> {
+        // A map of Arcs: a panic while holding the lock leaves it usable.
+        self.gates.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `tenant`'s gate, made on first use.
+    fn gate_of(&self, tenant: &str, limits: &TenantLimits) -> Arc<Gate> {
+        let mut gates = self.gates();
+        if let Some(gate) = gates.get(tenant) {
+            return gate.clone();
+        }
+        if gates.len() >= self.max_gates {
+            // Only the map holds them: no call is waiting or running under them.
+            gates.retain(|_, gate| Arc::strong_count(gate) > 1);
+        }
+        let gate = Arc::new(self.gate(tenant, limits));
+        gates.insert(tenant.to_string(), gate.clone());
+        gate
+    }
+
+    /// Waits until `tenant` may make one more call of about `tokens` tokens at `priority`:
+    /// under its `max_inflight`, then within its per-minute budgets; until `until` at most,
+    /// or until `stop`.
     pub async fn enter(
         &self,
         tenant: &str,
+        priority: u8,
         tokens: u64,
         until: Instant,
         stop: &CancellationToken,
@@ -187,14 +225,11 @@ impl Shares {
                 tokens: 0,
             });
         }
-        let gate = self
-            .gates
-            .get_with_by_ref(tenant, || Arc::new(self.gate(tenant, limits)));
+        let gate = self.gate_of(tenant, limits);
         let wait = async {
             let _waiting = Waiting::new(&gate.waiting);
             let call = match &gate.calls {
-                // The semaphore is never closed.
-                Some(calls) => calls.clone().acquire_owned().await.ok(),
+                Some(calls) => Some(calls.acquire(priority).await),
                 None => None,
             };
             let lease = match &gate.fleet {
@@ -222,7 +257,7 @@ impl Shares {
         let calls = usize::try_from(limits.max_inflight)
             .ok()
             .filter(|n| *n > 0)
-            .map(|n| Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS))));
+            .map(Calls::new);
         let fleet = match (&self.shared, limits.max_inflight) {
             (Some((_, prefix)), cap) if cap > 0 => {
                 Some((format!("{prefix}:{scope}:inflight"), cap))
@@ -245,7 +280,7 @@ impl Shares {
 
     /// Whether calls of `tenant` wait for its own caps now.
     pub fn waiting(&self, tenant: &str) -> bool {
-        self.gates
+        self.gates()
             .get(tenant)
             .is_some_and(|gate| gate.waiting.load(Relaxed) > 0)
     }
@@ -255,16 +290,14 @@ impl Shares {
     async fn lease(&self, key: &str, cap: u64) -> Option<Lease> {
         let (conn, _) = self.shared.as_ref()?;
         let member = uuid::Uuid::new_v4().simple().to_string();
-        let lease_ms = i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX);
+        let lease_ms = u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX);
         loop {
-            let now = unix_now_ms();
             let taken = async {
                 let mut c = conn.get().await.map_err(|e| e.to_string())?;
                 Script::new(LEASE_SCRIPT)
                     .key(key)
-                    .arg(now)
                     .arg(cap)
-                    .arg(now.saturating_add(lease_ms))
+                    .arg(lease_ms)
                     .arg(&member)
                     .invoke_async::<i64>(&mut c)
                     .await
@@ -287,6 +320,116 @@ impl Shares {
                     warn!("the fleet-wide tenant cap timed out; this replica holds it alone");
                     return None;
                 }
+            }
+        }
+    }
+}
+
+/// A tenant's calls at once on this replica: a semaphore whose waiters start highest
+/// priority first, then in arrival order.
+struct Calls {
+    cap: usize,
+    state: Mutex<CallsState>,
+}
+
+#[derive(Default)]
+struct CallsState {
+    running: usize,
+    waiters: BinaryHeap<CallWaiter>,
+    seq: u64,
+}
+
+struct CallWaiter {
+    priority: u8,
+    seq: u64,
+    tx: oneshot::Sender<CallPermit>,
+}
+
+impl PartialEq for CallWaiter {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for CallWaiter {}
+impl PartialOrd for CallWaiter {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for CallWaiter {
+    /// Higher priority first; within a priority, the earlier arrival first.
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.priority
+            .cmp(&other.priority)
+            .then_with(|| other.seq.cmp(&self.seq))
+    }
+}
+
+/// A place under a tenant's `max_inflight`, given back on drop. A permit sent to a waiter
+/// that has gone is dropped with the message, and so given back too.
+struct CallPermit {
+    calls: Option<Arc<Calls>>,
+}
+
+impl Drop for CallPermit {
+    fn drop(&mut self) {
+        if let Some(calls) = self.calls.take() {
+            calls.release();
+        }
+    }
+}
+
+impl Calls {
+    fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            cap,
+            state: Mutex::default(),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, CallsState> {
+        // Plain counters: a panic while holding the lock leaves them usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn acquire(self: &Arc<Self>, priority: u8) -> CallPermit {
+        let rx = {
+            let mut s = self.state();
+            if s.running < self.cap && s.waiters.is_empty() {
+                s.running += 1;
+                return CallPermit {
+                    calls: Some(self.clone()),
+                };
+            }
+            let (tx, rx) = oneshot::channel();
+            s.seq += 1;
+            let seq = s.seq;
+            s.waiters.push(CallWaiter { priority, seq, tx });
+            rx
+        };
+        match rx.await {
+            Ok(permit) => permit,
+            // The sender lives in the heap until granted; should it ever be dropped
+            // unsent, wait again rather than run without a place.
+            Err(_) => Box::pin(self.acquire(priority)).await,
+        }
+    }
+
+    fn release(self: &Arc<Self>) {
+        let mut s = self.state();
+        s.running = s.running.saturating_sub(1);
+        while s.running < self.cap {
+            let Some(waiter) = s.waiters.pop() else {
+                break;
+            };
+            s.running += 1;
+            let permit = CallPermit {
+                calls: Some(self.clone()),
+            };
+            if let Err(mut unwanted) = waiter.tx.send(permit) {
+                // The waiter gave up: take the place back without re-entering the lock.
+                unwanted.calls = None;
+                s.running -= 1;
             }
         }
     }
@@ -352,28 +495,28 @@ mod tests {
             },
         )]);
         let stop = CancellationToken::new();
-        let a1 = s.enter("alice", 0, far(), &stop).await.unwrap();
-        let _a2 = s.enter("alice", 0, far(), &stop).await.unwrap();
+        let a1 = s.enter("alice", 0, 0, far(), &stop).await.unwrap();
+        let _a2 = s.enter("alice", 0, 0, far(), &stop).await.unwrap();
         let soon = Instant::now() + Duration::from_secs(5);
         assert_eq!(
-            s.enter("alice", 0, soon, &stop).await.err(),
+            s.enter("alice", 0, 0, soon, &stop).await.err(),
             Some(NotEntered::Deferred),
             "a third waits until its time is up"
         );
         for _ in 0..10 {
             let _bob = s
-                .enter("bob", 0, soon, &stop)
+                .enter("bob", 0, 0, soon, &stop)
                 .await
                 .expect("bob has no cap");
         }
         drop(a1);
         let _a3 = s
-            .enter("alice", 0, soon, &stop)
+            .enter("alice", 0, 0, soon, &stop)
             .await
             .expect("a place came free");
         stop.cancel();
         assert_eq!(
-            s.enter("alice", 0, far(), &stop).await.err(),
+            s.enter("alice", 0, 0, far(), &stop).await.err(),
             Some(NotEntered::Stopped)
         );
     }
@@ -392,7 +535,7 @@ mod tests {
         // The bucket lends while it is above zero: the 61st goes into debt, the 62nd waits
         // for it to be paid.
         for _ in 0..62 {
-            let _ = s.enter("carol", 0, far(), &stop).await.unwrap();
+            let _ = s.enter("carol", 0, 0, far(), &stop).await.unwrap();
         }
         let waited = start.elapsed();
         assert!(
@@ -401,8 +544,99 @@ mod tests {
         );
         // Each tenant without a section has its own budget from [tenants.default].
         let dave = Instant::now();
-        let _ = s.enter("dave", 0, far(), &stop).await.unwrap();
+        let _ = s.enter("dave", 0, 0, far(), &stop).await.unwrap();
         assert_eq!(dave.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_waiting_at_a_cap_start_highest_priority_first() {
+        let s = Arc::new(shares(&[(
+            "alice",
+            TenantConfig {
+                max_inflight: Some(1),
+                ..Default::default()
+            },
+        )]));
+        let stop = CancellationToken::new();
+        let first = s.enter("alice", 0, 0, far(), &stop).await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for priority in [1u8, 9, 5] {
+            let (s, order, stop) = (s.clone(), order.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let _pass = s.enter("alice", priority, 0, far(), &stop).await.unwrap();
+                order.lock().unwrap().push(priority);
+            }));
+            tokio::task::yield_now().await;
+        }
+        assert!(s.waiting("alice"));
+        drop(first);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), [9, 5, 1]);
+        assert!(!s.waiting("alice"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gate_in_use_is_never_dropped_for_room() {
+        let mut config = Config::default();
+        config.tenancy.max_tenants = 2;
+        config.tenants.insert(
+            "default".into(),
+            TenantConfig {
+                max_inflight: Some(1),
+                ..Default::default()
+            },
+        );
+        let s = Shares::new(&config, None);
+        let stop = CancellationToken::new();
+        let held = s.enter("alice", 0, 0, far(), &stop).await.unwrap();
+        for other in ["bob", "carol", "dave"] {
+            drop(s.enter(other, 0, 0, far(), &stop).await.unwrap());
+        }
+        let soon = Instant::now() + Duration::from_secs(1);
+        assert_eq!(
+            s.enter("alice", 0, 0, soon, &stop).await.err(),
+            Some(NotEntered::Deferred),
+            "alice's cap still counts the call she holds"
+        );
+        drop(held);
+        assert!(s.gates().len() <= 3, "unused gates were dropped");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_never_reached_the_upstream_gives_its_request_back() {
+        let s = shares(&[(
+            "alice",
+            TenantConfig {
+                max_requests_per_minute: Some(1),
+                ..Default::default()
+            },
+        )]);
+        let stop = CancellationToken::new();
+        for _ in 0..10 {
+            let pass = s.enter("alice", 0, 0, far(), &stop).await.unwrap();
+            pass.settle(0, false).await;
+        }
+        let start = Instant::now();
+        let pass = s.enter("alice", 0, 0, far(), &stop).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::ZERO, "nothing was spent");
+        pass.settle(0, true).await;
+        let pass = s.enter("alice", 0, 0, far(), &stop).await.unwrap();
+        pass.settle(0, true).await;
+        assert!(
+            s.enter(
+                "alice",
+                0,
+                0,
+                Instant::now() + Duration::from_secs(1),
+                &stop
+            )
+            .await
+            .is_err(),
+            "two calls made: the budget of one a minute is spent"
+        );
     }
 
     #[test]

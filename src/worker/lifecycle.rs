@@ -44,7 +44,7 @@ pub(super) async fn run(ctx: Arc<Context>) {
                 let links = Links {
                     consume: Arc::new(conns.consume),
                     publish: Arc::new(conns.publish),
-                    lanes: [ctx.config.topology.lanes; 2],
+                    lanes: Arc::default(),
                 };
                 (links, events)
             }
@@ -57,11 +57,11 @@ pub(super) async fn run(ctx: Arc<Context>) {
         };
         let mut links = links;
         let declared = match topology::declare_on(&links.consume, &ctx.config.topology).await {
-            Ok(()) => lanes_in_use(&links.consume, &ctx.config.topology).await,
+            Ok(()) => subscribe::lanes_in_use(&links.consume, &ctx.config.topology).await,
             Err(e) => Err(e),
         };
         match declared {
-            Ok(lanes) => links.lanes = lanes,
+            Ok(lanes) => links.lanes = Arc::new(lanes),
             Err(e) => {
                 let delay = backoff.next().unwrap_or(Duration::from_secs(30));
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "declaring the topology failed");
@@ -167,30 +167,6 @@ async fn close(links: &Links, why: &str) {
     );
 }
 
-/// The lanes to consume of each work queue: the configured ones, and any left by an earlier
-/// setting with more, so that none is left with requests nobody takes.
-async fn lanes_in_use(
-    conn: &Connection,
-    topo: &crate::config::TopologyConfig,
-) -> Result<[u16; 2], lapin::Error> {
-    let mut lanes = [topo.lanes; 2];
-    for (count, queue) in lanes
-        .iter_mut()
-        .zip([&topo.processing_queue, &topo.embeddings_queue])
-    {
-        *count = topology::lanes_in_use(conn, queue, topo.lanes).await?;
-        if *count > topo.lanes {
-            warn!(
-                queue = %queue,
-                configured = topo.lanes,
-                found = *count,
-                "lanes of an earlier topology.lanes are still there: consuming them too, moving nothing into them; delete them once empty"
-            );
-        }
-    }
-    Ok(lanes)
-}
-
 /// Reconnection delays: 0.5 s doubling to 30 s, jittered, forever.
 fn reconnect_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
@@ -227,6 +203,7 @@ async fn consume_on(
         ctx.health.clone(),
         ctx.metrics.clone(),
         ctx.config.topology.clone(),
+        links.lanes.clone(),
         links.consume.clone(),
         lost.clone(),
     ));

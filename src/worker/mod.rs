@@ -131,7 +131,11 @@ impl Worker {
                 health: Arc::default(),
                 cancels: Arc::new(cancel::Cancels::new(&config)),
                 tenants: Tenants::new(&config.tenants),
-                lanes: lanes::Lanes::new(config.topology.lanes, config.tenancy.max_tenants),
+                lanes: lanes::Lanes::new(
+                    config.topology.lanes,
+                    config.tenancy.max_tenants,
+                    config.names_tenants(),
+                ),
                 prices: Prices::new(&config.prices),
                 ledger: Ledger::new(&config),
                 metrics,

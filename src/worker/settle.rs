@@ -56,13 +56,17 @@ pub(super) async fn handle(
     let settle = AssertUnwindSafe(async {
         let identity = Identity::of(&delivery.properties, &ctx.config.tenancy.header);
         let weight = ctx.tenants.limits(identity.as_str()).weight;
+        // A redelivered request is settled where it is: its redelivery is counted (and a
+        // stream it may have begun marked) there, and a request a lane refuses does not
+        // come back to be moved again and again.
         if origin.lane.is_none()
+            && !delivery.redelivered
             && let Some(lane) = lane_for(ctx, kind, identity.as_str(), weight)
         {
             return move_to_lane(ctx, publisher, delivery, &lane).await;
         }
-        let _held = ctx.lanes.hold(identity.as_str(), weight);
-        settle(ctx, publisher, kind, delivery, identity).await
+        let _held = ctx.lanes.hold(kind, identity.as_str(), weight);
+        settle(ctx, publisher, origin, delivery, identity).await
     });
     if settle.catch_unwind().await.is_err() {
         ctx.metrics
@@ -82,13 +86,17 @@ fn lane_for(ctx: &Context, kind: Kind, tenant: &str, weight: u32) -> Option<Stri
         Kind::Embedding => &topo.embeddings_queue,
     };
     let router = ctx.upstream.router();
+    let per_call = match kind {
+        Kind::Chat => 1,
+        Kind::Embedding => ctx.config.batch.max_items.max(1),
+    };
     let pressure = Pressure {
         weight,
-        limit: router.limit(),
+        limit: router.limit().saturating_mul(per_call),
         waiting: router.waiting() > 0 || ctx.upstream.shares().waiting(tenant),
     };
     let depth = |lane| ctx.health.lane_depth(&topology::lane_queue(queue, lane));
-    let lane = ctx.lanes.route(tenant, pressure, depth)?;
+    let lane = ctx.lanes.route(kind, tenant, pressure, depth)?;
     Some(topology::lane_queue(queue, lane))
 }
 
@@ -107,10 +115,11 @@ async fn move_to_lane(ctx: &Context, publisher: &Publisher, delivery: &Delivery,
 async fn settle(
     ctx: &Context,
     publisher: &Publisher,
-    kind: Kind,
+    origin: Origin,
     delivery: &Delivery,
     identity: Identity,
 ) {
+    let kind = origin.kind;
     let started = Instant::now();
     ctx.metrics.received(kind.as_str());
     let rules = &ctx.rules;
@@ -152,6 +161,7 @@ async fn settle(
         publisher,
         delivery,
         kind,
+        origin,
         key,
         tenant: identity.as_str().to_string(),
         over_budget: None,
@@ -185,6 +195,8 @@ struct Settling<'a> {
     publisher: &'a Publisher,
     delivery: &'a Delivery,
     kind: Kind,
+    /// The queue it came from (a work queue or one of its lanes): where it is handed back.
+    origin: Origin,
     /// The request id scoped by the sender's identity: the idempotency store's key.
     key: String,
     /// Who the request belongs to (its identity).
@@ -654,11 +666,8 @@ impl Settling<'_> {
                 .await
             }
             Destination::Requeue => {
-                let queue = match self.kind {
-                    Kind::Chat => &topo.processing_queue,
-                    Kind::Embedding => &topo.embeddings_queue,
-                };
-                with_retries(|| self.publisher.requeue(self.delivery, queue, state)).await
+                let queue = self.origin.queue(topo);
+                with_retries(|| self.publisher.requeue(self.delivery, &queue, state)).await
             }
         };
         ack_if_confirmed(self.delivery, published, &self.ctx.stop).await;
@@ -754,7 +763,7 @@ impl Settling<'_> {
             rate_limited_since_ms: self.rate_limited_since_ms,
             streamed: self.restart,
         };
-        give_back(self.ctx, self.publisher, self.kind, self.delivery, state).await;
+        give_back(self.ctx, self.publisher, self.origin, self.delivery, state).await;
     }
 
     /// Gives the delivery back to its queue, and the lease with it.
@@ -787,7 +796,8 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Gives a delivery back at a graceful shutdown: republished to the tail of its queue with
+/// Gives a delivery back at a graceful shutdown: republished to the tail of the queue it came
+/// from (its lane, for a request from a lane, so its tenant's order holds) with
 /// `state` (confirmed), then acked. A nack would bring it back flagged `redelivered`, which
 /// cannot be told from a crash, so every shutdown would count as a redelivery, and the
 /// attempts made in this delivery would be forgotten. A delivery that arrived redelivered
@@ -796,7 +806,7 @@ fn millis(d: Duration) -> u64 {
 pub(super) async fn give_back(
     ctx: &Context,
     publisher: &Publisher,
-    kind: Kind,
+    origin: Origin,
     delivery: &Delivery,
     state: RetryState,
 ) {
@@ -806,12 +816,8 @@ pub(super) async fn give_back(
             .saturating_add(u32::from(delivery.redelivered)),
         ..state
     };
-    let topo = &ctx.config.topology;
-    let queue = match kind {
-        Kind::Chat => &topo.processing_queue,
-        Kind::Embedding => &topo.embeddings_queue,
-    };
-    match publisher.requeue(delivery, queue, state).await {
+    let queue = origin.queue(&ctx.config.topology);
+    match publisher.requeue(delivery, &queue, state).await {
         Ok(()) => ack(delivery).await,
         Err(e) => {
             debug!(error = %e, "could not requeue at shutdown; handing the request back");

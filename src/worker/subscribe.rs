@@ -54,9 +54,9 @@ pub(super) struct Links {
     pub consume: Arc<Connection>,
     /// Confirm-mode publishing channels: results, retries, dead letters.
     pub publish: Arc<Connection>,
-    /// Lanes to consume per work queue (chat, embeddings): `topology.lanes`, or more while
-    /// lanes of an earlier, larger setting are still there ([`topology::lanes_in_use`]).
-    pub lanes: [u16; 2],
+    /// Lanes to consume per work queue (chat, embeddings): `topology.lanes`, and those of an
+    /// earlier, larger setting still there ([`lanes_in_use`]).
+    pub lanes: Arc<[Vec<u16>; 2]>,
 }
 
 impl Links {
@@ -66,12 +66,40 @@ impl Links {
     }
 }
 
+/// The lanes to consume of each work queue (chat, embeddings): the configured ones, and any
+/// an earlier setting with more left, so that none is left with requests nobody takes.
+pub(super) async fn lanes_in_use(
+    conn: &Connection,
+    topo: &crate::config::TopologyConfig,
+) -> Result<[Vec<u16>; 2], lapin::Error> {
+    let mut lanes: [Vec<u16>; 2] = Default::default();
+    for (found, queue) in lanes
+        .iter_mut()
+        .zip([&topo.processing_queue, &topo.embeddings_queue])
+    {
+        *found = topology::lanes_in_use(conn, queue, topo.lanes).await?;
+        let left: Vec<String> = found
+            .iter()
+            .filter(|lane| **lane >= topo.lanes)
+            .map(|lane| topology::lane_queue(queue, *lane))
+            .collect();
+        if !left.is_empty() {
+            warn!(
+                configured = topo.lanes,
+                left = ?left,
+                "lanes of an earlier, larger topology.lanes are still there: consuming them too, moving nothing into them; delete them once empty"
+            );
+        }
+    }
+    Ok(lanes)
+}
+
 /// Keeps one consumer slot subscribed: a channel-level failure (a channel closed by the
 /// broker, a consumer cancelled because its queue was deleted) reopens the channels after a
 /// pause, redeclaring the topology; a connection-level failure is returned.
 pub(super) async fn consumer_slot(
     ctx: Arc<Context>,
-    links: Links,
+    mut links: Links,
     slot: u16,
     tracker: TaskTracker,
     stop: CancellationToken,
@@ -93,6 +121,11 @@ pub(super) async fn consumer_slot(
         if let Err(e) = topology::declare_on(&links.consume, &ctx.config.topology).await {
             warn!(slot, error = %e, "redeclaring the topology failed");
         }
+        // A consumer cancelled by the broker may be an old lane's, deleted by an operator.
+        match lanes_in_use(&links.consume, &ctx.config.topology).await {
+            Ok(lanes) => links.lanes = Arc::new(lanes),
+            Err(e) => warn!(slot, error = %e, "looking for the lanes failed"),
+        }
         debug!(slot, "resubscribing");
     }
 }
@@ -108,6 +141,20 @@ pub(super) struct Origin {
     pub kind: Kind,
     /// The lane, `None` for the work queue itself.
     pub lane: Option<u16>,
+}
+
+impl Origin {
+    /// The queue it came from, where it goes back to when handed back.
+    pub fn queue(&self, topo: &crate::config::TopologyConfig) -> String {
+        let work = match self.kind {
+            Kind::Chat => &topo.processing_queue,
+            Kind::Embedding => &topo.embeddings_queue,
+        };
+        match self.lane {
+            Some(lane) => topology::lane_queue(work, lane),
+            None => work.clone(),
+        }
+    }
 }
 
 /// A delivery from one of a slot's consumers, or the end of that consumer's stream.
@@ -142,8 +189,8 @@ async fn session(
     let mut current = *limit.borrow_and_update();
     let prefetches = |limit: usize| {
         (
-            prefetch_for(&ctx.config, limit, Kind::Chat),
-            prefetch_for(&ctx.config, limit, Kind::Embedding),
+            prefetch_for(&ctx.config, limit, Kind::Chat, Place::Work),
+            prefetch_for(&ctx.config, limit, Kind::Embedding, Place::Work),
         )
     };
     let mut generation = 0u32;
@@ -250,12 +297,12 @@ async fn unsubscribe(
     let mut buffered = Vec::new();
     while let Some(Some((_, origin, item))) = streams.next().now_or_never() {
         if let Some(Ok(delivery)) = item {
-            buffered.push((origin.kind, delivery));
+            buffered.push((origin, delivery));
         }
     }
-    let give_back = buffered.iter().map(|(kind, delivery)| {
+    let give_back = buffered.iter().map(|(origin, delivery)| {
         let state = RetryState::read(&delivery.properties);
-        settle::give_back(ctx, publisher, *kind, delivery, state)
+        settle::give_back(ctx, publisher, *origin, delivery, state)
     });
     futures_util::future::join_all(give_back).await;
 }
@@ -279,16 +326,27 @@ async fn subscribe(
         (Kind::Chat, &topo.processing_queue),
         (Kind::Embedding, &topo.embeddings_queue),
     ] {
-        // basic.qos applies to the consumers created after it.
-        channel
-            .basic_qos(
-                prefetch_for(&ctx.config, limit, kind),
-                BasicQosOptions::default(),
-            )
-            .await?;
-        let count = links.lanes[usize::from(kind == Kind::Embedding)];
-        let lanes = (0..count).map(|lane| (Some(lane), topology::lane_queue(queue, lane)));
+        let lanes = &links.lanes[usize::from(kind == Kind::Embedding)];
+        let first_lane = lanes.first().copied();
+        let places = lanes.len();
+        let lanes = lanes
+            .iter()
+            .map(|&lane| (Some(lane), topology::lane_queue(queue, lane)));
         for (lane, queue) in std::iter::once((None, queue.clone())).chain(lanes) {
+            // basic.qos applies to the consumers created after it: set before the work
+            // queue's, then before the first lane's.
+            if lane.is_none() || lane == first_lane {
+                let place = match lane {
+                    None => Place::Work,
+                    Some(_) => Place::Lane { lanes: places },
+                };
+                channel
+                    .basic_qos(
+                        prefetch_for(&ctx.config, limit, kind, place),
+                        BasicQosOptions::default(),
+                    )
+                    .await?;
+            }
             let origin = Origin { kind, lane };
             let mut tag = format!(
                 "llmq-{}-{slot}.{generation}-{}",
@@ -318,30 +376,48 @@ async fn subscribe(
     Ok(tags)
 }
 
+/// Which queue a consumer takes from, for its prefetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// A work queue.
+    Work,
+    /// One of the `lanes` lanes of a work queue that a slot consumes.
+    Lane { lanes: usize },
+}
+
 /// Each consumer's prefetch: fixed by `worker.prefetch`, else an equal share of the limit
-/// plus a quarter.
+/// plus a quarter for a work queue's, twice the limit for a lane's: a tenant whose requests
+/// are all in its lane needs its calls running and the next ones in hand, or the slots its
+/// calls free go to whoever has requests waiting, whatever the weights.
 /// The limit counts upstream calls, and a batched embedding call carries up to
 /// `batch.max_items` messages, so the embeddings consumers take that many times more, up to
 /// their share of `batch.max_buffered_bytes` in bodies of `worker.max_body_bytes` (RabbitMQ
-/// ignores a prefetch in bytes).
-fn prefetch_for(config: &Config, limit: usize, kind: Kind) -> u16 {
-    let share = prefetch_by_limit(config, limit, kind);
+/// ignores a prefetch in bytes): the work queue's half of it when there are lanes, the lanes
+/// sharing the other half.
+fn prefetch_for(config: &Config, limit: usize, kind: Kind, place: Place) -> u16 {
+    let share = prefetch_by_limit(config, limit, kind, place);
     match kind {
         Kind::Chat => share,
-        Kind::Embedding => share.min(embeddings_prefetch_by_bytes(config)),
+        Kind::Embedding => share.min(embeddings_prefetch_by_bytes(config, place)),
     }
 }
 
 /// The embeddings consumers' prefetch that keeps their buffered bodies within
 /// `batch.max_buffered_bytes`; at least 1.
-fn embeddings_prefetch_by_bytes(config: &Config) -> u16 {
+fn embeddings_prefetch_by_bytes(config: &Config, place: Place) -> u16 {
     let body = u64::try_from(config.worker.max_body_bytes.max(1)).unwrap_or(u64::MAX);
     let consumers = u64::from(config.worker.consumers.max(1));
-    let each = config.batch.max_buffered_bytes / body / consumers;
+    let budget = config.batch.max_buffered_bytes;
+    let budget = match (place, config.topology.lanes) {
+        (Place::Work, 0) => budget,
+        (Place::Work, _) => budget / 2,
+        (Place::Lane { lanes }, _) => budget / 2 / u64::try_from(lanes.max(1)).unwrap_or(1),
+    };
+    let each = budget / body / consumers;
     u16::try_from(each.max(1)).unwrap_or(u16::MAX)
 }
 
-fn prefetch_by_limit(config: &Config, limit: usize, kind: Kind) -> u16 {
+fn prefetch_by_limit(config: &Config, limit: usize, kind: Kind, place: Place) -> u16 {
     if config.worker.prefetch > 0 {
         return config.worker.prefetch;
     }
@@ -350,9 +426,14 @@ fn prefetch_by_limit(config: &Config, limit: usize, kind: Kind) -> u16 {
         Kind::Embedding => config.batch.max_items.max(1),
     };
     let consumers = usize::from(config.worker.consumers.max(1));
-    // A quarter more than the calls allowed: deliveries whose result is being confirmed still
-    // count against the prefetch, and a few waiting ones let the highest priority go first.
-    let wanted = limit.saturating_mul(per_call).saturating_mul(5) / 4;
+    let calls = limit.saturating_mul(per_call);
+    let wanted = match place {
+        // A quarter more than the calls allowed: deliveries whose result is being confirmed
+        // still count against the prefetch, and a few waiting ones let the highest priority
+        // go first.
+        Place::Work => calls.saturating_mul(5) / 4,
+        Place::Lane { .. } => calls.saturating_mul(2),
+    };
     let share = wanted.div_ceil(consumers).max(1);
     u16::try_from(share).unwrap_or(u16::MAX)
 }
@@ -364,33 +445,58 @@ mod tests {
     #[test]
     fn prefetch_follows_the_limit_with_headroom() {
         let mut c = Config::default();
+        c.topology.lanes = 0;
         c.worker.consumers = 4;
         c.batch.max_items = 64;
         c.worker.max_body_bytes = 1024;
-        assert_eq!(prefetch_for(&c, 256, Kind::Chat), 80);
-        assert_eq!(prefetch_for(&c, 4, Kind::Chat), 2);
+        assert_eq!(prefetch_for(&c, 256, Kind::Chat, Place::Work), 80);
+        assert_eq!(prefetch_for(&c, 4, Kind::Chat, Place::Work), 2);
         assert_eq!(
-            prefetch_for(&c, 16, Kind::Embedding),
+            prefetch_for(&c, 16, Kind::Embedding, Place::Work),
             320,
             "a batched call carries 64"
         );
-        assert_eq!(prefetch_for(&c, 100_000, Kind::Embedding), u16::MAX);
+        assert_eq!(
+            prefetch_for(&c, 100_000, Kind::Embedding, Place::Work),
+            u16::MAX
+        );
         c.worker.max_body_bytes = 1024 * 1024;
         assert_eq!(
-            prefetch_for(&c, 256, Kind::Embedding),
+            prefetch_for(&c, 256, Kind::Embedding, Place::Work),
             64,
             "256 MiB of 1 MiB bodies, shared by 4 consumers"
         );
         assert_eq!(
-            prefetch_for(&c, 256, Kind::Chat),
+            prefetch_for(&c, 256, Kind::Chat, Place::Work),
             80,
             "chat is not bounded by bytes"
         );
         c.batch.max_buffered_bytes = 1024 * 1024;
-        assert_eq!(prefetch_for(&c, 256, Kind::Embedding), 1, "at least one");
+        assert_eq!(
+            prefetch_for(&c, 256, Kind::Embedding, Place::Work),
+            1,
+            "at least one"
+        );
+        c.topology.lanes = 16;
+        assert_eq!(
+            prefetch_for(&c, 256, Kind::Chat, Place::Lane { lanes: 16 }),
+            128,
+            "a lane's: twice the limit"
+        );
+        c.batch.max_buffered_bytes = 256 * 1024 * 1024;
+        assert_eq!(
+            prefetch_for(&c, 256, Kind::Embedding, Place::Work),
+            32,
+            "half the bytes for the work queue"
+        );
+        assert_eq!(
+            prefetch_for(&c, 256, Kind::Embedding, Place::Lane { lanes: 16 }),
+            2,
+            "the other half shared by 16 lanes"
+        );
         c.worker.prefetch = 7;
         assert_eq!(
-            prefetch_for(&c, 256, Kind::Chat),
+            prefetch_for(&c, 256, Kind::Chat, Place::Work),
             7,
             "a fixed prefetch wins"
         );
