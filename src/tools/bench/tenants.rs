@@ -9,10 +9,11 @@
 //! - noisy: one tenant's `--tenant-jobs` requests, then another's 50 right after, the worker
 //!   running, same mock and limit: the quiet tenant's time from publish to result (without
 //!   lanes it waits behind the whole backlog), jobs/s, the moves;
-//! - flood: one tenant alone, twice `--tenant-jobs` requests, 0 ms upstream and the default
+//! - flood: one sender alone, twice `--tenant-jobs` requests, 0 ms upstream and the default
 //!   `worker.max_inflight`, (b)'s setup, bound by the broker: jobs/s with lanes over jobs/s
-//!   without, what a tenant alone pays when its backlog is moved (one publish and one
-//!   delivery more per request moved).
+//!   without. The requests name no sender (no `user_id`, no header, no `[tenants]`): a fleet
+//!   of one tenant, which should pay nothing for lanes (a backlog moved would cost one
+//!   publish and one delivery more per request).
 //!
 //! The moves are `llmq_lane_moves_total` of the worker's admin `/metrics`, read after the
 //! last result and before the worker stops. A worker of the other runs listens on
@@ -110,7 +111,7 @@ impl Scenario {
                 "(t) noisy: {n} jobs of one tenant, then {QUIET_JOBS} of another, {UPSTREAM_MS} ms upstream, max_inflight {LIMIT}"
             ),
             Self::Flood => format!(
-                "(t) flood: {} jobs of one tenant, 0 ms upstream, default max_inflight",
+                "(t) flood: {} jobs of one sender naming none, 0 ms upstream, default max_inflight",
                 self.jobs(n)
             ),
         }
@@ -255,7 +256,9 @@ async fn run(bench: &Bench<'_>, scenario: Scenario, lanes: bool) -> Result<Run, 
         ..Default::default()
     });
     let cfg = bench.config(|c| {
-        c.tenancy.header = HEADER.into();
+        if scenario != Scenario::Flood {
+            c.tenancy.header = HEADER.into();
+        }
         c.topology.lanes = if lanes { LANES } else { 0 };
         c.admin.addr = admin.to_string();
         if scenario != Scenario::Flood {
@@ -295,6 +298,9 @@ async fn run(bench: &Bench<'_>, scenario: Scenario, lanes: bool) -> Result<Run, 
         body
     };
     let props = |i: usize| {
+        if scenario == Scenario::Flood {
+            return BasicProperties::default();
+        }
         let mut headers = FieldTable::default();
         headers.insert(
             HEADER.into(),
