@@ -670,23 +670,7 @@ async fn a_single_tenant_uses_the_whole_fleet() {
         config.worker.id = format!("{}-{r}", env.config.worker.id);
         (config.worker.id.clone(), env.start_worker_with(config))
     });
-    // Both replicas consuming before the backlog comes, so neither starts late on a busy
-    // machine and finds the work gone.
-    let main = env.config.topology.processing_queue.clone();
-    let slots = 2 * u32::from(env.config.worker.consumers);
-    crate::helpers::wait_until(
-        Duration::from_secs(20),
-        "both replicas consuming",
-        || async {
-            let ch = env.conn.create_channel().await.unwrap();
-            let depth = llmq::broker::topology::queue_depth(&ch, &main)
-                .await
-                .unwrap();
-            let _ = ch.close(200, "ok".into()).await;
-            depth.consumers == slots
-        },
-    )
-    .await;
+    both_consuming(&env).await;
     alice.publish(&env, 0..ALICE).await;
     let got = collect(&env, &[&alice], |got| got.len() == ALICE).await;
     assert_eq!(env.chat_calls(), ALICE as u64);
@@ -708,6 +692,26 @@ async fn a_single_tenant_uses_the_whole_fleet() {
     }
     BrokerUser::delete_all([alice.close().await]);
     env.cleanup().await;
+}
+
+/// Waits until two replicas consume the work queue: both before the backlog comes, so
+/// neither starts late on a busy machine and finds the work gone.
+async fn both_consuming(env: &TestEnv) {
+    let main = env.config.topology.processing_queue.clone();
+    let slots = 2 * u32::from(env.config.worker.consumers);
+    crate::helpers::wait_until(
+        Duration::from_secs(20),
+        "both replicas consuming",
+        || async {
+            let ch = env.conn.create_channel().await.unwrap();
+            let depth = llmq::broker::topology::queue_depth(&ch, &main)
+                .await
+                .unwrap();
+            let _ = ch.close(200, "ok".into()).await;
+            depth.consumers == slots
+        },
+    )
+    .await;
 }
 
 /// Alice at 6 requests per minute (a burst of 6, then one per 10 s), Bob unlimited: Bob's
@@ -840,5 +844,55 @@ async fn lanes_of_an_earlier_larger_setting_are_still_consumed() {
         .queue_delete(leftovers[0].as_str().into(), Default::default())
         .await
         .unwrap();
+    env.cleanup().await;
+}
+
+/// With `limits.redis_url`, a tenant's `max_inflight` holds for the fleet: two replicas of
+/// ten calls each run at most Alice's three at once between them, and all of hers are
+/// answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_cap_holds_across_replicas_with_redis() {
+    const ALICE: usize = 24;
+    let prefix = unique("fleet-cap");
+    let [alice] = BrokerUser::create_all(["alice"]);
+    let caps = BTreeMap::from([(
+        alice.name.clone(),
+        TenantConfig {
+            max_inflight: Some(3),
+            ..Default::default()
+        },
+    )]);
+    let env = TestEnv::with(recording(150), |c| {
+        fixed_concurrency(c, 10);
+        c.tenants = caps;
+        c.limits.redis_url = SecretUrl::new(redis_url());
+        c.limits.key_prefix = prefix.clone();
+    })
+    .await;
+    let alice = Tenant::new(alice, "alice").await;
+    let replicas = ["a", "b"].map(|r| {
+        let mut config = env.config.clone();
+        config.worker.id = format!("{}-{r}", env.config.worker.id);
+        (config.worker.id.clone(), env.start_worker_with(config))
+    });
+    both_consuming(&env).await;
+    alice.publish(&env, 0..ALICE).await;
+    let got = collect(&env, &[&alice], |got| got.len() == ALICE).await;
+    assert_eq!(env.chat_calls(), ALICE as u64);
+    assert_eq!(
+        peak(&env, "alice"),
+        3,
+        "three at once in the whole fleet, not three per replica"
+    );
+    let workers: std::collections::HashSet<&str> = got
+        .values()
+        .filter_map(|a| a.result["worker"].as_str())
+        .collect();
+    assert_eq!(workers.len(), 2, "both replicas served: {workers:?}");
+    for (_, worker) in replicas {
+        worker.stop().await.expect("worker stops");
+    }
+    crate::helpers::delete_redis_keys(&prefix).await;
+    BrokerUser::delete_all([alice.close().await]);
     env.cleanup().await;
 }
