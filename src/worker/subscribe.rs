@@ -392,8 +392,9 @@ enum Place {
 /// The limit counts upstream calls, and a batched embedding call carries up to
 /// `batch.max_items` messages, so the embeddings consumers take that many times more, up to
 /// their share of `batch.max_buffered_bytes` in bodies of `worker.max_body_bytes` (RabbitMQ
-/// ignores a prefetch in bytes): the work queue's half of it when there are lanes, the lanes
-/// sharing the other half.
+/// ignores a prefetch in bytes): three quarters of it for the work queue's when there are
+/// lanes, the lanes sharing the last quarter. Each consumer takes at least one, so a budget
+/// below `worker.consumers` × (1 + lanes) bodies is exceeded by that much.
 fn prefetch_for(config: &Config, limit: usize, kind: Kind, place: Place) -> u16 {
     let share = prefetch_by_limit(config, limit, kind, place);
     match kind {
@@ -410,8 +411,8 @@ fn embeddings_prefetch_by_bytes(config: &Config, place: Place) -> u16 {
     let budget = config.batch.max_buffered_bytes;
     let budget = match (place, config.topology.lanes) {
         (Place::Work, 0) => budget,
-        (Place::Work, _) => budget / 2,
-        (Place::Lane { lanes }, _) => budget / 2 / u64::try_from(lanes.max(1)).unwrap_or(1),
+        (Place::Work, _) => budget / 4 * 3,
+        (Place::Lane { lanes }, _) => budget / 4 / u64::try_from(lanes.max(1)).unwrap_or(1),
     };
     let each = budget / body / consumers;
     u16::try_from(each.max(1)).unwrap_or(u16::MAX)
@@ -486,13 +487,13 @@ mod tests {
         c.batch.max_buffered_bytes = 256 * 1024 * 1024;
         assert_eq!(
             prefetch_for(&c, 256, Kind::Embedding, Place::Work),
-            32,
-            "half the bytes for the work queue"
+            48,
+            "three quarters of the bytes for the work queue"
         );
         assert_eq!(
             prefetch_for(&c, 256, Kind::Embedding, Place::Lane { lanes: 16 }),
-            2,
-            "the other half shared by 16 lanes"
+            1,
+            "the last quarter shared by 16 lanes"
         );
         c.worker.prefetch = 7;
         assert_eq!(
