@@ -76,28 +76,31 @@ pub fn lanes(topo: &TopologyConfig) -> impl Iterator<Item = String> + '_ {
     lanes_of(&topo.processing_queue, topo.lanes).chain(lanes_of(&topo.embeddings_queue, topo.lanes))
 }
 
+/// Missing lanes in a row after which [`lanes_in_use`] stops looking.
+const LANE_GAP: u16 = 16;
+
 /// The lanes of work queue `queue` a worker must consume so that none is left with requests
 /// in it: the `configured` ones, and those an earlier, larger `topology.lanes` left. Lanes
-/// are declared as a prefix (`00` up to a count), so when lane `configured` is missing, none
-/// is left above it: one passive declare says so. When it is there, every possible lane is
-/// looked for, since an operator may have deleted some of the old ones already.
+/// are declared as a prefix (`00` up to a count); an operator may have deleted some old ones
+/// already, so the search goes on past a missing lane, and stops after [`LANE_GAP`] missing
+/// in a row (a passive declare each: a few milliseconds when none is left).
 pub async fn lanes_in_use(
     conn: &Connection,
     queue: &str,
     configured: u16,
 ) -> Result<Vec<u16>, lapin::Error> {
     let mut lanes: Vec<u16> = (0..configured).collect();
-    if configured >= crate::config::MAX_LANES {
-        return Ok(lanes);
-    }
     let mut reader = DepthReader::new(conn);
-    if reader.read(&lane_queue(queue, configured)).await?.is_some() {
-        lanes.push(configured);
-        for lane in configured + 1..crate::config::MAX_LANES {
-            if reader.read(&lane_queue(queue, lane)).await?.is_some() {
-                lanes.push(lane);
-            }
+    let mut missing = 0;
+    let mut lane = configured;
+    while lane < crate::config::MAX_LANES && missing < LANE_GAP {
+        if reader.read(&lane_queue(queue, lane)).await?.is_some() {
+            lanes.push(lane);
+            missing = 0;
+        } else {
+            missing += 1;
         }
+        lane += 1;
     }
     reader.close().await;
     Ok(lanes)

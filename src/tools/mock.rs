@@ -64,6 +64,10 @@ pub struct MockOptions {
     /// Delay before every answer, in milliseconds.
     #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
+    /// Up to this many milliseconds more, spread evenly and deterministically over the
+    /// calls, as a provider's answer times vary: calls started together do not end together.
+    #[arg(long, default_value_t = 0)]
+    pub latency_jitter_ms: u64,
     /// Extra delay per embedding input, in microseconds (batched calls cost more).
     #[arg(long, default_value_t = 0)]
     pub per_item_us: u64,
@@ -154,6 +158,7 @@ impl Default for MockOptions {
     fn default() -> Self {
         Self {
             latency_ms: 0,
+            latency_jitter_ms: 0,
             per_item_us: 0,
             error_rate: 0.0,
             status: 500,
@@ -208,6 +213,8 @@ pub struct MockStats {
     pub embedding_items: AtomicU64,
     /// Injected failures.
     pub failures: AtomicU64,
+    /// Calls whose latency was jittered (`latency_jitter_ms`).
+    pub jittered: AtomicU64,
     /// Calls being answered right now (waiting out their latency): how many calls a client
     /// has in flight, as the mock sees it.
     pub in_flight: AtomicU64,
@@ -464,7 +471,15 @@ async fn gate<'s>(
             Some("rate_limit_exceeded"),
         ));
     };
-    let delay = Duration::from_millis(options.latency_ms)
+    let jitter = match options.latency_jitter_ms {
+        0 => 0,
+        spread => {
+            // A stride through 0..=spread coprime with most spreads: calls in a row differ.
+            let n = state.stats.jittered.fetch_add(1, Ordering::Relaxed);
+            n.wrapping_mul(7919) % (spread + 1)
+        }
+    };
+    let delay = Duration::from_millis(options.latency_ms + jitter)
         + Duration::from_micros(options.per_item_us.saturating_mul(call.items));
     if !delay.is_zero() {
         let _serving = InFlight::new(&state.stats.in_flight);

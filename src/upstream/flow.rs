@@ -173,7 +173,9 @@ impl Waiters {
             })?;
         let line = self.lines.get_mut(&tenant)?;
         let waiter = line.waiters.pop()?;
-        self.now = line.pass;
+        // Never backwards: a newcomer served one step behind must not pull the floor down
+        // for the next one.
+        self.now = self.now.max(line.pass);
         line.pass = line.pass.saturating_add(line.stride);
         self.len -= 1;
         // A line without waiters whose pass fell to the floor would start there anyway.

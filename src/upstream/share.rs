@@ -10,8 +10,9 @@
 //!
 //! With `limits.redis_url` the caps hold for the whole fleet: the per-minute budgets are the
 //! shared buckets of [`crate::upstream::ratelimit`], and the calls at once a Redis sorted set
-//! of leases (one member per running call, scored by when its lease ends on the Redis
-//! server's clock, so a crashed replica's calls stop counting once their lease is over).
+//! of leases (one member per call, scored by when its lease ends on the Redis server's
+//! clock, renewed while the call holds it, so a crashed replica's calls stop counting a
+//! minute after it died).
 //! Without Redis, or while it cannot be reached, each replica holds the caps alone.
 
 use std::{
@@ -56,6 +57,25 @@ end
 return 0
 ";
 
+/// Renews a lease still held: its member's end moves `ARGV[2]` ms past now; the key's expiry
+/// is only ever raised.
+const RENEW_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[1])
+if redis.call('PTTL', KEYS[1]) < lease then
+  redis.call('PEXPIRE', KEYS[1], lease)
+end
+return 1
+";
+
+/// How long a fleet-wide lease lasts unless renewed.
+const LEASE: Duration = Duration::from_secs(60);
+
+/// How often a held lease is renewed.
+const RENEW_EVERY: Duration = Duration::from_secs(20);
+
 /// How often a call waiting for a fleet-wide lease asks again.
 const LEASE_POLL: Duration = Duration::from_millis(50);
 
@@ -70,9 +90,6 @@ pub struct Shares {
     /// For the fleet-wide caps: the budgets' Redis and key prefix.
     shared: Option<(Arc<LazyConnection>, String)>,
     limits: crate::config::LimitsConfig,
-    /// How long a fleet-wide lease lasts: the longest a call may wait for its slot (half of
-    /// `amqp.consumer_timeout_secs`) and then take, and a margin.
-    lease: Duration,
 }
 
 /// One tenant's caps.
@@ -105,11 +122,13 @@ pub struct Pass {
     tokens: u64,
 }
 
-/// A fleet-wide lease, given back on drop.
+/// A fleet-wide lease, given back on drop, and renewed meanwhile.
 struct Lease {
     conn: Arc<LazyConnection>,
     key: String,
     member: String,
+    /// Stops the renewals when the lease is dropped.
+    _renewing: Option<tokio_util::sync::DropGuard>,
 }
 
 impl Drop for Lease {
@@ -174,9 +193,6 @@ impl Shares {
             max_gates: usize::try_from(config.tenancy.max_tenants).unwrap_or(usize::MAX),
             shared: shared.map(|conn| (conn, config.limits.key_prefix.clone())),
             limits: config.limits.clone(),
-            lease: config.amqp.hand_off_after()
-                + Duration::from_secs(config.longest_attempt_secs())
-                + Duration::from_secs(30),
         }
     }
 
@@ -289,8 +305,15 @@ impl Shares {
     /// reached: the replica's own cap holds alone meanwhile.
     async fn lease(&self, key: &str, cap: u64) -> Option<Lease> {
         let (conn, _) = self.shared.as_ref()?;
-        let member = uuid::Uuid::new_v4().simple().to_string();
-        let lease_ms = u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX);
+        // Made before the first try: however this wait ends (a reply too late, the caller
+        // gone), the member is removed, not left to count until its lease runs out.
+        let mut lease = Lease {
+            conn: conn.clone(),
+            key: key.to_string(),
+            member: uuid::Uuid::new_v4().simple().to_string(),
+            _renewing: None,
+        };
+        let lease_ms = u64::try_from(LEASE.as_millis()).unwrap_or(u64::MAX);
         loop {
             let taken = async {
                 let mut c = conn.get().await.map_err(|e| e.to_string())?;
@@ -298,18 +321,15 @@ impl Shares {
                     .key(key)
                     .arg(cap)
                     .arg(lease_ms)
-                    .arg(&member)
+                    .arg(&lease.member)
                     .invoke_async::<i64>(&mut c)
                     .await
                     .map_err(|e| format!("{:?}", e.kind()))
             };
             match tokio::time::timeout(REDIS_TIMEOUT, taken).await {
                 Ok(Ok(1)) => {
-                    return Some(Lease {
-                        conn: conn.clone(),
-                        key: key.to_string(),
-                        member,
-                    });
+                    lease._renewing = Some(lease.renew_while_held());
+                    return Some(lease);
                 }
                 Ok(Ok(_)) => tokio::time::sleep(LEASE_POLL).await,
                 Ok(Err(e)) => {
@@ -322,6 +342,37 @@ impl Shares {
                 }
             }
         }
+    }
+}
+
+impl Lease {
+    /// Renews the lease every [`RENEW_EVERY`] until the returned guard is dropped.
+    fn renew_while_held(&self) -> tokio_util::sync::DropGuard {
+        let stop = CancellationToken::new();
+        let (conn, key, member) = (self.conn.clone(), self.key.clone(), self.member.clone());
+        let lease_ms = u64::try_from(LEASE.as_millis()).unwrap_or(u64::MAX);
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stopped.cancelled() => return,
+                    () = tokio::time::sleep(RENEW_EVERY) => {}
+                }
+                let renew = async {
+                    let mut c = conn.get().await.ok()?;
+                    Script::new(RENEW_SCRIPT)
+                        .key(&key)
+                        .arg(&member)
+                        .arg(lease_ms)
+                        .invoke_async::<i64>(&mut c)
+                        .await
+                        .ok()
+                };
+                // A renewal that fails leaves the lease to end a minute after the last.
+                let _ = tokio::time::timeout(REDIS_TIMEOUT, renew).await;
+            }
+        });
+        stop.drop_guard()
     }
 }
 

@@ -30,7 +30,9 @@
 //! stays in the work queue instead, which the backlog has left, and its requests in hand are
 //! shared by weight as everyone's are.
 //!
-//! Chat and embeddings are counted apart: each work queue has its own lanes and bindings.
+//! Chat and embeddings are counted apart. Only chat requests move: a batched embedding call
+//! carries many requests, so a lane would need as many in hand to keep its tenant's calls
+//! full, beyond the embeddings' byte budget; their fair share is admission by weight.
 //! The tenant is always read from each message's identity, never from the lane it came
 //! from: anyone may publish into a queue by name.
 
@@ -258,12 +260,7 @@ impl State {
         if !unseen && held >= total {
             return false;
         }
-        // The tenant's weight counts even before its first request is held.
-        let weights = if self.held.contains_key(key) {
-            weights
-        } else {
-            weights + u64::from(p.weight)
-        };
+        // Holding two or more, the tenant's own weight is in `weights` already.
         let weights = weights + u64::from(unseen);
         let share = (p.limit as u64).saturating_mul(u64::from(p.weight)) / weights.max(1);
         held as u64 > share

@@ -78,7 +78,10 @@ pub(super) async fn handle(
 /// The lane a request of `tenant` from the `kind` work queue moves to, if any.
 fn lane_for(ctx: &Context, kind: Kind, tenant: &str, weight: u32) -> Option<String> {
     let topo = &ctx.config.topology;
-    if topo.lanes == 0 {
+    // Embeddings are not moved: a batched call carries many requests, so a lane would need
+    // as many in hand to keep its tenant's calls full, beyond `batch.max_buffered_bytes`.
+    // Their fair share is admission by weight over what the replica holds.
+    if topo.lanes == 0 || kind == Kind::Embedding {
         return None;
     }
     let queue = match kind {

@@ -268,6 +268,9 @@ async fn session(
                 if let Some(i) = cancelled.iter().position(|t| *t == tag) {
                     cancelled.swap_remove(i);
                 } else {
+                    // The channel is still open: the other consumers' buffered deliveries
+                    // go back now, not once every task on this channel is over.
+                    unsubscribe(ctx, &publisher, &channel, &live, &mut streams).await;
                     return Err(SessionEnd::Cancelled);
                 }
             }
@@ -279,8 +282,8 @@ async fn session(
     }
 }
 
-/// At shutdown: cancels the consumers, and gives back at once the deliveries buffered but
-/// never started ([`settle::give_back`]: requeued with their counts, not counted as a
+/// At shutdown, or when the broker cancelled one of the consumers: cancels the others, and
+/// gives back at once the deliveries buffered but never started ([`settle::give_back`]: requeued with their counts, not counted as a
 /// redelivery), so another replica can take them while this one drains.
 async fn unsubscribe(
     ctx: &Context,
@@ -328,7 +331,6 @@ async fn subscribe(
     ] {
         let lanes = &links.lanes[usize::from(kind == Kind::Embedding)];
         let first_lane = lanes.first().copied();
-        let places = lanes.len();
         let lanes = lanes
             .iter()
             .map(|&lane| (Some(lane), topology::lane_queue(queue, lane)));
@@ -338,7 +340,7 @@ async fn subscribe(
             if lane.is_none() || lane == first_lane {
                 let place = match lane {
                     None => Place::Work,
-                    Some(_) => Place::Lane { lanes: places },
+                    Some(_) => Place::Lane,
                 };
                 channel
                     .basic_qos(
@@ -381,44 +383,40 @@ async fn subscribe(
 enum Place {
     /// A work queue.
     Work,
-    /// One of the `lanes` lanes of a work queue that a slot consumes.
-    Lane { lanes: usize },
+    /// One of a work queue's lanes.
+    Lane,
 }
 
 /// Each consumer's prefetch: fixed by `worker.prefetch`, else an equal share of the limit
-/// plus a quarter for a work queue's, twice the limit for a lane's: a tenant whose requests
-/// are all in its lane needs its calls running and the next ones in hand, or the slots its
-/// calls free go to whoever has requests waiting, whatever the weights.
+/// plus a quarter, for a work queue's and for each chat lane's alike: a tenant whose requests
+/// are in its lane has as many in hand as one in the work queue, and every lane holding
+/// requests adds at most that much.
 /// The limit counts upstream calls, and a batched embedding call carries up to
 /// `batch.max_items` messages, so the embeddings consumers take that many times more, up to
 /// their share of `batch.max_buffered_bytes` in bodies of `worker.max_body_bytes` (RabbitMQ
-/// ignores a prefetch in bytes): three quarters of it for the work queue's when there are
-/// lanes, the lanes sharing the last quarter. Each consumer takes at least one, so a budget
-/// below `worker.consumers` × (1 + lanes) bodies is exceeded by that much.
+/// ignores a prefetch in bytes). Embeddings are never moved to a lane (see
+/// [`super::lanes`]): their lanes hold only what an earlier version or someone publishing
+/// by name put there, taken one request per consumer at a time, beside the budget.
 fn prefetch_for(config: &Config, limit: usize, kind: Kind, place: Place) -> u16 {
-    let share = prefetch_by_limit(config, limit, kind, place);
-    match kind {
-        Kind::Chat => share,
-        Kind::Embedding => share.min(embeddings_prefetch_by_bytes(config, place)),
+    match (kind, place) {
+        (Kind::Chat, _) => prefetch_by_limit(config, limit, kind),
+        (Kind::Embedding, Place::Work) => {
+            prefetch_by_limit(config, limit, kind).min(embeddings_prefetch_by_bytes(config))
+        }
+        (Kind::Embedding, Place::Lane) => 1,
     }
 }
 
 /// The embeddings consumers' prefetch that keeps their buffered bodies within
 /// `batch.max_buffered_bytes`; at least 1.
-fn embeddings_prefetch_by_bytes(config: &Config, place: Place) -> u16 {
+fn embeddings_prefetch_by_bytes(config: &Config) -> u16 {
     let body = u64::try_from(config.worker.max_body_bytes.max(1)).unwrap_or(u64::MAX);
     let consumers = u64::from(config.worker.consumers.max(1));
-    let budget = config.batch.max_buffered_bytes;
-    let budget = match (place, config.topology.lanes) {
-        (Place::Work, 0) => budget,
-        (Place::Work, _) => budget / 4 * 3,
-        (Place::Lane { lanes }, _) => budget / 4 / u64::try_from(lanes.max(1)).unwrap_or(1),
-    };
-    let each = budget / body / consumers;
+    let each = config.batch.max_buffered_bytes / body / consumers;
     u16::try_from(each.max(1)).unwrap_or(u16::MAX)
 }
 
-fn prefetch_by_limit(config: &Config, limit: usize, kind: Kind, place: Place) -> u16 {
+fn prefetch_by_limit(config: &Config, limit: usize, kind: Kind) -> u16 {
     if config.worker.prefetch > 0 {
         return config.worker.prefetch;
     }
@@ -427,14 +425,9 @@ fn prefetch_by_limit(config: &Config, limit: usize, kind: Kind, place: Place) ->
         Kind::Embedding => config.batch.max_items.max(1),
     };
     let consumers = usize::from(config.worker.consumers.max(1));
-    let calls = limit.saturating_mul(per_call);
-    let wanted = match place {
-        // A quarter more than the calls allowed: deliveries whose result is being confirmed
-        // still count against the prefetch, and a few waiting ones let the highest priority
-        // go first.
-        Place::Work => calls.saturating_mul(5) / 4,
-        Place::Lane { .. } => calls.saturating_mul(2),
-    };
+    // A quarter more than the calls allowed: deliveries whose result is being confirmed still
+    // count against the prefetch, and a few waiting ones let the highest priority go first.
+    let wanted = limit.saturating_mul(per_call).saturating_mul(5) / 4;
     let share = wanted.div_ceil(consumers).max(1);
     u16::try_from(share).unwrap_or(u16::MAX)
 }
@@ -446,7 +439,6 @@ mod tests {
     #[test]
     fn prefetch_follows_the_limit_with_headroom() {
         let mut c = Config::default();
-        c.topology.lanes = 0;
         c.worker.consumers = 4;
         c.batch.max_items = 64;
         c.worker.max_body_bytes = 1024;
@@ -478,22 +470,15 @@ mod tests {
             1,
             "at least one"
         );
-        c.topology.lanes = 16;
         assert_eq!(
-            prefetch_for(&c, 256, Kind::Chat, Place::Lane { lanes: 16 }),
-            128,
-            "a lane's: twice the limit"
-        );
-        c.batch.max_buffered_bytes = 256 * 1024 * 1024;
-        assert_eq!(
-            prefetch_for(&c, 256, Kind::Embedding, Place::Work),
-            48,
-            "three quarters of the bytes for the work queue"
+            prefetch_for(&c, 256, Kind::Chat, Place::Lane),
+            80,
+            "a chat lane's: the work queue's"
         );
         assert_eq!(
-            prefetch_for(&c, 256, Kind::Embedding, Place::Lane { lanes: 16 }),
+            prefetch_for(&c, 256, Kind::Embedding, Place::Lane),
             1,
-            "the last quarter shared by 16 lanes"
+            "embeddings are never moved to a lane"
         );
         c.worker.prefetch = 7;
         assert_eq!(

@@ -396,8 +396,7 @@ async fn the_embeddings_prefetch_is_bounded_by_buffered_bytes() {
             c.worker.consumers = 2;
             c.worker.prefetch = 16;
             c.worker.max_body_bytes = 1024;
-            // 8 KiB of 1 KiB bodies, three quarters of it for the work queue (its lanes
-            // share the rest): 3 per consumer, 6 in all (16 each without the bound).
+            // 8 KiB of 1 KiB bodies: 4 per consumer, 8 in all (16 each without the bound).
             c.batch.max_buffered_bytes = 8 * 1024;
         },
     )
@@ -422,8 +421,8 @@ async fn the_embeddings_prefetch_is_bounded_by_buffered_bytes() {
     let queue = env.config.topology.embeddings_queue.clone();
     assert_eq!(
         env.queue_len(&queue).await,
-        34,
-        "6 of 40 handed out while the calls hold them"
+        32,
+        "8 of 40 handed out while the calls hold them"
     );
     worker.stop().await.unwrap();
     env.cleanup().await;

@@ -529,7 +529,13 @@ async fn weights_3_to_1() {
             },
         ),
     ]);
-    let env = TestEnv::with(recording(40), |c| {
+    // Calls of 40 to 80 ms, as a provider's vary: calls started together do not all end
+    // together, and neither do their tenants' next requests arrive together.
+    let mock = MockOptions {
+        latency_jitter_ms: 40,
+        ..recording(40)
+    };
+    let env = TestEnv::with(mock, |c| {
         fixed_concurrency(c, 8);
         c.tenants = weights;
     })
