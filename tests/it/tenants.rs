@@ -832,22 +832,45 @@ async fn lanes_of_an_earlier_larger_setting_are_still_consumed() {
         .collect();
     ids.sort();
     assert_eq!(ids, ["left-0", "left-1"]);
-    // The operator deletes one of the old lanes: the broker cancels its consumers, and the
-    // worker goes on consuming the rest.
+    // The operator deletes the lower old lane: the broker cancels its consumers, the worker
+    // looks for the lanes again, past the gap, and goes on consuming the higher one and the
+    // work queue.
     env.channel
-        .queue_delete(leftovers[1].as_str().into(), Default::default())
+        .queue_delete(leftovers[0].as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let later = json!({"request_id": "later", "prompt": "still served?"});
+    env.channel
+        .basic_publish(
+            "".into(),
+            leftovers[1].as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            later.to_string().as_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
         .await
         .unwrap();
     env.publish_chat(
-        &json!({"request_id": "after", "prompt": "still served?"}),
+        &json!({"request_id": "after", "prompt": "and this one?"}),
         BasicProperties::default(),
     )
     .await;
-    let after = env.results(1).await;
-    assert_eq!(after[0].1["request_id"], "after", "{:?}", after[0].1);
+    let mut after: Vec<String> = env
+        .results(2)
+        .await
+        .into_iter()
+        .map(|(_, r)| r["request_id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    after.sort();
+    assert_eq!(after, ["after", "later"]);
     worker.stop().await.expect("worker stops");
     env.channel
-        .queue_delete(leftovers[0].as_str().into(), Default::default())
+        .queue_delete(leftovers[1].as_str().into(), Default::default())
         .await
         .unwrap();
     env.cleanup().await;
