@@ -42,8 +42,32 @@ use tokio::time::Instant;
 
 use crate::{
     broker::topology,
+    config::TopologyConfig,
     contract::{ANONYMOUS, request::Kind},
 };
+
+/// Where a delivery comes from: a work queue, or one of its lanes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The work queue's kind.
+    pub kind: Kind,
+    /// The lane, `None` for the work queue itself.
+    pub lane: Option<u16>,
+}
+
+impl Origin {
+    /// The queue it came from, where it goes back to when handed back.
+    pub fn queue(&self, topo: &TopologyConfig) -> String {
+        let work = match self.kind {
+            Kind::Chat => &topo.processing_queue,
+            Kind::Embedding => &topo.embeddings_queue,
+        };
+        match self.lane {
+            Some(lane) => topology::lane_queue(work, lane),
+            None => work.clone(),
+        }
+    }
+}
 
 /// How long a tenant stays bound to its lane after it was last over its share: longer than
 /// the lanes' depths take to be read again, so a lane is seen empty before it is left.

@@ -21,8 +21,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use super::{
     Context,
     decide::{Claim, Decision, Destination, Input, Republish, decide},
-    lanes::Pressure,
-    subscribe::Origin,
+    lanes::{Origin, Pressure},
 };
 use crate::{
     broker::{

@@ -19,7 +19,7 @@ use lapin::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
-use super::{Context, health::Consuming, settle};
+use super::{Context, health::Consuming, lanes::Origin, settle};
 use crate::{
     broker::{publish::Publisher, topology},
     config::Config,
@@ -133,29 +133,6 @@ pub(super) async fn consumer_slot(
 /// Shortest time between two resubscriptions of a slot when the prefetch follows the
 /// concurrency limit.
 const RESUBSCRIBE_EVERY: Duration = Duration::from_secs(1);
-
-/// Where a delivery comes from: a work queue, or one of its lanes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Origin {
-    /// The work queue's kind.
-    pub kind: Kind,
-    /// The lane, `None` for the work queue itself.
-    pub lane: Option<u16>,
-}
-
-impl Origin {
-    /// The queue it came from, where it goes back to when handed back.
-    pub fn queue(&self, topo: &crate::config::TopologyConfig) -> String {
-        let work = match self.kind {
-            Kind::Chat => &topo.processing_queue,
-            Kind::Embedding => &topo.embeddings_queue,
-        };
-        match self.lane {
-            Some(lane) => topology::lane_queue(work, lane),
-            None => work.clone(),
-        }
-    }
-}
 
 /// A delivery from one of a slot's consumers, or the end of that consumer's stream.
 type Tagged = (String, Origin, Option<Result<Delivery, lapin::Error>>);

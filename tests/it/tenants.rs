@@ -671,12 +671,7 @@ async fn a_single_tenant_uses_the_whole_fleet() {
     })
     .await;
     let alice = Tenant::new(alice, "alice").await;
-    let replicas = ["a", "b"].map(|r| {
-        let mut config = env.config.clone();
-        config.worker.id = format!("{}-{r}", env.config.worker.id);
-        (config.worker.id.clone(), env.start_worker_with(config))
-    });
-    both_consuming(&env).await;
+    let replicas = two_replicas(&env).await;
     alice.publish(&env, 0..ALICE).await;
     let got = collect(&env, &[&alice], |got| got.len() == ALICE).await;
     assert_eq!(env.chat_calls(), ALICE as u64);
@@ -700,8 +695,19 @@ async fn a_single_tenant_uses_the_whole_fleet() {
     env.cleanup().await;
 }
 
-/// Waits until two replicas consume the work queue: both before the backlog comes, so
+/// Two replicas, each with an id of its own, both consuming before the backlog comes, so
 /// neither starts late on a busy machine and finds the work gone.
+async fn two_replicas(env: &TestEnv) -> [(String, crate::helpers::Worker); 2] {
+    let replicas = ["a", "b"].map(|r| {
+        let mut config = env.config.clone();
+        config.worker.id = format!("{}-{r}", env.config.worker.id);
+        (config.worker.id.clone(), env.start_worker_with(config))
+    });
+    both_consuming(env).await;
+    replicas
+}
+
+/// Waits until two replicas consume the work queue.
 async fn both_consuming(env: &TestEnv) {
     let main = env.config.topology.processing_queue.clone();
     let slots = 2 * u32::from(env.config.worker.consumers);
@@ -899,12 +905,7 @@ async fn a_tenant_cap_holds_across_replicas_with_redis() {
     })
     .await;
     let alice = Tenant::new(alice, "alice").await;
-    let replicas = ["a", "b"].map(|r| {
-        let mut config = env.config.clone();
-        config.worker.id = format!("{}-{r}", env.config.worker.id);
-        (config.worker.id.clone(), env.start_worker_with(config))
-    });
-    both_consuming(&env).await;
+    let replicas = two_replicas(&env).await;
     alice.publish(&env, 0..ALICE).await;
     let got = collect(&env, &[&alice], |got| got.len() == ALICE).await;
     assert_eq!(env.chat_calls(), ALICE as u64);
