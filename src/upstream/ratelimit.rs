@@ -119,9 +119,19 @@ impl Budget {
     /// Answers the tokens taken: `tokens`, or less when the debt bound cut the charge. That is
     /// what [`Self::settle`] corrects and a call without usage gives back.
     pub async fn take(&self, tokens: u64) -> u64 {
+        self.take_request().await;
+        self.take_tokens(tokens).await
+    }
+
+    /// The request half of [`Self::take`].
+    pub async fn take_request(&self) {
         if let Some(b) = &self.requests {
             b.take(1).await;
         }
+    }
+
+    /// The token half of [`Self::take`]: answers the tokens taken.
+    pub async fn take_tokens(&self, tokens: u64) -> u64 {
         match &self.tokens {
             Some(b) => b.take(tokens).await,
             None => 0,

@@ -252,7 +252,11 @@ impl Shares {
                 Some((key, cap)) => self.lease(key, *cap).await,
                 None => None,
             };
-            let tokens = gate.budget.take(tokens).await;
+            gate.budget.take_request().await;
+            // Should the wait for tokens be given up, the request taken goes back.
+            let refund = RequestRefund(Some(gate.clone()));
+            let tokens = gate.budget.take_tokens(tokens).await;
+            refund.disarm();
             Pass {
                 _call: call,
                 _lease: lease,
@@ -486,6 +490,24 @@ impl Calls {
     }
 }
 
+/// Gives a request taken from a tenant's budget back when dropped before [`Self::disarm`]:
+/// its call waited for tokens and was given up.
+struct RequestRefund(Option<Arc<Gate>>);
+
+impl RequestRefund {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RequestRefund {
+    fn drop(&mut self) {
+        if let (Some(gate), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            runtime.spawn(async move { gate.budget.give_back_request().await });
+        }
+    }
+}
+
 /// Counts a call waiting for its tenant's caps while alive.
 struct Waiting<'a>(&'a AtomicUsize);
 
@@ -688,6 +710,37 @@ mod tests {
             .is_err(),
             "two calls made: the budget of one a minute is spent"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_given_up_while_it_waits_for_tokens_gives_its_request_back() {
+        let s = shares(&[(
+            "alice",
+            TenantConfig {
+                max_requests_per_minute: Some(2),
+                max_tokens_per_minute: Some(100),
+                ..Default::default()
+            },
+        )]);
+        let stop = CancellationToken::new();
+        let first = s.enter("alice", 0, 100, far(), &stop).await.unwrap();
+        // It used twice its estimate: the bucket is a minute in debt.
+        first.settle(200, true).await;
+        // The second takes a request, then waits for tokens in vain.
+        let soon = Instant::now() + Duration::from_millis(100);
+        assert_eq!(
+            s.enter("alice", 0, 50, soon, &stop).await.err(),
+            Some(NotEntered::Deferred)
+        );
+        tokio::task::yield_now().await;
+        let start = Instant::now();
+        let third = s.enter("alice", 0, 0, far(), &stop).await.unwrap();
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "the deferred call's request came back: one of two is left"
+        );
+        third.settle(0, true).await;
     }
 
     #[test]
