@@ -77,7 +77,7 @@ pub fn lanes(topo: &TopologyConfig) -> impl Iterator<Item = String> + '_ {
 }
 
 /// Missing lanes in a row after which [`lanes_in_use`] stops looking.
-const LANE_GAP: u16 = 16;
+pub const LANE_GAP: u16 = 16;
 
 /// The lanes of work queue `queue` a worker must consume so that none is left with requests
 /// in it: the `configured` ones, and those an earlier, larger `topology.lanes` left. Lanes

@@ -19,7 +19,6 @@ use serde_json::{Map, Value};
 
 use std::collections::BTreeMap;
 
-use super::stream::{Deltas, StreamLimits};
 use crate::{
     config::{Secret, UpstreamConfig},
     contract::Usage,
@@ -154,7 +153,7 @@ pub struct LlmClient {
     http: reqwest::Client,
     /// `[upstreams.<name>].headers`, values marked sensitive.
     headers: header::HeaderMap,
-    chat_url: Endpoint,
+    pub(super) chat_url: Endpoint,
     embeddings_url: Endpoint,
     /// `Bearer <api_key>`, built once and marked sensitive; `None` without a key, or when
     /// the key cannot be a header value (then each call sets it through reqwest, which
@@ -162,15 +161,15 @@ pub struct LlmClient {
     auth: Option<header::HeaderValue>,
     api_key: Secret,
     /// `llm.max_response_bytes`: an answer is read up to this and refused beyond it.
-    max_response_bytes: usize,
+    pub(super) max_response_bytes: usize,
     /// The timeouts of streamed calls.
-    stream: StreamLimits,
+    pub(super) stream: StreamLimits,
 }
 
 /// An upstream URL, parsed once rather than on every call (parsing showed up at 4% of the
 /// worker's CPU); one that does not parse is kept as text so each call reports the error.
 #[derive(Clone)]
-enum Endpoint {
+pub(super) enum Endpoint {
     Parsed(Url),
     Unparsed(String),
 }
@@ -192,13 +191,13 @@ impl Endpoint {
 
 /// A request body, serialized straight from the job's data: the extra params, then `model`
 /// and the messages or inputs under `key` (which win over params of the same name).
-struct Body<'a, T: Serialize + ?Sized> {
-    model: &'a str,
-    key: &'static str,
-    value: &'a T,
-    params: &'a Map<String, Value>,
+pub(super) struct Body<'a, T: Serialize + ?Sized> {
+    pub(super) model: &'a str,
+    pub(super) key: &'static str,
+    pub(super) value: &'a T,
+    pub(super) params: &'a Map<String, Value>,
     /// Ask for server-sent events, with usage in the last chunk.
-    stream: bool,
+    pub(super) stream: bool,
 }
 
 impl<T: Serialize + ?Sized> Serialize for Body<'_, T> {
@@ -295,71 +294,25 @@ impl LlmClient {
         let (answer, spent_for): (ChatResponse, _) = self.post(&self.chat_url, &body).await?;
         chat_answer(answer, model, spent_for)
     }
+}
 
-    /// `POST {base_url}/chat/completions` with `stream: true`: each delta goes to `deltas`
-    /// as it arrives, and the whole answer is returned at the end
-    /// ([`super::stream::read`]). A server that answers whole instead is understood too: its
-    /// answer is handed on as one delta per choice.
-    pub async fn chat_stream(
-        &self,
-        model: &str,
-        messages: &[Value],
-        params: &Map<String, Value>,
-        deltas: &Deltas,
-    ) -> Result<ChatAnswer, LlmError> {
-        let body = Body {
-            model,
-            key: "messages",
-            value: messages,
-            params,
-            stream: true,
-        };
-        let limits = self.stream;
-        let until = tokio::time::Instant::now() + limits.total;
-        let sent = self.send(&self.chat_url, &body, Some(limits.total));
-        let idle = until.min(tokio::time::Instant::now() + limits.idle);
-        let (resp, spent_for) =
-            tokio::time::timeout_at(idle, sent)
-                .await
-                .map_err(|_| LlmError::Transient {
-                    message: format!(
-                        "no answer within {} s (llm.stream_idle_timeout_secs)",
-                        limits.idle.as_secs()
-                    ),
-                    retry_after: None,
-                    throttle: true,
-                })??;
-        let streamed = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
-        if !streamed {
-            let limit = self.max_response_bytes;
-            let (body, cut) = read_bounded(resp, limit).await.map_err(classify_reqwest)?;
-            // Events under another content type (a proxy that relabels them) are still
-            // events.
-            let text = body.trim_ascii_start();
-            if !cut && (text.starts_with(b"data:") || text.starts_with(b":")) {
-                let events = futures_util::stream::iter([Ok(bytes::Bytes::from(body))]);
-                let mut answer =
-                    super::stream::read(events, model, limit, limits, until, deltas).await?;
-                answer.spent_for = spent_for;
-                return Ok(answer);
-            }
-            let (answer, spent_for) = parse_body::<ChatResponse>(&body, cut, limit, spent_for)?;
-            let answer = chat_answer(answer, model, spent_for)?;
-            super::stream::pieces_of(&answer, deltas);
-            return Ok(answer);
+/// The timeouts of a streamed call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Longest silence: before the answer's headers, and between two chunks
+    /// (`llm.stream_idle_timeout_secs`). Comments count: they are how proxies keep a
+    /// stream alive.
+    pub idle: Duration,
+    /// Longest stream, from the call to its last chunk (`llm.stream_max_secs`).
+    pub total: Duration,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self {
+            idle: Duration::from_secs(60),
+            total: Duration::from_secs(300),
         }
-        let bytes = futures_util::StreamExt::map(resp.bytes_stream(), |chunk| {
-            chunk.map_err(classify_reqwest)
-        });
-        let mut answer =
-            super::stream::read(bytes, model, self.max_response_bytes, limits, until, deltas)
-                .await?;
-        answer.spent_for = spent_for;
-        Ok(answer)
     }
 }
 
@@ -375,7 +328,7 @@ pub(crate) fn too_large(limit: usize) -> LlmError {
 
 /// A successful answer's body parsed; `cut`: it was longer than `limit` and not read
 /// further.
-fn parse_body<T: for<'de> Deserialize<'de>>(
+pub(super) fn parse_body<T: for<'de> Deserialize<'de>>(
     bytes: &[u8],
     cut: bool,
     limit: usize,
@@ -392,7 +345,7 @@ fn parse_body<T: for<'de> Deserialize<'de>>(
 
 /// A chat completion's answer read: the first choice for the top-level fields, every choice
 /// kept as sent.
-fn chat_answer(
+pub(super) fn chat_answer(
     answer: ChatResponse,
     model: &str,
     spent_for: Option<Duration>,
@@ -504,7 +457,7 @@ impl LlmClient {
     /// Posts `body` (with `timeout` in place of the deployment's, for a stream) and returns
     /// a successful answer unread, with how long the deployment's rate-limit budget stays
     /// spent if this call spent it; a failed one is read (its error text) and classified.
-    async fn send(
+    pub(super) async fn send(
         &self,
         url: &Endpoint,
         body: &impl Serialize,
@@ -665,7 +618,7 @@ pub fn parse_reset(value: &str) -> Option<Duration> {
 /// Reads at most `limit` bytes of `resp`'s body as it streams in, never more: `true` when
 /// the body is longer (its declared length, or what arrived), then what was read is a prefix
 /// and the rest is left unread (the connection is dropped with the response).
-async fn read_bounded(
+pub(super) async fn read_bounded(
     mut resp: reqwest::Response,
     limit: usize,
 ) -> Result<(Vec<u8>, bool), reqwest::Error> {
@@ -691,7 +644,7 @@ pub fn is_transient_status(status: StatusCode) -> bool {
     matches!(status.as_u16(), 408 | 409 | 429) || status.is_server_error()
 }
 
-fn classify_reqwest(e: reqwest::Error) -> LlmError {
+pub(super) fn classify_reqwest(e: reqwest::Error) -> LlmError {
     // Timeouts, refused or reset connections and broken bodies are all worth a retry; the
     // URL is left out because it may carry credentials.
     let kind = if e.is_timeout() {
@@ -731,7 +684,7 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 }
 
 #[derive(Deserialize)]
-struct ChatResponse {
+pub(super) struct ChatResponse {
     model: Option<String>,
     /// Kept verbatim: tool calls, refusals, logprobs and whatever a provider adds.
     choices: Vec<Value>,

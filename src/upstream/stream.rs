@@ -1,5 +1,5 @@
-//! A streamed chat answer (`stream: true`): the upstream's server-sent events read as they
-//! arrive, each chunk's delta handed on as a [`Piece`] (for the worker to publish to
+//! A streamed chat answer (`stream: true`): [`LlmClient::chat_stream`] makes the call, and
+//! the upstream's server-sent events are read as they arrive, each chunk's delta handed on as a [`Piece`] (for the worker to publish to
 //! `reply_to`), and merged into the whole answer, which ends as the same [`ChatAnswer`] a
 //! call without streaming returns.
 //!
@@ -17,7 +17,11 @@ use futures_util::{Stream, StreamExt};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
-use super::client::{ChatAnswer, LlmError};
+pub use super::client::StreamLimits;
+use super::client::{
+    Body, ChatAnswer, ChatResponse, LlmClient, LlmError, chat_answer, classify_reqwest, parse_body,
+    read_bounded,
+};
 use crate::contract::Usage;
 
 /// Most choices a stream may carry (`llm.max_n` is far below), and most items of a list in
@@ -33,26 +37,6 @@ const HEAD_BYTES: usize = 4096;
 
 /// Where the deltas of a streamed answer go, in the order they came.
 pub type Deltas = mpsc::UnboundedSender<Piece>;
-
-/// The timeouts of a streamed call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StreamLimits {
-    /// Longest silence: before the answer's headers, and between two chunks
-    /// (`llm.stream_idle_timeout_secs`). Comments count: they are how proxies keep a
-    /// stream alive.
-    pub idle: Duration,
-    /// Longest stream, from the call to its last chunk (`llm.stream_max_secs`).
-    pub total: Duration,
-}
-
-impl Default for StreamLimits {
-    fn default() -> Self {
-        Self {
-            idle: Duration::from_secs(60),
-            total: Duration::from_secs(300),
-        }
-    }
-}
 
 /// What one chunk added to one choice: its `delta` without the role (`content`,
 /// `refusal` or `tool_calls` fragments), in the OpenAI chunk shape.
@@ -596,6 +580,73 @@ pub fn pieces_of(answer: &ChatAnswer, deltas: &Deltas) {
         if !delta.is_empty() {
             let _ = deltas.send(Piece { index, delta });
         }
+    }
+}
+
+/// The streamed call lives here, beside its reader; the client's plain calls and the
+/// classification of every failure it shares stay in [`super::client`].
+impl LlmClient {
+    /// `POST {base_url}/chat/completions` with `stream: true`: each delta goes to `deltas`
+    /// as it arrives, and the whole answer is returned at the end
+    /// ([`read`]). A server that answers whole instead is understood too: its
+    /// answer is handed on as one delta per choice.
+    pub async fn chat_stream(
+        &self,
+        model: &str,
+        messages: &[Value],
+        params: &Map<String, Value>,
+        deltas: &Deltas,
+    ) -> Result<ChatAnswer, LlmError> {
+        let body = Body {
+            model,
+            key: "messages",
+            value: messages,
+            params,
+            stream: true,
+        };
+        let limits = self.stream;
+        let until = tokio::time::Instant::now() + limits.total;
+        let sent = self.send(&self.chat_url, &body, Some(limits.total));
+        let idle = until.min(tokio::time::Instant::now() + limits.idle);
+        let (resp, spent_for) =
+            tokio::time::timeout_at(idle, sent)
+                .await
+                .map_err(|_| LlmError::Transient {
+                    message: format!(
+                        "no answer within {} s (llm.stream_idle_timeout_secs)",
+                        limits.idle.as_secs()
+                    ),
+                    retry_after: None,
+                    throttle: true,
+                })??;
+        let streamed = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+        if !streamed {
+            let limit = self.max_response_bytes;
+            let (body, cut) = read_bounded(resp, limit).await.map_err(classify_reqwest)?;
+            // Events under another content type (a proxy that relabels them) are still
+            // events.
+            let text = body.trim_ascii_start();
+            if !cut && (text.starts_with(b"data:") || text.starts_with(b":")) {
+                let events = futures_util::stream::iter([Ok(bytes::Bytes::from(body))]);
+                let mut answer = read(events, model, limit, limits, until, deltas).await?;
+                answer.spent_for = spent_for;
+                return Ok(answer);
+            }
+            let (answer, spent_for) = parse_body::<ChatResponse>(&body, cut, limit, spent_for)?;
+            let answer = chat_answer(answer, model, spent_for)?;
+            pieces_of(&answer, deltas);
+            return Ok(answer);
+        }
+        let bytes = futures_util::StreamExt::map(resp.bytes_stream(), |chunk| {
+            chunk.map_err(classify_reqwest)
+        });
+        let mut answer = read(bytes, model, self.max_response_bytes, limits, until, deltas).await?;
+        answer.spent_for = spent_for;
+        Ok(answer)
     }
 }
 
