@@ -5,8 +5,8 @@
 //! - its own caps (`[tenants.<name>]`): calls at once (`max_inflight`), requests and tokens
 //!   per minute. A call waits for them before it waits for a slot, so a tenant at its cap
 //!   holds no slot and no place in the flow's queue: it waits without blocking anyone else.
-//!   Its calls waiting for its `max_inflight` start highest priority first, then in arrival
-//!   order, as in the flow.
+//!   Its calls at once are a [`Flow`] of its own at a fixed limit, so those waiting for its
+//!   `max_inflight` start highest priority first, then in arrival order.
 //!
 //! With `limits.redis_url` the caps hold for the whole fleet: the per-minute budgets are the
 //! shared buckets of [`crate::upstream::ratelimit`], and the calls at once a Redis sorted set
@@ -16,8 +16,7 @@
 //! Without Redis, or while it cannot be reached, each replica holds the caps alone.
 
 use std::{
-    cmp::Ordering,
-    collections::{BinaryHeap, HashMap},
+    collections::HashMap,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicUsize, Ordering::Relaxed},
@@ -26,7 +25,7 @@ use std::{
 };
 
 use redis::Script;
-use tokio::{sync::oneshot, time::Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -34,7 +33,7 @@ use crate::{
     config::{Config, TenantLimits, Tenants},
     store::redis_conn::LazyConnection,
     upstream::{
-        flow::Turn,
+        flow::{Flow, Permit, Turn},
         ratelimit::{Budget, REDIS_TIMEOUT},
     },
 };
@@ -94,8 +93,9 @@ pub struct Shares {
 
 /// One tenant's caps.
 struct Gate {
-    /// Calls at once on this replica.
-    calls: Option<Arc<Calls>>,
+    /// Calls at once on this replica: a flow control of fixed limit (no AIMD signal is ever
+    /// given to it, and no budget), for its waiters' order, highest priority first.
+    calls: Option<Arc<Flow>>,
     /// Calls at once in the fleet: the lease set's key and its size.
     fleet: Option<(String, u64)>,
     budget: Budget,
@@ -116,7 +116,7 @@ pub enum NotEntered {
 /// and what it took from the tenant's budgets until [`Pass::settle`].
 #[must_use = "the tenant's caps hold while the pass lives"]
 pub struct Pass {
-    _call: Option<CallPermit>,
+    _call: Option<Permit>,
     _lease: Option<Lease>,
     gate: Option<Arc<Gate>>,
     tokens: u64,
@@ -245,7 +245,7 @@ impl Shares {
         let wait = async {
             let _waiting = Waiting::new(&gate.waiting);
             let call = match &gate.calls {
-                Some(calls) => Some(calls.acquire(priority).await),
+                Some(calls) => Some(calls.acquire(Turn::anyone(priority), 0).await),
                 None => None,
             };
             let lease = match &gate.fleet {
@@ -277,7 +277,7 @@ impl Shares {
         let calls = usize::try_from(limits.max_inflight)
             .ok()
             .filter(|n| *n > 0)
-            .map(Calls::new);
+            .map(|cap| Flow::new(cap, cap, Budget::unlimited()));
         let fleet = match (&self.shared, limits.max_inflight) {
             (Some((_, prefix)), cap) if cap > 0 => {
                 Some((format!("{prefix}:{scope}:inflight"), cap))
@@ -377,116 +377,6 @@ impl Lease {
             }
         });
         stop.drop_guard()
-    }
-}
-
-/// A tenant's calls at once on this replica: a semaphore whose waiters start highest
-/// priority first, then in arrival order.
-struct Calls {
-    cap: usize,
-    state: Mutex<CallsState>,
-}
-
-#[derive(Default)]
-struct CallsState {
-    running: usize,
-    waiters: BinaryHeap<CallWaiter>,
-    seq: u64,
-}
-
-struct CallWaiter {
-    priority: u8,
-    seq: u64,
-    tx: oneshot::Sender<CallPermit>,
-}
-
-impl PartialEq for CallWaiter {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-impl Eq for CallWaiter {}
-impl PartialOrd for CallWaiter {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for CallWaiter {
-    /// Higher priority first; within a priority, the earlier arrival first.
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.priority
-            .cmp(&other.priority)
-            .then_with(|| other.seq.cmp(&self.seq))
-    }
-}
-
-/// A place under a tenant's `max_inflight`, given back on drop. A permit sent to a waiter
-/// that has gone is dropped with the message, and so given back too.
-struct CallPermit {
-    calls: Option<Arc<Calls>>,
-}
-
-impl Drop for CallPermit {
-    fn drop(&mut self) {
-        if let Some(calls) = self.calls.take() {
-            calls.release();
-        }
-    }
-}
-
-impl Calls {
-    fn new(cap: usize) -> Arc<Self> {
-        Arc::new(Self {
-            cap,
-            state: Mutex::default(),
-        })
-    }
-
-    fn state(&self) -> MutexGuard<'_, CallsState> {
-        // Plain counters: a panic while holding the lock leaves them usable.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    async fn acquire(self: &Arc<Self>, priority: u8) -> CallPermit {
-        let rx = {
-            let mut s = self.state();
-            if s.running < self.cap && s.waiters.is_empty() {
-                s.running += 1;
-                return CallPermit {
-                    calls: Some(self.clone()),
-                };
-            }
-            let (tx, rx) = oneshot::channel();
-            s.seq += 1;
-            let seq = s.seq;
-            s.waiters.push(CallWaiter { priority, seq, tx });
-            rx
-        };
-        match rx.await {
-            Ok(permit) => permit,
-            // The sender lives in the heap until granted; should it ever be dropped
-            // unsent, wait again rather than run without a place.
-            Err(_) => Box::pin(self.acquire(priority)).await,
-        }
-    }
-
-    fn release(self: &Arc<Self>) {
-        let mut s = self.state();
-        s.running = s.running.saturating_sub(1);
-        while s.running < self.cap {
-            let Some(waiter) = s.waiters.pop() else {
-                break;
-            };
-            s.running += 1;
-            let permit = CallPermit {
-                calls: Some(self.clone()),
-            };
-            if let Err(mut unwanted) = waiter.tx.send(permit) {
-                // The waiter gave up: take the place back without re-entering the lock.
-                unwanted.calls = None;
-                s.running -= 1;
-            }
-        }
     }
 }
 

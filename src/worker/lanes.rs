@@ -240,6 +240,7 @@ impl Lanes {
     }
 
     /// Tenants bound to their lane now, of both kinds.
+    #[cfg(test)]
     pub fn bound(&self) -> usize {
         self.state().bound.len()
     }
