@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, time::Duration};
 use serde::{Deserialize, Serialize};
 
 use super::{Secret, SecretUrl};
-use crate::contract::rules::{DEFAULT_ALLOWED_PARAMS, DEFAULT_MAX_N, DEFAULT_MAX_TOKENS_CAP};
+use crate::contract::{
+    request::Kind,
+    rules::{DEFAULT_ALLOWED_PARAMS, DEFAULT_MAX_N, DEFAULT_MAX_TOKENS_CAP},
+};
 
 /// Broker connection settings.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -238,6 +241,22 @@ impl TopologyConfig {
             unroutable_queue: format!("{p}.unroutable"),
             control_exchange: format!("{p}.control"),
             ..self.clone()
+        }
+    }
+
+    /// The work queue of requests of `kind`.
+    pub fn work_queue(&self, kind: Kind) -> &str {
+        match kind {
+            Kind::Chat => &self.processing_queue,
+            Kind::Embedding => &self.embeddings_queue,
+        }
+    }
+
+    /// The routing key that brings requests of `kind` to their work queue.
+    pub fn work_key(&self, kind: Kind) -> &str {
+        match kind {
+            Kind::Chat => &self.processing_key,
+            Kind::Embedding => &self.embeddings_key,
         }
     }
 }

@@ -58,13 +58,10 @@ pub struct Origin {
 impl Origin {
     /// The queue it came from, where it goes back to when handed back.
     pub fn queue(&self, topo: &TopologyConfig) -> String {
-        let work = match self.kind {
-            Kind::Chat => &topo.processing_queue,
-            Kind::Embedding => &topo.embeddings_queue,
-        };
+        let work = topo.work_queue(self.kind);
         match self.lane {
             Some(lane) => topology::lane_queue(work, lane),
-            None => work.clone(),
+            None => work.to_string(),
         }
     }
 }

@@ -15,6 +15,8 @@
 //! - [`decide`] and [`policy`]: the decision, pure, tested branch by branch.
 //! - [`health`]: readiness and the queue depths for the admin endpoints.
 
+mod ack;
+mod attempt;
 pub mod cancel;
 pub mod decide;
 pub mod health;

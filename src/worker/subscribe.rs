@@ -19,7 +19,7 @@ use lapin::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
-use super::{Context, health::Consuming, lanes::Origin, settle};
+use super::{Context, ack, health::Consuming, lanes::Origin, settle};
 use crate::{
     broker::{publish::Publisher, topology},
     config::Config,
@@ -260,7 +260,7 @@ async fn session(
 }
 
 /// At shutdown, or when the broker cancelled one of the consumers: cancels the others, and
-/// gives back at once the deliveries buffered but never started ([`settle::give_back`]: requeued with their counts, not counted as a
+/// gives back at once the deliveries buffered but never started ([`ack::give_back`]: requeued with their counts, not counted as a
 /// redelivery), so another replica can take them while this one drains.
 async fn unsubscribe(
     ctx: &Context,
@@ -282,7 +282,7 @@ async fn unsubscribe(
     }
     let give_back = buffered.iter().map(|(origin, delivery)| {
         let state = RetryState::read(&delivery.properties);
-        settle::give_back(ctx, publisher, *origin, delivery, state)
+        ack::give_back(ctx, publisher, *origin, delivery, state)
     });
     futures_util::future::join_all(give_back).await;
 }

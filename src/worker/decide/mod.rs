@@ -6,12 +6,19 @@
 //! back. `worker::settle` carries decisions out and talks to the broker; nothing
 //! here does, so every branch has a unit test below.
 
+mod tally;
+
 use std::time::Duration;
+
+pub use tally::{AfterAttempt, Attempted, CUT_AT_DEADLINE, Tally};
 
 use crate::{
     broker::retry::TIERS,
     config::OnStoreError,
-    contract::{ErrorKind, request::InvalidRequest},
+    contract::{
+        ErrorKind,
+        request::{InvalidRequest, Kind},
+    },
     upstream::call::Outcome,
     worker::policy::RetryPolicy,
 };
@@ -71,8 +78,8 @@ pub struct Input<'a> {
     pub result_bytes: Option<usize>,
     /// Largest result that may be published (`worker.max_result_bytes`).
     pub max_result_bytes: usize,
-    /// The results queue refused the result (a length limit with `reject-publish`).
-    pub results_refused: bool,
+    /// The last publish made to settle the delivery, and what the broker said of it.
+    pub sent: Option<Sent>,
     /// Unix ms of the first rate limit the request met (its header, or this delivery's).
     pub rate_limited_since_ms: Option<i64>,
     /// Rate limits met in this delivery so far, the last one included.
@@ -82,9 +89,8 @@ pub struct Input<'a> {
     pub deadline_ms: Option<i64>,
     /// The caller cancelled the request (before it was reached, or while it ran).
     pub cancelled: bool,
-    /// Why the request's tenant may not be called: its day's or month's budget is spent
-    /// (asked before each call).
-    pub over_budget: Option<&'a str>,
+    /// Whether the request's tenant may spend: asked before each call.
+    pub budget: &'a Budget,
     /// The worker is shutting down (or past its deadline): start nothing new.
     pub stopping: bool,
     /// When and how often to retry.
@@ -95,11 +101,84 @@ pub struct Input<'a> {
     pub jitter: f64,
 }
 
+/// Whether the request's tenant may spend, as far as it was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Budget {
+    /// No budget applies to anyone: nothing to ask.
+    Unlimited,
+    /// Not asked for the next call yet.
+    NotAsked,
+    /// Asked: the tenant may spend.
+    Within,
+    /// Asked: the tenant's day's or month's budget is spent; why.
+    Over(String),
+}
+
+/// What a publish made to settle a delivery carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sending {
+    /// The result (a new answer, or a stored one).
+    Result,
+    /// The request itself, to a retry tier or back to its queue.
+    Republish,
+    /// The request, to the dead-letter queue.
+    DeadLetter,
+    /// The `cancelled` notice to the caller.
+    CancelNotice,
+}
+
+/// What the broker said of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirm {
+    /// Confirmed (and routed): the delivery may be acked.
+    Confirmed,
+    /// A queue refused it (a length limit with `reject-publish`).
+    Refused,
+    /// Not confirmed: nacked, returned unroutable, the channel lost, or no answer in time.
+    Unconfirmed,
+}
+
+/// A publish made to settle a delivery, and what the broker said of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    /// What it carried.
+    pub what: Sending,
+    /// What the broker said.
+    pub confirm: Confirm,
+}
+
+/// Where a delivery comes from, as far as moving it to its tenant's lane goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrival {
+    /// Its kind.
+    pub kind: Kind,
+    /// Lanes per work queue (`topology.lanes`).
+    pub lanes: u16,
+    /// It comes from a lane, not from the work queue.
+    pub from_lane: bool,
+    /// The broker redelivers it.
+    pub redelivered: bool,
+}
+
+/// Whether a delivery may move to its tenant's lane ([`crate::worker::lanes`] says whether
+/// the tenant is over its share) instead of being settled here. Asked before it is parsed.
+///
+/// Only a request from the work queue moves. A redelivered one is settled where it is: its
+/// redelivery is counted (and a stream it may have begun marked) there, and a request a lane
+/// refuses does not come back to be moved again and again. Embeddings never move: a batched
+/// call carries many requests, so a lane would need as many in hand to keep its tenant's
+/// calls full, beyond `batch.max_buffered_bytes`; their fair share is admission by weight.
+pub fn may_move(a: Arrival) -> bool {
+    a.lanes > 0 && a.kind == Kind::Chat && !a.from_lane && !a.redelivered
+}
+
 /// What the worker does next with a delivery.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     /// Ask the idempotency store for the request's lease (or its stored result).
     Claim,
+    /// Ask whether the request's tenant may spend, before the next call.
+    AskBudget,
     /// Make the next upstream attempt.
     Call,
     /// Store and publish the result the attempt produced (confirmed), then ack.
@@ -124,6 +203,12 @@ pub enum Decision {
     HandBack,
     /// Answer `cancelled` (confirmed), then ack: the caller asked for it, so no dead letter.
     Cancelled,
+    /// The outcome is confirmed: ack the delivery.
+    Ack,
+    /// The outcome could not be confirmed: hand the delivery back (nack with requeue) after
+    /// a pause, so that a queue that stays missing or refusing is not a loop of one try a
+    /// second.
+    Nack,
 }
 
 /// A request moved to another queue, carrying its counts.
@@ -165,6 +250,9 @@ impl Decision {
 
 /// The next step for a delivery.
 pub fn decide(i: &Input<'_>) -> Decision {
+    if let Some(sent) = i.sent {
+        return after_sent(i, sent);
+    }
     if let Some(invalid) = i.invalid {
         return Decision::DeadLetter {
             kind: invalid.kind,
@@ -249,9 +337,6 @@ pub fn decide(i: &Input<'_>) -> Decision {
         return Decision::Claim;
     }
     match &i.claim {
-        Claim::Finished if i.results_refused => {
-            return Decision::retry_tier(i, i.policy.max_delay(), RESULTS_REFUSED);
-        }
         Claim::Finished => return Decision::PublishStored,
         Claim::Conflict => {
             return Decision::DeadLetter {
@@ -281,22 +366,37 @@ pub fn decide(i: &Input<'_>) -> Decision {
         };
     }
     // Asked once the store had its say: a duplicate of a request answered before its
-    // tenant ran out still gets its answer.
-    if let Some(why) = i.over_budget {
-        return Decision::DeadLetter {
+    // tenant ran out still gets its answer. Asked before each call: spend made meanwhile
+    // (by this request's own earlier attempt, or the fleet's) counts.
+    match i.budget {
+        Budget::NotAsked => Decision::AskBudget,
+        Budget::Over(why) => Decision::DeadLetter {
             kind: ErrorKind::BudgetExceeded,
-            reason: why.to_string(),
-        };
+            reason: why.clone(),
+        },
+        Budget::Unlimited | Budget::Within => Decision::Call,
     }
-    Decision::Call
+}
+
+/// After a publish that settles the delivery: ack once it is confirmed. A result the
+/// results queue refused waits in a retry tier for the longest backoff
+/// (`retry.max_delay_secs`) and publishes its stored result when it comes back, instead of
+/// spinning on a full queue; a refused `cancelled` notice is dropped (the caller asked for
+/// the cancel, and the request must not spin); anything else unconfirmed is handed back.
+fn after_sent(i: &Input<'_>, sent: Sent) -> Decision {
+    match (sent.what, sent.confirm) {
+        (_, Confirm::Confirmed) | (Sending::CancelNotice, Confirm::Refused) => Decision::Ack,
+        (Sending::Result, Confirm::Refused) => {
+            Decision::retry_tier(i, i.policy.max_delay(), RESULTS_REFUSED)
+        }
+        (_, Confirm::Refused | Confirm::Unconfirmed) => Decision::Nack,
+    }
 }
 
 /// Why a request waits when its result could not be published.
 const RESULTS_REFUSED: &str = "the results queue refused the result";
 
-/// After an answer: publish it, unless it is too large, or the results queue refused it
-/// (then the request waits in a retry tier for the longest backoff, `retry.max_delay_secs`,
-/// and publishes its stored result when it comes back, instead of spinning on a full queue).
+/// After an answer: publish it, unless it is too large.
 fn after_answer(i: &Input<'_>) -> Decision {
     match i.result_bytes {
         Some(bytes) if bytes > i.max_result_bytes => Decision::DeadLetter {
@@ -306,7 +406,6 @@ fn after_answer(i: &Input<'_>) -> Decision {
                 i.max_result_bytes
             ),
         },
-        _ if i.results_refused => Decision::retry_tier(i, i.policy.max_delay(), RESULTS_REFUSED),
         _ => Decision::Publish,
     }
 }
@@ -439,12 +538,12 @@ mod tests {
             produced: None,
             result_bytes: None,
             max_result_bytes: 1000,
-            results_refused: false,
+            sent: None,
             rate_limited_since_ms: None,
             rate_limits: 0,
             deadline_ms: None,
             cancelled: false,
-            over_budget: None,
+            budget: &Budget::Unlimited,
             stopping: false,
             policy,
             on_store_error: OnStoreError::Requeue,
@@ -1014,9 +1113,10 @@ mod tests {
     fn a_tenant_over_budget_is_not_called_but_gets_a_stored_answer() {
         let p = policy();
         let why = "tenant \"alice\" has spent $1.000000 of its max_usd_per_day $1.000000";
+        let spent = Budget::Over(why.into());
         let over = Input {
             claim: Claim::Acquired,
-            over_budget: Some(why),
+            budget: &spent,
             ..fresh(&p)
         };
         assert_eq!(
@@ -1136,7 +1236,7 @@ mod tests {
             attempts: 1,
             produced: Some(&done),
             result_bytes: Some(10),
-            results_refused: true,
+            sent: Some(refused(Sending::Result)),
             ..fresh(&p)
         };
         let wait = tier(p.max_delay(), 1, RESULTS_REFUSED);
@@ -1144,10 +1244,126 @@ mod tests {
         let stored = Input {
             claim: Claim::Finished,
             attempts: 1,
-            results_refused: true,
+            sent: Some(refused(Sending::Result)),
             ..fresh(&p)
         };
         assert_eq!(decide(&stored), wait);
+    }
+
+    fn refused(what: Sending) -> Sent {
+        Sent {
+            what,
+            confirm: Confirm::Refused,
+        }
+    }
+
+    #[test]
+    fn a_confirmed_outcome_is_acked_an_unconfirmed_one_handed_back() {
+        let p = policy();
+        let all = [
+            Sending::Result,
+            Sending::Republish,
+            Sending::DeadLetter,
+            Sending::CancelNotice,
+        ];
+        for what in all {
+            let sent = |confirm| Input {
+                claim: Claim::Acquired,
+                attempts: 1,
+                sent: Some(Sent { what, confirm }),
+                ..fresh(&p)
+            };
+            assert_eq!(decide(&sent(Confirm::Confirmed)), Decision::Ack, "{what:?}");
+            assert_eq!(
+                decide(&sent(Confirm::Unconfirmed)),
+                Decision::Nack,
+                "{what:?}"
+            );
+        }
+        let refused_at = |what| Input {
+            sent: Some(refused(what)),
+            ..fresh(&p)
+        };
+        assert_eq!(
+            decide(&refused_at(Sending::CancelNotice)),
+            Decision::Ack,
+            "a refused cancelled notice is dropped as asked: the request must not spin"
+        );
+        assert_eq!(decide(&refused_at(Sending::Republish)), Decision::Nack);
+        assert_eq!(decide(&refused_at(Sending::DeadLetter)), Decision::Nack);
+    }
+
+    #[test]
+    fn the_budget_is_asked_before_each_call_when_budgets_exist() {
+        let p = policy();
+        let acquired = Input {
+            claim: Claim::Acquired,
+            ..fresh(&p)
+        };
+        assert_eq!(decide(&acquired), Decision::Call, "no budgets: no question");
+        let ask = Input {
+            budget: &Budget::NotAsked,
+            ..acquired.clone()
+        };
+        assert_eq!(decide(&ask), Decision::AskBudget);
+        let within = Input {
+            budget: &Budget::Within,
+            ..acquired.clone()
+        };
+        assert_eq!(decide(&within), Decision::Call);
+        let before_the_store = Input {
+            budget: &Budget::NotAsked,
+            ..fresh(&p)
+        };
+        assert_eq!(
+            decide(&before_the_store),
+            Decision::Claim,
+            "the store first: a stored answer needs no budget"
+        );
+        let exhausted = Input { attempts: 5, ..ask };
+        assert!(
+            matches!(
+                decide(&exhausted),
+                Decision::DeadLetter {
+                    kind: ErrorKind::RetriesExhausted,
+                    ..
+                }
+            ),
+            "no question for a call that will not be made"
+        );
+    }
+
+    #[test]
+    fn only_a_chat_request_fresh_from_the_work_queue_may_move_to_a_lane() {
+        let a = Arrival {
+            kind: Kind::Chat,
+            lanes: 16,
+            from_lane: false,
+            redelivered: false,
+        };
+        assert!(may_move(a));
+        assert!(!may_move(Arrival { lanes: 0, ..a }), "lanes off");
+        assert!(
+            !may_move(Arrival {
+                kind: Kind::Embedding,
+                ..a
+            }),
+            "embeddings batch"
+        );
+        assert!(
+            !may_move(Arrival {
+                from_lane: true,
+                ..a
+            }),
+            "already in its lane"
+        );
+        assert!(
+            !may_move(Arrival {
+                redelivered: true,
+                ..a
+            }),
+            "settled where it is"
+        );
     }
 
     #[test]

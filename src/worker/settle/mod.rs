@@ -1,0 +1,335 @@
+//! Settling one delivery: parse it, then ask [`decide`] what to do and carry that out,
+//! feeding back what each step produced, until the delivery is acked or handed back.
+//!
+//! This is the imperative shell around the pure decision: it talks to the idempotency
+//! store, the ledger, the upstream ([`super::attempt`]) and the broker, and keeps what
+//! the steps so far produced in one [`Settling`], from which each [`Input`] is made. It
+//! decides nothing itself; [`steps`] carries out each step.
+
+mod steps;
+
+use std::{panic::AssertUnwindSafe, time::Instant};
+
+use futures_util::FutureExt;
+use lapin::message::Delivery;
+use tracing::{Instrument, info_span};
+
+use super::{
+    Context,
+    ack::{ack, ack_if_confirmed, nack_after_a_pause},
+    cancel::Watch,
+    decide::{Arrival, Budget, Claim, Decision, Input, Sent, Tally, decide, may_move},
+    lanes::{Origin, Pressure},
+    stream,
+};
+use crate::{
+    broker::{
+        publish::{Publisher, ReplyRoute, with_retries},
+        topology,
+    },
+    contract::{
+        ErrorKind, Identity,
+        fingerprint::fingerprint,
+        headers::RetryState,
+        reply_to::ReplyToPolicy,
+        request::{self, InvalidRequest, Job, Kind},
+    },
+    runtime::clock::unix_now_ms,
+    store::idempotency,
+    upstream::call::Outcome,
+};
+
+/// Settles one delivery, or moves it to its tenant's lane ([`super::lanes`]); a panic
+/// anywhere in it dead-letters the delivery, so it is neither lost nor left unacked until
+/// the broker's consumer timeout.
+pub(super) async fn handle(
+    ctx: &Context,
+    publisher: &Publisher,
+    origin: Origin,
+    delivery: &Delivery,
+) {
+    let kind = origin.kind;
+    let settle = AssertUnwindSafe(async {
+        let identity = Identity::of(&delivery.properties, &ctx.config.tenancy.header);
+        let weight = ctx.tenants.limits(identity.as_str()).weight;
+        let arrival = Arrival {
+            kind,
+            lanes: ctx.config.topology.lanes,
+            from_lane: origin.lane.is_some(),
+            redelivered: delivery.redelivered,
+        };
+        if may_move(arrival)
+            && let Some(lane) = lane_for(ctx, kind, identity.as_str(), weight)
+        {
+            return move_to_lane(ctx, publisher, delivery, &lane).await;
+        }
+        let _held = ctx.lanes.hold(kind, identity.as_str(), weight);
+        settle(ctx, publisher, origin, delivery, identity).await
+    });
+    if settle.catch_unwind().await.is_err() {
+        ctx.metrics
+            .dead_lettered(kind.as_str(), ErrorKind::InternalError.as_str());
+        Box::pin(steps::dead_letter_after_panic(publisher, delivery, ctx)).await;
+    }
+}
+
+/// The lane a chat request of `tenant` moves to, when the tenant is over its share here.
+fn lane_for(ctx: &Context, kind: Kind, tenant: &str, weight: u32) -> Option<String> {
+    let router = ctx.upstream.router();
+    let pressure = Pressure {
+        weight,
+        limit: router.limit(),
+        waiting: router.waiting() > 0 || ctx.upstream.shares().waiting(tenant),
+    };
+    let queue = ctx.config.topology.work_queue(kind);
+    let depth = |lane| ctx.health.lane_depth(&topology::lane_queue(queue, lane));
+    let lane = ctx.lanes.route(kind, tenant, pressure, depth)?;
+    Some(topology::lane_queue(queue, lane))
+}
+
+/// Moves a request to `lane` as it is (every property and header, its `user_id` too),
+/// confirmed, then acks it; hands it back if the broker would not confirm.
+async fn move_to_lane(ctx: &Context, publisher: &Publisher, delivery: &Delivery, lane: &str) {
+    let headers = delivery.properties.headers().clone().unwrap_or_default();
+    let moved =
+        with_retries(|| publisher.republish(delivery, "", lane, headers.clone(), None)).await;
+    if moved.is_ok() {
+        ctx.metrics.lane_moves.inc();
+    }
+    ack_if_confirmed(delivery, moved, &ctx.stop).await;
+}
+
+async fn settle(
+    ctx: &Context,
+    publisher: &Publisher,
+    origin: Origin,
+    delivery: &Delivery,
+    identity: Identity,
+) {
+    let kind = origin.kind;
+    let started = Instant::now();
+    ctx.metrics.received(kind.as_str());
+    let rules = &ctx.rules;
+    let parsed = std::panic::catch_unwind(|| {
+        request::parse(&delivery.data, &delivery.properties, kind, rules)
+    })
+    .unwrap_or_else(|_| {
+        Err(InvalidRequest {
+            kind: ErrorKind::InternalError,
+            message: "the worker panicked while parsing this message".into(),
+        })
+    });
+    let request_id = match &parsed {
+        Ok(job) => job.request_id.clone(),
+        Err(_) => request::request_id_of_invalid(&delivery.data, &delivery.properties),
+    };
+    let retry = RetryState::read(&delivery.properties);
+    let span = info_span!(
+        "job",
+        %request_id,
+        %identity,
+        kind = kind.as_str(),
+        priority = delivery.properties.priority().unwrap_or(0),
+        attempt = retry.attempts + 1,
+        delivery_tag = delivery.delivery_tag,
+    );
+    let key = identity.scope(&request_id);
+    let route = route_of(delivery, &request_id, &ctx.rules.reply_to);
+    // Without a reply_to there is nowhere to stream to: only the result goes out.
+    let streams = route.reply_to.is_some() && parsed.as_ref().is_ok_and(|job| job.stream);
+    // Watched while it is settled here; a cancel heard before it was reached (here, or
+    // with the Redis store anywhere) is a tombstone.
+    let watch = ctx.cancels.watch(&key);
+    // `watch` fired already for a cancel this replica heard; only then is Redis spared.
+    let tombstoned = parsed.is_ok() && !watch.is_cancelled() && ctx.cancels.tombstoned(&key).await;
+    let tally = Tally::arrive(&retry, streams, delivery.redelivered, unix_now_ms());
+    // Only a store compares fingerprints: without one, no hash on the hot path.
+    let fingerprint = match (&ctx.store, &parsed) {
+        (idempotency::Store::Off, _) | (_, Err(_)) => String::new(),
+        (_, Ok(job)) => fingerprint(job),
+    };
+    let (job, invalid) = match parsed {
+        Ok(job) => (Some(job), None),
+        Err(invalid) => (None, Some(invalid)),
+    };
+    let settling = Settling {
+        ctx,
+        publisher,
+        delivery,
+        kind,
+        origin,
+        key,
+        fingerprint,
+        tenant: identity.as_str().to_string(),
+        watch,
+        tombstoned,
+        route,
+        streams,
+        not_before_ms: retry.not_before_ms,
+        started,
+        progress: stream::Progress::default(),
+        prior: tally.attempts,
+        tally,
+        job,
+        invalid,
+        claimed: false,
+        claim: Claim::NotAsked,
+        budget: unasked(ctx),
+        produced: None,
+        body: None,
+        sent: None,
+        stopping: false,
+        calls: 0,
+    };
+    settling.run().instrument(span).await;
+}
+
+/// The budget as it stands before a call: asked for again before each one.
+fn unasked(ctx: &Context) -> Budget {
+    if ctx.ledger.has_budgets() {
+        Budget::NotAsked
+    } else {
+        Budget::Unlimited
+    }
+}
+
+/// One delivery being settled, and what the steps so far have produced.
+struct Settling<'a> {
+    ctx: &'a Context,
+    publisher: &'a Publisher,
+    delivery: &'a Delivery,
+    kind: Kind,
+    /// The queue it came from (a work queue or one of its lanes): where it is handed back.
+    origin: Origin,
+    /// The request id scoped by the sender's identity: the idempotency store's key.
+    key: String,
+    /// The request's fingerprint, compared by the idempotency store (empty without one).
+    fingerprint: String,
+    /// Who the request belongs to (its identity).
+    tenant: String,
+    /// Fires when the caller cancels the request.
+    watch: Watch,
+    /// The caller cancelled it before it was reached.
+    tombstoned: bool,
+    route: ReplyRoute,
+    /// Deltas of the answer go to `reply_to` as it is generated.
+    streams: bool,
+    /// The message's not-before time, from its header.
+    not_before_ms: Option<i64>,
+    /// When it was received.
+    started: Instant,
+    /// What the running attempt has streamed.
+    progress: stream::Progress,
+    /// Attempts made before this delivery.
+    prior: u32,
+    /// Its counts, as they stand.
+    tally: Tally,
+    /// The request, when it parsed.
+    job: Option<Job>,
+    /// Why it can never be served, when it did not.
+    invalid: Option<InvalidRequest>,
+    /// This worker holds the request's lease in the idempotency store.
+    claimed: bool,
+    /// The idempotency store's answer.
+    claim: Claim,
+    /// Whether its tenant may spend on the next call.
+    budget: Budget,
+    /// What the last attempt produced, since the last inline wait.
+    produced: Option<Outcome>,
+    /// The result to publish: the answer serialized, or the one stored before.
+    body: Option<Vec<u8>>,
+    /// The last publish made to settle it, and what the broker said.
+    sent: Option<Sent>,
+    /// The worker is shutting down: start nothing new.
+    stopping: bool,
+    /// Calls started in this delivery: every one after the first renews the lease.
+    calls: u32,
+}
+
+impl Settling<'_> {
+    /// What the decision sees, made in this one place from what the steps produced.
+    fn input(&self) -> Input<'_> {
+        let ctx = self.ctx;
+        Input {
+            invalid: self.invalid.as_ref(),
+            redelivered: self.delivery.redelivered,
+            streams: self.streams,
+            streamed_here: self.tally.streamed_here,
+            redeliveries: self.tally.redeliveries,
+            attempts: self.tally.attempts,
+            not_before_ms: self.not_before_ms,
+            now_ms: unix_now_ms(),
+            claim: self.claim.clone(),
+            produced: self.produced.as_ref(),
+            result_bytes: self.body.as_ref().map(Vec::len),
+            max_result_bytes: ctx.config.worker.max_result_bytes,
+            sent: self.sent,
+            rate_limited_since_ms: self.tally.rate_limited_since_ms,
+            rate_limits: self.tally.rate_limits,
+            deadline_ms: self.job.as_ref().and_then(|j| j.deadline_ms),
+            cancelled: self.tombstoned || self.watch.is_cancelled(),
+            budget: &self.budget,
+            stopping: self.stopping,
+            policy: &ctx.policy,
+            on_store_error: ctx.config.idempotency.on_store_error,
+            jitter: fastrand::f64(),
+        }
+    }
+
+    /// Asks for a decision, carries it out, and asks again until the delivery is settled.
+    async fn run(mut self) {
+        // Which model and deployment the attempts go to, carried from one to the next.
+        let mut route = self.job.as_ref().map(|job| {
+            let mut route = self.ctx.upstream.route(job);
+            // Rate limits met before count toward `routing.fallback_after_secs` too.
+            route.unavailable_since = self.tally.rate_limited_since_ms;
+            route
+        });
+        loop {
+            let decision = decide(&self.input());
+            match decision {
+                Decision::Claim if self.job.is_some() => self.claim().await,
+                Decision::AskBudget => self.ask_budget().await,
+                Decision::Call => match route.as_mut() {
+                    Some(route) => self.call(route).await,
+                    None => return self.hand_back().await,
+                },
+                Decision::Publish | Decision::PublishStored => {
+                    // Boxed: publishing is the largest state of a delivery's task, and every
+                    // delivery in flight would carry its size while it waits for the upstream.
+                    Box::pin(self.publish(decision == Decision::Publish)).await;
+                }
+                Decision::RetryInline { after } => self.wait(after).await,
+                Decision::Republish(to) => Box::pin(self.republish(&to)).await,
+                Decision::DeadLetter { kind, reason } => {
+                    Box::pin(self.dead_letter(kind, &reason)).await;
+                }
+                Decision::Cancelled => Box::pin(self.cancelled()).await,
+                Decision::HandBack => return self.give_back().await,
+                Decision::Ack => return ack(self.delivery).await,
+                Decision::Nack => {
+                    self.release().await;
+                    return nack_after_a_pause(self.delivery, &self.ctx.stop).await;
+                }
+                // Only a request that parsed is claimed.
+                Decision::Claim => return self.hand_back().await,
+            }
+        }
+    }
+}
+
+/// Where the delivery's result goes. A `reply_to` the policy refuses is dropped, so that
+/// nothing is ever published to it (the request is dead-lettered for it by `parse`, and its
+/// error result goes only to the results exchange).
+fn route_of(delivery: &Delivery, request_id: &str, reply_to: &ReplyToPolicy) -> ReplyRoute {
+    let p = &delivery.properties;
+    ReplyRoute {
+        request_id: request_id.to_string(),
+        correlation_id: p.correlation_id().as_ref().map(|s| s.to_string()),
+        reply_to: p
+            .reply_to()
+            .as_ref()
+            .map(|s| s.to_string())
+            .filter(|s| !s.is_empty() && reply_to.allows(s)),
+    }
+}
