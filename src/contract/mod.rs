@@ -1,7 +1,9 @@
 //! What crosses the wire: the request a publisher sends, the result llmq answers with, the
-//! headers llmq reads and writes, the error kinds and the token usage both carry. Pure
+//! deltas of a streamed answer, the control messages (cancel), the headers llmq reads and
+//! writes (retry state, dead letters), the error kinds and the token usage both carry. Pure
 //! types and functions; nothing here talks to the network.
 
+pub mod control;
 pub mod error_kind;
 pub mod fingerprint;
 pub mod headers;
@@ -10,6 +12,7 @@ pub mod reply_to;
 pub mod request;
 pub mod response;
 pub mod rules;
+pub mod stream;
 pub mod usage;
 
 pub use error_kind::ErrorKind;

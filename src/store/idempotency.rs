@@ -302,11 +302,11 @@ impl RedisStore {
     }
 
     fn result_key(&self, id: &str) -> String {
-        format!("{}:result:{id}", self.prefix)
+        super::keys::result(&self.prefix, id)
     }
 
     fn lease_key(&self, id: &str) -> String {
-        format!("{}:lease:{id}", self.prefix)
+        super::keys::lease(&self.prefix, id)
     }
 
     async fn claim(

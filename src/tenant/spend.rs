@@ -19,7 +19,7 @@ use tracing::warn;
 
 use crate::{
     config::{Config, TenantLimits, Usd},
-    store::redis_conn::LazyConnection,
+    store::{keys, redis_conn::LazyConnection},
 };
 
 /// Longest wait for Redis, connecting or answering: a delivery waits on it.
@@ -192,12 +192,12 @@ impl Ledger {
             let mut conn = conn.get().await.map_err(|e| e.to_string())?;
             let mut pipe = redis::pipe();
             for (key, ttl) in [
-                (format!("{prefix}:usage:{}", period.day), DAY_TTL_SECS),
-                (format!("{prefix}:usage:{}", period.month), MONTH_TTL_SECS),
+                (keys::usage(prefix, &period.day), DAY_TTL_SECS),
+                (keys::usage(prefix, &period.month), MONTH_TTL_SECS),
             ] {
-                pipe.hincr(&key, format!("usd:{tenant}"), cost.0)
+                pipe.hincr(&key, keys::usage_field("usd", tenant), cost.0)
                     .ignore()
-                    .hincr(&key, format!("tokens:{tenant}"), tokens)
+                    .hincr(&key, keys::usage_field("tokens", tenant), tokens)
                     .ignore()
                     .hincr(&key, format!("requests:{tenant}"), 1)
                     .ignore()
@@ -229,10 +229,10 @@ impl Ledger {
         let (conn, prefix) = self.shared.as_ref()?;
         let read = async {
             let mut conn = conn.get().await.map_err(|e| e.to_string())?;
-            let field = format!("usd:{tenant}");
+            let field = keys::usage_field("usd", tenant);
             let (day, month): (Option<u64>, Option<u64>) = redis::pipe()
-                .hget(format!("{prefix}:usage:{}", period.day), &field)
-                .hget(format!("{prefix}:usage:{}", period.month), &field)
+                .hget(keys::usage(prefix, &period.day), &field)
+                .hget(keys::usage(prefix, &period.month), &field)
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -255,12 +255,8 @@ pub async fn read(
     prefix: &str,
     period: &Period,
 ) -> redis::RedisResult<BTreeMap<String, (Tally, Tally)>> {
-    let day: BTreeMap<String, u64> = conn
-        .hgetall(format!("{prefix}:usage:{}", period.day))
-        .await?;
-    let month: BTreeMap<String, u64> = conn
-        .hgetall(format!("{prefix}:usage:{}", period.month))
-        .await?;
+    let day: BTreeMap<String, u64> = conn.hgetall(keys::usage(prefix, &period.day)).await?;
+    let month: BTreeMap<String, u64> = conn.hgetall(keys::usage(prefix, &period.month)).await?;
     let mut out: BTreeMap<String, (Tally, Tally)> = BTreeMap::new();
     for (fields, month) in [(day, false), (month, true)] {
         for (field, value) in fields {

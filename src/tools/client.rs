@@ -17,6 +17,7 @@ use crate::{
         publish::{PublishError, publish_confirmed},
     },
     config::Config,
+    contract::control::Cancel,
 };
 
 /// The pseudo-queue of RabbitMQ's Direct Reply-to.
@@ -200,12 +201,12 @@ pub async fn cancel(config: &Config, request_id: &str) -> Result<(), ClientError
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let body = json!({ "cancel": request_id }).to_string();
+    let body = Cancel::new(request_id).to_bytes();
     let props = BasicProperties::default().with_content_type("application/json".into());
     let exchange = &config.topology.control_exchange;
     // Not mandatory: with no worker running there is no queue to route to, and nobody to
     // cancel anything.
-    publish_confirmed(&channel, exchange, "", false, body.as_bytes(), props)
+    publish_confirmed(&channel, exchange, "", false, &body, props)
         .await
         .map_err(ClientError::NotConfirmed)?;
     let _ = conn.close(200, "done".into()).await;

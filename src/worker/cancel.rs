@@ -23,18 +23,14 @@ use lapin::{
     types::FieldTable,
 };
 use redis::AsyncCommands;
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
     config::{Config, StoreKind},
-    contract::{Identity, request::MAX_REQUEST_ID},
+    contract::{Identity, control::Cancel},
     store::redis_conn::LazyConnection,
 };
-
-/// Largest control message read; anything longer is not a cancel.
-const MAX_CONTROL_BYTES: usize = 4096;
 
 /// Bytes of tombstones a replica keeps at most (keys plus a fixed overhead each); past it
 /// the least used go first.
@@ -95,7 +91,7 @@ impl Cancels {
             .map(|client| {
                 (
                     Arc::new(LazyConnection::new(client, REDIS_TIMEOUT)),
-                    format!("{}:cancel:", idem.key_prefix),
+                    crate::store::keys::cancel_prefix(&idem.key_prefix),
                 )
             });
         Self {
@@ -203,12 +199,6 @@ impl Cancels {
     }
 }
 
-/// A control message.
-#[derive(Deserialize)]
-struct Control {
-    cancel: String,
-}
-
 /// Listens to the control exchange on `conn` until `stop`, handing each cancel to
 /// `cancels`; a control channel that fails alone (its queue deleted, a permission) is
 /// opened again after a pause, while the connection lives.
@@ -272,21 +262,14 @@ async fn listen_once(
             .await?;
         while let Some(delivery) = consumer.next().await {
             let delivery = delivery?;
-            if delivery.data.len() > MAX_CONTROL_BYTES {
-                debug!("a control message over 4 KiB; ignored");
-                continue;
-            }
-            match serde_json::from_slice::<Control>(&delivery.data) {
-                // No request id is longer; a longer one would only fill the tombstones.
-                Ok(control)
-                    if !control.cancel.is_empty() && control.cancel.len() <= MAX_REQUEST_ID =>
-                {
+            match Cancel::parse(&delivery.data) {
+                Some(control) => {
                     let identity = Identity::of(&delivery.properties, &cancels.identity_header);
                     info!(request_id = %control.cancel, %identity, "cancel received");
                     cancels.cancel(&identity.scope(&control.cancel));
                 }
-                _ => debug!(
-                    "a control message that is not {{\"cancel\": \"<request_id>\"}}; ignored"
+                None => debug!(
+                    "a control message that is not {{\"cancel\": \"<request_id>\"}} of at most 4 KiB; ignored"
                 ),
             }
         }

@@ -19,21 +19,15 @@ use std::{
     time::Duration,
 };
 
-use serde::Serialize;
-use serde_json::{Map, Value};
 use tokio::{sync::mpsc::UnboundedReceiver, time::Instant};
 use tracing::warn;
 
 use crate::{
     broker::publish::{Publisher, ReplyRoute},
+    contract::stream::{DELTA, Delta, RESTART, Restart},
     runtime::metrics::Metrics,
     upstream::stream::Piece,
 };
-
-/// The AMQP `type` of a delta message.
-pub const DELTA: &str = "delta";
-/// The AMQP `type` of a restart marker.
-pub const RESTART: &str = "restart";
 
 /// Where and how one attempt's deltas go.
 pub(super) struct Out<'a> {
@@ -57,24 +51,6 @@ pub(super) struct Progress {
     pub delta: AtomicBool,
 }
 
-#[derive(Serialize)]
-struct Delta<'a> {
-    request_id: &'a str,
-    status: &'static str,
-    attempt: u32,
-    seq: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    index: Option<u64>,
-    delta: &'a Map<String, Value>,
-}
-
-#[derive(Serialize)]
-struct Restart<'a> {
-    request_id: &'a str,
-    status: &'static str,
-    attempt: u32,
-}
-
 /// Publishes a restart marker first when `restart`, then the pieces from `pieces` until the
 /// attempt drops its end of the channel (its answer is complete, or it failed), then
 /// returns: every delta of the attempt is confirmed by then.
@@ -86,16 +62,10 @@ pub(super) async fn forward(
 ) {
     let request_id = out.route.request_id.as_str();
     if restart {
-        let body = serde_json::to_vec(&Restart {
-            request_id,
-            status: RESTART,
-            attempt: out.attempt,
-        })
-        .unwrap_or_default();
-        let id = format!("{request_id}:{}:restart", out.attempt);
+        let marker = Restart::new(request_id, out.attempt);
         match out
             .publisher
-            .stream_message(out.route, RESTART, id, &body)
+            .stream_message(out.route, RESTART, marker.message_id(), &marker.to_bytes())
             .await
         {
             Ok(()) => {
@@ -142,19 +112,11 @@ pub(super) async fn forward(
         // not space the messages out further.
         let sent = Instant::now();
         for piece in batch.drain(..) {
-            let body = serde_json::to_vec(&Delta {
-                request_id,
-                status: DELTA,
-                attempt: out.attempt,
-                seq,
-                index: (out.indexed || piece.index != 0).then_some(piece.index),
-                delta: &piece.delta,
-            })
-            .unwrap_or_default();
-            let id = format!("{request_id}:{}:{seq}", out.attempt);
+            let index = (out.indexed || piece.index != 0).then_some(piece.index);
+            let delta = Delta::new(request_id, out.attempt, seq, index, piece.delta);
             if let Err(e) = out
                 .publisher
-                .stream_message(out.route, DELTA, id, &body)
+                .stream_message(out.route, DELTA, delta.message_id(), &delta.to_bytes())
                 .await
             {
                 warn!(error = %e, seq, "a delta could not be published; no more deltas for this attempt, the result follows");

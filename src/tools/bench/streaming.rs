@@ -35,6 +35,7 @@ use super::{
 use crate::{
     broker::connection,
     config::Config,
+    contract::stream::{DELTA, RESTART},
     tools::mock::{MockOptions, MockServer},
 };
 
@@ -44,9 +45,6 @@ pub(super) const CHUNK_MS: u64 = 50;
 const FLUSH_MS: u64 = 50;
 /// Words of a reply: `mock reply to:` (three words) and the prompt.
 const WORDS: RangeInclusive<usize> = 60..=100;
-/// The AMQP `type` of a delta message and of a restart marker (`crate::worker::stream`).
-const DELTA: &str = "delta";
-const RESTART: &str = "restart";
 
 /// What the streaming run (s) and its run without streaming saw.
 #[derive(Debug, Clone, Copy)]
