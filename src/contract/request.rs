@@ -32,6 +32,17 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind, in the order of their work queues.
+    pub const ALL: [Kind; 2] = [Kind::Chat, Kind::Embedding];
+
+    /// Its place in [`Kind::ALL`], for arrays kept per kind.
+    pub const fn index(self) -> usize {
+        match self {
+            Kind::Chat => 0,
+            Kind::Embedding => 1,
+        }
+    }
+
     /// The name used in results and logs.
     pub fn as_str(self) -> &'static str {
         match self {

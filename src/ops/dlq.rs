@@ -23,7 +23,7 @@ use crate::{
     contract::{
         ErrorKind,
         headers::{self, DeadLetterInfo},
-        request,
+        request::{self, Kind},
     },
     runtime::clock::unix_now,
 };
@@ -171,10 +171,10 @@ async fn requeue_in_order(taken: &[BasicGetMessage]) -> Result<(), OpsError> {
 /// The work queue's key for a dead letter: its original key when that is one of the work
 /// keys, else the chat key.
 fn replay_key(topo: &TopologyConfig, original: &str) -> String {
-    if original == topo.embeddings_key || original == topo.processing_key {
-        original.to_string()
-    } else {
-        topo.processing_key.clone()
+    let work_key = |kind| topo.work_key(kind);
+    match Kind::ALL.into_iter().find(|k| work_key(*k) == original) {
+        Some(kind) => work_key(kind).to_string(),
+        None => work_key(Kind::Chat).to_string(),
     }
 }
 

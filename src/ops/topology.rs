@@ -5,6 +5,7 @@ use super::{OpsError, open};
 use crate::{
     broker::{retry, topology},
     config::{Config, TopologyConfig},
+    contract::request::Kind,
 };
 
 /// Declares the topology (as a worker does at start-up) without consuming.
@@ -23,16 +24,13 @@ pub fn describe(t: &TopologyConfig) -> String {
         out.push('\n');
     };
     line(format!("exchange {} (direct)", t.request_exchange));
-    for (queue, key) in [
-        (&t.processing_queue, &t.processing_key),
-        (&t.embeddings_queue, &t.embeddings_key),
-    ] {
+    for (queue, key) in Kind::ALL.map(|k| (t.work_queue(k), t.work_key(k))) {
         line(format!(
             "  -> queue {queue} (key {key}, x-max-priority {})",
             t.max_priority
         ));
     }
-    for queue in [&t.processing_queue, &t.embeddings_queue] {
+    for queue in Kind::ALL.map(|k| t.work_queue(k)) {
         if let Some(lanes) = lane_range(queue, t.lanes) {
             line(format!(
                 "queues {lanes} (fair-share lanes, x-max-priority {}, bound to no exchange: \

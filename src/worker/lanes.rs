@@ -155,7 +155,7 @@ impl Drop for Held<'_> {
 }
 
 fn index(kind: Kind) -> usize {
-    usize::from(kind == Kind::Embedding)
+    kind.index()
 }
 
 impl Lanes {

@@ -302,16 +302,14 @@ async fn subscribe(
 ) -> Result<Vec<String>, lapin::Error> {
     let topo = &ctx.config.topology;
     let mut tags = Vec::new();
-    for (kind, queue) in [
-        (Kind::Chat, &topo.processing_queue),
-        (Kind::Embedding, &topo.embeddings_queue),
-    ] {
-        let lanes = &links.lanes[usize::from(kind == Kind::Embedding)];
+    for kind in Kind::ALL {
+        let queue = topo.work_queue(kind);
+        let lanes = &links.lanes[kind.index()];
         let first_lane = lanes.first().copied();
         let lanes = lanes
             .iter()
             .map(|&lane| (Some(lane), topology::lane_queue(queue, lane)));
-        for (lane, queue) in std::iter::once((None, queue.clone())).chain(lanes) {
+        for (lane, queue) in std::iter::once((None, queue.to_string())).chain(lanes) {
             // basic.qos applies to the consumers created after it: set before the work
             // queue's, then before the first lane's.
             if lane.is_none() || lane == first_lane {
