@@ -82,7 +82,7 @@ macro_rules! metrics {
             $(
                 $(#[$attr])*
                 #[doc = ""]
-                #[doc = concat!("Exposed as `llmq_", $name, "`: ", $help, ".")]
+                #[doc = concat!("Exposed as `llmq_", $name, "`: `", $help, "`.")]
                 $vis $field: $ty,
             )*
         }

@@ -105,7 +105,7 @@ struct MockState {
     stats: Arc<MockStats>,
     /// Calls past the concurrency check, for spreading injected failures.
     calls: AtomicU64,
-    /// Calls being answered, counted from arrival (see [`Admitted`]).
+    /// Calls being answered, counted from arrival (see [`Admitted`](gate::Admitted)).
     answering: AtomicU64,
 }
 
