@@ -65,61 +65,121 @@ pub struct FallbackLabels {
     pub to: String,
 }
 
-/// Every metric of a worker.
-pub struct Metrics {
-    registry: Registry,
-    received: Family<KindLabel, Counter>,
-    succeeded: Family<KindLabel, Counter>,
-    retried: Family<KindLabel, Counter>,
-    failed: Family<ErrorLabels, Counter>,
-    dead_lettered: Family<ErrorLabels, Counter>,
-    tokens: Family<KindLabel, Counter>,
-    upstream_latency: Family<KindLabel, Histogram>,
-    publish_latency: Histogram,
-    /// Broker connections lost and reopened.
-    pub reconnects: Counter,
-    /// Requests moved from a work queue to their tenant's lane (fair share).
-    pub lane_moves: Counter,
-    /// Results a caller's `reply_to` refused (or that could not be sent there); each is on
-    /// the results exchange all the same.
-    pub replies_refused: Counter,
-    /// Deliveries that arrived redelivered (never settled before) and were counted.
-    pub redelivered: Counter,
-    /// Requests answered `cancelled` at their caller's request.
-    pub cancelled: Counter,
-    /// Delta messages of streamed answers published to `reply_to`.
-    pub stream_deltas: Counter,
-    /// Restart markers published: attempts of a streamed request after one that streamed.
-    pub stream_restarts: Counter,
-    /// Calls to the upstream running now.
-    pub in_flight: Gauge,
-    /// The current AIMD concurrency limit.
-    pub concurrency_limit: Gauge,
-    /// 1 when connected and consuming.
-    pub ready: Gauge,
-    queue_depth: Family<QueueLabel, Gauge>,
-    upstream_calls: Family<UpstreamOutcome, Counter>,
-    tenant_requests: Family<TenantLabel, Counter>,
-    tenant_tokens: Family<TenantLabel, Counter>,
-    tenant_cost: Family<TenantLabel, Counter<f64, AtomicU64>>,
-    fallbacks: Family<FallbackLabels, Counter>,
-    /// Calls to a deployment running now (set when scraped).
-    pub upstream_in_flight: Family<UpstreamLabel, Gauge>,
-    /// A deployment's AIMD limit (set when scraped).
-    pub upstream_limit: Family<UpstreamLabel, Gauge>,
-    /// Models a deployment does not serve now: cooling down, spent or refused (set when
-    /// scraped).
-    pub upstream_cooling: Family<UpstreamLabel, Gauge>,
-    /// A deployment's circuit breaker: 0 closed, 1 open, 2 half-open (set when scraped).
-    pub upstream_breaker: Family<UpstreamLabel, Gauge>,
+/// Declares [`Metrics`] from one list: each metric once, as a field with the name it is
+/// exposed under and its help text, which is also the field's doc. `Metrics::new` registers
+/// them in the order listed, which is the order of `/metrics`. A field's type must be
+/// `Default`, or be followed by `= <expression>` that makes it.
+macro_rules! metrics {
+    (@make) => { Default::default() };
+    (@make $make:expr) => { $make };
+    ($(
+        $(#[$attr:meta])*
+        $vis:vis $field:ident: $ty:ty $(= $make:expr)? => $name:literal, $help:literal;
+    )*) => {
+        /// Every metric of a worker.
+        pub struct Metrics {
+            registry: Registry,
+            $(
+                $(#[$attr])*
+                #[doc = ""]
+                #[doc = concat!("Exposed as `llmq_", $name, "`: `", $help, "`.")]
+                $vis $field: $ty,
+            )*
+        }
+
+        impl Metrics {
+            /// Registers every metric under the `llmq` prefix.
+            pub fn new() -> Self {
+                let mut registry = Registry::with_prefix("llmq");
+                $(
+                    let $field: $ty = metrics!(@make $($make)?);
+                    registry.register($name, $help, $field.clone());
+                )*
+                Self { registry, $($field,)* }
+            }
+        }
+    };
 }
 
-fn upstream_buckets() -> Family<KindLabel, Histogram> {
-    Family::new_with_constructor(|| {
-        Histogram::new([
-            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-        ])
-    })
+/// Buckets of `upstream_latency_seconds`: from a cached answer to a slow reasoning model.
+const UPSTREAM_BUCKETS: [f64; 13] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Buckets of `publish_latency_seconds`: a broker confirm is a millisecond or so.
+const PUBLISH_BUCKETS: [f64; 10] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+metrics! {
+    pub cancelled: Counter
+        => "requests_cancelled", "Requests answered cancelled at their caller's request";
+    pub stream_deltas: Counter
+        => "stream_deltas", "Delta messages of streamed answers published to reply_to";
+    pub stream_restarts: Counter
+        => "stream_restarts",
+        "Restart markers published before a streamed request's next attempt";
+    tenant_requests: Family<TenantLabel, Counter>
+        => "tenant_requests", "Requests answered, by tenant (named in [tenants], else other)";
+    tenant_tokens: Family<TenantLabel, Counter>
+        => "tenant_tokens",
+        "Tokens the upstreams reported, by tenant (named in [tenants], else other)";
+    tenant_cost: Family<TenantLabel, Counter<f64, AtomicU64>>
+        => "tenant_cost_usd",
+        "What answers cost in USD by [prices], by tenant (named in [tenants], else other)";
+    upstream_calls: Family<UpstreamOutcome, Counter>
+        => "upstream_calls", "Calls to each deployment, by outcome";
+    fallbacks: Family<FallbackLabels, Counter>
+        => "upstream_fallbacks", "Requests served by a fallback model";
+    /// Set when scraped.
+    pub upstream_in_flight: Family<UpstreamLabel, Gauge>
+        => "upstream_in_flight", "Calls to each deployment running now";
+    /// Set when scraped.
+    pub upstream_limit: Family<UpstreamLabel, Gauge>
+        => "upstream_limit", "Each deployment's AIMD concurrency limit";
+    /// Set when scraped.
+    pub upstream_cooling: Family<UpstreamLabel, Gauge>
+        => "upstream_cooling",
+        "Models each deployment does not serve now (cooling down, spent or refused)";
+    /// Set when scraped.
+    pub upstream_breaker: Family<UpstreamLabel, Gauge>
+        => "upstream_breaker", "Each deployment's circuit breaker: 0 closed, 1 open, 2 half-open";
+    received: Family<KindLabel, Counter>
+        => "requests_received", "Deliveries taken from the work queues";
+    succeeded: Family<KindLabel, Counter>
+        => "requests_succeeded", "Requests answered with an ok result";
+    retried: Family<KindLabel, Counter>
+        => "requests_retried", "Transient failures retried";
+    failed: Family<ErrorLabels, Counter>
+        => "requests_failed", "Failed attempts, by error kind";
+    dead_lettered: Family<ErrorLabels, Counter>
+        => "requests_dead_lettered", "Requests dead-lettered, by error kind";
+    tokens: Family<KindLabel, Counter>
+        => "tokens_used", "Tokens reported by the upstream";
+    upstream_latency: Family<KindLabel, Histogram>
+        = Family::new_with_constructor(|| Histogram::new(UPSTREAM_BUCKETS))
+        => "upstream_latency_seconds", "Duration of upstream calls";
+    publish_latency: Histogram = Histogram::new(PUBLISH_BUCKETS)
+        => "publish_latency_seconds", "From publishing a result to its broker confirm";
+    pub reconnects: Counter
+        => "broker_reconnects", "Broker connections lost and reopened";
+    pub lane_moves: Counter
+        => "lane_moves", "Requests moved from a work queue to their tenant's lane (fair share)";
+    /// Also counts results that could not be sent to `reply_to` at all.
+    pub replies_refused: Counter
+        => "replies_refused",
+        "Results the caller's reply_to refused; they are on the results exchange";
+    pub redelivered: Counter
+        => "redelivered",
+        "Deliveries that arrived redelivered (never settled before) and were counted";
+    pub in_flight: Gauge
+        => "in_flight", "Upstream calls running now";
+    pub concurrency_limit: Gauge
+        => "concurrency_limit", "Current AIMD concurrency limit";
+    pub ready: Gauge
+        => "ready", "1 when connected to the broker and consuming";
+    queue_depth: Family<QueueLabel, Gauge>
+        => "queue_depth", "Ready messages in a queue";
 }
 
 impl Default for Metrics {
@@ -129,208 +189,6 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric.
-    pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("llmq");
-        let received = Family::<KindLabel, Counter>::default();
-        let succeeded = Family::<KindLabel, Counter>::default();
-        let retried = Family::<KindLabel, Counter>::default();
-        let failed = Family::<ErrorLabels, Counter>::default();
-        let dead_lettered = Family::<ErrorLabels, Counter>::default();
-        let tokens = Family::<KindLabel, Counter>::default();
-        let upstream_latency = upstream_buckets();
-        let publish_latency = Histogram::new([
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-        ]);
-        let reconnects = Counter::default();
-        let lane_moves = Counter::default();
-        let replies_refused = Counter::default();
-        let redelivered = Counter::default();
-        let cancelled = Counter::default();
-        registry.register(
-            "requests_cancelled",
-            "Requests answered cancelled at their caller's request",
-            cancelled.clone(),
-        );
-        let stream_deltas = Counter::default();
-        registry.register(
-            "stream_deltas",
-            "Delta messages of streamed answers published to reply_to",
-            stream_deltas.clone(),
-        );
-        let stream_restarts = Counter::default();
-        registry.register(
-            "stream_restarts",
-            "Restart markers published before a streamed request's next attempt",
-            stream_restarts.clone(),
-        );
-        let in_flight = Gauge::default();
-        let concurrency_limit = Gauge::default();
-        let ready = Gauge::default();
-        let queue_depth = Family::<QueueLabel, Gauge>::default();
-        let tenant_requests = Family::<TenantLabel, Counter>::default();
-        registry.register(
-            "tenant_requests",
-            "Requests answered, by tenant (named in [tenants], else other)",
-            tenant_requests.clone(),
-        );
-        let tenant_tokens = Family::<TenantLabel, Counter>::default();
-        registry.register(
-            "tenant_tokens",
-            "Tokens the upstreams reported, by tenant (named in [tenants], else other)",
-            tenant_tokens.clone(),
-        );
-        let tenant_cost = Family::<TenantLabel, Counter<f64, AtomicU64>>::default();
-        registry.register(
-            "tenant_cost_usd",
-            "What answers cost in USD by [prices], by tenant (named in [tenants], else other)",
-            tenant_cost.clone(),
-        );
-        let upstream_calls = Family::<UpstreamOutcome, Counter>::default();
-        let fallbacks = Family::<FallbackLabels, Counter>::default();
-        let upstream_in_flight = Family::<UpstreamLabel, Gauge>::default();
-        let upstream_limit = Family::<UpstreamLabel, Gauge>::default();
-        let upstream_cooling = Family::<UpstreamLabel, Gauge>::default();
-        let upstream_breaker = Family::<UpstreamLabel, Gauge>::default();
-        registry.register(
-            "upstream_calls",
-            "Calls to each deployment, by outcome",
-            upstream_calls.clone(),
-        );
-        registry.register(
-            "upstream_fallbacks",
-            "Requests served by a fallback model",
-            fallbacks.clone(),
-        );
-        registry.register(
-            "upstream_in_flight",
-            "Calls to each deployment running now",
-            upstream_in_flight.clone(),
-        );
-        registry.register(
-            "upstream_limit",
-            "Each deployment's AIMD concurrency limit",
-            upstream_limit.clone(),
-        );
-        registry.register(
-            "upstream_cooling",
-            "Models each deployment does not serve now (cooling down, spent or refused)",
-            upstream_cooling.clone(),
-        );
-        registry.register(
-            "upstream_breaker",
-            "Each deployment's circuit breaker: 0 closed, 1 open, 2 half-open",
-            upstream_breaker.clone(),
-        );
-        registry.register(
-            "requests_received",
-            "Deliveries taken from the work queues",
-            received.clone(),
-        );
-        registry.register(
-            "requests_succeeded",
-            "Requests answered with an ok result",
-            succeeded.clone(),
-        );
-        registry.register(
-            "requests_retried",
-            "Transient failures retried",
-            retried.clone(),
-        );
-        registry.register(
-            "requests_failed",
-            "Failed attempts, by error kind",
-            failed.clone(),
-        );
-        registry.register(
-            "requests_dead_lettered",
-            "Requests dead-lettered, by error kind",
-            dead_lettered.clone(),
-        );
-        registry.register(
-            "tokens_used",
-            "Tokens reported by the upstream",
-            tokens.clone(),
-        );
-        registry.register(
-            "upstream_latency_seconds",
-            "Duration of upstream calls",
-            upstream_latency.clone(),
-        );
-        registry.register(
-            "publish_latency_seconds",
-            "From publishing a result to its broker confirm",
-            publish_latency.clone(),
-        );
-        registry.register(
-            "broker_reconnects",
-            "Broker connections lost and reopened",
-            reconnects.clone(),
-        );
-        registry.register(
-            "lane_moves",
-            "Requests moved from a work queue to their tenant's lane (fair share)",
-            lane_moves.clone(),
-        );
-        registry.register(
-            "replies_refused",
-            "Results the caller's reply_to refused; they are on the results exchange",
-            replies_refused.clone(),
-        );
-        registry.register(
-            "redelivered",
-            "Deliveries that arrived redelivered (never settled before) and were counted",
-            redelivered.clone(),
-        );
-        registry.register("in_flight", "Upstream calls running now", in_flight.clone());
-        registry.register(
-            "concurrency_limit",
-            "Current AIMD concurrency limit",
-            concurrency_limit.clone(),
-        );
-        registry.register(
-            "ready",
-            "1 when connected to the broker and consuming",
-            ready.clone(),
-        );
-        registry.register(
-            "queue_depth",
-            "Ready messages in a queue",
-            queue_depth.clone(),
-        );
-        Self {
-            registry,
-            received,
-            succeeded,
-            retried,
-            failed,
-            dead_lettered,
-            tokens,
-            upstream_latency,
-            publish_latency,
-            reconnects,
-            lane_moves,
-            replies_refused,
-            redelivered,
-            cancelled,
-            stream_deltas,
-            stream_restarts,
-            in_flight,
-            concurrency_limit,
-            ready,
-            queue_depth,
-            upstream_calls,
-            tenant_requests,
-            tenant_tokens,
-            tenant_cost,
-            fallbacks,
-            upstream_in_flight,
-            upstream_limit,
-            upstream_cooling,
-            upstream_breaker,
-        }
-    }
-
     /// The label of deployment `upstream`.
     pub fn upstream(upstream: &str) -> UpstreamLabel {
         UpstreamLabel {
@@ -467,5 +325,132 @@ mod tests {
             text.contains("llmq_upstream_latency_seconds_bucket"),
             "{text}"
         );
+    }
+
+    /// The HELP and TYPE lines of every family, in the order `/metrics` shows them, as they
+    /// were before the metrics were declared in one list: a family renamed, retyped,
+    /// reworded, moved, dropped or added fails the test.
+    const FAMILIES: &str = r#"# HELP llmq_requests_cancelled Requests answered cancelled at their caller's request.
+# TYPE llmq_requests_cancelled counter
+# HELP llmq_stream_deltas Delta messages of streamed answers published to reply_to.
+# TYPE llmq_stream_deltas counter
+# HELP llmq_stream_restarts Restart markers published before a streamed request's next attempt.
+# TYPE llmq_stream_restarts counter
+# HELP llmq_tenant_requests Requests answered, by tenant (named in [tenants], else other).
+# TYPE llmq_tenant_requests counter
+# HELP llmq_tenant_tokens Tokens the upstreams reported, by tenant (named in [tenants], else other).
+# TYPE llmq_tenant_tokens counter
+# HELP llmq_tenant_cost_usd What answers cost in USD by [prices], by tenant (named in [tenants], else other).
+# TYPE llmq_tenant_cost_usd counter
+# HELP llmq_upstream_calls Calls to each deployment, by outcome.
+# TYPE llmq_upstream_calls counter
+# HELP llmq_upstream_fallbacks Requests served by a fallback model.
+# TYPE llmq_upstream_fallbacks counter
+# HELP llmq_upstream_in_flight Calls to each deployment running now.
+# TYPE llmq_upstream_in_flight gauge
+# HELP llmq_upstream_limit Each deployment's AIMD concurrency limit.
+# TYPE llmq_upstream_limit gauge
+# HELP llmq_upstream_cooling Models each deployment does not serve now (cooling down, spent or refused).
+# TYPE llmq_upstream_cooling gauge
+# HELP llmq_upstream_breaker Each deployment's circuit breaker: 0 closed, 1 open, 2 half-open.
+# TYPE llmq_upstream_breaker gauge
+# HELP llmq_requests_received Deliveries taken from the work queues.
+# TYPE llmq_requests_received counter
+# HELP llmq_requests_succeeded Requests answered with an ok result.
+# TYPE llmq_requests_succeeded counter
+# HELP llmq_requests_retried Transient failures retried.
+# TYPE llmq_requests_retried counter
+# HELP llmq_requests_failed Failed attempts, by error kind.
+# TYPE llmq_requests_failed counter
+# HELP llmq_requests_dead_lettered Requests dead-lettered, by error kind.
+# TYPE llmq_requests_dead_lettered counter
+# HELP llmq_tokens_used Tokens reported by the upstream.
+# TYPE llmq_tokens_used counter
+# HELP llmq_upstream_latency_seconds Duration of upstream calls.
+# TYPE llmq_upstream_latency_seconds histogram
+# HELP llmq_publish_latency_seconds From publishing a result to its broker confirm.
+# TYPE llmq_publish_latency_seconds histogram
+# HELP llmq_broker_reconnects Broker connections lost and reopened.
+# TYPE llmq_broker_reconnects counter
+# HELP llmq_lane_moves Requests moved from a work queue to their tenant's lane (fair share).
+# TYPE llmq_lane_moves counter
+# HELP llmq_replies_refused Results the caller's reply_to refused; they are on the results exchange.
+# TYPE llmq_replies_refused counter
+# HELP llmq_redelivered Deliveries that arrived redelivered (never settled before) and were counted.
+# TYPE llmq_redelivered counter
+# HELP llmq_in_flight Upstream calls running now.
+# TYPE llmq_in_flight gauge
+# HELP llmq_concurrency_limit Current AIMD concurrency limit.
+# TYPE llmq_concurrency_limit gauge
+# HELP llmq_ready 1 when connected to the broker and consuming.
+# TYPE llmq_ready gauge
+# HELP llmq_queue_depth Ready messages in a queue.
+# TYPE llmq_queue_depth gauge"#;
+
+    /// Touches every family once, so that each labelled one is exposed too.
+    fn touched() -> Metrics {
+        let m = Metrics::new();
+        m.cancelled.inc();
+        m.stream_deltas.inc();
+        m.stream_restarts.inc();
+        m.tenant_answered("acme", 10, 0.5);
+        m.upstream_outcome("default", "ok");
+        m.fallback("a", "b");
+        let upstream = Metrics::upstream("default");
+        m.upstream_in_flight.get_or_create(&upstream).set(1);
+        m.upstream_limit.get_or_create(&upstream).set(2);
+        m.upstream_cooling.get_or_create(&upstream).set(3);
+        m.upstream_breaker.get_or_create(&upstream).set(1);
+        m.received("chat");
+        m.succeeded("chat", 12);
+        m.retried("chat");
+        m.failed("chat", "transient");
+        m.dead_lettered("embedding", "invalid_request");
+        m.upstream_call("chat", Duration::from_millis(30));
+        m.published(Duration::from_millis(2));
+        m.reconnects.inc();
+        m.lane_moves.inc();
+        m.replies_refused.inc();
+        m.redelivered.inc();
+        m.in_flight.set(3);
+        m.concurrency_limit.set(4);
+        m.ready.set(1);
+        m.queue_depth("q", 7);
+        m
+    }
+
+    #[test]
+    fn every_family_keeps_its_name_type_and_help_in_order() {
+        let text = touched().encode();
+        let exposed: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("# HELP ") || l.starts_with("# TYPE "))
+            .collect();
+        let expected: Vec<&str> = FAMILIES.lines().collect();
+        assert_eq!(exposed, expected, "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn values_keep_their_series_names_and_labels() {
+        let text = touched().encode();
+        for series in [
+            "llmq_requests_cancelled_total 1",
+            "llmq_tenant_cost_usd_total{tenant=\"acme\"} 0.5",
+            "llmq_upstream_calls_total{upstream=\"default\",outcome=\"ok\"} 1",
+            "llmq_upstream_fallbacks_total{from=\"a\",to=\"b\"} 1",
+            "llmq_upstream_breaker{upstream=\"default\"} 1",
+            "llmq_requests_failed_total{kind=\"chat\",error_kind=\"transient\"} 1",
+            "llmq_upstream_latency_seconds_bucket{le=\"0.05\",kind=\"chat\"} 1",
+            "llmq_upstream_latency_seconds_bucket{le=\"60.0\",kind=\"chat\"} 1",
+            "llmq_publish_latency_seconds_bucket{le=\"0.0025\"} 1",
+            "llmq_publish_latency_seconds_bucket{le=\"1.0\"} 1",
+            "llmq_queue_depth{queue=\"q\"} 7",
+        ] {
+            assert!(
+                text.lines().any(|l| l == series),
+                "no `{series}` in\n{text}"
+            );
+        }
     }
 }
