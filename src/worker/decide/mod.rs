@@ -259,84 +259,91 @@ pub fn decide(i: &Input<'_>) -> Decision {
             reason: invalid.message.clone(),
         };
     }
-    // A delivery its worker never settled (a crash, a lost connection, a nack at the shutdown
-    // deadline) comes back flagged; count it before anything else, so that a request that
-    // kills its worker runs out of redeliveries, with no upstream call, whatever the
-    // idempotency store.
     if i.redelivered {
-        let redeliveries = i.redeliveries.saturating_add(1);
-        if !i.policy.may_redeliver(redeliveries) {
-            return Decision::DeadLetter {
-                kind: ErrorKind::RedeliveryLimit,
-                reason: format!(
-                    "delivered {redeliveries} times without being settled (its worker crashed \
-                     or handed it back each time); not calling the upstream again"
-                ),
-            };
-        }
-        return Decision::Republish(Republish {
-            to: Destination::Requeue,
-            attempts: i.attempts.saturating_add(u32::from(i.streams)),
-            redeliveries,
-            reason: "redelivered".into(),
-        });
+        return after_redelivery(i);
     }
-    // A cancelled request, or one past its deadline, is not called (again). An answer
-    // already made is still published, and so is a stored one: the store is asked first, so
-    // that a duplicate of a request answered in time gets its answer, not a second,
-    // contradicting result. A failure keeps its own kind.
-    let past_deadline = i.deadline_ms.filter(|deadline| i.now_ms >= *deadline);
-    if (i.cancelled || past_deadline.is_some())
-        && !matches!(i.produced, Some(Outcome::Done(_) | Outcome::Failed { .. }))
-    {
-        match (&i.claim, past_deadline) {
-            (Claim::NotAsked, _) => return Decision::Claim,
-            // Another worker's answer, or its lease: that worker answers (it hears the
-            // cancel too, and cuts its call at the deadline); this one checks back later.
-            (Claim::Finished | Claim::Conflict | Claim::Busy, _) => {}
-            _ if i.cancelled => return Decision::Cancelled,
-            (_, Some(deadline)) => return expired(i, deadline),
-            (_, None) => {}
-        }
+    if let Some(ended) = cancelled_or_expired(i) {
+        return ended;
     }
     match i.produced {
-        Some(Outcome::Done(_)) => return after_answer(i),
-        Some(Outcome::Failed { kind, reason }) => {
-            return Decision::DeadLetter {
-                kind: *kind,
-                reason: reason.clone(),
-            };
-        }
-        Some(Outcome::Retry {
+        Some(produced) => after_outcome(i, produced),
+        None => before_call(i),
+    }
+}
+
+/// A delivery its worker never settled (a crash, a lost connection, a nack at the shutdown
+/// deadline) comes back flagged; it is counted before anything else, so that a request that
+/// kills its worker runs out of redeliveries, with no upstream call, whatever the
+/// idempotency store.
+fn after_redelivery(i: &Input<'_>) -> Decision {
+    let redeliveries = i.redeliveries.saturating_add(1);
+    if !i.policy.may_redeliver(redeliveries) {
+        return Decision::DeadLetter {
+            kind: ErrorKind::RedeliveryLimit,
+            reason: format!(
+                "delivered {redeliveries} times without being settled (its worker crashed \
+                 or handed it back each time); not calling the upstream again"
+            ),
+        };
+    }
+    Decision::Republish(Republish {
+        to: Destination::Requeue,
+        attempts: i.attempts.saturating_add(u32::from(i.streams)),
+        redeliveries,
+        reason: "redelivered".into(),
+    })
+}
+
+/// A cancelled request, or one past its deadline, is not called (again). An answer
+/// already made is still published, and so is a stored one: the store is asked first, so
+/// that a duplicate of a request answered in time gets its answer, not a second,
+/// contradicting result. A failure keeps its own kind.
+fn cancelled_or_expired(i: &Input<'_>) -> Option<Decision> {
+    let past_deadline = i.deadline_ms.filter(|deadline| i.now_ms >= *deadline);
+    if !(i.cancelled || past_deadline.is_some())
+        || matches!(i.produced, Some(Outcome::Done(_) | Outcome::Failed { .. }))
+    {
+        return None;
+    }
+    match (&i.claim, past_deadline) {
+        (Claim::NotAsked, _) => Some(Decision::Claim),
+        // Another worker's answer, or its lease: that worker answers (it hears the
+        // cancel too, and cuts its call at the deadline); this one checks back later.
+        (Claim::Finished | Claim::Conflict | Claim::Busy, _) => None,
+        _ if i.cancelled => Some(Decision::Cancelled),
+        (_, Some(deadline)) => Some(expired(i, deadline)),
+        (_, None) => None,
+    }
+}
+
+/// After an attempt in this delivery produced something.
+fn after_outcome(i: &Input<'_>, produced: &Outcome) -> Decision {
+    match produced {
+        Outcome::Done(_) => after_answer(i),
+        Outcome::Failed { kind, reason } => Decision::DeadLetter {
+            kind: *kind,
+            reason: reason.clone(),
+        },
+        Outcome::Retry {
             after,
             reason,
             elsewhere,
             ..
-        }) => return after_transient(i, *after, *elsewhere, reason),
-        Some(Outcome::RateLimited { after, reason }) => return after_rate_limit(i, *after, reason),
+        } => after_transient(i, *after, *elsewhere, reason),
+        Outcome::RateLimited { after, reason } => after_rate_limit(i, *after, reason),
         // Waited too long for a call to start, and none was made: not an attempt.
-        Some(Outcome::Deferred { reason }) => {
-            return Decision::retry_tier(i, TIERS[0].max, reason.clone());
-        }
-        None => {}
+        Outcome::Deferred { reason } => Decision::retry_tier(i, TIERS[0].max, reason.clone()),
     }
+}
+
+/// Nothing produced yet in this delivery (or since an inline wait): ask the store, then the
+/// budget, then call; or give back when stopping.
+fn before_call(i: &Input<'_>) -> Decision {
     if i.stopping {
         return Decision::HandBack;
     }
-    if i.claim == Claim::NotAsked {
-        // Back before its time (a wait longer than the last retry tier): wait again. The
-        // header comes from the publisher: saturate, and ignore a time beyond any wait llmq
-        // sets, so a forged one can neither overflow nor park a request forever.
-        if let Some(not_before) = i.not_before_ms {
-            let early = not_before.saturating_sub(i.now_ms);
-            if early > NOT_BEFORE_SLACK_MS && early <= MAX_NOT_BEFORE_MS {
-                let wait = Duration::from_millis(early.unsigned_abs());
-                return Decision::retry_tier(i, wait, "waiting for not-before");
-            }
-        }
-        return Decision::Claim;
-    }
     match &i.claim {
+        Claim::NotAsked => return not_before(i).unwrap_or(Decision::Claim),
         Claim::Finished => return Decision::PublishStored,
         Claim::Conflict => {
             return Decision::DeadLetter {
@@ -352,7 +359,7 @@ pub fn decide(i: &Input<'_>) -> Decision {
         Claim::Unavailable(e) if i.on_store_error == OnStoreError::Requeue => {
             return Decision::retry_tier(i, TIERS[0].max, e.clone());
         }
-        Claim::Unavailable(_) | Claim::Acquired | Claim::NotAsked => {}
+        Claim::Unavailable(_) | Claim::Acquired => {}
     }
     // Checked after the store, so that a finished request redelivered after its last
     // attempt gets its stored result instead of a dead letter.
@@ -376,6 +383,17 @@ pub fn decide(i: &Input<'_>) -> Decision {
         },
         Budget::Unlimited | Budget::Within => Decision::Call,
     }
+}
+
+/// Back before its time (a wait longer than the last retry tier): wait again. The header
+/// comes from the publisher: saturate, and ignore a time beyond any wait llmq sets, so a
+/// forged one can neither overflow nor park a request forever.
+fn not_before(i: &Input<'_>) -> Option<Decision> {
+    let early = i.not_before_ms?.saturating_sub(i.now_ms);
+    (early > NOT_BEFORE_SLACK_MS && early <= MAX_NOT_BEFORE_MS).then(|| {
+        let wait = Duration::from_millis(early.unsigned_abs());
+        Decision::retry_tier(i, wait, "waiting for not-before")
+    })
 }
 
 /// After a publish that settles the delivery: ack once it is confirmed. A result the
