@@ -4,7 +4,7 @@
 //! This is the imperative shell around the pure decision: it talks to the idempotency
 //! store, the ledger, the upstream ([`super::attempt`]) and the broker, and keeps what
 //! the steps so far produced in one [`Settling`], from which each [`Input`] is made. It
-//! decides nothing itself; [`steps`] carries out each step.
+//! decides nothing itself; [`steps`] carries out each decision.
 
 mod steps;
 
@@ -16,9 +16,9 @@ use tracing::{Instrument, info_span};
 
 use super::{
     Context,
-    ack::{ack, ack_if_confirmed, nack_after_a_pause},
+    ack::ack_if_confirmed,
     cancel::Watch,
-    decide::{Arrival, Budget, Claim, Decision, Input, Sent, Tally, decide, may_move},
+    decide::{Arrival, Budget, Claim, Input, Sent, Tally, decide, may_move},
     lanes::{Origin, Pressure},
     stream,
 };
@@ -287,32 +287,8 @@ impl Settling<'_> {
         });
         loop {
             let decision = decide(&self.input());
-            match decision {
-                Decision::Claim if self.job.is_some() => self.claim().await,
-                Decision::AskBudget => self.ask_budget().await,
-                Decision::Call => match route.as_mut() {
-                    Some(route) => self.call(route).await,
-                    None => return self.hand_back().await,
-                },
-                Decision::Publish | Decision::PublishStored => {
-                    // Boxed: publishing is the largest state of a delivery's task, and every
-                    // delivery in flight would carry its size while it waits for the upstream.
-                    Box::pin(self.publish(decision == Decision::Publish)).await;
-                }
-                Decision::RetryInline { after } => self.wait(after).await,
-                Decision::Republish(to) => Box::pin(self.republish(&to)).await,
-                Decision::DeadLetter { kind, reason } => {
-                    Box::pin(self.dead_letter(kind, &reason)).await;
-                }
-                Decision::Cancelled => Box::pin(self.cancelled()).await,
-                Decision::HandBack => return self.give_back().await,
-                Decision::Ack => return ack(self.delivery).await,
-                Decision::Nack => {
-                    self.release().await;
-                    return nack_after_a_pause(self.delivery, &self.ctx.stop).await;
-                }
-                // Only a request that parsed is claimed.
-                Decision::Claim => return self.hand_back().await,
+            if self.carry_out(decision, route.as_mut()).await.is_break() {
+                return;
             }
         }
     }

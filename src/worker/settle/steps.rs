@@ -4,7 +4,10 @@
 //! end a delivery (its result, a move to another queue, a dead letter, a `cancelled`
 //! notice, a give-back at shutdown).
 
-use std::time::{Duration, Instant};
+use std::{
+    ops::ControlFlow,
+    time::{Duration, Instant},
+};
 
 use lapin::message::Delivery;
 use tracing::{debug, error, info, warn};
@@ -22,13 +25,63 @@ use crate::{
     upstream::{call::Outcome, router::Route},
     worker::{
         Context,
-        ack::{ack_if_confirmed, give_back, nack},
+        ack::{ack, ack_if_confirmed, give_back, nack, nack_after_a_pause},
         attempt::Attempt,
-        decide::{Budget, Claim, Confirm, Destination, Republish, Sending, Sent},
+        decide::{Budget, Claim, Confirm, Decision, Destination, Republish, Sending, Sent},
     },
 };
 
 impl Settling<'_> {
+    /// Carries out one decision; `Break` once the delivery is acked or handed back.
+    /// `route` is where its attempts go, `None` for a request that did not parse.
+    pub(super) async fn carry_out(
+        &mut self,
+        decision: Decision,
+        route: Option<&mut Route>,
+    ) -> ControlFlow<()> {
+        match decision {
+            Decision::Claim if self.job.is_some() => self.claim().await,
+            Decision::AskBudget => self.ask_budget().await,
+            Decision::Call => match route {
+                Some(route) => self.call(route).await,
+                None => {
+                    self.hand_back().await;
+                    return ControlFlow::Break(());
+                }
+            },
+            Decision::Publish | Decision::PublishStored => {
+                // Boxed: publishing is the largest state of a delivery's task, and every
+                // delivery in flight would carry its size while it waits for the upstream.
+                Box::pin(self.publish(decision == Decision::Publish)).await;
+            }
+            Decision::RetryInline { after } => self.wait(after).await,
+            Decision::Republish(to) => Box::pin(self.republish(&to)).await,
+            Decision::DeadLetter { kind, reason } => {
+                Box::pin(self.dead_letter(kind, &reason)).await;
+            }
+            Decision::Cancelled => Box::pin(self.cancelled()).await,
+            Decision::HandBack => {
+                self.give_back().await;
+                return ControlFlow::Break(());
+            }
+            Decision::Ack => {
+                ack(self.delivery).await;
+                return ControlFlow::Break(());
+            }
+            Decision::Nack => {
+                self.release().await;
+                nack_after_a_pause(self.delivery, &self.ctx.stop).await;
+                return ControlFlow::Break(());
+            }
+            // Only a request that parsed is claimed.
+            Decision::Claim => {
+                self.hand_back().await;
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
     /// Asks the idempotency store for the request's lease.
     pub(super) async fn claim(&mut self) {
         let ctx = self.ctx;
