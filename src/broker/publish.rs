@@ -1,5 +1,5 @@
-//! Confirmed publishing: results (to the results exchange and the caller's `reply_to`),
-//! dead letters and retries. A request is acked only after what it produced is confirmed
+//! Confirmed publishing: results (to the caller's `reply_to`, the results exchange, or both,
+//! as `topology.keep_results` says), dead letters and retries. A request is acked only after what it produced is confirmed
 //! here.
 //!
 //! The channel is in confirm mode; a broker nack, or an unroutable mandatory message that
@@ -19,8 +19,11 @@ use crate::{
         retry,
         returns::{self, Attribution},
     },
-    config::TopologyConfig,
-    contract::headers::{self, Failure, RetryState},
+    config::{KeepResults, TopologyConfig},
+    contract::{
+        headers::{self, Failure, RetryState},
+        reply_to::is_direct_reply_to,
+    },
     runtime::clock::{unix_now, unix_now_ms},
 };
 
@@ -88,7 +91,7 @@ pub enum PublishError {
     },
 }
 
-/// Where a result goes besides the results exchange.
+/// Where a result goes besides (or instead of) the results exchange.
 #[derive(Debug, Clone, Default)]
 pub struct ReplyRoute {
     /// The request id, the result's `message_id`.
@@ -135,10 +138,13 @@ impl PublishError {
 pub enum Reply {
     /// The request has no `reply_to`.
     None,
-    /// Confirmed (or dropped by the broker because the queue is gone: the caller left).
+    /// Confirmed. When the worker keeps every result, also a reply the broker dropped
+    /// because the queue is gone (the caller left); and always one to a Direct Reply-to
+    /// caller that left.
     Sent,
-    /// The reply queue refused it (e.g. `x-max-length` with `reject-publish`): the caller's
-    /// problem; the result is on the results exchange all the same.
+    /// The reply queue refused it (e.g. `x-max-length` with `reject-publish`), or (unless
+    /// the worker keeps every result) the queue is gone: the caller's problem; the result is
+    /// on the results exchange all the same.
     Refused(String),
 }
 
@@ -175,14 +181,17 @@ impl Publisher {
         self.channel.status().connected()
     }
 
-    /// Publishes a serialized result to the results exchange (with a few quick tries) and,
-    /// when the request has one, once to its `reply_to`; returns once the broker confirmed
-    /// the results copy, and what became of the reply.
+    /// Publishes a serialized result where `topology.keep_results` wants it: to the caller's
+    /// `reply_to`, to the results exchange, or both; returns once the broker confirmed the
+    /// copy that matters, and what became of the reply.
     ///
-    /// A `reply_to` that is gone or refuses is not a failure: the result is still on the
-    /// results exchange, and trying the reply again would publish the result again too. An
-    /// unroutable result on the results exchange is one when the worker keeps results
-    /// (`topology.keep_results`), since the queue must exist. The results copy expires after
+    /// A request without a `reply_to` has its result on the results exchange only. With
+    /// [`KeepResults::Always`] a request with one has it on both ([`Self::reply_and_keep`]);
+    /// otherwise on its `reply_to` alone, unless that refuses it or is gone, in which case it
+    /// goes to the results exchange instead ([`Self::reply_or_keep`]).
+    ///
+    /// An unroutable result on the results exchange is a failure when the worker declares
+    /// `results_queue`, since the queue must exist. The results copy expires after
     /// `topology.results_ttl_secs`, so an unread results queue does not grow for ever.
     pub async fn result_body(
         &self,
@@ -197,20 +206,66 @@ impl Publisher {
         };
         // Boxed: most requests have no reply_to, and every in-flight delivery's task would
         // otherwise be sized for two publishes.
-        Box::pin(async {
-            // Not mandatory: a caller that left is common, and its result is on the results
-            // exchange anyway; a return would only be logged.
-            let reply = self.send("", reply_to, false, body, props.clone());
-            let (results, reply) = tokio::join!(self.send_result(body, &props), reply);
-            results?;
-            // A reply that failed in any way is not tried again: the results copy is
-            // confirmed, and trying again would publish the result twice.
-            Ok(match reply {
-                Ok(()) => Reply::Sent,
-                Err(e) => Reply::Refused(e.to_string()),
-            })
+        match self.topo.keep_results {
+            KeepResults::Always => Box::pin(self.reply_and_keep(reply_to, body, props)).await,
+            KeepResults::WithoutReplyTo | KeepResults::Never => {
+                Box::pin(self.reply_or_keep(reply_to, body, props)).await
+            }
+        }
+    }
+
+    /// Both copies at once: the results copy must be confirmed; the reply is sent once and
+    /// only reported. A `reply_to` that is gone or refuses is not a failure, since the result
+    /// is on the results exchange, and trying the reply again would publish the result again
+    /// too.
+    async fn reply_and_keep(
+        &self,
+        reply_to: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<Reply, PublishError> {
+        // Not mandatory: a caller that left is common, and its result is on the results
+        // exchange anyway; a return would only be logged.
+        let reply = self.send("", reply_to, false, body, props.clone());
+        let (results, reply) = tokio::join!(self.send_result(body, &props), reply);
+        results?;
+        // A reply that failed in any way is not tried again: the results copy is
+        // confirmed, and trying again would publish the result twice.
+        Ok(match reply {
+            Ok(()) => Reply::Sent,
+            Err(e) => Reply::Refused(e.to_string()),
         })
-        .await
+    }
+
+    /// The reply alone when the caller's queue takes it; otherwise the results copy. The
+    /// reply is mandatory, so that a queue that is gone comes back as a return instead of
+    /// being dropped; refused or returned (or confirmed without knowing whether it was
+    /// routed), the result goes to the results exchange, confirmed, before the request may
+    /// be acked. A reply that failed for the channel or the shutdown deadline is a failure:
+    /// nothing is known to hold the result, so the request is not acked.
+    ///
+    /// A Direct Reply-to name is the exception: the broker counts a reply there as routed to
+    /// no queue, so a mandatory one would always come back. It is sent as the caller chose it,
+    /// delivered while the caller's channel is open and dropped once it is closed.
+    async fn reply_or_keep(
+        &self,
+        reply_to: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<Reply, PublishError> {
+        let mandatory = !is_direct_reply_to(reply_to);
+        match self
+            .send("", reply_to, mandatory, body, props.clone())
+            .await
+        {
+            Ok(()) => Ok(Reply::Sent),
+            Err(e @ (PublishError::Broker { .. } | PublishError::Unconfirmed { .. })) => Err(e),
+            Err(refused) => {
+                // Not tried again: the results copy is what stands in for it.
+                self.send_result(body, &props).await?;
+                Ok(Reply::Refused(refused.to_string()))
+            }
+        }
     }
 
     /// One message of a streamed answer (a delta or a restart marker, `kind` its AMQP
@@ -231,8 +286,8 @@ impl Publisher {
         self.send("", reply_to, false, body, props).await
     }
 
-    /// A result to the results exchange: mandatory when the worker keeps results, with the
-    /// results TTL as its expiration, tried a few times.
+    /// A result to the results exchange: mandatory when the worker declares `results_queue`,
+    /// with the results TTL as its expiration, tried a few times.
     async fn send_result(&self, body: &[u8], props: &BasicProperties) -> Result<(), PublishError> {
         let topo = &self.topo;
         let props = if topo.results_ttl_secs > 0 {
@@ -245,7 +300,7 @@ impl Publisher {
             self.send(
                 &topo.results_exchange,
                 &topo.results_key,
-                topo.keep_results,
+                topo.keep_results.declares_queue(),
                 body,
                 props.clone(),
             )

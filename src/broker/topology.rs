@@ -195,7 +195,7 @@ pub async fn declare(channel: &Channel, topo: &TopologyConfig) -> Result<(), lap
         &any_key,
         FieldTable::default(),
     ));
-    if topo.keep_results {
+    if topo.keep_results.declares_queue() {
         queues.push((
             &topo.results_queue,
             &topo.results_exchange,
@@ -409,7 +409,7 @@ mod tests {
 
     /// The definitions that `docker compose` loads name the defaults' alternate exchange, by
     /// policy on the request, dead-letter and retry exchanges (not the results exchange:
-    /// without `keep_results` nobody needs its results kept).
+    /// with `keep_results = "never"` nobody needs its results kept).
     #[test]
     fn definitions_give_the_default_exchanges_their_alternate_exchange() {
         let defs: Value =

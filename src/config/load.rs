@@ -193,7 +193,7 @@ fn without_source(message: &str) -> String {
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
-    use crate::config::redact_url;
+    use crate::config::{KeepResults, redact_url};
     use figment::Jail;
 
     /// The repository's `config.toml` (copied into the Docker image) holds the defaults and
@@ -422,6 +422,79 @@ fallbacks = { "gpt-4o" = ["gpt-4o-mini"] }
                 "{var}={value}: {p:?}"
             );
         }
+    }
+
+    /// Loads `./config.toml` = `file` with `vars` set; the loaded `topology.keep_results`, or
+    /// the problems.
+    fn keep_results(file: Option<&str>, vars: &[(&str, &str)]) -> Result<KeepResults, String> {
+        let mut out = Err(String::new());
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            if let Some(text) = file {
+                jail.create_file("config.toml", text)?;
+            }
+            for (k, v) in vars {
+                jail.set_env(k, v);
+            }
+            out = Config::load(None)
+                .map(|c| c.topology.keep_results)
+                .map_err(|e| e.problems.join("; "));
+            Ok(())
+        });
+        out
+    }
+
+    #[test]
+    fn keep_results_reads_its_names_and_the_booleans_of_earlier_versions() {
+        use KeepResults::*;
+        assert_eq!(keep_results(None, &[]), Ok(WithoutReplyTo), "the default");
+        let file = |v: &str| format!("[topology]\nkeep_results = {v}\n");
+        for (value, expected) in [
+            ("\"always\"", Always),
+            ("\"without_reply_to\"", WithoutReplyTo),
+            ("\"never\"", Never),
+            ("true", Always),
+            ("false", Never),
+        ] {
+            assert_eq!(
+                keep_results(Some(&file(value)), &[]),
+                Ok(expected),
+                "{value}"
+            );
+        }
+        let var = "LLMQ_TOPOLOGY__KEEP_RESULTS";
+        for (value, expected) in [
+            ("always", Always),
+            ("without_reply_to", WithoutReplyTo),
+            ("never", Never),
+            ("true", Always),
+            ("false", Never),
+            ("\"never\"", Never),
+        ] {
+            assert_eq!(keep_results(None, &[(var, value)]), Ok(expected), "{value}");
+        }
+        // The environment wins over the file, whichever form each uses.
+        assert_eq!(
+            keep_results(Some(&file("true")), &[(var, "without_reply_to")]),
+            Ok(WithoutReplyTo)
+        );
+    }
+
+    #[test]
+    fn keep_results_names_its_key_and_values_when_wrong() {
+        let expected = "topology.keep_results (LLMQ_TOPOLOGY__KEEP_RESULTS): invalid value \
+                        string \"sometimes\", expected \"always\", \"without_reply_to\" or \
+                        \"never\" (true and false, from earlier versions, are always and never)";
+        let from_file = problems(Some("[topology]\nkeep_results = \"sometimes\"\n"), &[]);
+        assert_eq!(from_file, vec![expected.to_string()]);
+        let from_env = problems(None, &[("LLMQ_TOPOLOGY__KEEP_RESULTS", "sometimes")]);
+        assert_eq!(from_env, vec![expected.to_string()]);
+        let number = problems(Some("[topology]\nkeep_results = 1\n"), &[]).join("; ");
+        assert!(
+            number.starts_with("topology.keep_results (LLMQ_TOPOLOGY__KEEP_RESULTS): invalid type")
+                && number.contains("\"without_reply_to\""),
+            "{number}"
+        );
     }
 
     #[test]

@@ -25,9 +25,9 @@ use serde::{Deserialize, Serialize};
 pub use child::{ChildConfigError, ChildConfigFile, child_command, clean_command};
 pub use secret::{Secret, SecretUrl, redact_url};
 pub use sections::{
-    AdminConfig, AmqpConfig, BatchConfig, IdempotencyConfig, LimitsConfig, LlmConfig, LogConfig,
-    LogFormat, OnStoreError, RetryConfig, RoutingConfig, StoreKind, StreamConfig, TlsConfig,
-    TopologyConfig, UpstreamConfig, WorkerConfig,
+    AdminConfig, AmqpConfig, BatchConfig, IdempotencyConfig, KeepResults, LimitsConfig, LlmConfig,
+    LogConfig, LogFormat, OnStoreError, RetryConfig, RoutingConfig, StoreKind, StreamConfig,
+    TlsConfig, TopologyConfig, UpstreamConfig, WorkerConfig,
 };
 pub use tenancy::{
     DEFAULT_TENANT, OTHER_TENANTS, PriceConfig, TenancyConfig, TenantConfig, TenantLimits, Tenants,
@@ -245,7 +245,7 @@ mod tests {
                 results_exchange: "x.results".into(),
                 results_key: "x-result".into(),
                 results_queue: "x.results-kept".into(),
-                keep_results: false,
+                keep_results: KeepResults::Never,
                 dead_letter_exchange: "x.dlx".into(),
                 dead_letter_queue: "x.dlq".into(),
                 dead_letter_key: "x-dead".into(),

@@ -23,7 +23,7 @@ impl TopologyConfig {
             OwnedQueue::subtree(&self.request_exchange, "topology.request_exchange"),
             OwnedQueue::exact(&self.unroutable_queue, "topology.unroutable_queue"),
             OwnedQueue::exact(&self.dead_letter_queue, "topology.dead_letter_queue"),
-            // Even when not declared (`keep_results = false`): it is llmq's name.
+            // Even when not declared (`keep_results = "never"`): it is llmq's name.
             OwnedQueue::exact(&self.results_queue, "topology.results_queue"),
             // Each worker's control queue, `<control_exchange>.<uuid>`.
             OwnedQueue::subtree(&self.control_exchange, "topology.control_exchange"),

@@ -87,9 +87,9 @@ pub struct TopologyConfig {
     pub results_key: String,
     /// Durable queue that keeps results when nobody listens.
     pub results_queue: String,
-    /// Whether to declare and bind `results_queue`. Off: results only reach `reply_to` and
-    /// whatever the users bind to `results_exchange` themselves.
-    pub keep_results: bool,
+    /// Which results also go to `results_exchange`, and whether `results_queue` is declared
+    /// and bound to keep them (see [`KeepResults`]).
+    pub keep_results: KeepResults,
     /// Direct exchange for dead letters (requests that cannot succeed).
     pub dead_letter_exchange: String,
     /// Queue that keeps dead letters.
@@ -132,7 +132,7 @@ impl Default for TopologyConfig {
             results_exchange: "llm_results".into(),
             results_key: "result".into(),
             results_queue: "llm_results".into(),
-            keep_results: true,
+            keep_results: KeepResults::default(),
             dead_letter_exchange: "llm_requests.dlx".into(),
             dead_letter_queue: "llm_processing.dlq".into(),
             dead_letter_key: "dead".into(),
@@ -143,6 +143,73 @@ impl Default for TopologyConfig {
             control_exchange: "llm_control".into(),
             results_ttl_secs: 86_400,
         }
+    }
+}
+
+/// Which results are copied to the results exchange, where `results_queue` keeps them for a
+/// caller that reads later (the seed's fire-and-forget producer, an operator). A copy of
+/// every result costs a persistent queue write per job and a day of disk, so by default a
+/// caller that has its result on its `reply_to` does not get a second one.
+///
+/// Read from `"always"`, `"without_reply_to"` or `"never"`, and from the booleans of earlier
+/// versions: `true` is `always` (what it did), `false` is `never`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeepResults {
+    /// Every result, besides its copy to `reply_to`: what earlier versions always did.
+    Always,
+    /// Only the results that did not reach a `reply_to`: the request has none (or one the
+    /// policy refuses), or its reply queue refused the result or is gone.
+    #[default]
+    WithoutReplyTo,
+    /// `results_queue` is not declared. A result with a working `reply_to` goes only there;
+    /// the others still go to `results_exchange`, not mandatory, for whatever the users bind
+    /// to it themselves.
+    Never,
+}
+
+impl KeepResults {
+    /// Whether `results_queue` is declared and bound, so that a result the results exchange
+    /// cannot route is a failure (the queue must exist), not a drop.
+    pub fn declares_queue(self) -> bool {
+        self != KeepResults::Never
+    }
+
+    /// The values a configuration may give, for error messages.
+    const EXPECTED: &str = "\"always\", \"without_reply_to\" or \"never\" (true and false, from earlier versions, \
+         are always and never)";
+}
+
+impl<'de> Deserialize<'de> for KeepResults {
+    /// A string, or a boolean of earlier versions (in TOML or an environment variable, which
+    /// figment reads as a boolean when it is `true` or `false`).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = KeepResults;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(KeepResults::EXPECTED)
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<KeepResults, E> {
+                Ok(if v {
+                    KeepResults::Always
+                } else {
+                    KeepResults::Never
+                })
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<KeepResults, E> {
+                match v {
+                    "always" | "true" => Ok(KeepResults::Always),
+                    "without_reply_to" => Ok(KeepResults::WithoutReplyTo),
+                    "never" | "false" => Ok(KeepResults::Never),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 

@@ -117,7 +117,10 @@ fn unanchored(p: &Regex) -> &str {
         .unwrap_or(s)
 }
 
-fn is_direct_reply_to(name: &str) -> bool {
+/// Whether `name` is the Direct Reply-to pseudo-queue or one of its per-channel forms. The
+/// broker hands a reply there straight to the caller's channel and counts it as routed to no
+/// queue, so a mandatory publish there is returned even when it was delivered.
+pub fn is_direct_reply_to(name: &str) -> bool {
     match name.strip_prefix(DIRECT_REPLY_TO) {
         Some(rest) => rest.is_empty() || rest.starts_with('.'),
         None => false,

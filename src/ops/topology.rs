@@ -4,7 +4,7 @@
 use super::{OpsError, open};
 use crate::{
     broker::{retry, topology},
-    config::{Config, TopologyConfig},
+    config::{Config, KeepResults, TopologyConfig},
     contract::request::Kind,
 };
 
@@ -40,9 +40,14 @@ pub fn describe(t: &TopologyConfig) -> String {
         }
     }
     line(format!("exchange {} (direct)", t.results_exchange));
-    if t.keep_results {
+    let kept = match t.keep_results {
+        KeepResults::Always => Some("every result"),
+        KeepResults::WithoutReplyTo => Some("results that reached no reply_to"),
+        KeepResults::Never => None,
+    };
+    if let Some(kept) = kept {
         line(format!(
-            "  -> queue {} (key {})",
+            "  -> queue {} (key {}; keeps {kept})",
             t.results_queue, t.results_key
         ));
     }
@@ -110,6 +115,37 @@ mod tests {
                 .filter(|l| l.contains("dead-letters to"))
                 .count(),
             retry::TIERS.len()
+        );
+    }
+
+    #[test]
+    fn describes_which_results_the_results_queue_keeps() {
+        let t = TopologyConfig::default();
+        let queue = format!(
+            "  -> queue {} (key {}; keeps",
+            t.results_queue, t.results_key
+        );
+        let with = |keep_results| {
+            describe(&TopologyConfig {
+                keep_results,
+                ..t.clone()
+            })
+        };
+        let default = describe(&t);
+        assert!(
+            default.contains(&format!("{queue} results that reached no reply_to)\n")),
+            "{default}"
+        );
+        let always = with(KeepResults::Always);
+        assert!(
+            always.contains(&format!("{queue} every result)\n")),
+            "{always}"
+        );
+        let never = with(KeepResults::Never);
+        assert!(!never.contains(&queue), "{never}");
+        assert!(
+            never.contains(&format!("exchange {} (direct)\n", t.results_exchange)),
+            "{never}"
         );
     }
 

@@ -9,7 +9,10 @@ use lapin::{
     options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable},
 };
-use llmq::tools::mock::{MockOptions, mock_embedding};
+use llmq::{
+    config::KeepResults,
+    tools::mock::{MockOptions, mock_embedding},
+};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,10 +51,14 @@ async fn seed_form_chat_gets_a_result_on_the_results_queue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_form_chat_replies_to_reply_to_with_correlation_id() {
-    let env = TestEnv::new(MockOptions {
-        require_key: Some("sk-test".into()),
-        ..Default::default()
-    })
+    let env = TestEnv::with(
+        MockOptions {
+            require_key: Some("sk-test".into()),
+            ..Default::default()
+        },
+        // So that the kept copy can be checked too.
+        |c| c.topology.keep_results = KeepResults::Always,
+    )
     .await;
     let mut env = env;
     env.config.llm.api_key = llmq::config::Secret::new("sk-test");
@@ -103,7 +110,7 @@ async fn full_form_chat_replies_to_reply_to_with_correlation_id() {
     assert_eq!(body["model"], "my-model");
     assert_eq!(body["content"], "mock reply to: Hello full");
     assert_eq!(body["metadata"], json!({"tenant": "t1", "n": [1, 2]}));
-    // The same result is also kept on the results queue.
+    // The same result is also kept on the results queue (`keep_results = "always"`).
     let (props, kept) = &env.results(1).await[0];
     assert_eq!(kept["request_id"], "full-1");
     assert_eq!(props.correlation_id().as_ref().unwrap().as_str(), "corr-42");

@@ -15,6 +15,7 @@ mod guarantees;
 mod helpers;
 mod interop;
 mod ops;
+mod results;
 mod routing;
 mod streaming;
 mod tenants;

@@ -431,7 +431,7 @@ async fn retry_to_a_missing_tier_is_not_acked_and_waits_there_once_it_exists() {
 async fn result_to_a_missing_results_queue_is_not_acked_and_arrives_once_it_exists() {
     let env = TestEnv::new(MockOptions::default()).await;
     let topo = env.config.topology.clone();
-    assert!(topo.keep_results);
+    assert!(topo.keep_results.declares_queue());
     let (metrics, stop, task) = worker_with_metrics(&env).await;
     consuming(&env).await;
     delete_queue(&env, &topo.results_queue).await;

@@ -34,7 +34,7 @@ use super::{
 };
 use crate::{
     broker::connection,
-    config::Config,
+    config::{Config, KeepResults},
     contract::stream::{DELTA, RESTART},
     tools::mock::{MockOptions, MockServer},
 };
@@ -243,13 +243,17 @@ async fn run(
         .name()
         .to_string();
     let replies = read_replies(channel, queue.clone(), n);
-    // Every result also goes to the results exchange: drained, not looked at.
-    let results = collect(
-        conn.create_channel().await?,
-        cfg.topology.results_queue.clone(),
-        n,
-        |_| {},
-    );
+    // With `keep_results = "always"` every result also goes to the results queue: drained,
+    // not looked at. Otherwise a result that reached the reply queue is not copied.
+    let results = match cfg.topology.keep_results {
+        KeepResults::Always => Some(collect(
+            conn.create_channel().await?,
+            cfg.topology.results_queue.clone(),
+            n,
+            |_| {},
+        )),
+        KeepResults::WithoutReplyTo | KeepResults::Never => None,
+    };
     let ticks = clock_ticks_per_s();
     let cpu_before = cpu_ticks(pid);
     let body = |i: usize| {
@@ -265,9 +269,11 @@ async fn run(
     let replies = replies
         .await
         .map_err(|e| BenchError::Stalled(e.to_string()))??;
-    results
-        .await
-        .map_err(|e| BenchError::Stalled(e.to_string()))??;
+    if let Some(results) = results {
+        results
+            .await
+            .map_err(|e| BenchError::Stalled(e.to_string()))??;
+    }
     let elapsed = start.elapsed();
     let cpu_s = match (cpu_before, cpu_ticks(pid)) {
         (Some(before), Some(after)) => after.saturating_sub(before) as f64 / ticks as f64,
