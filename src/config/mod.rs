@@ -7,10 +7,12 @@
 //!
 //! One file per concern: `sections` (the section structs and their defaults), `secret`
 //! (values that never print), `load` (the layering and how errors are described),
-//! `validate` (the rules) and `child` (handing the whole configuration to a child `llmq`
-//! process); every public name is re-exported here.
+//! `validate` (the rules), `child` (handing the whole configuration to a child `llmq`
+//! process) and `fields` (a section's keys as serde knows them, for code that goes over
+//! every section or key without listing them); every public name is re-exported here.
 
 mod child;
+mod fields;
 mod load;
 mod rules;
 mod secret;
