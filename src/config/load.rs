@@ -3,14 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+use super::{Config, ConfigError, ENV_PREFIX, Secret, env_name, fields};
 use figment::{
     Figment,
     providers::{Env, Format, Toml},
     value::{Dict, Value},
 };
-use serde::de::DeserializeOwned;
-
-use super::{Config, ConfigError, ENV_PREFIX, Secret, env_name};
 
 impl Config {
     /// Loads defaults, then `path` (or `./config.toml` if it exists), then `LLMQ_*`
@@ -58,93 +56,87 @@ impl Config {
     }
 
     /// Extracts each section on its own, so that a problem in one does not hide the others.
+    /// The sections are [`Config`]'s fields, as its `Deserialize` names them: a new section
+    /// is loaded, and named in the error for an unknown one, without being listed here.
     fn from_figment(figment: &Figment, problems: &mut Vec<String>) -> Self {
-        let mut config = Config::default();
         let root: Dict = match figment.extract() {
             Ok(root) => root,
             Err(e) => {
                 problems.push(without_source(&e.to_string()));
-                return config;
+                return Config::default();
             }
         };
+        let sections = fields::of::<Config>();
+        let mut good = Dict::new();
         for (key, value) in &root {
-            match key.as_str() {
-                "amqp" => section(key, value, &mut config.amqp, problems),
-                "topology" => section(key, value, &mut config.topology, problems),
-                "llm" => section(key, value, &mut config.llm, problems),
-                "upstreams" => section(key, value, &mut config.upstreams, problems),
-                "routing" => section(key, value, &mut config.routing, problems),
-                "worker" => section(key, value, &mut config.worker, problems),
-                "retry" => section(key, value, &mut config.retry, problems),
-                "idempotency" => section(key, value, &mut config.idempotency, problems),
-                "limits" => section(key, value, &mut config.limits, problems),
-                "batch" => section(key, value, &mut config.batch, problems),
-                "stream" => section(key, value, &mut config.stream, problems),
-                "tenancy" => section(key, value, &mut config.tenancy, problems),
-                "tenants" => section(key, value, &mut config.tenants, problems),
-                "prices" => section(key, value, &mut config.prices, problems),
-                "admin" => section(key, value, &mut config.admin, problems),
-                "log" => section(key, value, &mut config.log, problems),
-                other => problems.push(format!(
-                    "{other} ({}): unknown key; sections are amqp, topology, llm, upstreams, routing, worker, retry, idempotency, limits, batch, stream, tenancy, tenants, prices, admin, log",
-                    env_name(other)
-                )),
+            if !sections.contains(&key.as_str()) {
+                problems.push(format!(
+                    "{key} ({}): unknown key; sections are {}",
+                    env_name(key),
+                    sections.join(", ")
+                ));
+            } else if let Some(value) = section(key, value, problems) {
+                good.insert(key.clone(), value);
             }
         }
-        config
+        match Value::from(good).deserialize::<Config>() {
+            Ok(config) => config,
+            // Each section deserializes alone, and sections do not depend on each other.
+            Err(e) => {
+                problems.push(without_source(&e.to_string()));
+                Config::default()
+            }
+        }
     }
 }
 
-/// Deserializes one section; on failure, finds every bad key by deserializing each key
-/// alone (all fields have defaults, so a one-key section fails only for that key).
-fn section<T: DeserializeOwned>(
-    name: &str,
-    value: &Value,
-    out: &mut T,
-    problems: &mut Vec<String>,
-) {
-    match value.deserialize::<T>() {
-        Ok(v) => *out = v,
-        Err(_) => {
-            let Value::Dict(_, dict) = value else {
-                problems.push(format!(
-                    "{name} ({}): must be a table of keys",
-                    env_name(name)
-                ));
-                return;
-            };
-            let mut good = Dict::new();
-            for (key, v) in dict {
-                let mut one = Dict::new();
-                one.insert(key.clone(), v.clone());
-                match Value::from(one).deserialize::<T>() {
-                    Ok(_) => {
-                        good.insert(key.clone(), v.clone());
-                    }
-                    Err(e) => {
-                        // The nested key, where there is one (`upstreams.openai.weight`).
-                        let path = if e.path.len() > 1 && e.path[0] == *key {
-                            e.path.clone()
-                        } else {
-                            vec![key.clone()]
-                        };
-                        let full = format!("{name}.{}", path.join("."));
-                        let secret = name == "upstreams"
-                            || path.iter().any(|k| SECRET_KEYS.contains(&k.as_str()));
-                        problems.push(format!(
-                            "{full} ({}): {}",
-                            env_name(&full),
-                            describe(secret, &e)
-                        ));
-                    }
-                }
-            }
-            // The good keys still apply, so that validation sees (and reports) their values.
-            if let Ok(v) = Value::from(good).deserialize::<T>() {
-                *out = v;
-            }
-        }
+/// Checks one section by deserializing a configuration of it alone; on failure, finds every
+/// bad key by deserializing each key alone (all fields have defaults, so a one-key section
+/// fails only for that key). Returns what of the section applies: all of it, or its good
+/// keys, so that validation still sees (and reports) their values.
+fn section(name: &str, value: &Value, problems: &mut Vec<String>) -> Option<Value> {
+    // Boxed: figment's error is large, and most sections have none.
+    let alone = |value: Value| {
+        let config = Value::from(Dict::from([(name.to_string(), value)]));
+        config.deserialize::<Config>().map_err(Box::new)
+    };
+    if alone(value.clone()).is_ok() {
+        return Some(value.clone());
     }
+    let Value::Dict(_, dict) = value else {
+        problems.push(format!(
+            "{name} ({}): must be a table of keys",
+            env_name(name)
+        ));
+        return None;
+    };
+    let mut good = Dict::new();
+    for (key, v) in dict {
+        let Err(e) = alone(Value::from(Dict::from([(key.clone(), v.clone())]))) else {
+            good.insert(key.clone(), v.clone());
+            continue;
+        };
+        // The error's path below the section; the nested key, where there is one
+        // (`upstreams.openai.weight`).
+        let below = match e.path.split_first() {
+            Some((first, rest)) if first == name => rest,
+            _ => &e.path[..],
+        };
+        let path = if below.len() > 1 && below[0] == *key {
+            below.to_vec()
+        } else {
+            vec![key.clone()]
+        };
+        let full = format!("{name}.{}", path.join("."));
+        let secret = name == "upstreams" || path.iter().any(|k| SECRET_KEYS.contains(&k.as_str()));
+        problems.push(format!(
+            "{full} ({}): {}",
+            env_name(&full),
+            describe(secret, &e)
+        ));
+    }
+    let good = Value::from(good);
+    alone(good.clone()).is_ok().then_some(good)
 }
 
 /// Keys whose values are secret or may hold one: their errors never quote the value. Every

@@ -7,10 +7,12 @@
 //!
 //! One file per concern: `sections` (the section structs and their defaults), `secret`
 //! (values that never print), `load` (the layering and how errors are described),
-//! `validate` (the rules) and `child` (handing the whole configuration to a child `llmq`
-//! process); every public name is re-exported here.
+//! `validate` (the rules), `child` (handing the whole configuration to a child `llmq`
+//! process) and `fields` (a section's keys as serde knows them, for code that goes over
+//! every section or key without listing them); every public name is re-exported here.
 
 mod child;
+mod fields;
 mod load;
 mod rules;
 mod secret;
@@ -139,31 +141,15 @@ impl Config {
 
     /// `[llm]` connection keys that `[upstreams]` makes meaningless: each deployment has its
     /// own. Set ones are named in a warning at start-up.
-    pub fn ignored_llm_keys(&self) -> Vec<&'static str> {
+    pub fn ignored_llm_keys(&self) -> Vec<String> {
         if self.upstreams.is_empty() {
             return Vec::new();
         }
-        let (l, d) = (&self.llm, LlmConfig::default());
-        [
-            ("llm.base_url", l.base_url != d.base_url),
-            ("llm.api_key", !l.api_key.is_empty()),
-            ("llm.timeout_secs", l.timeout_secs != d.timeout_secs),
-            (
-                "llm.max_requests_per_minute",
-                l.max_requests_per_minute != d.max_requests_per_minute,
-            ),
-            (
-                "llm.max_tokens_per_minute",
-                l.max_tokens_per_minute != d.max_tokens_per_minute,
-            ),
-            (
-                "llm.http2_prior_knowledge",
-                l.http2_prior_knowledge != d.http2_prior_knowledge,
-            ),
-        ]
-        .into_iter()
-        .filter_map(|(key, set)| set.then_some(key))
-        .collect()
+        let (set, default) = (values(&self.llm), values(&LlmConfig::default()));
+        llm_connection_keys()
+            .filter(|key| set.get(*key) != default.get(*key))
+            .map(|key| format!("llm.{key}"))
+            .collect()
     }
 
     /// What start-up should warn about: `[llm]` connection keys that `[upstreams]` makes
@@ -201,6 +187,27 @@ impl Config {
     }
 }
 
+/// `[llm]`'s connection keys, which make the default deployment: those a deployment of
+/// `[upstreams]` has too, as their `Deserialize` names them, so that a key added to both is
+/// warned about without being listed. ([`Config::deployments`] copies each; a test holds it
+/// to this list.)
+fn llm_connection_keys() -> impl Iterator<Item = &'static str> {
+    let upstream = fields::of::<UpstreamConfig>();
+    fields::of::<LlmConfig>()
+        .iter()
+        .copied()
+        .filter(|key| upstream.contains(key))
+}
+
+/// A section's values by key, as it serializes; empty should it not (a map keyed by
+/// something other than strings), which only costs a start-up warning.
+fn values(section: &impl Serialize) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::to_value(section) {
+        Ok(serde_json::Value::Object(values)) => values,
+        _ => serde_json::Map::new(),
+    }
+}
+
 /// `worker.prefetch` -> `LLMQ_WORKER__PREFETCH`.
 pub fn env_name(key: &str) -> String {
     format!(
@@ -209,11 +216,14 @@ pub fn env_name(key: &str) -> String {
     )
 }
 
-#[cfg(test)]
 // figment's Jail API fixes the closure's error type.
 #[allow(clippy::result_large_err)]
+#[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, path::Path};
+    use std::{
+        collections::{BTreeMap, BTreeSet},
+        path::Path,
+    };
 
     use figment::Jail;
 
@@ -385,17 +395,24 @@ mod tests {
         }
     }
 
-    /// Every leaf of a TOML document by its dotted key.
-    fn leaves(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, toml::Value>) {
+    /// Every leaf of a TOML document by its dotted key. A table empty in the defaults (a
+    /// map keyed by the user: deployments, fallbacks, tenants, prices) is one leaf, whatever
+    /// it holds: its entries' structs name every field instead.
+    fn leaves(
+        prefix: &str,
+        value: &toml::Value,
+        maps: &BTreeSet<String>,
+        out: &mut BTreeMap<String, toml::Value>,
+    ) {
         match value {
-            toml::Value::Table(table) => {
+            toml::Value::Table(table) if !table.is_empty() && !maps.contains(prefix) => {
                 for (key, v) in table {
                     let key = if prefix.is_empty() {
                         key.clone()
                     } else {
                         format!("{prefix}.{key}")
                     };
-                    leaves(&key, v, out);
+                    leaves(&key, v, maps, out);
                 }
             }
             leaf => {
@@ -404,23 +421,26 @@ mod tests {
         }
     }
 
-    /// The leaves of `config` serialized, but for maps keyed by the user (deployments,
-    /// fallbacks), which are empty by default; their structs name every field instead.
+    /// The leaves of `config` serialized, maps keyed by the user whole.
     fn keys(config: &Config) -> BTreeMap<String, toml::Value> {
-        let text = config.to_toml().expect("serializes");
+        let serialized = |config: &Config| {
+            let text = config.to_toml().expect("serializes");
+            text.parse::<toml::Value>().expect("TOML")
+        };
+        let mut defaults = BTreeMap::new();
+        leaves(
+            "",
+            &serialized(&Config::default()),
+            &BTreeSet::new(),
+            &mut defaults,
+        );
+        let maps: BTreeSet<String> = defaults
+            .into_iter()
+            .filter(|(_, v)| v.as_table().is_some_and(toml::Table::is_empty))
+            .map(|(key, _)| key)
+            .collect();
         let mut out = BTreeMap::new();
-        leaves("", &text.parse::<toml::Value>().expect("TOML"), &mut out);
-        out.retain(|k, _| {
-            ![
-                "upstreams.",
-                "routing.fallbacks.",
-                "routing.context_window_fallbacks.",
-                "tenants.",
-                "prices.",
-            ]
-            .iter()
-            .any(|map| k.starts_with(map))
-        });
+        leaves("", &serialized(config), &maps, &mut out);
         out
     }
 
@@ -441,6 +461,9 @@ mod tests {
             "idempotency.ttl_secs",
             "limits.redis_url",
             "log.level",
+            "upstreams",
+            "routing.fallbacks",
+            "tenants",
         ] {
             assert!(defaults.contains_key(key), "{key}");
         }
@@ -481,5 +504,31 @@ mod tests {
             !printed.contains("sk-test") && !printed.contains(":pw@"),
             "{printed}"
         );
+    }
+
+    #[test]
+    fn the_default_deployment_takes_every_connection_key_of_llm() {
+        let mut config = every_key_changed(Path::new("/tls"));
+        let keys: Vec<&str> = llm_connection_keys().collect();
+        assert_eq!(
+            keys,
+            [
+                "base_url",
+                "api_key",
+                "timeout_secs",
+                "max_requests_per_minute",
+                "max_tokens_per_minute",
+                "http2_prior_knowledge"
+            ]
+        );
+        let ignored: Vec<String> = keys.iter().map(|key| format!("llm.{key}")).collect();
+        assert_eq!(config.ignored_llm_keys(), ignored, "each set, each named");
+        config.upstreams.clear();
+        let deployments = config.deployments();
+        let (llm, default) = (values(&config.llm), values(&deployments[0].1));
+        for key in keys {
+            assert_eq!(default.get(key), llm.get(key), "{key}");
+        }
+        assert_eq!(deployments[0].1.max_inflight, config.worker.max_inflight);
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::{
-    BasicProperties,
+    BasicProperties, Channel, Consumer,
     options::{BasicConsumeOptions, ConfirmSelectOptions},
     types::FieldTable,
 };
@@ -16,7 +16,7 @@ use crate::{
         connection,
         publish::{PublishError, publish_confirmed},
     },
-    config::Config,
+    config::{Config, TopologyConfig},
     contract::control::Cancel,
 };
 
@@ -87,6 +87,38 @@ pub async fn publish(
         .request_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let (key, body) = request(args, topo, &request_id);
+    let mut props = properties(args, &request_id);
+    // Direct Reply-to: consume the pseudo-queue (no-ack) before publishing.
+    let mut replies = if args.wait || args.stream {
+        props = props.with_reply_to(DIRECT_REPLY_TO.into());
+        Some(consume_direct_replies(&channel).await?)
+    } else {
+        None
+    };
+    let body = body.to_string();
+    let exchange = &topo.request_exchange;
+    publish_confirmed(&channel, exchange, key, true, body.as_bytes(), props)
+        .await
+        .map_err(ClientError::NotConfirmed)?;
+    let Some(replies) = replies.as_mut() else {
+        let _ = conn.close(200, "done".into()).await;
+        return Ok((request_id, None));
+    };
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let result = tokio::time::timeout(timeout, await_result(replies, &request_id, args.stream))
+        .await
+        .map_err(|_| ClientError::Timeout(timeout))??;
+    let _ = conn.close(200, "done".into()).await;
+    Ok((request_id, result))
+}
+
+/// The request's routing key (chat or embeddings) and its body as the worker reads it.
+fn request<'t>(
+    args: &PublishArgs,
+    topo: &'t TopologyConfig,
+    request_id: &str,
+) -> (&'t str, serde_json::Value) {
     let (key, mut body) = if args.embed {
         (
             &topo.embeddings_key,
@@ -102,77 +134,72 @@ pub async fn publish(
     if let Some(model) = &args.model {
         body["model"] = json!(model);
     }
-    let mut props = BasicProperties::default()
+    (key, body)
+}
+
+/// The request's AMQP properties: persistent, its priority, and the request id as both
+/// message id and correlation id (the reply carries the latter back).
+fn properties(args: &PublishArgs, request_id: &str) -> BasicProperties {
+    BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
         .with_priority(args.priority)
-        .with_message_id(request_id.as_str().into())
-        .with_correlation_id(request_id.as_str().into());
-    // Direct Reply-to: consume the pseudo-queue (no-ack) before publishing.
-    let mut replies = if args.wait || args.stream {
-        props = props.with_reply_to(DIRECT_REPLY_TO.into());
-        Some(
-            channel
-                .basic_consume(
-                    DIRECT_REPLY_TO.into(),
-                    "llmq-publish".into(),
-                    BasicConsumeOptions {
-                        no_ack: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?,
+        .with_message_id(request_id.into())
+        .with_correlation_id(request_id.into())
+}
+
+/// Consumes Direct Reply-to's pseudo-queue, which must happen before the request names it
+/// as `reply_to`.
+async fn consume_direct_replies(channel: &Channel) -> Result<Consumer, ClientError> {
+    Ok(channel
+        .basic_consume(
+            DIRECT_REPLY_TO.into(),
+            "llmq-publish".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
         )
-    } else {
-        None
-    };
-    let body = body.to_string();
-    let exchange = &topo.request_exchange;
-    publish_confirmed(&channel, exchange, key, true, body.as_bytes(), props)
-        .await
-        .map_err(ClientError::NotConfirmed)?;
-    let Some(replies) = replies.as_mut() else {
-        let _ = conn.close(200, "done".into()).await;
-        return Ok((request_id, None));
-    };
-    let timeout = Duration::from_secs(args.timeout_secs);
-    let wait = async {
-        while let Some(delivery) = replies.next().await {
-            let delivery = delivery?;
-            let matches = delivery
-                .properties
-                .correlation_id()
-                .as_ref()
-                .is_some_and(|c| c.as_str() == request_id);
-            if !matches {
-                continue;
+        .await?)
+}
+
+/// Reads the replies to `request_id` until its result: prints each delta's text as it
+/// comes and says a restart on stderr; `None` when the replies end without a result.
+async fn await_result(
+    replies: &mut Consumer,
+    request_id: &str,
+    stream: bool,
+) -> Result<Option<String>, ClientError> {
+    while let Some(delivery) = replies.next().await {
+        let delivery = delivery?;
+        let matches = delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .is_some_and(|c| c.as_str() == request_id);
+        if !matches {
+            continue;
+        }
+        match delivery.properties.kind().as_ref().map(|k| k.as_str()) {
+            Some("delta") => print_delta(&delivery.data),
+            Some("restart") => {
+                let attempt = serde_json::from_slice::<serde_json::Value>(&delivery.data)
+                    .ok()
+                    .and_then(|m| m["attempt"].as_u64())
+                    .unwrap_or(0);
+                println!();
+                eprintln!("[the answer broke off; attempt {attempt} starts again]");
             }
-            match delivery.properties.kind().as_ref().map(|k| k.as_str()) {
-                Some("delta") => print_delta(&delivery.data),
-                Some("restart") => {
-                    let attempt = serde_json::from_slice::<serde_json::Value>(&delivery.data)
-                        .ok()
-                        .and_then(|m| m["attempt"].as_u64())
-                        .unwrap_or(0);
+            _ => {
+                if stream {
                     println!();
-                    eprintln!("[the answer broke off; attempt {attempt} starts again]");
                 }
-                _ => {
-                    if args.stream {
-                        println!();
-                    }
-                    return Ok(Some(String::from_utf8_lossy(&delivery.data).into_owned()));
-                }
+                return Ok(Some(String::from_utf8_lossy(&delivery.data).into_owned()));
             }
         }
-        Ok::<_, ClientError>(None)
-    };
-    let result = tokio::time::timeout(timeout, wait)
-        .await
-        .map_err(|_| ClientError::Timeout(timeout))??;
-    let _ = conn.close(200, "done".into()).await;
-    Ok((request_id, result))
+    }
+    Ok(None)
 }
 
 /// Prints the text of a delta as it comes (the first choice's; tool calls come whole in

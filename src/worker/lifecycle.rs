@@ -27,65 +27,29 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connects, consumes until shutdown or a lost connection, reconnects; then drains.
 pub(super) async fn run(ctx: Arc<Context>) {
-    let worker = ctx.worker().to_string();
     let tracker = TaskTracker::new();
+    let last = consume_until_stopped(&ctx, &tracker).await;
+    drain(&ctx, &tracker).await;
+    if let Some(links) = last {
+        close(&links, "llmq worker shutdown").await;
+    }
+    info!("worker stopped");
+}
+
+/// Sets up the connections and consumes on them, again after every lost connection, until
+/// shutdown. Returns the last connections consumed on: they stay open for the drain to ack
+/// and nack on.
+async fn consume_until_stopped(ctx: &Arc<Context>, tracker: &TaskTracker) -> Option<Links> {
+    let worker = ctx.worker().to_string();
+    let conn_name = format!("llmq worker {worker}");
     let mut backoff = reconnect_backoff();
     let mut last: Option<Links> = None;
-    let conn_name = format!("llmq worker {worker}");
     while !ctx.stop.is_cancelled() {
-        let conns = tokio::select! {
-            _ = ctx.stop.cancelled() => break,
-            conns = connection::connect_pair(&ctx.config.amqp, &conn_name) => conns,
+        let (links, events) = match set_up(ctx, &conn_name, &mut backoff).await {
+            Setup::Ready(links, events) => (links, events),
+            Setup::Retry => continue,
+            Setup::Stopped => break,
         };
-        let (links, events) = match conns {
-            Ok(conns) => {
-                // Listen before anything is published: lapin drops the events nobody listens to.
-                let events = conns.publish.events_listener();
-                let links = Links {
-                    consume: Arc::new(conns.consume),
-                    publish: Arc::new(conns.publish),
-                    lanes: Arc::default(),
-                };
-                (links, events)
-            }
-            Err(e) => {
-                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker unreachable");
-                pause(&ctx.stop, delay).await;
-                continue;
-            }
-        };
-        let mut links = links;
-        let declared = match topology::declare_on(&links.consume, &ctx.config.topology).await {
-            Ok(()) => subscribe::lanes_in_use(&links.consume, &ctx.config.topology).await,
-            Err(e) => Err(e),
-        };
-        match declared {
-            Ok(lanes) => links.lanes = Arc::new(lanes),
-            Err(e) => {
-                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "declaring the topology failed");
-                close(&links, "topology failed").await;
-                pause(&ctx.stop, delay).await;
-                continue;
-            }
-        }
-        // On the publishing connection: the probe publishes, and a connection that publishes
-        // is one the broker may block.
-        let checked = tokio::select! {
-            _ = ctx.stop.cancelled() => {
-                close(&links, "llmq worker shutdown").await;
-                break;
-            }
-            checked = publish::check_impersonation(&links.publish) => checked,
-        };
-        if let Err(e) = checked {
-            let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-            error!(error = %e, retry_in_ms = delay.as_millis() as u64, "not consuming");
-            close(&links, "impersonation refused").await;
-            pause(&ctx.stop, delay).await;
-            continue;
-        }
         health::unblock(&ctx.health, ctx.upstream.router());
         backoff = reconnect_backoff();
         info!(
@@ -98,7 +62,7 @@ pub(super) async fn run(ctx: Arc<Context>) {
             "connected; consuming"
         );
         ctx.health.connected.store(true, Relaxed);
-        let lost = consume_on(&ctx, &links, events, &tracker).await;
+        let lost = consume_on(ctx, &links, events, tracker).await;
         ctx.health.connected.store(false, Relaxed);
         last = Some(links);
         match lost {
@@ -109,7 +73,88 @@ pub(super) async fn run(ctx: Arc<Context>) {
             }
         }
     }
+    last
+}
 
+/// The publishing connection's events (blocked, unblocked, closed), boxed: lapin's stream
+/// type cannot be named, and is taken once per connection.
+type Events = std::pin::Pin<Box<dyn futures_util::Stream<Item = Event> + Send>>;
+
+/// What one attempt to set up the connections came to.
+enum Setup {
+    /// Connected, the topology declared, impersonation refused: ready to consume, with the
+    /// publishing connection's events.
+    Ready(Links, Events),
+    /// A step failed (logged, and the backoff waited out): try again.
+    Retry,
+    /// Shutdown came first.
+    Stopped,
+}
+
+/// Connects both connections, declares the topology (and finds the lanes in use), and
+/// checks that the broker refuses impersonation. A failed step is logged, its connections
+/// closed, and the next delay of `backoff` waited out (shutdown cuts it short).
+async fn set_up(
+    ctx: &Context,
+    conn_name: &str,
+    backoff: &mut impl Iterator<Item = Duration>,
+) -> Setup {
+    let conns = tokio::select! {
+        _ = ctx.stop.cancelled() => return Setup::Stopped,
+        conns = connection::connect_pair(&ctx.config.amqp, conn_name) => conns,
+    };
+    let conns = match conns {
+        Ok(conns) => conns,
+        Err(e) => {
+            let delay = next_delay(backoff);
+            warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker unreachable");
+            pause(&ctx.stop, delay).await;
+            return Setup::Retry;
+        }
+    };
+    // Listen before anything is published: lapin drops the events nobody listens to.
+    let events: Events = Box::pin(conns.publish.events_listener());
+    let mut links = Links {
+        consume: Arc::new(conns.consume),
+        publish: Arc::new(conns.publish),
+        lanes: Arc::default(),
+    };
+    let declared = match topology::declare_on(&links.consume, &ctx.config.topology).await {
+        Ok(()) => subscribe::lanes_in_use(&links.consume, &ctx.config.topology).await,
+        Err(e) => Err(e),
+    };
+    match declared {
+        Ok(lanes) => links.lanes = Arc::new(lanes),
+        Err(e) => {
+            let delay = next_delay(backoff);
+            warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "declaring the topology failed");
+            close(&links, "topology failed").await;
+            pause(&ctx.stop, delay).await;
+            return Setup::Retry;
+        }
+    }
+    // On the publishing connection: the probe publishes, and a connection that publishes
+    // is one the broker may block.
+    let checked = tokio::select! {
+        _ = ctx.stop.cancelled() => {
+            close(&links, "llmq worker shutdown").await;
+            return Setup::Stopped;
+        }
+        checked = publish::check_impersonation(&links.publish) => checked,
+    };
+    if let Err(e) = checked {
+        let delay = next_delay(backoff);
+        error!(error = %e, retry_in_ms = delay.as_millis() as u64, "not consuming");
+        close(&links, "impersonation refused").await;
+        pause(&ctx.stop, delay).await;
+        return Setup::Retry;
+    }
+    Setup::Ready(links, events)
+}
+
+/// Waits for the work in flight for `worker.shutdown_grace_secs`, then aborts what is left
+/// (which hands its delivery back) and gives it [`ABORT_GRACE`] to do so.
+async fn drain(ctx: &Context, tracker: &TaskTracker) {
     tracker.close();
     let grace = Duration::from_secs(ctx.config.worker.shutdown_grace_secs);
     info!(
@@ -125,10 +170,6 @@ pub(super) async fn run(ctx: Arc<Context>) {
         ctx.abort.cancel();
         let _ = tokio::time::timeout(ABORT_GRACE, tracker.wait()).await;
     }
-    if let Some(links) = last {
-        close(&links, "llmq worker shutdown").await;
-    }
-    info!("worker stopped");
 }
 
 /// Closes both connections, each within [`CLOSE_TIMEOUT`]. Closing the consuming one hands
@@ -177,6 +218,12 @@ fn reconnect_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
+/// The next reconnection delay; the backoff never ends, 30 s should it.
+fn next_delay(backoff: &mut impl Iterator<Item = Duration>) -> Duration {
+    backoff.next().unwrap_or(Duration::from_secs(30))
+}
+
+/// Waits `delay`, or until shutdown.
 async fn pause(stop: &CancellationToken, delay: Duration) {
     tokio::select! {
         _ = stop.cancelled() => {}

@@ -164,34 +164,16 @@ async fn session(
     };
     let mut limit = ctx.upstream.router().watch_limit();
     let mut current = *limit.borrow_and_update();
-    let prefetches = |limit: usize| {
-        (
-            prefetch_for(&ctx.config, limit, Kind::Chat, Place::Work),
-            prefetch_for(&ctx.config, limit, Kind::Embedding, Place::Work),
-        )
-    };
-    let mut generation = 0u32;
-    let mut streams = Streams::new();
-    let mut live = subscribe(
-        ctx,
-        links,
-        &channel,
-        slot,
-        generation,
-        current,
-        &mut streams,
-    )
-    .await?;
+    let mut consumers = Consumers::subscribe(ctx, links, &channel, slot, current).await?;
     let _consuming = Consuming::new(&ctx.health);
-    let mut cancelled: Vec<String> = Vec::new();
     let mut last_change = Instant::now();
     let mut resubscribe_at: Option<Instant> = None;
-    debug!(slot, prefetch = ?prefetches(current), "consuming");
+    debug!(slot, prefetch = ?prefetches(&ctx.config, current), "consuming");
     loop {
         let next = tokio::select! {
             biased;
             _ = stop.cancelled() => {
-                unsubscribe(ctx, &publisher, &channel, &live, &mut streams).await;
+                consumers.unsubscribe(ctx, &publisher, &channel).await;
                 return Ok(());
             }
             changed = limit.changed(), if ctx.config.worker.prefetch == 0 => {
@@ -199,7 +181,9 @@ async fn session(
                     continue;
                 }
                 let wanted = *limit.borrow_and_update();
-                if prefetches(wanted) != prefetches(current) && resubscribe_at.is_none() {
+                if prefetches(&ctx.config, wanted) != prefetches(&ctx.config, current)
+                    && resubscribe_at.is_none()
+                {
                     // Let the limit settle for a moment; whatever it is then wins. The loop
                     // keeps dispatching meanwhile.
                     resubscribe_at = Some(last_change + RESUBSCRIBE_EVERY);
@@ -209,45 +193,28 @@ async fn session(
             _ = tokio::time::sleep_until(resubscribe_at.unwrap_or_else(Instant::now).into()), if resubscribe_at.is_some() => {
                 resubscribe_at = None;
                 let wanted = *limit.borrow();
-                if prefetches(wanted) == prefetches(current) {
+                if prefetches(&ctx.config, wanted) == prefetches(&ctx.config, current) {
                     continue;
                 }
-                generation += 1;
-                let old = std::mem::take(&mut live);
-                live = subscribe(ctx, links, &channel, slot, generation, wanted, &mut streams).await?;
-                for tag in old {
-                    channel
-                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                        .await?;
-                    cancelled.push(tag);
-                }
-                debug!(slot, from = ?prefetches(current), to = ?prefetches(wanted), "prefetch follows the concurrency limit");
+                consumers.resubscribe(ctx, links, &channel, slot, wanted).await?;
+                debug!(slot, from = ?prefetches(&ctx.config, current), to = ?prefetches(&ctx.config, wanted), "prefetch follows the concurrency limit");
                 current = wanted;
                 last_change = Instant::now();
                 continue;
             }
-            next = streams.next() => next,
+            next = consumers.streams.next() => next,
         };
         match next {
             Some((_, origin, Some(Ok(delivery)))) => {
-                // The task keeps the consuming channel open until it has acked: dropping the
-                // last handle closes the channel, and the broker would requeue the delivery.
-                let keep_open = channel.clone();
-                let (ctx, publisher) = (ctx.clone(), publisher.clone());
-                tracker.spawn(async move {
-                    settle::handle(&ctx, &publisher, origin, &delivery).await;
-                    drop(keep_open);
-                });
+                settle_in_task(ctx, &publisher, &channel, tracker, origin, delivery);
             }
             Some((_, _, Some(Err(e)))) => return Err(e.into()),
             Some((tag, _, None)) => {
                 // A stream we cancelled ends quietly; any other was cancelled by the broker.
-                if let Some(i) = cancelled.iter().position(|t| *t == tag) {
-                    cancelled.swap_remove(i);
-                } else {
+                if !consumers.forget_cancelled(&tag) {
                     // The channel is still open: the other consumers' buffered deliveries
                     // go back now, not once every task on this channel is over.
-                    unsubscribe(ctx, &publisher, &channel, &live, &mut streams).await;
+                    consumers.unsubscribe(ctx, &publisher, &channel).await;
                     return Err(SessionEnd::Cancelled);
                 }
             }
@@ -256,6 +223,121 @@ async fn session(
         if !publisher.is_usable() {
             return Err(SessionEnd::PublisherClosed);
         }
+    }
+}
+
+/// The prefetch of the chat and the embeddings work queues' consumers under `limit`: when
+/// it changes, the slot subscribes again.
+fn prefetches(config: &Config, limit: usize) -> (u16, u16) {
+    (
+        prefetch_for(config, limit, Kind::Chat, Place::Work),
+        prefetch_for(config, limit, Kind::Embedding, Place::Work),
+    )
+}
+
+/// Settles a delivery in a task of its own, tracked for the drain.
+fn settle_in_task(
+    ctx: &Arc<Context>,
+    publisher: &Publisher,
+    channel: &lapin::Channel,
+    tracker: &TaskTracker,
+    origin: Origin,
+    delivery: Delivery,
+) {
+    // The task keeps the consuming channel open until it has acked: dropping the last
+    // handle closes the channel, and the broker would requeue the delivery.
+    let keep_open = channel.clone();
+    let (ctx, publisher) = (ctx.clone(), publisher.clone());
+    tracker.spawn(async move {
+        settle::handle(&ctx, &publisher, origin, &delivery).await;
+        drop(keep_open);
+    });
+}
+
+/// A session's consumers on its channel: those of the current subscription, and those it
+/// cancelled for a new prefetch whose streams have not ended yet.
+struct Consumers {
+    /// The current subscription's consumer tags.
+    live: Vec<String>,
+    /// Tags the slot cancelled itself: the end of their stream is expected.
+    cancelled: Vec<String>,
+    /// Every consumer's deliveries, merged, each ending with a marker.
+    streams: Streams,
+    /// Counts the subscriptions, so that a new consumer's tag is never an old one's.
+    generation: u32,
+}
+
+impl Consumers {
+    /// The first subscription of a session, with the prefetch for `limit`.
+    async fn subscribe(
+        ctx: &Context,
+        links: &Links,
+        channel: &lapin::Channel,
+        slot: u16,
+        limit: usize,
+    ) -> Result<Self, lapin::Error> {
+        let generation = 0;
+        let mut streams = Streams::new();
+        let live = subscribe(ctx, links, channel, slot, generation, limit, &mut streams).await?;
+        Ok(Self {
+            live,
+            cancelled: Vec::new(),
+            streams,
+            generation,
+        })
+    }
+
+    /// Subscribes again with the prefetch for `limit`, then cancels the consumers before:
+    /// their deliveries stay valid on the channel, and their buffered ones still come.
+    async fn resubscribe(
+        &mut self,
+        ctx: &Context,
+        links: &Links,
+        channel: &lapin::Channel,
+        slot: u16,
+        limit: usize,
+    ) -> Result<(), lapin::Error> {
+        self.generation += 1;
+        let old = std::mem::take(&mut self.live);
+        self.live = subscribe(
+            ctx,
+            links,
+            channel,
+            slot,
+            self.generation,
+            limit,
+            &mut self.streams,
+        )
+        .await?;
+        for tag in old {
+            channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await?;
+            self.cancelled.push(tag);
+        }
+        Ok(())
+    }
+
+    /// Whether the slot cancelled the consumer `tag` itself, which it then forgets: its
+    /// stream ended as expected.
+    fn forget_cancelled(&mut self, tag: &str) -> bool {
+        match self.cancelled.iter().position(|t| t == tag) {
+            Some(i) => {
+                self.cancelled.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// [`unsubscribe`] the current consumers.
+    async fn unsubscribe(
+        &mut self,
+        ctx: &Context,
+        publisher: &Publisher,
+        channel: &lapin::Channel,
+    ) {
+        unsubscribe(ctx, publisher, channel, &self.live, &mut self.streams).await;
     }
 }
 
