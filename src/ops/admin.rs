@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     runtime::{clock::unix_now_ms, metrics::Metrics},
-    upstream::router::Router as Upstreams,
+    upstream::routing::router::Router as Upstreams,
     worker::Health,
 };
 

@@ -20,14 +20,14 @@ use crate::{
     store::redis_conn::LazyConnection,
     upstream::{
         batch::Batcher,
-        client::{ChatAnswer, EmbeddingAnswer, LlmClient, LlmError},
-        deployment::Deployment,
-        flow::Flow,
-        ratelimit::{Budget, REDIS_TIMEOUT},
-        router::{Route, Routed, Router, Served},
-        share::{NotEntered, Shares},
-        standing::Standing,
-        stream::{Deltas, StreamLimits},
+        flow::limit::Flow,
+        flow::ratelimit::{Budget, REDIS_TIMEOUT},
+        flow::share::{NotEntered, Shares},
+        http::client::{ChatAnswer, EmbeddingAnswer, LlmClient, LlmError},
+        http::stream::{Deltas, StreamLimits},
+        routing::deployment::Deployment,
+        routing::router::{Route, Routed, Router, Served},
+        routing::standing::Standing,
     },
 };
 

@@ -21,7 +21,7 @@ use crate::{
     broker::publish::{Publisher, ReplyRoute},
     contract::{ErrorKind, Usage, request::Job},
     runtime::clock::{unix_now, unix_now_ms},
-    upstream::{call::Outcome, router::Route},
+    upstream::{call::Outcome, routing::router::Route},
 };
 
 /// One attempt of one request, and what it needs of its delivery.

@@ -20,7 +20,7 @@ use crate::{
     broker::topology::{self, DepthReader},
     config::TopologyConfig,
     runtime::metrics::Metrics,
-    upstream::router::Router,
+    upstream::routing::router::Router,
 };
 
 /// How often the depths of the work queues, their lanes and the DLQ are read.

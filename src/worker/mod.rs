@@ -39,7 +39,7 @@ use crate::{
     runtime::metrics::Metrics,
     store::idempotency::Store,
     tenant::{cost::Prices, spend::Ledger},
-    upstream::{call::Upstream, router::Router},
+    upstream::{call::Upstream, routing::router::Router},
     worker::policy::RetryPolicy,
 };
 

@@ -1,5 +1,5 @@
 //! A streamed answer on its way to the caller's `reply_to`: the deltas an attempt hands on
-//! ([`crate::upstream::stream`]) published as they come, on the delivery's publishing
+//! ([`crate::upstream::http::stream`]) published as they come, on the delivery's publishing
 //! channel, so that none arrives after the result that follows them.
 //!
 //! - A restart marker `{"request_id", "status": "restart", "attempt"}` (AMQP `type`
@@ -26,7 +26,7 @@ use crate::{
     broker::publish::{Publisher, ReplyRoute},
     contract::stream::{DELTA, Delta, RESTART, Restart},
     runtime::metrics::Metrics,
-    upstream::stream::Piece,
+    upstream::http::stream::Piece,
 };
 
 /// Where and how one attempt's deltas go.

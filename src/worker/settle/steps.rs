@@ -22,7 +22,7 @@ use crate::{
     },
     runtime::clock::{unix_now, unix_now_ms},
     store::idempotency,
-    upstream::{call::Outcome, router::Route},
+    upstream::{call::Outcome, routing::router::Route},
     worker::{
         Context,
         ack::{ack, ack_if_confirmed, give_back, nack, nack_after_a_pause},

@@ -13,10 +13,10 @@
 //!   arrival order.
 //! - A hold while the broker blocks publishing (a memory or disk alarm): a result could not
 //!   be confirmed, so no call starts until the broker unblocks.
-//! - Request and token budgets per minute ([`crate::upstream::ratelimit`]), local or fleet-wide.
+//! - Request and token budgets per minute ([`crate::upstream::flow::ratelimit`]), local or fleet-wide.
 //!
 //! `Retry-After` is not handled here: it cools the deployment down for one model
-//! ([`crate::upstream::standing`]), so its other models and the other deployments keep
+//! ([`crate::upstream::routing::standing`]), so its other models and the other deployments keep
 //! serving. The limit is published on a watch channel so that the prefetch follows it.
 
 use std::{
@@ -32,7 +32,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::upstream::ratelimit::Budget;
+use crate::upstream::flow::ratelimit::Budget;
 
 /// Shortest time between two decreases, so a burst of 429s from calls that were all in
 /// flight together halves the limit once, not once per call.

@@ -1,7 +1,7 @@
 //! One deployment (`[upstreams.<name>]`) and the one owner of a call to it: a slot of its
 //! flow control, the HTTP call, its latency, the AIMD signal, the token settlement and the
 //! call metrics. Single calls and batched embedding calls both go through
-//! [`Deployment::call`] (by way of [`crate::upstream::router`]), so how a call is counted is
+//! [`Deployment::call`] (by way of [`crate::upstream::routing::router`]), so how a call is counted is
 //! decided here and nowhere else; which deployment to call is decided by the router.
 //!
 //! Tokens taken for a call are settled exactly once: by the reported usage after an answer;
@@ -16,8 +16,8 @@ use crate::{
     contract::{Usage, request::Kind},
     runtime::metrics::Metrics,
     upstream::{
-        client::{ChatAnswer, EmbeddingAnswer, LlmClient, LlmError},
-        flow::{Flow, Permit, Turn},
+        flow::limit::{Flow, Permit, Turn},
+        http::client::{ChatAnswer, EmbeddingAnswer, LlmClient, LlmError},
     },
 };
 
@@ -200,7 +200,7 @@ mod tests {
     use crate::{
         config::LimitsConfig,
         tools::mock::{MockOptions, MockServer},
-        upstream::ratelimit::Budget,
+        upstream::flow::ratelimit::Budget,
     };
 
     /// A deadline no test reaches.

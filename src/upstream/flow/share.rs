@@ -9,7 +9,7 @@
 //!   `max_inflight` start highest priority first, then in arrival order.
 //!
 //! With `limits.redis_url` the caps hold for the whole fleet: the per-minute budgets are the
-//! shared buckets of [`crate::upstream::ratelimit`], and the calls at once a Redis sorted set
+//! shared buckets of [`crate::upstream::flow::ratelimit`], and the calls at once a Redis sorted set
 //! of leases (one member per call, scored by when its lease ends on the Redis server's
 //! clock, renewed while the call holds it, so a crashed replica's calls stop counting a
 //! minute after it died).
@@ -33,8 +33,8 @@ use crate::{
     config::{Config, TenantLimits, Tenants},
     store::redis_conn::LazyConnection,
     upstream::{
-        flow::{Flow, Permit, Turn},
-        ratelimit::{Budget, REDIS_TIMEOUT},
+        flow::limit::{Flow, Permit, Turn},
+        flow::ratelimit::{Budget, REDIS_TIMEOUT},
     },
 };
 

@@ -17,9 +17,9 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     contract::{Usage, request::Kind},
     upstream::{
-        client::{EmbeddingAnswer, LlmError},
-        flow::Turn,
-        router::{Routed, Router, Served},
+        flow::limit::Turn,
+        http::client::{EmbeddingAnswer, LlmError},
+        routing::router::{Routed, Router, Served},
     },
 };
 
@@ -322,10 +322,10 @@ mod tests {
         runtime::metrics::Metrics,
         tools::mock::{MockOptions, MockServer},
         upstream::{
-            deployment::{Deployment, test_deployment},
-            flow::Flow,
-            ratelimit::Budget,
-            router::test_router,
+            flow::limit::Flow,
+            flow::ratelimit::Budget,
+            routing::deployment::{Deployment, test_deployment},
+            routing::router::test_router,
         },
     };
 

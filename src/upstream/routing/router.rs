@@ -27,10 +27,10 @@ use crate::{
     contract::{ErrorKind, request::Kind},
     runtime::{clock::unix_now_ms, metrics::Metrics},
     upstream::{
-        client::{LlmClient, LlmError},
-        deployment::{Answer, Deployment},
-        flow::Turn,
-        standing::{Availability, Standing, Why, secs_ms},
+        flow::limit::Turn,
+        http::client::{LlmClient, LlmError},
+        routing::deployment::{Answer, Deployment},
+        routing::standing::{Availability, Standing, Why, secs_ms},
     },
 };
 
@@ -597,7 +597,7 @@ pub struct UpstreamReport {
     pub max_inflight: usize,
     /// The standing: breaker, failures, models it does not serve now.
     #[serde(flatten)]
-    pub standing: crate::upstream::standing::Report,
+    pub standing: crate::upstream::routing::standing::Report,
 }
 
 impl Router {
@@ -697,7 +697,10 @@ mod tests {
     use crate::{
         config::{SecretUrl, UpstreamConfig},
         tools::mock::{MockOptions, MockServer},
-        upstream::{client::ChatAnswer, flow::Flow, ratelimit::Budget},
+        upstream::{
+            flow::{limit::Flow, ratelimit::Budget},
+            http::client::ChatAnswer,
+        },
     };
 
     async fn mock(options: MockOptions) -> MockServer {

@@ -9,7 +9,7 @@
 //! - [`LlmError::Transient`]: 408, 409, 5xx, timeouts, connection errors;
 //! - [`LlmError::Permanent`]: other 4xx, answers that do not parse.
 //!
-//! Which deployment or model to try next for each is decided by [`crate::upstream::router`].
+//! Which deployment or model to try next for each is decided by [`crate::upstream::routing::router`].
 
 use std::time::{Duration, SystemTime};
 

@@ -1,0 +1,8 @@
+//! Flow control: when a call may start.
+//! - `share`: its tenant's turn (weight) and caps (calls at once, per-minute budgets);
+//! - `limit`: a deployment's concurrency limit (AIMD), its waiters by priority;
+//! - `ratelimit`: a deployment's per-minute request and token budgets.
+
+pub mod limit;
+pub mod ratelimit;
+pub mod share;
