@@ -5,7 +5,8 @@
 //! [`Config::load`] reports every problem at once (unknown keys, wrong types, values out of
 //! range), each naming its key; the binary exits 64 (EX_USAGE) on any of them.
 //!
-//! One file per concern: `sections` (the section structs and their defaults), `secret`
+//! One file per concern: `sections` (the section structs and their defaults), `llm`
+//! (`[llm]`'s request policy and default deployment, and `[upstreams]`), `secret`
 //! (values that never print), `load` (the layering and how errors are described),
 //! `validate` (the rules), `child` (handing the whole configuration to a child `llmq`
 //! process) and `fields` (a section's keys as serde knows them, for code that goes over
@@ -13,6 +14,7 @@
 
 mod child;
 mod fields;
+mod llm;
 mod load;
 mod rules;
 mod secret;
@@ -25,11 +27,12 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use child::{ChildConfigError, ChildConfigFile, child_command, clean_command};
+pub use llm::{LlmConfig, PROVIDERS, RequestPolicy, UpstreamConfig};
 pub use secret::{Secret, SecretUrl, redact_url};
 pub use sections::{
-    AdminConfig, AmqpConfig, BatchConfig, IdempotencyConfig, KeepResults, LimitsConfig, LlmConfig,
-    LogConfig, LogFormat, OnStoreError, RetryConfig, RoutingConfig, StoreKind, StreamConfig,
-    TlsConfig, TopologyConfig, UpstreamConfig, WorkerConfig,
+    AdminConfig, AmqpConfig, BatchConfig, IdempotencyConfig, KeepResults, LimitsConfig, LogConfig,
+    LogFormat, OnStoreError, RetryConfig, RoutingConfig, StoreKind, StreamConfig, TlsConfig,
+    TopologyConfig, WorkerConfig,
 };
 pub use tenancy::{
     DEFAULT_TENANT, OTHER_TENANTS, PriceConfig, TenancyConfig, TenantConfig, TenantLimits, Tenants,
@@ -106,17 +109,7 @@ impl Config {
                 .map(|(name, u)| (name.clone(), u.clone()))
                 .collect();
         }
-        let llm = &self.llm;
-        let default = UpstreamConfig {
-            base_url: llm.base_url.clone(),
-            api_key: llm.api_key.clone(),
-            max_inflight: self.worker.max_inflight,
-            max_requests_per_minute: llm.max_requests_per_minute,
-            max_tokens_per_minute: llm.max_tokens_per_minute,
-            timeout_secs: llm.timeout_secs,
-            http2_prior_knowledge: llm.http2_prior_knowledge,
-            ..UpstreamConfig::default()
-        };
+        let default = self.llm.default_deployment(self.worker.max_inflight);
         vec![(DEFAULT_UPSTREAM.to_string(), default)]
     }
 
@@ -310,6 +303,7 @@ mod tests {
                 UpstreamConfig {
                     base_url: SecretUrl::new("https://res.openai.azure.com/openai/deployments/d"),
                     api_key: Secret::new("sk-azure"),
+                    provider: "openai".into(),
                     models: vec!["chat-model".into(), "gpt-4.1".into()],
                     weight: 3,
                     max_inflight: 32,

@@ -257,6 +257,15 @@ fn validate_upstreams(c: &Config, p: &mut Problems) {
         );
         p.url(&key("base_url"), &u.base_url, &["http", "https"]);
         p.check(
+            super::PROVIDERS.contains(&u.provider.as_str()),
+            &key("provider"),
+            format!(
+                "unknown provider {:?}; known: {}",
+                u.provider,
+                super::PROVIDERS.join(", ")
+            ),
+        );
+        p.check(
             (1..=3600).contains(&u.timeout_secs),
             &key("timeout_secs"),
             "must be between 1 and 3600",
@@ -1168,6 +1177,10 @@ mod tests {
         assert_eq!(
             with_upstream(|u| u.base_url = SecretUrl::new("ftp://x")),
             "upstreams.a.base_url (LLMQ_UPSTREAMS__A__BASE_URL): scheme must be http or https, got ftp"
+        );
+        assert_eq!(
+            with_upstream(|u| u.provider = "anthropic".into()),
+            "upstreams.a.provider (LLMQ_UPSTREAMS__A__PROVIDER): unknown provider \"anthropic\"; known: openai"
         );
         assert_eq!(
             with_upstream(|u| u.weight = 0),

@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::Config,
+    config::{Config, RequestPolicy},
     contract::{
         ErrorKind,
         request::{Call, Job, Kind},
@@ -23,8 +23,10 @@ use crate::{
         flow::limit::Flow,
         flow::ratelimit::{Budget, REDIS_TIMEOUT},
         flow::share::{NotEntered, Shares},
-        http::client::{ChatAnswer, EmbeddingAnswer, LlmClient, LlmError},
-        http::stream::{Deltas, StreamLimits},
+        http::{
+            client::{ChatAnswer, EmbeddingAnswer, LlmError},
+            stream::Deltas,
+        },
         routing::deployment::Deployment,
         routing::router::{Route, Routed, Router, Served},
         routing::standing::Standing,
@@ -147,9 +149,8 @@ pub struct Upstream {
     shares: Arc<Shares>,
     /// Embedding calls go through the micro-batcher unless batching is off.
     batcher: Option<Batcher>,
-    chat_model: String,
-    embedding_model: String,
-    default_max_tokens: u64,
+    /// `[llm]`'s request policy: default models and `max_tokens`.
+    policy: RequestPolicy,
     /// Longest a delivery waits for its call to start, counted from when it was received:
     /// half of `amqp.consumer_timeout_secs`.
     hand_off_after: std::time::Duration,
@@ -173,6 +174,7 @@ impl Upstream {
             .then(|| redis::Client::open(limits.redis_url.expose()).ok())
             .flatten()
             .map(|client| Arc::new(LazyConnection::new(client, REDIS_TIMEOUT)));
+        let policy = config.llm.policy();
         let mut deployments = Vec::new();
         let mut names = Vec::new();
         for (name, spec) in config.deployments() {
@@ -189,17 +191,13 @@ impl Upstream {
                 usize::from(spec.max_inflight),
                 budget,
             );
-            let client = LlmClient::new(&spec, config.llm.max_response_bytes)?.with_stream_limits(
-                StreamLimits {
-                    idle: std::time::Duration::from_secs(config.llm.stream_idle_timeout_secs),
-                    // 0: the deployment's own call timeout.
-                    total: match config.llm.stream_max_secs {
-                        0 => spec.timeout(),
-                        secs => std::time::Duration::from_secs(secs),
-                    },
-                },
-            );
-            deployments.push(Deployment::new(&name, spec, client, flow, metrics.clone()));
+            deployments.push(Deployment::build(
+                &name,
+                spec,
+                &policy,
+                flow,
+                metrics.clone(),
+            )?);
             names.push(name);
         }
         let shares = Arc::new(Shares::new(config, shared.clone()));
@@ -227,9 +225,7 @@ impl Upstream {
             router,
             shares,
             batcher,
-            chat_model: config.llm.model.clone(),
-            embedding_model: config.llm.embedding_model.clone(),
-            default_max_tokens: config.llm.default_max_tokens,
+            policy,
             hand_off_after: config.amqp.hand_off_after(),
             worker,
             metrics,
@@ -254,8 +250,8 @@ impl Upstream {
     /// A fresh route for `job`: its model (or the default of its kind) and its fallbacks.
     pub fn route(&self, job: &Job) -> Route {
         let default = match job.kind() {
-            Kind::Chat => &self.chat_model,
-            Kind::Embedding => &self.embedding_model,
+            Kind::Chat => &self.policy.chat_model,
+            Kind::Embedding => &self.policy.embedding_model,
         };
         self.router.route(job.model.as_deref().unwrap_or(default))
     }
@@ -289,7 +285,7 @@ impl Upstream {
             ),
         };
         let estimate = match job.kind() {
-            Kind::Chat => job.token_estimate(self.default_max_tokens),
+            Kind::Chat => job.token_estimate(self.policy.default_max_tokens),
             Kind::Embedding => job.token_estimate(0),
         };
         let entered = self
@@ -304,7 +300,7 @@ impl Upstream {
         let turn = self.shares.turn(tenant, job.priority);
         let routed = match &job.call {
             Call::Chat { messages, params } => {
-                let tokens = job.token_estimate(self.default_max_tokens);
+                let tokens = job.token_estimate(self.policy.default_max_tokens);
                 self.router
                     .call(
                         route,
@@ -339,7 +335,7 @@ impl Upstream {
                     }
                 }
                 None => {
-                    let tokens = job.token_estimate(self.default_max_tokens);
+                    let tokens = job.token_estimate(self.policy.default_max_tokens);
                     self.router
                         .call(
                             route,

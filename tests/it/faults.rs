@@ -543,7 +543,11 @@ async fn sigterm_mid_load_exits_cleanly_and_loses_nothing() {
     );
     let queued = env.queue_len(&env.config.topology.processing_queue).await as usize;
     let results = env.queue_len(&env.config.topology.results_queue).await as usize;
-    assert_eq!(results + queued, N, "{results} results + {queued} queued: {log}");
+    assert_eq!(
+        results + queued,
+        N,
+        "{results} results + {queued} queued: {log}"
+    );
     assert!(results >= 30);
     env.cleanup().await;
 }

@@ -1,6 +1,10 @@
-//! The upstream: an OpenAI-compatible HTTP API (OpenAI, vLLM, Ollama, LiteLLM, the mock).
+//! The HTTP client of one deployment: pooled connections, timeouts, answers read up to a
+//! bound, `Retry-After` and rate-limit headers. What goes over the wire is its
+//! [`Provider`]'s (the OpenAI-compatible one by default: OpenAI, vLLM, Ollama, LiteLLM,
+//! the mock).
 //!
-//! Every failure is classified here, once, from its status and its error body:
+//! Every failure is classified once, where it happens (the transport here, an answer's
+//! status and error body by the provider):
 //! - [`LlmError::RateLimited`]: a 429 (not a spent account), with when to come back
 //!   (`Retry-After`, `retry-after-ms` or the `x-ratelimit-reset-*` of an exhausted budget);
 //! - [`LlmError::QuotaExhausted`]: a 429 whose error type or code is `insufficient_quota`;
@@ -11,21 +15,26 @@
 //!
 //! Which deployment or model to try next for each is decided by [`crate::upstream::routing::router`].
 
-use std::time::{Duration, SystemTime};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use reqwest::{StatusCode, Url, header};
-use serde::{Deserialize, Serialize, ser::SerializeMap};
 use serde_json::{Map, Value};
 
-use std::collections::BTreeMap;
-
+use super::{
+    openai::OpenAi,
+    provider::{self, Provider},
+};
 use crate::{
     config::{Secret, UpstreamConfig},
-    contract::Usage,
+    contract::{Usage, request::Kind},
 };
 
 /// Longest error text kept from an upstream answer.
-const MAX_ERROR_TEXT: usize = 1024;
+pub(super) const MAX_ERROR_TEXT: usize = 1024;
 
 /// Most bytes read of a failed call's answer: enough for its error text.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -155,11 +164,12 @@ pub struct LlmClient {
     headers: header::HeaderMap,
     pub(super) chat_url: Endpoint,
     embeddings_url: Endpoint,
-    /// `Bearer <api_key>`, built once and marked sensitive; `None` without a key, or when
-    /// the key cannot be a header value (then each call sets it through reqwest, which
-    /// reports the bad header as the call's error).
-    auth: Option<header::HeaderValue>,
-    api_key: Secret,
+    /// The headers that carry the key, as the provider sends it, built once and marked
+    /// sensitive; none without a key. A value that cannot be a header is kept as text and
+    /// set on each call through reqwest, which reports the bad header as the call's error.
+    auth: Vec<(header::HeaderName, Result<header::HeaderValue, Secret>)>,
+    /// The wire format.
+    pub(super) provider: Arc<dyn Provider>,
     /// `llm.max_response_bytes`: an answer is read up to this and refused beyond it.
     pub(super) max_response_bytes: usize,
     /// The timeouts of streamed calls.
@@ -189,39 +199,6 @@ impl Endpoint {
     }
 }
 
-/// A request body, serialized straight from the job's data: the extra params, then `model`
-/// and the messages or inputs under `key` (which win over params of the same name).
-pub(super) struct Body<'a, T: Serialize + ?Sized> {
-    pub(super) model: &'a str,
-    pub(super) key: &'static str,
-    pub(super) value: &'a T,
-    pub(super) params: &'a Map<String, Value>,
-    /// Ask for server-sent events, with usage in the last chunk.
-    pub(super) stream: bool,
-}
-
-impl<T: Serialize + ?Sized> Serialize for Body<'_, T> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(None)?;
-        for (k, v) in self.params {
-            if k != "model" && k != self.key {
-                map.serialize_entry(k, v)?;
-            }
-        }
-        map.serialize_entry("model", self.model)?;
-        map.serialize_entry(self.key, self.value)?;
-        // `stream` and `stream_options` are reserved: never among the params.
-        if self.stream {
-            map.serialize_entry("stream", &true)?;
-            map.serialize_entry(
-                "stream_options",
-                &serde_json::json!({"include_usage": true}),
-            )?;
-        }
-        map.end()
-    }
-}
-
 impl LlmClient {
     /// Builds the client of one deployment: pooled keep-alive connections, its timeout,
     /// headers and query; answers are read up to `max_response_bytes`.
@@ -241,13 +218,25 @@ impl LlmClient {
             .tcp_nodelay(true)
             .user_agent(concat!("llmq/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        let auth = (!cfg.api_key.is_empty())
-            .then(|| header::HeaderValue::try_from(format!("Bearer {}", cfg.api_key.expose())))
-            .and_then(Result::ok)
-            .map(|mut v| {
-                v.set_sensitive(true);
-                v
-            });
+        // Validation refuses a provider it does not know.
+        let provider = provider::for_name(&cfg.provider).unwrap_or_else(|| Arc::new(OpenAi));
+        let auth = match cfg.api_key.is_empty() {
+            true => Vec::new(),
+            false => provider
+                .auth(cfg.api_key.expose())
+                .into_iter()
+                .map(|(name, value)| {
+                    let sendable = header::HeaderValue::try_from(value.as_str()).map(|mut v| {
+                        v.set_sensitive(true);
+                        v
+                    });
+                    (
+                        header::HeaderName::from_static(name),
+                        sendable.map_err(|_| Secret::new(value)),
+                    )
+                })
+                .collect(),
+        };
         // Validation checks the names; a value that cannot be a header is left out rather
         // than sent mangled (the deployment then refuses the calls, and says why).
         let mut headers = header::HeaderMap::new();
@@ -263,10 +252,13 @@ impl LlmClient {
         Ok(Self {
             http,
             headers,
-            chat_url: Endpoint::new(format!("{base}/chat/completions"), &cfg.query),
-            embeddings_url: Endpoint::new(format!("{base}/embeddings"), &cfg.query),
+            chat_url: Endpoint::new(format!("{base}{}", provider.path(Kind::Chat)), &cfg.query),
+            embeddings_url: Endpoint::new(
+                format!("{base}{}", provider.path(Kind::Embedding)),
+                &cfg.query,
+            ),
             auth,
-            api_key: cfg.api_key.clone(),
+            provider,
             max_response_bytes,
             stream: StreamLimits::default(),
         })
@@ -277,22 +269,34 @@ impl LlmClient {
         Self { stream, ..self }
     }
 
-    /// `POST {base_url}/chat/completions`.
+    /// A chat call (`POST {base_url}/chat/completions` for OpenAI).
     pub async fn chat(
         &self,
         model: &str,
         messages: &[Value],
         params: &Map<String, Value>,
     ) -> Result<ChatAnswer, LlmError> {
-        let body = Body {
-            model,
-            key: "messages",
-            value: messages,
-            params,
-            stream: false,
-        };
-        let (answer, spent_for): (ChatResponse, _) = self.post(&self.chat_url, &body).await?;
-        chat_answer(answer, model, spent_for)
+        let body = self.provider.chat_body(model, messages, params, false)?;
+        let (answer, spent_for) = self.post(&self.chat_url, body).await?;
+        let mut answer = self.provider.chat_answer(&answer, model)?;
+        answer.spent_for = spent_for;
+        Ok(answer)
+    }
+
+    /// An embeddings call (`POST {base_url}/embeddings` for OpenAI).
+    pub async fn embed(
+        &self,
+        model: &str,
+        input: &[String],
+        params: &Map<String, Value>,
+    ) -> Result<EmbeddingAnswer, LlmError> {
+        let body = self.provider.embedding_body(model, input, params)?;
+        let (answer, spent_for) = self.post(&self.embeddings_url, body).await?;
+        let mut answer = self
+            .provider
+            .embedding_answer(&answer, model, input.len())?;
+        answer.spent_for = spent_for;
+        Ok(answer)
     }
 }
 
@@ -326,132 +330,26 @@ pub(crate) fn too_large(limit: usize) -> LlmError {
     }
 }
 
-/// A successful answer's body parsed; `cut`: it was longer than `limit` and not read
-/// further.
-pub(super) fn parse_body<T: for<'de> Deserialize<'de>>(
-    bytes: &[u8],
-    cut: bool,
-    limit: usize,
-    spent_for: Option<Duration>,
-) -> Result<(T, Option<Duration>), LlmError> {
-    if cut {
-        return Err(too_large(limit));
-    }
-    let parsed = serde_json::from_slice(bytes).map_err(|e| LlmError::Permanent {
-        message: format!("unparseable upstream answer: {e}"),
-    })?;
-    Ok((parsed, spent_for))
-}
-
-/// A chat completion's answer read: the first choice for the top-level fields, every choice
-/// kept as sent.
-pub(super) fn chat_answer(
-    answer: ChatResponse,
-    model: &str,
-    spent_for: Option<Duration>,
-) -> Result<ChatAnswer, LlmError> {
-    let first = answer.choices.first().ok_or_else(|| LlmError::Permanent {
-        message: "upstream answer has no choices".into(),
-    })?;
-    let message = Some(
-        first
-            .get("message")
-            .and_then(Value::as_object)
-            .ok_or_else(|| LlmError::Permanent {
-                message: "unparseable upstream answer: choices[0] has no message".into(),
-            })?,
-    );
-    let field = |name: &str| {
-        message
-            .and_then(|m| m.get(name))
-            .filter(|v| !v.is_null())
-            .cloned()
-    };
-    let content = match field("content") {
-        None => None,
-        Some(Value::String(text)) => Some(text),
-        Some(other) => {
-            return Err(LlmError::Permanent {
-                message: format!(
-                    "unparseable upstream answer: choices[0].message.content is {}",
-                    crate::contract::request::json_type(&other)
-                ),
-            });
-        }
-    };
-    let (tool_calls, refusal) = (field("tool_calls"), field("refusal"));
-    let finish_reason = first
-        .get("finish_reason")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    Ok(ChatAnswer {
-        content,
-        tool_calls,
-        refusal,
-        model: answer.model.unwrap_or_else(|| model.to_string()),
-        usage: answer.usage,
-        finish_reason,
-        spent_for,
-        choices: answer.choices,
-    })
-}
-
 impl LlmClient {
-    /// `POST {base_url}/embeddings`.
-    pub async fn embed(
-        &self,
-        model: &str,
-        input: &[String],
-        params: &Map<String, Value>,
-    ) -> Result<EmbeddingAnswer, LlmError> {
-        let body = Body {
-            model,
-            key: "input",
-            value: input,
-            params,
-            stream: false,
-        };
-        let (answer, spent_for): (EmbeddingResponse, _) =
-            self.post(&self.embeddings_url, &body).await?;
-        let mut data = answer.data;
-        if data.len() != input.len() {
-            return Err(LlmError::Permanent {
-                message: format!(
-                    "upstream returned {} embeddings for {} inputs",
-                    data.len(),
-                    input.len()
-                ),
-            });
-        }
-        data.sort_by_key(|d| d.index);
-        Ok(EmbeddingAnswer {
-            vectors: data.into_iter().map(|d| d.embedding).collect(),
-            model: answer.model.unwrap_or_else(|| model.to_string()),
-            usage: answer.usage,
-            spent_for,
-        })
-    }
-
-    /// Posts `body` and reads the answer: the parsed body and how long the deployment's
-    /// rate-limit budget stays spent, if this call spent it.
-    async fn post<T: for<'de> Deserialize<'de>>(
+    /// Posts `body` and reads a successful answer whole (at most `llm.max_response_bytes`):
+    /// its body and how long the deployment's rate-limit budget stays spent, if this call
+    /// spent it.
+    async fn post(
         &self,
         url: &Endpoint,
-        body: &impl Serialize,
-    ) -> Result<(T, Option<Duration>), LlmError> {
+        body: Vec<u8>,
+    ) -> Result<(Vec<u8>, Option<Duration>), LlmError> {
         let (resp, spent_for) = self.send(url, body, None).await?;
-        self.parse(resp, spent_for).await
+        Ok((self.read_whole(resp).await?, spent_for))
     }
 
-    /// Reads a successful answer whole (at most `llm.max_response_bytes`) and parses it.
-    async fn parse<T: for<'de> Deserialize<'de>>(
-        &self,
-        resp: reqwest::Response,
-        spent_for: Option<Duration>,
-    ) -> Result<(T, Option<Duration>), LlmError> {
+    /// A successful answer's body read whole, refused beyond `llm.max_response_bytes`.
+    pub(super) async fn read_whole(&self, resp: reqwest::Response) -> Result<Vec<u8>, LlmError> {
         let limit = self.max_response_bytes;
-        let (bytes, cut) = read_bounded(resp, limit).await.map_err(classify_reqwest)?;
-        parse_body(&bytes, cut, limit, spent_for)
+        match read_bounded(resp, limit).await.map_err(classify_reqwest)? {
+            (_, true) => Err(too_large(limit)),
+            (bytes, false) => Ok(bytes),
+        }
     }
 
     /// Posts `body` (with `timeout` in place of the deployment's, for a stream) and returns
@@ -460,12 +358,9 @@ impl LlmClient {
     pub(super) async fn send(
         &self,
         url: &Endpoint,
-        body: &impl Serialize,
+        body: Vec<u8>,
         timeout: Option<Duration>,
     ) -> Result<(reqwest::Response, Option<Duration>), LlmError> {
-        let body = serde_json::to_vec(body).map_err(|e| LlmError::Permanent {
-            message: format!("cannot serialize the request: {e}"),
-        })?;
         let req = match url {
             Endpoint::Parsed(url) => self.http.post(url.clone()),
             Endpoint::Unparsed(url) => self.http.post(url.as_str()),
@@ -479,10 +374,11 @@ impl LlmClient {
         if !self.headers.is_empty() {
             req = req.headers(self.headers.clone());
         }
-        if let Some(auth) = &self.auth {
-            req = req.header(header::AUTHORIZATION, auth.clone());
-        } else if !self.api_key.is_empty() {
-            req = req.bearer_auth(self.api_key.expose());
+        for (name, value) in &self.auth {
+            req = match value {
+                Ok(value) => req.header(name, value.clone()),
+                Err(text) => req.header(name, text.expose()),
+            };
         }
         if let Some(timeout) = timeout {
             req = req.timeout(timeout);
@@ -496,66 +392,8 @@ impl LlmClient {
         let retry_after = retry_after(resp.headers()).or(spent_for);
         let limit = MAX_ERROR_BODY.min(self.max_response_bytes);
         let (bytes, _) = read_bounded(resp, limit).await.map_err(classify_reqwest)?;
-        Err(classify_failure(status, &bytes, retry_after))
+        Err(self.provider.failure(status, &bytes, retry_after))
     }
-}
-
-/// The class of a failed answer, from its status and its error body (`error.type`,
-/// `error.code`, `error.message`, as OpenAI, Azure, vLLM and LiteLLM send them).
-pub(crate) fn classify_failure(
-    status: StatusCode,
-    body: &[u8],
-    retry_after: Option<Duration>,
-) -> LlmError {
-    // Scrubbed before the final cut, so that a key at the cut is still recognised whole;
-    // the generous first cut keeps the scrub's work bounded.
-    let text = String::from_utf8_lossy(&body[..body.len().min(4 * MAX_ERROR_TEXT)]);
-    let text = super::scrub::scrub_secrets(&text);
-    let text = crate::truncate(&text, MAX_ERROR_TEXT).to_string();
-    let message = format!("HTTP {status}: {text}");
-    let error: Value = serde_json::from_slice::<Value>(body)
-        .ok()
-        .map(|v| v.get("error").cloned().unwrap_or(v))
-        .unwrap_or(Value::Null);
-    let field = |name: &str| {
-        error
-            .get(name)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_ascii_lowercase()
-    };
-    let (kind, code) = (field("type"), field("code"));
-    let said = |what: &str| kind == what || code == what;
-    let lower = text.to_ascii_lowercase();
-    match status.as_u16() {
-        429 if said("insufficient_quota") => LlmError::QuotaExhausted { message },
-        429 => LlmError::RateLimited {
-            message,
-            retry_after,
-        },
-        _ if said("context_length_exceeded") => LlmError::ContextLength { message },
-        400 | 413 | 422 if says_context_length(&lower) => LlmError::ContextLength { message },
-        401 | 403 | 404 => LlmError::Refused { message },
-        _ if is_transient_status(status) => LlmError::Transient {
-            message,
-            retry_after,
-            throttle: false,
-        },
-        _ => LlmError::Permanent { message },
-    }
-}
-
-/// Whether an error text says the prompt is over the context window (vLLM, Ollama and
-/// LiteLLM word it differently from OpenAI's code).
-fn says_context_length(lower: &str) -> bool {
-    [
-        "context length",
-        "context window",
-        "maximum context",
-        "context_length",
-    ]
-    .iter()
-    .any(|p| lower.contains(p))
 }
 
 /// `Retry-After` (seconds or an HTTP date), or Azure's and OpenAI's `retry-after-ms`.
@@ -683,28 +521,6 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     )
 }
 
-#[derive(Deserialize)]
-pub(super) struct ChatResponse {
-    model: Option<String>,
-    /// Kept verbatim: tool calls, refusals, logprobs and whatever a provider adds.
-    choices: Vec<Value>,
-    usage: Option<Usage>,
-}
-
-#[derive(Deserialize)]
-struct EmbeddingResponse {
-    model: Option<String>,
-    data: Vec<EmbeddingData>,
-    usage: Option<Usage>,
-}
-
-#[derive(Deserialize)]
-struct EmbeddingData {
-    #[serde(default)]
-    index: usize,
-    embedding: Vec<f32>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -723,35 +539,6 @@ mod tests {
                 "{s}"
             );
         }
-    }
-
-    #[test]
-    fn body_puts_model_and_messages_over_params() {
-        let mut params = Map::new();
-        params.insert("temperature".into(), Value::from(0.5));
-        params.insert("model".into(), Value::from("ignored"));
-        let messages = [serde_json::json!({"role": "user", "content": "hi"})];
-        let body = Body {
-            model: "m",
-            key: "messages",
-            value: &messages[..],
-            params: &params,
-            stream: false,
-        };
-        let text = serde_json::to_string(&body).expect("serializes");
-        assert_eq!(
-            serde_json::from_str::<Value>(&text).expect("JSON"),
-            serde_json::json!({"model": "m", "temperature": 0.5, "messages": [{"role": "user", "content": "hi"}]})
-        );
-        assert_eq!(text.matches("\"model\"").count(), 1, "{text}");
-        let streamed = Body {
-            stream: true,
-            ..body
-        };
-        assert_eq!(
-            serde_json::to_value(&streamed).expect("serializes"),
-            serde_json::json!({"model": "m", "temperature": 0.5, "messages": [{"role": "user", "content": "hi"}], "stream": true, "stream_options": {"include_usage": true}})
-        );
     }
 
     async fn client_of(
@@ -816,64 +603,6 @@ mod tests {
             message,
             "upstream answer larger than llm.max_response_bytes (65536 bytes); not read further"
         );
-    }
-
-    fn failure(status: u16, body: serde_json::Value) -> LlmError {
-        let status = StatusCode::from_u16(status).expect("status");
-        classify_failure(status, body.to_string().as_bytes(), None)
-    }
-
-    #[test]
-    fn failures_are_classified_by_status_and_error_body() {
-        let quota = serde_json::json!({"error": {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}});
-        assert!(matches!(
-            failure(429, quota),
-            LlmError::QuotaExhausted { .. }
-        ));
-        let code_only =
-            serde_json::json!({"error": {"message": "x", "code": "insufficient_quota"}});
-        assert!(matches!(
-            failure(429, code_only),
-            LlmError::QuotaExhausted { .. }
-        ));
-        let limited =
-            serde_json::json!({"error": {"message": "slow down", "type": "rate_limit_error"}});
-        assert!(matches!(
-            failure(429, limited),
-            LlmError::RateLimited { .. }
-        ));
-        assert!(matches!(
-            failure(429, serde_json::json!("plain")),
-            LlmError::RateLimited { .. }
-        ));
-        let context = serde_json::json!({"error": {"message": "too long", "code": "context_length_exceeded"}});
-        assert!(matches!(
-            failure(400, context),
-            LlmError::ContextLength { .. }
-        ));
-        // vLLM words it in the message only.
-        let vllm = serde_json::json!({"object": "error", "message": "This model's maximum context length is 4096 tokens", "type": "BadRequestError", "code": 400});
-        assert!(matches!(failure(400, vllm), LlmError::ContextLength { .. }));
-        let other = serde_json::json!({"error": {"message": "bad temperature"}});
-        assert!(matches!(failure(400, other), LlmError::Permanent { .. }));
-        for status in [401, 403, 404] {
-            assert!(
-                matches!(
-                    failure(status, serde_json::json!({})),
-                    LlmError::Refused { .. }
-                ),
-                "{status}"
-            );
-        }
-        for status in [500, 503, 408] {
-            assert!(
-                matches!(
-                    failure(status, serde_json::json!({})),
-                    LlmError::Transient { .. }
-                ),
-                "{status}"
-            );
-        }
     }
 
     #[test]

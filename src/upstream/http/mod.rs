@@ -1,9 +1,13 @@
 //! The HTTP side of a call:
-//! - `client`: the OpenAI-compatible HTTP client, classifying every failure once;
+//! - `client`: the HTTP client of a deployment: the transport, whatever the provider;
+//! - `provider`: the seam between llmq and a provider's wire format, and `openai`, the
+//!   OpenAI-compatible one (requests, answers, error bodies and stream events);
 //! - `stream`: a streamed chat answer (server-sent events), its deltas handed on as they
 //!   arrive and merged into the whole answer;
 //! - `scrub`: the secrets kept out of error texts.
 
 pub mod client;
+pub mod openai;
+pub mod provider;
 pub mod scrub;
 pub mod stream;

@@ -18,9 +18,9 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 pub use super::client::StreamLimits;
-use super::client::{
-    Body, ChatAnswer, ChatResponse, LlmClient, LlmError, chat_answer, classify_reqwest, parse_body,
-    read_bounded,
+use super::{
+    client::{ChatAnswer, LlmClient, LlmError, classify_reqwest, read_bounded},
+    provider::{Event, Provider},
 };
 use crate::contract::Usage;
 
@@ -129,14 +129,9 @@ struct Assembly {
 }
 
 impl Assembly {
-    /// Takes one chunk: merges its deltas and hands each non-empty one on.
-    fn chunk(&mut self, chunk: Value, deltas: &Deltas) -> Result<(), LlmError> {
-        let Value::Object(mut chunk) = chunk else {
-            return Err(unparseable("a chunk is not a JSON object"));
-        };
-        if let Some(error) = chunk.remove("error").filter(|e| !e.is_null()) {
-            return Err(stream_error(&error));
-        }
+    /// Takes one chunk (in the OpenAI chunk shape, whatever the provider sent): merges
+    /// its deltas and hands each non-empty one on.
+    fn chunk(&mut self, mut chunk: Map<String, Value>, deltas: &Deltas) -> Result<(), LlmError> {
         if self.model.is_none()
             && let Some(Value::String(model)) = chunk.remove("model")
         {
@@ -292,42 +287,6 @@ fn unparseable(what: &str) -> LlmError {
     }
 }
 
-/// An `error` sent in the stream, classified as if it had come as the answer's status:
-/// its `code` when it is an HTTP status (a number, or a number in a string, as LiteLLM
-/// sends it), else the status its `type` or `code` names (OpenAI sends strings such as
-/// `insufficient_quota` or `rate_limit_exceeded` there), else a server error.
-fn stream_error(error: &Value) -> LlmError {
-    use reqwest::StatusCode;
-    let text = |name: &str| {
-        error
-            .get(name)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_ascii_lowercase()
-    };
-    let numeric = match error.get("code") {
-        Some(Value::Number(n)) => n.as_u64(),
-        Some(Value::String(s)) => s.trim().parse().ok(),
-        _ => None,
-    };
-    let named = |what: &str| text("type").contains(what) || text("code").contains(what);
-    let status = numeric
-        .and_then(|c| u16::try_from(c).ok())
-        .and_then(|c| StatusCode::from_u16(c).ok())
-        .filter(|s| s.is_client_error() || s.is_server_error())
-        .unwrap_or(if named("insufficient_quota") || named("rate_limit") {
-            StatusCode::TOO_MANY_REQUESTS
-        } else if named("invalid_request") || named("context_length") || named("content_") {
-            StatusCode::BAD_REQUEST
-        } else if named("authentication") || named("permission") {
-            StatusCode::UNAUTHORIZED
-        } else {
-            StatusCode::BAD_GATEWAY
-        });
-    let body = serde_json::json!({ "error": error }).to_string();
-    super::client::classify_failure(status, body.as_bytes(), None)
-}
-
 /// Bytes a delta adds to the answer: its texts and keys, and a few for anything else.
 fn size_of(delta: &Map<String, Value>) -> usize {
     fn value(v: &Value) -> usize {
@@ -416,6 +375,7 @@ impl Lines {
 /// again: an answer too large, or a stream longer than `llm.stream_max_secs`.
 pub async fn read<S>(
     bytes: S,
+    provider: &dyn Provider,
     requested: &str,
     max_bytes: usize,
     limits: StreamLimits,
@@ -454,10 +414,9 @@ where
             Ok(None) if !any_event => {
                 let head =
                     std::mem::take(&mut lines.lock().unwrap_or_else(|e| e.into_inner()).head);
-                break Err(match serde_json::from_slice::<Value>(&head) {
-                    Ok(Value::Object(mut body)) if body.contains_key("error") => {
-                        stream_error(&body.remove("error").unwrap_or_default())
-                    }
+                let head = String::from_utf8_lossy(&head);
+                break Err(match provider.stream_event(head.trim()) {
+                    Err(e) if serde_json::from_str::<Map<String, Value>>(head.trim()).is_ok() => e,
                     _ => transient("the stream ended before [DONE]".into(), false),
                 });
             }
@@ -493,16 +452,15 @@ where
         };
         any_event = true;
         let data = event.data.trim();
-        if data == "[DONE]" {
-            break Ok(());
-        }
         // An event without data (a named ping, a bare `event:` line) carries nothing.
         if data.is_empty() {
             continue;
         }
-        let chunk = match serde_json::from_str(data) {
-            Ok(chunk) => chunk,
-            Err(e) => break Err(unparseable(&format!("a chunk is not JSON: {e}"))),
+        let chunk = match provider.stream_event(data) {
+            Ok(Event::Chunk(chunk)) => chunk,
+            Ok(Event::Done) => break Ok(()),
+            Ok(Event::Nothing) => continue,
+            Err(e) => break Err(e),
         };
         if let Err(e) = answer.chunk(chunk, deltas) {
             break Err(e);
@@ -597,16 +555,10 @@ impl LlmClient {
         params: &Map<String, Value>,
         deltas: &Deltas,
     ) -> Result<ChatAnswer, LlmError> {
-        let body = Body {
-            model,
-            key: "messages",
-            value: messages,
-            params,
-            stream: true,
-        };
+        let body = self.provider.chat_body(model, messages, params, true)?;
         let limits = self.stream;
         let until = tokio::time::Instant::now() + limits.total;
-        let sent = self.send(&self.chat_url, &body, Some(limits.total));
+        let sent = self.send(&self.chat_url, body, Some(limits.total));
         let idle = until.min(tokio::time::Instant::now() + limits.idle);
         let (resp, spent_for) =
             tokio::time::timeout_at(idle, sent)
@@ -632,19 +584,26 @@ impl LlmClient {
             let text = body.trim_ascii_start();
             if !cut && (text.starts_with(b"data:") || text.starts_with(b":")) {
                 let events = futures_util::stream::iter([Ok(bytes::Bytes::from(body))]);
-                let mut answer = read(events, model, limit, limits, until, deltas).await?;
+                let provider = &*self.provider;
+                let read = read(events, provider, model, limit, limits, until, deltas);
+                let mut answer = read.await?;
                 answer.spent_for = spent_for;
                 return Ok(answer);
             }
-            let (answer, spent_for) = parse_body::<ChatResponse>(&body, cut, limit, spent_for)?;
-            let answer = chat_answer(answer, model, spent_for)?;
+            if cut {
+                return Err(super::client::too_large(limit));
+            }
+            let mut answer = self.provider.chat_answer(&body, model)?;
+            answer.spent_for = spent_for;
             pieces_of(&answer, deltas);
             return Ok(answer);
         }
         let bytes = futures_util::StreamExt::map(resp.bytes_stream(), |chunk| {
             chunk.map_err(classify_reqwest)
         });
-        let mut answer = read(bytes, model, self.max_response_bytes, limits, until, deltas).await?;
+        let limit = self.max_response_bytes;
+        let read = read(bytes, &*self.provider, model, limit, limits, until, deltas);
+        let mut answer = read.await?;
         answer.spent_for = spent_for;
         Ok(answer)
     }
@@ -655,6 +614,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::upstream::http::openai::OpenAi;
 
     /// Reads `body` as a stream split into `split`-byte chunks, with the pieces it handed on.
     async fn read_body(body: &str, split: usize) -> (Result<ChatAnswer, LlmError>, Vec<Piece>) {
@@ -667,6 +627,7 @@ mod tests {
         let until = tokio::time::Instant::now() + Duration::from_secs(30);
         let answer = read(
             futures_util::stream::iter(parts),
+            &OpenAi,
             "asked",
             1 << 20,
             StreamLimits::default(),
@@ -826,8 +787,16 @@ mod tests {
         // A line that never ends is refused at 1 MiB, not buffered on.
         let endless =
             futures_util::stream::repeat_with(|| Ok(Bytes::from_static(b"data: xxxxxxxx")));
-        let Err(LlmError::Permanent { message }) =
-            read(endless, "m", 1 << 30, StreamLimits::default(), until, &tx).await
+        let Err(LlmError::Permanent { message }) = read(
+            endless,
+            &OpenAi,
+            "m",
+            1 << 30,
+            StreamLimits::default(),
+            until,
+            &tx,
+        )
+        .await
         else {
             panic!("an endless line is refused")
         };
@@ -844,7 +813,7 @@ mod tests {
             ))))
         });
         let Err(LlmError::Permanent { message }) =
-            read(big, "m", 4096, StreamLimits::default(), until, &tx).await
+            read(big, &OpenAi, "m", 4096, StreamLimits::default(), until, &tx).await
         else {
             panic!("an answer over the limit is refused")
         };
@@ -855,8 +824,16 @@ mod tests {
         // Not UTF-8: refused at once, not held back until the body ends.
         let bad = futures_util::stream::iter([Ok(Bytes::from_static(b"data: \xff\xfe\n\n"))])
             .chain(futures_util::stream::pending());
-        let Err(LlmError::Permanent { message }) =
-            read(bad, "m", 1 << 20, StreamLimits::default(), until, &tx).await
+        let Err(LlmError::Permanent { message }) = read(
+            bad,
+            &OpenAi,
+            "m",
+            1 << 20,
+            StreamLimits::default(),
+            until,
+            &tx,
+        )
+        .await
         else {
             panic!("bytes that are not UTF-8 are refused")
         };
@@ -940,7 +917,7 @@ mod tests {
         let silent = futures_util::stream::pending::<Result<Bytes, LlmError>>();
         let until = tokio::time::Instant::now() + limits.total;
         let Err(LlmError::Transient { message, .. }) =
-            read(silent, "m", 1 << 20, limits, until, &tx).await
+            read(silent, &OpenAi, "m", 1 << 20, limits, until, &tx).await
         else {
             panic!("an idle stream is cut off")
         };
@@ -952,7 +929,7 @@ mod tests {
         });
         let until = tokio::time::Instant::now() + limits.total;
         let Err(LlmError::Permanent { message }) =
-            read(alive, "m", 1 << 20, limits, until, &tx).await
+            read(alive, &OpenAi, "m", 1 << 20, limits, until, &tx).await
         else {
             panic!("a long stream is cut off")
         };

@@ -12,12 +12,15 @@
 use std::{future::Future, sync::Arc, time::Instant};
 
 use crate::{
-    config::UpstreamConfig,
+    config::{RequestPolicy, UpstreamConfig},
     contract::{Usage, request::Kind},
     runtime::metrics::Metrics,
     upstream::{
         flow::limit::{Flow, Permit, Turn},
-        http::client::{ChatAnswer, EmbeddingAnswer, LlmClient, LlmError},
+        http::{
+            client::{ChatAnswer, EmbeddingAnswer, LlmClient, LlmError},
+            stream::StreamLimits,
+        },
     },
 };
 
@@ -70,7 +73,7 @@ pub struct Deployment {
 impl Deployment {
     /// The deployment `name` configured by `spec`, reached through `client`, its calls
     /// limited by `flow`.
-    pub fn new(
+    fn new(
         name: &str,
         spec: UpstreamConfig,
         client: LlmClient,
@@ -84,6 +87,23 @@ impl Deployment {
             flow,
             metrics,
         }
+    }
+
+    /// The deployment `name` configured by `spec`, its HTTP client built for `policy`'s
+    /// response and streaming limits, its calls limited by `flow`.
+    pub fn build(
+        name: &str,
+        spec: UpstreamConfig,
+        policy: &RequestPolicy,
+        flow: Arc<Flow>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, reqwest::Error> {
+        let limits = StreamLimits {
+            idle: policy.stream_idle,
+            total: policy.stream_max.unwrap_or_else(|| spec.timeout()),
+        };
+        let client = LlmClient::new(&spec, policy.max_response_bytes)?.with_stream_limits(limits);
+        Ok(Self::new(name, spec, client, flow, metrics))
     }
 
     /// Its name in results, metrics and logs.
@@ -186,8 +206,8 @@ pub(crate) fn test_deployment(
         base_url: crate::config::SecretUrl::new(base_url),
         ..UpstreamConfig::default()
     };
-    let client = LlmClient::new(&spec, 16 << 20).expect("a client");
-    Deployment::new("d", spec, client, flow, metrics)
+    let policy = crate::config::LlmConfig::default().policy();
+    Deployment::build("d", spec, &policy, flow, metrics).expect("a client")
 }
 
 #[cfg(test)]

@@ -717,9 +717,9 @@ mod tests {
             weight,
             ..UpstreamConfig::default()
         };
-        let client = LlmClient::new(&spec, 1 << 20).expect("client");
         let flow = Flow::new(1, 64, Budget::unlimited());
-        Deployment::new(name, spec, client, flow, Arc::new(Metrics::default()))
+        let policy = crate::config::LlmConfig::default().policy();
+        Deployment::build(name, spec, &policy, flow, Arc::new(Metrics::default())).expect("client")
     }
 
     fn far() -> tokio::time::Instant {
