@@ -20,9 +20,12 @@ use crate::{
     store::redis_conn::LazyConnection,
     upstream::{
         batch::Batcher,
-        flow::limit::Flow,
         flow::ratelimit::{Budget, REDIS_TIMEOUT},
         flow::share::{NotEntered, Shares},
+        flow::{
+            admission::{Admission, Stop},
+            limit::Flow,
+        },
         http::{
             client::{ChatAnswer, EmbeddingAnswer, LlmError},
             stream::Deltas,
@@ -133,6 +136,22 @@ impl Outcome {
             Outcome::Failed { kind, .. } => Some(kind.as_str()),
         }
     }
+}
+
+/// One attempt's request: the job, whose it is, which attempt, since when its delivery
+/// waits (for `latency_ms` and the hand-off time) and what hands it back unstarted.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt<'a> {
+    /// The job.
+    pub job: &'a Job,
+    /// Its tenant, whose turn and caps it waits for.
+    pub tenant: &'a str,
+    /// 1 for the first attempt.
+    pub number: u32,
+    /// When its delivery arrived.
+    pub started: Instant,
+    /// The worker's shutdown.
+    pub stop: &'a CancellationToken,
 }
 
 /// What the upstream answered to one job.
@@ -256,26 +275,27 @@ impl Upstream {
         self.router.route(job.model.as_deref().unwrap_or(default))
     }
 
-    /// Makes the `attempt`-th upstream call for `job` of `tenant` along `route`; `started`
-    /// is when its delivery arrived, for `latency_ms` and the hand-off. The call first waits
-    /// for its tenant's caps, then for a slot in its tenant's turn ([`Shares`]). `None` when
-    /// `stop` was cancelled while it waited for those or for its embedding batch to start:
-    /// nothing was called, the request goes back to its queue. [`Outcome::Deferred`] when
-    /// the call could not start within the hand-off time.
+    /// Makes the `attempt.number`-th upstream call for `attempt.job` along `route`. The
+    /// call first waits for its tenant's caps, then for a slot in its tenant's turn
+    /// ([`Shares`]). `None` when `attempt.stop` was cancelled while it waited for those or
+    /// for its embedding batch to start: nothing was called, the request goes back to its
+    /// queue. [`Outcome::Deferred`] when the call could not start within the hand-off time.
     ///
     /// With `deltas`, a chat call streams: each delta goes there as it arrives, and the
     /// outcome is the same as without.
-    #[allow(clippy::too_many_arguments)]
     pub async fn attempt(
         &self,
-        job: &Job,
-        tenant: &str,
+        attempt: Attempt<'_>,
         route: &mut Route,
-        attempt: u32,
-        started: Instant,
-        stop: &CancellationToken,
         deltas: Option<&Deltas>,
     ) -> Option<Outcome> {
+        let Attempt {
+            job,
+            tenant,
+            number,
+            started,
+            stop,
+        } = attempt;
         let until = tokio::time::Instant::from_std(started) + self.hand_off_after;
         let deferred = || Outcome::Deferred {
             reason: format!(
@@ -297,67 +317,19 @@ impl Upstream {
             Err(NotEntered::Stopped) => return None,
             Err(NotEntered::Deferred) => return Some(deferred()),
         };
-        let turn = self.shares.turn(tenant, job.priority);
-        let routed = match &job.call {
-            Call::Chat { messages, params } => {
-                let tokens = job.token_estimate(self.policy.default_max_tokens);
-                self.router
-                    .call(
-                        route,
-                        Kind::Chat,
-                        turn,
-                        tokens,
-                        until,
-                        stop.cancelled(),
-                        |client, model| async move {
-                            match deltas {
-                                Some(deltas) => {
-                                    client.chat_stream(&model, messages, params, deltas).await
-                                }
-                                None => client.chat(&model, messages, params).await,
-                            }
-                        },
-                    )
-                    .await
-                    .map(Answer::Chat)
-            }
-            Call::Embedding { input, params, .. } => match &self.batcher {
-                // The batcher takes one slot per batched call.
-                Some(batcher) => {
-                    let tokens = job.token_estimate(0);
-                    let model = route.requested.clone();
-                    match batcher
-                        .embed(&model, input, params, turn, tokens, until, stop)
-                        .await
-                    {
-                        Some(routed) => routed.map(Answer::Embedding),
-                        None => Routed::Stopped,
-                    }
-                }
-                None => {
-                    let tokens = job.token_estimate(self.policy.default_max_tokens);
-                    self.router
-                        .call(
-                            route,
-                            Kind::Embedding,
-                            turn,
-                            tokens,
-                            until,
-                            stop.cancelled(),
-                            |client, model| async move { client.embed(&model, input, params).await },
-                        )
-                        .await
-                        .map(Answer::Embedding)
-                }
-            },
+        let admission = Admission {
+            turn: self.shares.turn(tenant, job.priority),
+            tokens: job.token_estimate(self.policy.default_max_tokens),
+            until,
+            stop: Stop::One(stop.clone()),
         };
-        let outcome = match routed {
+        let outcome = match self.call(job, route, admission, deltas).await {
             Routed::Stopped => None,
             Routed::Deferred => Some(deferred()),
             // The result is built only for an answer, and only once the call is over: a
             // call in flight holds no copy of the request's id or metadata.
             Routed::Served(served) => Some(Outcome::Done(Box::new(
-                self.result(job, attempt, started, served),
+                self.result(job, number, started, served),
             ))),
             other => Outcome::from_routed(other),
         };
@@ -375,6 +347,53 @@ impl Upstream {
             self.metrics.failed(job.kind().as_str(), label);
         }
         Some(outcome)
+    }
+
+    /// The call for `job` along `route`, let in as `admission` says: through the router,
+    /// or for an embedding, through the batcher unless batching is off (the batcher takes
+    /// one slot per batched call).
+    async fn call(
+        &self,
+        job: &Job,
+        route: &mut Route,
+        admission: Admission,
+        deltas: Option<&Deltas>,
+    ) -> Routed<Answer> {
+        match &job.call {
+            Call::Chat { messages, params } => self
+                .router
+                .call(route, Kind::Chat, &admission, |client, model| async move {
+                    match deltas {
+                        Some(deltas) => client.chat_stream(&model, messages, params, deltas).await,
+                        None => client.chat(&model, messages, params).await,
+                    }
+                })
+                .await
+                .map(Answer::Chat),
+            Call::Embedding { input, params, .. } => match &self.batcher {
+                Some(batcher) => {
+                    let admission = Admission {
+                        tokens: job.token_estimate(0),
+                        ..admission
+                    };
+                    let model = route.requested.clone();
+                    match batcher.embed(&model, input, params, admission).await {
+                        Some(routed) => routed.map(Answer::Embedding),
+                        None => Routed::Stopped,
+                    }
+                }
+                None => self
+                    .router
+                    .call(
+                        route,
+                        Kind::Embedding,
+                        &admission,
+                        |client, model| async move { client.embed(&model, input, params).await },
+                    )
+                    .await
+                    .map(Answer::Embedding),
+            },
+        }
     }
 
     /// The `ok` result of an answer to `job`.

@@ -21,7 +21,10 @@ use crate::{
     broker::publish::{Publisher, ReplyRoute},
     contract::{ErrorKind, Usage, request::Job},
     runtime::clock::{unix_now, unix_now_ms},
-    upstream::{call::Outcome, routing::router::Route},
+    upstream::{
+        call::{Attempt as UpstreamAttempt, Outcome},
+        routing::router::Route,
+    },
 };
 
 /// One attempt of one request, and what it needs of its delivery.
@@ -126,10 +129,15 @@ impl Attempt<'_> {
         let ctx = self.ctx;
         let upstream = &ctx.upstream;
         let (job, tenant, number) = (self.job, self.tenant, self.number);
+        let request = UpstreamAttempt {
+            job,
+            tenant,
+            number,
+            started: self.started,
+            stop: &ctx.stop,
+        };
         if !self.streams {
-            return upstream
-                .attempt(job, tenant, route, number, self.started, &ctx.stop, None)
-                .await;
+            return upstream.attempt(request, route, None).await;
         }
         let (deltas, pieces) = tokio::sync::mpsc::unbounded_channel();
         let out = stream::Out {
@@ -143,17 +151,7 @@ impl Attempt<'_> {
         let call = async move {
             // Dropping the sender at the end of the call ends the forwarding.
             let deltas = deltas;
-            upstream
-                .attempt(
-                    job,
-                    tenant,
-                    route,
-                    number,
-                    self.started,
-                    &ctx.stop,
-                    Some(&deltas),
-                )
-                .await
+            upstream.attempt(request, route, Some(&deltas)).await
         };
         let forward = stream::forward(out, pieces, self.restart, self.progress);
         futures_util::future::join(call, forward).await.0

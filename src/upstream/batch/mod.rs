@@ -12,12 +12,11 @@ use tokio::{
     sync::{mpsc, oneshot},
     time::Instant,
 };
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     contract::{Usage, request::Kind},
     upstream::{
-        flow::limit::Turn,
+        flow::admission::Admission,
         http::client::{EmbeddingAnswer, LlmError},
         routing::router::{Routed, Router, Served},
     },
@@ -33,16 +32,12 @@ pub struct Batcher {
 }
 
 struct Item {
-    turn: Turn,
-    tokens: u64,
-    /// Latest time its call may start (the hand-off time of its delivery).
-    until: Instant,
+    /// Its turn, tokens and latest start; once its `stop` is off, no call starts for this
+    /// item, and dropping `reply` unanswered tells the caller so.
+    admission: Admission,
     model: String,
     params: Map<String, Value>,
     input: Vec<String>,
-    /// The worker's shutdown: once cancelled, no call starts for this item, and dropping
-    /// `reply` unanswered tells the caller so.
-    stop: CancellationToken,
     /// Dropped unanswered when shutdown came first.
     reply: oneshot::Sender<Routed<EmbeddingAnswer>>,
 }
@@ -65,32 +60,26 @@ impl Batcher {
     }
 
     /// Embeds `input`, batched with other requests for the same model and parameters.
-    /// [`Routed::Deferred`] when no call could start before `until` (for a batch, the
-    /// earliest `until` of its requests), `None` when `stop` was cancelled before its batch
-    /// started: nothing was called either way.
-    #[allow(clippy::too_many_arguments)]
+    /// [`Routed::Deferred`] when no call could start before `admission.until` (for a batch,
+    /// the earliest of its requests), `None` when its `stop` came before its batch started:
+    /// nothing was called either way.
     pub async fn embed(
         &self,
         model: &str,
         input: &[String],
         params: &Map<String, Value>,
-        turn: Turn,
-        tokens: u64,
-        until: Instant,
-        stop: &CancellationToken,
+        admission: Admission,
     ) -> Option<Routed<EmbeddingAnswer>> {
-        if stop.is_cancelled() {
+        if admission.stop.is_stopped() {
             return None;
         }
+        let stop = admission.stop.clone();
         let (reply, rx) = oneshot::channel();
         let item = Item {
-            turn,
-            tokens,
-            until,
+            admission,
             model: model.to_string(),
             params: params.clone(),
             input: input.to_vec(),
-            stop: stop.clone(),
             reply,
         };
         let gone = || Routed::Failed {
@@ -108,7 +97,7 @@ impl Batcher {
             Ok(Routed::Stopped) => None,
             Ok(answer) => Some(answer),
             // Dropped unanswered: shutdown began before its batch started.
-            Err(_) if stop.is_cancelled() => None,
+            Err(_) if stop.is_stopped() => None,
             Err(_) => Some(gone()),
         }
     }
@@ -118,20 +107,17 @@ impl Batcher {
 /// a slot and the accounting of its deployment, per call rather than per message.
 /// [`Routed::Stopped`] when every item's shutdown came first. A slot free right away wins
 /// over shutdown, as for a single call.
-#[allow(clippy::too_many_arguments)]
 async fn call(
     router: &Router,
     items: &[Item],
     model: &str,
     input: &[String],
     params: &Map<String, Value>,
-    turn: Turn,
-    tokens: u64,
-    until: Instant,
 ) -> Routed<EmbeddingAnswer> {
-    let stopped = futures_util::future::join_all(items.iter().map(|i| i.stop.cancelled()));
-    let stopped = async move {
-        stopped.await;
+    // The batch waits in the turn of its most urgent request, no longer than its most
+    // hurried request may, and stops once every request has.
+    let Some(admission) = Admission::batch(items.iter().map(|i| &i.admission)) else {
+        return Routed::Stopped;
     };
     // A batch of several is split on a context-length error, so that one long input moves
     // to a context-window fallback alone.
@@ -143,10 +129,7 @@ async fn call(
         .call(
             &mut route,
             Kind::Embedding,
-            turn,
-            tokens,
-            until,
-            stopped,
+            &admission,
             |client, model| async move { client.embed(&model, input, params).await },
         )
         .await
@@ -158,7 +141,7 @@ async fn call(
 fn still_wanted(items: Vec<Item>) -> Vec<Item> {
     items
         .into_iter()
-        .filter(|i| !i.stop.is_cancelled() && !i.reply.is_closed())
+        .filter(|i| !i.admission.stop.is_stopped() && !i.reply.is_closed())
         .collect()
 }
 
@@ -227,20 +210,7 @@ async fn send(up: Arc<Router>, items: Vec<Item>) {
     };
     let (model, params) = (first.model.clone(), first.params.clone());
     let inputs: Vec<String> = items.iter().flat_map(|i| i.input.iter().cloned()).collect();
-    // The batch waits in the turn of its most urgent request.
-    let turn = items
-        .iter()
-        .map(|i| i.turn)
-        .max_by_key(|t| t.priority)
-        .unwrap_or(Turn::anyone(0));
-    let tokens = items.iter().map(|i| i.tokens).sum();
-    // The batch waits no longer than its most hurried request may.
-    let until = items
-        .iter()
-        .map(|i| i.until)
-        .min()
-        .unwrap_or_else(Instant::now);
-    let answer = call(&up, &items, &model, &inputs, &params, turn, tokens, until).await;
+    let answer = call(&up, &items, &model, &inputs, &params).await;
     match answer {
         // Shutdown: the items are dropped unanswered.
         Routed::Stopped => {}
@@ -292,9 +262,6 @@ async fn send(up: Arc<Router>, items: Vec<Item>) {
                         &item.model,
                         &item.input,
                         &item.params,
-                        item.turn,
-                        item.tokens,
-                        item.until,
                     )
                     .await;
                     if !matches!(answer, Routed::Stopped) {
@@ -315,6 +282,7 @@ async fn send(up: Arc<Router>, items: Vec<Item>) {
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, atomic::Ordering::Relaxed};
+    use tokio_util::sync::CancellationToken;
 
     use super::*;
     use crate::{
@@ -322,7 +290,8 @@ mod tests {
         runtime::metrics::Metrics,
         tools::mock::{MockOptions, MockServer},
         upstream::{
-            flow::limit::Flow,
+            flow::admission::Stop,
+            flow::limit::{Flow, Turn},
             flow::ratelimit::Budget,
             routing::deployment::{Deployment, test_deployment},
             routing::router::test_router,
@@ -350,16 +319,22 @@ mod tests {
         Instant::now() + Duration::from_secs(3600)
     }
 
+    fn ticket(stop: &CancellationToken) -> Admission {
+        Admission {
+            turn: Turn::anyone(0),
+            tokens: 1,
+            until: later(),
+            stop: Stop::One(stop.clone()),
+        }
+    }
+
     fn embed<'a>(
         b: &'a Batcher,
         text: &str,
         stop: &'a CancellationToken,
     ) -> impl Future<Output = Option<Routed<EmbeddingAnswer>>> + 'a {
         let input = vec![text.to_string()];
-        async move {
-            b.embed("m", &input, &Map::new(), Turn::anyone(0), 1, later(), stop)
-                .await
-        }
+        async move { b.embed("m", &input, &Map::new(), ticket(stop)).await }
     }
 
     #[tokio::test]
@@ -384,8 +359,7 @@ mod tests {
             let (b, stop) = (b.clone(), stop.clone());
             async move {
                 let input = vec!["x".to_string()];
-                b.embed("m", &input, &Map::new(), Turn::anyone(0), 1, later(), &stop)
-                    .await
+                b.embed("m", &input, &Map::new(), ticket(&stop)).await
             }
         });
         while flow.waiting() == 0 {

@@ -1,8 +1,10 @@
 //! Flow control: when a call may start.
+//! - `admission`: what a call carries to be let in (turn, tokens, latest start, stop);
 //! - `share`: its tenant's turn (weight) and caps (calls at once, per-minute budgets);
 //! - `limit`: a deployment's concurrency limit (AIMD), its waiters by priority;
 //! - `ratelimit`: a deployment's per-minute request and token budgets.
 
+pub mod admission;
 pub mod limit;
 pub mod ratelimit;
 pub mod share;

@@ -27,7 +27,7 @@ use crate::{
     contract::{ErrorKind, request::Kind},
     runtime::{clock::unix_now_ms, metrics::Metrics},
     upstream::{
-        flow::limit::Turn,
+        flow::admission::Admission,
         http::client::{LlmClient, LlmError},
         routing::deployment::{Answer, Deployment},
         routing::standing::{Availability, Standing, Why, secs_ms},
@@ -253,18 +253,15 @@ impl Router {
         Route::new(model, &self.rules)
     }
 
-    /// Makes one call for `route`: picks a deployment, waits for its slot (until `until`,
-    /// or until `stopped` resolves) and calls it with `make(client, model as it knows it)`,
-    /// moving on at once after a spent account, a refusal or a context-length error.
-    #[allow(clippy::too_many_arguments)]
+    /// Makes one call for `route`: picks a deployment, waits for its slot as `admission`
+    /// says (until its `until`, or until its `stop`) and calls it with `make(client, model
+    /// as it knows it)`, moving on at once after a spent account, a refusal or a
+    /// context-length error.
     pub async fn call<'r, T, F, Fut>(
         &'r self,
         route: &mut Route,
         kind: Kind,
-        turn: Turn,
-        tokens: u64,
-        until: tokio::time::Instant,
-        stopped: impl Future<Output = ()>,
+        admission: &Admission,
         make: F,
     ) -> Routed<T>
     where
@@ -272,6 +269,7 @@ impl Router {
         F: Fn(&'r LlmClient, String) -> Fut,
         Fut: Future<Output = Result<T, LlmError>>,
     {
+        let stopped = admission.stop.stopped();
         let mut stopped = std::pin::pin!(stopped);
         // What the deployments left behind said, for the reason of an unroutable request.
         let mut last: Option<String> = None;
@@ -300,7 +298,7 @@ impl Router {
             let deployment = &self.deployments[d];
             let slot = tokio::select! {
                 biased;
-                slot = deployment.admit(turn, tokens, until) => slot,
+                slot = deployment.admit(admission.turn, admission.tokens, admission.until) => slot,
                 () = &mut stopped => {
                     if probe {
                         self.standing.probe_abandoned(d);
@@ -692,13 +690,18 @@ mod tests {
     use std::sync::atomic::Ordering::Relaxed;
 
     use serde_json::{Map, Value, json};
+    use tokio_util::sync::CancellationToken;
 
     use super::*;
     use crate::{
         config::{SecretUrl, UpstreamConfig},
         tools::mock::{MockOptions, MockServer},
         upstream::{
-            flow::{limit::Flow, ratelimit::Budget},
+            flow::{
+                admission::Stop,
+                limit::{Flow, Turn},
+                ratelimit::Budget,
+            },
             http::client::ChatAnswer,
         },
     };
@@ -733,10 +736,12 @@ mod tests {
             .call(
                 route,
                 Kind::Chat,
-                Turn::anyone(0),
-                1,
-                far(),
-                std::future::pending(),
+                &Admission {
+                    turn: Turn::anyone(0),
+                    tokens: 1,
+                    until: far(),
+                    stop: Stop::One(CancellationToken::new()),
+                },
                 |client, model| {
                     let messages = &messages;
                     let params = &params;
