@@ -1,5 +1,6 @@
 //! The LLM side, by job, in the order a call goes through it:
 //! - `call`: one attempt for a job, turned into an outcome for the worker's decision;
+//! - `failure`: a failed call, classified once where it happens;
 //! - `flow`: admission: its tenant's turn and caps (`share`), a deployment's concurrency
 //!   limit (`limit`, AIMD) and its per-minute budgets (`ratelimit`);
 //! - `batch`: embedding requests gathered into one call;
@@ -13,6 +14,7 @@
 
 pub mod batch;
 pub mod call;
+pub mod failure;
 pub mod flow;
 pub mod http;
 pub mod routing;

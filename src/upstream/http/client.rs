@@ -21,140 +21,19 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use reqwest::{StatusCode, Url, header};
+use reqwest::{Url, header};
 use serde_json::{Map, Value};
 
-use super::{
-    openai::OpenAi,
-    provider::{self, Provider},
-};
+pub use super::answer::{ChatAnswer, EmbeddingAnswer};
+use super::{openai::OpenAi, provider::Provider};
+pub use crate::upstream::failure::{LlmError, is_transient_status};
 use crate::{
     config::{Secret, UpstreamConfig},
-    contract::{Usage, request::Kind},
+    contract::request::Kind,
 };
-
-/// Longest error text kept from an upstream answer.
-pub(super) const MAX_ERROR_TEXT: usize = 1024;
 
 /// Most bytes read of a failed call's answer: enough for its error text.
 const MAX_ERROR_BODY: usize = 64 * 1024;
-
-/// A failed upstream call, classified.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum LlmError {
-    /// Worth retrying later: 408, 409, 5xx, a timeout, a connection error.
-    #[error("transient upstream failure: {message}")]
-    Transient {
-        /// What happened.
-        message: String,
-        /// The upstream's `Retry-After`, if it gave one.
-        retry_after: Option<Duration>,
-        /// The upstream pushed back (a timeout): the concurrency limit should drop.
-        throttle: bool,
-    },
-    /// A 429 that is not a spent account: flow control, not a failure of the request.
-    #[error("rate limited: {message}")]
-    RateLimited {
-        /// What happened.
-        message: String,
-        /// When to come back, if the upstream said (`Retry-After`, `retry-after-ms`, or the
-        /// reset of an exhausted `x-ratelimit-*` budget). Without it, only the concurrency
-        /// limit drops.
-        retry_after: Option<Duration>,
-    },
-    /// A 429 whose error type or code is `insufficient_quota`: the account is spent.
-    #[error("quota exhausted: {message}")]
-    QuotaExhausted {
-        /// What happened.
-        message: String,
-    },
-    /// The prompt is longer than the model's context window.
-    #[error("context length exceeded: {message}")]
-    ContextLength {
-        /// What happened.
-        message: String,
-    },
-    /// 401, 403 or 404: this deployment cannot serve this model (a bad key, no access, a
-    /// model it does not have); another deployment may.
-    #[error("refused by the deployment: {message}")]
-    Refused {
-        /// What happened.
-        message: String,
-    },
-    /// Will fail the same way every time.
-    #[error("permanent upstream failure: {message}")]
-    Permanent {
-        /// What happened.
-        message: String,
-    },
-}
-
-impl LlmError {
-    /// Whether the upstream pushed back (a 429 or a timeout).
-    pub fn is_throttle(&self) -> bool {
-        matches!(
-            self,
-            LlmError::Transient { throttle: true, .. } | LlmError::RateLimited { .. }
-        )
-    }
-
-    /// When the upstream said to come back, if it did.
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            LlmError::Transient { retry_after, .. } | LlmError::RateLimited { retry_after, .. } => {
-                *retry_after
-            }
-            _ => None,
-        }
-    }
-
-    /// The outcome label of `llmq_upstream_calls_total`.
-    pub fn label(&self) -> &'static str {
-        match self {
-            LlmError::Transient { .. } => "transient",
-            LlmError::RateLimited { .. } => "rate_limited",
-            LlmError::QuotaExhausted { .. } => "quota",
-            LlmError::ContextLength { .. } => "context_length",
-            LlmError::Refused { .. } => "auth",
-            LlmError::Permanent { .. } => "permanent",
-        }
-    }
-}
-
-/// What a chat completion returned.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChatAnswer {
-    /// The first choice's text; `None` when the model answered only with tool calls.
-    pub content: Option<String>,
-    /// The first choice's `tool_calls`, verbatim.
-    pub tool_calls: Option<Value>,
-    /// The first choice's `refusal`, verbatim.
-    pub refusal: Option<Value>,
-    /// Every choice verbatim (`index`, `message`, `finish_reason`, `logprobs`).
-    pub choices: Vec<Value>,
-    /// The model that answered, as the upstream names it.
-    pub model: String,
-    /// Token usage as reported.
-    pub usage: Option<Usage>,
-    /// Why generation stopped.
-    pub finish_reason: Option<String>,
-    /// How long the deployment's `x-ratelimit-*` budget stays spent, when this answer used
-    /// its last request or token.
-    pub spent_for: Option<Duration>,
-}
-
-/// What an embeddings call returned.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EmbeddingAnswer {
-    /// One vector per input, in input order.
-    pub vectors: Vec<Vec<f32>>,
-    /// The model that answered.
-    pub model: String,
-    /// Token usage as reported.
-    pub usage: Option<Usage>,
-    /// As [`ChatAnswer::spent_for`].
-    pub spent_for: Option<Duration>,
-}
 
 /// A pooled HTTP client for one deployment.
 #[derive(Clone)]
@@ -174,6 +53,14 @@ pub struct LlmClient {
     pub(super) max_response_bytes: usize,
     /// The timeouts of streamed calls.
     pub(super) stream: StreamLimits,
+}
+
+/// The provider named `name` (one of [`crate::config::PROVIDERS`]), `None` for another.
+pub fn provider_named(name: &str) -> Option<Arc<dyn Provider>> {
+    match name {
+        "openai" => Some(Arc::new(OpenAi)),
+        _ => None,
+    }
 }
 
 /// An upstream URL, parsed once rather than on every call (parsing showed up at 4% of the
@@ -219,7 +106,7 @@ impl LlmClient {
             .user_agent(concat!("llmq/", env!("CARGO_PKG_VERSION")))
             .build()?;
         // Validation refuses a provider it does not know.
-        let provider = provider::for_name(&cfg.provider).unwrap_or_else(|| Arc::new(OpenAi));
+        let provider = provider_named(&cfg.provider).unwrap_or_else(|| Arc::new(OpenAi));
         let auth = match cfg.api_key.is_empty() {
             true => Vec::new(),
             false => provider
@@ -477,11 +364,6 @@ pub(super) async fn read_bounded(
     Ok((body, false))
 }
 
-/// 429, 408, 409 and 5xx may succeed later; every other failure status will not.
-pub fn is_transient_status(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 408 | 409 | 429) || status.is_server_error()
-}
-
 pub(super) fn classify_reqwest(e: reqwest::Error) -> LlmError {
     // Timeouts, refused or reset connections and broken bodies are all worth a retry; the
     // URL is left out because it may carry credentials.
@@ -526,19 +408,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn status_classes() {
-        for s in [429, 408, 409, 500, 502, 503, 504] {
-            assert!(
-                is_transient_status(StatusCode::from_u16(s).expect("status")),
-                "{s}"
-            );
+    fn every_listed_provider_is_built_and_no_other() {
+        for name in crate::config::PROVIDERS {
+            assert!(provider_named(name).is_some(), "{name}");
         }
-        for s in [400, 401, 403, 404, 413, 422] {
-            assert!(
-                !is_transient_status(StatusCode::from_u16(s).expect("status")),
-                "{s}"
-            );
-        }
+        assert!(provider_named("anthropic").is_none());
+        assert!(provider_named("").is_none());
     }
 
     async fn client_of(

@@ -9,10 +9,13 @@ use serde::{Deserialize, Serialize, ser::SerializeMap};
 use serde_json::{Map, Value};
 
 use super::{
-    client::{ChatAnswer, EmbeddingAnswer, LlmError, MAX_ERROR_TEXT, is_transient_status},
+    answer::{ChatAnswer, EmbeddingAnswer},
     provider::{Event, Provider},
 };
-use crate::contract::{Usage, request::Kind};
+use crate::{
+    contract::{Usage, request::Kind},
+    upstream::failure::{LlmError, MAX_ERROR_TEXT, is_transient_status},
+};
 
 /// The OpenAI-compatible provider.
 #[derive(Debug, Clone, Copy, Default)]

@@ -6,18 +6,15 @@
 //!
 //! A provider with another wire format (Anthropic's Messages API, for one) is one more
 //! module implementing [`Provider`], its name in [`crate::config::PROVIDERS`] and in
-//! [`for_name`]; `[upstreams.<name>].provider` picks it.
+//! [`super::client::provider_named`]; `[upstreams.<name>].provider` picks it.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Map, Value};
 
-use super::{
-    client::{ChatAnswer, EmbeddingAnswer, LlmError},
-    openai::OpenAi,
-};
-use crate::contract::request::Kind;
+use super::answer::{ChatAnswer, EmbeddingAnswer};
+use crate::{contract::request::Kind, upstream::failure::LlmError};
 
 /// What one event of a streamed answer carried, in llmq's terms.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,26 +74,4 @@ pub trait Provider: Send + Sync {
     /// One server-sent event's `data` read (an error the provider sends in the stream is
     /// classified here).
     fn stream_event(&self, data: &str) -> Result<Event, LlmError>;
-}
-
-/// The provider named `name` (one of [`crate::config::PROVIDERS`]), `None` for another.
-pub fn for_name(name: &str) -> Option<Arc<dyn Provider>> {
-    match name {
-        "openai" => Some(Arc::new(OpenAi)),
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_listed_provider_is_built_and_no_other() {
-        for name in crate::config::PROVIDERS {
-            assert!(for_name(name).is_some(), "{name}");
-        }
-        assert!(for_name("anthropic").is_none());
-        assert!(for_name("").is_none());
-    }
 }

@@ -12,7 +12,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use bytes::Bytes;
-use eventsource_stream::{EventStreamError, Eventsource};
+use eventsource_stream::Eventsource;
 use futures_util::{Stream, StreamExt};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
@@ -21,6 +21,7 @@ pub use super::client::StreamLimits;
 use super::{
     client::{ChatAnswer, LlmClient, LlmError, classify_reqwest, read_bounded},
     provider::{Event, Provider},
+    sse::{Cut, Lines, broken, unparseable},
 };
 use crate::contract::Usage;
 
@@ -29,11 +30,6 @@ use crate::contract::Usage;
 /// merged item by item.
 const MAX_CHOICES: u64 = 128;
 const MAX_LIST_ITEMS: usize = 256;
-/// Longest run of bytes without a newline: one event line (a chunk) is far shorter, and the
-/// parser scans its buffer again for every piece of a line that has not ended.
-const MAX_LINE: usize = 1 << 20;
-/// What is kept of the body's start, to read an error body sent as if it were a stream.
-const HEAD_BYTES: usize = 4096;
 
 /// Where the deltas of a streamed answer go, in the order they came.
 pub type Deltas = mpsc::UnboundedSender<Piece>;
@@ -281,12 +277,6 @@ fn carries(value: &Value) -> bool {
     }
 }
 
-fn unparseable(what: &str) -> LlmError {
-    LlmError::Permanent {
-        message: format!("unparseable upstream stream: {what}"),
-    }
-}
-
 /// Bytes a delta adds to the answer: its texts and keys, and a few for anything else.
 fn size_of(delta: &Map<String, Value>) -> usize {
     fn value(v: &Value) -> usize {
@@ -298,71 +288,6 @@ fn size_of(delta: &Map<String, Value>) -> usize {
         }
     }
     delta.iter().map(|(k, v)| k.len() + value(v)).sum()
-}
-
-/// Why the byte stream stopped.
-#[derive(Debug)]
-enum Cut {
-    /// The transport failed (classified already).
-    Failed(LlmError),
-    /// A line longer than [`MAX_LINE`].
-    LineTooLong,
-    /// Bytes that are not UTF-8 (the parser would hold back everything after them).
-    NotUtf8,
-}
-
-impl std::fmt::Display for Cut {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Cut::Failed(e) => e.fmt(f),
-            Cut::LineTooLong => write!(f, "a line of over {MAX_LINE} bytes"),
-            Cut::NotUtf8 => f.write_str("bytes that are not UTF-8"),
-        }
-    }
-}
-
-/// What the byte stream goes through before the parser: only whole lines are passed on
-/// (the parser scans its whole buffer again for every piece of an unfinished line, so a
-/// line cut into many pieces would cost its length squared), each line at most
-/// [`MAX_LINE`] bytes and valid UTF-8 (the parser would hold back everything after a bad
-/// byte); and the body's first bytes are kept.
-#[derive(Default)]
-struct Lines {
-    /// An unfinished line.
-    pending: Vec<u8>,
-    head: Vec<u8>,
-}
-
-impl Lines {
-    /// The whole lines that `chunk` completes (maybe none).
-    fn pass(&mut self, chunk: Bytes) -> Result<Bytes, Cut> {
-        if self.head.len() < HEAD_BYTES {
-            let room = HEAD_BYTES - self.head.len();
-            self.head.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        }
-        let whole = match chunk.iter().rposition(|b| *b == b'\n') {
-            None => {
-                self.pending.extend_from_slice(&chunk);
-                Bytes::new()
-            }
-            // The usual case: whole lines, nothing pending.
-            Some(at) if at + 1 == chunk.len() && self.pending.is_empty() => chunk,
-            Some(at) => {
-                let mut whole = std::mem::take(&mut self.pending);
-                whole.extend_from_slice(&chunk[..=at]);
-                self.pending.extend_from_slice(&chunk[at + 1..]);
-                Bytes::from(whole)
-            }
-        };
-        if self.pending.len() > MAX_LINE {
-            return Err(Cut::LineTooLong);
-        }
-        // Whole lines end in a newline, which no UTF-8 sequence straddles.
-        if std::str::from_utf8(&whole).is_err() {
-            return Err(Cut::NotUtf8);
-        }
-        Ok(whole)
-    }
 }
 
 /// Reads a stream of server-sent events to its end (`[DONE]`), handing each delta to
@@ -466,16 +391,24 @@ where
             break Err(e);
         }
     };
-    let (pieces, lasting) = (answer.pieces, answer.lasting);
-    match outcome.and_then(|()| answer.finish(requested)) {
-        // What would only happen again stays as it is.
-        Err(LlmError::Permanent { message }) if pieces > 0 && !lasting => Err(transient(
-            format!("after part of the answer: {message}"),
-            false,
-        )),
-        Err(e @ (LlmError::Transient { .. } | LlmError::Permanent { .. })) => Err(e),
-        Err(e) if pieces > 0 => Err(transient(format!("after part of the answer: {e}"), false)),
-        other => other,
+    answer.end(outcome, requested)
+}
+
+impl Assembly {
+    /// The stream's end: the whole answer, or its failure, which is transient once part of
+    /// the answer was handed on (unless it would only happen again).
+    fn end(self, outcome: Result<(), LlmError>, requested: &str) -> Result<ChatAnswer, LlmError> {
+        let (pieces, lasting) = (self.pieces, self.lasting);
+        match outcome.and_then(|()| self.finish(requested)) {
+            // What would only happen again stays as it is.
+            Err(LlmError::Permanent { message }) if pieces > 0 && !lasting => Err(transient(
+                format!("after part of the answer: {message}"),
+                false,
+            )),
+            Err(e @ (LlmError::Transient { .. } | LlmError::Permanent { .. })) => Err(e),
+            Err(e) if pieces > 0 => Err(transient(format!("after part of the answer: {e}"), false)),
+            other => other,
+        }
     }
 }
 
@@ -484,31 +417,6 @@ fn transient(message: String, throttle: bool) -> LlmError {
         message,
         retry_after: None,
         throttle,
-    }
-}
-
-/// A stream that broke off: a transport failure keeps its class; an answer over the size
-/// limit is permanent, as it is without streaming.
-fn broken(e: EventStreamError<Cut>) -> LlmError {
-    match e {
-        EventStreamError::Transport(Cut::Failed(e)) => match e {
-            LlmError::Transient {
-                message,
-                retry_after,
-                throttle,
-            } => LlmError::Transient {
-                message: format!("the stream broke off: {message}"),
-                retry_after,
-                throttle,
-            },
-            other => other,
-        },
-        EventStreamError::Transport(Cut::LineTooLong) => {
-            unparseable(&format!("a line of over {MAX_LINE} bytes"))
-        }
-        EventStreamError::Transport(Cut::NotUtf8) => unparseable("bytes that are not UTF-8"),
-        EventStreamError::Utf8(e) => unparseable(&format!("not UTF-8: {e}")),
-        EventStreamError::Parser(e) => unparseable(&format!("not server-sent events: {e}")),
     }
 }
 

@@ -34,6 +34,8 @@ use crate::{
     },
 };
 
+pub use super::route::{Route, Routed, Served};
+
 /// Most routing steps in one call (moves after quota, refusals and context errors): a
 /// bound against a cycle no configuration should make.
 const MAX_STEPS: usize = 64;
@@ -48,106 +50,6 @@ pub struct Router {
     /// consumers' prefetch follows.
     limit: watch::Receiver<usize>,
     cap: usize,
-}
-
-/// What one request's routing remembers from one attempt to the next.
-#[derive(Debug, Clone)]
-pub struct Route {
-    /// The model the request asked for (or the default).
-    pub requested: String,
-    /// The models to try, in order: the requested one and its fallbacks, or after a
-    /// context-length error, that model's context-window fallbacks.
-    models: Vec<String>,
-    /// The deployments this request's attempts failed on (a transient failure or a 429),
-    /// avoided while another can serve; when none is left, the backoff applies.
-    failed: Vec<usize>,
-    /// Models that answered this request with a context-length error: never tried again.
-    too_small: Vec<String>,
-    /// Whether a context-length error moves to `routing.context_window_fallbacks` (not for
-    /// a batch of several inputs, which is split instead, so one long input moves alone).
-    context_fallbacks: bool,
-    /// Unix ms since when none of the requested model's deployments could serve, for
-    /// `routing.fallback_after_secs` (carried across deliveries by the rate-limit header).
-    pub unavailable_since: Option<i64>,
-}
-
-impl Route {
-    /// A fresh route for `model`, with its fallbacks from `rules`.
-    pub fn new(model: &str, rules: &RoutingConfig) -> Self {
-        let mut models = vec![model.to_string()];
-        if let Some(fallbacks) = rules.fallbacks.get(model) {
-            models.extend(fallbacks.iter().filter(|m| *m != model).cloned());
-        }
-        Self {
-            requested: model.to_string(),
-            models,
-            failed: Vec::new(),
-            too_small: Vec::new(),
-            context_fallbacks: true,
-            unavailable_since: None,
-        }
-    }
-
-    /// The same route without context-window fallbacks.
-    pub fn without_context_fallbacks(self) -> Self {
-        Self {
-            context_fallbacks: false,
-            ..self
-        }
-    }
-
-    fn failed_on(&mut self, d: usize) {
-        if !self.failed.contains(&d) {
-            self.failed.push(d);
-        }
-    }
-}
-
-/// An answer, and who gave it.
-#[derive(Debug, Clone)]
-pub struct Served<T> {
-    /// The answer.
-    pub answer: T,
-    /// The deployment's name.
-    pub upstream: String,
-    /// The routing model that answered.
-    pub model: String,
-    /// The requested model, when a fallback answered.
-    pub fallback_from: Option<String>,
-}
-
-/// What became of a routed call.
-#[derive(Debug, Clone)]
-pub enum Routed<T> {
-    /// Answered.
-    Served(Served<T>),
-    /// A 429, or every deployment that could serve is cooling down or down: flow control,
-    /// not an attempt. `after`: how long until one can serve (`None`: now, elsewhere).
-    RateLimited {
-        /// The wait.
-        after: Option<Duration>,
-        /// What happened.
-        reason: String,
-    },
-    /// The call failed.
-    Failed {
-        /// How.
-        error: LlmError,
-        /// Another deployment can take the next attempt now.
-        elsewhere: bool,
-    },
-    /// No deployment will serve this request: an unknown model, or every one spent or
-    /// refusing.
-    Unroutable {
-        /// `invalid_request`, `quota_exhausted` or `upstream_permanent`.
-        kind: ErrorKind,
-        /// Why.
-        reason: String,
-    },
-    /// No slot came before the hand-off time.
-    Deferred,
-    /// Shutdown came first; nothing was called.
-    Stopped,
 }
 
 /// The choice for one step.
@@ -334,76 +236,12 @@ impl Router {
             if !matches!(answer, Err(LlmError::Transient { .. })) {
                 self.standing.succeeded(d, now);
             }
-            let error = match answer {
-                Ok(answer) => {
-                    if let Some(spent) = answer.spent_for() {
-                        self.standing.cool(d, &model, now + millis(spent), now);
-                    }
-                    let fallback_from = (model != route.requested).then(|| route.requested.clone());
-                    if let Some(from) = &fallback_from {
-                        self.metrics.fallback(from, &model);
-                    }
-                    return Routed::Served(Served {
-                        answer,
-                        upstream: deployment.name().to_string(),
-                        model,
-                        fallback_from,
-                    });
-                }
-                Err(e) => e,
+            let outcome = match answer {
+                Ok(answer) => Some(self.served(route, d, model, answer, now)),
+                Err(error) => self.failed(route, d, model, error, now, &mut last),
             };
-            match &error {
-                LlmError::RateLimited { retry_after, .. } => {
-                    if let Some(after) = retry_after {
-                        self.standing.cool(d, &model, now + millis(*after), now);
-                    }
-                    route.failed_on(d);
-                    let elsewhere = self.can_serve_now(route, now);
-                    return Routed::RateLimited {
-                        after: if elsewhere { None } else { *retry_after },
-                        reason: format!("{}: {error}", deployment.name()),
-                    };
-                }
-                LlmError::QuotaExhausted { .. } => {
-                    self.standing.spent(d, now);
-                    last = Some(format!("{}: {error}", deployment.name()));
-                }
-                LlmError::Refused { .. } => {
-                    self.standing.refused(d, &model, now);
-                    last = Some(format!("{}: {error}", deployment.name()));
-                }
-                LlmError::ContextLength { .. } => {
-                    route.too_small.push(model.clone());
-                    let next = self.rules.context_window_fallbacks.get(&model);
-                    let next: Vec<String> = next
-                        .into_iter()
-                        .flatten()
-                        .filter(|m| !route.too_small.contains(m))
-                        .cloned()
-                        .collect();
-                    if next.is_empty() || !route.context_fallbacks {
-                        return Routed::Failed {
-                            error,
-                            elsewhere: false,
-                        };
-                    }
-                    info!(%model, to = ?next, "context length exceeded; trying the context-window fallbacks");
-                    route.models = next;
-                    route.failed.clear();
-                }
-                LlmError::Transient { .. } => {
-                    // A timeout, a connection error or a 5xx: the deployment may be down.
-                    self.standing.failed(d, now);
-                    route.failed_on(d);
-                    let elsewhere = self.can_serve_now(route, now);
-                    return Routed::Failed { error, elsewhere };
-                }
-                LlmError::Permanent { .. } => {
-                    return Routed::Failed {
-                        error,
-                        elsewhere: false,
-                    };
-                }
+            if let Some(outcome) = outcome {
+                return outcome;
             }
         }
         warn!(model = %route.requested, "routing went round in circles; check routing.fallbacks");
@@ -413,6 +251,101 @@ impl Router {
                 "no deployment could serve {} after {MAX_STEPS} moves",
                 route.requested
             ),
+        }
+    }
+
+    /// An answer from deployment `d` for `model`: its spent budget cools the deployment
+    /// down; a fallback that answered is counted.
+    fn served<T: Answer>(
+        &self,
+        route: &Route,
+        d: usize,
+        model: String,
+        answer: T,
+        now: i64,
+    ) -> Routed<T> {
+        if let Some(spent) = answer.spent_for() {
+            self.standing.cool(d, &model, now + millis(spent), now);
+        }
+        let fallback_from = (model != route.requested).then(|| route.requested.clone());
+        if let Some(from) = &fallback_from {
+            self.metrics.fallback(from, &model);
+        }
+        Routed::Served(Served {
+            answer,
+            upstream: self.deployments[d].name().to_string(),
+            model,
+            fallback_from,
+        })
+    }
+
+    /// A failed call to deployment `d` for `model`: what it says of the deployment, and
+    /// either what becomes of the call or `None` to move on at once (a spent account and a
+    /// refusal leave their words in `last`; a context-length error moves `route` to the
+    /// context-window fallbacks).
+    fn failed<T>(
+        &self,
+        route: &mut Route,
+        d: usize,
+        model: String,
+        error: LlmError,
+        now: i64,
+        last: &mut Option<String>,
+    ) -> Option<Routed<T>> {
+        let name = self.deployments[d].name();
+        match &error {
+            LlmError::RateLimited { retry_after, .. } => {
+                if let Some(after) = retry_after {
+                    self.standing.cool(d, &model, now + millis(*after), now);
+                }
+                route.failed_on(d);
+                let elsewhere = self.can_serve_now(route, now);
+                Some(Routed::RateLimited {
+                    after: if elsewhere { None } else { *retry_after },
+                    reason: format!("{name}: {error}"),
+                })
+            }
+            LlmError::QuotaExhausted { .. } => {
+                self.standing.spent(d, now);
+                *last = Some(format!("{name}: {error}"));
+                None
+            }
+            LlmError::Refused { .. } => {
+                self.standing.refused(d, &model, now);
+                *last = Some(format!("{name}: {error}"));
+                None
+            }
+            LlmError::ContextLength { .. } => {
+                route.too_small.push(model.clone());
+                let next = self.rules.context_window_fallbacks.get(&model);
+                let next: Vec<String> = next
+                    .into_iter()
+                    .flatten()
+                    .filter(|m| !route.too_small.contains(m))
+                    .cloned()
+                    .collect();
+                if next.is_empty() || !route.context_fallbacks {
+                    return Some(Routed::Failed {
+                        error,
+                        elsewhere: false,
+                    });
+                }
+                info!(%model, to = ?next, "context length exceeded; trying the context-window fallbacks");
+                route.models = next;
+                route.failed.clear();
+                None
+            }
+            LlmError::Transient { .. } => {
+                // A timeout, a connection error or a 5xx: the deployment may be down.
+                self.standing.failed(d, now);
+                route.failed_on(d);
+                let elsewhere = self.can_serve_now(route, now);
+                Some(Routed::Failed { error, elsewhere })
+            }
+            LlmError::Permanent { .. } => Some(Routed::Failed {
+                error,
+                elsewhere: false,
+            }),
         }
     }
 
@@ -574,101 +507,6 @@ fn model_is_fallback(route: &Route) -> bool {
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)
-}
-
-/// One deployment's state, as `/upstreams` shows it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct UpstreamReport {
-    /// Its name.
-    pub name: String,
-    /// The routing models it serves (`*`: any).
-    pub models: Vec<String>,
-    /// Its weight.
-    pub weight: u32,
-    /// Calls to it running now in this replica.
-    pub in_flight: usize,
-    /// Calls waiting for a slot.
-    pub waiting: usize,
-    /// Its AIMD limit now.
-    pub limit: usize,
-    /// Its `max_inflight`.
-    pub max_inflight: usize,
-    /// The standing: breaker, failures, models it does not serve now.
-    #[serde(flatten)]
-    pub standing: crate::upstream::routing::standing::Report,
-}
-
-impl Router {
-    /// Every deployment's state at `now`.
-    pub fn report(&self, now: i64) -> Vec<UpstreamReport> {
-        self.deployments
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                let flow = d.flow();
-                let models = if d.spec().models.is_empty() {
-                    vec!["*".to_string()]
-                } else {
-                    d.spec().models.clone()
-                };
-                UpstreamReport {
-                    name: d.name().to_string(),
-                    models,
-                    weight: d.spec().weight,
-                    in_flight: flow.in_flight(),
-                    waiting: flow.waiting(),
-                    limit: flow.limit(),
-                    max_inflight: flow.max(),
-                    standing: self.standing.report(i, now),
-                }
-            })
-            .collect()
-    }
-
-    /// Sets the per-deployment gauges of `metrics` (at scrape time).
-    pub fn export(&self, metrics: &Metrics, now: i64) {
-        for r in self.report(now) {
-            let label = Metrics::upstream(&r.name);
-            let set = |family: &prometheus_client::metrics::family::Family<
-                _,
-                prometheus_client::metrics::gauge::Gauge,
-            >,
-                       v: i64| {
-                family.get_or_create(&label).set(v);
-            };
-            set(&metrics.upstream_in_flight, r.in_flight as i64);
-            set(&metrics.upstream_limit, r.limit as i64);
-            set(
-                &metrics.upstream_cooling,
-                r.standing.unavailable.len() as i64,
-            );
-            let breaker = match r.standing.breaker {
-                "open" => 1,
-                "half_open" => 2,
-                _ => 0,
-            };
-            set(&metrics.upstream_breaker, breaker);
-        }
-    }
-}
-
-impl<T> Routed<T> {
-    /// The same outcome with the answer mapped.
-    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Routed<U> {
-        match self {
-            Routed::Served(s) => Routed::Served(Served {
-                answer: f(s.answer),
-                upstream: s.upstream,
-                model: s.model,
-                fallback_from: s.fallback_from,
-            }),
-            Routed::RateLimited { after, reason } => Routed::RateLimited { after, reason },
-            Routed::Failed { error, elsewhere } => Routed::Failed { error, elsewhere },
-            Routed::Unroutable { kind, reason } => Routed::Unroutable { kind, reason },
-            Routed::Deferred => Routed::Deferred,
-            Routed::Stopped => Routed::Stopped,
-        }
-    }
 }
 
 /// A router over `deployments` with default rules and no shared state, for tests.
