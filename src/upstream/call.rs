@@ -12,7 +12,6 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::{Config, RequestPolicy},
     contract::{
-        ErrorKind,
         request::{Call, Job, Kind},
         response::JobResult,
     },
@@ -20,6 +19,7 @@ use crate::{
     store::redis_conn::LazyConnection,
     upstream::{
         batch::Batcher,
+        failure::{Failure, Retry},
         flow::ratelimit::{Budget, REDIS_TIMEOUT},
         flow::share::{NotEntered, Shares},
         flow::{
@@ -27,7 +27,7 @@ use crate::{
             limit::Flow,
         },
         http::{
-            client::{ChatAnswer, EmbeddingAnswer, LlmError},
+            client::{ChatAnswer, EmbeddingAnswer},
             stream::Deltas,
         },
         routing::deployment::Deployment,
@@ -36,38 +36,26 @@ use crate::{
     },
 };
 
-/// What became of one attempt.
+/// What became of one attempt. A failure is carried as it was classified where it
+/// happened ([`Failure`]): its kind, labels and words are read from it, not derived again.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// The upstream answered; this is the result.
     Done(Box<JobResult>),
-    /// A transient failure: another attempt may succeed, not before `after` if the upstream
-    /// said so.
+    /// A transient failure: another attempt may succeed, not before its `retry_after` if
+    /// the upstream said so; a throttle if the upstream pushed back (a timeout).
     Retry {
-        /// The upstream's `Retry-After`.
-        after: Option<std::time::Duration>,
         /// What failed.
-        reason: String,
-        /// The upstream pushed back (a timeout).
-        throttle: bool,
+        failure: Failure,
         /// Another deployment can take the next attempt now: no backoff.
         elsewhere: bool,
     },
     /// A 429, or every deployment that can serve is cooling down or down: flow control, not
-    /// an attempt. Bounded in time by `retry.max_rate_limited_secs`.
-    RateLimited {
-        /// How long until a deployment can serve; `None`: now.
-        after: Option<std::time::Duration>,
-        /// What happened.
-        reason: String,
-    },
-    /// Will never succeed.
-    Failed {
-        /// Why, for the dead letter and the error result.
-        kind: ErrorKind,
-        /// What happened.
-        reason: String,
-    },
+    /// an attempt. Bounded in time by `retry.max_rate_limited_secs`; its `retry_after`: how
+    /// long until a deployment can serve (`None`: now).
+    RateLimited(Failure),
+    /// Will never succeed: dead-lettered as its [`Failure::kind`].
+    Failed(Failure),
     /// No call was made: the delivery waited (for a slot, a `Retry-After` pause or the
     /// budget) until half of `amqp.consumer_timeout_secs` since it was received. It goes to
     /// the retry queue so that the broker does not close the channel under it; this is not
@@ -79,62 +67,44 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The outcome of a failed call, classified once where the failure happened.
-    fn from_error(e: LlmError, elsewhere: bool) -> Self {
-        match e {
-            LlmError::Transient {
-                retry_after,
-                throttle,
-                ..
-            } => Outcome::Retry {
-                after: retry_after,
-                throttle,
-                elsewhere,
-                reason: e.to_string(),
-            },
-            LlmError::RateLimited { retry_after, .. } => Outcome::RateLimited {
-                after: retry_after,
-                reason: e.to_string(),
-            },
-            LlmError::QuotaExhausted { .. } => Outcome::Failed {
-                kind: ErrorKind::QuotaExhausted,
-                reason: e.to_string(),
-            },
-            LlmError::ContextLength { .. }
-            | LlmError::Refused { .. }
-            | LlmError::Permanent { .. } => Outcome::Failed {
-                kind: ErrorKind::UpstreamPermanent,
-                reason: e.to_string(),
-            },
+    /// The outcome of a failure, by its retry class.
+    pub fn of_failure(failure: Failure, elsewhere: bool) -> Self {
+        match failure.retry() {
+            Retry::Transient | Retry::Throttle => Outcome::Retry { failure, elsewhere },
+            Retry::RateLimited => Outcome::RateLimited(failure),
+            Retry::Permanent => Outcome::Failed(failure),
         }
     }
 
     /// The outcome of a routed call that produced no answer.
     fn from_routed<T>(routed: Routed<T>) -> Option<Self> {
         Some(match routed {
-            Routed::Served(_) => return None,
-            Routed::RateLimited { after, reason } => Outcome::RateLimited { after, reason },
-            Routed::Failed { error, elsewhere } => Outcome::from_error(error, elsewhere),
-            Routed::Unroutable { kind, reason } => Outcome::Failed { kind, reason },
-            Routed::Deferred | Routed::Stopped => return None,
+            Routed::Served(_) | Routed::Deferred | Routed::Stopped => return None,
+            Routed::RateLimited(failure) => Outcome::RateLimited(failure),
+            Routed::Failed { failure, elsewhere } => Outcome::of_failure(failure, elsewhere),
+            Routed::Unroutable(failure) => Outcome::Failed(failure),
         })
     }
 
     /// Whether it counts as an upstream attempt: rate limits and deferrals do not (they are
     /// bounded in time instead).
     pub fn called_upstream(&self) -> bool {
-        !matches!(self, Outcome::Deferred { .. } | Outcome::RateLimited { .. })
+        !matches!(self, Outcome::Deferred { .. } | Outcome::RateLimited(_))
+    }
+
+    /// The failure, if it is one.
+    pub fn failure(&self) -> Option<&Failure> {
+        match self {
+            Outcome::Retry { failure, .. }
+            | Outcome::RateLimited(failure)
+            | Outcome::Failed(failure) => Some(failure),
+            Outcome::Done(_) | Outcome::Deferred { .. } => None,
+        }
     }
 
     /// The `error_kind` label of a failed attempt, `None` for an answer or no call.
     pub fn failure_label(&self) -> Option<&'static str> {
-        match self {
-            Outcome::Done(_) | Outcome::Deferred { .. } => None,
-            Outcome::RateLimited { .. } => Some("rate_limited"),
-            Outcome::Retry { throttle: true, .. } => Some("throttled"),
-            Outcome::Retry { .. } => Some("transient"),
-            Outcome::Failed { kind, .. } => Some(kind.as_str()),
-        }
+        self.failure().map(Failure::label)
     }
 }
 

@@ -1,104 +1,294 @@
-//! A failed upstream call, classified once where it happens: by the HTTP client (the
-//! transport), its provider (an answer's status and error body, a stream's error event)
-//! or the router (no deployment can serve).
+//! One classification of failure. A failure is classified once, where it happens: by the
+//! HTTP client (a timeout, a broken connection: [`Failure::of_transport`]), by the rules
+//! below for an answer's status and what its error body said (each provider reads its own
+//! body format, then [`Failure::of_answer`] applies the same rules), or by the router and
+//! the worker for their own refusals ([`Failure::llmq`]). Everything else is read from the
+//! [`Failure`]: the retry decision ([`Failure::retry`]), the dead letter's
+//! [`ErrorKind`] ([`Failure::kind`]), the metric labels ([`Failure::call_label`],
+//! [`Failure::label`]) and the words it is logged and reported with ([`Failure::reason`]).
+//!
+//! A new class is one variant of [`Class`] and its arms here; a new rule is one line of
+//! [`Failure::of_answer`] and its test.
 
-use std::time::Duration;
+use std::{fmt, time::Duration};
 
 use reqwest::StatusCode;
+
+use crate::contract::ErrorKind;
 
 /// Longest error text kept from an upstream answer.
 pub const MAX_ERROR_TEXT: usize = 1024;
 
-/// A failed upstream call, classified.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum LlmError {
-    /// Worth retrying later: 408, 409, 5xx, a timeout, a connection error.
-    #[error("transient upstream failure: {message}")]
-    Transient {
-        /// What happened.
-        message: String,
-        /// The upstream's `Retry-After`, if it gave one.
-        retry_after: Option<Duration>,
-        /// The upstream pushed back (a timeout): the concurrency limit should drop.
-        throttle: bool,
-    },
-    /// A 429 that is not a spent account: flow control, not a failure of the request.
-    #[error("rate limited: {message}")]
-    RateLimited {
-        /// What happened.
-        message: String,
-        /// When to come back, if the upstream said (`Retry-After`, `retry-after-ms`, or the
-        /// reset of an exhausted `x-ratelimit-*` budget). Without it, only the concurrency
-        /// limit drops.
-        retry_after: Option<Duration>,
-    },
+/// What kind of failure it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Worth retrying later: 408, 409, 5xx, a connection error, a broken stream.
+    Transient,
+    /// A timeout: the upstream pushed back, so the concurrency limit drops; retried.
+    Throttle,
+    /// A 429 that is not a spent account, or every deployment that can serve cooling down
+    /// or down: flow control, not a failure of the request.
+    RateLimited,
     /// A 429 whose error type or code is `insufficient_quota`: the account is spent.
-    #[error("quota exhausted: {message}")]
-    QuotaExhausted {
-        /// What happened.
-        message: String,
-    },
+    Quota,
     /// The prompt is longer than the model's context window.
-    #[error("context length exceeded: {message}")]
-    ContextLength {
-        /// What happened.
-        message: String,
-    },
+    ContextLength,
     /// 401, 403 or 404: this deployment cannot serve this model (a bad key, no access, a
     /// model it does not have); another deployment may.
-    #[error("refused by the deployment: {message}")]
-    Refused {
-        /// What happened.
-        message: String,
-    },
-    /// Will fail the same way every time.
-    #[error("permanent upstream failure: {message}")]
-    Permanent {
-        /// What happened.
-        message: String,
-    },
+    Refused,
+    /// Will fail the same way every time: another 4xx, an answer that does not parse or is
+    /// too large.
+    Permanent,
+    /// Ended by llmq for a reason of the given kind (a model no deployment serves, a
+    /// deadline passed, a panic): never retried.
+    Ended(ErrorKind),
 }
 
-impl LlmError {
-    /// Whether the upstream pushed back (a 429 or a timeout).
-    pub fn is_throttle(&self) -> bool {
-        matches!(
-            self,
-            LlmError::Transient { throttle: true, .. } | LlmError::RateLimited { .. }
-        )
+/// What the worker does with a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Another attempt, after a backoff.
+    Transient,
+    /// Another attempt, after a backoff; the upstream pushed back.
+    Throttle,
+    /// Flow control: wait (not an attempt), bounded by `retry.max_rate_limited_secs`.
+    RateLimited,
+    /// Never: dead-letter it now.
+    Permanent,
+}
+
+impl Class {
+    /// The words a failure of this class begins with when an upstream answered it.
+    fn words(self) -> &'static str {
+        match self {
+            Class::Transient | Class::Throttle => "transient upstream failure",
+            Class::RateLimited => "rate limited",
+            Class::Quota => "quota exhausted",
+            Class::ContextLength => "context length exceeded",
+            Class::Refused => "refused by the deployment",
+            Class::Permanent | Class::Ended(_) => "permanent upstream failure",
+        }
+    }
+}
+
+/// A failed call, classified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// What kind of failure.
+    pub class: Class,
+    /// When to come back, if the upstream said (`Retry-After`, `retry-after-ms`, the reset
+    /// of an exhausted `x-ratelimit-*` budget) or the router knows (a cooldown's end).
+    pub retry_after: Option<Duration>,
+    /// What happened, whole: for the logs, the error result and the dead letter.
+    reason: String,
+    /// Where in `reason` what happened starts, after the class's words.
+    said_at: usize,
+}
+
+impl Failure {
+    /// A failure of an upstream call: `message` after its class's words.
+    pub fn upstream(class: Class, message: impl fmt::Display) -> Self {
+        let words = class.words();
+        Self {
+            class,
+            retry_after: None,
+            reason: format!("{words}: {message}"),
+            said_at: words.len() + 2,
+        }
     }
 
-    /// When the upstream said to come back, if it did.
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            LlmError::Transient { retry_after, .. } | LlmError::RateLimited { retry_after, .. } => {
-                *retry_after
+    /// A failure llmq itself decided (the router's, the worker's): `reason` as it is.
+    pub fn llmq(class: Class, reason: impl Into<String>) -> Self {
+        Self {
+            class,
+            retry_after: None,
+            reason: reason.into(),
+            said_at: 0,
+        }
+    }
+
+    /// A transient failure of an upstream call.
+    pub fn transient(message: impl fmt::Display) -> Self {
+        Self::upstream(Class::Transient, message)
+    }
+
+    /// A permanent failure of an upstream call.
+    pub fn permanent(message: impl fmt::Display) -> Self {
+        Self::upstream(Class::Permanent, message)
+    }
+
+    /// The same failure, to come back after `after`.
+    pub fn after(self, after: Option<Duration>) -> Self {
+        Self {
+            retry_after: after,
+            ..self
+        }
+    }
+
+    /// The same failure, said of the deployment `name`.
+    pub fn at(self, name: &str) -> Self {
+        Self {
+            reason: format!("{name}: {}", self.reason),
+            said_at: 0,
+            ..self
+        }
+    }
+
+    /// What happened, whole.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// What happened, without the class's words.
+    pub fn message(&self) -> &str {
+        &self.reason[self.said_at..]
+    }
+
+    /// What the worker does with it.
+    pub fn retry(&self) -> Retry {
+        match self.class {
+            Class::Transient => Retry::Transient,
+            Class::Throttle => Retry::Throttle,
+            Class::RateLimited => Retry::RateLimited,
+            Class::Quota
+            | Class::ContextLength
+            | Class::Refused
+            | Class::Permanent
+            | Class::Ended(_) => Retry::Permanent,
+        }
+    }
+
+    /// The kind of the dead letter and error result when it ends the request: now for a
+    /// permanent failure, once the attempts or the rate-limited time run out for the others.
+    pub fn kind(&self) -> ErrorKind {
+        match self.class {
+            Class::Transient | Class::Throttle => ErrorKind::RetriesExhausted,
+            Class::RateLimited => ErrorKind::RateLimited,
+            Class::Quota => ErrorKind::QuotaExhausted,
+            Class::ContextLength | Class::Refused | Class::Permanent => {
+                ErrorKind::UpstreamPermanent
             }
-            _ => None,
+            Class::Ended(kind) => kind,
         }
     }
 
-    /// The outcome label of `llmq_upstream_calls_total`.
-    pub fn label(&self) -> &'static str {
-        match self {
-            LlmError::Transient { .. } => "transient",
-            LlmError::RateLimited { .. } => "rate_limited",
-            LlmError::QuotaExhausted { .. } => "quota",
-            LlmError::ContextLength { .. } => "context_length",
-            LlmError::Refused { .. } => "auth",
-            LlmError::Permanent { .. } => "permanent",
+    /// Whether the upstream pushed back (a 429 or a timeout): the concurrency limit drops.
+    pub fn is_throttle(&self) -> bool {
+        matches!(self.class, Class::Throttle | Class::RateLimited)
+    }
+
+    /// The `outcome` label of `llmq_upstream_calls_total` for a call that failed so.
+    pub fn call_label(&self) -> &'static str {
+        match self.class {
+            Class::Transient | Class::Throttle => "transient",
+            Class::RateLimited => "rate_limited",
+            Class::Quota => "quota",
+            Class::ContextLength => "context_length",
+            Class::Refused => "auth",
+            Class::Permanent => "permanent",
+            Class::Ended(kind) => kind.as_str(),
         }
     }
+
+    /// The `error_kind` label of `llmq_failures_total` for an attempt that failed so.
+    pub fn label(&self) -> &'static str {
+        match self.retry() {
+            Retry::Transient => "transient",
+            Retry::Throttle => "throttled",
+            Retry::RateLimited => "rate_limited",
+            Retry::Permanent => self.kind().as_str(),
+        }
+    }
+
+    /// The rules for a failed answer: its `status`, and what its error body said, as its
+    /// provider read it (`kind` and `code`, lowercase; `text`, the body's text, at most
+    /// [`MAX_ERROR_TEXT`] bytes and scrubbed of secrets).
+    pub fn of_answer(
+        status: StatusCode,
+        kind: &str,
+        code: &str,
+        text: &str,
+        retry_after: Option<Duration>,
+    ) -> Self {
+        let said = |what: &str| kind == what || code == what;
+        let class = match status.as_u16() {
+            429 if said("insufficient_quota") => Class::Quota,
+            429 => Class::RateLimited,
+            _ if said("context_length_exceeded") => Class::ContextLength,
+            400 | 413 | 422 if says_context_length(&text.to_ascii_lowercase()) => {
+                Class::ContextLength
+            }
+            401 | 403 | 404 => Class::Refused,
+            _ if is_transient_status(status) => Class::Transient,
+            _ => Class::Permanent,
+        };
+        let failure = Self::upstream(class, format_args!("HTTP {status}: {text}"));
+        match class {
+            Class::RateLimited | Class::Transient => failure.after(retry_after),
+            _ => failure,
+        }
+    }
+
+    /// A call that got no answer: a timeout is pushback; a refused or reset connection,
+    /// a broken body, any other transport error is transient. The URL is left out, as it
+    /// may carry credentials.
+    pub fn of_transport(e: &reqwest::Error) -> Self {
+        let what = if e.is_timeout() {
+            "timed out"
+        } else if e.is_connect() {
+            "connection failed"
+        } else {
+            "request failed"
+        };
+        let mut message = what.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        let class = match e.is_timeout() {
+            true => Class::Throttle,
+            false => Class::Transient,
+        };
+        Self::upstream(class, message)
+    }
 }
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for Failure {}
 
 /// 429, 408, 409 and 5xx may succeed later; every other failure status will not.
 pub fn is_transient_status(status: StatusCode) -> bool {
     matches!(status.as_u16(), 408 | 409 | 429) || status.is_server_error()
 }
 
+/// Whether an error text says the prompt is over the context window (vLLM, Ollama and
+/// LiteLLM word it differently from OpenAI's code).
+fn says_context_length(lower: &str) -> bool {
+    [
+        "context length",
+        "context window",
+        "maximum context",
+        "context_length",
+    ]
+    .iter()
+    .any(|p| lower.contains(p))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn answer(status: u16, kind: &str, code: &str, text: &str) -> Failure {
+        let status = StatusCode::from_u16(status).expect("status");
+        Failure::of_answer(status, kind, code, text, Some(Duration::from_secs(7)))
+    }
 
     #[test]
     fn status_classes() {
@@ -114,5 +304,175 @@ mod tests {
                 "{s}"
             );
         }
+    }
+
+    #[test]
+    fn a_server_error_is_transient_and_keeps_its_retry_after() {
+        for status in [500, 503, 408, 409] {
+            let f = answer(status, "", "", "busy");
+            assert_eq!(f.class, Class::Transient, "{status}");
+            assert_eq!(f.retry_after, Some(Duration::from_secs(7)));
+        }
+        let f = answer(503, "", "", "busy");
+        assert_eq!(
+            f.reason(),
+            "transient upstream failure: HTTP 503 Service Unavailable: busy"
+        );
+        assert_eq!(f.message(), "HTTP 503 Service Unavailable: busy");
+    }
+
+    #[test]
+    fn a_429_is_a_rate_limit_unless_the_quota_is_spent() {
+        let limited = answer(429, "rate_limit_error", "", "slow down");
+        assert_eq!(limited.class, Class::RateLimited);
+        assert_eq!(limited.retry_after, Some(Duration::from_secs(7)));
+        for (kind, code) in [("insufficient_quota", ""), ("", "insufficient_quota")] {
+            let spent = answer(429, kind, code, "x");
+            assert_eq!(spent.class, Class::Quota);
+            assert_eq!(spent.retry_after, None, "a spent account is not waited for");
+        }
+    }
+
+    #[test]
+    fn the_context_length_by_code_or_by_words() {
+        let by_code = answer(400, "", "context_length_exceeded", "too long");
+        assert_eq!(by_code.class, Class::ContextLength);
+        for status in [400, 413, 422] {
+            let by_words = answer(
+                status,
+                "",
+                "",
+                "This model's Maximum Context length is 4096",
+            );
+            assert_eq!(by_words.class, Class::ContextLength, "{status}");
+        }
+        assert_eq!(
+            answer(500, "", "", "maximum context").class,
+            Class::Transient,
+            "words count on a 4xx only"
+        );
+    }
+
+    #[test]
+    fn a_refusal_is_401_403_or_404_and_other_4xx_are_permanent() {
+        for status in [401, 403, 404] {
+            assert_eq!(answer(status, "", "", "").class, Class::Refused, "{status}");
+        }
+        for status in [400, 413, 422] {
+            let f = answer(status, "", "", "bad temperature");
+            assert_eq!(f.class, Class::Permanent, "{status}");
+            assert_eq!(f.retry_after, None);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_timeout_is_pushback_and_a_refused_connection_transient() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
+        let silent = format!("http://{}/", listener.local_addr().expect("address"));
+        crate::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(200))
+            .build()
+            .expect("a client");
+        let timed_out = http.get(&silent).send().await.expect_err("no answer");
+        let f = Failure::of_transport(&timed_out);
+        assert_eq!(f.class, Class::Throttle);
+        assert!(
+            f.reason()
+                .starts_with("transient upstream failure: timed out"),
+            "{f}"
+        );
+        drop(listener);
+        let refused = http.get(&silent).send().await.expect_err("nothing listens");
+        assert_eq!(Failure::of_transport(&refused).class, Class::Transient);
+    }
+
+    #[test]
+    fn every_class_yields_its_decision_kind_and_labels() {
+        let cases = [
+            (
+                Class::Transient,
+                Retry::Transient,
+                ErrorKind::RetriesExhausted,
+                "transient",
+                "transient",
+            ),
+            (
+                Class::Throttle,
+                Retry::Throttle,
+                ErrorKind::RetriesExhausted,
+                "transient",
+                "throttled",
+            ),
+            (
+                Class::RateLimited,
+                Retry::RateLimited,
+                ErrorKind::RateLimited,
+                "rate_limited",
+                "rate_limited",
+            ),
+            (
+                Class::Quota,
+                Retry::Permanent,
+                ErrorKind::QuotaExhausted,
+                "quota",
+                "quota_exhausted",
+            ),
+            (
+                Class::ContextLength,
+                Retry::Permanent,
+                ErrorKind::UpstreamPermanent,
+                "context_length",
+                "upstream_permanent",
+            ),
+            (
+                Class::Refused,
+                Retry::Permanent,
+                ErrorKind::UpstreamPermanent,
+                "auth",
+                "upstream_permanent",
+            ),
+            (
+                Class::Permanent,
+                Retry::Permanent,
+                ErrorKind::UpstreamPermanent,
+                "permanent",
+                "upstream_permanent",
+            ),
+            (
+                Class::Ended(ErrorKind::InvalidRequest),
+                Retry::Permanent,
+                ErrorKind::InvalidRequest,
+                "invalid_request",
+                "invalid_request",
+            ),
+        ];
+        for (class, retry, kind, call, label) in cases {
+            let f = Failure::upstream(class, "x");
+            assert_eq!(
+                (f.retry(), f.kind(), f.call_label(), f.label()),
+                (retry, kind, call, label),
+                "{class:?}"
+            );
+        }
+        assert!(Failure::upstream(Class::Throttle, "x").is_throttle());
+        assert!(Failure::upstream(Class::RateLimited, "x").is_throttle());
+        assert!(!Failure::transient("x").is_throttle());
+    }
+
+    #[test]
+    fn llmq_words_stay_as_they_are() {
+        let f = Failure::llmq(
+            Class::Ended(ErrorKind::InvalidRequest),
+            "no upstream serves",
+        );
+        assert_eq!(
+            (f.reason(), f.message()),
+            ("no upstream serves", "no upstream serves")
+        );
+        let at = Failure::upstream(Class::RateLimited, "HTTP 429").at("a");
+        assert_eq!(at.reason(), "a: rate limited: HTTP 429");
     }
 }

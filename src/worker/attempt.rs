@@ -23,6 +23,7 @@ use crate::{
     runtime::clock::{unix_now, unix_now_ms},
     upstream::{
         call::{Attempt as UpstreamAttempt, Outcome},
+        failure::{Class, Failure},
         routing::router::Route,
     },
 };
@@ -97,10 +98,10 @@ impl Attempt<'_> {
                 }
                 outcome = &mut call => break match outcome {
                     Ok(outcome) => outcome,
-                    Err(_) => Some(Outcome::Failed {
-                        kind: ErrorKind::InternalError,
-                        reason: "the worker panicked while processing this request".into(),
-                    }),
+                    Err(_) => Some(Outcome::Failed(Failure::llmq(
+                        Class::Ended(ErrorKind::InternalError),
+                        "the worker panicked while processing this request",
+                    ))),
                 },
                 // The wait for a slot or a budget can outlast the lease (up to half the
                 // consumer timeout): keep it.

@@ -16,8 +16,9 @@ use tokio::{
 use crate::{
     contract::{Usage, request::Kind},
     upstream::{
+        failure::{Class, Failure},
         flow::admission::Admission,
-        http::client::{EmbeddingAnswer, LlmError},
+        http::client::EmbeddingAnswer,
         routing::router::{Routed, Router, Served},
     },
 };
@@ -83,11 +84,7 @@ impl Batcher {
             reply,
         };
         let gone = || Routed::Failed {
-            error: LlmError::Transient {
-                message: "the embedding batcher stopped".into(),
-                retry_after: None,
-                throttle: false,
-            },
+            failure: Failure::transient("the embedding batcher stopped"),
             elsewhere: false,
         };
         if self.tx.send(item).await.is_err() {
@@ -247,10 +244,10 @@ async fn send(up: Arc<Router>, items: Vec<Item>) {
                 }));
             }
         }
-        Routed::Failed {
-            error: LlmError::Permanent { .. } | LlmError::ContextLength { .. },
-            ..
-        } if items.len() > 1 => {
+        Routed::Failed { failure, .. }
+            if matches!(failure.class, Class::Permanent | Class::ContextLength)
+                && items.len() > 1 =>
+        {
             // Someone's input spoiled the batch: each request on its own, so only that one
             // fails.
             let singles = still_wanted(items).into_iter().map(|item| {

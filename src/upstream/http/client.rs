@@ -3,15 +3,10 @@
 //! [`Provider`]'s (the OpenAI-compatible one by default: OpenAI, vLLM, Ollama, LiteLLM,
 //! the mock).
 //!
-//! Every failure is classified once, where it happens (the transport here, an answer's
-//! status and error body by the provider):
-//! - [`LlmError::RateLimited`]: a 429 (not a spent account), with when to come back
-//!   (`Retry-After`, `retry-after-ms` or the `x-ratelimit-reset-*` of an exhausted budget);
-//! - [`LlmError::QuotaExhausted`]: a 429 whose error type or code is `insufficient_quota`;
-//! - [`LlmError::ContextLength`]: `context_length_exceeded`, or a 400 whose message says so;
-//! - [`LlmError::Refused`]: 401, 403 and 404 (a key or a model this deployment lacks);
-//! - [`LlmError::Transient`]: 408, 409, 5xx, timeouts, connection errors;
-//! - [`LlmError::Permanent`]: other 4xx, answers that do not parse.
+//! Every failure is classified once, where it happens ([`crate::upstream::failure`]): the
+//! transport's here, an answer's by the rules there, from what its provider read of its
+//! status and error body; a 429 comes back with when to come back (`Retry-After`,
+//! `retry-after-ms` or the `x-ratelimit-reset-*` of an exhausted budget).
 //!
 //! Which deployment or model to try next for each is decided by [`crate::upstream::routing::router`].
 
@@ -26,7 +21,7 @@ use serde_json::{Map, Value};
 
 pub use super::answer::{ChatAnswer, EmbeddingAnswer};
 use super::{openai::OpenAi, provider::Provider};
-pub use crate::upstream::failure::{LlmError, is_transient_status};
+use crate::upstream::failure::Failure;
 use crate::{
     config::{Secret, UpstreamConfig},
     contract::request::Kind,
@@ -162,7 +157,7 @@ impl LlmClient {
         model: &str,
         messages: &[Value],
         params: &Map<String, Value>,
-    ) -> Result<ChatAnswer, LlmError> {
+    ) -> Result<ChatAnswer, Failure> {
         let body = self.provider.chat_body(model, messages, params, false)?;
         let (answer, spent_for) = self.post(&self.chat_url, body).await?;
         let mut answer = self.provider.chat_answer(&answer, model)?;
@@ -176,7 +171,7 @@ impl LlmClient {
         model: &str,
         input: &[String],
         params: &Map<String, Value>,
-    ) -> Result<EmbeddingAnswer, LlmError> {
+    ) -> Result<EmbeddingAnswer, Failure> {
         let body = self.provider.embedding_body(model, input, params)?;
         let (answer, spent_for) = self.post(&self.embeddings_url, body).await?;
         let mut answer = self
@@ -208,13 +203,11 @@ impl Default for StreamLimits {
 }
 
 /// An answer longer than `llm.max_response_bytes` (`limit`): it would be again.
-pub(crate) fn too_large(limit: usize) -> LlmError {
-    LlmError::Permanent {
-        message: format!(
-            "upstream answer larger than llm.max_response_bytes ({limit} bytes); not read \
+pub(crate) fn too_large(limit: usize) -> Failure {
+    Failure::permanent(format!(
+        "upstream answer larger than llm.max_response_bytes ({limit} bytes); not read \
              further"
-        ),
-    }
+    ))
 }
 
 impl LlmClient {
@@ -225,15 +218,18 @@ impl LlmClient {
         &self,
         url: &Endpoint,
         body: Vec<u8>,
-    ) -> Result<(Vec<u8>, Option<Duration>), LlmError> {
+    ) -> Result<(Vec<u8>, Option<Duration>), Failure> {
         let (resp, spent_for) = self.send(url, body, None).await?;
         Ok((self.read_whole(resp).await?, spent_for))
     }
 
     /// A successful answer's body read whole, refused beyond `llm.max_response_bytes`.
-    pub(super) async fn read_whole(&self, resp: reqwest::Response) -> Result<Vec<u8>, LlmError> {
+    pub(super) async fn read_whole(&self, resp: reqwest::Response) -> Result<Vec<u8>, Failure> {
         let limit = self.max_response_bytes;
-        match read_bounded(resp, limit).await.map_err(classify_reqwest)? {
+        match read_bounded(resp, limit)
+            .await
+            .map_err(|e| Failure::of_transport(&e))?
+        {
             (_, true) => Err(too_large(limit)),
             (bytes, false) => Ok(bytes),
         }
@@ -247,7 +243,7 @@ impl LlmClient {
         url: &Endpoint,
         body: Vec<u8>,
         timeout: Option<Duration>,
-    ) -> Result<(reqwest::Response, Option<Duration>), LlmError> {
+    ) -> Result<(reqwest::Response, Option<Duration>), Failure> {
         let req = match url {
             Endpoint::Parsed(url) => self.http.post(url.clone()),
             Endpoint::Unparsed(url) => self.http.post(url.as_str()),
@@ -270,7 +266,7 @@ impl LlmClient {
         if let Some(timeout) = timeout {
             req = req.timeout(timeout);
         }
-        let resp = req.send().await.map_err(classify_reqwest)?;
+        let resp = req.send().await.map_err(|e| Failure::of_transport(&e))?;
         let status = resp.status();
         let spent_for = spent_for(resp.headers());
         if status.is_success() {
@@ -278,7 +274,9 @@ impl LlmClient {
         }
         let retry_after = retry_after(resp.headers()).or(spent_for);
         let limit = MAX_ERROR_BODY.min(self.max_response_bytes);
-        let (bytes, _) = read_bounded(resp, limit).await.map_err(classify_reqwest)?;
+        let (bytes, _) = read_bounded(resp, limit)
+            .await
+            .map_err(|e| Failure::of_transport(&e))?;
         Err(self.provider.failure(status, &bytes, retry_after))
     }
 }
@@ -364,30 +362,6 @@ pub(super) async fn read_bounded(
     Ok((body, false))
 }
 
-pub(super) fn classify_reqwest(e: reqwest::Error) -> LlmError {
-    // Timeouts, refused or reset connections and broken bodies are all worth a retry; the
-    // URL is left out because it may carry credentials.
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else {
-        "request failed"
-    };
-    let mut message = kind.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    LlmError::Transient {
-        message,
-        retry_after: None,
-        throttle: e.is_timeout(),
-    }
-}
-
 /// `Retry-After` as seconds or as an HTTP date.
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
@@ -406,6 +380,7 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::failure::Class;
 
     #[test]
     fn every_listed_provider_is_built_and_no_other() {
@@ -471,11 +446,17 @@ mod tests {
         )
         .await
         .expect("cut off, not read to the end");
-        let Err(LlmError::Permanent { message }) = answer else {
+        let Err(
+            failure @ Failure {
+                class: Class::Permanent,
+                ..
+            },
+        ) = answer
+        else {
             panic!("a permanent failure: {answer:?}");
         };
         assert_eq!(
-            message,
+            failure.message(),
             "upstream answer larger than llm.max_response_bytes (65536 bytes); not read further"
         );
     }
@@ -545,7 +526,7 @@ mod tests {
         let refused = LlmClient::new(&bare, 1 << 20).expect("client");
         let answer = refused.chat("m", &hello(), &Map::new()).await;
         assert!(
-            matches!(answer, Err(LlmError::Refused { .. })),
+            matches!(answer, Err(ref f) if f.class == Class::Refused),
             "{answer:?}"
         );
         let azure = UpstreamConfig {
@@ -574,11 +555,17 @@ mod tests {
         )
         .await;
         let answer = client.chat("m", &hello(), &Map::new()).await;
-        let Err(LlmError::RateLimited { retry_after, .. }) = answer else {
+        let Err(
+            failure @ Failure {
+                class: Class::RateLimited,
+                ..
+            },
+        ) = answer
+        else {
             panic!("rate limited: {answer:?}");
         };
         assert_eq!(
-            retry_after,
+            failure.retry_after,
             Some(Duration::from_secs(7)),
             "from x-ratelimit-reset-requests"
         );

@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     contract::{Usage, request::Kind},
-    upstream::failure::{LlmError, MAX_ERROR_TEXT, is_transient_status},
+    upstream::failure::{Failure, MAX_ERROR_TEXT},
 };
 
 /// The OpenAI-compatible provider.
@@ -39,7 +39,7 @@ impl Provider for OpenAi {
         messages: &[Value],
         params: &Map<String, Value>,
         stream: bool,
-    ) -> Result<Vec<u8>, LlmError> {
+    ) -> Result<Vec<u8>, Failure> {
         to_vec(&Body {
             model,
             key: "messages",
@@ -54,7 +54,7 @@ impl Provider for OpenAi {
         model: &str,
         input: &[String],
         params: &Map<String, Value>,
-    ) -> Result<Vec<u8>, LlmError> {
+    ) -> Result<Vec<u8>, Failure> {
         to_vec(&Body {
             model,
             key: "input",
@@ -64,7 +64,7 @@ impl Provider for OpenAi {
         })
     }
 
-    fn chat_answer(&self, body: &[u8], model: &str) -> Result<ChatAnswer, LlmError> {
+    fn chat_answer(&self, body: &[u8], model: &str) -> Result<ChatAnswer, Failure> {
         chat_answer(parse(body)?, model)
     }
 
@@ -73,16 +73,14 @@ impl Provider for OpenAi {
         body: &[u8],
         model: &str,
         inputs: usize,
-    ) -> Result<EmbeddingAnswer, LlmError> {
+    ) -> Result<EmbeddingAnswer, Failure> {
         let answer: EmbeddingResponse = parse(body)?;
         let mut data = answer.data;
         if data.len() != inputs {
-            return Err(LlmError::Permanent {
-                message: format!(
-                    "upstream returned {} embeddings for {inputs} inputs",
-                    data.len()
-                ),
-            });
+            return Err(Failure::permanent(format!(
+                "upstream returned {} embeddings for {inputs} inputs",
+                data.len()
+            )));
         }
         data.sort_by_key(|d| d.index);
         Ok(EmbeddingAnswer {
@@ -93,11 +91,11 @@ impl Provider for OpenAi {
         })
     }
 
-    fn failure(&self, status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> LlmError {
+    fn failure(&self, status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> Failure {
         classify_failure(status, body, retry_after)
     }
 
-    fn stream_event(&self, data: &str) -> Result<Event, LlmError> {
+    fn stream_event(&self, data: &str) -> Result<Event, Failure> {
         if data == "[DONE]" {
             return Ok(Event::Done);
         }
@@ -113,24 +111,20 @@ impl Provider for OpenAi {
     }
 }
 
-fn unparseable_stream(what: &str) -> LlmError {
-    LlmError::Permanent {
-        message: format!("unparseable upstream stream: {what}"),
-    }
+fn unparseable_stream(what: &str) -> Failure {
+    Failure::permanent(format!("unparseable upstream stream: {what}"))
 }
 
 /// A body serialized, or the reason it could not be.
-fn to_vec(body: &impl Serialize) -> Result<Vec<u8>, LlmError> {
-    serde_json::to_vec(body).map_err(|e| LlmError::Permanent {
-        message: format!("cannot serialize the request: {e}"),
-    })
+fn to_vec(body: &impl Serialize) -> Result<Vec<u8>, Failure> {
+    serde_json::to_vec(body)
+        .map_err(|e| Failure::permanent(format!("cannot serialize the request: {e}")))
 }
 
 /// A successful answer's body parsed.
-fn parse<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, LlmError> {
-    serde_json::from_slice(bytes).map_err(|e| LlmError::Permanent {
-        message: format!("unparseable upstream answer: {e}"),
-    })
+fn parse<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Failure> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Failure::permanent(format!("unparseable upstream answer: {e}")))
 }
 
 /// A request body, serialized straight from the job's data: the extra params, then `model`
@@ -190,16 +184,17 @@ struct EmbeddingData {
 
 /// A chat completion's answer read: the first choice for the top-level fields, every choice
 /// kept as sent.
-fn chat_answer(answer: ChatResponse, model: &str) -> Result<ChatAnswer, LlmError> {
-    let first = answer.choices.first().ok_or_else(|| LlmError::Permanent {
-        message: "upstream answer has no choices".into(),
-    })?;
+fn chat_answer(answer: ChatResponse, model: &str) -> Result<ChatAnswer, Failure> {
+    let first = answer
+        .choices
+        .first()
+        .ok_or_else(|| Failure::permanent("upstream answer has no choices"))?;
     let message = Some(
         first
             .get("message")
             .and_then(Value::as_object)
-            .ok_or_else(|| LlmError::Permanent {
-                message: "unparseable upstream answer: choices[0] has no message".into(),
+            .ok_or_else(|| {
+                Failure::permanent("unparseable upstream answer: choices[0] has no message")
             })?,
     );
     let field = |name: &str| {
@@ -212,12 +207,10 @@ fn chat_answer(answer: ChatResponse, model: &str) -> Result<ChatAnswer, LlmError
         None => None,
         Some(Value::String(text)) => Some(text),
         Some(other) => {
-            return Err(LlmError::Permanent {
-                message: format!(
-                    "unparseable upstream answer: choices[0].message.content is {}",
-                    crate::contract::request::json_type(&other)
-                ),
-            });
+            return Err(Failure::permanent(format!(
+                "unparseable upstream answer: choices[0].message.content is {}",
+                crate::contract::request::json_type(&other)
+            )));
         }
     };
     let (tool_calls, refusal) = (field("tool_calls"), field("refusal"));
@@ -237,19 +230,19 @@ fn chat_answer(answer: ChatResponse, model: &str) -> Result<ChatAnswer, LlmError
     })
 }
 
-/// The class of a failed answer, from its status and its error body (`error.type`,
-/// `error.code`, `error.message`, as OpenAI, Azure, vLLM and LiteLLM send them).
+/// A failed answer classified by [`Failure::of_answer`]'s rules, from its status and what
+/// its error body says (`error.type`, `error.code`, `error.message`, as OpenAI, Azure, vLLM
+/// and LiteLLM send them, or the same at the top level).
 pub(crate) fn classify_failure(
     status: StatusCode,
     body: &[u8],
     retry_after: Option<Duration>,
-) -> LlmError {
+) -> Failure {
     // Scrubbed before the final cut, so that a key at the cut is still recognised whole;
     // the generous first cut keeps the scrub's work bounded.
     let text = String::from_utf8_lossy(&body[..body.len().min(4 * MAX_ERROR_TEXT)]);
     let text = super::scrub::scrub_secrets(&text);
     let text = crate::truncate(&text, MAX_ERROR_TEXT).to_string();
-    let message = format!("HTTP {status}: {text}");
     let error: Value = serde_json::from_slice::<Value>(body)
         .ok()
         .map(|v| v.get("error").cloned().unwrap_or(v))
@@ -261,45 +254,14 @@ pub(crate) fn classify_failure(
             .unwrap_or_default()
             .to_ascii_lowercase()
     };
-    let (kind, code) = (field("type"), field("code"));
-    let said = |what: &str| kind == what || code == what;
-    let lower = text.to_ascii_lowercase();
-    match status.as_u16() {
-        429 if said("insufficient_quota") => LlmError::QuotaExhausted { message },
-        429 => LlmError::RateLimited {
-            message,
-            retry_after,
-        },
-        _ if said("context_length_exceeded") => LlmError::ContextLength { message },
-        400 | 413 | 422 if says_context_length(&lower) => LlmError::ContextLength { message },
-        401 | 403 | 404 => LlmError::Refused { message },
-        _ if is_transient_status(status) => LlmError::Transient {
-            message,
-            retry_after,
-            throttle: false,
-        },
-        _ => LlmError::Permanent { message },
-    }
-}
-
-/// Whether an error text says the prompt is over the context window (vLLM, Ollama and
-/// LiteLLM word it differently from OpenAI's code).
-fn says_context_length(lower: &str) -> bool {
-    [
-        "context length",
-        "context window",
-        "maximum context",
-        "context_length",
-    ]
-    .iter()
-    .any(|p| lower.contains(p))
+    Failure::of_answer(status, &field("type"), &field("code"), &text, retry_after)
 }
 
 /// An `error` sent in the stream, classified as if it had come as the answer's status:
 /// its `code` when it is an HTTP status (a number, or a number in a string, as LiteLLM
 /// sends it), else the status its `type` or `code` names (OpenAI sends strings such as
 /// `insufficient_quota` or `rate_limit_exceeded` there), else a server error.
-fn stream_error(error: &Value) -> LlmError {
+fn stream_error(error: &Value) -> Failure {
     let text = |name: &str| {
         error
             .get(name)
@@ -333,6 +295,7 @@ fn stream_error(error: &Value) -> LlmError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::failure::Class;
 
     #[test]
     fn body_puts_model_and_messages_over_params() {
@@ -363,7 +326,7 @@ mod tests {
         );
     }
 
-    fn failure(status: u16, body: serde_json::Value) -> LlmError {
+    fn failure(status: u16, body: serde_json::Value) -> Failure {
         let status = StatusCode::from_u16(status).expect("status");
         classify_failure(status, body.to_string().as_bytes(), None)
     }
@@ -371,51 +334,35 @@ mod tests {
     #[test]
     fn failures_are_classified_by_status_and_error_body() {
         let quota = serde_json::json!({"error": {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}});
-        assert!(matches!(
-            failure(429, quota),
-            LlmError::QuotaExhausted { .. }
-        ));
+        assert_eq!(failure(429, quota).class, Class::Quota);
         let code_only =
             serde_json::json!({"error": {"message": "x", "code": "insufficient_quota"}});
-        assert!(matches!(
-            failure(429, code_only),
-            LlmError::QuotaExhausted { .. }
-        ));
+        assert_eq!(failure(429, code_only).class, Class::Quota);
         let limited =
             serde_json::json!({"error": {"message": "slow down", "type": "rate_limit_error"}});
-        assert!(matches!(
-            failure(429, limited),
-            LlmError::RateLimited { .. }
-        ));
-        assert!(matches!(
-            failure(429, serde_json::json!("plain")),
-            LlmError::RateLimited { .. }
-        ));
+        assert_eq!(failure(429, limited).class, Class::RateLimited);
+        assert_eq!(
+            failure(429, serde_json::json!("plain")).class,
+            Class::RateLimited
+        );
         let context = serde_json::json!({"error": {"message": "too long", "code": "context_length_exceeded"}});
-        assert!(matches!(
-            failure(400, context),
-            LlmError::ContextLength { .. }
-        ));
+        assert_eq!(failure(400, context).class, Class::ContextLength);
         // vLLM words it in the message only.
         let vllm = serde_json::json!({"object": "error", "message": "This model's maximum context length is 4096 tokens", "type": "BadRequestError", "code": 400});
-        assert!(matches!(failure(400, vllm), LlmError::ContextLength { .. }));
+        assert_eq!(failure(400, vllm).class, Class::ContextLength);
         let other = serde_json::json!({"error": {"message": "bad temperature"}});
-        assert!(matches!(failure(400, other), LlmError::Permanent { .. }));
+        assert_eq!(failure(400, other).class, Class::Permanent);
         for status in [401, 403, 404] {
-            assert!(
-                matches!(
-                    failure(status, serde_json::json!({})),
-                    LlmError::Refused { .. }
-                ),
+            assert_eq!(
+                failure(status, serde_json::json!({})).class,
+                Class::Refused,
                 "{status}"
             );
         }
         for status in [500, 503, 408] {
-            assert!(
-                matches!(
-                    failure(status, serde_json::json!({})),
-                    LlmError::Transient { .. }
-                ),
+            assert_eq!(
+                failure(status, serde_json::json!({})).class,
+                Class::Transient,
                 "{status}"
             );
         }
@@ -430,13 +377,9 @@ mod tests {
             panic!("a chunk");
         };
         assert_eq!(chunk.get("model"), Some(&Value::from("m")));
-        assert!(matches!(
-            provider.stream_event(r#"{"error": {"code": 429, "message": "slow"}}"#),
-            Err(LlmError::RateLimited { .. })
-        ));
-        assert!(matches!(
-            provider.stream_event("[1]"),
-            Err(LlmError::Permanent { .. })
-        ));
+        assert!(
+            matches!(provider.stream_event(r#"{"error": {"code": 429, "message": "slow"}}"#), Err(ref f) if f.class == Class::RateLimited)
+        );
+        assert!(matches!(provider.stream_event("[1]"), Err(ref f) if f.class == Class::Permanent));
     }
 }

@@ -14,7 +14,7 @@ use reqwest::StatusCode;
 use serde_json::{Map, Value};
 
 use super::answer::{ChatAnswer, EmbeddingAnswer};
-use crate::{contract::request::Kind, upstream::failure::LlmError};
+use crate::{contract::request::Kind, upstream::failure::Failure};
 
 /// What one event of a streamed answer carried, in llmq's terms.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,7 +46,7 @@ pub trait Provider: Send + Sync {
         messages: &[Value],
         params: &Map<String, Value>,
         stream: bool,
-    ) -> Result<Vec<u8>, LlmError>;
+    ) -> Result<Vec<u8>, Failure>;
 
     /// The body of an embeddings call.
     fn embedding_body(
@@ -54,11 +54,11 @@ pub trait Provider: Send + Sync {
         model: &str,
         input: &[String],
         params: &Map<String, Value>,
-    ) -> Result<Vec<u8>, LlmError>;
+    ) -> Result<Vec<u8>, Failure>;
 
     /// A successful chat answer's body read; `model`: what was asked for, when the answer
     /// does not say.
-    fn chat_answer(&self, body: &[u8], model: &str) -> Result<ChatAnswer, LlmError>;
+    fn chat_answer(&self, body: &[u8], model: &str) -> Result<ChatAnswer, Failure>;
 
     /// A successful embeddings answer's body read: one vector per input, in input order.
     fn embedding_answer(
@@ -66,12 +66,12 @@ pub trait Provider: Send + Sync {
         body: &[u8],
         model: &str,
         inputs: usize,
-    ) -> Result<EmbeddingAnswer, LlmError>;
+    ) -> Result<EmbeddingAnswer, Failure>;
 
     /// A failed answer, classified once from its status and its error body.
-    fn failure(&self, status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> LlmError;
+    fn failure(&self, status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> Failure;
 
     /// One server-sent event's `data` read (an error the provider sends in the stream is
     /// classified here).
-    fn stream_event(&self, data: &str) -> Result<Event, LlmError>;
+    fn stream_event(&self, data: &str) -> Result<Event, Failure>;
 }

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use eventsource_stream::EventStreamError;
 
-use super::client::LlmError;
+use crate::upstream::failure::{Class, Failure};
 
 /// Longest run of bytes without a newline: one event line (a chunk) is far shorter, and the
 /// parser scans its buffer again for every piece of a line that has not ended.
@@ -16,7 +16,7 @@ const HEAD_BYTES: usize = 4096;
 #[derive(Debug)]
 pub(super) enum Cut {
     /// The transport failed (classified already).
-    Failed(LlmError),
+    Failed(Failure),
     /// A line longer than [`MAX_LINE`].
     LineTooLong,
     /// Bytes that are not UTF-8 (the parser would hold back everything after them).
@@ -79,20 +79,15 @@ impl Lines {
 
 /// A stream that broke off: a transport failure keeps its class; an answer over the size
 /// limit is permanent, as it is without streaming.
-pub(super) fn broken(e: EventStreamError<Cut>) -> LlmError {
+pub(super) fn broken(e: EventStreamError<Cut>) -> Failure {
     match e {
-        EventStreamError::Transport(Cut::Failed(e)) => match e {
-            LlmError::Transient {
-                message,
-                retry_after,
-                throttle,
-            } => LlmError::Transient {
-                message: format!("the stream broke off: {message}"),
-                retry_after,
-                throttle,
-            },
-            other => other,
-        },
+        EventStreamError::Transport(Cut::Failed(f))
+            if matches!(f.class, Class::Transient | Class::Throttle) =>
+        {
+            Failure::upstream(f.class, format!("the stream broke off: {}", f.message()))
+                .after(f.retry_after)
+        }
+        EventStreamError::Transport(Cut::Failed(f)) => f,
         EventStreamError::Transport(Cut::LineTooLong) => {
             unparseable(&format!("a line of over {MAX_LINE} bytes"))
         }
@@ -103,8 +98,6 @@ pub(super) fn broken(e: EventStreamError<Cut>) -> LlmError {
 }
 
 /// A stream that is not one llmq can read.
-pub(super) fn unparseable(what: &str) -> LlmError {
-    LlmError::Permanent {
-        message: format!("unparseable upstream stream: {what}"),
-    }
+pub(super) fn unparseable(what: &str) -> Failure {
+    Failure::permanent(format!("unparseable upstream stream: {what}"))
 }

@@ -19,11 +19,14 @@ use tokio::sync::mpsc;
 
 pub use super::client::StreamLimits;
 use super::{
-    client::{ChatAnswer, LlmClient, LlmError, classify_reqwest, read_bounded},
+    client::{ChatAnswer, LlmClient, read_bounded},
     provider::{Event, Provider},
     sse::{Cut, Lines, broken, unparseable},
 };
-use crate::contract::Usage;
+use crate::{
+    contract::Usage,
+    upstream::failure::{Class, Failure},
+};
 
 /// Most choices a stream may carry (`llm.max_n` is far below), and most items of a list in
 /// one choice (its tool calls): a hostile upstream sending more is refused rather than
@@ -127,7 +130,7 @@ struct Assembly {
 impl Assembly {
     /// Takes one chunk (in the OpenAI chunk shape, whatever the provider sent): merges
     /// its deltas and hands each non-empty one on.
-    fn chunk(&mut self, mut chunk: Map<String, Value>, deltas: &Deltas) -> Result<(), LlmError> {
+    fn chunk(&mut self, mut chunk: Map<String, Value>, deltas: &Deltas) -> Result<(), Failure> {
         if self.model.is_none()
             && let Some(Value::String(model)) = chunk.remove("model")
         {
@@ -201,7 +204,7 @@ impl Assembly {
 
     /// The whole answer, as a call without streaming returns it: every choice as
     /// `{index, message, logprobs, finish_reason}`.
-    fn finish(self, requested: &str) -> Result<ChatAnswer, LlmError> {
+    fn finish(self, requested: &str) -> Result<ChatAnswer, Failure> {
         let mut choices = Vec::with_capacity(self.choices.len());
         for (index, choice) in self.choices {
             let mut message = choice.message;
@@ -295,7 +298,7 @@ fn size_of(delta: &Map<String, Value>) -> usize {
 /// (assembled, not counting the events' framing) is refused; a silence longer than
 /// `limits.idle`, or a stream still running at `until`, is cut off.
 ///
-/// A failure after the first delta was handed on is [`LlmError::Transient`] (the caller
+/// A failure after the first delta was handed on is transient (the caller
 /// holds part of an answer, which a new attempt replaces), unless it would only happen
 /// again: an answer too large, or a stream longer than `llm.stream_max_secs`.
 pub async fn read<S>(
@@ -306,9 +309,9 @@ pub async fn read<S>(
     limits: StreamLimits,
     until: tokio::time::Instant,
     deltas: &Deltas,
-) -> Result<ChatAnswer, LlmError>
+) -> Result<ChatAnswer, Failure>
 where
-    S: Stream<Item = Result<Bytes, LlmError>>,
+    S: Stream<Item = Result<Bytes, Failure>>,
 {
     // When the last bytes came, in ms from `start`: comments and keep-alives make no event,
     // yet they show the stream is alive.
@@ -349,13 +352,11 @@ where
             // Not pushback: a generation this long would be cut off again.
             Err(_) if tokio::time::Instant::now() >= until => {
                 answer.lasting = true;
-                break Err(LlmError::Permanent {
-                    message: format!(
-                        "the stream ran longer than llm.stream_max_secs ({} s); raise it for \
+                break Err(Failure::permanent(format!(
+                    "the stream ran longer than llm.stream_max_secs ({} s); raise it for \
                          longer generations",
-                        limits.total.as_secs()
-                    ),
-                });
+                    limits.total.as_secs()
+                )));
             }
             // Bytes came meanwhile (a comment): not idle. Waiting for the next event again
             // loses nothing: the parser keeps what it has read.
@@ -397,27 +398,35 @@ where
 impl Assembly {
     /// The stream's end: the whole answer, or its failure, which is transient once part of
     /// the answer was handed on (unless it would only happen again).
-    fn end(self, outcome: Result<(), LlmError>, requested: &str) -> Result<ChatAnswer, LlmError> {
+    fn end(self, outcome: Result<(), Failure>, requested: &str) -> Result<ChatAnswer, Failure> {
         let (pieces, lasting) = (self.pieces, self.lasting);
         match outcome.and_then(|()| self.finish(requested)) {
             // What would only happen again stays as it is.
-            Err(LlmError::Permanent { message }) if pieces > 0 && !lasting => Err(transient(
-                format!("after part of the answer: {message}"),
+            Err(f) if f.class == Class::Permanent && pieces > 0 && !lasting => Err(transient(
+                format!("after part of the answer: {}", f.message()),
                 false,
             )),
-            Err(e @ (LlmError::Transient { .. } | LlmError::Permanent { .. })) => Err(e),
+            Err(f)
+                if matches!(
+                    f.class,
+                    Class::Transient | Class::Throttle | Class::Permanent
+                ) =>
+            {
+                Err(f)
+            }
             Err(e) if pieces > 0 => Err(transient(format!("after part of the answer: {e}"), false)),
             other => other,
         }
     }
 }
 
-fn transient(message: String, throttle: bool) -> LlmError {
-    LlmError::Transient {
-        message,
-        retry_after: None,
-        throttle,
-    }
+fn transient(message: String, throttle: bool) -> Failure {
+    let class = if throttle {
+        Class::Throttle
+    } else {
+        Class::Transient
+    };
+    Failure::upstream(class, message)
 }
 
 /// Hands on the text and tool calls of an answer that came whole although a stream was
@@ -462,23 +471,21 @@ impl LlmClient {
         messages: &[Value],
         params: &Map<String, Value>,
         deltas: &Deltas,
-    ) -> Result<ChatAnswer, LlmError> {
+    ) -> Result<ChatAnswer, Failure> {
         let body = self.provider.chat_body(model, messages, params, true)?;
         let limits = self.stream;
         let until = tokio::time::Instant::now() + limits.total;
         let sent = self.send(&self.chat_url, body, Some(limits.total));
         let idle = until.min(tokio::time::Instant::now() + limits.idle);
-        let (resp, spent_for) =
-            tokio::time::timeout_at(idle, sent)
-                .await
-                .map_err(|_| LlmError::Transient {
-                    message: format!(
-                        "no answer within {} s (llm.stream_idle_timeout_secs)",
-                        limits.idle.as_secs()
-                    ),
-                    retry_after: None,
-                    throttle: true,
-                })??;
+        let (resp, spent_for) = tokio::time::timeout_at(idle, sent).await.map_err(|_| {
+            Failure::upstream(
+                Class::Throttle,
+                format!(
+                    "no answer within {} s (llm.stream_idle_timeout_secs)",
+                    limits.idle.as_secs()
+                ),
+            )
+        })??;
         let streamed = resp
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
@@ -486,7 +493,9 @@ impl LlmClient {
             .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
         if !streamed {
             let limit = self.max_response_bytes;
-            let (body, cut) = read_bounded(resp, limit).await.map_err(classify_reqwest)?;
+            let (body, cut) = read_bounded(resp, limit)
+                .await
+                .map_err(|e| Failure::of_transport(&e))?;
             // Events under another content type (a proxy that relabels them) are still
             // events.
             let text = body.trim_ascii_start();
@@ -507,7 +516,7 @@ impl LlmClient {
             return Ok(answer);
         }
         let bytes = futures_util::StreamExt::map(resp.bytes_stream(), |chunk| {
-            chunk.map_err(classify_reqwest)
+            chunk.map_err(|e| Failure::of_transport(&e))
         });
         let limit = self.max_response_bytes;
         let read = read(bytes, &*self.provider, model, limit, limits, until, deltas);
@@ -525,8 +534,8 @@ mod tests {
     use crate::upstream::http::openai::OpenAi;
 
     /// Reads `body` as a stream split into `split`-byte chunks, with the pieces it handed on.
-    async fn read_body(body: &str, split: usize) -> (Result<ChatAnswer, LlmError>, Vec<Piece>) {
-        let parts: Vec<Result<Bytes, LlmError>> = body
+    async fn read_body(body: &str, split: usize) -> (Result<ChatAnswer, Failure>, Vec<Piece>) {
+        let parts: Vec<Result<Bytes, Failure>> = body
             .as_bytes()
             .chunks(split)
             .map(|c| Ok(Bytes::copy_from_slice(c)))
@@ -647,20 +656,20 @@ mod tests {
         );
         let (answer, _) = read_body(&quota, 8).await;
         assert!(
-            matches!(answer, Err(LlmError::QuotaExhausted { .. })),
+            matches!(answer, Err(ref f) if f.class == Class::Quota),
             "{answer:?}"
         );
         let bad =
             event(json!({"error": {"message": "bad", "type": "BadRequestError", "code": 400}}));
         let (answer, _) = read_body(&bad, 8).await;
         assert!(
-            matches!(answer, Err(LlmError::Permanent { .. })),
+            matches!(answer, Err(ref f) if f.class == Class::Permanent),
             "{answer:?}"
         );
         let after = [event(delta(0, json!({"content": "par"}))), bad].concat();
         let (answer, pieces) = read_body(&after, 8).await;
         assert!(
-            matches!(answer, Err(LlmError::Transient { .. })),
+            matches!(answer, Err(ref f) if f.class == Class::Transient),
             "{answer:?}"
         );
         assert_eq!(pieces.len(), 1);
@@ -670,10 +679,16 @@ mod tests {
     async fn a_stream_that_stops_before_done_is_transient_unless_every_choice_finished() {
         let cut = event(delta(0, json!({"content": "par"})));
         let (answer, _) = read_body(&cut, 4).await;
-        let Err(LlmError::Transient { message, .. }) = answer else {
+        let Err(
+            failure @ Failure {
+                class: Class::Transient,
+                ..
+            },
+        ) = answer
+        else {
             panic!("{answer:?}")
         };
-        assert!(message.contains("before [DONE]"), "{message}");
+        assert!(failure.message().contains("before [DONE]"), "{failure}");
         let finished = [
             cut,
             event(json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})),
@@ -687,7 +702,7 @@ mod tests {
     async fn garbage_and_oversized_streams_are_refused() {
         let (answer, _) = read_body("data: {not json\n\n", 4).await;
         assert!(
-            matches!(answer, Err(LlmError::Permanent { .. })),
+            matches!(answer, Err(ref f) if f.class == Class::Permanent),
             "{answer:?}"
         );
         let until = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -695,7 +710,12 @@ mod tests {
         // A line that never ends is refused at 1 MiB, not buffered on.
         let endless =
             futures_util::stream::repeat_with(|| Ok(Bytes::from_static(b"data: xxxxxxxx")));
-        let Err(LlmError::Permanent { message }) = read(
+        let Err(
+            failure @ Failure {
+                class: Class::Permanent,
+                ..
+            },
+        ) = read(
             endless,
             &OpenAi,
             "m",
@@ -709,8 +729,8 @@ mod tests {
             panic!("an endless line is refused")
         };
         assert!(
-            message.contains("a line of over 1048576 bytes"),
-            "{message}"
+            failure.message().contains("a line of over 1048576 bytes"),
+            "{failure}"
         );
         // An answer larger than max_response_bytes, counted as assembled: refused for good,
         // even after deltas went out (it would be again).
@@ -720,19 +740,30 @@ mod tests {
                 json!({"content": "0123456789"}),
             ))))
         });
-        let Err(LlmError::Permanent { message }) =
-            read(big, &OpenAi, "m", 4096, StreamLimits::default(), until, &tx).await
+        let Err(
+            failure @ Failure {
+                class: Class::Permanent,
+                ..
+            },
+        ) = read(big, &OpenAi, "m", 4096, StreamLimits::default(), until, &tx).await
         else {
             panic!("an answer over the limit is refused")
         };
         assert!(
-            message.contains("llm.max_response_bytes (4096 bytes)"),
-            "{message}"
+            failure
+                .message()
+                .contains("llm.max_response_bytes (4096 bytes)"),
+            "{failure}"
         );
         // Not UTF-8: refused at once, not held back until the body ends.
         let bad = futures_util::stream::iter([Ok(Bytes::from_static(b"data: \xff\xfe\n\n"))])
             .chain(futures_util::stream::pending());
-        let Err(LlmError::Permanent { message }) = read(
+        let Err(
+            failure @ Failure {
+                class: Class::Permanent,
+                ..
+            },
+        ) = read(
             bad,
             &OpenAi,
             "m",
@@ -745,7 +776,7 @@ mod tests {
         else {
             panic!("bytes that are not UTF-8 are refused")
         };
-        assert!(message.contains("not UTF-8"), "{message}");
+        assert!(failure.message().contains("not UTF-8"), "{failure}");
         // A character split between two chunks is fine.
         let body = event(delta(0, json!({"content": "héllo"}))) + "data: [DONE]\n\n";
         let (answer, _) = read_body(&body, 9).await;
@@ -779,7 +810,7 @@ mod tests {
         for (error, label) in cases {
             let (answer, _) = read_body(&event(json!({ "error": error })), 16).await;
             let e = answer.expect_err("an error");
-            assert_eq!(e.label(), label, "{error}: {e}");
+            assert_eq!(e.call_label(), label, "{error}: {e}");
         }
         // A null error is no error.
         let body = [
@@ -797,7 +828,7 @@ mod tests {
             10,
         )
         .await;
-        assert_eq!(answer.expect_err("an error").label(), "auth");
+        assert_eq!(answer.expect_err("an error").call_label(), "auth");
     }
 
     #[tokio::test]
@@ -822,26 +853,37 @@ mod tests {
             idle: Duration::from_secs(5),
             total: Duration::from_secs(60),
         };
-        let silent = futures_util::stream::pending::<Result<Bytes, LlmError>>();
+        let silent = futures_util::stream::pending::<Result<Bytes, Failure>>();
         let until = tokio::time::Instant::now() + limits.total;
-        let Err(LlmError::Transient { message, .. }) =
-            read(silent, &OpenAi, "m", 1 << 20, limits, until, &tx).await
+        let Err(
+            failure @ Failure {
+                class: Class::Throttle,
+                ..
+            },
+        ) = read(silent, &OpenAi, "m", 1 << 20, limits, until, &tx).await
         else {
             panic!("an idle stream is cut off")
         };
-        assert!(message.contains("stream_idle_timeout_secs"), "{message}");
+        assert!(
+            failure.message().contains("stream_idle_timeout_secs"),
+            "{failure}"
+        );
         // A keep-alive every second: never idle, cut at the total, for good.
         let alive = futures_util::stream::unfold((), |()| async {
             tokio::time::sleep(Duration::from_secs(1)).await;
             Some((Ok(Bytes::from_static(b": ping\n\n")), ()))
         });
         let until = tokio::time::Instant::now() + limits.total;
-        let Err(LlmError::Permanent { message }) =
-            read(alive, &OpenAi, "m", 1 << 20, limits, until, &tx).await
+        let Err(
+            failure @ Failure {
+                class: Class::Permanent,
+                ..
+            },
+        ) = read(alive, &OpenAi, "m", 1 << 20, limits, until, &tx).await
         else {
             panic!("a long stream is cut off")
         };
-        assert!(message.contains("stream_max_secs"), "{message}");
+        assert!(failure.message().contains("stream_max_secs"), "{failure}");
     }
 
     #[test]

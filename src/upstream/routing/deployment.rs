@@ -16,9 +16,10 @@ use crate::{
     contract::{Usage, request::Kind},
     runtime::metrics::Metrics,
     upstream::{
+        failure::{Class, Failure},
         flow::limit::{Flow, Permit, Turn},
         http::{
-            client::{ChatAnswer, EmbeddingAnswer, LlmClient, LlmError},
+            client::{ChatAnswer, EmbeddingAnswer, LlmClient},
             stream::StreamLimits,
         },
     },
@@ -152,8 +153,8 @@ impl Deployment {
         &self,
         kind: Kind,
         mut slot: Slot,
-        call: impl Future<Output = Result<T, LlmError>>,
-    ) -> Result<T, LlmError> {
+        call: impl Future<Output = Result<T, Failure>>,
+    ) -> Result<T, Failure> {
         let started = Instant::now();
         let answer = call.await;
         // Settled below from here on; the slot gives back only what a dropped call left.
@@ -175,16 +176,14 @@ impl Deployment {
                 self.flow.settle_tokens(taken, used).await;
             }
             Err(e) => {
-                self.metrics.upstream_outcome(&self.name, e.label());
-                match e {
+                self.metrics.upstream_outcome(&self.name, e.call_label());
+                match (e.class, e.retry_after) {
                     // A 429 that says when to come back is a rate (requests or tokens per
                     // minute): the deployment cools down for the model, and its concurrency
                     // is not to blame. One that says nothing is taken for a concurrency cap.
-                    LlmError::RateLimited {
-                        retry_after: None, ..
-                    } => self.flow.on_rate_limited(others),
-                    LlmError::RateLimited { .. } => {}
-                    e if e.is_throttle() => self.flow.on_timeout(),
+                    (Class::RateLimited, None) => self.flow.on_rate_limited(others),
+                    (Class::RateLimited, Some(_)) => {}
+                    _ if e.is_throttle() => self.flow.on_timeout(),
                     _ => {}
                 }
                 // No answer, no usage: whatever the estimate was, nothing is counted.
@@ -297,14 +296,9 @@ mod tests {
         let Err(e) = answer else {
             panic!("the mock answers 429");
         };
-        assert!(
-            matches!(
-                e,
-                LlmError::RateLimited {
-                    retry_after: None,
-                    ..
-                }
-            ),
+        assert_eq!(
+            (e.class, e.retry_after),
+            (Class::RateLimited, None),
             "{e:?}"
         );
         assert_eq!(flow.limit(), 3, "cut to the three other calls running");
@@ -324,13 +318,7 @@ mod tests {
             .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
             .await;
         assert!(
-            matches!(
-                answer,
-                Err(LlmError::RateLimited {
-                    retry_after: Some(_),
-                    ..
-                })
-            ),
+            matches!(&answer, Err(f) if f.class == Class::RateLimited && f.retry_after.is_some()),
             "{answer:?}"
         );
         assert_eq!(
@@ -379,7 +367,7 @@ mod tests {
             .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
             .await;
         assert!(
-            matches!(answer, Err(LlmError::Permanent { .. })),
+            matches!(answer, Err(ref f) if f.class == Class::Permanent),
             "{answer:?}"
         );
         assert_eq!(level(&flow), 1000.0, "all given back");

@@ -1,9 +1,7 @@
 //! What one request's routing remembers between its attempts, and what became of a routed
 //! call.
 
-use std::time::Duration;
-
-use crate::{config::RoutingConfig, contract::ErrorKind, upstream::http::client::LlmError};
+use crate::{config::RoutingConfig, upstream::failure::Failure};
 
 /// What one request's routing remembers from one attempt to the next.
 #[derive(Debug, Clone)]
@@ -77,28 +75,19 @@ pub enum Routed<T> {
     /// Answered.
     Served(Served<T>),
     /// A 429, or every deployment that could serve is cooling down or down: flow control,
-    /// not an attempt. `after`: how long until one can serve (`None`: now, elsewhere).
-    RateLimited {
-        /// The wait.
-        after: Option<Duration>,
-        /// What happened.
-        reason: String,
-    },
+    /// not an attempt. Its `retry_after`: how long until one can serve (`None`: now,
+    /// elsewhere).
+    RateLimited(Failure),
     /// The call failed.
     Failed {
-        /// How.
-        error: LlmError,
+        /// How, classified where it happened.
+        failure: Failure,
         /// Another deployment can take the next attempt now.
         elsewhere: bool,
     },
-    /// No deployment will serve this request: an unknown model, or every one spent or
-    /// refusing.
-    Unroutable {
-        /// `invalid_request`, `quota_exhausted` or `upstream_permanent`.
-        kind: ErrorKind,
-        /// Why.
-        reason: String,
-    },
+    /// No deployment will serve this request: an unknown model (`invalid_request`), or
+    /// every one spent (`quota_exhausted`) or refusing (`upstream_permanent`).
+    Unroutable(Failure),
     /// No slot came before the hand-off time.
     Deferred,
     /// Shutdown came first; nothing was called.
@@ -115,9 +104,9 @@ impl<T> Routed<T> {
                 model: s.model,
                 fallback_from: s.fallback_from,
             }),
-            Routed::RateLimited { after, reason } => Routed::RateLimited { after, reason },
-            Routed::Failed { error, elsewhere } => Routed::Failed { error, elsewhere },
-            Routed::Unroutable { kind, reason } => Routed::Unroutable { kind, reason },
+            Routed::RateLimited(failure) => Routed::RateLimited(failure),
+            Routed::Failed { failure, elsewhere } => Routed::Failed { failure, elsewhere },
+            Routed::Unroutable(failure) => Routed::Unroutable(failure),
             Routed::Deferred => Routed::Deferred,
             Routed::Stopped => Routed::Stopped,
         }

@@ -27,8 +27,9 @@ use crate::{
     contract::{ErrorKind, request::Kind},
     runtime::{clock::unix_now_ms, metrics::Metrics},
     upstream::{
+        failure::{Class, Failure},
         flow::admission::Admission,
-        http::client::{LlmClient, LlmError},
+        http::client::LlmClient,
         routing::deployment::{Answer, Deployment},
         routing::standing::{Availability, Standing, Why, secs_ms},
     },
@@ -56,7 +57,7 @@ pub struct Router {
 enum Pick {
     Call { d: usize, model: String },
     Wait { after: Duration, reason: String },
-    Unroutable { kind: ErrorKind, reason: String },
+    Unroutable { class: Class, reason: String },
 }
 
 impl Router {
@@ -169,7 +170,7 @@ impl Router {
     where
         T: Answer,
         F: Fn(&'r LlmClient, String) -> Fut,
-        Fut: Future<Output = Result<T, LlmError>>,
+        Fut: Future<Output = Result<T, Failure>>,
     {
         let stopped = admission.stop.stopped();
         let mut stopped = std::pin::pin!(stopped);
@@ -184,17 +185,15 @@ impl Router {
                     Availability::Unavailable { .. } => continue,
                 },
                 Pick::Wait { after, reason } => {
-                    return Routed::RateLimited {
-                        after: Some(after),
-                        reason,
-                    };
+                    let wait = Failure::llmq(Class::RateLimited, reason);
+                    return Routed::RateLimited(wait.after(Some(after)));
                 }
-                Pick::Unroutable { kind, reason } => {
+                Pick::Unroutable { class, reason } => {
                     let reason = match last {
                         Some(last) => format!("{reason}; last: {last}"),
                         None => reason,
                     };
-                    return Routed::Unroutable { kind, reason };
+                    return Routed::Unroutable(Failure::llmq(class, reason));
                 }
             };
             let deployment = &self.deployments[d];
@@ -233,25 +232,25 @@ impl Router {
             let now = unix_now_ms();
             // Any answer but a transient failure says the deployment is up: that closes its
             // breaker (and settles a probe) whatever the answer was.
-            if !matches!(answer, Err(LlmError::Transient { .. })) {
+            if !matches!(&answer, Err(f) if matches!(f.class, Class::Transient | Class::Throttle)) {
                 self.standing.succeeded(d, now);
             }
             let outcome = match answer {
                 Ok(answer) => Some(self.served(route, d, model, answer, now)),
-                Err(error) => self.failed(route, d, model, error, now, &mut last),
+                Err(failure) => self.failed(route, d, model, failure, now, &mut last),
             };
             if let Some(outcome) = outcome {
                 return outcome;
             }
         }
         warn!(model = %route.requested, "routing went round in circles; check routing.fallbacks");
-        Routed::Unroutable {
-            kind: ErrorKind::UpstreamPermanent,
-            reason: format!(
+        Routed::Unroutable(Failure::llmq(
+            Class::Permanent,
+            format!(
                 "no deployment could serve {} after {MAX_STEPS} moves",
                 route.requested
             ),
-        }
+        ))
     }
 
     /// An answer from deployment `d` for `model`: its spent budget cools the deployment
@@ -288,34 +287,33 @@ impl Router {
         route: &mut Route,
         d: usize,
         model: String,
-        error: LlmError,
+        failure: Failure,
         now: i64,
         last: &mut Option<String>,
     ) -> Option<Routed<T>> {
         let name = self.deployments[d].name();
-        match &error {
-            LlmError::RateLimited { retry_after, .. } => {
+        match failure.class {
+            Class::RateLimited => {
+                let retry_after = failure.retry_after;
                 if let Some(after) = retry_after {
-                    self.standing.cool(d, &model, now + millis(*after), now);
+                    self.standing.cool(d, &model, now + millis(after), now);
                 }
                 route.failed_on(d);
                 let elsewhere = self.can_serve_now(route, now);
-                Some(Routed::RateLimited {
-                    after: if elsewhere { None } else { *retry_after },
-                    reason: format!("{name}: {error}"),
-                })
+                let after = if elsewhere { None } else { retry_after };
+                Some(Routed::RateLimited(failure.at(name).after(after)))
             }
-            LlmError::QuotaExhausted { .. } => {
+            Class::Quota => {
                 self.standing.spent(d, now);
-                *last = Some(format!("{name}: {error}"));
+                *last = Some(format!("{name}: {failure}"));
                 None
             }
-            LlmError::Refused { .. } => {
+            Class::Refused => {
                 self.standing.refused(d, &model, now);
-                *last = Some(format!("{name}: {error}"));
+                *last = Some(format!("{name}: {failure}"));
                 None
             }
-            LlmError::ContextLength { .. } => {
+            Class::ContextLength => {
                 route.too_small.push(model.clone());
                 let next = self.rules.context_window_fallbacks.get(&model);
                 let next: Vec<String> = next
@@ -326,7 +324,7 @@ impl Router {
                     .collect();
                 if next.is_empty() || !route.context_fallbacks {
                     return Some(Routed::Failed {
-                        error,
+                        failure,
                         elsewhere: false,
                     });
                 }
@@ -335,15 +333,15 @@ impl Router {
                 route.failed.clear();
                 None
             }
-            LlmError::Transient { .. } => {
+            Class::Transient | Class::Throttle => {
                 // A timeout, a connection error or a 5xx: the deployment may be down.
                 self.standing.failed(d, now);
                 route.failed_on(d);
                 let elsewhere = self.can_serve_now(route, now);
-                Some(Routed::Failed { error, elsewhere })
+                Some(Routed::Failed { failure, elsewhere })
             }
-            LlmError::Permanent { .. } => Some(Routed::Failed {
-                error,
+            Class::Permanent | Class::Ended(_) => Some(Routed::Failed {
+                failure,
                 elsewhere: false,
             }),
         }
@@ -374,7 +372,7 @@ impl Router {
     fn pick(&self, route: &mut Route, now: i64) -> Pick {
         if self.serving(&route.requested).next().is_none() && route.models.len() <= 1 {
             return Pick::Unroutable {
-                kind: ErrorKind::InvalidRequest,
+                class: Class::Ended(ErrorKind::InvalidRequest),
                 reason: format!("no upstream serves the model {:?}", route.requested),
             };
         }
@@ -442,14 +440,14 @@ impl Router {
                 }
             }
             None if spent => Pick::Unroutable {
-                kind: ErrorKind::QuotaExhausted,
+                class: Class::Quota,
                 reason: format!(
                     "every deployment that can serve {} (and its fallbacks) has spent its quota",
                     route.requested
                 ),
             },
             None => Pick::Unroutable {
-                kind: ErrorKind::UpstreamPermanent,
+                class: Class::Refused,
                 reason: format!(
                     "every deployment that can serve {} (and its fallbacks) refused it (401, 403 or 404)",
                     route.requested
@@ -627,10 +625,10 @@ mod tests {
             RoutingConfig::default(),
         );
         let mut route = router.route("other");
-        let Routed::Unroutable { kind, .. } = chat(&router, &mut route, "x").await else {
+        let Routed::Unroutable(failure) = chat(&router, &mut route, "x").await else {
             panic!("unroutable");
         };
-        assert_eq!(kind, ErrorKind::InvalidRequest);
+        assert_eq!(failure.kind(), ErrorKind::InvalidRequest);
         assert_eq!(a.stats().chat_calls.load(Relaxed), 0);
     }
 
@@ -658,7 +656,10 @@ mod tests {
             route = router.route("m");
             first = chat(&router, &mut route, "x").await;
         }
-        let Routed::RateLimited { after, .. } = first else {
+        let Routed::RateLimited(Failure {
+            retry_after: after, ..
+        }) = first
+        else {
             panic!("rate limited: {first:?}");
         };
         assert_eq!(after, None, "another deployment can serve now");
@@ -696,12 +697,18 @@ mod tests {
             RoutingConfig::default(),
         );
         let mut route = router.route("m");
-        let Routed::RateLimited { after, .. } = chat(&router, &mut route, "x").await else {
+        let Routed::RateLimited(Failure {
+            retry_after: after, ..
+        }) = chat(&router, &mut route, "x").await
+        else {
             panic!("rate limited");
         };
         let after = after.expect("nowhere else: the Retry-After");
         assert_eq!(after, Duration::from_secs(30));
-        let Routed::RateLimited { after, .. } = chat(&router, &mut route, "x").await else {
+        let Routed::RateLimited(Failure {
+            retry_after: after, ..
+        }) = chat(&router, &mut route, "x").await
+        else {
             panic!("still cooling");
         };
         let after = after.expect("a wait");
@@ -742,10 +749,10 @@ mod tests {
             RoutingConfig::default(),
         );
         let mut route = lonely.route("m");
-        let Routed::Unroutable { kind, .. } = chat(&lonely, &mut route, "x").await else {
+        let Routed::Unroutable(failure) = chat(&lonely, &mut route, "x").await else {
             panic!("unroutable");
         };
-        assert_eq!(kind, ErrorKind::UpstreamPermanent);
+        assert_eq!(failure.kind(), ErrorKind::UpstreamPermanent);
     }
 
     #[tokio::test]
@@ -810,7 +817,10 @@ mod tests {
         assert!(
             matches!(
                 chat(&router, &mut route, "x").await,
-                Routed::RateLimited { after: None, .. }
+                Routed::RateLimited(Failure {
+                    retry_after: None,
+                    ..
+                })
             ),
             "the fallback can serve now"
         );
@@ -830,7 +840,10 @@ mod tests {
         );
         let mut route = patient.route("gpt-4o");
         let _ = chat(&patient, &mut route, "x").await;
-        let Routed::RateLimited { after, .. } = chat(&patient, &mut route, "x").await else {
+        let Routed::RateLimited(Failure {
+            retry_after: after, ..
+        }) = chat(&patient, &mut route, "x").await
+        else {
             panic!("waits for gpt-4o rather than falling back");
         };
         let after = after.expect("a wait");

@@ -301,7 +301,7 @@ fn after_redelivery(i: &Input<'_>) -> Decision {
 fn cancelled_or_expired(i: &Input<'_>) -> Option<Decision> {
     let past_deadline = i.deadline_ms.filter(|deadline| i.now_ms >= *deadline);
     if !(i.cancelled || past_deadline.is_some())
-        || matches!(i.produced, Some(Outcome::Done(_) | Outcome::Failed { .. }))
+        || matches!(i.produced, Some(Outcome::Done(_) | Outcome::Failed(_)))
     {
         return None;
     }
@@ -320,17 +320,14 @@ fn cancelled_or_expired(i: &Input<'_>) -> Option<Decision> {
 fn after_outcome(i: &Input<'_>, produced: &Outcome) -> Decision {
     match produced {
         Outcome::Done(_) => after_answer(i),
-        Outcome::Failed { kind, reason } => Decision::DeadLetter {
-            kind: *kind,
-            reason: reason.clone(),
+        Outcome::Failed(failure) => Decision::DeadLetter {
+            kind: failure.kind(),
+            reason: failure.reason().to_string(),
         },
-        Outcome::Retry {
-            after,
-            reason,
-            elsewhere,
-            ..
-        } => after_transient(i, *after, *elsewhere, reason),
-        Outcome::RateLimited { after, reason } => after_rate_limit(i, *after, reason),
+        Outcome::Retry { failure, elsewhere } => {
+            after_transient(i, failure.retry_after, *elsewhere, failure.reason())
+        }
+        Outcome::RateLimited(failure) => after_rate_limit(i, failure.retry_after, failure.reason()),
         // Waited too long for a call to start, and none was made: not an attempt.
         Outcome::Deferred { reason } => Decision::retry_tier(i, TIERS[0].max, reason.clone()),
     }
@@ -537,7 +534,11 @@ fn ends_past_deadline(i: &Input<'_>, wait: Duration) -> Option<Decision> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{contract::response::JobResult, worker::policy::tests::policy};
+    use crate::{
+        contract::response::JobResult,
+        upstream::failure::{Class, Failure},
+        worker::policy::tests::policy,
+    };
 
     const NOW: i64 = 1_700_000_000_000;
 
@@ -580,18 +581,13 @@ mod tests {
 
     fn transient(after: Option<Duration>) -> Outcome {
         Outcome::Retry {
-            after,
-            reason: "HTTP 503".into(),
-            throttle: false,
+            failure: Failure::llmq(Class::Transient, "HTTP 503").after(after),
             elsewhere: false,
         }
     }
 
     fn rate_limited(after: Option<Duration>) -> Outcome {
-        Outcome::RateLimited {
-            after,
-            reason: "HTTP 429".into(),
-        }
+        Outcome::RateLimited(Failure::llmq(Class::RateLimited, "HTTP 429").after(after))
     }
 
     #[test]
@@ -732,9 +728,7 @@ mod tests {
     fn a_transient_failure_with_another_deployment_free_is_retried_at_once() {
         let p = policy();
         let produced = Outcome::Retry {
-            after: None,
-            reason: "connection refused".into(),
-            throttle: false,
+            failure: Failure::llmq(Class::Transient, "connection refused"),
             elsewhere: true,
         };
         let i = Input {
@@ -986,10 +980,7 @@ mod tests {
     #[test]
     fn a_permanent_failure_is_dead_lettered_with_its_kind() {
         let p = policy();
-        let failed = Outcome::Failed {
-            kind: ErrorKind::UpstreamPermanent,
-            reason: "HTTP 400".into(),
-        };
+        let failed = Outcome::Failed(Failure::llmq(Class::Permanent, "HTTP 400"));
         let i = Input {
             claim: Claim::Acquired,
             attempts: 1,

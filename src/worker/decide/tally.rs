@@ -6,7 +6,10 @@
 
 use crate::{
     contract::{ErrorKind, headers::RetryState},
-    upstream::call::Outcome,
+    upstream::{
+        call::Outcome,
+        failure::{Class, Failure},
+    },
 };
 
 use super::Republish;
@@ -83,11 +86,11 @@ impl Tally {
             Outcome::Retry { .. } => {
                 self.first_failure.get_or_insert(now_ms / 1000);
             }
-            Outcome::RateLimited { .. } => {
+            Outcome::RateLimited(_) => {
                 self.rate_limits = self.rate_limits.saturating_add(1);
                 self.rate_limited_since_ms.get_or_insert(now_ms);
             }
-            Outcome::Done(_) | Outcome::Failed { .. } | Outcome::Deferred { .. } => {}
+            Outcome::Done(_) | Outcome::Failed(_) | Outcome::Deferred { .. } => {}
         }
     }
 
@@ -111,10 +114,10 @@ impl Tally {
         let produced = match attempted {
             Attempted::Produced(outcome) => outcome,
             // The call was made (and may have been paid for): it counts.
-            Attempted::PastDeadline => Outcome::Failed {
-                kind: ErrorKind::Expired,
-                reason: CUT_AT_DEADLINE.into(),
-            },
+            Attempted::PastDeadline => Outcome::Failed(Failure::llmq(
+                Class::Ended(ErrorKind::Expired),
+                CUT_AT_DEADLINE,
+            )),
             Attempted::Shutdown => {
                 // A stream cut off by the shutdown deadline was paid for, and its deltas went
                 // out under this attempt's number.
@@ -173,18 +176,15 @@ mod tests {
 
     fn retry() -> Outcome {
         Outcome::Retry {
-            after: None,
-            reason: "HTTP 503".into(),
-            throttle: false,
+            failure: Failure::llmq(Class::Transient, "HTTP 503"),
             elsewhere: false,
         }
     }
 
     fn rate_limited() -> Outcome {
-        Outcome::RateLimited {
-            after: Some(Duration::from_secs(1)),
-            reason: "HTTP 429".into(),
-        }
+        Outcome::RateLimited(
+            Failure::llmq(Class::RateLimited, "HTTP 429").after(Some(Duration::from_secs(1))),
+        )
     }
 
     #[test]
@@ -287,10 +287,10 @@ mod tests {
         assert_eq!(
             after,
             AfterAttempt {
-                produced: Some(Outcome::Failed {
-                    kind: ErrorKind::Expired,
-                    reason: CUT_AT_DEADLINE.into()
-                }),
+                produced: Some(Outcome::Failed(Failure::llmq(
+                    Class::Ended(ErrorKind::Expired),
+                    CUT_AT_DEADLINE
+                ))),
                 stopping: false
             }
         );

@@ -172,7 +172,7 @@ impl Settling<'_> {
     pub(super) async fn wait(&mut self, after: Duration) {
         let ctx = self.ctx;
         let reason = failure_reason(self.produced.as_ref());
-        if matches!(self.produced, Some(Outcome::RateLimited { .. })) {
+        if matches!(self.produced, Some(Outcome::RateLimited(_))) {
             debug!(delay_ms = millis(after), reason = %reason, "rate limited; trying again");
         } else {
             ctx.metrics.retried(self.kind.as_str());
@@ -278,7 +278,7 @@ impl Settling<'_> {
                 self.ctx.metrics.retried(self.kind.as_str());
                 warn!(attempt = self.tally.attempts, delay_ms = millis(after), error = %to.reason, "transient failure; retrying through the retry queue");
             }
-            (Some(Outcome::RateLimited { .. }), Destination::RetryTier { after }) => {
+            (Some(Outcome::RateLimited(_)), Destination::RetryTier { after }) => {
                 info!(delay_ms = millis(after), reason = %to.reason, "rate limited; waiting in the retry queue");
             }
             (_, Destination::Requeue) => {
@@ -413,14 +413,9 @@ fn unconfirmed(published: Result<(), PublishError>) -> Result<(), Confirm> {
 
 /// The reason of a transient failure, for logs.
 fn failure_reason(produced: Option<&Outcome>) -> &str {
-    match produced {
-        Some(
-            Outcome::Retry { reason, .. }
-            | Outcome::Failed { reason, .. }
-            | Outcome::RateLimited { reason, .. },
-        ) => reason,
-        _ => "",
-    }
+    produced
+        .and_then(Outcome::failure)
+        .map_or("", |failure| failure.reason())
 }
 
 fn millis(d: Duration) -> u64 {
