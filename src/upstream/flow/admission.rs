@@ -74,7 +74,8 @@ impl Admission {
                 });
                 continue;
             };
-            if a.turn.priority > b.turn.priority {
+            // Of equal priorities, the last call's turn.
+            if a.turn.priority >= b.turn.priority {
                 b.turn = a.turn;
             }
             b.tokens += a.tokens;
