@@ -332,12 +332,20 @@ impl Upstream {
         match &job.call {
             Call::Chat { messages, params } => self
                 .router
-                .call(route, Kind::Chat, &admission, |client, model| async move {
-                    match deltas {
-                        Some(deltas) => client.chat_stream(&model, messages, params, deltas).await,
-                        None => client.chat(&model, messages, params).await,
-                    }
-                })
+                .call(
+                    route,
+                    Kind::Chat,
+                    &admission,
+                    |deployment, model| async move {
+                        let client = deployment.client();
+                        match deltas {
+                            Some(deltas) => {
+                                client.chat_stream(&model, messages, params, deltas).await
+                            }
+                            None => client.chat(&model, messages, params).await,
+                        }
+                    },
+                )
                 .await
                 .map(Answer::Chat),
             Call::Embedding { input, params, .. } => match &self.batcher {
@@ -358,7 +366,9 @@ impl Upstream {
                         route,
                         Kind::Embedding,
                         &admission,
-                        |client, model| async move { client.embed(&model, input, params).await },
+                        |deployment, model| async move {
+                            deployment.client().embed(&model, input, params).await
+                        },
                     )
                     .await
                     .map(Answer::Embedding),

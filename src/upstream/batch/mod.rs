@@ -127,7 +127,9 @@ async fn call(
             &mut route,
             Kind::Embedding,
             &admission,
-            |client, model| async move { client.embed(&model, input, params).await },
+            |deployment, model| async move {
+                deployment.client().embed(&model, input, params).await
+            },
         )
         .await
 }

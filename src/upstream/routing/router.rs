@@ -29,7 +29,6 @@ use crate::{
     upstream::{
         failure::{Class, Failure},
         flow::admission::Admission,
-        http::client::LlmClient,
         routing::deployment::{Answer, Deployment},
         routing::standing::{Availability, Standing, Why, secs_ms},
     },
@@ -157,7 +156,7 @@ impl Router {
     }
 
     /// Makes one call for `route`: picks a deployment, waits for its slot as `admission`
-    /// says (until its `until`, or until its `stop`) and calls it with `make(client, model
+    /// says (until its `until`, or until its `stop`) and calls it with `make(deployment, model
     /// as it knows it)`, moving on at once after a spent account, a refusal or a
     /// context-length error.
     pub async fn call<'r, T, F, Fut>(
@@ -169,7 +168,7 @@ impl Router {
     ) -> Routed<T>
     where
         T: Answer,
-        F: Fn(&'r LlmClient, String) -> Fut,
+        F: Fn(&'r Deployment, String) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
         let stopped = admission.stop.stopped();
@@ -224,7 +223,7 @@ impl Router {
                     kind,
                     slot,
                     make(
-                        deployment.client(),
+                        deployment,
                         deployment.spec().upstream_name(&model).to_string(),
                     ),
                 )
@@ -578,10 +577,10 @@ mod tests {
                     until: far(),
                     stop: Stop::One(CancellationToken::new()),
                 },
-                |client, model| {
+                |deployment, model| {
                     let messages = &messages;
                     let params = &params;
-                    async move { client.chat(&model, messages, params).await }
+                    async move { deployment.client().chat(&model, messages, params).await }
                 },
             )
             .await
