@@ -18,7 +18,10 @@ use redis::Script;
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::{config::LimitsConfig, store::redis_conn::LazyConnection};
+use crate::{
+    config::LimitsConfig,
+    store::{keys, redis_conn::LazyConnection},
+};
 
 /// The atomic bucket: refills by elapsed server time, takes `cost` while the bucket is above
 /// zero (a large request runs into debt that later ones wait out, instead of starving), else
@@ -90,10 +93,7 @@ impl Budget {
         shared: Option<Arc<LazyConnection>>,
         scope: Option<&str>,
     ) -> Self {
-        let prefix = match scope {
-            Some(scope) => format!("{}:{scope}", limits.key_prefix),
-            None => limits.key_prefix.clone(),
-        };
+        let prefix = keys::bucket_prefix(&limits.key_prefix, scope);
         let bucket = |per_minute: u64, name: &str| -> Option<Bucket> {
             if per_minute == 0 {
                 return None;
@@ -102,7 +102,7 @@ impl Budget {
                 Some(conn) => Bucket::Shared(Box::new(SharedBucket {
                     conn: conn.clone(),
                     down_until: Mutex::new(None),
-                    key: format!("{prefix}:{name}"),
+                    key: keys::bucket(&prefix, name),
                     capacity: per_minute,
                     fallback: LocalBucket::new(per_minute),
                 })),

@@ -31,7 +31,7 @@ use tracing::warn;
 
 use crate::{
     config::{Config, TenantLimits, Tenants},
-    store::redis_conn::LazyConnection,
+    store::{keys, redis_conn::LazyConnection},
     upstream::{
         flow::limit::{Flow, Permit, Turn},
         flow::ratelimit::{Budget, REDIS_TIMEOUT},
@@ -273,14 +273,14 @@ impl Shares {
     }
 
     fn gate(&self, tenant: &str, limits: &TenantLimits) -> Gate {
-        let scope = format!("tenant:{}", escape(tenant));
+        let scope = keys::tenant_scope(tenant);
         let calls = usize::try_from(limits.max_inflight)
             .ok()
             .filter(|n| *n > 0)
             .map(|cap| Flow::new(cap, cap, Budget::unlimited()));
         let fleet = match (&self.shared, limits.max_inflight) {
             (Some((_, prefix)), cap) if cap > 0 => {
-                Some((format!("{prefix}:{scope}:inflight"), cap))
+                Some((keys::tenant_inflight(prefix, tenant), cap))
             }
             _ => None,
         };
@@ -419,11 +419,6 @@ fn has_caps(limits: &TenantLimits) -> bool {
     limits.max_inflight > 0
         || limits.max_requests_per_minute > 0
         || limits.max_tokens_per_minute > 0
-}
-
-/// A tenant's name as a Redis key segment: `%` and `:` escaped, so no two names share keys.
-fn escape(tenant: &str) -> String {
-    tenant.replace('%', "%25").replace(':', "%3A")
 }
 
 #[cfg(test)]
@@ -646,6 +641,6 @@ mod tests {
         assert_eq!(s.turn("alice", 7).priority, 7);
         assert_eq!(s.turn("bob", 0).weight, 1);
         assert_ne!(s.turn("alice", 0).tenant, s.turn("bob", 0).tenant);
-        assert_eq!(escape("a:b%c"), "a%3Ab%25c");
+        assert_eq!(keys::tenant_segment("a:b%c"), "a%3Ab%25c");
     }
 }

@@ -514,7 +514,7 @@ struct Shared {
 impl Shared {
     /// The hash of one deployment: `<limits.key_prefix>:upstream:<name>`.
     fn key(&self, name: &str) -> String {
-        format!("{}:upstream:{name}", self.prefix)
+        crate::store::keys::upstream(&self.prefix, name)
     }
 }
 
