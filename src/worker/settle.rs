@@ -515,7 +515,9 @@ impl Settling<'_> {
                     .await
             };
             let forward = stream::forward(out, pieces, self.restart, &self.progress);
-            futures_util::future::join(call, forward).await.0
+            // Boxed: a streamed call and its forwarding side by side would make every
+            // delivery's task about 3 KiB larger, streamed or not.
+            Box::pin(futures_util::future::join(call, forward)).await.0
         };
         let call = AssertUnwindSafe(call);
         let mut call = std::pin::pin!(call.catch_unwind());
