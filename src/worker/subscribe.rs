@@ -248,10 +248,12 @@ fn settle_in_task(
     // handle closes the channel, and the broker would requeue the delivery.
     let keep_open = channel.clone();
     let (ctx, publisher) = (ctx.clone(), publisher.clone());
-    tracker.spawn(async move {
+    // Boxed: a delivery's future is about 10 KiB, and tokio moves a task's future several
+    // times while spawning it and once more when it ends.
+    tracker.spawn(Box::pin(async move {
         settle::handle(&ctx, &publisher, origin, &delivery).await;
         drop(keep_open);
-    });
+    }));
 }
 
 /// A session's consumers on its channel: those of the current subscription, and those it
