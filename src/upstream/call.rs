@@ -339,8 +339,10 @@ impl Upstream {
                     |deployment, model| async move {
                         let client = deployment.client();
                         match deltas {
+                            // Boxed: a streamed call's state is much larger than a plain
+                            // one's, and inline every call in flight would carry it.
                             Some(deltas) => {
-                                client.chat_stream(&model, messages, params, deltas).await
+                                Box::pin(client.chat_stream(&model, messages, params, deltas)).await
                             }
                             None => client.chat(&model, messages, params).await,
                         }

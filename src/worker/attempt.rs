@@ -59,7 +59,7 @@ pub(super) struct Attempt<'a> {
 impl Attempt<'_> {
     /// Runs the attempt. A cancel drops the call where it is (its HTTP call, its wait for a
     /// slot or a batch), which gives back its permit and token estimate.
-    pub async fn run(self, route: &mut Route) -> Attempted {
+    pub async fn run(&self, route: &mut Route) -> Attempted {
         let watch = self.watch;
         tokio::select! {
             attempted = self.call(route) => attempted,
@@ -104,9 +104,10 @@ impl Attempt<'_> {
                     ))),
                 },
                 // The wait for a slot or a budget can outlast the lease (up to half the
-                // consumer timeout): keep it.
+                // consumer timeout): keep it. Boxed: it is rare, and inline every call in
+                // flight would carry its state.
                 _ = tokio::time::sleep(ctx.lease_renewal), if self.claimed => {
-                    ctx.store.renew(self.key, ctx.worker()).await;
+                    Box::pin(ctx.store.renew(self.key, ctx.worker())).await;
                 }
                 _ = ctx.abort.cancelled() => {
                     info!(attempt = number, "shutdown deadline reached mid-call; handing the request back");

@@ -146,17 +146,21 @@ impl Deployment {
         Some(Slot { permit, others })
     }
 
-    /// Makes one call in `slot` and accounts for it: the latency metric, the AIMD signal
-    /// (per call, not per message it carries), a `Retry-After` pause and the token budget
-    /// (settled by the usage of an answer, given back in full without one).
-    pub async fn call<T: Answer>(
+    /// Makes one call in `slot`, `make()`, and accounts for it: the latency metric, the AIMD
+    /// signal (per call, not per message it carries), a `Retry-After` pause and the token
+    /// budget (settled by the usage of an answer, given back in full without one).
+    ///
+    /// The call is made here rather than passed in made: a future taken as an argument
+    /// is kept twice in this one's state, as the argument and as what it awaits, and
+    /// every delivery in flight would carry both.
+    pub async fn call<T: Answer, F: Future<Output = Result<T, Failure>>>(
         &self,
         kind: Kind,
         mut slot: Slot,
-        call: impl Future<Output = Result<T, Failure>>,
+        make: impl FnOnce() -> F,
     ) -> Result<T, Failure> {
         let started = Instant::now();
-        let answer = call.await;
+        let answer = make().await;
         // Settled below from here on; the slot gives back only what a dropped call left.
         let taken = slot.permit.take_tokens();
         // Other calls running when this one started, or when its answer came, whichever is
@@ -257,8 +261,11 @@ mod tests {
             .expect("a free slot");
         assert_eq!(flow.in_flight(), 1, "the slot is held during the call");
         let params = Map::new();
+        let messages = hello();
         let answer = d
-            .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
+            .call(Kind::Chat, slot, || {
+                d.client().chat("m", &messages, &params)
+            })
             .await;
         assert!(answer.is_ok(), "{answer:?}");
         assert_eq!(flow.in_flight(), 0, "released after the call");
@@ -290,8 +297,11 @@ mod tests {
             .await
             .expect("a free slot");
         let params = Map::new();
+        let messages = hello();
         let answer = d
-            .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
+            .call(Kind::Chat, slot, || {
+                d.client().chat("m", &messages, &params)
+            })
             .await;
         let Err(e) = answer else {
             panic!("the mock answers 429");
@@ -314,8 +324,11 @@ mod tests {
             .admit(Turn::anyone(0), 10, far())
             .await
             .expect("a free slot");
+        let messages = hello();
         let answer = d
-            .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
+            .call(Kind::Chat, slot, || {
+                d.client().chat("m", &messages, &params)
+            })
             .await;
         assert!(
             matches!(&answer, Err(f) if f.class == Class::RateLimited && f.retry_after.is_some()),
@@ -363,8 +376,11 @@ mod tests {
             .expect("a full budget");
         assert_eq!(level(&flow), 0.0, "all taken");
         let params = Map::new();
+        let messages = hello();
         let answer = d
-            .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
+            .call(Kind::Chat, slot, || {
+                d.client().chat("m", &messages, &params)
+            })
             .await;
         assert!(
             matches!(answer, Err(ref f) if f.class == Class::Permanent),
@@ -382,8 +398,11 @@ mod tests {
             .await
             .expect("a full budget");
         let params = Map::new();
+        let messages = hello();
         let answer = d
-            .call(Kind::Chat, slot, d.client().chat("m", &hello(), &params))
+            .call(Kind::Chat, slot, || {
+                d.client().chat("m", &messages, &params)
+            })
             .await;
         let used = answer
             .expect("answered")
@@ -413,7 +432,9 @@ mod tests {
             .await
             .expect("a full budget");
         let (messages, params) = (hello(), Map::new());
-        let call = d.call(Kind::Chat, slot, d.client().chat("m", &messages, &params));
+        let call = d.call(Kind::Chat, slot, || {
+            d.client().chat("m", &messages, &params)
+        });
         assert!(
             tokio::time::timeout(Duration::from_millis(100), call)
                 .await

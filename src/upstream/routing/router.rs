@@ -219,14 +219,12 @@ impl Router {
                 continue;
             }
             let answer = deployment
-                .call(
-                    kind,
-                    slot,
+                .call(kind, slot, || {
                     make(
                         deployment,
                         deployment.spec().upstream_name(&model).to_string(),
-                    ),
-                )
+                    )
+                })
                 .await;
             let now = unix_now_ms();
             // Any answer but a transient failure says the deployment is up: that closes its

@@ -106,6 +106,26 @@ async fn settle(
     delivery: &Delivery,
     identity: Identity,
 ) {
+    let (mut settling, span) = arrive(ctx, publisher, origin, delivery, &identity);
+    // `watch` fired already for a cancel this replica heard; only then is Redis spared.
+    settling.tombstoned = settling.job.is_some()
+        && !settling.watch.is_cancelled()
+        && ctx.cancels.tombstoned(&settling.key).await;
+    settling.run().instrument(span).await;
+}
+
+/// A delivery as it arrives: parsed, its counts read, watched for a cancel (not yet
+/// checked for a tombstone), and the span its settling runs in.
+///
+/// Not async: what it works with on the way (the parse, the headers read, the pieces the
+/// state is made of) stays on its stack, not in every delivery's task while it waits.
+fn arrive<'a>(
+    ctx: &'a Context,
+    publisher: &'a Publisher,
+    origin: Origin,
+    delivery: &'a Delivery,
+    identity: &Identity,
+) -> (Settling<'a>, tracing::Span) {
     let kind = origin.kind;
     let started = Instant::now();
     ctx.metrics.received(kind.as_str());
@@ -140,8 +160,6 @@ async fn settle(
     // Watched while it is settled here; a cancel heard before it was reached (here, or
     // with the Redis store anywhere) is a tombstone.
     let watch = ctx.cancels.watch(&key);
-    // `watch` fired already for a cancel this replica heard; only then is Redis spared.
-    let tombstoned = parsed.is_ok() && !watch.is_cancelled() && ctx.cancels.tombstoned(&key).await;
     let tally = Tally::arrive(&retry, streams, delivery.redelivered, unix_now_ms());
     // Only a store compares fingerprints: without one, no hash on the hot path.
     let fingerprint = match (&ctx.store, &parsed) {
@@ -162,7 +180,7 @@ async fn settle(
         fingerprint,
         tenant: identity.as_str().to_string(),
         watch,
-        tombstoned,
+        tombstoned: false,
         route,
         streams,
         not_before_ms: retry.not_before_ms,
@@ -181,7 +199,7 @@ async fn settle(
         stopping: false,
         calls: 0,
     };
-    settling.run().instrument(span).await;
+    (settling, span)
 }
 
 /// The budget as it stands before a call: asked for again before each one.
@@ -277,7 +295,10 @@ impl Settling<'_> {
     }
 
     /// Asks for a decision, carries it out, and asks again until the delivery is settled.
-    async fn run(mut self) {
+    ///
+    /// By reference: an async fn keeps what it takes by value twice in its state, as the
+    /// argument and as the local it is moved to.
+    async fn run(&mut self) {
         // Which model and deployment the attempts go to, carried from one to the next.
         let mut route = self.job.as_ref().map(|job| {
             let mut route = self.ctx.upstream.route(job);
@@ -307,5 +328,28 @@ fn route_of(delivery: &Delivery, request_id: &str, reply_to: &ReplyToPolicy) -> 
             .as_ref()
             .map(|s| s.to_string())
             .filter(|s| !s.is_empty() && reply_to.allows(s)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `handle` returns, without making one.
+    fn size_of_handle<'a, F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(&'a Context, &'a Publisher, Origin, &'a Delivery) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every delivery in flight holds this future (1,250 of them at a prefetch of 1,000):
+    /// a large state added to it, or a future kept across an await that need not be, costs
+    /// its size that many times. About 4.4 KiB in a test build; past the bound, box the
+    /// rare branch that grew, or find what is kept twice.
+    #[test]
+    fn a_delivery_in_flight_stays_small() {
+        let size = size_of_handle(handle);
+        assert!(size <= 4864, "a delivery's future takes {size} bytes");
     }
 }
