@@ -59,14 +59,24 @@ pub(super) struct Attempt<'a> {
 impl Attempt<'_> {
     /// Runs the attempt. A cancel drops the call where it is (its HTTP call, its wait for a
     /// slot or a batch), which gives back its permit and token estimate.
+    ///
+    /// An answer is put on its tenant's account after the race: a cancel that comes while
+    /// the ledger is written (to Redis) must not drop an answer already made and paid for.
     pub async fn run(&self, route: &mut Route) -> Attempted {
         let watch = self.watch;
-        tokio::select! {
+        let attempted = tokio::select! {
             attempted = self.call(route) => attempted,
             () = watch.cancelled() => {
                 info!("cancelled by its caller mid-call");
                 Attempted::Cancelled
             }
+        };
+        match attempted {
+            Attempted::Produced(mut outcome) => {
+                self.account(&mut outcome).await;
+                Attempted::Produced(outcome)
+            }
+            other => other,
         }
     }
 
@@ -116,10 +126,7 @@ impl Attempt<'_> {
             }
         };
         match outcome {
-            Some(mut outcome) => {
-                self.account(&mut outcome).await;
-                Attempted::Produced(outcome)
-            }
+            Some(outcome) => Attempted::Produced(outcome),
             // Shutdown came first, while it waited for a slot.
             None => Attempted::Shutdown,
         }
