@@ -141,7 +141,7 @@ pub struct Held<'a> {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         let mut s = self.lanes.state();
-        let kind = index(self.key.0);
+        let kind = self.key.0.index();
         s.totals[kind].0 = s.totals[kind].0.saturating_sub(1);
         if let Some((count, weight)) = s.held.get_mut(&self.key) {
             *count -= 1;
@@ -152,10 +152,6 @@ impl Drop for Held<'_> {
             }
         }
     }
-}
-
-fn index(kind: Kind) -> usize {
-    kind.index()
 }
 
 impl Lanes {
@@ -185,7 +181,7 @@ impl Lanes {
         let entry = s.held.entry(key.clone()).or_insert((0, weight));
         entry.0 += 1;
         let first = entry.0 == 1;
-        let totals = &mut s.totals[index(kind)];
+        let totals = &mut s.totals[kind.index()];
         totals.0 += 1;
         if first {
             totals.1 += u64::from(weight);
@@ -278,7 +274,7 @@ impl State {
         if held < 2 {
             return false;
         }
-        let (total, weights) = self.totals[index(key.0)];
+        let (total, weights) = self.totals[key.0.index()];
         if !unseen && held >= total {
             return false;
         }
