@@ -1,8 +1,10 @@
 //! Logs: text or JSON lines, filtered by `log.level` (`RUST_LOG` wins when set).
 //!
-//! Field values often come from a message (its `request_id`, a reason quoting its
-//! `reply_to`), so text logs escape `\n` and `\r` in every field: a value cannot start a
-//! forged log line. JSON logs escape them by being JSON.
+//! Field values often come from a message (its `request_id`, `model`, tenant, a reason
+//! quoting its `reply_to`), so text logs escape every control character in every field and
+//! in the message: a value can neither start a forged log line (`\n`, `\r`) nor send a
+//! terminal escape sequence (`ESC`, the C1 controls) or reorder what is shown (the
+//! bidirectional overrides). JSON logs escape `\n`, `\r` and `ESC` by being JSON.
 
 use std::fmt::{self, Write as _};
 
@@ -40,7 +42,10 @@ pub fn init(cfg: &LogConfig) {
 }
 
 /// Formats the fields of text logs as `name=value` (the message bare), separated by spaces,
-/// with line breaks in values escaped.
+/// with control characters in values escaped ([`EscapeControls`]).
+///
+/// It replaces tracing-subscriber's own field formatter, and with it that formatter's
+/// escaping of terminal escape sequences: whatever that escaped, this must escape too.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EscapedFields;
 
@@ -50,27 +55,38 @@ impl<'w> FormatFields<'w> for EscapedFields {
             if field.name() != "message" {
                 write!(w, "{}=", field.name())?;
             }
-            write!(EscapeLineBreaks(w), "{value:?}")
+            write!(EscapeControls(w), "{value:?}")
         })
         .delimited(" ");
         format.format_fields(writer, fields)
     }
 }
 
-/// Writes through to `W` with `\n` and `\r` as the two characters `\n` and `\r`.
-struct EscapeLineBreaks<'a, W: fmt::Write>(&'a mut W);
+/// Writes through to `W` with every control character (C0, DEL, C1) and every
+/// bidirectional formatting character written as an escape: `\n`, `\r` and `\t` as those two
+/// characters, the others as `\x1b` (below 0x80) or `\u{9b}`. Nothing a message carries then
+/// reaches a terminal or a log file as anything but visible text.
+struct EscapeControls<'a, W: fmt::Write>(&'a mut W);
 
-impl<W: fmt::Write> fmt::Write for EscapeLineBreaks<'_, W> {
+/// Whether `c` is written escaped: a control character, or one that reorders the text
+/// displayed after it (U+202A to U+202E, U+2066 to U+2069).
+fn is_escaped(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+impl<W: fmt::Write> fmt::Write for EscapeControls<'_, W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         let mut rest = s;
-        while let Some(i) = rest.find(['\n', '\r']) {
+        while let Some((i, c)) = rest.char_indices().find(|(_, c)| is_escaped(*c)) {
             self.0.write_str(&rest[..i])?;
-            self.0.write_str(if rest.as_bytes()[i] == b'\n' {
-                "\\n"
-            } else {
-                "\\r"
-            })?;
-            rest = &rest[i + 1..];
+            match c {
+                '\n' => self.0.write_str("\\n")?,
+                '\r' => self.0.write_str("\\r")?,
+                '\t' => self.0.write_str("\\t")?,
+                c if u32::from(c) < 0x80 => write!(self.0, "\\x{:02x}", u32::from(c))?,
+                c => write!(self.0, "\\u{{{:x}}}", u32::from(c))?,
+            }
+            rest = &rest[i + c.len_utf8()..];
         }
         self.0.write_str(rest)
     }
@@ -133,6 +149,26 @@ mod tests {
             line,
             "ERROR job{request_id=r1\\nERROR forged line\\r attempt=1}: dead-lettered \
              error_kind=\"invalid_request\" reason=reply_to \"x\" is refused\\nINFO forged\n"
+        );
+    }
+
+    /// A `request_id` (or any other value from a message) that carries a terminal escape
+    /// sequence and a line break is written as visible text, on one line, as
+    /// tracing-subscriber's own formatter would escape it.
+    #[test]
+    fn terminal_escapes_in_values_are_escaped() {
+        let line = logged(
+            "r1\x1b[31m\nERROR forged\x07",
+            "model \u{9b}2J \u{202e}evil\x7f\t",
+        );
+        assert_eq!(
+            line,
+            "ERROR job{request_id=r1\\x1b[31m\\nERROR forged\\x07 attempt=1}: dead-lettered \
+             error_kind=\"invalid_request\" reason=model \\u{9b}2J \\u{202e}evil\\x7f\\t\n"
+        );
+        assert!(
+            !line.trim_end_matches('\n').chars().any(is_escaped),
+            "{line:?}"
         );
     }
 
