@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moka::future::Cache;
+use moka::{future::Cache, policy::EvictionPolicy};
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
 
 use crate::{
@@ -188,8 +188,11 @@ impl Store {
     }
 }
 
-/// The per-replica store: finished results in a cache bounded in bytes with a TTL, and the
-/// leases of the requests in flight in a plain map. A lease is never evicted to make room
+/// The per-replica store: finished results in a cache bounded in bytes with a TTL, least
+/// recently used out first, and the leases of the requests in flight in a plain map. (Not
+/// moka's default TinyLFU, whose admission refuses a new result once the cache is full of
+/// results read before: the newest answers, the likeliest to be asked for again by a
+/// redelivery or a retrying client, would be the ones forgotten.) A lease is never evicted to make room
 /// (the map holds what is in flight, which the prefetch bounds), so one request id can not
 /// be leased twice; an expired one is swept as the map grows.
 pub struct MemoryStore {
@@ -216,6 +219,7 @@ impl MemoryStore {
     fn new(max_bytes: u64, ttl: Duration, lease: Duration) -> Self {
         Self {
             results: Cache::builder()
+                .eviction_policy(EvictionPolicy::lru())
                 .max_capacity(max_bytes)
                 .weigher(|key: &String, stored: &Arc<Stored>| {
                     let bytes = key.len() + stored.fingerprint.len() + stored.body.len();
@@ -537,6 +541,44 @@ mod tests {
             "{} kept",
             m.results.entry_count()
         );
+    }
+
+    /// Past its bytes, the store keeps the newest results and lets the least recently used
+    /// go, however often the old ones were read: a duplicate of a recent request is
+    /// answered from the store.
+    #[tokio::test]
+    async fn a_full_memory_store_keeps_the_most_recent_results() {
+        let m = MemoryStore::new(256 * 1024, Duration::from_secs(60), Duration::from_secs(60));
+        let body = vec![b'x'; 20_000];
+        let weight = "old-00".len() + FP.len() + body.len() + ENTRY_OVERHEAD;
+        // How many results of this size the store holds: 12.
+        let room = 256 * 1024 / weight;
+        assert_eq!(room, 12);
+        // Old results, each read several times (duplicates answered from the store).
+        for i in 0..room {
+            let id = format!("old-{i:02}");
+            m.save(&id, FP, &body).await;
+            for _ in 0..5 {
+                assert_eq!(m.claim(&id, FP).await, Claim::Done(body.clone()));
+            }
+        }
+        m.results.run_pending_tasks().await;
+        // Then twice as many new ones, never read.
+        for i in 0..2 * room {
+            m.save(&format!("new-{i:02}"), FP, &body).await;
+        }
+        m.results.run_pending_tasks().await;
+        let mut missing = Vec::new();
+        for id in (room..2 * room).map(|i| format!("new-{i:02}")) {
+            if m.claim(&id, FP).await != Claim::Done(body.clone()) {
+                missing.push(id);
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "the newest results were not kept: {missing:?}"
+        );
+        assert_eq!(m.results.entry_count(), room as u64);
     }
 
     #[test]
