@@ -46,6 +46,14 @@ pub fn lane_queue(queue: &str, lane: u16) -> String {
     format!("{queue}.lane.{lane:02x}")
 }
 
+/// The lane number of `name` when it is a lane of work queue `queue`: the inverse of
+/// [`lane_queue`].
+pub fn lane_number(name: &str, queue: &str) -> Option<u16> {
+    let nn = name.strip_prefix(queue)?.strip_prefix(".lane.")?;
+    let hex = nn.len() == 2 && nn.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    hex.then(|| u16::from_str_radix(nn, 16).ok()).flatten()
+}
+
 /// The lane a tenant's requests go to among `lanes`, or `None` when there are none (`0`).
 ///
 /// The first 8 bytes of the SHA-256 of the tenant's name (its UTF-8 bytes), read as a

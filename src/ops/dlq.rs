@@ -18,7 +18,10 @@ use serde::Serialize;
 
 use super::{OpsError, open};
 use crate::{
-    broker::{publish::publish_confirmed, topology::queue_depth},
+    broker::{
+        publish::publish_confirmed,
+        topology::{self, queue_depth},
+    },
     config::{Config, TopologyConfig},
     contract::{
         ErrorKind,
@@ -168,14 +171,23 @@ async fn requeue_in_order(taken: &[BasicGetMessage]) -> Result<(), OpsError> {
     Ok(())
 }
 
-/// The work queue's key for a dead letter: its original key when that is one of the work
-/// keys, else the chat key.
+/// The work key of the kind a dead letter was delivered as, read from the routing key it
+/// came with: a work key, or the name of a work queue or of one of its lanes (a request
+/// counted as redelivered, given back at a shutdown or moved to its tenant's lane was
+/// republished to its queue by name, through the default exchange). Anything else goes to
+/// the chat key, where a request's own `kind` field still decides what it is.
 fn replay_key(topo: &TopologyConfig, original: &str) -> String {
-    let work_key = |kind| topo.work_key(kind);
-    match Kind::ALL.into_iter().find(|k| work_key(*k) == original) {
-        Some(kind) => work_key(kind).to_string(),
-        None => work_key(Kind::Chat).to_string(),
-    }
+    let by_key = Kind::ALL
+        .into_iter()
+        .find(|k| topo.work_key(*k) == original);
+    let by_queue = || {
+        Kind::ALL.into_iter().find(|k| {
+            let queue = topo.work_queue(*k);
+            original == queue || topology::lane_number(original, queue).is_some()
+        })
+    };
+    let kind = by_key.or_else(by_queue).unwrap_or(Kind::Chat);
+    topo.work_key(kind).to_string()
 }
 
 /// The properties without the failure headers (and, on request, the attempt count).
@@ -223,4 +235,31 @@ pub fn json_lines(items: &[DeadLetter]) -> String {
         .iter()
         .map(|d| serde_json::to_string(d).unwrap_or_default() + "\n")
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_letter_is_replayed_to_the_work_key_of_its_queue() {
+        let topo = TopologyConfig::default();
+        let (chat, embed) = (topo.processing_key.as_str(), topo.embeddings_key.as_str());
+        for (original, key) in [
+            (chat, chat),
+            (embed, embed),
+            ("llm_processing", chat),
+            ("llm_embeddings", embed),
+            ("llm_processing.lane.0a", chat),
+            ("llm_embeddings.lane.0a", embed),
+            ("llm_embeddings.lane.ff", embed),
+            // Not a lane: the chat key, where the body's `kind` decides.
+            ("llm_embeddings.lane.0A", chat),
+            ("llm_embeddings.lane.100", chat),
+            ("llm_embeddings.other", chat),
+            ("", chat),
+        ] {
+            assert_eq!(replay_key(&topo, original), key, "{original:?}");
+        }
+    }
 }

@@ -336,3 +336,108 @@ fn declared_queues() -> std::collections::HashMap<String, serde_json::Value> {
         .filter_map(|q| Some((q["name"].as_str()?.to_string(), q)))
         .collect()
 }
+
+/// An embedding request (no `kind` field: its queue says what it is) that was republished
+/// to its queue by name before it was dead-lettered (counted as redelivered here; given
+/// back at a shutdown or published into a lane, the same) is replayed to the embeddings
+/// queue, and one dead-lettered from an embeddings lane too: not to the chat queue, where it
+/// would read as a chat request without messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_sends_embeddings_back_to_the_embeddings_queue() {
+    let env = TestEnv::new(MockOptions {
+        error_rate: 1.0,
+        status: 400,
+        ..Default::default()
+    })
+    .await;
+    let topo = env.config.topology.clone();
+    let body = |id: &str| json!({"request_id": id, "input": "x"}).to_string();
+    let json_props = || BasicProperties::default().with_content_type("application/json".into());
+    env.publish(
+        &topo.embeddings_key,
+        body("redelivered").as_bytes(),
+        json_props(),
+    )
+    .await;
+    // Taken and never settled: the broker requeues it flagged redelivered.
+    let taker = env.conn.create_channel().await.unwrap();
+    let taken = taker
+        .basic_get(
+            topo.embeddings_queue.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: false },
+        )
+        .await
+        .unwrap();
+    assert!(taken.is_some(), "the request was in its queue");
+    taker.close(200, "unsettled".into()).await.unwrap();
+    wait_until(Duration::from_secs(5), "the request requeued", || async {
+        env.queue_len(&topo.embeddings_queue).await == 1
+    })
+    .await;
+    let lane = topology::lane_queue(&topo.embeddings_queue, 3);
+    env.channel
+        .basic_publish(
+            "".into(),
+            lane.as_str().into(),
+            BasicPublishOptions::default(),
+            body("in-a-lane").as_bytes(),
+            json_props().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let worker = env.start_worker();
+    wait_until(Duration::from_secs(20), "both dead-lettered", || async {
+        env.queue_len(&topo.dead_letter_queue).await == 2
+    })
+    .await;
+    worker.stop().await.unwrap();
+    let mut listed = dlq::list(&env.config, 10).await.unwrap();
+    listed.sort_by(|a, b| a.request_id.cmp(&b.request_id));
+    let seen: Vec<(&str, &str, &str)> = listed
+        .iter()
+        .map(|d| {
+            (
+                d.request_id.as_str(),
+                d.routing_key.as_str(),
+                d.error_kind.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("in-a-lane", lane.as_str(), "upstream_permanent"),
+            (
+                "redelivered",
+                topo.embeddings_queue.as_str(),
+                "upstream_permanent"
+            ),
+        ],
+        "each came by its queue's name, not by the embeddings key"
+    );
+
+    let replayed = dlq::replay(&env.config, &Selection::All, true)
+        .await
+        .unwrap();
+    assert_eq!(replayed.len(), 2);
+    assert_eq!(env.queue_len(&topo.embeddings_queue).await, 2);
+    assert_eq!(env.queue_len(&topo.processing_queue).await, 0);
+
+    // Answered as the embeddings they are.
+    env.results(2).await; // the two error results of the dead letters
+    env.mock.set_options(MockOptions::default());
+    let worker = env.start_worker();
+    let results = env.results(2).await;
+    for (_, r) in &results {
+        assert_eq!(
+            (&r["status"], &r["kind"]),
+            (&json!("ok"), &json!("embedding")),
+            "{r}"
+        );
+    }
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
