@@ -16,6 +16,7 @@ mod child;
 mod fields;
 mod llm;
 mod load;
+mod memory;
 mod rules;
 mod secret;
 mod sections;
