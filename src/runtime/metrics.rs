@@ -1,12 +1,20 @@
 //! Prometheus metrics of a worker, served by [`crate::ops::admin`] at `/metrics`.
 
-use std::{sync::atomic::AtomicU64, time::Duration};
+use std::{hash::Hash, sync::atomic::AtomicU64, time::Duration};
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder},
+    metrics::{
+        MetricType,
+        counter::Counter,
+        family::{Family, MetricConstructor},
+        gauge::Gauge,
+        histogram::Histogram,
+    },
     registry::Registry,
 };
+
+use crate::contract::{ErrorKind, request::Kind};
 
 /// `kind` = chat | embedding.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -65,6 +73,54 @@ pub struct FallbackLabels {
     pub to: String,
 }
 
+/// A metric as registered: listed in `/metrics` (its HELP and TYPE) even while it has no
+/// series, where prometheus-client leaves an empty family out. With [`Metrics::seed`],
+/// every family is there from start-up.
+#[derive(Debug)]
+struct Listed<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for Listed<M> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+}
+
+/// The label values known at start-up. [`Metrics::seed`] gives each labelled family a zeroed
+/// series for each (and for both kinds and every [`ErrorKind`]), so that every family has a
+/// series, and every dashboard query an answer, before its first event; a counter that is
+/// there at 0 also lets `rate()` and `increase()` see its first event.
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    /// The deployments (`[upstreams.<name>]`, or `default`).
+    pub upstreams: Vec<String>,
+    /// Every `outcome` of `upstream_calls` but `ok`: each way a call can fail.
+    pub call_failures: Vec<&'static str>,
+    /// Every `error_kind` of `requests_failed` that is not an [`ErrorKind`]: the failures a
+    /// retry may fix.
+    pub retryable_failures: Vec<&'static str>,
+    /// The tenants named in `[tenants]`, and `other`.
+    pub tenants: Vec<String>,
+    /// The configured fallbacks, `(from, to)`. With none, `upstream_fallbacks` has no
+    /// series: no fallback can happen.
+    pub fallbacks: Vec<(String, String)>,
+    /// The queues whose depth is read (the work queues and the DLQ): 0 until the first
+    /// read, a moment after connecting.
+    pub queues: Vec<String>,
+}
+
+/// Creates the series of `labels` in `family` at zero, unless it is there already.
+fn zeroed<S, M, C>(family: &Family<S, M, C>, labels: &S)
+where
+    S: Clone + Hash + Eq,
+    C: MetricConstructor<M>,
+{
+    drop(family.get_or_create(labels));
+}
+
 /// Declares [`Metrics`] from one list: each metric once, as a field with the name it is
 /// exposed under and its help text, which is also the field's doc. `Metrics::new` registers
 /// them in the order listed, which is the order of `/metrics`. A field's type must be
@@ -93,7 +149,7 @@ macro_rules! metrics {
                 let mut registry = Registry::with_prefix("llmq");
                 $(
                     let $field: $ty = metrics!(@make $($make)?);
-                    registry.register($name, $help, $field.clone());
+                    registry.register($name, $help, Listed($field.clone()));
                 )*
                 Self { registry, $($field,)* }
             }
@@ -165,10 +221,10 @@ metrics! {
         => "broker_reconnects", "Broker connections lost and reopened";
     pub lane_moves: Counter
         => "lane_moves", "Requests moved from a work queue to their tenant's lane (fair share)";
-    /// Also counts results that could not be sent to `reply_to` at all.
+    /// Counted once per result, whichever way the reply failed.
     pub replies_refused: Counter
         => "replies_refused",
-        "Results the caller's reply_to refused; they are on the results exchange";
+        "Results not delivered to the caller's reply_to (it refused them or was gone); each went to the results exchange instead";
     pub redelivered: Counter
         => "redelivered",
         "Deliveries that arrived redelivered (never settled before) and were counted";
@@ -193,6 +249,63 @@ impl Metrics {
     pub fn upstream(upstream: &str) -> UpstreamLabel {
         UpstreamLabel {
             upstream: upstream.into(),
+        }
+    }
+
+    /// Gives every labelled family a zeroed series for each label value `known` at start-up.
+    pub fn seed(&self, known: &Known) {
+        let errors = ErrorKind::ALL.map(ErrorKind::as_str);
+        for kind in Kind::ALL.map(Kind::as_str) {
+            let label = Self::kind(kind);
+            zeroed(&self.received, &label);
+            zeroed(&self.succeeded, &label);
+            zeroed(&self.retried, &label);
+            zeroed(&self.tokens, &label);
+            zeroed(&self.upstream_latency, &label);
+            let errors_of = |error_kinds: &[&str]| -> Vec<ErrorLabels> {
+                let labels = error_kinds.iter().map(|error_kind| ErrorLabels {
+                    kind: kind.into(),
+                    error_kind: (*error_kind).into(),
+                });
+                labels.collect()
+            };
+            for labels in errors_of(&errors) {
+                zeroed(&self.dead_lettered, &labels);
+                zeroed(&self.failed, &labels);
+            }
+            for labels in errors_of(&known.retryable_failures) {
+                zeroed(&self.failed, &labels);
+            }
+        }
+        for upstream in &known.upstreams {
+            let label = Self::upstream(upstream);
+            zeroed(&self.upstream_in_flight, &label);
+            zeroed(&self.upstream_limit, &label);
+            zeroed(&self.upstream_cooling, &label);
+            zeroed(&self.upstream_breaker, &label);
+            for outcome in ["ok"].iter().chain(&known.call_failures) {
+                let labels = UpstreamOutcome {
+                    upstream: upstream.clone(),
+                    outcome: (*outcome).into(),
+                };
+                zeroed(&self.upstream_calls, &labels);
+            }
+        }
+        for tenant in &known.tenants {
+            let label = TenantLabel {
+                tenant: tenant.clone(),
+            };
+            zeroed(&self.tenant_requests, &label);
+            zeroed(&self.tenant_tokens, &label);
+            zeroed(&self.tenant_cost, &label);
+        }
+        for (from, to) in &known.fallbacks {
+            let (from, to) = (from.clone(), to.clone());
+            zeroed(&self.fallbacks, &FallbackLabels { from, to });
+        }
+        for queue in &known.queues {
+            let queue = queue.clone();
+            zeroed(&self.queue_depth, &QueueLabel { queue });
         }
     }
 
@@ -374,7 +487,7 @@ mod tests {
 # TYPE llmq_broker_reconnects counter
 # HELP llmq_lane_moves Requests moved from a work queue to their tenant's lane (fair share).
 # TYPE llmq_lane_moves counter
-# HELP llmq_replies_refused Results the caller's reply_to refused; they are on the results exchange.
+# HELP llmq_replies_refused Results not delivered to the caller's reply_to (it refused them or was gone); each went to the results exchange instead.
 # TYPE llmq_replies_refused counter
 # HELP llmq_redelivered Deliveries that arrived redelivered (never settled before) and were counted.
 # TYPE llmq_redelivered counter
@@ -429,6 +542,81 @@ mod tests {
         let expected: Vec<&str> = FAMILIES.lines().collect();
         assert_eq!(exposed, expected, "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    /// The families of `text` (from their TYPE lines), each with its number of samples: the
+    /// lines named for it, or for it with a counter's or a histogram's suffix.
+    fn families(text: &str) -> Vec<(String, usize)> {
+        let sample_names: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let of = |family: &str, sample: &str| {
+            let suffix = sample.strip_prefix(family);
+            matches!(suffix, Some("" | "_total" | "_bucket" | "_count" | "_sum"))
+        };
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .map(|family| {
+                let samples = sample_names.iter().filter(|s| of(family, s)).count();
+                (family.to_string(), samples)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_family_is_listed_before_its_first_event() {
+        let text = Metrics::new().encode();
+        let exposed: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("# HELP ") || l.starts_with("# TYPE "))
+            .collect();
+        assert_eq!(exposed, FAMILIES.lines().collect::<Vec<_>>(), "{text}");
+    }
+
+    #[test]
+    fn a_seeded_worker_has_a_zeroed_series_in_every_family() {
+        let m = Metrics::new();
+        m.seed(&Known {
+            upstreams: vec!["openai".into()],
+            call_failures: vec!["rate_limited"],
+            retryable_failures: vec!["throttled"],
+            tenants: vec!["acme".into(), "other".into()],
+            fallbacks: vec![("gpt-4o".into(), "gpt-4o-mini".into())],
+            queues: vec!["llm_processing".into()],
+        });
+        let text = m.encode();
+        for (family, samples) in families(&text) {
+            assert!(samples > 0, "{family} has no series:\n{text}");
+        }
+        for series in [
+            "llmq_requests_received_total{kind=\"embedding\"} 0",
+            "llmq_requests_dead_lettered_total{kind=\"chat\",error_kind=\"budget_exceeded\"} 0",
+            "llmq_requests_failed_total{kind=\"chat\",error_kind=\"throttled\"} 0",
+            "llmq_requests_failed_total{kind=\"embedding\",error_kind=\"expired\"} 0",
+            "llmq_upstream_calls_total{upstream=\"openai\",outcome=\"ok\"} 0",
+            "llmq_upstream_calls_total{upstream=\"openai\",outcome=\"rate_limited\"} 0",
+            "llmq_upstream_fallbacks_total{from=\"gpt-4o\",to=\"gpt-4o-mini\"} 0",
+            "llmq_upstream_breaker{upstream=\"openai\"} 0",
+            "llmq_tenant_cost_usd_total{tenant=\"acme\"} 0.0",
+            "llmq_tenant_requests_total{tenant=\"other\"} 0",
+            "llmq_upstream_latency_seconds_count{kind=\"chat\"} 0",
+            "llmq_queue_depth{queue=\"llm_processing\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == series),
+                "no `{series}` in\n{text}"
+            );
+        }
+        // Seeding twice, or after an event, changes nothing.
+        m.received("chat");
+        m.seed(&Known::default());
+        assert!(
+            m.encode()
+                .contains("llmq_requests_received_total{kind=\"chat\"} 1")
+        );
     }
 
     #[test]

@@ -19,6 +19,22 @@ use crate::contract::ErrorKind;
 /// Longest error text kept from an upstream answer.
 pub const MAX_ERROR_TEXT: usize = 1024;
 
+/// Every `outcome` label of `llmq_upstream_calls_total` for a failed call to a deployment
+/// ([`Failure::call_label`]; a call that did not fail is `ok`), for the zeroed series of
+/// `/metrics` at start-up.
+pub const CALL_LABELS: [&str; 6] = [
+    "transient",
+    "rate_limited",
+    "quota",
+    "context_length",
+    "auth",
+    "permanent",
+];
+
+/// Every `error_kind` label of `llmq_requests_failed_total` for a failure a retry may fix
+/// ([`Failure::label`]); one it may not is labelled with its [`ErrorKind`].
+pub const RETRY_LABELS: [&str; 3] = ["transient", "throttled", "rate_limited"];
+
 /// What kind of failure it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
@@ -190,7 +206,7 @@ impl Failure {
         }
     }
 
-    /// The `error_kind` label of `llmq_failures_total` for an attempt that failed so.
+    /// The `error_kind` label of `llmq_requests_failed_total` for an attempt that failed so.
     pub fn label(&self) -> &'static str {
         match self.retry() {
             Retry::Transient => "transient",
@@ -460,6 +476,32 @@ mod tests {
         assert!(Failure::upstream(Class::Throttle, "x").is_throttle());
         assert!(Failure::upstream(Class::RateLimited, "x").is_throttle());
         assert!(!Failure::transient("x").is_throttle());
+    }
+
+    /// The label lists the metrics are seeded with hold every label a failure can have.
+    #[test]
+    fn every_label_is_listed_for_the_metrics() {
+        let classes = [
+            Class::Transient,
+            Class::Throttle,
+            Class::RateLimited,
+            Class::Quota,
+            Class::ContextLength,
+            Class::Refused,
+            Class::Permanent,
+        ];
+        for class in classes {
+            let f = Failure::upstream(class, "x");
+            assert!(CALL_LABELS.contains(&f.call_label()), "{class:?}");
+            let label = f.label();
+            let listed =
+                RETRY_LABELS.contains(&label) || ErrorKind::ALL.iter().any(|k| k.as_str() == label);
+            assert!(listed, "{class:?}: {label}");
+        }
+        for kind in ErrorKind::ALL {
+            let f = Failure::llmq(Class::Ended(kind), "x");
+            assert_eq!(f.label(), kind.as_str());
+        }
     }
 
     #[test]

@@ -34,12 +34,16 @@ use tokio_util::sync::CancellationToken;
 pub use health::Health;
 
 use crate::{
-    config::{Config, Tenants},
+    config::{Config, OTHER_TENANTS, Tenants},
     contract::Rules,
-    runtime::metrics::Metrics,
+    runtime::metrics::{Known, Metrics},
     store::idempotency::Store,
     tenant::{cost::Prices, spend::Ledger},
-    upstream::{call::Upstream, routing::router::Router},
+    upstream::{
+        call::Upstream,
+        failure::{CALL_LABELS, RETRY_LABELS},
+        routing::router::Router,
+    },
     worker::policy::RetryPolicy,
 };
 
@@ -96,6 +100,39 @@ impl Context {
     }
 }
 
+/// The label values of the metrics that the configuration names: each gets a zeroed series
+/// at start-up.
+fn known_labels(config: &Config, tenants: &Tenants) -> Known {
+    let routing = &config.routing;
+    let fallbacks = routing
+        .fallbacks
+        .iter()
+        .chain(&routing.context_window_fallbacks);
+    let topo = &config.topology;
+    Known {
+        upstreams: config
+            .deployments()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect(),
+        call_failures: CALL_LABELS.to_vec(),
+        retryable_failures: RETRY_LABELS.to_vec(),
+        tenants: tenants
+            .named()
+            .chain([OTHER_TENANTS])
+            .map(String::from)
+            .collect(),
+        fallbacks: fallbacks
+            .flat_map(|(from, tos)| tos.iter().map(|to| (from.clone(), to.clone())))
+            .collect(),
+        queues: vec![
+            topo.processing_queue.clone(),
+            topo.embeddings_queue.clone(),
+            topo.dead_letter_queue.clone(),
+        ],
+    }
+}
+
 /// A worker, built and not yet running.
 pub struct Worker {
     ctx: Arc<Context>,
@@ -106,6 +143,8 @@ impl Worker {
     pub fn new(config: Config, shutdown: CancellationToken) -> Result<Self, WorkerError> {
         let worker = config.worker.worker_id();
         let metrics = Arc::new(Metrics::default());
+        let tenants = Tenants::new(&config.tenants);
+        metrics.seed(&known_labels(&config, &tenants));
         for warning in config.warnings() {
             tracing::warn!("{warning}");
         }
@@ -132,7 +171,7 @@ impl Worker {
                 lease_renewal: lease / 2,
                 health: Arc::default(),
                 cancels: Arc::new(cancel::Cancels::new(&config)),
-                tenants: Tenants::new(&config.tenants),
+                tenants,
                 lanes: lanes::Lanes::new(
                     config.topology.lanes,
                     config.tenancy.max_tenants,

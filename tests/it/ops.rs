@@ -77,6 +77,88 @@ async fn metrics_move_with_real_jobs() {
     env.cleanup().await;
 }
 
+/// Every `llmq_` series name a query of the shipped Grafana dashboard reads.
+fn dashboard_series() -> std::collections::BTreeSet<String> {
+    fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(o) => {
+                for (k, v) in o {
+                    match (k.as_str(), v.as_str()) {
+                        ("expr", Some(expr)) => out.push(expr.to_string()),
+                        _ => exprs(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| exprs(v, out)),
+            _ => {}
+        }
+    }
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../deploy/grafana/llmq-dashboard.json")).unwrap();
+    let mut found = Vec::new();
+    exprs(&dashboard, &mut found);
+    let name = regex::Regex::new(r"llmq_[a-z_]+").unwrap();
+    found
+        .iter()
+        .flat_map(|expr| name.find_iter(expr).map(|m| m.as_str().to_string()))
+        .collect()
+}
+
+/// Before any message, `/metrics` has every family with a series, and every query of the
+/// shipped dashboard reads at least one: the labels the configuration names (deployments
+/// with every outcome, tenants, fallbacks, queues) and both kinds with every error kind are
+/// there at 0, `llmq_upstream_fallbacks_total` before any fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_family_and_dashboard_query_has_a_series_before_any_message() {
+    let env = TestEnv::with(MockOptions::default(), |c| {
+        c.routing.fallbacks = [("big".to_string(), vec!["small".to_string()])].into();
+    })
+    .await;
+    let (base, stop, task) = worker_with_admin(&env).await;
+    let (status, text) = get(&format!("{base}/metrics")).await;
+    assert_eq!(status, 200);
+    let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    let has_series = |name: &str| {
+        samples
+            .iter()
+            .any(|l| l.split(['{', ' ']).next() == Some(name))
+    };
+    let queried = dashboard_series();
+    assert!(queried.len() >= 15, "{queried:?}");
+    let missing: Vec<&String> = queried.iter().filter(|n| !has_series(n)).collect();
+    assert!(missing.is_empty(), "no series for {missing:?} in:\n{text}");
+    let families: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let suffixed = |family: &str| {
+        ["", "_total", "_bucket"]
+            .iter()
+            .any(|suffix| has_series(&format!("{family}{suffix}")))
+    };
+    let empty: Vec<&&str> = families.iter().filter(|f| !suffixed(f)).collect();
+    assert!(empty.is_empty(), "families without a series: {empty:?}");
+    let topo = &env.config.topology;
+    for series in [
+        "llmq_upstream_fallbacks_total{from=\"big\",to=\"small\"} 0".to_string(),
+        "llmq_upstream_calls_total{upstream=\"default\",outcome=\"quota\"} 0".to_string(),
+        "llmq_requests_dead_lettered_total{kind=\"embedding\",error_kind=\"redelivery_limit\"} 0"
+            .to_string(),
+        "llmq_requests_failed_total{kind=\"chat\",error_kind=\"transient\"} 0".to_string(),
+        "llmq_tenant_requests_total{tenant=\"other\"} 0".to_string(),
+        format!("llmq_queue_depth{{queue=\"{}\"}} 0", topo.dead_letter_queue),
+    ] {
+        assert!(
+            text.lines().any(|l| l == series),
+            "no `{series}` in:\n{text}"
+        );
+    }
+    stop.cancel();
+    task.await.unwrap();
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_broker_connection() {
     let proxy = crate::helpers::Proxy::start(broker_addr()).await;
