@@ -130,7 +130,8 @@ pub enum Call {
     Chat {
         /// OpenAI-style messages, system prompt first when one was given.
         messages: Vec<Value>,
-        /// Extra body fields: `max_tokens`, `temperature` and everything in `params`.
+        /// Extra body fields: `params`, with the top-level `max_tokens`, `temperature` and
+        /// OpenAI fields merged in.
         params: Map<String, Value>,
     },
     /// Embeddings of one or several inputs.
@@ -140,7 +141,7 @@ pub enum Call {
         /// Whether the caller sent a single string (the result then has `embedding`, not
         /// `embeddings`).
         single: bool,
-        /// Extra body fields from `params`.
+        /// Extra body fields: `params`, with the top-level OpenAI fields merged in.
         params: Map<String, Value>,
     },
 }
