@@ -66,10 +66,13 @@ pub struct LlmConfig {
     /// Models a request may name; empty allows any. Checked before routing; a request that
     /// names none gets `model` / `embedding_model`, which are not checked.
     pub allowed_models: Vec<String>,
-    /// Keys a request may set in `params` (and the top-level `max_tokens`, `temperature`);
+    /// Parameters a request may send, in `params` or at the top level as in OpenAI's body;
     /// any other is `invalid_request`, naming it. The default holds the fields that widen
     /// neither cost nor data retention (`store`, `service_tier` are not in it).
     pub allowed_params: Vec<String>,
+    /// Parameters allowed on top of `allowed_params`, so that adding one does not restate
+    /// the defaults.
+    pub extra_allowed_params: Vec<String>,
 }
 
 impl Default for LlmConfig {
@@ -91,6 +94,7 @@ impl Default for LlmConfig {
             max_n: DEFAULT_MAX_N,
             allowed_models: Vec::new(),
             allowed_params: DEFAULT_ALLOWED_PARAMS.map(String::from).to_vec(),
+            extra_allowed_params: Vec::new(),
         }
     }
 }

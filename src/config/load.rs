@@ -326,8 +326,15 @@ fallbacks = { "gpt-4o" = ["gpt-4o-mini"] }
             assert_eq!(c.llm.allowed_models, ["gpt-4o-mini"]);
             assert_eq!(c.worker.reply_to_pattern, "replies\\..+");
             jail.set_env("LLMQ_LLM__ALLOWED_MODELS", "[]");
+            jail.set_env("LLMQ_LLM__EXTRA_ALLOWED_PARAMS", "[store]");
+            jail.set_env("LLMQ_TENANCY__REQUIRE_USER_ID", "false");
             let c = Config::load(None).map_err(|e| e.to_string())?;
             assert!(c.llm.allowed_models.is_empty());
+            assert_eq!(c.llm.extra_allowed_params, ["store"]);
+            assert_eq!(c.tenancy.require_user_id, crate::config::Switch::Off);
+            jail.set_env("LLMQ_TENANCY__REQUIRE_USER_ID", "auto");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.tenancy.require_user_id, crate::config::Switch::Auto);
             Ok(())
         });
     }

@@ -36,8 +36,8 @@ pub use sections::{
     TopologyConfig, WorkerConfig,
 };
 pub use tenancy::{
-    DEFAULT_TENANT, OTHER_TENANTS, PriceConfig, TenancyConfig, TenantConfig, TenantLimits, Tenants,
-    Usd,
+    DEFAULT_TENANT, OTHER_TENANTS, PriceConfig, Switch, TenancyConfig, TenantConfig, TenantLimits,
+    Tenants, Usd,
 };
 pub use validate::MAX_LANES;
 
@@ -98,6 +98,13 @@ impl Config {
     /// other than `default`, or `tenancy.header` (a gateway publishing for its tenants).
     pub fn names_tenants(&self) -> bool {
         !self.tenancy.header.is_empty() || self.tenants.keys().any(|name| name != DEFAULT_TENANT)
+    }
+
+    /// `tenancy.require_user_id` as it applies: as set, else on whenever a `[tenants.<name>]`
+    /// section ([`DEFAULT_TENANT`]'s too) is configured, since its limits and budgets hold
+    /// only for requests that carry their identity.
+    pub fn requires_user_id(&self) -> bool {
+        self.tenancy.require_user_id.or(!self.tenants.is_empty())
     }
 
     /// The deployments requests are routed to: `[upstreams]`, or `[llm]`'s connection keys
@@ -277,6 +284,7 @@ mod tests {
                 max_n: 2,
                 allowed_models: vec!["chat-model".into(), "other-model".into()],
                 allowed_params: vec!["temperature".into(), "seed".into()],
+                extra_allowed_params: vec!["store".into()],
             },
             worker: WorkerConfig {
                 consumers: 3,
@@ -350,6 +358,7 @@ mod tests {
             tenancy: TenancyConfig {
                 header: "x-tenant".into(),
                 max_tenants: 50,
+                require_user_id: Switch::Off,
             },
             tenants: BTreeMap::from([
                 (
@@ -462,6 +471,29 @@ mod tests {
         ] {
             assert!(defaults.contains_key(key), "{key}");
         }
+    }
+
+    #[test]
+    fn user_ids_are_required_where_tenants_are_configured_unless_said_otherwise() {
+        let mut c = Config::default();
+        assert!(
+            !c.requires_user_id(),
+            "no tenants: anonymous requests are served"
+        );
+        c.tenants
+            .insert(DEFAULT_TENANT.into(), TenantConfig::default());
+        assert!(
+            c.requires_user_id(),
+            "[tenants.default] is a tenant section"
+        );
+        c.tenants.clear();
+        c.tenants.insert("alice".into(), TenantConfig::default());
+        assert!(c.requires_user_id());
+        c.tenancy.require_user_id = Switch::Off;
+        assert!(!c.requires_user_id(), "false always wins");
+        c.tenants.clear();
+        c.tenancy.require_user_id = Switch::On;
+        assert!(c.requires_user_id(), "true always wins");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use super::{Config, TopologyConfig};
 use crate::contract::{
-    Rules,
+    IdentityRule, Rules,
     reply_to::{OwnedQueue, ReplyToPolicy},
 };
 
@@ -40,7 +40,14 @@ impl Config {
             max_tokens_cap: self.llm.max_tokens_cap,
             max_n: self.llm.max_n,
             allowed_models: self.llm.allowed_models.iter().cloned().collect(),
-            allowed_params: self.llm.allowed_params.iter().cloned().collect(),
+            allowed_params: (self.llm.allowed_params.iter())
+                .chain(&self.llm.extra_allowed_params)
+                .cloned()
+                .collect(),
+            identity: IdentityRule {
+                header: self.tenancy.header.clone(),
+                required: self.requires_user_id(),
+            },
             reply_to: ReplyToPolicy::new(
                 self.topology.owned_queues(),
                 &self.worker.reply_to_pattern,

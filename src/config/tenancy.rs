@@ -25,6 +25,71 @@ pub struct TenancyConfig {
     /// Most tenants one replica keeps state for (counters, limits, its fair-share
     /// bookkeeping); a header can name any number.
     pub max_tenants: u64,
+    /// Refuse a request without an identity (no `user_id`; in header mode, no `header`) as
+    /// `invalid_request`, rather than serve it as `anonymous`, outside every tenant's
+    /// limits and budget. `auto` (the default): on when any `[tenants.<name>]` section is
+    /// configured (budgets live there), off otherwise; see
+    /// [`super::Config::requires_user_id`].
+    pub require_user_id: Switch,
+}
+
+/// A switch whose default follows the rest of the configuration: `"auto"`, or `true` /
+/// `false`, which always win. (An `Option<bool>` would do, but TOML has no `None`: the
+/// configuration handed to a child process must name every key.)
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Switch {
+    /// Decided by the rest of the configuration.
+    #[default]
+    Auto,
+    /// `true`.
+    On,
+    /// `false`.
+    Off,
+}
+
+impl Switch {
+    /// On or off: as set, else `auto`.
+    pub fn or(self, auto: bool) -> bool {
+        match self {
+            Switch::Auto => auto,
+            Switch::On => true,
+            Switch::Off => false,
+        }
+    }
+}
+
+impl Serialize for Switch {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Switch::Auto => s.serialize_str("auto"),
+            Switch::On => s.serialize_bool(true),
+            Switch::Off => s.serialize_bool(false),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Switch {
+    /// `true`, `false` (a boolean, or its text from an environment variable) or `"auto"`.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            Bool(bool),
+            Text(String),
+        }
+        match Given::deserialize(d)? {
+            Given::Bool(true) => Ok(Switch::On),
+            Given::Bool(false) => Ok(Switch::Off),
+            Given::Text(text) => match text.as_str() {
+                "auto" => Ok(Switch::Auto),
+                "true" => Ok(Switch::On),
+                "false" => Ok(Switch::Off),
+                other => Err(serde::de::Error::custom(format!(
+                    "{other:?} is not true, false or \"auto\""
+                ))),
+            },
+        }
+    }
 }
 
 impl Default for TenancyConfig {
@@ -32,6 +97,7 @@ impl Default for TenancyConfig {
         Self {
             header: String::new(),
             max_tenants: 10_000,
+            require_user_id: Switch::Auto,
         }
     }
 }
@@ -259,6 +325,26 @@ mod tests {
         assert_eq!(tenants.label("alice"), "alice");
         assert_eq!(tenants.label("carol"), OTHER_TENANTS);
         assert_eq!(tenants.label("default"), OTHER_TENANTS);
+    }
+
+    #[test]
+    fn a_switch_is_true_false_or_auto() {
+        #[derive(Deserialize, Serialize)]
+        struct One {
+            s: Switch,
+        }
+        for (text, switch) in [
+            ("s = true", Switch::On),
+            ("s = false", Switch::Off),
+            ("s = \"auto\"", Switch::Auto),
+        ] {
+            let one: One = toml::from_str(text).expect("parses");
+            assert_eq!(one.s, switch);
+            assert_eq!(toml::to_string(&one).expect("serializes").trim(), text);
+        }
+        assert!(toml::from_str::<One>("s = \"sometimes\"").is_err());
+        assert!(Switch::Auto.or(true) && !Switch::Auto.or(false));
+        assert!(Switch::On.or(false) && !Switch::Off.or(true));
     }
 
     #[test]

@@ -556,20 +556,25 @@ fn validate_request_limits(llm: &LlmConfig, p: &mut Problems) {
         "llm.allowed_models",
         "must not contain an empty name (an empty list allows any model)",
     );
-    p.check(
-        llm.allowed_params.iter().all(|k| !k.is_empty()),
-        "llm.allowed_params",
-        "must not contain an empty name",
-    );
-    let reserved: Vec<&str> = RESERVED_PARAMS
-        .into_iter()
-        .filter(|r| llm.allowed_params.iter().any(|k| k == r))
-        .collect();
-    p.check(
-        reserved.is_empty(),
-        "llm.allowed_params",
-        format!("{} set by llmq, never by a request", reserved.join(", ")),
-    );
+    for (key, names) in [
+        ("llm.allowed_params", &llm.allowed_params),
+        ("llm.extra_allowed_params", &llm.extra_allowed_params),
+    ] {
+        p.check(
+            names.iter().all(|k| !k.is_empty()),
+            key,
+            "must not contain an empty name",
+        );
+        let reserved: Vec<&str> = RESERVED_PARAMS
+            .into_iter()
+            .filter(|r| names.iter().any(|k| k == r))
+            .collect();
+        p.check(
+            reserved.is_empty(),
+            key,
+            format!("{} set by llmq, never by a request", reserved.join(", ")),
+        );
+    }
 }
 
 fn validate_reply_to_pattern(worker: &WorkerConfig, p: &mut Problems) {
@@ -1120,6 +1125,20 @@ mod tests {
             }),
             "llm.allowed_params (LLMQ_LLM__ALLOWED_PARAMS): model, stream set by llmq, never \
              by a request"
+        );
+    }
+
+    #[test]
+    fn llm_extra_allowed_params_follow_the_same_rules() {
+        assert_eq!(
+            only_problem(|c| c.llm.extra_allowed_params.push(String::new())),
+            "llm.extra_allowed_params (LLMQ_LLM__EXTRA_ALLOWED_PARAMS): must not contain an \
+             empty name"
+        );
+        assert_eq!(
+            only_problem(|c| c.llm.extra_allowed_params.push("stream_options".into())),
+            "llm.extra_allowed_params (LLMQ_LLM__EXTRA_ALLOWED_PARAMS): stream_options set by \
+             llmq, never by a request"
         );
     }
 

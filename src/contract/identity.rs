@@ -9,6 +9,9 @@
 //! `tenancy.header` names a header that carries the identity instead.
 //!
 //! The identity is also the request's tenant: its fair share, its limits and its spend.
+//! So that a tenant cannot shed its limits by leaving its identity out, an
+//! [`IdentityRule`] with `required` (`tenancy.require_user_id`) refuses a request that
+//! carries none.
 
 use std::fmt;
 
@@ -41,6 +44,20 @@ impl Identity {
         }
     }
 
+    /// Whether a delivery carries an identity of its own: with `header` set, that header
+    /// (not empty); else a `user_id` (not empty). Without one it is [`ANONYMOUS`]'s, or, in
+    /// header mode, the publishing gateway's.
+    pub fn carried(props: &BasicProperties, header: &str) -> bool {
+        if header.is_empty() {
+            props
+                .user_id()
+                .as_ref()
+                .is_some_and(|u| !u.as_str().is_empty())
+        } else {
+            crate::contract::headers::get_str(props, header).is_some_and(|h| !h.is_empty())
+        }
+    }
+
     /// The identity's name.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -61,6 +78,39 @@ impl Identity {
         key.push(':');
         key.push_str(request_id);
         key
+    }
+}
+
+/// How a request's identity is read (`tenancy.header`) and whether it must carry one
+/// (`tenancy.require_user_id`): part of the [`crate::contract::Rules`] a request is checked
+/// against.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdentityRule {
+    /// `tenancy.header`; empty: the `user_id` is the identity.
+    pub header: String,
+    /// A request without an identity is refused (`invalid_request`) instead of being
+    /// [`ANONYMOUS`]'s.
+    pub required: bool,
+}
+
+impl IdentityRule {
+    /// Why a delivery may not be served for want of an identity, if it may not.
+    pub fn check(&self, props: &BasicProperties) -> Result<(), String> {
+        if !self.required || Identity::carried(props, &self.header) {
+            return Ok(());
+        }
+        Err(if self.header.is_empty() {
+            "no identity: the message has no AMQP `user_id` property, and \
+             tenancy.require_user_id refuses requests without one"
+                .to_string()
+        } else {
+            format!(
+                "no identity: the message has no `{}` header (tenancy.header, which names the \
+                 tenant in place of `user_id`), and tenancy.require_user_id refuses requests \
+                 without one",
+                self.header
+            )
+        })
     }
 }
 
@@ -107,6 +157,39 @@ mod tests {
             "gateway",
             "without the header, the user_id"
         );
+    }
+
+    #[test]
+    fn a_required_identity_is_a_user_id_or_the_header_in_header_mode() {
+        let off = IdentityRule::default();
+        assert_eq!(off.check(&BasicProperties::default()), Ok(()));
+        let rule = IdentityRule {
+            header: String::new(),
+            required: true,
+        };
+        let alice = BasicProperties::default().with_user_id("alice".into());
+        assert_eq!(rule.check(&alice), Ok(()));
+        let e = rule
+            .check(&BasicProperties::default())
+            .expect_err("no user_id");
+        assert!(e.contains("`user_id`"), "{e}");
+        let empty = BasicProperties::default().with_user_id("".into());
+        assert!(rule.check(&empty).is_err(), "an empty user_id is none");
+
+        let rule = IdentityRule {
+            header: "x-tenant".into(),
+            required: true,
+        };
+        let e = rule
+            .check(&alice)
+            .expect_err("the gateway's user_id is no tenant");
+        assert!(e.contains("`x-tenant`") && e.contains("`user_id`"), "{e}");
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            "x-tenant".into(),
+            lapin::types::AMQPValue::LongString("bob".into()),
+        );
+        assert_eq!(rule.check(&alice.with_headers(headers)), Ok(()));
     }
 
     #[test]

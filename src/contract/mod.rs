@@ -8,6 +8,7 @@ pub mod error_kind;
 pub mod fingerprint;
 pub mod headers;
 pub mod identity;
+pub mod params;
 pub mod reply_to;
 pub mod request;
 pub mod response;
@@ -16,6 +17,6 @@ pub mod stream;
 pub mod usage;
 
 pub use error_kind::ErrorKind;
-pub use identity::{ANONYMOUS, Identity};
+pub use identity::{ANONYMOUS, Identity, IdentityRule};
 pub use rules::Rules;
 pub use usage::Usage;

@@ -1,21 +1,24 @@
 //! The request contract: a message body and its AMQP properties parsed into a [`Job`].
 //!
-//! Accepted bodies (JSON objects; unknown fields are ignored):
+//! Accepted bodies (JSON objects):
 //! - the seed form `{"prompt": "...", "timestamp": 1732000000.0}`;
 //! - the full chat form `{"request_id", "model", "messages" | "prompt", "system",
 //!   "max_tokens", "temperature", "params", "metadata"}`;
-//! - embeddings `{"kind": "embedding", "input": "text" | ["a", "b"], "model"}`.
+//! - embeddings `{"kind": "embedding", "input": "text" | ["a", "b"], "model"}`;
+//! - any of these with OpenAI's own body fields (`seed`, `tools`, `dimensions`...) at the
+//!   top level, taken as if they were in `params` ([`super::params`]).
 //!
 //! Anything else is an [`InvalidRequest`] with a reason precise enough to fix the sender,
-//! and so is a request that breaks the operator's [`Rules`]: a `reply_to` naming one of
-//! llmq's queues, a model or parameter off the allowlists, `max_tokens` or `n` over a cap.
+//! and so is a request that breaks the operator's [`Rules`]: no identity where one is
+//! required, a `reply_to` naming one of llmq's queues, a model or parameter (in `params` or
+//! at the top level) off the allowlists, `max_tokens` or `n` over a cap.
 
 use lapin::BasicProperties;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::{error_kind::ErrorKind, rules::Rules};
+use super::{error_kind::ErrorKind, params, rules::Rules};
 
 /// Longest `request_id` accepted (it becomes the AMQP `message_id`, a short string).
 pub const MAX_REQUEST_ID: usize = 255;
@@ -127,7 +130,8 @@ pub enum Call {
     Chat {
         /// OpenAI-style messages, system prompt first when one was given.
         messages: Vec<Value>,
-        /// Extra body fields: `max_tokens`, `temperature` and everything in `params`.
+        /// Extra body fields: `params`, with the top-level `max_tokens`, `temperature` and
+        /// OpenAI fields merged in.
         params: Map<String, Value>,
     },
     /// Embeddings of one or several inputs.
@@ -137,7 +141,7 @@ pub enum Call {
         /// Whether the caller sent a single string (the result then has `embedding`, not
         /// `embeddings`).
         single: bool,
-        /// Extra body fields from `params`.
+        /// Extra body fields: `params`, with the top-level OpenAI fields merged in.
         params: Map<String, Value>,
     },
 }
@@ -161,7 +165,8 @@ impl InvalidRequest {
     }
 }
 
-/// The body as sent; every field optional so that each absence gets its own message.
+/// The body as sent; every field optional so that each absence gets its own message. These
+/// are llmq's fields; every other top-level field is in `rest`.
 #[derive(Deserialize)]
 struct RawRequest {
     request_id: Option<String>,
@@ -175,20 +180,18 @@ struct RawRequest {
     params: Option<Map<String, Value>>,
     metadata: Option<Value>,
     input: Option<RawInput>,
-    /// OpenAI's tool and output-format fields, accepted at the top level as in OpenAI's own
-    /// body, and passed through as if they were in `params`.
-    tools: Option<Value>,
     /// Unix seconds after which the caller no longer wants an answer.
     deadline: Option<f64>,
     /// Unix seconds when the request was made (the seed form's field). Read leniently: it
     /// was an ignored field before `worker.max_age_secs`, so a value that is not a time is
     /// ignored rather than refused.
     timestamp: Option<Value>,
-    tool_choice: Option<Value>,
-    parallel_tool_calls: Option<Value>,
-    response_format: Option<Value>,
     /// Stream the answer to `reply_to` as it is generated.
     stream: Option<bool>,
+    /// Every other top-level field: OpenAI's body fields (`seed`, `tools`, `user`...),
+    /// taken as if they were in `params`, or refused by name.
+    #[serde(flatten)]
+    rest: Map<String, Value>,
 }
 
 #[derive(Deserialize)]
@@ -217,6 +220,7 @@ pub fn parse(
     default_kind: Kind,
     rules: &Rules,
 ) -> Result<Job, InvalidRequest> {
+    rules.identity.check(props).map_err(InvalidRequest::new)?;
     if let Some(reply_to) = props.reply_to().as_ref().map(|r| r.as_str())
         && !reply_to.is_empty()
     {
@@ -263,8 +267,8 @@ pub fn parse(
         ));
     }
     let call = match kind {
-        Kind::Chat => chat_call(raw)?,
-        Kind::Embedding => embedding_call(raw)?,
+        Kind::Chat => chat_call(raw, rules)?,
+        Kind::Embedding => embedding_call(raw, rules)?,
     };
     let (Call::Chat { params, .. } | Call::Embedding { params, .. }) = &call;
     for (key, value) in params {
@@ -362,10 +366,10 @@ fn deserialize(
 }
 
 /// A chat call: the messages (system prompt first) and the parameters.
-fn chat_call(raw: RawRequest) -> Result<Call, InvalidRequest> {
-    if raw.input.is_some() && raw.prompt.is_none() && raw.messages.is_none() {
+fn chat_call(raw: RawRequest, rules: &Rules) -> Result<Call, InvalidRequest> {
+    if raw.input.is_some() {
         return Err(InvalidRequest::new(
-            "chat request has `input` but no `prompt` or `messages`; \
+            "field `input`: a chat request takes `prompt` or `messages`; \
              set \"kind\": \"embedding\" for embeddings",
         ));
     }
@@ -399,37 +403,24 @@ fn chat_call(raw: RawRequest) -> Result<Call, InvalidRequest> {
             }
         }
     }
-    let mut params = raw.params.unwrap_or_default();
-    for (key, value) in [
-        ("tools", raw.tools),
-        ("tool_choice", raw.tool_choice),
-        ("parallel_tool_calls", raw.parallel_tool_calls),
-        ("response_format", raw.response_format),
-    ] {
-        let Some(value) = value else { continue };
-        if params.contains_key(key) {
-            return Err(InvalidRequest::new(format!(
-                "field `{key}`: given both at the top level and in `params`"
-            )));
-        }
-        params.insert(key.into(), value);
-    }
-    if let Some(max_tokens) = raw.max_tokens {
-        params.insert("max_tokens".into(), max_tokens.into());
-    }
-    if let Some(t) = raw.temperature {
-        if !(0.0..=2.0).contains(&t) {
-            return Err(InvalidRequest::new(format!(
-                "field `temperature`: {t} is outside 0..=2"
-            )));
-        }
-        params.insert("temperature".into(), t.into());
-    }
+    let params = params::gather(raw.params, raw.max_tokens, raw.temperature, raw.rest, rules)
+        .map_err(InvalidRequest::new)?;
     Ok(Call::Chat { messages, params })
 }
 
 /// An embeddings call: one input or several, none empty, at most the OpenAI limit.
-fn embedding_call(raw: RawRequest) -> Result<Call, InvalidRequest> {
+fn embedding_call(raw: RawRequest, rules: &Rules) -> Result<Call, InvalidRequest> {
+    for (field, given) in [
+        ("prompt", raw.prompt.is_some()),
+        ("messages", raw.messages.is_some()),
+        ("system", raw.system.is_some()),
+    ] {
+        if given {
+            return Err(InvalidRequest::new(format!(
+                "field `{field}`: an embedding request takes `input`, not `{field}`"
+            )));
+        }
+    }
     let (input, single) = match raw.input {
         None => {
             return Err(InvalidRequest::new(
@@ -453,10 +444,12 @@ fn embedding_call(raw: RawRequest) -> Result<Call, InvalidRequest> {
             "field `input[{i}]`: must not be empty"
         )));
     }
+    let params = params::gather(raw.params, raw.max_tokens, raw.temperature, raw.rest, rules)
+        .map_err(InvalidRequest::new)?;
     Ok(Call::Embedding {
         input,
         single,
-        params: raw.params.unwrap_or_default(),
+        params,
     })
 }
 
@@ -869,8 +862,142 @@ mod tests {
         assert_eq!(params["parallel_tool_calls"], false);
         assert_eq!(params["response_format"]["type"], "json_schema");
         assert!(
-            err(br#"{"prompt": "x", "tools": [], "params": {"tools": []}}"#)
-                .contains("both at the top level and in `params`")
+            err(br#"{"prompt": "x", "tools": [], "params": {"tools": [{}]}}"#)
+                .contains("given at the top level and in `params` with different values")
+        );
+    }
+
+    /// A body posted as to `/v1/chat/completions` reaches the API with every field it has.
+    #[test]
+    fn openai_s_chat_body_is_taken_as_it_is() {
+        let job = ok(
+            r#"{"model": "m", "messages": [{"role": "user", "content": "x"}],
+            "seed": 7, "stop": ["\n"], "top_p": 0.5, "max_completion_tokens": 20,
+            "logit_bias": {"50256": -100}, "user": "u-1", "reasoning_effort": "low",
+            "n": 2, "max_tokens": 30, "temperature": 0.1, "stream_options": {"include_usage": true}}"#,
+        );
+        let Call::Chat { params, .. } = &job.call else {
+            panic!("chat");
+        };
+        assert_eq!(
+            Value::Object(params.clone()),
+            serde_json::json!({"seed": 7, "stop": ["\n"], "top_p": 0.5,
+                "max_completion_tokens": 20, "logit_bias": {"50256": -100}, "user": "u-1",
+                "reasoning_effort": "low", "n": 2, "max_tokens": 30, "temperature": 0.1})
+        );
+        assert_eq!(
+            job.token_estimate(256),
+            60,
+            "n x the larger bound, prompt 0"
+        );
+        let in_params = ok(
+            r#"{"model": "m", "messages": [{"role": "user", "content": "x"}],
+            "n": 2, "max_tokens": 30, "temperature": 0.1, "seed": 7, "params": {"seed": 7,
+            "stop": ["\n"], "top_p": 0.5, "max_completion_tokens": 20,
+            "logit_bias": {"50256": -100}, "user": "u-1", "reasoning_effort": "low"}}"#,
+        );
+        assert_eq!(
+            job.call, in_params.call,
+            "exactly as if in params; the same value twice is one"
+        );
+        // Caps hold at the top level as in params.
+        assert!(err(br#"{"prompt": "x", "n": 99}"#).contains("llm.max_n"));
+        assert!(
+            err(br#"{"prompt": "x", "max_completion_tokens": 99999}"#)
+                .contains("llm.max_tokens_cap")
+        );
+        assert!(
+            err(br#"{"prompt": "x", "max_tokens": 5, "params": {"max_tokens": 6}}"#)
+                .contains("field `max_tokens`: given at the top level and in `params`")
+        );
+    }
+
+    #[test]
+    fn a_top_level_field_neither_llmq_s_nor_allowed_is_refused_by_name() {
+        assert_eq!(
+            err(br#"{"prompt": "x", "store": true}"#),
+            "field `store`: not a field of llmq's requests, nor a parameter in \
+             llm.allowed_params or llm.extra_allowed_params"
+        );
+        assert!(err(br#"{"prompt": "x", "service_tier": "priority"}"#).contains("`service_tier`"));
+        assert!(err(br#"{"prompt": "x", "promt": "typo"}"#).contains("field `promt`"));
+        assert!(
+            err(br#"{"kind": "embedding", "input": "x", "colour": 1}"#).contains("field `colour`")
+        );
+        assert!(
+            err(br#"{"prompt": "x", "stream_options": {"include_usage": false}}"#)
+                .contains("field `stream_options`")
+        );
+        let mut rules = Rules::default();
+        rules.allowed_params.insert("store".into());
+        assert!(
+            parse(
+                br#"{"prompt": "x", "store": true}"#,
+                &props(),
+                Kind::Chat,
+                &rules
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn openai_s_embeddings_body_is_taken_as_it_is() {
+        let job = ok(r#"{"kind": "embedding", "model": "e", "input": ["a", "b"],
+            "encoding_format": "base64", "dimensions": 8, "user": "u"}"#);
+        let Call::Embedding { params, .. } = &job.call else {
+            panic!("embedding");
+        };
+        assert_eq!(
+            Value::Object(params.clone()),
+            serde_json::json!({"encoding_format": "base64", "dimensions": 8, "user": "u"})
+        );
+        for (body, says) in [
+            (
+                &br#"{"kind": "embedding", "input": "a", "prompt": "b"}"#[..],
+                "field `prompt`: an embedding request takes `input`",
+            ),
+            (
+                br#"{"kind": "embedding", "input": "a", "messages": []}"#,
+                "field `messages`",
+            ),
+            (
+                br#"{"kind": "embedding", "input": "a", "system": "s"}"#,
+                "field `system`",
+            ),
+            (
+                br#"{"prompt": "a", "input": "b"}"#,
+                "field `input`: a chat request takes `prompt` or `messages`",
+            ),
+        ] {
+            let e = err(body);
+            assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_required_identity_is_checked_first() {
+        let rules = Rules {
+            identity: crate::contract::IdentityRule {
+                header: String::new(),
+                required: true,
+            },
+            ..Rules::default()
+        };
+        let e = parse(br#"{"prompt": "x"}"#, &props(), Kind::Chat, &rules).expect_err("none");
+        assert_eq!(e.kind, ErrorKind::InvalidRequest);
+        assert!(e.message.contains("`user_id`"), "{e}");
+        let alice = BasicProperties::default().with_user_id("alice".into());
+        assert!(parse(br#"{"prompt": "x"}"#, &alice, Kind::Chat, &rules).is_ok());
+        assert!(
+            parse(
+                br#"{"prompt": "x"}"#,
+                &props(),
+                Kind::Chat,
+                &Rules::default()
+            )
+            .is_ok(),
+            "not required by default"
         );
     }
 

@@ -5,7 +5,7 @@
 //! "usage", "attempts", "latency_ms", "worker", "metadata"}`, or on failure
 //! `{"request_id", "status": "error", "kind", "error": {"kind", "message"}, "attempts", ...}`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{error_kind::ErrorKind, usage::Usage};
@@ -52,10 +52,10 @@ pub struct JobResult {
     pub finish_reason: Option<String>,
     /// The vector, when the request's `input` was one string.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub embedding: Option<Vec<f32>>,
+    pub embedding: Option<Vector>,
     /// The vectors, when the request's `input` was a list.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub embeddings: Option<Vec<Vec<f32>>>,
+    pub embeddings: Option<Vec<Vector>>,
     /// Token usage as the upstream reported it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
@@ -78,6 +78,48 @@ pub struct JobResult {
     /// The request's `metadata`, untouched.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
+}
+
+/// One embedding as the upstream sent it, and as the result carries it: a list of numbers,
+/// or, for a request with `encoding_format: "base64"`, the base64 text of its
+/// little-endian `f32`s, passed on untouched.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Vector {
+    /// `[0.1, -0.2, ...]`.
+    Floats(Vec<f32>),
+    /// `encoding_format: "base64"`.
+    Base64(String),
+}
+
+impl<'de> Deserialize<'de> for Vector {
+    /// A list or a string, read straight from the answer (an untagged enum would buffer
+    /// every vector once more on the way).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Vector;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of numbers or a base64 string")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Vector, E> {
+                Ok(Vector::Base64(v.to_string()))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Vector, E> {
+                Ok(Vector::Base64(v))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Vector, A::Error> {
+                let floats =
+                    Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+                Ok(Vector::Floats(floats))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// Result status.
@@ -160,5 +202,30 @@ impl JobResult {
             Ok(()) => body,
             Err(_) => b"{}".to_vec(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_vector_is_kept_as_the_upstream_sent_it() {
+        let floats: Vector = serde_json::from_value(json!([0.5, -1.0])).expect("numbers");
+        assert_eq!(floats, Vector::Floats(vec![0.5, -1.0]));
+        assert_eq!(
+            serde_json::to_value(&floats).expect("serializes"),
+            json!([0.5, -1.0])
+        );
+        let text: Vector = serde_json::from_value(json!("AACAPw==")).expect("base64");
+        assert_eq!(text, Vector::Base64("AACAPw==".into()));
+        assert_eq!(
+            serde_json::to_value(&text).expect("serializes"),
+            json!("AACAPw==")
+        );
+        assert!(serde_json::from_value::<Vector>(json!({"x": 1})).is_err());
+        assert!(serde_json::from_value::<Vector>(json!(["a"])).is_err());
     }
 }

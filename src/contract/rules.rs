@@ -3,19 +3,26 @@
 //!
 //! Every field of a message comes from a stranger: a `max_tokens` of 2^32, an `n` of 99, a
 //! `store: true` that keeps the caller's data at the provider, a `reply_to` naming one of
-//! llmq's own queues. Each is refused as `invalid_request`, before any upstream call.
+//! llmq's own queues, no `user_id` where tenants are held to limits. Each is refused as
+//! `invalid_request`, before any upstream call.
 
 use std::collections::BTreeSet;
 
-use super::reply_to::ReplyToPolicy;
+use super::{identity::IdentityRule, reply_to::ReplyToPolicy};
 
 /// Default of `llm.max_tokens_cap`.
 pub const DEFAULT_MAX_TOKENS_CAP: u64 = 32_768;
 /// Default of `llm.max_n`.
 pub const DEFAULT_MAX_N: u64 = 4;
-/// Default of `llm.allowed_params`: the OpenAI chat fields that widen neither cost (beyond
-/// the caps) nor data retention, and the embedding fields.
-pub const DEFAULT_ALLOWED_PARAMS: [&str; 19] = [
+/// Default of `llm.allowed_params`: the OpenAI chat and embeddings fields whose cost the
+/// caps bound (`max_tokens_cap`, `max_n`) and that keep nothing at the provider. Left out,
+/// each for its reason (the README's table says them all): `store` and `metadata` (stored
+/// completions: the provider keeps the conversation), `service_tier` (a dearer tier),
+/// `audio` and `modalities` (audio output, dearer per token, and the result would not carry
+/// it), `prediction` (rejected predicted tokens are billed beyond what the caps bound),
+/// `web_search_options` (searches billed per call), `functions` and `function_call`
+/// (deprecated for `tools`).
+pub const DEFAULT_ALLOWED_PARAMS: [&str; 23] = [
     "temperature",
     "top_p",
     "stop",
@@ -24,9 +31,13 @@ pub const DEFAULT_ALLOWED_PARAMS: [&str; 19] = [
     "frequency_penalty",
     "logit_bias",
     "user",
+    "safety_identifier",
+    "prompt_cache_key",
     "max_tokens",
     "max_completion_tokens",
     "n",
+    "reasoning_effort",
+    "verbosity",
     "tools",
     "tool_choice",
     "parallel_tool_calls",
@@ -54,8 +65,11 @@ pub struct Rules {
     pub max_n: u64,
     /// Models a request may name; empty allows any.
     pub allowed_models: BTreeSet<String>,
-    /// Keys allowed in `params` (and the top-level `max_tokens`, `temperature`).
+    /// Parameters a request may send, in `params` or at the top level:
+    /// `llm.allowed_params` and `llm.extra_allowed_params` together.
     pub allowed_params: BTreeSet<String>,
+    /// Where the identity is read from, and whether a request must carry one.
+    pub identity: IdentityRule,
     /// Where results may be sent.
     pub reply_to: ReplyToPolicy,
     /// `worker.max_age_secs`: a request older than this (from its `timestamp`) is expired;
@@ -75,6 +89,7 @@ impl Default for Rules {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            identity: IdentityRule::default(),
             reply_to: ReplyToPolicy::default(),
             max_age_secs: 0,
         }

@@ -28,6 +28,7 @@ pub(super) async fn chat(
     Json(body): Json<Value>,
 ) -> Response {
     state.stats.chat_calls.fetch_add(1, Ordering::Relaxed);
+    state.record_body(&body);
     let options = state.options();
     let last = last_message(&body);
     if options.record_prompts

@@ -1,5 +1,6 @@
 //! `/v1/embeddings`: a vector per input, derived from its hash, so a test can tell which
-//! input a vector belongs to.
+//! input a vector belongs to; with `encoding_format: "base64"`, the base64 of its
+//! little-endian `f32`s, as OpenAI sends it.
 
 use std::sync::{Arc, atomic::Ordering};
 
@@ -52,6 +53,7 @@ pub(super) async fn embeddings(
         }
     };
     state.stats.embedding_calls.fetch_add(1, Ordering::Relaxed);
+    state.record_body(&body);
     if inputs.iter().any(|i| i == REJECTED_INPUT) {
         return api_error(
             StatusCode::BAD_REQUEST,
@@ -76,10 +78,18 @@ pub(super) async fn embeddings(
         Err(refusal) => return refusal,
     };
     let tokens: usize = inputs.iter().map(|s| s.len() / 4 + 1).sum();
+    let base64 = body["encoding_format"] == "base64";
     let data: Vec<Value> = inputs
         .iter()
         .enumerate()
-        .map(|(i, s)| json!({"object": "embedding", "index": i, "embedding": mock_embedding(s)}))
+        .map(|(i, s)| {
+            let embedding = if base64 {
+                json!(mock_embedding_base64(s))
+            } else {
+                json!(mock_embedding(s))
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
         .collect();
     Json(json!({
         "object": "list",
@@ -99,6 +109,38 @@ pub fn mock_embedding(input: &str) -> Vec<f32> {
         .take(EMBEDDING_DIMS)
         .map(|b| (f32::from(*b) / 127.5) - 1.0)
         .collect()
+}
+
+/// [`mock_embedding`] as OpenAI encodes a vector for `encoding_format: "base64"`: standard
+/// base64, with padding, of its values as little-endian `f32`s.
+pub fn mock_embedding_base64(input: &str) -> String {
+    let bytes: Vec<u8> = mock_embedding(input)
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    base64(&bytes)
+}
+
+/// Standard base64 with padding (RFC 4648): a few lines rather than a crate, for the mock.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -139,11 +181,34 @@ mod tests {
         assert!(mock_embedding("a").iter().all(|v| (-1.0..=1.0).contains(v)));
         assert_ne!(mock_embedding("a"), mock_embedding("bb"));
 
+        let answer: Value = client(false)
+            .post(&url)
+            .json(&json!({"input": ["a"], "encoding_format": "base64"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["data"][0]["embedding"], mock_embedding_base64("a"));
+
         let refused = send(json!(["a", REJECTED_INPUT])).await;
         assert_eq!(refused.status(), 400);
         assert_eq!(send(json!(42)).await.status(), 400, "neither text nor list");
         let stats = mock.stats();
-        assert_eq!(stats.embedding_calls.load(Ordering::Relaxed), 2);
-        assert_eq!(stats.embedding_items.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.embedding_calls.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.embedding_items.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn base64_is_rfc_4648_with_padding() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64(&1.0f32.to_le_bytes()), "AACAPw==");
+        // 8 floats, 32 bytes: 44 characters, one `=`.
+        assert_eq!(mock_embedding_base64("a").len(), 44);
     }
 }

@@ -51,7 +51,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use embeddings::{EMBEDDING_DIMS, REJECTED_INPUT, mock_embedding};
+pub use embeddings::{EMBEDDING_DIMS, REJECTED_INPUT, mock_embedding, mock_embedding_base64};
 pub use options::MockOptions;
 
 /// Calls one HTTP/2 connection may carry at once. A client multiplexes every call to a host
@@ -97,6 +97,9 @@ pub struct MockStats {
     /// last message: the instant just before the first chunk after the role chunk went into
     /// the body. A later answer to the same message keeps the first instant.
     pub first_chunks: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// Every chat and embeddings body as it arrived, in arrival order, when recording
+    /// ([`MockOptions::record_bodies`]): what the client sent, field by field.
+    pub bodies: std::sync::Mutex<Vec<Value>>,
 }
 
 struct MockState {
@@ -110,6 +113,15 @@ struct MockState {
 }
 
 impl MockState {
+    /// Keeps `body` in [`MockStats::bodies`] when recording.
+    fn record_body(&self, body: &Value) {
+        if self.options().record_bodies
+            && let Ok(mut bodies) = self.stats.bodies.lock()
+        {
+            bodies.push(body.clone());
+        }
+    }
+
     /// The options as they are now.
     fn options(&self) -> Arc<MockOptions> {
         match self.options.read() {

@@ -40,6 +40,10 @@ pub struct MockOptions {
     /// [`MockStats::first_chunks`](super::MockStats::first_chunks) (`llmq bench`; unbounded, so off by default).
     #[arg(skip)]
     pub record_first_chunks: bool,
+    /// Keep every chat and embeddings body in
+    /// [`MockStats::bodies`](super::MockStats::bodies) (tests; unbounded, so off by default).
+    #[arg(skip)]
+    pub record_bodies: bool,
     /// Answer chat calls with a reply of this many bytes, streamed in chunks without a
     /// `Content-Length` (made as it is sent, so a huge one costs the mock nothing); 0 = the
     /// usual short reply. Tests `llm.max_response_bytes`.
@@ -112,6 +116,7 @@ impl Default for MockOptions {
             require_key: None,
             record_prompts: false,
             record_first_chunks: false,
+            record_bodies: false,
             response_bytes: 0,
             max_prompt_bytes: None,
             models: Vec::new(),

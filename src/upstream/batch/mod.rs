@@ -14,7 +14,7 @@ use tokio::{
 };
 
 use crate::{
-    contract::{Usage, request::Kind},
+    contract::{Usage, request::Kind, response::Vector},
     upstream::{
         failure::{Class, Failure},
         flow::admission::Admission,
@@ -226,7 +226,7 @@ async fn send(up: Arc<Router>, items: Vec<Item>) {
             for item in items {
                 let chars: usize = item.input.iter().map(String::len).sum();
                 let share = total_tokens * chars as u64 / total_chars as u64;
-                let mine: Vec<Vec<f32>> = vectors.by_ref().take(item.input.len()).collect();
+                let mine: Vec<Vector> = vectors.by_ref().take(item.input.len()).collect();
                 let mine = EmbeddingAnswer {
                     vectors: mine,
                     model: answer.model.clone(),

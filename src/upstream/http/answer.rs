@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::contract::Usage;
+use crate::contract::{Usage, response::Vector};
 
 /// What a chat completion returned.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,7 +32,7 @@ pub struct ChatAnswer {
 #[derive(Debug, Clone, PartialEq)]
 pub struct EmbeddingAnswer {
     /// One vector per input, in input order.
-    pub vectors: Vec<Vec<f32>>,
+    pub vectors: Vec<Vector>,
     /// The model that answered.
     pub model: String,
     /// Token usage as reported.

@@ -13,7 +13,7 @@ use super::{
     provider::{Event, Provider},
 };
 use crate::{
-    contract::{Usage, request::Kind},
+    contract::{Usage, request::Kind, response::Vector},
     upstream::failure::{Failure, MAX_ERROR_TEXT},
 };
 
@@ -179,7 +179,8 @@ struct EmbeddingResponse {
 struct EmbeddingData {
     #[serde(default)]
     index: usize,
-    embedding: Vec<f32>,
+    /// Numbers, or base64 text when the request asked for it: kept as sent.
+    embedding: Vector,
 }
 
 /// A chat completion's answer read: the first choice for the top-level fields, every choice
