@@ -140,7 +140,14 @@ pub struct UpstreamConfig {
     pub query: BTreeMap<String, String>,
     /// Speak HTTP/2 without TLS (h2c) to a plain-`http` deployment that supports it.
     pub http2_prior_knowledge: bool,
+    /// The field this deployment takes a chat call's output bound in: `max_tokens`, or
+    /// `max_completion_tokens` (OpenAI's reasoning models refuse `max_tokens`). A request's
+    /// `max_tokens` is sent in it when the request does not set that field itself.
+    pub max_tokens_field: String,
 }
+
+/// The values of `upstreams.<name>.max_tokens_field`.
+pub const MAX_TOKENS_FIELDS: [&str; 2] = ["max_tokens", "max_completion_tokens"];
 
 impl Default for UpstreamConfig {
     fn default() -> Self {
@@ -158,6 +165,7 @@ impl Default for UpstreamConfig {
             headers: BTreeMap::new(),
             query: BTreeMap::new(),
             http2_prior_knowledge: false,
+            max_tokens_field: MAX_TOKENS_FIELDS[0].to_string(),
         }
     }
 }

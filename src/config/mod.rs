@@ -323,6 +323,7 @@ mod tests {
                     headers: BTreeMap::from([("api-key".into(), Secret::new("azure-key"))]),
                     query: BTreeMap::from([("api-version".into(), "2024-10-21".into())]),
                     http2_prior_knowledge: true,
+                    max_tokens_field: "max_completion_tokens".into(),
                 },
             )]),
             routing: RoutingConfig {
@@ -387,6 +388,7 @@ mod tests {
                     input_per_mtok: Usd(150_000),
                     output_per_mtok: Usd(600_000),
                     cached_input_per_mtok: Some(Usd(75_000)),
+                    max_output_tokens: Some(16_384),
                 },
             )]),
             admin: AdminConfig {

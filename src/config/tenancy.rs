@@ -230,6 +230,10 @@ pub struct PriceConfig {
     /// input price.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cached_input_per_mtok: Option<Usd>,
+    /// The most completion tokens the model generates for one choice: the bound sent with
+    /// a request of a tenant under a budget that sets none, and the most ever sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u64>,
 }
 
 /// An amount of US dollars, held in whole micro-dollars: written in the configuration as a

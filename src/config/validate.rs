@@ -266,6 +266,14 @@ fn validate_upstreams(c: &Config, p: &mut Problems) {
             ),
         );
         p.check(
+            super::llm::MAX_TOKENS_FIELDS.contains(&u.max_tokens_field.as_str()),
+            &key("max_tokens_field"),
+            format!(
+                "must be one of {}",
+                super::llm::MAX_TOKENS_FIELDS.join(", ")
+            ),
+        );
+        p.check(
             (1..=3600).contains(&u.timeout_secs),
             &key("timeout_secs"),
             "must be between 1 and 3600",

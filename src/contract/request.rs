@@ -106,6 +106,65 @@ impl Job {
         }
     }
 
+    /// The most prompt tokens the call can be billed for: a token is at least a byte of
+    /// text, so the bytes of every message's content (as JSON when it is not text) and
+    /// of the tools it offers, plus 8 for each message's framing; the bytes of every
+    /// input for embeddings. Images are counted by the size of their reference only.
+    pub fn input_bound(&self) -> u64 {
+        let bytes = match &self.call {
+            Call::Chat { messages, params } => {
+                let content: usize = messages
+                    .iter()
+                    .map(|m| {
+                        8 + match &m["content"] {
+                            Value::String(s) => s.len(),
+                            other => other.to_string().len(),
+                        } + m.get("tool_calls").map_or(0, |t| t.to_string().len())
+                    })
+                    .sum();
+                content + params.get("tools").map_or(0, |t| t.to_string().len())
+            }
+            Call::Embedding { input, .. } => input.iter().map(String::len).sum(),
+        };
+        u64::try_from(bytes).unwrap_or(u64::MAX)
+    }
+
+    /// The most completion tokens the call can be billed for: its output bound
+    /// (`max_tokens` or `max_completion_tokens`, the larger) for each of its `n` choices;
+    /// `None` for a chat request that sets no bound; 0 for embeddings.
+    pub fn output_bound(&self) -> Option<u64> {
+        match &self.call {
+            Call::Chat { params, .. } => {
+                let asked = ["max_tokens", "max_completion_tokens"]
+                    .iter()
+                    .filter_map(|k| params.get(*k).and_then(Value::as_u64))
+                    .max()?;
+                Some(asked.saturating_mul(self.choices().max(1)))
+            }
+            Call::Embedding { .. } => Some(0),
+        }
+    }
+
+    /// Bounds a chat call's output by `most` tokens a choice: a request that sets no bound
+    /// is sent `max_tokens: most`, one that sets a larger one is sent `most` in its place.
+    pub fn bound_output(&mut self, most: u64) {
+        let Call::Chat { params, .. } = &mut self.call else {
+            return;
+        };
+        let mut set = false;
+        for key in ["max_tokens", "max_completion_tokens"] {
+            if let Some(v) = params.get_mut(key) {
+                set = true;
+                if v.as_u64().is_none_or(|asked| asked > most) {
+                    *v = Value::from(most);
+                }
+            }
+        }
+        if !set {
+            params.insert("max_tokens".into(), Value::from(most));
+        }
+    }
+
     /// Choices a chat request asks for (`n`, 1 when unset); 1 for embeddings.
     pub fn choices(&self) -> u64 {
         match &self.call {
@@ -693,6 +752,28 @@ mod tests {
         assert!(err(br#"{"prompt":"x","params":{"model":"y"}}"#).contains("params.model"));
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(err(deep.as_bytes()).contains("recursion limit"));
+    }
+
+    #[test]
+    fn bounds_of_what_a_call_can_be_billed_for() {
+        let mut job = ok(r#"{"prompt": "12345678", "params": {"n": 3}}"#);
+        assert_eq!(job.input_bound(), 16, "8 bytes and one message's framing");
+        assert_eq!(job.output_bound(), None, "no bound set");
+        job.bound_output(100);
+        assert_eq!(job.output_bound(), Some(300), "every choice");
+        job.bound_output(40);
+        assert_eq!(job.output_bound(), Some(120), "a larger bound is lowered");
+        job.bound_output(500);
+        assert_eq!(job.output_bound(), Some(120), "a smaller one is kept");
+        let mut both = ok(r#"{"prompt": "x", "params": {"max_completion_tokens": 900}}"#);
+        both.bound_output(64);
+        assert_eq!(both.output_bound(), Some(64));
+        let Call::Chat { params, .. } = &both.call else {
+            panic!("chat")
+        };
+        assert!(!params.contains_key("max_tokens"), "only the field it set");
+        let embed = ok(r#"{"kind": "embedding", "input": ["abcd", "efgh"]}"#);
+        assert_eq!((embed.input_bound(), embed.output_bound()), (8, Some(0)));
     }
 
     #[test]

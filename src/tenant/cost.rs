@@ -1,5 +1,6 @@
-//! What an answer cost: its usage priced by `[prices."<model>"]` (USD per million tokens),
-//! in whole micro-dollars.
+//! What an answer cost: its usage priced by `[prices."<model>"]` (USD per million tokens,
+//! `[prices.default]` for a model without a row of its own), in whole micro-dollars; and
+//! what a call may cost at most, which a tenant's budget reserves before it is made.
 
 use std::collections::BTreeMap;
 
@@ -9,6 +10,9 @@ use crate::{
     config::{PriceConfig, Usd},
     contract::Usage,
 };
+
+/// The `[prices]` row of every model that has none of its own.
+pub const DEFAULT_PRICE: &str = "default";
 
 /// The price list, by routing model name.
 #[derive(Debug, Clone, Default)]
@@ -20,12 +24,29 @@ impl Prices {
         Self(prices.clone())
     }
 
+    /// The price of `model`: its own row, else `[prices.default]`.
+    pub fn of(&self, model: &str) -> Option<&PriceConfig> {
+        self.0.get(model).or_else(|| self.0.get(DEFAULT_PRICE))
+    }
+
+    /// The most a call on `model` may cost: `input` prompt tokens at the input price and
+    /// `output` completion tokens at the output price, rounded up to the micro-dollar;
+    /// `None` when `model` has no price.
+    pub fn at_most(&self, model: &str, input: u64, output: u64) -> Option<Usd> {
+        let price = self.of(model)?;
+        let scaled = u128::from(input) * u128::from(price.input_per_mtok.0)
+            + u128::from(output) * u128::from(price.output_per_mtok.0);
+        Some(Usd(
+            u64::try_from(scaled.div_ceil(1_000_000)).unwrap_or(u64::MAX)
+        ))
+    }
+
     /// The cost of `usage` on `model` (the routing name that answered), when a price is
     /// known for it and the usage has counts: prompt tokens at the input price (cached ones
     /// at `cached_input_per_mtok` when it is set) plus completion tokens at the output
     /// price, divided by a million, rounded to the nearest micro-dollar.
     pub fn cost(&self, model: &str, usage: &Usage) -> Option<Usd> {
-        let price = self.0.get(model)?;
+        let price = self.of(model)?;
         if usage.prompt_tokens.is_none() && usage.completion_tokens.is_none() {
             return None;
         }
@@ -67,6 +88,7 @@ mod tests {
                 input_per_mtok: Usd(150_000),
                 output_per_mtok: Usd(600_000),
                 cached_input_per_mtok: Some(Usd(75_000)),
+                max_output_tokens: None,
             },
         )]));
         // 1000 x 0.15 + 500 x 0.60 = 450 micro-dollars.
@@ -81,6 +103,32 @@ mod tests {
         let tiny = usage(json!({"prompt_tokens": 3, "completion_tokens": 1}));
         assert_eq!(prices.cost("gpt-4o-mini", &tiny), Some(Usd(1)));
         assert_eq!(prices.cost("unpriced", &plain), None);
+        // The most: 1000 x 0.15 + 500 x 0.60, rounded up.
+        assert_eq!(prices.at_most("gpt-4o-mini", 1000, 500), Some(Usd(450)));
+        assert_eq!(prices.at_most("gpt-4o-mini", 3, 1), Some(Usd(2)));
+        assert_eq!(prices.at_most("unpriced", 1, 1), None);
         assert_eq!(prices.cost("gpt-4o-mini", &Usage::default()), None);
+    }
+}
+
+#[cfg(test)]
+mod default_tests {
+    use super::*;
+
+    #[test]
+    fn a_model_without_a_row_takes_the_default_row() {
+        let row = |input, output| PriceConfig {
+            input_per_mtok: Usd(input),
+            output_per_mtok: Usd(output),
+            ..Default::default()
+        };
+        let only = Prices::new(&BTreeMap::from([("a".to_string(), row(1_000_000, 0))]));
+        assert_eq!(only.at_most("b", 10, 10), None);
+        let with_default = Prices::new(&BTreeMap::from([
+            ("a".to_string(), row(1_000_000, 0)),
+            (DEFAULT_PRICE.to_string(), row(0, 2_000_000)),
+        ]));
+        assert_eq!(with_default.at_most("a", 10, 10), Some(Usd(10)));
+        assert_eq!(with_default.at_most("b", 10, 10), Some(Usd(20)));
     }
 }

@@ -64,14 +64,6 @@ pub struct Tally {
     pub requests: u64,
 }
 
-impl Tally {
-    fn add(&mut self, cost: Usd, tokens: u64) {
-        self.usd_micros = self.usd_micros.saturating_add(cost.0);
-        self.tokens = self.tokens.saturating_add(tokens);
-        self.requests = self.requests.saturating_add(1);
-    }
-}
-
 /// One tenant's tallies on this replica.
 #[derive(Debug, Default)]
 struct Own {
@@ -94,6 +86,99 @@ impl Own {
         self.period = Some(period.clone());
         (&mut self.day, &mut self.month)
     }
+}
+
+/// Holds a call's most against both budgets in one step, so that no two replicas can
+/// both fit in what is left. KEYS: the day's and the month's usage hash. ARGV: the `usd`
+/// field, the amount, the day's and the month's budget (0: none), their TTLs. Returns
+/// `{0, 0}` when held, else which budget it does not fit (1 day, 2 month) and what is
+/// spent and held there.
+const RESERVE_SCRIPT: &str = r"
+local amount = tonumber(ARGV[2])
+for i = 1, 2 do
+  local max = tonumber(ARGV[2 + i])
+  if max > 0 then
+    local spent = tonumber(redis.call('HGET', KEYS[i], ARGV[1]) or '0')
+    if spent + amount > max then return {i, spent} end
+  end
+end
+for i = 1, 2 do
+  redis.call('HINCRBY', KEYS[i], ARGV[1], amount)
+  redis.call('EXPIRE', KEYS[i], ARGV[4 + i])
+end
+return {0, 0}
+";
+
+/// Money a call holds against its tenant's budgets, counted as spent until the call is
+/// settled. A replica that dies mid-call leaves it counted: the budget errs on the safe
+/// side.
+#[derive(Debug)]
+pub struct Hold {
+    amount: Usd,
+    period: Period,
+    /// Held in the fleet's ledger too, not only this replica's.
+    shared: bool,
+}
+
+impl Hold {
+    /// What is held.
+    pub fn amount(&self) -> Usd {
+        self.amount
+    }
+}
+
+/// What a reservation came to.
+#[derive(Debug)]
+pub enum Reserve {
+    /// The tenant has no budget: nothing to hold.
+    NoBudget,
+    /// It fits, and is held.
+    Held(Hold),
+    /// It does not fit: why.
+    Over(String),
+}
+
+/// What a call cost its tenant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spent {
+    /// Its price (zero when its model has none, or it produced nothing).
+    pub cost: Usd,
+    /// Tokens it used.
+    pub tokens: u64,
+    /// It made an answer: one more request in the tenant's count.
+    pub answered: bool,
+}
+
+/// Why a call of `amount` does not fit: the day's (`over` 0) or month's budget, of which
+/// `spent` is spent or held.
+fn over_why(
+    tenant: &str,
+    limits: &TenantLimits,
+    period: &Period,
+    over: usize,
+    spent: u64,
+    amount: Usd,
+) -> String {
+    let (max, key, what, when) = match over {
+        0 => (
+            limits.max_usd_per_day,
+            "max_usd_per_day",
+            "day",
+            &period.day,
+        ),
+        _ => (
+            limits.max_usd_per_month,
+            "max_usd_per_month",
+            "month",
+            &period.month,
+        ),
+    };
+    format!(
+        "tenant {tenant:?} has spent or holds {} of its {key} {max} (UTC {what} {when}) and \
+         this call may cost up to {amount}; replay once it resets: llmq dlq replay --kind \
+         budget_exceeded",
+        Usd(spent)
+    )
 }
 
 /// The ledger.
@@ -132,62 +217,83 @@ impl Ledger {
         self.budgets
     }
 
-    /// Why `tenant` may not be called now, if it has spent its day's or its month's
-    /// budget; `None` when it may (or has no budget).
-    pub async fn over_budget(
+    /// Holds `amount`, the most the next call may cost, against `tenant`'s day's and
+    /// month's budgets: atomically and fleet-wide with `limits.redis_url` (this replica's
+    /// count decides when Redis cannot be reached). It fits when what is spent and held
+    /// plus `amount` stays within each budget; then it counts as spent until
+    /// [`Self::settle`] puts the real cost in its place.
+    pub async fn reserve(
         &self,
         tenant: &str,
         limits: &TenantLimits,
+        amount: Usd,
         now_secs: i64,
-    ) -> Option<String> {
+    ) -> Reserve {
         let (day_max, month_max) = (limits.max_usd_per_day, limits.max_usd_per_month);
         if day_max.is_zero() && month_max.is_zero() {
-            return None;
+            return Reserve::NoBudget;
         }
         let period = Period::at(now_secs);
-        let spent = match self.shared_spend(tenant, &period).await {
-            Some(spent) => spent,
-            None => self.own_spend(tenant, &period),
+        let maxes = [day_max.0, month_max.0];
+        let shared = match self.shared_reserve(tenant, &period, amount, maxes).await {
+            Some(Err((over, spent))) => {
+                return Reserve::Over(over_why(tenant, limits, &period, over, spent, amount));
+            }
+            Some(Ok(())) => true,
+            None => false,
         };
-        let (day, month) = spent;
-        [
-            (day, day_max, "max_usd_per_day", "day", &period.day),
-            (
-                month,
-                month_max,
-                "max_usd_per_month",
-                "month",
-                &period.month,
-            ),
-        ]
-        .into_iter()
-        .find(|(spent, max, ..)| !max.is_zero() && *spent >= max.0)
-        .map(|(spent, max, key, what, when)| {
-            format!(
-                "tenant {tenant:?} has spent {} of its {key} {max} (UTC {what} {when}); replay \
-                 once it resets: llmq dlq replay --kind budget_exceeded",
-                Usd(spent)
-            )
+        let own = self.own.get_with_by_ref(tenant, Default::default);
+        let mut own = own.lock().unwrap_or_else(|e| e.into_inner());
+        let (day, month) = own.at(&period);
+        if !shared {
+            let spent = [day.usd_micros, month.usd_micros];
+            if let Some(over) =
+                (0..2).find(|&i| maxes[i] != 0 && spent[i].saturating_add(amount.0) > maxes[i])
+            {
+                return Reserve::Over(over_why(tenant, limits, &period, over, spent[over], amount));
+            }
+        }
+        day.usd_micros = day.usd_micros.saturating_add(amount.0);
+        month.usd_micros = month.usd_micros.saturating_add(amount.0);
+        Reserve::Held(Hold {
+            amount,
+            period,
+            shared,
         })
     }
 
-    /// Counts an answer of `tenant` that cost `cost` (zero when its model has no price) and
-    /// used `tokens`. Nothing to do, and nothing done, without budgets or Redis.
-    pub async fn record(&self, tenant: &str, cost: Usd, tokens: u64, now_secs: i64) {
+    /// Puts what a call cost in place of what it held: `cost` (nothing for a call that
+    /// produced nothing) and `tokens`; `answered` counts a request. Without a hold (its
+    /// tenant has no budget) the cost is added to this UTC day's and month's spend.
+    /// Nothing to do, and nothing done, without budgets or Redis.
+    pub async fn settle(&self, tenant: &str, hold: Option<Hold>, spent: Spent, now_secs: i64) {
         if !self.budgets && self.shared.is_none() {
             return;
         }
-        let period = Period::at(now_secs);
+        let (period, held, shared) = match hold {
+            Some(h) => (h.period, h.amount.0, h.shared),
+            None => (Period::at(now_secs), 0, false),
+        };
+        let answered = u64::from(spent.answered);
         {
             let own = self.own.get_with_by_ref(tenant, Default::default);
             let mut own = own.lock().unwrap_or_else(|e| e.into_inner());
             let (day, month) = own.at(&period);
-            day.add(cost, tokens);
-            month.add(cost, tokens);
+            for t in [day, month] {
+                t.usd_micros = t
+                    .usd_micros
+                    .saturating_sub(held)
+                    .saturating_add(spent.cost.0);
+                t.tokens = t.tokens.saturating_add(spent.tokens);
+                t.requests = t.requests.saturating_add(answered);
+            }
         }
         let Some((conn, prefix)) = &self.shared else {
             return;
         };
+        // Held in Redis: the difference; held here only (Redis was out): the whole cost.
+        let usd = i128::from(spent.cost.0) - if shared { i128::from(held) } else { 0 };
+        let usd = i64::try_from(usd).unwrap_or(if usd < 0 { i64::MIN } else { i64::MAX });
         let recorded = async {
             let mut conn = conn.get().await.map_err(|e| e.to_string())?;
             let mut pipe = redis::pipe();
@@ -195,11 +301,11 @@ impl Ledger {
                 (keys::usage(prefix, &period.day), DAY_TTL_SECS),
                 (keys::usage(prefix, &period.month), MONTH_TTL_SECS),
             ] {
-                pipe.hincr(&key, keys::usage_field("usd", tenant), cost.0)
+                pipe.hincr(&key, keys::usage_field("usd", tenant), usd)
                     .ignore()
-                    .hincr(&key, keys::usage_field("tokens", tenant), tokens)
+                    .hincr(&key, keys::usage_field("tokens", tenant), spent.tokens)
                     .ignore()
-                    .hincr(&key, format!("requests:{tenant}"), 1)
+                    .hincr(&key, keys::usage_field("requests", tenant), answered)
                     .ignore()
                     .expire(&key, ttl)
                     .ignore();
@@ -213,35 +319,40 @@ impl Ledger {
         }
     }
 
-    /// What `tenant` spent this day and month as this replica counted it.
-    fn own_spend(&self, tenant: &str, period: &Period) -> (u64, u64) {
-        let Some(own) = self.own.get(tenant) else {
-            return (0, 0);
-        };
-        let mut own = own.lock().unwrap_or_else(|e| e.into_inner());
-        let (day, month) = own.at(period);
-        (day.usd_micros, month.usd_micros)
-    }
-
-    /// What `tenant` spent this day and month as the fleet counted it; `None` without
-    /// Redis or when it cannot be read.
-    async fn shared_spend(&self, tenant: &str, period: &Period) -> Option<(u64, u64)> {
+    /// Holds `amount` in the fleet's ledger if it fits: `Err` names the budget it does not
+    /// fit in (0 the day's, 1 the month's) and what is spent there; `None` without Redis or
+    /// when it cannot be reached.
+    async fn shared_reserve(
+        &self,
+        tenant: &str,
+        period: &Period,
+        amount: Usd,
+        maxes: [u64; 2],
+    ) -> Option<Result<(), (usize, u64)>> {
         let (conn, prefix) = self.shared.as_ref()?;
-        let read = async {
+        let held = async {
             let mut conn = conn.get().await.map_err(|e| e.to_string())?;
-            let field = keys::usage_field("usd", tenant);
-            let (day, month): (Option<u64>, Option<u64>) = redis::pipe()
-                .hget(keys::usage(prefix, &period.day), &field)
-                .hget(keys::usage(prefix, &period.month), &field)
-                .query_async(&mut conn)
+            let (over, spent): (usize, u64) = redis::Script::new(RESERVE_SCRIPT)
+                .key(keys::usage(prefix, &period.day))
+                .key(keys::usage(prefix, &period.month))
+                .arg(keys::usage_field("usd", tenant))
+                .arg(amount.0)
+                .arg(maxes[0])
+                .arg(maxes[1])
+                .arg(DAY_TTL_SECS)
+                .arg(MONTH_TTL_SECS)
+                .invoke_async(&mut conn)
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok::<_, String>((day.unwrap_or(0), month.unwrap_or(0)))
+            Ok::<_, String>(match over {
+                0 => Ok(()),
+                n => Err((n - 1, spent)),
+            })
         };
-        match read.await {
-            Ok(spent) => Some(spent),
+        match held.await {
+            Ok(held) => Some(held),
             Err(e) => {
-                warn!(error = %e, %tenant, "could not read the tenant's spend from Redis; this replica's count decides");
+                warn!(error = %e, %tenant, "could not reserve in the fleet's ledger in Redis; this replica's count decides");
                 None
             }
         }
@@ -294,8 +405,7 @@ mod tests {
         assert_eq!(Period::at(1_796_083_200).month, "2026-12");
     }
 
-    #[tokio::test]
-    async fn a_budget_is_spent_at_its_amount_and_resets_with_its_period() {
+    fn budgeted() -> Config {
         let mut config = Config::default();
         config.tenants.insert(
             crate::config::DEFAULT_TENANT.into(),
@@ -304,33 +414,104 @@ mod tests {
                 ..Default::default()
             },
         );
-        let ledger = Ledger::new(&config);
+        config
+    }
+
+    fn held(r: Reserve) -> Hold {
+        match r {
+            Reserve::Held(h) => h,
+            other => panic!("not held: {other:?}"),
+        }
+    }
+
+    fn answer(micros: u64) -> Spent {
+        Spent {
+            cost: Usd(micros),
+            tokens: 10,
+            answered: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_budget_holds_what_calls_may_cost_and_counts_what_they_did() {
+        let ledger = Ledger::new(&budgeted());
         let limits = TenantLimits {
             max_usd_per_day: Usd(1000),
             ..Default::default()
         };
         let now = 1_796_083_000;
-        assert_eq!(ledger.over_budget("alice", &limits, now).await, None);
-        ledger.record("alice", Usd(999), 10, now).await;
-        assert_eq!(ledger.over_budget("alice", &limits, now).await, None);
-        ledger.record("alice", Usd(1), 10, now).await;
-        let why = ledger.over_budget("alice", &limits, now).await;
+        // Up to the budget exactly, held at once: a third does not fit.
+        let a = held(ledger.reserve("alice", &limits, Usd(600), now).await);
+        let b = held(ledger.reserve("alice", &limits, Usd(400), now).await);
+        let why = match ledger.reserve("alice", &limits, Usd(1), now).await {
+            Reserve::Over(why) => why,
+            other => panic!("{other:?}"),
+        };
         assert!(
-            why.as_deref()
-                .is_some_and(|w| w.contains("$0.001000 of its max_usd_per_day $0.001000")),
-            "{why:?}"
+            why.contains("has spent or holds $0.001000 of its max_usd_per_day $0.001000")
+                && why.contains("may cost up to $0.000001"),
+            "{why}"
         );
-        assert_eq!(ledger.over_budget("bob", &limits, now).await, None);
-        // The next UTC day starts afresh.
-        assert_eq!(
-            ledger.over_budget("alice", &limits, now + 86_400).await,
-            None
+        // What a call cost takes the place of what it held; a call that made nothing gives
+        // its hold back.
+        ledger.settle("alice", Some(a), answer(250), now).await;
+        ledger.settle("alice", Some(b), Spent::default(), now).await;
+        let c = held(ledger.reserve("alice", &limits, Usd(750), now).await);
+        assert!(matches!(
+            ledger.reserve("alice", &limits, Usd(1), now).await,
+            Reserve::Over(_)
+        ));
+        assert_eq!(c.amount(), Usd(750));
+        // Another tenant, and the next UTC day, start afresh; no budget, nothing held.
+        held(ledger.reserve("bob", &limits, Usd(1000), now).await);
+        held(
+            ledger
+                .reserve("alice", &limits, Usd(1000), now + 86_400)
+                .await,
         );
+        assert!(matches!(
+            ledger
+                .reserve("alice", &TenantLimits::default(), Usd(1), now)
+                .await,
+            Reserve::NoBudget
+        ));
         let monthly = TenantLimits {
             max_usd_per_month: Usd(1000),
             ..Default::default()
         };
-        ledger.record("carol", Usd(1000), 1, now).await;
-        assert!(ledger.over_budget("carol", &monthly, now).await.is_some());
+        // The day before, in the same month.
+        held(ledger.reserve("carol", &monthly, Usd(1000), now).await);
+        assert!(matches!(
+            ledger
+                .reserve("carol", &monthly, Usd(1), now - 86_400)
+                .await,
+            Reserve::Over(_)
+        ));
+    }
+
+    /// Many calls at once never hold more than the budget.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_reservations_never_exceed_the_budget() {
+        let ledger = std::sync::Arc::new(Ledger::new(&budgeted()));
+        let limits = TenantLimits {
+            max_usd_per_day: Usd(1000),
+            ..Default::default()
+        };
+        let tries = (0..40).map(|_| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move {
+                matches!(
+                    ledger
+                        .reserve("dave", &limits, Usd(100), 1_796_083_000)
+                        .await,
+                    Reserve::Held(_)
+                )
+            })
+        });
+        let mut fitted = 0;
+        for t in tries {
+            fitted += usize::from(t.await.expect("reserve"));
+        }
+        assert_eq!(fitted, 10);
     }
 }

@@ -303,9 +303,15 @@ impl Upstream {
             ))),
             other => Outcome::from_routed(other),
         };
+        // An answer without usage is charged its estimate: tokens delivered are tokens
+        // charged, never refunded.
         let (used, called) = match &outcome {
             Some(Outcome::Done(result)) => (
-                result.usage.as_ref().and_then(|u| u.total()).unwrap_or(0),
+                result
+                    .usage
+                    .as_ref()
+                    .and_then(|u| u.total())
+                    .unwrap_or(estimate),
                 true,
             ),
             Some(other) => (0, other.called_upstream()),

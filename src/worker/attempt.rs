@@ -19,8 +19,10 @@ use super::{
 };
 use crate::{
     broker::publish::{Publisher, ReplyRoute},
+    config::Usd,
     contract::{ErrorKind, Usage, request::Job},
-    runtime::clock::{unix_now, unix_now_ms},
+    runtime::clock::unix_now_ms,
+    tenant::spend::Spent,
     upstream::{
         call::{Attempt as UpstreamAttempt, Outcome},
         failure::{Class, Failure},
@@ -54,30 +56,28 @@ pub(super) struct Attempt<'a> {
     pub progress: &'a Progress,
     /// Fires when the caller cancels the request.
     pub watch: &'a Watch,
+    /// What the call holds of its tenant's budget: what an answer without usage costs.
+    pub held: Usd,
 }
 
 impl Attempt<'_> {
     /// Runs the attempt. A cancel drops the call where it is (its HTTP call, its wait for a
     /// slot or a batch), which gives back its permit and token estimate.
     ///
-    /// An answer is put on its tenant's account after the race: a cancel that comes while
-    /// the ledger is written (to Redis) must not drop an answer already made and paid for.
-    pub async fn run(&self, route: &mut Route) -> Attempted {
+    /// What it cost its tenant is reckoned after the race: a cancel that comes then must
+    /// not drop an answer already made and paid for. Tokens delivered are tokens charged
+    /// ([`Self::spent`]).
+    pub async fn run(&self, route: &mut Route) -> (Attempted, Spent) {
         let watch = self.watch;
-        let attempted = tokio::select! {
+        let mut attempted = tokio::select! {
             attempted = self.call(route) => attempted,
             () = watch.cancelled() => {
                 info!("cancelled by its caller mid-call");
                 Attempted::Cancelled
             }
         };
-        match attempted {
-            Attempted::Produced(mut outcome) => {
-                self.account(&mut outcome).await;
-                Attempted::Produced(outcome)
-            }
-            other => other,
-        }
+        let spent = self.spent(&mut attempted, route);
+        (attempted, spent)
     }
 
     /// The call, streamed or not, cut off at the request's deadline or the shutdown
@@ -168,26 +168,58 @@ impl Attempt<'_> {
         Box::pin(futures_util::future::join(call, forward)).await.0
     }
 
-    /// Puts an answer on its tenant's account: the result names the tenant and its cost
-    /// (when the model has a price), and the ledger and the metrics count it.
-    async fn account(&self, outcome: &mut Outcome) {
-        let Outcome::Done(result) = outcome else {
-            return;
-        };
+    /// What the attempt cost its tenant, for the ledger. An answer: its usage at its
+    /// model's price, named in the result with the tenant; without usage, what it held (all
+    /// it could have cost) and its token estimate. An attempt that streamed deltas and then
+    /// ended without an answer (its deadline, a cancel, `llm.stream_max_secs`, a failure):
+    /// its prompt and what it streamed, at 4 bytes a token, at the requested model's price.
+    /// Anything else generated nothing that was delivered, and costs nothing.
+    fn spent(&self, attempted: &mut Attempted, route: &Route) -> Spent {
         let ctx = self.ctx;
-        let usage = result.usage.as_ref();
-        let cost = match (&result.model, usage) {
-            (Some(model), Some(usage)) => ctx.prices.cost(model, usage),
-            _ => None,
-        };
-        let tokens = usage.and_then(Usage::total).unwrap_or(0);
-        result.tenant = Some(self.tenant.to_string());
-        result.cost_usd = cost.map(crate::config::Usd::dollars);
-        let cost = cost.unwrap_or_default();
-        ctx.ledger
-            .record(self.tenant, cost, tokens, unix_now())
-            .await;
-        ctx.metrics
-            .tenant_answered(ctx.tenants.label(self.tenant), tokens, cost.dollars());
+        if let Attempted::Produced(Outcome::Done(result)) = attempted {
+            let usage = result.usage.as_ref();
+            let cost = match (&result.model, usage) {
+                (Some(model), Some(usage)) => ctx.prices.cost(model, usage),
+                _ => None,
+            };
+            let tokens = usage.and_then(Usage::total);
+            let priced = match (cost, tokens) {
+                (Some(cost), _) => Some(cost),
+                (None, None) if self.held != Usd::ZERO => Some(self.held),
+                _ => None,
+            };
+            let tokens = tokens.unwrap_or_else(|| self.job.token_estimate(0));
+            result.tenant = Some(self.tenant.to_string());
+            result.cost_usd = priced.map(Usd::dollars);
+            let cost = priced.unwrap_or(Usd::ZERO);
+            ctx.metrics
+                .tenant_answered(ctx.tenants.label(self.tenant), tokens, cost.dollars());
+            return Spent {
+                cost,
+                tokens,
+                answered: true,
+            };
+        }
+        let streamed = self
+            .progress
+            .bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if streamed == 0 {
+            return Spent::default();
+        }
+        let (prompt, completion) = (self.job.token_estimate(0), streamed.div_ceil(4));
+        let mut cost = ctx
+            .prices
+            .at_most(&route.requested, prompt, completion)
+            .unwrap_or(Usd::ZERO);
+        if self.held != Usd::ZERO {
+            // Never more than was held: the hold is the bound the budget was checked with.
+            cost = cost.min(self.held);
+        }
+        Spent {
+            cost,
+            tokens: prompt.saturating_add(completion),
+            answered: false,
+        }
     }
 }

@@ -15,7 +15,7 @@
 //! cannot be published ends the deltas of this attempt, and the result still goes out.
 
 use std::{
-    sync::atomic::{AtomicBool, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -49,6 +49,9 @@ pub(super) struct Progress {
     pub marked: AtomicBool,
     /// At least one delta was published.
     pub delta: AtomicBool,
+    /// Bytes of text (content, reasoning, tool-call arguments) the published deltas
+    /// carried: what the caller was given, charged to its tenant if no answer follows.
+    pub bytes: AtomicU64,
 }
 
 /// Publishes a restart marker first when `restart`, then the pieces from `pieces` until the
@@ -124,6 +127,9 @@ pub(super) async fn forward(
             }
             out.metrics.stream_deltas.inc();
             progress.delta.store(true, Ordering::Relaxed);
+            progress
+                .bytes
+                .fetch_add(text_bytes(&delta.delta), Ordering::Relaxed);
             seq += 1;
         }
         last = Some(sent);
@@ -131,6 +137,24 @@ pub(super) async fn forward(
             return;
         }
     }
+}
+
+/// Bytes of the text in a delta: every string in it at any depth, but its role.
+fn text_bytes(delta: &serde_json::Map<String, serde_json::Value>) -> u64 {
+    fn of(v: &serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::String(s) => s.len(),
+            serde_json::Value::Array(items) => items.iter().map(of).sum(),
+            serde_json::Value::Object(map) => map.values().map(of).sum(),
+            _ => 0,
+        }
+    }
+    let bytes: usize = delta
+        .iter()
+        .filter(|(key, _)| *key != "role")
+        .map(|(_, v)| of(v))
+        .sum();
+    u64::try_from(bytes).unwrap_or(u64::MAX)
 }
 
 /// Adds a piece to the batch: merged into the one of its choice, if there is one.

@@ -6,6 +6,7 @@
 mod alarm;
 mod answers;
 mod bounds;
+mod budgets;
 mod cancel;
 mod cli;
 mod end_to_end;

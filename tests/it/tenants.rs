@@ -60,8 +60,10 @@ fn micros(result: &Value) -> u64 {
             .expect("completion tokens")
 }
 
-/// Alice's day budget runs out after a few answers: the next request is dead-lettered
-/// `budget_exceeded` without a call, Bob goes on, and `llmq usage` shows what each spent.
+/// Alice's day budget runs out after a few answers: the first request whose most (its
+/// prompt's bytes at the input price, plus the model's `max_output_tokens` of 10 at the
+/// output price) does not fit in what is left is dead-lettered `budget_exceeded` without a
+/// call, Bob goes on, and `llmq usage` shows what each spent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spent_budget_stops_its_tenant_only_with_exact_cost_arithmetic() {
     let prefix = unique("usage");
@@ -76,6 +78,7 @@ async fn a_spent_budget_stops_its_tenant_only_with_exact_cost_arithmetic() {
                 input_per_mtok: Usd::from_dollars(1.0).expect("a price"),
                 output_per_mtok: Usd::from_dollars(2.0).expect("a price"),
                 cached_input_per_mtok: None,
+                max_output_tokens: Some(10),
             },
         )]);
         c.tenants = BTreeMap::from([(
@@ -90,7 +93,9 @@ async fn a_spent_budget_stops_its_tenant_only_with_exact_cost_arithmetic() {
     let worker = env.start_worker();
     let mut spent = 0u64;
     let mut answered = 0u64;
-    while spent < budget {
+    // "question a-N": 12 bytes and a message's 8 at $1 a million, 10 tokens at $2.
+    let most = 20 + 2 * 10;
+    while spent + most <= budget {
         let r = ask(&env, &alice, &format!("a-{answered}")).await;
         assert_eq!(r["status"], "ok", "{r}");
         assert_eq!(r["tenant"], alice.as_str());
@@ -101,6 +106,7 @@ async fn a_spent_budget_stops_its_tenant_only_with_exact_cost_arithmetic() {
         assert!(answered < 50, "the budget is never reached");
     }
     let calls = env.chat_calls();
+    // "question over" is a byte longer.
     let refused = ask(&env, &alice, "over").await;
     assert_eq!(refused["status"], "error", "{refused}");
     assert_eq!(refused["error"]["kind"], "budget_exceeded");
@@ -108,10 +114,10 @@ async fn a_spent_budget_stops_its_tenant_only_with_exact_cost_arithmetic() {
     let why = refused["error"]["message"].as_str().expect("a reason");
     assert!(
         why.contains(&format!(
-            "{} of its max_usd_per_day {}",
+            "has spent or holds {} of its max_usd_per_day {} (UTC day",
             Usd(spent),
             Usd(budget)
-        )),
+        )) && why.contains(&format!("may cost up to {}", Usd(most + 1))),
         "{why}"
     );
     assert_eq!(env.chat_calls(), calls, "no call for a tenant over budget");
@@ -697,7 +703,7 @@ async fn a_single_tenant_uses_the_whole_fleet() {
 
 /// Two replicas, each with an id of its own, both consuming before the backlog comes, so
 /// neither starts late on a busy machine and finds the work gone.
-async fn two_replicas(env: &TestEnv) -> [(String, crate::helpers::Worker); 2] {
+pub(crate) async fn two_replicas(env: &TestEnv) -> [(String, crate::helpers::Worker); 2] {
     let replicas = ["a", "b"].map(|r| {
         let mut config = env.config.clone();
         config.worker.id = format!("{}-{r}", env.config.worker.id);

@@ -75,19 +75,25 @@ pub(super) async fn chat(
         "total_tokens": prompt_tokens + completion_tokens
     });
     if body["stream"] == json!(true) {
-        let with_usage = body["stream_options"]["include_usage"] == json!(true);
+        let with_usage =
+            body["stream_options"]["include_usage"] == json!(true) && !options.no_usage;
         let usage = with_usage.then_some(&usage);
         return stream::answer(&state, &options, &model, &choices, usage, &last);
     }
-    Json(json!({
+    let mut answer = json!({
         "id": "chatcmpl-mock",
         "object": "chat.completion",
         "created": 0,
         "model": model,
         "choices": choices,
         "usage": usage
-    }))
-    .into_response()
+    });
+    if options.no_usage
+        && let Some(fields) = answer.as_object_mut()
+    {
+        fields.remove("usage");
+    }
+    Json(answer).into_response()
 }
 
 /// The text of the call's last message (a non-text content as JSON), `""` when none.
@@ -105,9 +111,15 @@ fn last_message(body: &Value) -> String {
 /// The `n` choices (1 to 8) of the answer to `body`, whose last message is `last`, and the
 /// completion tokens they make: each a text reply, or, when the request offers tools and
 /// the last message is not a tool's answer, a call of the first tool. Choice `i` > 0 says
-/// which it is, so the choices differ.
+/// which it is, so the choices differ. A text reply longer than the call's
+/// `max_completion_tokens` (else `max_tokens`) at 4 bytes a token is cut there, with
+/// `finish_reason` `length`, as a model stops at its bound.
 fn choices(body: &Value, last: &str) -> (Vec<Value>, usize) {
     let n = body["n"].as_u64().unwrap_or(1).clamp(1, 8);
+    let most = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| body[*k].as_u64())
+        .map(|tokens| usize::try_from(tokens.saturating_mul(4)).unwrap_or(usize::MAX));
     let last_role = body["messages"]
         .as_array()
         .and_then(|m| m.last())
@@ -143,13 +155,22 @@ fn choices(body: &Value, last: &str) -> (Vec<Value>, usize) {
                     })
                 }
                 None => {
-                    let content = format!("mock reply to: {last}{suffix}");
+                    let mut content = format!("mock reply to: {last}{suffix}");
+                    let mut finish = "stop";
+                    if let Some(most) = most.filter(|most| content.len() > *most) {
+                        let mut at = most;
+                        while !content.is_char_boundary(at) {
+                            at -= 1;
+                        }
+                        content.truncate(at);
+                        finish = "length";
+                    }
                     completion_tokens += content.len() / 4;
                     json!({
                         "index": i,
                         "message": {"role": "assistant", "content": content},
                         "logprobs": logprobs,
-                        "finish_reason": "stop"
+                        "finish_reason": finish
                     })
                 }
             }

@@ -61,6 +61,9 @@ pub struct MockOptions {
     /// `Retry-After`: an account out of credit, which waiting does not cure.
     #[arg(long)]
     pub insufficient_quota: bool,
+    /// Answer chat calls without `usage` (some self-hosted servers do), streamed or not.
+    #[arg(long)]
+    pub no_usage: bool,
     /// Calls it answers at once, each counted from its arrival to its answer (its latency
     /// included): a call beyond them is refused at once with 429 `rate_limit_exceeded` and
     /// no `Retry-After`, as a provider enforces a concurrency cap it does not announce.
@@ -121,6 +124,7 @@ impl Default for MockOptions {
             max_prompt_bytes: None,
             models: Vec::new(),
             insufficient_quota: false,
+            no_usage: false,
             max_concurrency: None,
             rate_limit_headers: false,
             chunk_ms: 0,

@@ -48,6 +48,9 @@ pub struct LlmClient {
     pub(super) max_response_bytes: usize,
     /// The timeouts of streamed calls.
     pub(super) stream: StreamLimits,
+    /// `max_tokens_field` is `max_completion_tokens`: a request's `max_tokens` is sent
+    /// there.
+    completion_field: bool,
 }
 
 /// The provider named `name` (one of [`crate::config::PROVIDERS`]), `None` for another.
@@ -143,6 +146,7 @@ impl LlmClient {
             provider,
             max_response_bytes,
             stream: StreamLimits::default(),
+            completion_field: cfg.max_tokens_field == "max_completion_tokens",
         })
     }
 
@@ -158,11 +162,32 @@ impl LlmClient {
         messages: &[Value],
         params: &Map<String, Value>,
     ) -> Result<ChatAnswer, Failure> {
-        let body = self.provider.chat_body(model, messages, params, false)?;
+        let params = self.output_bound_field(params);
+        let body = self.provider.chat_body(model, messages, &params, false)?;
         let (answer, spent_for) = self.post(&self.chat_url, body).await?;
         let mut answer = self.provider.chat_answer(&answer, model)?;
         answer.spent_for = spent_for;
         Ok(answer)
+    }
+
+    /// `params` with the output bound in the field this deployment takes: a `max_tokens`
+    /// moved to `max_completion_tokens` when the deployment takes that and the request did
+    /// not set it.
+    pub(super) fn output_bound_field<'p>(
+        &self,
+        params: &'p Map<String, Value>,
+    ) -> std::borrow::Cow<'p, Map<String, Value>> {
+        if !self.completion_field
+            || !params.contains_key("max_tokens")
+            || params.contains_key("max_completion_tokens")
+        {
+            return std::borrow::Cow::Borrowed(params);
+        }
+        let mut moved = params.clone();
+        if let Some(bound) = moved.remove("max_tokens") {
+            moved.insert("max_completion_tokens".into(), bound);
+        }
+        std::borrow::Cow::Owned(moved)
     }
 
     /// An embeddings call (`POST {base_url}/embeddings` for OpenAI).

@@ -472,7 +472,8 @@ impl LlmClient {
         params: &Map<String, Value>,
         deltas: &Deltas,
     ) -> Result<ChatAnswer, Failure> {
-        let body = self.provider.chat_body(model, messages, params, true)?;
+        let params = self.output_bound_field(params);
+        let body = self.provider.chat_body(model, messages, &params, true)?;
         let limits = self.stream;
         let until = tokio::time::Instant::now() + limits.total;
         let sent = self.send(&self.chat_url, body, Some(limits.total));

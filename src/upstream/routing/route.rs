@@ -25,6 +25,12 @@ pub struct Route {
 }
 
 impl Route {
+    /// The models it may try: the requested one and its fallbacks (after a context-length
+    /// error, that model's context-window fallbacks).
+    pub fn models(&self) -> &[String] {
+        &self.models
+    }
+
     /// A fresh route for `model`, with its fallbacks from `rules`.
     pub fn new(model: &str, rules: &RoutingConfig) -> Self {
         let mut models = vec![model.to_string()];

@@ -110,8 +110,12 @@ pub enum Budget {
     NotAsked,
     /// Asked: the tenant may spend.
     Within,
-    /// Asked: the tenant's day's or month's budget is spent; why.
+    /// Asked: what the call may cost does not fit in the tenant's day's or month's
+    /// budget; why.
     Over(String),
+    /// Asked: the tenant has a budget and a model the call may go to has no price (and
+    /// there is no `[prices.default]`); why.
+    Unpriced(String),
 }
 
 /// What a publish made to settle a delivery carried.
@@ -376,6 +380,10 @@ fn before_call(i: &Input<'_>) -> Decision {
         Budget::NotAsked => Decision::AskBudget,
         Budget::Over(why) => Decision::DeadLetter {
             kind: ErrorKind::BudgetExceeded,
+            reason: why.clone(),
+        },
+        Budget::Unpriced(why) => Decision::DeadLetter {
+            kind: ErrorKind::InvalidRequest,
             reason: why.clone(),
         },
         Budget::Unlimited | Budget::Within => Decision::Call,
@@ -1150,6 +1158,25 @@ mod tests {
             decide(&late),
             Decision::Publish,
             "an answer made is published"
+        );
+    }
+
+    #[test]
+    fn an_unpriced_model_under_a_budget_is_an_invalid_request_without_a_call() {
+        let p = policy();
+        let why = "model \"m\" has no [prices.\"m\"] and there is no [prices.default]";
+        let unpriced = Budget::Unpriced(why.into());
+        let asked = Input {
+            claim: Claim::Acquired,
+            budget: &unpriced,
+            ..fresh(&p)
+        };
+        assert_eq!(
+            decide(&asked),
+            Decision::DeadLetter {
+                kind: ErrorKind::InvalidRequest,
+                reason: why.into()
+            }
         );
     }
 

@@ -36,6 +36,7 @@ use crate::{
     },
     runtime::clock::unix_now_ms,
     store::idempotency,
+    tenant::spend::Hold,
     upstream::call::Outcome,
 };
 
@@ -193,6 +194,7 @@ fn arrive<'a>(
         claimed: false,
         claim: Claim::NotAsked,
         budget: unasked(ctx),
+        hold: None,
         produced: None,
         body: None,
         sent: None,
@@ -252,6 +254,8 @@ struct Settling<'a> {
     claim: Claim,
     /// Whether its tenant may spend on the next call.
     budget: Budget,
+    /// What the next call holds of its tenant's budget, until it is settled.
+    hold: Option<Hold>,
     /// What the last attempt produced, since the last inline wait.
     produced: Option<Outcome>,
     /// The result to publish: the answer serialized, or the one stored before.

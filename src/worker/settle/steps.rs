@@ -15,6 +15,7 @@ use tracing::{debug, error, info, warn};
 use super::{Settling, unasked};
 use crate::{
     broker::publish::{PublishError, Publisher, Reply, with_retries},
+    config::Usd,
     contract::{
         ErrorKind, Usage,
         headers::{Failure, RetryState},
@@ -22,6 +23,7 @@ use crate::{
     },
     runtime::clock::{unix_now, unix_now_ms},
     store::idempotency,
+    tenant::spend::{Hold, Reserve, Spent},
     upstream::{call::Outcome, routing::router::Route},
     worker::{
         Context,
@@ -39,9 +41,13 @@ impl Settling<'_> {
         decision: Decision,
         route: Option<&mut Route>,
     ) -> ControlFlow<()> {
+        if decision != Decision::Call {
+            // Held for a call that is not made after all (a cancel came meanwhile).
+            self.release_hold().await;
+        }
         match decision {
             Decision::Claim if self.job.is_some() => self.claim().await,
-            Decision::AskBudget => self.ask_budget().await,
+            Decision::AskBudget => self.ask_budget(route.as_deref()).await,
             Decision::Call => match route {
                 Some(route) => self.call(route).await,
                 None => {
@@ -111,18 +117,60 @@ impl Settling<'_> {
         };
     }
 
-    /// Asks the ledger whether the tenant may spend on the next call.
-    pub(super) async fn ask_budget(&mut self) {
+    /// Holds what the next call may cost against its tenant's budgets, if it has any: its
+    /// prompt and output bounds at the highest price of the models its route may try. A
+    /// request that sets no output bound is given one first (the lowest
+    /// `max_output_tokens` of those models, else `llm.max_tokens_cap`), so that what is
+    /// held is a true bound.
+    pub(super) async fn ask_budget(&mut self, route: Option<&Route>) {
         let ctx = self.ctx;
         let limits = ctx.tenants.limits(&self.tenant);
+        let budgeted = !(limits.max_usd_per_day.is_zero() && limits.max_usd_per_month.is_zero());
+        let (Some(job), Some(route), true) = (self.job.as_mut(), route, budgeted) else {
+            self.budget = Budget::Within;
+            return;
+        };
+        let models = route.models();
+        let most = lowest_max_output(ctx, route).unwrap_or(ctx.config.llm.max_tokens_cap);
+        job.bound_output(most);
+        let (input, output) = (job.input_bound(), job.output_bound().unwrap_or(most));
+        let mut amount = Usd::ZERO;
+        for model in models {
+            match ctx.prices.at_most(model, input, output) {
+                Some(at_most) => amount = amount.max(at_most),
+                None => {
+                    self.budget = Budget::Unpriced(format!(
+                        "model {model:?} has no price ([prices.\"{model}\"]) and there is no \
+                         [prices.default]: tenant {:?} has a budget, so only priced models \
+                         may be called",
+                        self.tenant
+                    ));
+                    return;
+                }
+            }
+        }
         self.budget = match ctx
             .ledger
-            .over_budget(&self.tenant, limits, unix_now())
+            .reserve(&self.tenant, limits, amount, unix_now())
             .await
         {
-            Some(why) => Budget::Over(why),
-            None => Budget::Within,
+            Reserve::NoBudget => Budget::Within,
+            Reserve::Held(hold) => {
+                self.hold = Some(hold);
+                Budget::Within
+            }
+            Reserve::Over(why) => Budget::Over(why),
         };
+    }
+
+    /// Gives back what was held for a call that was not made.
+    async fn release_hold(&mut self) {
+        if let Some(hold) = self.hold.take() {
+            let ctx = self.ctx;
+            ctx.ledger
+                .settle(&self.tenant, Some(hold), Spent::default(), unix_now())
+                .await;
+        }
     }
 
     /// Makes the next upstream attempt and counts what it produced.
@@ -134,10 +182,18 @@ impl Settling<'_> {
             ctx.store.renew(&self.key, ctx.worker()).await;
         }
         self.calls += 1;
+        // Never a bound above what the models it may go to generate.
+        if let (Some(job), Some(most)) = (self.job.as_mut(), lowest_max_output(ctx, route))
+            && job.output_bound().is_some()
+        {
+            job.bound_output(most);
+        }
         let Some(job) = self.job.as_ref() else {
             return;
         };
-        let attempted = Attempt {
+        let hold = self.hold.take();
+        let held = hold.as_ref().map_or(Usd::ZERO, Hold::amount);
+        let (attempted, spent) = Attempt {
             ctx,
             publisher: self.publisher,
             reply: &self.route,
@@ -151,9 +207,15 @@ impl Settling<'_> {
             claimed: self.claimed,
             progress: &self.progress,
             watch: &self.watch,
+            held,
         }
         .run(route)
         .await;
+        if hold.is_some() || spent != Spent::default() {
+            ctx.ledger
+                .settle(&self.tenant, hold, spent, unix_now())
+                .await;
+        }
         let progress = std::mem::take(&mut self.progress);
         let streamed = self
             .tally
@@ -441,4 +503,13 @@ pub(super) async fn dead_letter_after_panic(
     };
     let published = with_retries(|| publisher.dead_letter(delivery, &failure)).await;
     ack_if_confirmed(delivery, published, &ctx.stop).await;
+}
+
+/// The lowest `max_output_tokens` of the models `route` may try, when any has one.
+fn lowest_max_output(ctx: &Context, route: &Route) -> Option<u64> {
+    route
+        .models()
+        .iter()
+        .filter_map(|m| ctx.prices.of(m).and_then(|p| p.max_output_tokens))
+        .min()
 }
