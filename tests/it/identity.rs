@@ -14,7 +14,7 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 use llmq::{
-    config::{Switch, TenantConfig, Usd},
+    config::{PriceConfig, Switch, TenantConfig, Usd},
     tools::mock::MockOptions,
 };
 use serde_json::{Value, json};
@@ -35,6 +35,20 @@ fn a_tenant_with_a_budget() -> BTreeMap<String, TenantConfig> {
     )])
 }
 
+/// A price for `model`, as a budget needs (and a small output bound, so that the budget
+/// holds what a call may cost).
+fn a_price_for(model: &str) -> BTreeMap<String, PriceConfig> {
+    BTreeMap::from([(
+        model.to_string(),
+        PriceConfig {
+            input_per_mtok: Usd::from_dollars(1.0).expect("a price"),
+            output_per_mtok: Usd::from_dollars(1.0).expect("a price"),
+            cached_input_per_mtok: None,
+            max_output_tokens: Some(64),
+        },
+    )])
+}
+
 /// The one result on the results queue.
 async fn one_result(env: &TestEnv) -> Value {
     let q = env.config.topology.results_queue.clone();
@@ -49,6 +63,7 @@ async fn one_result(env: &TestEnv) -> Value {
 async fn a_request_without_user_id_is_refused_where_tenants_are_configured() {
     let env = TestEnv::with(MockOptions::default(), |c| {
         c.tenants = a_tenant_with_a_budget();
+        c.prices = a_price_for(&c.llm.model);
     })
     .await;
     let worker = env.start_worker();
@@ -104,6 +119,7 @@ async fn behind_a_gateway_a_request_without_the_header_is_refused() {
     let env = TestEnv::with(MockOptions::default(), |c| {
         c.tenancy.header = "x-tenant".into();
         c.tenants = a_tenant_with_a_budget();
+        c.prices = a_price_for(&c.llm.model);
     })
     .await;
     let worker = env.start_worker();
@@ -150,6 +166,7 @@ async fn behind_a_gateway_a_request_without_the_header_is_refused() {
 async fn anonymous_requests_are_served_when_require_user_id_is_off() {
     let env = TestEnv::with(MockOptions::default(), |c| {
         c.tenants = a_tenant_with_a_budget();
+        c.prices = a_price_for(&c.llm.model);
         c.tenancy.require_user_id = Switch::Off;
     })
     .await;
