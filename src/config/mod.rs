@@ -306,6 +306,7 @@ mod tests {
                 inline_max_ms: 100,
                 max_redeliveries: 2,
                 max_rate_limited_secs: 60,
+                max_unavailable_secs: 45,
             },
             upstreams: BTreeMap::from([(
                 "azure".to_string(),

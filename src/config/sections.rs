@@ -375,10 +375,15 @@ pub struct RetryConfig {
     /// this many times is dead-lettered as `redelivery_limit`, without an upstream call.
     /// Counted apart from attempts, in the `x-llmq-redeliveries` header.
     pub max_redeliveries: u32,
-    /// Longest a request may wait out rate limits (429s, deployments cooling down) in all,
-    /// counted from the first one and across deliveries; such waits use up no attempts.
-    /// Past it the request is dead-lettered as `rate_limited`.
+    /// Longest a request may wait out rate limits (429s, deployments cooling down after
+    /// them) in all, counted from the first one and across deliveries; such waits use up no
+    /// attempts. Past it the request is dead-lettered as `rate_limited`.
     pub max_rate_limited_secs: u64,
+    /// Longest a request may wait out an outage (every deployment of its model down: circuit
+    /// breakers open after connection errors, timeouts or 5xx) in all, counted from the
+    /// first time it found none and across deliveries; such waits use up no attempts. Past
+    /// it the request is dead-lettered as `upstream_unavailable`.
+    pub max_unavailable_secs: u64,
 }
 
 impl Default for RetryConfig {
@@ -390,6 +395,7 @@ impl Default for RetryConfig {
             inline_max_ms: 2000,
             max_redeliveries: 5,
             max_rate_limited_secs: 600,
+            max_unavailable_secs: 300,
         }
     }
 }

@@ -443,6 +443,11 @@ fn validate_retry(retry: &RetryConfig, p: &mut Problems) {
         "must be between 1 and 86400",
     );
     p.check(
+        (1..=86_400).contains(&retry.max_unavailable_secs),
+        "retry.max_unavailable_secs",
+        "must be between 1 and 86400",
+    );
+    p.check(
         retry.max_redeliveries >= 1,
         "retry.max_redeliveries",
         "must be at least 1 (0 would dead-letter every request a crash or a shutdown handed back)",
@@ -1303,6 +1308,10 @@ mod tests {
         assert_eq!(
             only_problem(|c| c.retry.max_rate_limited_secs = 0),
             "retry.max_rate_limited_secs (LLMQ_RETRY__MAX_RATE_LIMITED_SECS): must be between 1 and 86400"
+        );
+        assert_eq!(
+            only_problem(|c| c.retry.max_unavailable_secs = 0),
+            "retry.max_unavailable_secs (LLMQ_RETRY__MAX_UNAVAILABLE_SECS): must be between 1 and 86400"
         );
     }
 

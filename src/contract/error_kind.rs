@@ -27,9 +27,13 @@ pub enum ErrorKind {
     ResultTooLarge,
     /// The `request_id` was answered before for a different request of the same identity.
     IdempotencyConflict,
-    /// Rate limits (429s, every deployment of the model cooling down or down) lasted longer
+    /// Rate limits (429s, deployments of the model cooling down after them) lasted longer
     /// than `retry.max_rate_limited_secs` in all.
     RateLimited,
+    /// No deployment could serve the model because of failures (circuit breakers open after
+    /// connection errors, timeouts or 5xx) for longer than `retry.max_unavailable_secs` in
+    /// all: an outage, not a rate limit; replayable once the upstream is back.
+    UpstreamUnavailable,
     /// Every deployment that could serve the model, and every fallback, answered
     /// `insufficient_quota`: the accounts are spent.
     QuotaExhausted,
@@ -43,7 +47,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, for listings and tests.
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::InvalidRequest,
         ErrorKind::TooLarge,
         ErrorKind::UpstreamPermanent,
@@ -53,6 +57,7 @@ impl ErrorKind {
         ErrorKind::ResultTooLarge,
         ErrorKind::IdempotencyConflict,
         ErrorKind::RateLimited,
+        ErrorKind::UpstreamUnavailable,
         ErrorKind::QuotaExhausted,
         ErrorKind::Expired,
         ErrorKind::BudgetExceeded,
@@ -70,6 +75,7 @@ impl ErrorKind {
             ErrorKind::ResultTooLarge => "result_too_large",
             ErrorKind::IdempotencyConflict => "idempotency_conflict",
             ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::UpstreamUnavailable => "upstream_unavailable",
             ErrorKind::QuotaExhausted => "quota_exhausted",
             ErrorKind::Expired => "expired",
             ErrorKind::BudgetExceeded => "budget_exceeded",

@@ -1,7 +1,8 @@
 //! Every AMQP header llmq reads or writes, with its readers and writers.
 //!
 //! - On a request waiting for another attempt: [`ATTEMPTS`], [`REDELIVERIES`],
-//!   [`FIRST_FAILURE`], [`NOT_BEFORE`], [`LAST_ERROR`] and [`RETRY_TIER`] ([`RetryState`],
+//!   [`FIRST_FAILURE`], [`RATE_LIMITED_SINCE`], [`UNAVAILABLE_SINCE`], [`NOT_BEFORE`],
+//!   [`LAST_ERROR`] and [`RETRY_TIER`] ([`RetryState`],
 //!   [`stamp_retry`], [`stamp_redelivery`]).
 //! - On a dead letter: the `x-error-*` family ([`Failure`], [`stamp_dead_letter`],
 //!   [`DeadLetterInfo`]).
@@ -23,8 +24,12 @@ pub const REDELIVERIES: &str = "x-llmq-redeliveries";
 /// Unix seconds of the request's first failure.
 pub const FIRST_FAILURE: &str = "x-llmq-first-failure";
 /// Unix milliseconds of the first rate limit the request met (a 429, or every deployment
-/// of its model cooling down): rate limits are bounded by the time since, not by attempts.
+/// of its model cooling down after one): rate limits are bounded by the time since, not by
+/// attempts.
 pub const RATE_LIMITED_SINCE: &str = "x-llmq-rate-limited-since";
+/// Unix milliseconds of the first time the request found every deployment of its model
+/// down (circuit breakers open): outages are bounded by the time since, not by attempts.
+pub const UNAVAILABLE_SINCE: &str = "x-llmq-unavailable-since";
 /// Unix milliseconds before which the request must not be tried again.
 pub const NOT_BEFORE: &str = "x-llmq-not-before";
 /// An earlier attempt of a streamed request may have sent deltas to its `reply_to`: the
@@ -116,6 +121,8 @@ pub struct RetryState {
     pub not_before_ms: Option<i64>,
     /// Unix milliseconds of the first rate limit ([`RATE_LIMITED_SINCE`]).
     pub rate_limited_since_ms: Option<i64>,
+    /// Unix milliseconds of the first outage ([`UNAVAILABLE_SINCE`]).
+    pub unavailable_since_ms: Option<i64>,
     /// Deltas may have gone out before ([`STREAMED`]).
     pub streamed: bool,
 }
@@ -129,6 +136,7 @@ impl RetryState {
             first_failure: get_i64(props, FIRST_FAILURE),
             not_before_ms: get_i64(props, NOT_BEFORE),
             rate_limited_since_ms: get_i64(props, RATE_LIMITED_SINCE),
+            unavailable_since_ms: get_i64(props, UNAVAILABLE_SINCE),
             streamed: get_i64(props, STREAMED).is_some_and(|v| v > 0),
         }
     }
@@ -160,6 +168,9 @@ fn stamp_counts(headers: &mut FieldTable, state: &RetryState) {
     headers.insert(ATTEMPTS.into(), count(state.attempts));
     if let Some(since) = state.rate_limited_since_ms {
         headers.insert(RATE_LIMITED_SINCE.into(), AMQPValue::LongLongInt(since));
+    }
+    if let Some(since) = state.unavailable_since_ms {
+        headers.insert(UNAVAILABLE_SINCE.into(), AMQPValue::LongLongInt(since));
     }
     if state.streamed {
         headers.insert(STREAMED.into(), count(1));
@@ -260,6 +271,7 @@ pub fn for_replay(props: &BasicProperties, reset_attempts: bool) -> FieldTable {
                         | LAST_ERROR
                         | REDELIVERIES
                         | RATE_LIMITED_SINCE
+                        | UNAVAILABLE_SINCE
                 )
                 || (reset_attempts && matches!(name, ATTEMPTS | FIRST_FAILURE));
             if !drop {
@@ -310,6 +322,7 @@ mod tests {
             first_failure: Some(1_700_000_000),
             not_before_ms: Some(1_700_000_000_500),
             rate_limited_since_ms: Some(1_700_000_000_250),
+            unavailable_since_ms: Some(1_700_000_000_125),
             streamed: true,
         };
         stamp_retry(&mut h, "30s", &state, &"e".repeat(5000));
@@ -331,6 +344,8 @@ mod tests {
             "5s",
             &RetryState {
                 attempts: 2,
+                rate_limited_since_ms: Some(1),
+                unavailable_since_ms: Some(2),
                 ..Default::default()
             },
             "boom",

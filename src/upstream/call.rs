@@ -50,10 +50,15 @@ pub enum Outcome {
         /// Another deployment can take the next attempt now: no backoff.
         elsewhere: bool,
     },
-    /// A 429, or every deployment that can serve is cooling down or down: flow control, not
-    /// an attempt. Bounded in time by `retry.max_rate_limited_secs`; its `retry_after`: how
-    /// long until a deployment can serve (`None`: now).
+    /// A 429, or every deployment that can serve is unavailable, one of them cooling down
+    /// after a 429: flow control, not an attempt. Bounded in time by
+    /// `retry.max_rate_limited_secs`; its `retry_after`: how long until a deployment can
+    /// serve (`None`: now).
     RateLimited(Failure),
+    /// Every deployment that can serve is down (circuit breakers open), none cooling down
+    /// after a 429: an outage, not an attempt. Bounded in time by
+    /// `retry.max_unavailable_secs`; its `retry_after`: how long until one may be tried.
+    Unavailable(Failure),
     /// Will never succeed: dead-lettered as its [`Failure::kind`].
     Failed(Failure),
     /// No call was made: the delivery waited (for a slot, a `Retry-After` pause or the
@@ -72,6 +77,7 @@ impl Outcome {
         match failure.retry() {
             Retry::Transient | Retry::Throttle => Outcome::Retry { failure, elsewhere },
             Retry::RateLimited => Outcome::RateLimited(failure),
+            Retry::Unavailable => Outcome::Unavailable(failure),
             Retry::Permanent => Outcome::Failed(failure),
         }
     }
@@ -81,15 +87,19 @@ impl Outcome {
         Some(match routed {
             Routed::Served(_) | Routed::Deferred | Routed::Stopped => return None,
             Routed::RateLimited(failure) => Outcome::RateLimited(failure),
+            Routed::Unavailable(failure) => Outcome::Unavailable(failure),
             Routed::Failed { failure, elsewhere } => Outcome::of_failure(failure, elsewhere),
             Routed::Unroutable(failure) => Outcome::Failed(failure),
         })
     }
 
-    /// Whether it counts as an upstream attempt: rate limits and deferrals do not (they are
-    /// bounded in time instead).
+    /// Whether it counts as an upstream attempt: rate limits, outages and deferrals do not
+    /// (they are bounded in time instead).
     pub fn called_upstream(&self) -> bool {
-        !matches!(self, Outcome::Deferred { .. } | Outcome::RateLimited(_))
+        !matches!(
+            self,
+            Outcome::Deferred { .. } | Outcome::RateLimited(_) | Outcome::Unavailable(_)
+        )
     }
 
     /// The failure, if it is one.
@@ -97,6 +107,7 @@ impl Outcome {
         match self {
             Outcome::Retry { failure, .. }
             | Outcome::RateLimited(failure)
+            | Outcome::Unavailable(failure)
             | Outcome::Failed(failure) => Some(failure),
             Outcome::Done(_) | Outcome::Deferred { .. } => None,
         }

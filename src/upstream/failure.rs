@@ -43,8 +43,12 @@ pub enum Class {
     /// A timeout: the upstream pushed back, so the concurrency limit drops; retried.
     Throttle,
     /// A 429 that is not a spent account, or every deployment that can serve cooling down
-    /// or down: flow control, not a failure of the request.
+    /// after one: flow control, not a failure of the request.
     RateLimited,
+    /// Every deployment that can serve is down (its circuit breaker open after connection
+    /// errors, timeouts or 5xx), none cooling down after a 429: an outage, waited out
+    /// without using attempts. Only the router says so; no answer is classified so.
+    Unavailable,
     /// A 429 whose error type or code is `insufficient_quota`: the account is spent.
     Quota,
     /// The prompt is longer than the model's context window.
@@ -69,6 +73,8 @@ pub enum Retry {
     Throttle,
     /// Flow control: wait (not an attempt), bounded by `retry.max_rate_limited_secs`.
     RateLimited,
+    /// An outage: wait (not an attempt), bounded by `retry.max_unavailable_secs`.
+    Unavailable,
     /// Never: dead-letter it now.
     Permanent,
 }
@@ -79,6 +85,7 @@ impl Class {
         match self {
             Class::Transient | Class::Throttle => "transient upstream failure",
             Class::RateLimited => "rate limited",
+            Class::Unavailable => "upstream unavailable",
             Class::Quota => "quota exhausted",
             Class::ContextLength => "context length exceeded",
             Class::Refused => "refused by the deployment",
@@ -166,6 +173,7 @@ impl Failure {
             Class::Transient => Retry::Transient,
             Class::Throttle => Retry::Throttle,
             Class::RateLimited => Retry::RateLimited,
+            Class::Unavailable => Retry::Unavailable,
             Class::Quota
             | Class::ContextLength
             | Class::Refused
@@ -180,6 +188,7 @@ impl Failure {
         match self.class {
             Class::Transient | Class::Throttle => ErrorKind::RetriesExhausted,
             Class::RateLimited => ErrorKind::RateLimited,
+            Class::Unavailable => ErrorKind::UpstreamUnavailable,
             Class::Quota => ErrorKind::QuotaExhausted,
             Class::ContextLength | Class::Refused | Class::Permanent => {
                 ErrorKind::UpstreamPermanent
@@ -198,6 +207,7 @@ impl Failure {
         match self.class {
             Class::Transient | Class::Throttle => "transient",
             Class::RateLimited => "rate_limited",
+            Class::Unavailable => "upstream_unavailable",
             Class::Quota => "quota",
             Class::ContextLength => "context_length",
             Class::Refused => "auth",
@@ -212,6 +222,7 @@ impl Failure {
             Retry::Transient => "transient",
             Retry::Throttle => "throttled",
             Retry::RateLimited => "rate_limited",
+            Retry::Unavailable => "upstream_unavailable",
             Retry::Permanent => self.kind().as_str(),
         }
     }
@@ -430,6 +441,13 @@ mod tests {
                 "rate_limited",
             ),
             (
+                Class::Unavailable,
+                Retry::Unavailable,
+                ErrorKind::UpstreamUnavailable,
+                "upstream_unavailable",
+                "upstream_unavailable",
+            ),
+            (
                 Class::Quota,
                 Retry::Permanent,
                 ErrorKind::QuotaExhausted,
@@ -476,6 +494,10 @@ mod tests {
         assert!(Failure::upstream(Class::Throttle, "x").is_throttle());
         assert!(Failure::upstream(Class::RateLimited, "x").is_throttle());
         assert!(!Failure::transient("x").is_throttle());
+        assert!(
+            !Failure::llmq(Class::Unavailable, "x").is_throttle(),
+            "an outage is not pushback"
+        );
     }
 
     /// The label lists the metrics are seeded with hold every label a failure can have.

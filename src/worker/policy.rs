@@ -18,6 +18,7 @@ pub struct RetryPolicy {
     max_delay: Duration,
     inline_max: Duration,
     max_rate_limited: Duration,
+    max_unavailable: Duration,
 }
 
 impl RetryPolicy {
@@ -35,6 +36,7 @@ impl RetryPolicy {
             max_delay,
             inline_max: Duration::from_millis(cfg.inline_max_ms),
             max_rate_limited: Duration::from_secs(cfg.max_rate_limited_secs),
+            max_unavailable: Duration::from_secs(cfg.max_unavailable_secs),
         }
     }
 
@@ -46,6 +48,11 @@ impl RetryPolicy {
     /// Longest a request may wait out rate limits in all (`retry.max_rate_limited_secs`).
     pub fn max_rate_limited(&self) -> Duration {
         self.max_rate_limited
+    }
+
+    /// Longest a request may wait out outages in all (`retry.max_unavailable_secs`).
+    pub fn max_unavailable(&self) -> Duration {
+        self.max_unavailable
     }
 
     /// Longest wait done in the worker rather than in a retry queue.
@@ -92,6 +99,7 @@ pub(crate) mod tests {
             inline_max_ms: 1000,
             max_redeliveries: 3,
             max_rate_limited_secs: 600,
+            max_unavailable_secs: 300,
         })
     }
 

@@ -164,6 +164,75 @@ async fn endless_rate_limits_end_as_rate_limited_dead_letters() {
     env.cleanup().await;
 }
 
+/// 1. An outage reads as an outage: with the only deployment answering 500 to everything,
+/// its breaker opens and the requests wait without using attempts, then end as
+/// `upstream_unavailable` (not `rate_limited`, though `retry.max_rate_limited_secs` is as
+/// short), each with the attempts it really made and no more. Once the upstream is back,
+/// `llmq dlq replay --kind upstream_unavailable` gets them answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_ends_as_upstream_unavailable_without_spending_attempts() {
+    let env = TestEnv::with(
+        MockOptions {
+            error_rate: 1.0,
+            status: 500,
+            ..MockOptions::default()
+        },
+        |c| {
+            c.retry.max_attempts = 3;
+            // Long enough to wait out one cooldown and see its probe fail, too short for a
+            // second probe: no request can run out of attempts.
+            c.retry.max_unavailable_secs = 3;
+            c.retry.max_rate_limited_secs = 3;
+            c.routing.breaker_failures = 2;
+            c.routing.breaker_cooldown_secs = 2;
+        },
+    )
+    .await;
+    let worker = env.start_worker();
+    const N: usize = 6;
+    publish(&env, "outage", N, "gpt-4o-mini").await;
+    let dlq = env.config.topology.dead_letter_queue.clone();
+    wait_until(
+        Duration::from_secs(30),
+        "every request dead-lettered",
+        || async { env.queue_len(&dlq).await == N as u32 },
+    )
+    .await;
+    // Read in place (`llmq dlq list`), to be replayed below.
+    let dead = llmq::ops::dlq::list(&env.config, N).await.unwrap();
+    let mut attempts = 0;
+    for d in &dead {
+        assert_eq!(d.error_kind, "upstream_unavailable", "{d:?}");
+        assert!(d.reason.starts_with("upstream unavailable for "), "{d:?}");
+        assert!(d.attempts < 3, "waiting used no attempts: {d:?}");
+        attempts += u64::from(d.attempts);
+    }
+    worker.stop().await.unwrap();
+    assert_eq!(
+        attempts,
+        env.chat_calls(),
+        "every attempt counted is a call made, and only those"
+    );
+    for r in results(&env, N, Duration::from_secs(10)).await.values() {
+        assert_eq!(r["error"]["kind"], "upstream_unavailable", "{r}");
+    }
+    // The upstream is back: replayed by kind, every one is answered.
+    env.mock.set_options(MockOptions::default());
+    let worker = env.start_worker();
+    let replayed = llmq::ops::dlq::replay(
+        &env.config,
+        &llmq::ops::dlq::Selection::Kind(llmq::contract::ErrorKind::UpstreamUnavailable),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(replayed.len(), N);
+    let counts = by_upstream(&results(&env, N, Duration::from_secs(30)).await);
+    assert_eq!(counts.values().sum::<usize>(), N);
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 /// 2. A spent account (`insufficient_quota`) takes its deployment out: one call to it,
 /// every request answered elsewhere, and the operator sees it in `/upstreams` and the
 /// metrics. With no deployment left, the request is dead-lettered as `quota_exhausted`.

@@ -20,7 +20,8 @@ pub struct Route {
     /// a batch of several inputs, which is split instead, so one long input moves alone).
     pub(super) context_fallbacks: bool,
     /// Unix ms since when none of the requested model's deployments could serve, for
-    /// `routing.fallback_after_secs` (carried across deliveries by the rate-limit header).
+    /// `routing.fallback_after_secs` (carried across deliveries by the rate-limit and
+    /// unavailable headers).
     pub unavailable_since: Option<i64>,
 }
 
@@ -80,10 +81,14 @@ pub struct Served<T> {
 pub enum Routed<T> {
     /// Answered.
     Served(Served<T>),
-    /// A 429, or every deployment that could serve is cooling down or down: flow control,
-    /// not an attempt. Its `retry_after`: how long until one can serve (`None`: now,
-    /// elsewhere).
+    /// A 429, or every deployment that could serve is unavailable and one of them is
+    /// cooling down after a 429: flow control, not an attempt. Its `retry_after`: how long
+    /// until one can serve (`None`: now, elsewhere).
     RateLimited(Failure),
+    /// Every deployment that could serve is down (circuit breakers open), none cooling
+    /// down after a 429: an outage, waited out without using an attempt. Its
+    /// `retry_after`: how long until one may be tried again.
+    Unavailable(Failure),
     /// The call failed.
     Failed {
         /// How, classified where it happened.
@@ -111,6 +116,7 @@ impl<T> Routed<T> {
                 fallback_from: s.fallback_from,
             }),
             Routed::RateLimited(failure) => Routed::RateLimited(failure),
+            Routed::Unavailable(failure) => Routed::Unavailable(failure),
             Routed::Failed { failure, elsewhere } => Routed::Failed { failure, elsewhere },
             Routed::Unroutable(failure) => Routed::Unroutable(failure),
             Routed::Deferred => Routed::Deferred,

@@ -13,6 +13,10 @@
 //!   context-length error goes straight to `routing.context_window_fallbacks`; connection
 //!   errors, timeouts and 5xx count toward the deployment's breaker and come back as a
 //!   transient failure, saying whether another deployment could take the next attempt now.
+//! - When every deployment that could serve is unavailable for now, the request waits
+//!   (no attempt): as a rate limit when one of them is cooling down after a 429, else as an
+//!   outage (every one down, its breaker open), which the worker bounds apart and
+//!   dead-letters as `upstream_unavailable`.
 //! - When no deployment of the model can serve (past `routing.fallback_after_secs` for
 //!   cooldowns and breakers, at once for spent or refusing ones), `routing.fallbacks` are
 //!   tried in order.
@@ -54,9 +58,21 @@ pub struct Router {
 
 /// The choice for one step.
 enum Pick {
-    Call { d: usize, model: String },
-    Wait { after: Duration, reason: String },
-    Unroutable { class: Class, reason: String },
+    Call {
+        d: usize,
+        model: String,
+    },
+    /// Nothing can serve before `after`; an `outage` when every deployment it waits for is
+    /// down (none cooling down after a 429).
+    Wait {
+        after: Duration,
+        reason: String,
+        outage: bool,
+    },
+    Unroutable {
+        class: Class,
+        reason: String,
+    },
 }
 
 impl Router {
@@ -183,7 +199,15 @@ impl Router {
                     // Another call took its probe a moment ago.
                     Availability::Unavailable { .. } => continue,
                 },
-                Pick::Wait { after, reason } => {
+                Pick::Wait {
+                    after,
+                    reason,
+                    outage: true,
+                } => {
+                    let wait = Failure::llmq(Class::Unavailable, reason);
+                    return Routed::Unavailable(wait.after(Some(after)));
+                }
+                Pick::Wait { after, reason, .. } => {
                     let wait = Failure::llmq(Class::RateLimited, reason);
                     return Routed::RateLimited(wait.after(Some(after)));
                 }
@@ -337,7 +361,8 @@ impl Router {
                 let elsewhere = self.can_serve_now(route, now);
                 Some(Routed::Failed { failure, elsewhere })
             }
-            Class::Permanent | Class::Ended(_) => Some(Routed::Failed {
+            // No answer is classified `Unavailable`: only the router says so.
+            Class::Permanent | Class::Ended(_) | Class::Unavailable => Some(Routed::Failed {
                 failure,
                 elsewhere: false,
             }),
@@ -373,9 +398,11 @@ impl Router {
                 reason: format!("no upstream serves the model {:?}", route.requested),
             };
         }
-        // The soonest a temporarily unavailable deployment comes back, and whether every
-        // one is out for good (a spent account).
+        // The soonest a temporarily unavailable deployment comes back, whether one of them
+        // is cooling down after a 429 (else it is an outage), and whether every one is out
+        // for good (a spent account).
         let mut soonest: Option<(i64, Why, &str)> = None;
+        let mut cooling = false;
         let mut spent = false;
         let models = route.models.clone();
         for (i, model) in models.iter().enumerate() {
@@ -392,6 +419,7 @@ impl Router {
             for d in self.serving(model) {
                 match self.standing.availability(d, model, now) {
                     Some((until, why)) => {
+                        cooling |= why == Why::RateLimited;
                         if why.is_temporary() {
                             if soonest.is_none_or(|(u, _, _)| until < u) {
                                 soonest = Some((until, why, self.deployments[d].name()));
@@ -434,6 +462,7 @@ impl Router {
                         "every deployment that can serve {} is unavailable; {name} {what}",
                         route.requested
                     ),
+                    outage: !cooling,
                 }
             }
             None if spent => Pick::Unroutable {
@@ -924,5 +953,59 @@ mod tests {
         assert_eq!(failures, 2, "the breaker opened at the second failure");
         assert_eq!(down.stats().chat_calls.load(Relaxed), 2);
         assert_eq!(router.report(unix_now_ms())[0].standing.breaker, "open");
+    }
+
+    #[tokio::test]
+    async fn every_deployment_down_is_an_outage_and_a_429_among_them_a_rate_limit() {
+        let failing = || MockOptions {
+            error_rate: 1.0,
+            status: 500,
+            ..MockOptions::default()
+        };
+        let down = mock(failing()).await;
+        let rules = RoutingConfig {
+            breaker_failures: 1,
+            breaker_cooldown_secs: 30,
+            ..RoutingConfig::default()
+        };
+        let router = test_router(vec![deployment("a", &down, &[], 1)], rules.clone());
+        let mut route = router.route("m");
+        assert!(matches!(
+            chat(&router, &mut route, "x").await,
+            Routed::Failed { .. }
+        ));
+        let Routed::Unavailable(failure) = chat(&router, &mut route, "x").await else {
+            panic!("an outage, not a rate limit");
+        };
+        assert_eq!(failure.kind(), ErrorKind::UpstreamUnavailable);
+        let after = failure.retry_after.expect("until the breaker half-opens");
+        assert!(
+            after > Duration::from_secs(25) && after <= Duration::from_secs(30),
+            "{after:?}"
+        );
+        assert_eq!(calls_of(&down), 1, "no call while it is open");
+        // One deployment down and one cooling down after a 429: a rate limit.
+        let limited = mock(MockOptions {
+            error_rate: 1.0,
+            status: 429,
+            retry_after: Some(30),
+            ..MockOptions::default()
+        })
+        .await;
+        let mixed = test_router(
+            vec![
+                deployment("a", &down, &[], 1),
+                deployment("b", &limited, &[], 1),
+            ],
+            rules,
+        );
+        mixed.standing().failed(0, unix_now_ms());
+        let mut route = mixed.route("m");
+        let first = chat(&mixed, &mut route, "x").await;
+        assert!(matches!(first, Routed::RateLimited(_)), "{first:?}");
+        let Routed::RateLimited(failure) = chat(&mixed, &mut route, "x").await else {
+            panic!("a rate limit while one is cooling down");
+        };
+        assert_eq!(failure.kind(), ErrorKind::RateLimited);
     }
 }

@@ -7,6 +7,7 @@
 //! here does, so every branch has a unit test below.
 
 mod tally;
+mod wait;
 
 use std::time::Duration;
 
@@ -84,6 +85,9 @@ pub struct Input<'a> {
     pub rate_limited_since_ms: Option<i64>,
     /// Rate limits met in this delivery so far, the last one included.
     pub rate_limits: u32,
+    /// Unix ms of the first outage the request met: every deployment of its model down
+    /// (its header, or this delivery's).
+    pub unavailable_since_ms: Option<i64>,
     /// Unix ms after which the request is not called any more (its `deadline`, or its age
     /// limit).
     pub deadline_ms: Option<i64>,
@@ -331,7 +335,12 @@ fn after_outcome(i: &Input<'_>, produced: &Outcome) -> Decision {
         Outcome::Retry { failure, elsewhere } => {
             after_transient(i, failure.retry_after, *elsewhere, failure.reason())
         }
-        Outcome::RateLimited(failure) => after_rate_limit(i, failure.retry_after, failure.reason()),
+        Outcome::RateLimited(failure) => {
+            wait::after_rate_limit(i, failure.retry_after, failure.reason())
+        }
+        Outcome::Unavailable(failure) => {
+            wait::after_unavailable(i, failure.retry_after, failure.reason())
+        }
         // Waited too long for a call to start, and none was made: not an attempt.
         Outcome::Deferred { reason } => Decision::retry_tier(i, TIERS[0].max, reason.clone()),
     }
@@ -467,60 +476,6 @@ fn after_transient(
     }
 }
 
-/// After a rate limit (a 429, or every deployment cooling down): no attempt is used; the
-/// request waits until a deployment can serve, here or in a retry tier, for at most
-/// `retry.max_rate_limited_secs` since the first rate limit it met. A 429 that named no
-/// time, with nowhere else to go, is retried after a short backoff that grows with each
-/// one in this delivery (the deployment's lowered concurrency limit does the rest).
-fn after_rate_limit(i: &Input<'_>, after: Option<Duration>, reason: &str) -> Decision {
-    // The header comes from the publisher: a time in the future is not one llmq set.
-    let since = i
-        .rate_limited_since_ms
-        .filter(|since| *since <= i.now_ms)
-        .unwrap_or(i.now_ms);
-    let waited = Duration::from_millis(i.now_ms.saturating_sub(since).unsigned_abs());
-    let limit = i.policy.max_rate_limited();
-    // A wait that would end past the limit is not begun: the request would only come back
-    // to be dead-lettered (a Retry-After of a day must not park it for a day).
-    if waited >= limit || waited + after.unwrap_or(Duration::ZERO) > limit {
-        return Decision::DeadLetter {
-            kind: ErrorKind::RateLimited,
-            reason: format!(
-                "rate limited for {} s in all (retry.max_rate_limited_secs is {}){}; last: {reason}",
-                waited.as_secs(),
-                limit.as_secs(),
-                match after {
-                    Some(after) if waited < limit => {
-                        format!(", and told to wait {} s more", after.as_secs())
-                    }
-                    _ => String::new(),
-                }
-            ),
-        };
-    }
-    let delay = match after {
-        Some(after) => after,
-        // The first 429 of a delivery is retried at once: the limit that caused it is lower
-        // now. Later ones back off, so a deployment answering nothing but 429s is not
-        // spun on.
-        None if i.rate_limits <= 1 => Duration::ZERO,
-        None => i
-            .policy
-            .delay(i.rate_limits - 1, None, i.jitter)
-            .min(i.policy.inline_max()),
-    };
-    if let Some(expired) = ends_past_deadline(i, delay) {
-        return expired;
-    }
-    if delay > i.policy.inline_max() {
-        Decision::retry_tier(i, delay, reason)
-    } else if i.stopping {
-        Decision::HandBack
-    } else {
-        Decision::RetryInline { after: delay }
-    }
-}
-
 /// The dead letter of a request whose deadline passed.
 fn expired(i: &Input<'_>, deadline_ms: i64) -> Decision {
     Decision::DeadLetter {
@@ -568,6 +523,7 @@ mod tests {
             sent: None,
             rate_limited_since_ms: None,
             rate_limits: 0,
+            unavailable_since_ms: None,
             deadline_ms: None,
             cancelled: false,
             budget: &Budget::Unlimited,
@@ -853,6 +809,98 @@ mod tests {
             ),
             "{:?}",
             decide(&over)
+        );
+    }
+
+    fn outage(after: Option<Duration>) -> Outcome {
+        Outcome::Unavailable(Failure::llmq(Class::Unavailable, "breaker open").after(after))
+    }
+
+    #[test]
+    fn an_outage_uses_no_attempts_and_ends_upstream_unavailable_on_its_own_clock() {
+        let p = policy();
+        let produced = outage(Some(Duration::from_millis(700)));
+        // Out of attempts, yet an outage is waited out all the same.
+        let i = Input {
+            attempts: 5,
+            claim: Claim::Acquired,
+            produced: Some(&produced),
+            unavailable_since_ms: Some(NOW - 1000),
+            ..fresh(&p)
+        };
+        assert_eq!(
+            decide(&i),
+            Decision::RetryInline {
+                after: Duration::from_millis(700)
+            }
+        );
+        let long = outage(Some(Duration::from_secs(30)));
+        let parked = Input {
+            produced: Some(&long),
+            ..i.clone()
+        };
+        assert_eq!(
+            decide(&parked),
+            tier(Duration::from_secs(30), 5, "breaker open"),
+            "a breaker's cooldown goes to a retry tier, counts unchanged"
+        );
+        let untold = outage(None);
+        let backed_off = Input {
+            produced: Some(&untold),
+            jitter: 1.0,
+            ..i.clone()
+        };
+        assert_eq!(
+            decide(&backed_off),
+            Decision::RetryInline {
+                after: Duration::from_millis(100)
+            },
+            "never spun on"
+        );
+        // Its own clock: a long rate limit before does not end it, ...
+        let after_429s = Input {
+            rate_limited_since_ms: Some(NOW - 599_000),
+            ..i.clone()
+        };
+        assert_eq!(decide(&after_429s), decide(&i));
+        // ... and past retry.max_unavailable_secs (300 s) it ends as an outage, not a rate
+        // limit.
+        let over = Input {
+            unavailable_since_ms: Some(NOW - 300_000),
+            ..i.clone()
+        };
+        let Decision::DeadLetter { kind, reason } = decide(&over) else {
+            panic!("dead-lettered: {:?}", decide(&over));
+        };
+        assert_eq!(kind, ErrorKind::UpstreamUnavailable);
+        assert_eq!(
+            reason,
+            "upstream unavailable for 300 s in all (retry.max_unavailable_secs is 300); last: breaker open"
+        );
+        let too_long = outage(Some(Duration::from_secs(600)));
+        let not_begun = Input {
+            produced: Some(&too_long),
+            ..i.clone()
+        };
+        assert!(
+            matches!(
+                decide(&not_begun),
+                Decision::DeadLetter {
+                    kind: ErrorKind::UpstreamUnavailable,
+                    ..
+                }
+            ),
+            "a wait past the limit is not begun: {:?}",
+            decide(&not_begun)
+        );
+        let forged = Input {
+            unavailable_since_ms: Some(i64::MAX),
+            ..i.clone()
+        };
+        assert_eq!(
+            decide(&forged),
+            decide(&i),
+            "a time in the future counts as now"
         );
     }
 

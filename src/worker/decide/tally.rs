@@ -27,6 +27,9 @@ pub struct Tally {
     pub rate_limited_since_ms: Option<i64>,
     /// Rate limits met in this delivery.
     pub rate_limits: u32,
+    /// Unix ms of the first outage the request met (every deployment of its model down),
+    /// here or before.
+    pub unavailable_since_ms: Option<i64>,
     /// An earlier attempt may have sent deltas that no restart marker has cleared since:
     /// the next attempt sends one first. Travels in [`RetryState::streamed`].
     pub restart: bool,
@@ -71,13 +74,14 @@ impl Tally {
             first_failure: retry.first_failure,
             rate_limited_since_ms: retry.rate_limited_since_ms.filter(|since| *since <= now_ms),
             rate_limits: 0,
+            unavailable_since_ms: retry.unavailable_since_ms.filter(|since| *since <= now_ms),
             restart: retry.streamed || (streams && redelivered),
             streamed_here: false,
         }
     }
 
     /// Counts what an attempt produced: an attempt when the upstream was called, the first
-    /// failure's time, rate limits met (which are not attempts).
+    /// failure's time, rate limits and outages met (which are not attempts).
     pub fn record(&mut self, outcome: &Outcome, now_ms: i64) {
         if outcome.called_upstream() {
             self.attempts = self.attempts.saturating_add(1);
@@ -89,6 +93,9 @@ impl Tally {
             Outcome::RateLimited(_) => {
                 self.rate_limits = self.rate_limits.saturating_add(1);
                 self.rate_limited_since_ms.get_or_insert(now_ms);
+            }
+            Outcome::Unavailable(_) => {
+                self.unavailable_since_ms.get_or_insert(now_ms);
             }
             Outcome::Done(_) | Outcome::Failed(_) | Outcome::Deferred { .. } => {}
         }
@@ -151,6 +158,7 @@ impl Tally {
             first_failure: self.first_failure,
             not_before_ms: None,
             rate_limited_since_ms: self.rate_limited_since_ms,
+            unavailable_since_ms: self.unavailable_since_ms,
             streamed: self.restart,
         }
     }
@@ -195,6 +203,7 @@ mod tests {
             first_failure: Some(5),
             not_before_ms: None,
             rate_limited_since_ms: Some(NOW + 1),
+            unavailable_since_ms: Some(NOW + 1),
             streamed: false,
         };
         let t = Tally::arrive(&headers, false, false, NOW);
@@ -209,11 +218,13 @@ mod tests {
         );
         let past = RetryState {
             rate_limited_since_ms: Some(NOW - 1),
+            unavailable_since_ms: Some(NOW - 2),
             ..headers
         };
+        let t = Tally::arrive(&past, false, false, NOW);
         assert_eq!(
-            Tally::arrive(&past, false, false, NOW).rate_limited_since_ms,
-            Some(NOW - 1)
+            (t.rate_limited_since_ms, t.unavailable_since_ms),
+            (Some(NOW - 1), Some(NOW - 2))
         );
     }
 
@@ -252,6 +263,19 @@ mod tests {
         assert_eq!(
             (t.attempts, t.rate_limits, t.rate_limited_since_ms),
             (2, 2, Some(NOW + 6000))
+        );
+        let outage = || {
+            Outcome::Unavailable(
+                Failure::llmq(Class::Unavailable, "breaker open")
+                    .after(Some(Duration::from_secs(1))),
+            )
+        };
+        t.record(&outage(), NOW + 8000);
+        t.record(&outage(), NOW + 9000);
+        assert_eq!(
+            (t.attempts, t.rate_limits, t.unavailable_since_ms),
+            (2, 2, Some(NOW + 8000)),
+            "an outage waited out is no attempt and no rate limit"
         );
         t.record(
             &Outcome::Deferred {
@@ -335,6 +359,7 @@ mod tests {
             first_failure: Some(9),
             rate_limited_since_ms: Some(NOW),
             rate_limits: 4,
+            unavailable_since_ms: Some(NOW + 1),
             restart: true,
             streamed_here: true,
         };
@@ -347,6 +372,7 @@ mod tests {
                 first_failure: Some(9),
                 not_before_ms: None,
                 rate_limited_since_ms: Some(NOW),
+                unavailable_since_ms: Some(NOW + 1),
                 streamed: true,
             }
         );

@@ -288,6 +288,7 @@ impl Settling<'_> {
             sent: self.sent,
             rate_limited_since_ms: self.tally.rate_limited_since_ms,
             rate_limits: self.tally.rate_limits,
+            unavailable_since_ms: self.tally.unavailable_since_ms,
             deadline_ms: self.job.as_ref().and_then(|j| j.deadline_ms),
             cancelled: self.tombstoned || self.watch.is_cancelled(),
             budget: &self.budget,
@@ -306,8 +307,13 @@ impl Settling<'_> {
         // Which model and deployment the attempts go to, carried from one to the next.
         let mut route = self.job.as_ref().map(|job| {
             let mut route = self.ctx.upstream.route(job);
-            // Rate limits met before count toward `routing.fallback_after_secs` too.
-            route.unavailable_since = self.tally.rate_limited_since_ms;
+            // Rate limits and outages met before count toward
+            // `routing.fallback_after_secs` too.
+            let (limited, down) = (
+                self.tally.rate_limited_since_ms,
+                self.tally.unavailable_since_ms,
+            );
+            route.unavailable_since = limited.into_iter().chain(down).min();
             route
         });
         loop {

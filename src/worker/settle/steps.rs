@@ -236,6 +236,8 @@ impl Settling<'_> {
         let reason = failure_reason(self.produced.as_ref());
         if matches!(self.produced, Some(Outcome::RateLimited(_))) {
             debug!(delay_ms = millis(after), reason = %reason, "rate limited; trying again");
+        } else if matches!(self.produced, Some(Outcome::Unavailable(_))) {
+            debug!(delay_ms = millis(after), reason = %reason, "no deployment can serve (an outage); trying again");
         } else {
             ctx.metrics.retried(self.kind.as_str());
             warn!(attempt = self.tally.attempts, delay_ms = millis(after), error = %reason, "transient failure; retrying");
@@ -342,6 +344,9 @@ impl Settling<'_> {
             }
             (Some(Outcome::RateLimited(_)), Destination::RetryTier { after }) => {
                 info!(delay_ms = millis(after), reason = %to.reason, "rate limited; waiting in the retry queue");
+            }
+            (Some(Outcome::Unavailable(_)), Destination::RetryTier { after }) => {
+                info!(delay_ms = millis(after), reason = %to.reason, "no deployment can serve (an outage); waiting in the retry queue");
             }
             (_, Destination::Requeue) => {
                 self.ctx.metrics.redelivered.inc();
