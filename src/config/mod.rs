@@ -338,6 +338,7 @@ mod tests {
                 breaker_cooldown_secs: 5,
                 fallback_after_secs: 3,
                 auth_cooldown_secs: 60,
+                auth_failures: 2,
             },
             idempotency: IdempotencyConfig {
                 store: StoreKind::Redis,

@@ -268,8 +268,13 @@ pub struct RoutingConfig {
     /// requests go to the fallbacks; 0 = at once.
     pub fallback_after_secs: u64,
     /// How long a deployment that answered 401, 403 or 404 `model_not_found` is out for that
-    /// model.
+    /// model, once `auth_failures` in a row confirmed it.
     pub auth_cooldown_secs: u64,
+    /// Refusals (401, 403, 404) in a row from a deployment for one model, with no other
+    /// answer between, that take it out for that model: one alone may be a glitch, and
+    /// taking the model out dead-letters its backlog without a call. Until then a refused
+    /// attempt moves to another deployment, or is retried as a transient failure.
+    pub auth_failures: u32,
 }
 
 impl Default for RoutingConfig {
@@ -282,6 +287,7 @@ impl Default for RoutingConfig {
             breaker_cooldown_secs: 30,
             fallback_after_secs: 0,
             auth_cooldown_secs: 300,
+            auth_failures: 3,
         }
     }
 }

@@ -325,6 +325,11 @@ fn validate_upstreams(c: &Config, p: &mut Problems) {
 
 fn validate_routing(r: &RoutingConfig, p: &mut Problems) {
     p.check(
+        r.auth_failures >= 1,
+        "routing.auth_failures",
+        "must be at least 1",
+    );
+    p.check(
         r.breaker_failures >= 1,
         "routing.breaker_failures",
         "must be at least 1",
@@ -1293,6 +1298,10 @@ mod tests {
 
     #[test]
     fn routing_rules() {
+        assert_eq!(
+            only_problem(|c| c.routing.auth_failures = 0),
+            "routing.auth_failures (LLMQ_ROUTING__AUTH_FAILURES): must be at least 1"
+        );
         assert_eq!(
             only_problem(|c| c.routing.breaker_failures = 0),
             "routing.breaker_failures (LLMQ_ROUTING__BREAKER_FAILURES): must be at least 1"

@@ -148,6 +148,15 @@ impl Failure {
         }
     }
 
+    /// The same failure, handled as a transient one, its words kept: a refusal not
+    /// confirmed yet (`routing.auth_failures`) is retried as any transient failure.
+    pub fn as_transient(self) -> Self {
+        Self {
+            class: Class::Transient,
+            ..self
+        }
+    }
+
     /// The same failure, said of the deployment `name`.
     pub fn at(self, name: &str) -> Self {
         Self {

@@ -233,6 +233,45 @@ async fn an_outage_ends_as_upstream_unavailable_without_spending_attempts() {
     env.cleanup().await;
 }
 
+/// 1. One refusal is a glitch, not a verdict: a deployment that answers 401 once, then
+/// 200, answers the whole backlog, the refused request included (its attempt failed as a
+/// transient failure and was retried); nothing is dead-lettered without a call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_refusal_does_not_dead_letter_the_backlog() {
+    let env = TestEnv::with(
+        MockOptions {
+            fail_first: 1,
+            status: 401,
+            ..MockOptions::default()
+        },
+        |c| {
+            // One call at a time: every request after the refused one comes after it.
+            c.worker.min_inflight = 1;
+            c.worker.max_inflight = 1;
+        },
+    )
+    .await;
+    const N: usize = 10;
+    publish(&env, "glitch", N, "gpt-4o-mini").await;
+    let worker = env.start_worker();
+    let results = results(&env, N, Duration::from_secs(30)).await;
+    let counts = by_upstream(&results);
+    assert_eq!(counts.values().sum::<usize>(), N);
+    let retried: Vec<&Value> = results.values().filter(|r| r["attempts"] == 2).collect();
+    assert_eq!(
+        retried.len(),
+        1,
+        "the refused one was tried again: {results:?}"
+    );
+    assert_eq!(env.chat_calls(), N as u64 + 1);
+    assert_eq!(
+        env.queue_len(&env.config.topology.dead_letter_queue).await,
+        0
+    );
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 /// 2. A spent account (`insufficient_quota`) takes its deployment out: one call to it,
 /// every request answered elsewhere, and the operator sees it in `/upstreams` and the
 /// metrics. With no deployment left, the request is dead-lettered as `quota_exhausted`.
@@ -433,6 +472,8 @@ async fn fallbacks_take_over_and_name_themselves() {
         c.routing.context_window_fallbacks =
             [("small-model".into(), vec!["big-model".into()])].into();
         c.routing.fallbacks = [("gpt-4o".into(), vec!["gpt-4o-mini".into()])].into();
+        // Each refusal is confirmed at once (the default asks for three in a row).
+        c.routing.auth_failures = 1;
     })
     .await;
     let worker = env.start_worker();

@@ -159,12 +159,14 @@ fn authorized(options: &MockOptions, call: &Call<'_>) -> bool {
     key && named_header && query
 }
 
-/// Fails call n of those past the concurrency check when the running count of failures
-/// due at `error_rate` steps up: evenly spread, no RNG.
+/// Fails call n of those past the concurrency check when it is one of the first
+/// `fail_first`, or when the running count of failures due at `error_rate` steps up: evenly
+/// spread, no RNG.
 fn injected_failure(state: &MockState, options: &MockOptions) -> Option<Response> {
     let n = state.calls.fetch_add(1, Ordering::Relaxed);
     let rate = options.error_rate.clamp(0.0, 1.0);
-    let fail = ((n + 1) as f64 * rate).floor() > (n as f64 * rate).floor();
+    let fail =
+        n < options.fail_first || ((n + 1) as f64 * rate).floor() > (n as f64 * rate).floor();
     if !fail {
         return None;
     }

@@ -19,6 +19,10 @@ pub struct MockOptions {
     /// Fraction of calls that fail, spread evenly and deterministically (0.25 = every 4th).
     #[arg(long, default_value_t = 0.0)]
     pub error_rate: f64,
+    /// The first this many calls fail as injected failures, whatever `error_rate` (a
+    /// glitch: `--fail-first 1 --status 401` refuses one call, then answers).
+    #[arg(long, default_value_t = 0)]
+    pub fail_first: u64,
     /// The status of injected failures.
     #[arg(long, default_value_t = 500)]
     pub status: u16,
@@ -113,6 +117,7 @@ impl Default for MockOptions {
             latency_jitter_ms: 0,
             per_item_us: 0,
             error_rate: 0.0,
+            fail_first: 0,
             status: 500,
             retry_after: None,
             error_message: None,
@@ -185,11 +190,14 @@ mod tests {
             "api-key: secret",
             "--require-query",
             "api-version=2024-10-21",
+            "--fail-first",
+            "2",
         ])
         .unwrap();
         assert_eq!(all.models, ["a", "b"]);
         assert!(all.insufficient_quota && all.rate_limit_headers);
         assert_eq!(all.max_concurrency, Some(3));
+        assert_eq!(all.fail_first, 2);
         assert_eq!(all.model_suffix.as_deref(), Some("-2024-07-18"));
         assert_eq!(all.require_header.as_deref(), Some("api-key: secret"));
         assert_eq!(all.require_query.as_deref(), Some("api-version=2024-10-21"));

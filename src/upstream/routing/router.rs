@@ -8,8 +8,11 @@
 //!   its weight, whose queue the call then waits in. The deployment the request last failed
 //!   on is avoided while another can serve.
 //! - A 429 cools the deployment down for that model ([`Standing::cool`]) and the request
-//!   comes back to the worker as a rate limit (no attempt used); an `insufficient_quota` or
-//!   a refusal (401, 403, 404) takes the deployment out and the call moves on at once; a
+//!   comes back to the worker as a rate limit (no attempt used); an `insufficient_quota`
+//!   takes the deployment out and the call moves on at once; a refusal (401, 403, 404) does
+//!   the same once `routing.auth_failures` in a row confirm it, and before that moves the
+//!   call to another deployment that can serve now, else fails the attempt as a transient
+//!   failure (so one glitch does not dead-letter a model's backlog without a call); a
 //!   context-length error goes straight to `routing.context_window_fallbacks`; connection
 //!   errors, timeouts and 5xx count toward the deployment's breaker and come back as a
 //!   transient failure, saying whether another deployment could take the next attempt now.
@@ -252,9 +255,12 @@ impl Router {
                 .await;
             let now = unix_now_ms();
             // Any answer but a transient failure says the deployment is up: that closes its
-            // breaker (and settles a probe) whatever the answer was.
-            if !matches!(&answer, Err(f) if matches!(f.class, Class::Transient | Class::Throttle)) {
-                self.standing.succeeded(d, now);
+            // breaker (and settles a probe) whatever the answer was; any but a refusal also
+            // ends the model's refusals in a row.
+            match &answer {
+                Err(f) if matches!(f.class, Class::Transient | Class::Throttle) => {}
+                Err(f) if f.class == Class::Refused => self.standing.succeeded(d, now),
+                _ => self.standing.answered(d, &model, now),
             }
             let outcome = match answer {
                 Ok(answer) => Some(self.served(route, d, model, answer, now)),
@@ -330,9 +336,22 @@ impl Router {
                 None
             }
             Class::Refused => {
-                self.standing.refused(d, &model, now);
-                *last = Some(format!("{name}: {failure}"));
-                None
+                route.failed_on(d);
+                if self.standing.refused(d, &model, now) {
+                    // Confirmed: out for the model; the call moves on at once.
+                    *last = Some(format!("{name}: {failure}"));
+                    return None;
+                }
+                // Not confirmed yet: another deployment takes the call now if one can,
+                // else this attempt failed as a transient failure does (retried with
+                // backoff), so that one glitch does not end the request.
+                if self.can_serve_now(route, now) {
+                    return None;
+                }
+                Some(Routed::Failed {
+                    failure: failure.at(name).as_transient(),
+                    elsewhere: false,
+                })
             }
             Class::ContextLength => {
                 route.too_small.push(model.clone());
@@ -768,17 +787,35 @@ mod tests {
             let mut route = router.route("m");
             assert_eq!(served(chat(&router, &mut route, "x").await).upstream, "b");
         }
-        assert!(refusing.stats().chat_calls.load(Relaxed) <= 1);
-        // Alone, it is upstream_permanent.
+        let confirmed = RoutingConfig::default().auth_failures;
+        assert!(
+            calls_of(&refusing) <= u64::from(confirmed),
+            "out once confirmed"
+        );
+        // Alone, it fails attempts as a transient failure until confirmed, then is
+        // upstream_permanent without a call.
         let lonely = test_router(
             vec![deployment("a", &refusing, &[], 1)],
             RoutingConfig::default(),
         );
+        let before = calls_of(&refusing);
         let mut route = lonely.route("m");
+        for _ in 1..confirmed {
+            let Routed::Failed { failure, elsewhere } = chat(&lonely, &mut route, "x").await else {
+                panic!("a transient failure while not confirmed");
+            };
+            assert_eq!((failure.class, elsewhere), (Class::Transient, false));
+        }
         let Routed::Unroutable(failure) = chat(&lonely, &mut route, "x").await else {
             panic!("unroutable");
         };
         assert_eq!(failure.kind(), ErrorKind::UpstreamPermanent);
+        let mut next = lonely.route("m");
+        assert!(matches!(
+            chat(&lonely, &mut next, "y").await,
+            Routed::Unroutable(_)
+        ));
+        assert_eq!(calls_of(&refusing) - before, u64::from(confirmed));
     }
 
     #[tokio::test]
@@ -1007,5 +1044,36 @@ mod tests {
             panic!("a rate limit while one is cooling down");
         };
         assert_eq!(failure.kind(), ErrorKind::RateLimited);
+    }
+
+    #[tokio::test]
+    async fn one_refusal_is_a_glitch_not_a_take_out() {
+        let glitchy = mock(MockOptions {
+            fail_first: 1,
+            status: 401,
+            ..MockOptions::default()
+        })
+        .await;
+        let router = test_router(
+            vec![deployment("a", &glitchy, &[], 1)],
+            RoutingConfig::default(),
+        );
+        let mut route = router.route("m");
+        let Routed::Failed { failure, elsewhere } = chat(&router, &mut route, "x").await else {
+            panic!("a failed attempt, not the model taken out");
+        };
+        assert_eq!((failure.class, elsewhere), (Class::Transient, false));
+        assert_eq!(failure.kind(), ErrorKind::RetriesExhausted);
+        assert_eq!(served(chat(&router, &mut route, "x").await).upstream, "a");
+        for i in 0..5 {
+            let mut route = router.route("m");
+            served(chat(&router, &mut route, &format!("{i}")).await);
+        }
+        assert_eq!(
+            calls_of(&glitchy),
+            7,
+            "one refused, then every one answered"
+        );
+        assert_eq!(router.report(unix_now_ms())[0].standing.unavailable, vec![]);
     }
 }

@@ -4,8 +4,11 @@
 //! - **Cooling down** (one model): a 429 said when to come back (`Retry-After`, or an
 //!   exhausted `x-ratelimit-*` budget). The deployment keeps serving its other models.
 //! - **Out** of rotation: a spent account (`insufficient_quota`, every model, for
-//!   `routing.quota_cooldown_secs`), or a refusal (401, 403, 404: that model, for
-//!   `routing.auth_cooldown_secs`).
+//!   `routing.quota_cooldown_secs`), or a confirmed refusal (that model, for
+//!   `routing.auth_cooldown_secs`): `routing.auth_failures` 401, 403 or 404 answers in a row
+//!   for the model, with no other answer between, as this replica saw them. One refusal
+//!   alone may be a glitch (a key being rotated, a provider's bad second), and taking the
+//!   model out dead-letters its whole backlog without a call.
 //! - **Circuit breaker** (the whole deployment): `routing.breaker_failures` consecutive
 //!   connection errors, timeouts or 5xx open it for `routing.breaker_cooldown_secs`; then
 //!   one call probes it (half-open), which closes it on success or opens it again.
@@ -24,6 +27,7 @@ use std::{
 use redis::AsyncCommands;
 use tracing::{debug, warn};
 
+use super::refusals::Refusals;
 use crate::{config::RoutingConfig, store::redis_conn::LazyConnection};
 
 /// Why a deployment is not serving a model.
@@ -119,6 +123,8 @@ struct Inner {
     /// (deployment, scope, why) -> until when. Expired entries are dropped as new ones come.
     out: HashMap<(usize, Scope, Why), i64>,
     breakers: Vec<Breaker>,
+    /// Refusals in a row not confirmed yet.
+    refusals: Refusals,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -164,6 +170,7 @@ impl Standing {
         let inner = Inner {
             out: HashMap::new(),
             breakers: vec![Breaker::default(); names.len()],
+            refusals: Refusals::default(),
         };
         Self {
             inner: Mutex::new(inner),
@@ -220,8 +227,22 @@ impl Standing {
     /// connection error, a timeout or a 5xx): its breaker closes and its failures are
     /// forgotten.
     pub fn succeeded(&self, d: usize, now: i64) {
+        self.up(d, None, now);
+    }
+
+    /// A call to `d` for `model` got an answer that is neither a refusal nor a failure that
+    /// may mean it is down: as [`Self::succeeded`], and the refusals of `model` in a row
+    /// are over.
+    pub fn answered(&self, d: usize, model: &str, now: i64) {
+        self.up(d, Some(model), now);
+    }
+
+    fn up(&self, d: usize, answered: Option<&str>, now: i64) {
         let reopened = {
             let mut inner = self.inner();
+            if let Some(model) = answered {
+                inner.refusals.clear(d, model);
+            }
             let Some(b) = inner.breakers.get_mut(d) else {
                 return;
             };
@@ -295,11 +316,26 @@ impl Standing {
         self.take_out(d, Scope::All, Why::Quota, until, now);
     }
 
-    /// A deployment refused `model` (401, 403, 404).
-    pub fn refused(&self, d: usize, model: &str, now: i64) {
-        let until = now + secs_ms(self.rules.auth_cooldown_secs);
-        warn!(upstream = %self.name(d), %model, cooldown_secs = self.rules.auth_cooldown_secs, "the deployment refused the key or the model: out of rotation for it");
-        self.take_out(d, Scope::Model(model.to_string()), Why::Refused, until, now);
+    /// A deployment refused `model` (401, 403, 404). Answers whether that confirms it
+    /// (`routing.auth_failures` in a row): then the deployment is out for the model for
+    /// `routing.auth_cooldown_secs`; until then it is not.
+    pub fn refused(&self, d: usize, model: &str, now: i64) -> bool {
+        let (cooldown, needed) = (
+            secs_ms(self.rules.auth_cooldown_secs),
+            self.rules.auth_failures,
+        );
+        if !self
+            .inner()
+            .refusals
+            .confirms(d, model, now, cooldown, needed)
+        {
+            debug!(upstream = %self.name(d), %model, "the deployment refused the key or the model; not confirmed yet");
+            return false;
+        }
+        warn!(upstream = %self.name(d), %model, refusals = needed, cooldown_secs = self.rules.auth_cooldown_secs, "the deployment refused the key or the model again and again: out of rotation for it");
+        let scope = Scope::Model(model.to_string());
+        self.take_out(d, scope, Why::Refused, now + cooldown, now);
+        true
     }
 
     /// Deployment `d`'s state at `now`.
@@ -563,6 +599,7 @@ mod tests {
                 breaker_cooldown_secs: 30,
                 quota_cooldown_secs: 300,
                 auth_cooldown_secs: 60,
+                auth_failures: 2,
                 ..RoutingConfig::default()
             },
             None,
@@ -612,7 +649,8 @@ mod tests {
             );
         }
         assert_eq!(s.check(0, "m", NOW + 300_000), Availability::Free);
-        s.refused(1, "m", NOW);
+        assert!(!s.refused(1, "m", NOW));
+        assert!(s.refused(1, "m", NOW), "the second in a row confirms it");
         assert!(matches!(
             s.check(1, "m", NOW),
             Availability::Unavailable {
@@ -622,6 +660,7 @@ mod tests {
         ));
         assert_eq!(s.check(1, "n", NOW), Availability::Free);
         // A request may name "*": that is one model, never every model.
+        s.refused(1, "*", NOW);
         s.refused(1, "*", NOW);
         assert_eq!(s.check(1, "other", NOW), Availability::Free);
         assert!(!s.peek(1, "*", NOW));
