@@ -128,6 +128,7 @@ impl Store {
                     prefix: cfg.key_prefix.clone(),
                     ttl,
                     lease,
+                    outage: Outage::default(),
                 }))
             }
         })
@@ -144,7 +145,20 @@ impl Store {
         match self {
             Store::Off => Ok(Claim::Acquired),
             Store::Memory(m) => Ok(m.claim(key, fingerprint).await),
-            Store::Redis(r) => r.claim(key, worker, fingerprint).await,
+            Store::Redis(r) => {
+                let claimed = r.claim(key, worker, fingerprint).await;
+                r.outage.note(claimed.is_ok());
+                claimed
+            }
+        }
+    }
+
+    /// How long every claim has failed (the store's outage so far); zero while claims
+    /// succeed, and for the stores that cannot fail.
+    pub fn down_for(&self) -> Duration {
+        match self {
+            Store::Off | Store::Memory(_) => Duration::ZERO,
+            Store::Redis(r) => r.outage.length(),
         }
     }
 
@@ -296,6 +310,29 @@ pub struct RedisStore {
     prefix: String,
     ttl: Duration,
     lease: Duration,
+    outage: Outage,
+}
+
+/// Since when every claim has failed: the outage the requests held up back off by.
+#[derive(Default)]
+struct Outage(Mutex<Option<Instant>>);
+
+impl Outage {
+    /// A claim succeeded (the outage, if any, is over) or failed (one begins, or goes on).
+    fn note(&self, ok: bool) {
+        let mut since = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if ok {
+            *since = None;
+        } else {
+            since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// How long it has lasted so far.
+    fn length(&self) -> Duration {
+        let since = *self.0.lock().unwrap_or_else(|e| e.into_inner());
+        since.map_or(Duration::ZERO, |since| since.elapsed())
+    }
 }
 
 impl RedisStore {

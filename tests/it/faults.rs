@@ -459,6 +459,44 @@ async fn unreachable_redis_keeps_requests() {
     env.cleanup().await;
 }
 
+/// Redis stays unreachable: a request held up by the idempotency store backs off as the
+/// outage goes on (5 s at first, then about as long again as it has lasted, at most 5 min)
+/// instead of passing through the worker and the 5 s retry tier for as long as it lasts;
+/// still nothing is called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_redis_outage_backs_off_instead_of_looping_every_5_s() {
+    let env = TestEnv::with(MockOptions::default(), |c| {
+        c.idempotency.store = StoreKind::Redis;
+        c.idempotency.redis_url = SecretUrl::new("redis://127.0.0.1:1");
+    })
+    .await;
+    let worker = env.start_worker();
+    env.publish_chat(
+        &json!({"prompt": "wait", "request_id": "long-outage"}),
+        BasicProperties::default(),
+    )
+    .await;
+    let first = llmq::broker::topology::retry_queue(&env.config.topology, "5s");
+    wait_until(
+        Duration::from_secs(15),
+        "the request parked in the first tier",
+        || async { env.queue_len(&first).await == 1 },
+    )
+    .await;
+    // Once the outage has lasted a few seconds, its next wait is longer than the first
+    // tier's.
+    let longer = llmq::broker::topology::retry_queue(&env.config.topology, "30s");
+    wait_until(
+        Duration::from_secs(30),
+        "the request parked in a longer tier",
+        || async { env.queue_len(&longer).await == 1 },
+    )
+    .await;
+    assert_eq!(env.chat_calls(), 0);
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 /// The broker cancels the consumer (its queue is deleted): the worker redeclares and
 /// resubscribes by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,8 +42,14 @@ pub enum Claim {
     Conflict,
     /// Another worker holds the lease.
     Busy,
-    /// The store could not be reached; why.
-    Unavailable(String),
+    /// The store could not be reached.
+    Unavailable {
+        /// Why.
+        reason: String,
+        /// How long the store has failed every claim (this outage so far): the request's
+        /// wait grows with it ([`store_wait`]).
+        down_for: Duration,
+    },
 }
 
 /// Everything a decision depends on. Later needs (time spent rate limited, the
@@ -366,10 +372,10 @@ fn before_call(i: &Input<'_>) -> Decision {
         Claim::Busy => {
             return Decision::retry_tier(i, TIERS[0].max, "duplicate in progress");
         }
-        Claim::Unavailable(e) if i.on_store_error == OnStoreError::Requeue => {
-            return Decision::retry_tier(i, TIERS[0].max, e.clone());
+        Claim::Unavailable { reason, down_for } if i.on_store_error == OnStoreError::Requeue => {
+            return Decision::retry_tier(i, store_wait(*down_for, i.jitter), reason.clone());
         }
-        Claim::Unavailable(_) | Claim::Acquired => {}
+        Claim::Unavailable { .. } | Claim::Acquired => {}
     }
     // Checked after the store, so that a finished request redelivered after its last
     // attempt gets its stored result instead of a dead letter.
@@ -397,6 +403,21 @@ fn before_call(i: &Input<'_>) -> Decision {
         },
         Budget::Unlimited | Budget::Within => Decision::Call,
     }
+}
+
+/// Longest a request waits in a retry tier for the idempotency store to come back.
+const MAX_STORE_WAIT: Duration = Duration::from_secs(300);
+
+/// How long a request waits for an idempotency store that has been down for `down_for`
+/// (`on_store_error = "requeue"`): from the first tier's 5 s, about as long again as the
+/// outage has lasted (times 1 to 2 by `jitter`, so that a backlog does not all come back at
+/// once), at most [`MAX_STORE_WAIT`]. A long outage costs each waiting request a pass
+/// through the worker every few minutes, not every 5 s, and the requests waiting come back
+/// within minutes of its end.
+pub fn store_wait(down_for: Duration, jitter: f64) -> Duration {
+    down_for
+        .mul_f64(1.0 + jitter.clamp(0.0, 1.0))
+        .clamp(TIERS[0].max, MAX_STORE_WAIT)
 }
 
 /// Back before its time (a wait longer than the last retry tier): wait again. The header
@@ -993,7 +1014,10 @@ mod tests {
     fn store_down_requeues_or_proceeds_as_configured() {
         let p = policy();
         let down = Input {
-            claim: Claim::Unavailable("redis refused".into()),
+            claim: Claim::Unavailable {
+                reason: "redis refused".into(),
+                down_for: Duration::ZERO,
+            },
             ..fresh(&p)
         };
         assert_eq!(decide(&down), tier(TIERS[0].max, 0, "redis refused"));
@@ -1002,6 +1026,45 @@ mod tests {
             ..down
         };
         assert_eq!(decide(&proceed), Decision::Call);
+    }
+
+    #[test]
+    fn a_long_store_outage_backs_off_up_to_a_bound() {
+        let p = policy();
+        let down_for = |secs| Input {
+            claim: Claim::Unavailable {
+                reason: "redis refused".into(),
+                down_for: Duration::from_secs(secs),
+            },
+            jitter: 0.5,
+            ..fresh(&p)
+        };
+        let wait = |secs| match decide(&down_for(secs)) {
+            Decision::Republish(Republish {
+                to: Destination::RetryTier { after },
+                attempts: 0,
+                ..
+            }) => after,
+            other => panic!("a retry tier, no attempt: {other:?}"),
+        };
+        assert_eq!(wait(0), Duration::from_secs(5), "the first tier at first");
+        assert_eq!(wait(2), Duration::from_secs(5));
+        assert_eq!(
+            wait(20),
+            Duration::from_secs(30),
+            "then as long again, jittered"
+        );
+        assert_eq!(wait(120), Duration::from_secs(180));
+        assert_eq!(wait(3600), MAX_STORE_WAIT, "bounded");
+        assert_eq!(
+            store_wait(Duration::from_secs(20), 0.0),
+            Duration::from_secs(20)
+        );
+        assert_eq!(
+            store_wait(Duration::from_secs(20), 7.0),
+            Duration::from_secs(40),
+            "the jitter is clamped"
+        );
     }
 
     #[test]

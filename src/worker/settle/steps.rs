@@ -111,8 +111,12 @@ impl Settling<'_> {
                 Claim::Busy
             }
             Err(e) => {
-                warn!(error = %e, on_store_error = ?ctx.config.idempotency.on_store_error, "idempotency store unreachable");
-                Claim::Unavailable(e.to_string())
+                let down_for = ctx.store.down_for();
+                warn!(error = %e, down_for_secs = down_for.as_secs(), on_store_error = ?ctx.config.idempotency.on_store_error, "idempotency store unreachable");
+                Claim::Unavailable {
+                    reason: e.to_string(),
+                    down_for,
+                }
             }
         };
     }
