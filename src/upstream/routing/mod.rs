@@ -3,11 +3,12 @@
 //!   `route`: what a request's routing remembers between attempts, and what became of a call;
 //! - `standing`: which deployments may serve which model now (cooldowns, spent accounts,
 //!   refusals, circuit breakers), per replica or fleet-wide; `refusals`: the refusals in a
-//!   row not confirmed yet;
+//!   row not confirmed yet; `probe`: the one call a half-open breaker lets through;
 //! - `deployment`: one deployment and the one place a call to it is made and accounted for;
 //! - `report`: each deployment's state, for `/upstreams` and `/metrics`.
 
 pub mod deployment;
+mod probe;
 mod refusals;
 pub mod report;
 pub mod route;

@@ -37,6 +37,7 @@ use crate::{
         failure::{Class, Failure},
         flow::admission::Admission,
         routing::deployment::{Answer, Deployment},
+        routing::probe::ProbeGuard,
         routing::standing::{Availability, Standing, Why, secs_ms},
     },
 };
@@ -58,6 +59,9 @@ pub struct Router {
     limit: watch::Receiver<usize>,
     cap: usize,
 }
+
+/// The next call: the deployment, the model, and the probe when it is its breaker's one.
+type NextCall<'a> = (usize, String, Option<ProbeGuard<'a>>);
 
 /// The choice for one step.
 enum Pick {
@@ -195,53 +199,26 @@ impl Router {
         // What the deployments left behind said, for the reason of an unroutable request.
         let mut last: Option<String> = None;
         for _ in 0..MAX_STEPS {
-            let (d, model, probe) = match self.pick(route, unix_now_ms()) {
-                Pick::Call { d, model } => match self.standing.check(d, &model, unix_now_ms()) {
-                    Availability::Free => (d, model, false),
-                    Availability::Probe => (d, model, true),
-                    // Another call took its probe a moment ago.
-                    Availability::Unavailable { .. } => continue,
-                },
-                Pick::Wait {
-                    after,
-                    reason,
-                    outage: true,
-                } => {
-                    let wait = Failure::llmq(Class::Unavailable, reason);
-                    return Routed::Unavailable(wait.after(Some(after)));
-                }
-                Pick::Wait { after, reason, .. } => {
-                    let wait = Failure::llmq(Class::RateLimited, reason);
-                    return Routed::RateLimited(wait.after(Some(after)));
-                }
-                Pick::Unroutable { class, reason } => {
-                    let reason = match last {
-                        Some(last) => format!("{reason}; last: {last}"),
-                        None => reason,
-                    };
-                    return Routed::Unroutable(Failure::llmq(class, reason));
-                }
+            let (d, model, probe) = match self.next(route, &mut last) {
+                Ok(Some(next)) => next,
+                // Another call took its probe a moment ago.
+                Ok(None) => continue,
+                Err(ended) => return ended,
             };
             let deployment = &self.deployments[d];
+            // A probe given up (shutdown, no slot in time, or its future dropped mid-call by
+            // a cancel or a deadline) is released by the guard's drop: another call probes.
             let slot = tokio::select! {
                 biased;
                 slot = deployment.admit(admission.turn, admission.tokens, admission.until) => slot,
-                () = &mut stopped => {
-                    if probe {
-                        self.standing.probe_abandoned(d);
-                    }
-                    return Routed::Stopped;
-                }
+                () = &mut stopped => return Routed::Stopped,
             };
             let Some(slot) = slot else {
-                if probe {
-                    self.standing.probe_abandoned(d);
-                }
                 return Routed::Deferred;
             };
             // The wait for a slot may have been long: a deployment that meanwhile cooled
             // down or went out is not called.
-            if !probe && !self.standing.peek(d, &model, unix_now_ms()) {
+            if probe.is_none() && !self.standing.peek(d, &model, unix_now_ms()) {
                 drop(slot);
                 continue;
             }
@@ -253,6 +230,10 @@ impl Router {
                     )
                 })
                 .await;
+            // The answer settles the probe (below), with no await between.
+            if let Some(probe) = probe {
+                probe.settled();
+            }
             let now = unix_now_ms();
             // Any answer but a transient failure says the deployment is up: that closes its
             // breaker (and settles a probe) whatever the answer was; any but a refusal also
@@ -278,6 +259,45 @@ impl Router {
                 route.requested
             ),
         ))
+    }
+
+    /// The deployment and model of the next call for `route` (with its probe, when it is
+    /// the one call a half-open breaker lets through), `None` when the one picked was taken
+    /// as a probe a moment ago; or, when nothing can be called now, how the call ends.
+    fn next<T>(
+        &self,
+        route: &mut Route,
+        last: &mut Option<String>,
+    ) -> Result<Option<NextCall<'_>>, Routed<T>> {
+        match self.pick(route, unix_now_ms()) {
+            Pick::Call { d, model } => match self.standing.check(d, &model, unix_now_ms()) {
+                Availability::Free => Ok(Some((d, model, None))),
+                Availability::Probe => {
+                    let probe = ProbeGuard::new(&self.standing, d);
+                    Ok(Some((d, model, Some(probe))))
+                }
+                Availability::Unavailable { .. } => Ok(None),
+            },
+            Pick::Wait {
+                after,
+                reason,
+                outage: true,
+            } => {
+                let wait = Failure::llmq(Class::Unavailable, reason);
+                Err(Routed::Unavailable(wait.after(Some(after))))
+            }
+            Pick::Wait { after, reason, .. } => {
+                let wait = Failure::llmq(Class::RateLimited, reason);
+                Err(Routed::RateLimited(wait.after(Some(after))))
+            }
+            Pick::Unroutable { class, reason } => {
+                let reason = match last.take() {
+                    Some(last) => format!("{reason}; last: {last}"),
+                    None => reason,
+                };
+                Err(Routed::Unroutable(Failure::llmq(class, reason)))
+            }
+        }
     }
 
     /// An answer from deployment `d` for `model`: its spent budget cools the deployment
@@ -1075,5 +1095,48 @@ mod tests {
             "one refused, then every one answered"
         );
         assert_eq!(router.report(unix_now_ms())[0].standing.unavailable, vec![]);
+    }
+
+    #[tokio::test]
+    async fn a_probe_dropped_mid_call_lets_the_next_call_probe_at_once() {
+        let slow = mock(MockOptions {
+            latency_ms: 10_000,
+            ..MockOptions::default()
+        })
+        .await;
+        let router = test_router(
+            vec![deployment("a", &slow, &[], 1)],
+            RoutingConfig {
+                breaker_failures: 1,
+                breaker_cooldown_secs: 30,
+                ..RoutingConfig::default()
+            },
+        );
+        // Opened 31 s ago: half-open now, and the next call is its probe.
+        router.standing().failed(0, unix_now_ms() - 31_000);
+        assert_eq!(
+            router.report(unix_now_ms())[0].standing.breaker,
+            "half_open"
+        );
+        // The probe's caller gives up mid-call (a cancel, a deadline): its future is
+        // dropped before any answer.
+        let mut route = router.route("m");
+        let mut probing = Box::pin(chat(&router, &mut route, "x"));
+        tokio::select! {
+            routed = &mut probing => panic!("answered within its latency: {routed:?}"),
+            () = async {
+                while calls_of(&slow) == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            } => {}
+        }
+        drop(probing);
+        // The next call probes at once (and closes the breaker), rather than waiting for a
+        // probe that will never report.
+        slow.set_options(MockOptions::default());
+        let mut route = router.route("m");
+        let answer = served(chat(&router, &mut route, "y").await);
+        assert_eq!(answer.upstream, "a");
+        assert_eq!(router.report(unix_now_ms())[0].standing.breaker, "closed");
     }
 }

@@ -103,9 +103,6 @@ impl Scope {
     }
 }
 
-/// How long a half-open breaker waits for its probe before letting another call probe.
-const PROBE_TIMEOUT_MS: i64 = 120_000;
-
 /// How long other calls wait before looking again while a probe is out: the probe usually
 /// answers within a call's time, so they look often rather than wait out the timeout.
 const PROBE_WAIT_MS: i64 = 1_000;
@@ -191,8 +188,9 @@ impl Standing {
     ///
     /// [`Probe`]: Availability::Probe
     pub fn check(&self, d: usize, model: &str, now: i64) -> Availability {
+        let probe_timeout = self.probe_timeout_ms();
         let mut inner = self.inner();
-        if let Some((until_ms, why)) = unavailable(&inner, d, model, now) {
+        if let Some((until_ms, why)) = unavailable(&inner, d, model, now, probe_timeout) {
             return Availability::Unavailable { why, until_ms };
         }
         match inner.breakers.get_mut(d) {
@@ -207,7 +205,13 @@ impl Standing {
     /// Until when and why `d` may not take a call for `model` at `now`; `None` when it may
     /// (a half-open breaker whose probe is not out yet included). Takes nothing.
     pub fn availability(&self, d: usize, model: &str, now: i64) -> Option<(i64, Why)> {
-        unavailable(&self.inner(), d, model, now)
+        unavailable(&self.inner(), d, model, now, self.probe_timeout_ms())
+    }
+
+    /// How long a half-open breaker waits for its probe to report before another call
+    /// probes: `routing.breaker_cooldown_secs`, as long as a failed probe would keep it out.
+    fn probe_timeout_ms(&self) -> i64 {
+        secs_ms(self.rules.breaker_cooldown_secs)
     }
 
     /// Whether `d` may take a call for `model` at `now`.
@@ -487,8 +491,15 @@ impl Standing {
 }
 
 /// Until when and why `d` may not serve `model` at `now`: the longest-lasting reason for
-/// the model or for every model, then its breaker (open, or half-open with its probe out).
-fn unavailable(inner: &Inner, d: usize, model: &str, now: i64) -> Option<(i64, Why)> {
+/// the model or for every model, then its breaker (open, or half-open with its probe out
+/// for less than `probe_timeout`).
+fn unavailable(
+    inner: &Inner,
+    d: usize,
+    model: &str,
+    now: i64,
+    probe_timeout: i64,
+) -> Option<(i64, Why)> {
     let mut worst: Option<(i64, Why)> = None;
     let model = Scope::Model(model.to_string());
     for ((dep, scope, why), &until) in &inner.out {
@@ -506,10 +517,9 @@ fn unavailable(inner: &Inner, d: usize, model: &str, now: i64) -> Option<(i64, W
     let b = inner.breakers.get(d)?;
     match (b.open_until, b.probing_since) {
         (Some(until), _) if until > now => Some((until, Why::Down)),
-        (Some(_), Some(since)) if now - since < PROBE_TIMEOUT_MS => Some((
-            (now + PROBE_WAIT_MS).min(since + PROBE_TIMEOUT_MS),
-            Why::Down,
-        )),
+        (Some(_), Some(since)) if now - since < probe_timeout => {
+            Some(((now + PROBE_WAIT_MS).min(since + probe_timeout), Why::Down))
+        }
         _ => None,
     }
 }
@@ -710,17 +720,28 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_probe_is_replaced_after_its_timeout() {
+    fn a_lost_probe_is_replaced_after_the_breaker_cooldown() {
         let s = standing();
         for _ in 0..3 {
             s.failed(0, NOW);
         }
         let half_open = NOW + 30_000;
         assert_eq!(s.check(0, "m", half_open), Availability::Probe);
+        assert!(matches!(
+            s.check(0, "m", half_open + 29_999),
+            Availability::Unavailable { why: Why::Down, .. }
+        ));
         assert_eq!(
-            s.check(0, "m", half_open + PROBE_TIMEOUT_MS),
+            s.check(0, "m", half_open + 30_000),
             Availability::Probe,
-            "a probe that never reported does not block the deployment forever"
+            "a probe that never reported blocks the deployment for breaker_cooldown_secs (30 s), \
+             not 120 s"
+        );
+        s.probe_abandoned(0);
+        assert_eq!(
+            s.check(0, "m", half_open + 30_001),
+            Availability::Probe,
+            "one given up lets the next call probe at once"
         );
     }
 
