@@ -324,16 +324,12 @@ fn validate_upstreams(c: &Config, p: &mut Problems) {
 }
 
 fn validate_routing(r: &RoutingConfig, p: &mut Problems) {
-    p.check(
-        r.auth_failures >= 1,
-        "routing.auth_failures",
-        "must be at least 1",
-    );
-    p.check(
-        r.breaker_failures >= 1,
-        "routing.breaker_failures",
-        "must be at least 1",
-    );
+    for (key, n) in [
+        ("routing.auth_failures", r.auth_failures),
+        ("routing.breaker_failures", r.breaker_failures),
+    ] {
+        p.check(n >= 1, key, "must be at least 1");
+    }
     for (key, secs) in [
         ("routing.quota_cooldown_secs", r.quota_cooldown_secs),
         ("routing.breaker_cooldown_secs", r.breaker_cooldown_secs),
@@ -427,31 +423,23 @@ fn validate_cancels(c: &Config, p: &mut Problems) {
 }
 
 fn validate_retry(retry: &RetryConfig, p: &mut Problems) {
-    p.check(
-        retry.max_attempts >= 1,
-        "retry.max_attempts",
-        "must be at least 1",
-    );
-    p.check(
-        retry.initial_delay_ms >= 1,
-        "retry.initial_delay_ms",
-        "must be at least 1",
-    );
-    p.check(
-        retry.max_delay_secs >= 1,
-        "retry.max_delay_secs",
-        "must be at least 1",
-    );
-    p.check(
-        (1..=86_400).contains(&retry.max_rate_limited_secs),
-        "retry.max_rate_limited_secs",
-        "must be between 1 and 86400",
-    );
-    p.check(
-        (1..=86_400).contains(&retry.max_unavailable_secs),
-        "retry.max_unavailable_secs",
-        "must be between 1 and 86400",
-    );
+    for (key, n) in [
+        ("retry.max_attempts", u64::from(retry.max_attempts)),
+        ("retry.initial_delay_ms", retry.initial_delay_ms),
+        ("retry.max_delay_secs", retry.max_delay_secs),
+    ] {
+        p.check(n >= 1, key, "must be at least 1");
+    }
+    for (key, secs) in [
+        ("retry.max_rate_limited_secs", retry.max_rate_limited_secs),
+        ("retry.max_unavailable_secs", retry.max_unavailable_secs),
+    ] {
+        p.check(
+            (1..=86_400).contains(&secs),
+            key,
+            "must be between 1 and 86400",
+        );
+    }
     p.check(
         retry.max_redeliveries >= 1,
         "retry.max_redeliveries",

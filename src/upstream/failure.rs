@@ -533,6 +533,9 @@ mod tests {
             let f = Failure::llmq(Class::Ended(kind), "x");
             assert_eq!(f.label(), kind.as_str());
         }
+        // Only the router says `Unavailable` (no call was made): labelled as its kind.
+        let outage = Failure::llmq(Class::Unavailable, "x");
+        assert_eq!(outage.label(), ErrorKind::UpstreamUnavailable.as_str());
     }
 
     #[test]
