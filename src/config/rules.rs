@@ -3,7 +3,7 @@
 use super::{Config, TopologyConfig};
 use crate::contract::{
     IdentityRule, Rules,
-    reply_to::{OwnedQueue, ReplyToPolicy},
+    reply_to::{OwnedQueue, ReplyToPolicy, TENANT_PATTERN},
 };
 
 impl TopologyConfig {
@@ -32,6 +32,16 @@ impl TopologyConfig {
 }
 
 impl Config {
+    /// The `worker.reply_to_pattern` in force: as set; when empty, [`TENANT_PATTERN`] where
+    /// identities are required, so that no tenant has the worker write into another's
+    /// queues; else none (empty).
+    pub fn reply_to_pattern(&self) -> &str {
+        match self.worker.reply_to_pattern.as_str() {
+            "" if self.requires_user_id() => TENANT_PATTERN,
+            set => set,
+        }
+    }
+
     /// The rules every request is checked against. Fails only on a `worker.reply_to_pattern`
     /// that does not compile, which [`Config::validate`] reports first.
     pub fn request_rules(&self) -> Result<Rules, regex::Error> {
@@ -48,10 +58,7 @@ impl Config {
                 header: self.tenancy.header.clone(),
                 required: self.requires_user_id(),
             },
-            reply_to: ReplyToPolicy::new(
-                self.topology.owned_queues(),
-                &self.worker.reply_to_pattern,
-            )?,
+            reply_to: ReplyToPolicy::new(self.topology.owned_queues(), self.reply_to_pattern())?,
             max_age_secs: self.worker.max_age_secs,
         })
     }
@@ -80,10 +87,10 @@ mod tests {
             "llm_processing.lane.0a".to_string(),
             "llm_embeddings.lane.ff".to_string(),
         ] {
-            assert!(!rules.reply_to.allows(&queue), "{queue}");
+            assert!(!rules.reply_to.allows(&queue, "alice"), "{queue}");
         }
-        assert!(rules.reply_to.allows("amq.gen-abc"));
-        assert!(rules.reply_to.allows("my-replies"));
+        assert!(rules.reply_to.allows("amq.gen-abc", "alice"));
+        assert!(rules.reply_to.allows("my-replies", "alice"));
         assert_eq!(rules.max_tokens_cap, 32_768);
         assert_eq!(rules.max_n, 4);
         assert!(rules.allowed_models.is_empty());
@@ -105,9 +112,33 @@ mod tests {
             "t1.retry.30s",
             "t1.results",
         ] {
-            assert!(!rules.reply_to.allows(queue), "{queue}");
+            assert!(!rules.reply_to.allows(queue, "alice"), "{queue}");
         }
-        assert!(rules.reply_to.allows("replies.x"));
-        assert!(!rules.reply_to.allows("other"));
+        assert!(rules.reply_to.allows("replies.x", "alice"));
+        assert!(!rules.reply_to.allows("other", "alice"));
+    }
+
+    #[test]
+    fn where_identities_are_required_an_empty_pattern_keeps_tenants_apart() {
+        let mut config = Config::default();
+        config
+            .tenants
+            .insert("alice".into(), crate::config::TenantConfig::default());
+        assert!(config.requires_user_id());
+        assert_eq!(config.reply_to_pattern(), TENANT_PATTERN);
+        let rules = config.request_rules().expect("the default compiles");
+        assert!(rules.reply_to.allows("alice.replies", "alice"));
+        assert!(!rules.reply_to.allows("bob.replies", "alice"));
+        assert!(rules.reply_to.allows("amq.gen-abc", "alice"));
+        assert!(rules.reply_to.allows("amq.rabbitmq.reply-to", "alice"));
+        assert!(!rules.reply_to.allows("my-replies", "alice"));
+        // A pattern the operator sets wins, and `false` leaves it unrestricted.
+        config.worker.reply_to_pattern = ".*".into();
+        assert_eq!(config.reply_to_pattern(), ".*");
+        config.worker.reply_to_pattern.clear();
+        config.tenancy.require_user_id = crate::config::Switch::Off;
+        assert_eq!(config.reply_to_pattern(), "");
+        let rules = config.request_rules().expect("no pattern");
+        assert!(rules.reply_to.allows("bob.replies", "alice"));
     }
 }

@@ -320,7 +320,11 @@ pub struct WorkerConfig {
     /// default `max_message_size`.
     pub max_result_bytes: usize,
     /// A regex every `reply_to` must match whole (besides never naming one of llmq's own
-    /// queues); empty adds no restriction. `amq.rabbitmq.reply-to` is always allowed.
+    /// queues); `{identity}` in it stands for the request's identity, regex-escaped. Empty:
+    /// [`crate::contract::reply_to::TENANT_PATTERN`] (a tenant's own `<identity>.*` queues
+    /// and server-named `amq.gen-*` ones) where identities are required
+    /// ([`super::Config::requires_user_id`]), no restriction otherwise.
+    /// `amq.rabbitmq.reply-to` is always allowed.
     pub reply_to_pattern: String,
     /// Requests older than this (from the body's `timestamp`, else the AMQP `timestamp`
     /// property) are expired: not called, dead-lettered `expired`; 0 = no age limit.

@@ -3,7 +3,7 @@
 
 use std::fmt::Display;
 
-use crate::contract::{reply_to::whole_name, rules::RESERVED_PARAMS};
+use crate::contract::{reply_to::check_pattern, rules::RESERVED_PARAMS};
 
 use super::{
     AdminConfig, AmqpConfig, BatchConfig, Config, IdempotencyConfig, LimitsConfig, LlmConfig,
@@ -584,7 +584,7 @@ fn validate_request_limits(llm: &LlmConfig, p: &mut Problems) {
 }
 
 fn validate_reply_to_pattern(worker: &WorkerConfig, p: &mut Problems) {
-    if let Err(e) = whole_name(&worker.reply_to_pattern) {
+    if let Err(e) = check_pattern(&worker.reply_to_pattern) {
         p.add("worker.reply_to_pattern", format!("not a valid regex: {e}"));
     }
 }
@@ -1162,6 +1162,14 @@ mod tests {
             only_problem(|c| c.worker.reply_to_pattern = "a)|(b".into())
                 .contains("not a valid regex")
         );
+        // With the identity placeholder, as it will be used: an identity in its place.
+        assert!(
+            only_problem(|c| c.worker.reply_to_pattern = "{identity}.(".into())
+                .contains("not a valid regex")
+        );
+        let mut c = Config::default();
+        c.worker.reply_to_pattern = r"replies\.{identity}\..+".into();
+        assert_eq!(c.validate(), Vec::<String>::new());
     }
 
     #[test]

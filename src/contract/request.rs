@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::{error_kind::ErrorKind, params, rules::Rules};
+use super::{Identity, error_kind::ErrorKind, params, rules::Rules};
 
 /// Longest `request_id` accepted (it becomes the AMQP `message_id`, a short string).
 pub const MAX_REQUEST_ID: usize = 255;
@@ -283,9 +283,10 @@ pub fn parse(
     if let Some(reply_to) = props.reply_to().as_ref().map(|r| r.as_str())
         && !reply_to.is_empty()
     {
+        let identity = Identity::of(props, &rules.identity.header);
         rules
             .reply_to
-            .check(reply_to)
+            .check(reply_to, identity.as_str())
             .map_err(InvalidRequest::new)?;
     }
     let mut raw = deserialize(body, props, rules.max_body_bytes)?;

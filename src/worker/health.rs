@@ -13,6 +13,7 @@ use std::{
 
 use futures_util::{Stream, StreamExt};
 use lapin::{Connection, Event};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -154,15 +155,15 @@ impl Drop for Consuming<'_> {
     }
 }
 
-/// Reads the ready messages of the work queues, their `lanes` (an earlier setting's too) and
-/// the DLQ every
+/// Reads the ready messages of the work queues, their `lanes` in use (an earlier setting's
+/// or another replica's too, as last found) and the DLQ every
 /// [`DEPTH_EVERY`] until `stop`: all of them for the `llmq_queue_depth` metric, the lanes for
 /// [`Health::lane_depth`] too. One passive declare each, on one channel while it lasts.
 pub(super) async fn poll_queue_depths(
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     topo: TopologyConfig,
-    lanes: Arc<[Vec<u16>; 2]>,
+    lanes: watch::Receiver<super::subscribe::LaneSet>,
     conn: Arc<Connection>,
     stop: CancellationToken,
 ) {
@@ -171,13 +172,14 @@ pub(super) async fn poll_queue_depths(
         topo.embeddings_queue.clone(),
         topo.dead_letter_queue.clone(),
     ];
-    let lanes: Vec<String> = [&topo.processing_queue, &topo.embeddings_queue]
-        .into_iter()
-        .zip(lanes.iter())
-        .flat_map(|(queue, lanes)| lanes.iter().map(|lane| topology::lane_queue(queue, *lane)))
-        .collect();
     let mut reader = DepthReader::new(&conn);
     loop {
+        // The lanes in use as last found: another replica may have declared more.
+        let lanes: Vec<String> = [&topo.processing_queue, &topo.embeddings_queue]
+            .into_iter()
+            .zip(lanes.borrow().iter())
+            .flat_map(|(queue, lanes)| lanes.iter().map(|lane| topology::lane_queue(queue, *lane)))
+            .collect();
         if read_depths(&mut reader, &queues, &lanes, &health, &metrics)
             .await
             .is_err()

@@ -114,17 +114,19 @@ async fn set_up(
     };
     // Listen before anything is published: lapin drops the events nobody listens to.
     let events: Events = Box::pin(conns.publish.events_listener());
-    let mut links = Links {
+    let links = Links {
         consume: Arc::new(conns.consume),
         publish: Arc::new(conns.publish),
-        lanes: Arc::default(),
+        lanes: Arc::new(tokio::sync::watch::Sender::default()),
     };
     let declared = match topology::declare_on(&links.consume, &ctx.config.topology).await {
         Ok(()) => subscribe::lanes_in_use(&links.consume, &ctx.config.topology).await,
         Err(e) => Err(e),
     };
     match declared {
-        Ok(lanes) => links.lanes = Arc::new(lanes),
+        Ok(lanes) => {
+            links.lanes.send_replace(lanes);
+        }
         Err(e) => {
             let delay = next_delay(backoff);
             warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "declaring the topology failed");
@@ -250,8 +252,14 @@ async fn consume_on(
         ctx.health.clone(),
         ctx.metrics.clone(),
         ctx.config.topology.clone(),
-        links.lanes.clone(),
+        links.lanes.subscribe(),
         links.consume.clone(),
+        lost.clone(),
+    ));
+    tokio::spawn(subscribe::follow_lanes(
+        links.consume.clone(),
+        ctx.config.topology.clone(),
+        links.lanes.clone(),
         lost.clone(),
     ));
     let publishing = health::follow_publishing(

@@ -16,8 +16,9 @@ use lapin::{
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::FieldTable,
 };
+use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{Context, ack, health::Consuming, lanes::Origin, settle};
 use crate::{
@@ -55,9 +56,20 @@ pub(super) struct Links {
     /// Confirm-mode publishing channels: results, retries, dead letters.
     pub publish: Arc<Connection>,
     /// Lanes to consume per work queue (chat, embeddings): `topology.lanes`, and those of an
-    /// earlier, larger setting still there ([`lanes_in_use`]).
-    pub lanes: Arc<[Vec<u16>; 2]>,
+    /// earlier, larger setting still there or another replica's larger one
+    /// ([`lanes_in_use`]), looked for again every [`LANE_SCAN_EVERY`] ([`follow_lanes`]):
+    /// each slot subscribes again when they change.
+    pub lanes: Arc<watch::Sender<LaneSet>>,
 }
+
+/// The lanes to consume of each work queue (chat, embeddings), by number.
+pub(super) type LaneSet = [Vec<u16>; 2];
+
+/// How often the lanes in use are looked for again: a replica with a larger
+/// `topology.lanes` (one started during a rolling change of it) declares lanes this one did
+/// not know of at its start, and moves requests into them; once it stops, they would be
+/// consumed by nobody.
+pub(super) const LANE_SCAN_EVERY: Duration = Duration::from_secs(10);
 
 impl Links {
     /// Both connections are up.
@@ -67,12 +79,13 @@ impl Links {
 }
 
 /// The lanes to consume of each work queue (chat, embeddings): the configured ones, and any
-/// an earlier setting with more left, so that none is left with requests nobody takes.
+/// an earlier setting with more left, or another replica with more declared, so that none is
+/// left with requests nobody takes.
 pub(super) async fn lanes_in_use(
     conn: &Connection,
     topo: &crate::config::TopologyConfig,
-) -> Result<[Vec<u16>; 2], lapin::Error> {
-    let mut lanes: [Vec<u16>; 2] = Default::default();
+) -> Result<LaneSet, lapin::Error> {
+    let mut lanes = LaneSet::default();
     for (found, queue) in lanes
         .iter_mut()
         .zip([&topo.processing_queue, &topo.embeddings_queue])
@@ -87,7 +100,7 @@ pub(super) async fn lanes_in_use(
             warn!(
                 configured = topo.lanes,
                 left = ?left,
-                "lanes of an earlier, larger topology.lanes are still there: consuming them too, moving nothing into them; delete them once empty"
+                "lanes beyond topology.lanes are there (an earlier, larger setting, or another replica's): consuming them too, moving nothing into them; delete them once empty and unused"
             );
         }
     }
@@ -99,7 +112,7 @@ pub(super) async fn lanes_in_use(
 /// pause, redeclaring the topology; a connection-level failure is returned.
 pub(super) async fn consumer_slot(
     ctx: Arc<Context>,
-    mut links: Links,
+    links: Links,
     slot: u16,
     tracker: TaskTracker,
     stop: CancellationToken,
@@ -123,10 +136,45 @@ pub(super) async fn consumer_slot(
         }
         // A consumer cancelled by the broker may be an old lane's, deleted by an operator.
         match lanes_in_use(&links.consume, &ctx.config.topology).await {
-            Ok(lanes) => links.lanes = Arc::new(lanes),
+            Ok(lanes) => {
+                links.lanes.send_if_modified(|known| replace(known, lanes));
+            }
             Err(e) => warn!(slot, error = %e, "looking for the lanes failed"),
         }
         debug!(slot, "resubscribing");
+    }
+}
+
+/// Sets `known` to `found`; whether it changed.
+fn replace(known: &mut LaneSet, found: LaneSet) -> bool {
+    let changed = *known != found;
+    *known = found;
+    changed
+}
+
+/// Looks for the lanes in use on `conn` every [`LANE_SCAN_EVERY`] until `stop`, and
+/// publishes them to the slots when they changed: a lane another replica declared since is
+/// consumed here too, without waiting for a reconnect.
+pub(super) async fn follow_lanes(
+    conn: Arc<Connection>,
+    topo: crate::config::TopologyConfig,
+    lanes: Arc<watch::Sender<LaneSet>>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(LANE_SCAN_EVERY) => {}
+        }
+        match lanes_in_use(&conn, &topo).await {
+            Ok(found) => {
+                if lanes.send_if_modified(|known| replace(known, found)) {
+                    info!(lanes = ?*lanes.borrow(), "the lanes in use changed; consuming them");
+                }
+            }
+            // The connection is gone: the next session looks again.
+            Err(e) => debug!(error = %e, "looking for the lanes failed"),
+        }
     }
 }
 
@@ -164,7 +212,9 @@ async fn session(
     };
     let mut limit = ctx.upstream.router().watch_limit();
     let mut current = *limit.borrow_and_update();
-    let mut consumers = Consumers::subscribe(ctx, links, &channel, slot, current).await?;
+    let mut lanes = links.lanes.subscribe();
+    let in_use = lanes.borrow_and_update().clone();
+    let mut consumers = Consumers::subscribe(ctx, &in_use, &channel, slot, current).await?;
     let _consuming = Consuming::new(&ctx.health);
     let mut last_change = Instant::now();
     let mut resubscribe_at: Option<Instant> = None;
@@ -196,10 +246,18 @@ async fn session(
                 if prefetches(&ctx.config, wanted) == prefetches(&ctx.config, current) {
                     continue;
                 }
-                consumers.resubscribe(ctx, links, &channel, slot, wanted).await?;
+                let in_use = lanes.borrow_and_update().clone();
+                consumers.resubscribe(ctx, &in_use, &channel, slot, wanted).await?;
                 debug!(slot, from = ?prefetches(&ctx.config, current), to = ?prefetches(&ctx.config, wanted), "prefetch follows the concurrency limit");
                 current = wanted;
                 last_change = Instant::now();
+                continue;
+            }
+            // Its sender is in `links`, alive as long as the session.
+            Ok(()) = lanes.changed() => {
+                let in_use = lanes.borrow_and_update().clone();
+                consumers.resubscribe(ctx, &in_use, &channel, slot, current).await?;
+                debug!(slot, lanes = ?in_use, "consuming the lanes in use now");
                 continue;
             }
             next = consumers.streams.next() => next,
@@ -273,14 +331,14 @@ impl Consumers {
     /// The first subscription of a session, with the prefetch for `limit`.
     async fn subscribe(
         ctx: &Context,
-        links: &Links,
+        lanes: &LaneSet,
         channel: &lapin::Channel,
         slot: u16,
         limit: usize,
     ) -> Result<Self, lapin::Error> {
         let generation = 0;
         let mut streams = Streams::new();
-        let live = subscribe(ctx, links, channel, slot, generation, limit, &mut streams).await?;
+        let live = subscribe(ctx, lanes, channel, slot, generation, limit, &mut streams).await?;
         Ok(Self {
             live,
             cancelled: Vec::new(),
@@ -289,12 +347,13 @@ impl Consumers {
         })
     }
 
-    /// Subscribes again with the prefetch for `limit`, then cancels the consumers before:
-    /// their deliveries stay valid on the channel, and their buffered ones still come.
+    /// Subscribes again to `lanes` with the prefetch for `limit`, then cancels the consumers
+    /// before: their deliveries stay valid on the channel, and their buffered ones still
+    /// come.
     async fn resubscribe(
         &mut self,
         ctx: &Context,
-        links: &Links,
+        lanes: &LaneSet,
         channel: &lapin::Channel,
         slot: u16,
         limit: usize,
@@ -303,7 +362,7 @@ impl Consumers {
         let old = std::mem::take(&mut self.live);
         self.live = subscribe(
             ctx,
-            links,
+            lanes,
             channel,
             slot,
             self.generation,
@@ -377,7 +436,7 @@ async fn unsubscribe(
 /// consumer each and nothing more.
 async fn subscribe(
     ctx: &Context,
-    links: &Links,
+    lanes: &LaneSet,
     channel: &lapin::Channel,
     slot: u16,
     generation: u32,
@@ -388,7 +447,7 @@ async fn subscribe(
     let mut tags = Vec::new();
     for kind in Kind::ALL {
         let queue = topo.work_queue(kind);
-        let lanes = &links.lanes[kind.index()];
+        let lanes = &lanes[kind.index()];
         let first_lane = lanes.first().copied();
         let lanes = lanes
             .iter()

@@ -715,21 +715,7 @@ pub(crate) async fn two_replicas(env: &TestEnv) -> [(String, crate::helpers::Wor
 
 /// Waits until two replicas consume the work queue.
 async fn both_consuming(env: &TestEnv) {
-    let main = env.config.topology.processing_queue.clone();
-    let slots = 2 * u32::from(env.config.worker.consumers);
-    crate::helpers::wait_until(
-        Duration::from_secs(20),
-        "both replicas consuming",
-        || async {
-            let ch = env.conn.create_channel().await.unwrap();
-            let depth = llmq::broker::topology::queue_depth(&ch, &main)
-                .await
-                .unwrap();
-            let _ = ch.close(200, "ok".into()).await;
-            depth.consumers == slots
-        },
-    )
-    .await;
+    consuming(env, 2 * u32::from(env.config.worker.consumers)).await;
 }
 
 /// Alice at 6 requests per minute (a burst of 6, then one per 10 s), Bob unlimited: Bob's
@@ -886,6 +872,69 @@ async fn lanes_of_an_earlier_larger_setting_are_still_consumed() {
         .await
         .unwrap();
     env.cleanup().await;
+}
+
+/// A replica started with `topology.lanes = 2` goes on consuming while another, started
+/// after it with 4 (a rolling raise of the setting), declares lanes `02` and `03` and then
+/// stops: a request in lane `03` (where the second would have moved it) is answered by the
+/// first, without a reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_another_replica_created_later_are_consumed() {
+    let mut env = TestEnv::with(MockOptions::default(), |c| c.topology.lanes = 2).await;
+    let mut first = env.config.clone();
+    first.worker.id = format!("{}-first", env.config.worker.id);
+    let first_id = first.worker.id.clone();
+    let first = env.start_worker_with(first);
+    let consumers = u32::from(env.config.worker.consumers);
+    consuming(&env, consumers).await;
+    // Cleaned up with the larger setting, so that the later lanes go too.
+    env.config.topology.lanes = 4;
+    let mut second = env.config.clone();
+    second.worker.id = format!("{}-second", env.config.worker.id);
+    let second = env.start_worker_with(second);
+    consuming(&env, 2 * consumers).await;
+    second.stop().await.expect("the second replica stops");
+    consuming(&env, consumers).await;
+
+    let lane = llmq::broker::topology::lane_queue(&env.config.topology.processing_queue, 3);
+    let body = json!({"request_id": "in-a-later-lane", "prompt": "anyone?"});
+    env.channel
+        .basic_publish(
+            "".into(),
+            lane.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body.to_string().as_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (_, result) = env.results(1).await.remove(0);
+    assert_eq!(
+        (&result["request_id"], &result["status"], &result["worker"]),
+        (&json!("in-a-later-lane"), &json!("ok"), &json!(first_id)),
+        "{result}"
+    );
+    first.stop().await.expect("the first replica stops");
+    env.cleanup().await;
+}
+
+/// Waits until `n` consumers take from the chat work queue.
+async fn consuming(env: &TestEnv, n: u32) {
+    let main = env.config.topology.processing_queue.clone();
+    crate::helpers::wait_until(Duration::from_secs(20), "the consumers", || async {
+        let ch = env.conn.create_channel().await.unwrap();
+        let depth = llmq::broker::topology::queue_depth(&ch, &main)
+            .await
+            .unwrap();
+        let _ = ch.close(200, "ok".into()).await;
+        depth.consumers == n
+    })
+    .await;
 }
 
 /// With `limits.redis_url`, a tenant's `max_inflight` holds for the fleet: two replicas of

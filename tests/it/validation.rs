@@ -129,6 +129,89 @@ async fn reply_to_pattern_restricts_where_results_go() {
     env.cleanup().await;
 }
 
+/// Where tenants are configured (so identities are required) and `worker.reply_to_pattern`
+/// is left empty, a tenant's results go only to its own queues (`<identity>.<anything>`) or
+/// to a queue the server named: a `reply_to` naming another tenant's queue is refused as
+/// any refused `reply_to` is (dead letter, error result kept on the results queue), and
+/// nothing reaches that queue. The tenant is `llmq`, the user the tests connect as.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_s_results_stay_out_of_other_tenants_queues() {
+    let env = TestEnv::with(MockOptions::default(), |c| {
+        c.tenants = [("llmq".to_string(), Default::default())].into();
+    })
+    .await;
+    // Exclusive to the test's connection: gone with it, even when the test fails.
+    let declare = |name: String| {
+        let channel = env.channel.clone();
+        async move {
+            channel
+                .queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        auto_delete: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap()
+                .name()
+                .to_string()
+        }
+    };
+    let others = declare(format!("{}.results", unique("tenant-b"))).await;
+    let own = declare(format!("llmq.{}", unique("results"))).await;
+    let server_named = declare(String::new()).await;
+    assert!(server_named.starts_with("amq.gen-"), "{server_named}");
+    let worker = env.start_worker();
+    for (id, queue) in [
+        ("to-other", &others),
+        ("to-own", &own),
+        ("to-server-named", &server_named),
+    ] {
+        env.publish_chat(
+            &json!({"prompt": id, "request_id": id}),
+            BasicProperties::default()
+                .with_user_id("llmq".into())
+                .with_reply_to(queue.as_str().into()),
+        )
+        .await;
+    }
+    let dead = env.dead_letters(1).await;
+    assert_eq!(json(&dead[0].data)["request_id"], "to-other");
+    assert_eq!(
+        header(&dead[0], "x-error-kind").as_deref(),
+        Some("invalid_request")
+    );
+    assert_eq!(
+        header(&dead[0], "x-error").unwrap(),
+        format!(
+            "reply_to {others:?} does not match worker.reply_to_pattern \
+             \"amq\\\\.gen-.+|{{identity}}\\\\..+\" for identity \"llmq\""
+        )
+    );
+    let (_, refused) = &env.results(1).await[0];
+    assert_eq!(refused["request_id"], "to-other");
+    assert_eq!(refused["error"]["kind"], "invalid_request");
+    for (queue, id) in [(&own, "to-own"), (&server_named, "to-server-named")] {
+        let reply = env.take(queue, 1, Duration::from_secs(30)).await;
+        let reply = json(&reply[0].data);
+        assert_eq!(
+            (&reply["request_id"], &reply["status"]),
+            (&json!(id), &json!("ok"))
+        );
+    }
+    worker.stop().await.unwrap();
+    assert_eq!(
+        env.queue_len(&others).await,
+        0,
+        "nothing reached the other's queue"
+    );
+    assert_eq!(env.chat_calls(), 2, "no call for the refused one");
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn caps_and_allowlists_refuse_before_any_upstream_call() {
     let env = TestEnv::with(MockOptions::default(), |c| {

@@ -155,7 +155,7 @@ fn arrive<'a>(
         delivery_tag = delivery.delivery_tag,
     );
     let key = identity.scope(&request_id);
-    let route = route_of(delivery, &request_id, &ctx.rules.reply_to);
+    let route = route_of(delivery, &request_id, identity, &ctx.rules.reply_to);
     // Without a reply_to there is nowhere to stream to: only the result goes out.
     let streams = route.reply_to.is_some() && parsed.as_ref().is_ok_and(|job| job.stream);
     // Watched while it is settled here; a cancel heard before it was reached (here, or
@@ -328,7 +328,12 @@ impl Settling<'_> {
 /// Where the delivery's result goes. A `reply_to` the policy refuses is dropped, so that
 /// nothing is ever published to it (the request is dead-lettered for it by `parse`, and its
 /// error result goes only to the results exchange).
-fn route_of(delivery: &Delivery, request_id: &str, reply_to: &ReplyToPolicy) -> ReplyRoute {
+fn route_of(
+    delivery: &Delivery,
+    request_id: &str,
+    identity: &Identity,
+    reply_to: &ReplyToPolicy,
+) -> ReplyRoute {
     let p = &delivery.properties;
     ReplyRoute {
         request_id: request_id.to_string(),
@@ -337,7 +342,7 @@ fn route_of(delivery: &Delivery, request_id: &str, reply_to: &ReplyToPolicy) -> 
             .reply_to()
             .as_ref()
             .map(|s| s.to_string())
-            .filter(|s| !s.is_empty() && reply_to.allows(s)),
+            .filter(|s| !s.is_empty() && reply_to.allows(s, identity.as_str())),
     }
 }
 
