@@ -10,6 +10,7 @@ use lapin::BasicProperties;
 use llmq::{
     config::{Config, SecretUrl, StoreKind},
     tools::mock::MockOptions,
+    upstream::routing::standing::MAX_MODELS_OUT,
     worker::Worker,
 };
 use serde_json::json;
@@ -284,4 +285,73 @@ async fn a_blackholed_redis_parks_every_request_within_one_connect_timeout() {
     worker.stop().await.unwrap();
     env.cleanup().await;
     blackhole.abort();
+}
+
+/// Read-through item 4: a tenant naming one made-up model after another, each answered 404
+/// by a deployment that serves any model, holds that deployment out of each name for
+/// `routing.auth_cooldown_secs`. The deployment's hash in Redis, which every replica reads
+/// each second, keeps the latest [`MAX_MODELS_OUT`] of them, not one field per name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_model_names_leave_the_fleet_s_standing_bounded() {
+    const NAMES: usize = MAX_MODELS_OUT + 36;
+    let prefix = crate::helpers::unique("limits");
+    let env = TestEnv::with(
+        MockOptions {
+            models: vec!["real".into()],
+            ..Default::default()
+        },
+        |c| {
+            c.limits.redis_url = SecretUrl::new(redis_url());
+            c.limits.key_prefix = prefix.clone();
+        },
+    )
+    .await;
+    let worker = env.start_worker();
+    // One at a time: each refusal is written before the next request is published.
+    for i in 0..NAMES {
+        env.publish_chat(
+            &json!({"request_id": format!("r-{i}"), "prompt": "hi", "model": format!("made-up-{i}")}),
+            BasicProperties::default(),
+        )
+        .await;
+        let dead = env.dead_letters(1).await;
+        assert!(
+            header(&dead[0], "x-error")
+                .is_some_and(|e| e.contains(&format!("made-up-{i}")) || e.contains("404")),
+            "{:?}",
+            header(&dead[0], "x-error")
+        );
+    }
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = llmq::store::keys::upstream(&prefix, "default");
+    let last = format!("refused:made-up-{}", NAMES - 1);
+    let hkeys = |conn: redis::aio::MultiplexedConnection, key: String| async move {
+        let mut conn = conn;
+        redis::cmd("HKEYS")
+            .arg(&key)
+            .query_async::<Vec<String>>(&mut conn)
+            .await
+            .unwrap()
+    };
+    wait_until(Duration::from_secs(10), "the last refusal in Redis", || {
+        let fields = hkeys(conn.clone(), key.clone());
+        let last = last.clone();
+        async move { fields.await.contains(&last) }
+    })
+    .await;
+    let fields = hkeys(conn.clone(), key.clone()).await;
+    worker.stop().await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    crate::helpers::delete_redis_keys(&prefix).await;
+    assert_eq!(
+        fields.len(),
+        MAX_MODELS_OUT,
+        "{NAMES} made-up names, one field each? {fields:?}"
+    );
+    env.cleanup().await;
 }
