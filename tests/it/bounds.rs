@@ -355,3 +355,82 @@ async fn made_up_model_names_leave_the_fleet_s_standing_bounded() {
     );
     env.cleanup().await;
 }
+
+/// Read-through item 12: Alice's requests each ask for 4000 tokens four times (`n`), an
+/// estimate beyond the deployment's whole per-minute token budget (6000); Bob's ask for ten.
+/// Twenty of hers are queued before his ten. Her first is charged the minute's budget and
+/// runs; the rest of hers wait for their minute without a slot, while Bob's are paid from
+/// what refills (a hundred tokens a second) and start at once. Before, her first drove the
+/// budget a minute into debt, every call waited it out holding its slot, and whoever polled
+/// the budget first when it came back took it: Bob's calls came one every few seconds, each
+/// after one of hers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_s_huge_estimates_do_not_stall_another_s_small_calls() {
+    const ALICE: usize = 20;
+    const BOB: usize = 10;
+    let env = TestEnv::with(
+        MockOptions {
+            latency_ms: 1000,
+            record_prompts: true,
+            ..Default::default()
+        },
+        |c| {
+            c.llm.max_tokens_per_minute = 6000;
+            c.tenancy.header = "x-tenant".into();
+            c.worker.max_inflight = 16;
+            c.worker.min_inflight = 16;
+        },
+    )
+    .await;
+    let ask = |tenant: &'static str, n: usize, max_tokens: u64, choices: u64| {
+        let body = json!({
+            "request_id": format!("{tenant}-{n}"),
+            "prompt": format!("{tenant}-{n}"),
+            "params": {"max_tokens": max_tokens, "n": choices},
+        });
+        let headers = lapin::types::FieldTable::from(std::collections::BTreeMap::from([(
+            "x-tenant".into(),
+            lapin::types::AMQPValue::LongString(tenant.into()),
+        )]));
+        (body, BasicProperties::default().with_headers(headers))
+    };
+    for n in 0..ALICE {
+        let (body, props) = ask("alice", n, 4000, 4);
+        env.publish_chat(&body, props).await;
+    }
+    for n in 0..BOB {
+        let (body, props) = ask("bob", n, 10, 1);
+        env.publish_chat(&body, props).await;
+    }
+    let worker = env.start_worker();
+    let started = || -> Vec<String> {
+        let prompts = env.mock.stats().prompts.lock().unwrap();
+        prompts.iter().map(|(p, _)| p.clone()).collect()
+    };
+    wait_until(
+        Duration::from_secs(45),
+        "every one of Bob's calls started",
+        || {
+            let bob = started().iter().filter(|p| p.starts_with("bob-")).count();
+            async move { bob == BOB }
+        },
+    )
+    .await;
+    let started = started();
+    let bob_last = started
+        .iter()
+        .rposition(|p| p.starts_with("bob-"))
+        .expect("Bob's calls");
+    let alice_before = started[..bob_last]
+        .iter()
+        .filter(|p| p.starts_with("alice-"))
+        .count();
+    // Her first; her second only if her first's answer gave its unused estimate back while
+    // one of Bob's was still on its way to the line.
+    assert!(
+        alice_before <= 2,
+        "{alice_before} of Alice's calls started before Bob's last: {started:?}"
+    );
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
