@@ -10,6 +10,7 @@ use lapin::BasicProperties;
 use llmq::{
     config::{Config, SecretUrl, StoreKind},
     tools::mock::MockOptions,
+    upstream::routing::standing::MAX_MODELS_OUT,
     worker::Worker,
 };
 use serde_json::json;
@@ -284,4 +285,152 @@ async fn a_blackholed_redis_parks_every_request_within_one_connect_timeout() {
     worker.stop().await.unwrap();
     env.cleanup().await;
     blackhole.abort();
+}
+
+/// Read-through item 4: a tenant naming one made-up model after another, each answered 404
+/// by a deployment that serves any model, holds that deployment out of each name for
+/// `routing.auth_cooldown_secs`. The deployment's hash in Redis, which every replica reads
+/// each second, keeps the latest [`MAX_MODELS_OUT`] of them, not one field per name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_model_names_leave_the_fleet_s_standing_bounded() {
+    const NAMES: usize = MAX_MODELS_OUT + 36;
+    let prefix = crate::helpers::unique("limits");
+    let env = TestEnv::with(
+        MockOptions {
+            models: vec!["real".into()],
+            ..Default::default()
+        },
+        |c| {
+            c.limits.redis_url = SecretUrl::new(redis_url());
+            c.limits.key_prefix = prefix.clone();
+        },
+    )
+    .await;
+    let worker = env.start_worker();
+    // One at a time: each refusal is written before the next request is published.
+    for i in 0..NAMES {
+        env.publish_chat(
+            &json!({"request_id": format!("r-{i}"), "prompt": "hi", "model": format!("made-up-{i}")}),
+            BasicProperties::default(),
+        )
+        .await;
+        let dead = env.dead_letters(1).await;
+        assert!(
+            header(&dead[0], "x-error")
+                .is_some_and(|e| e.contains(&format!("made-up-{i}")) || e.contains("404")),
+            "{:?}",
+            header(&dead[0], "x-error")
+        );
+    }
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = llmq::store::keys::upstream(&prefix, "default");
+    let last = format!("refused:made-up-{}", NAMES - 1);
+    let hkeys = |conn: redis::aio::MultiplexedConnection, key: String| async move {
+        let mut conn = conn;
+        redis::cmd("HKEYS")
+            .arg(&key)
+            .query_async::<Vec<String>>(&mut conn)
+            .await
+            .unwrap()
+    };
+    wait_until(Duration::from_secs(10), "the last refusal in Redis", || {
+        let fields = hkeys(conn.clone(), key.clone());
+        let last = last.clone();
+        async move { fields.await.contains(&last) }
+    })
+    .await;
+    let fields = hkeys(conn.clone(), key.clone()).await;
+    worker.stop().await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    crate::helpers::delete_redis_keys(&prefix).await;
+    assert_eq!(
+        fields.len(),
+        MAX_MODELS_OUT,
+        "{NAMES} made-up names, one field each? {fields:?}"
+    );
+    env.cleanup().await;
+}
+
+/// Read-through item 12: Alice's requests each ask for 4000 tokens four times (`n`), an
+/// estimate beyond the deployment's whole per-minute token budget (6000); Bob's ask for ten.
+/// Twenty of hers are queued before his ten. Her first is charged the minute's budget and
+/// runs; the rest of hers wait for their minute without a slot, while Bob's are paid from
+/// what refills (a hundred tokens a second) and start at once. Before, her first drove the
+/// budget a minute into debt, every call waited it out holding its slot, and whoever polled
+/// the budget first when it came back took it: Bob's calls came one every few seconds, each
+/// after one of hers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_s_huge_estimates_do_not_stall_another_s_small_calls() {
+    const ALICE: usize = 20;
+    const BOB: usize = 10;
+    let env = TestEnv::with(
+        MockOptions {
+            latency_ms: 1000,
+            record_prompts: true,
+            ..Default::default()
+        },
+        |c| {
+            c.llm.max_tokens_per_minute = 6000;
+            c.tenancy.header = "x-tenant".into();
+            c.worker.max_inflight = 16;
+            c.worker.min_inflight = 16;
+        },
+    )
+    .await;
+    let ask = |tenant: &'static str, n: usize, max_tokens: u64, choices: u64| {
+        let body = json!({
+            "request_id": format!("{tenant}-{n}"),
+            "prompt": format!("{tenant}-{n}"),
+            "params": {"max_tokens": max_tokens, "n": choices},
+        });
+        let headers = lapin::types::FieldTable::from(std::collections::BTreeMap::from([(
+            "x-tenant".into(),
+            lapin::types::AMQPValue::LongString(tenant.into()),
+        )]));
+        (body, BasicProperties::default().with_headers(headers))
+    };
+    for n in 0..ALICE {
+        let (body, props) = ask("alice", n, 4000, 4);
+        env.publish_chat(&body, props).await;
+    }
+    for n in 0..BOB {
+        let (body, props) = ask("bob", n, 10, 1);
+        env.publish_chat(&body, props).await;
+    }
+    let worker = env.start_worker();
+    let started = || -> Vec<String> {
+        let prompts = env.mock.stats().prompts.lock().unwrap();
+        prompts.iter().map(|(p, _)| p.clone()).collect()
+    };
+    wait_until(
+        Duration::from_secs(45),
+        "every one of Bob's calls started",
+        || {
+            let bob = started().iter().filter(|p| p.starts_with("bob-")).count();
+            async move { bob == BOB }
+        },
+    )
+    .await;
+    let started = started();
+    let bob_last = started
+        .iter()
+        .rposition(|p| p.starts_with("bob-"))
+        .expect("Bob's calls");
+    let alice_before = started[..bob_last]
+        .iter()
+        .filter(|p| p.starts_with("alice-"))
+        .count();
+    // Her first; her second only if her first's answer gave its unused estimate back while
+    // one of Bob's was still on its way to the line.
+    assert!(
+        alice_before <= 2,
+        "{alice_before} of Alice's calls started before Bob's last: {started:?}"
+    );
+    worker.stop().await.unwrap();
+    env.cleanup().await;
 }

@@ -136,15 +136,17 @@ async fn shared_redis_budget_holds_across_two_workers() {
         .await;
     }
     let start = Instant::now();
-    // The burst spends the budget; then every other request is held by it: a slot taken
-    // and no call made (the mock answers at once), whichever worker took the request.
+    // The burst spends the budget; then every other request is held by it: waiting for the
+    // budget, holding no slot, no call made (the mock answers at once), whichever worker
+    // took the request.
     wait_until(
         Duration::from_secs(10),
         "the rest held by the budget",
         || async {
             let calls = env.mock.stats().chat_calls.load(Ordering::Relaxed) as usize;
-            let held: usize = flows.iter().map(|f| f.in_flight()).sum();
-            calls >= 20 && calls + held >= 40
+            let held: usize = flows.iter().map(|f| f.waiting()).sum();
+            let slots: usize = flows.iter().map(|f| f.in_flight()).sum();
+            calls >= 20 && calls + held >= 40 && slots == 0
         },
     )
     .await;

@@ -13,7 +13,9 @@
 //!   arrival order.
 //! - A hold while the broker blocks publishing (a memory or disk alarm): a result could not
 //!   be confirmed, so no call starts until the broker unblocks.
-//! - Request and token budgets per minute ([`crate::upstream::flow::ratelimit`]), local or fleet-wide.
+//! - Request and token budgets per minute ([`crate::upstream::flow::ratelimit`]), local or
+//!   fleet-wide, waited for in the deployment's [`line::Line`] before a slot is taken: a call
+//!   waiting for its budget holds no slot, and tenants take turns by what they are charged.
 //!
 //! `Retry-After` is not handled here: it cools the deployment down for one model
 //! ([`crate::upstream::routing::standing`]), so its other models and the other deployments keep
@@ -32,7 +34,10 @@ use tokio::{
     time::Instant,
 };
 
-use crate::upstream::flow::ratelimit::Budget;
+use crate::upstream::flow::{
+    line,
+    ratelimit::{Budget, MAX_WAIT},
+};
 
 /// Shortest time between two decreases, so a burst of 429s from calls that were all in
 /// flight together halves the limit once, not once per call.
@@ -51,6 +56,8 @@ pub struct Flow {
     /// `true` while new calls are held (see [`Flow::hold`]).
     held: watch::Sender<bool>,
     budget: Budget,
+    /// The calls waiting for the budget.
+    line: line::Line,
 }
 
 struct State {
@@ -243,6 +250,25 @@ impl Drop for Permit {
     }
 }
 
+/// What a call took from the budgets before it has a slot: given back if it never gets one.
+struct Taken {
+    flow: Arc<Flow>,
+    tokens: u64,
+    request: bool,
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        self.flow.refund_detached(self.tokens);
+        if self.request
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let flow = self.flow.clone();
+            runtime.spawn(async move { flow.budget.give_back_request().await });
+        }
+    }
+}
+
 impl Flow {
     /// A flow starting at `max` concurrent calls.
     pub fn new(min: usize, max: usize, budget: Budget) -> Arc<Self> {
@@ -264,6 +290,7 @@ impl Flow {
             limit_tx,
             held: watch::Sender::new(false),
             budget,
+            line: line::Line::default(),
         })
     }
 
@@ -282,9 +309,9 @@ impl Flow {
         self.state().in_flight
     }
 
-    /// Deliveries waiting for a slot.
+    /// Deliveries waiting for the budget or a slot.
     pub fn waiting(&self) -> usize {
-        self.state().waiters.len()
+        self.state().waiters.len() + self.line.len()
     }
 
     /// Follows the concurrency limit.
@@ -303,16 +330,69 @@ impl Flow {
         s.in_flight < s.limit && s.waiters.is_empty()
     }
 
-    /// Waits for a slot (by `turn`: its tenant's share, then its priority), then for any
-    /// [`hold`](Self::hold), and the request and token budgets (`tokens` is the call's
-    /// estimate). Callers bound the wait (shutdown, their own deadline) by dropping it.
+    /// Waits for the request and token budgets in the [`line::Line`] (`tokens` is the call's
+    /// estimate), then for a slot (by `turn`: its tenant's share, then its priority), then
+    /// for any [`hold`](Self::hold). Callers bound the wait (shutdown, their own deadline)
+    /// by dropping it; what was taken by then goes back.
     pub async fn acquire(self: &Arc<Self>, turn: Turn, tokens: u64) -> Permit {
+        let mut taken = self.take_budget(turn, tokens).await;
         let mut permit = self.slot(turn).await;
         // Checked after the slot: a call waiting for one when the hold began must not start
         // when it gets it. The sender lives in `self`, so the wait cannot fail.
         let _ = self.held.subscribe().wait_for(|held| !*held).await;
-        permit.tokens = self.budget.take(tokens).await;
+        permit.tokens = std::mem::take(&mut taken.tokens);
+        taken.request = false;
         permit
+    }
+
+    /// Waits in the line until this call is first, then takes from the budgets as they
+    /// refill until one request and its charge (`tokens`, at most the token bucket's
+    /// capacity) are taken. Dropped before, it leaves the line and gives back what it took.
+    async fn take_budget(self: &Arc<Self>, turn: Turn, tokens: u64) -> Taken {
+        let mut taken = Taken {
+            flow: self.clone(),
+            tokens: 0,
+            request: false,
+        };
+        if self.budget.is_unlimited() {
+            return taken;
+        }
+        let charge = self
+            .budget
+            .token_capacity()
+            .map_or(0, |cap| tokens.min(cap));
+        let place = self.line.join(turn, charge);
+        loop {
+            let changed = self.line.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !place.is_first() {
+                changed.await;
+                continue;
+            }
+            let wait = if taken.request {
+                None
+            } else {
+                self.budget.try_request().await
+            };
+            let wait = match wait {
+                Some(wait) => wait,
+                None => {
+                    taken.request = true;
+                    let (got, wait) = self.budget.take_some_tokens(charge - taken.tokens).await;
+                    taken.tokens += got;
+                    if taken.tokens >= charge {
+                        place.served();
+                        return taken;
+                    }
+                    wait
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait.min(MAX_WAIT)) => {}
+                () = changed => {}
+            }
+        }
     }
 
     async fn slot(self: &Arc<Self>, turn: Turn) -> Permit {
@@ -709,6 +789,60 @@ mod tests {
         let _p = f.acquire(Turn::anyone(0), 0).await;
         assert_eq!(f.in_flight(), 1);
     }
+    /// Read-through item 12: Alice's calls are each estimated beyond the deployment's
+    /// token budget (a huge `max_tokens` times `n`). The first is charged the whole minute
+    /// and runs; her second waits for the next minute without a slot, while Bob's small
+    /// calls are served from what refills, at once. Before, her first drove the bucket a
+    /// minute into debt and every call waited it out, each holding a slot.
+    #[tokio::test(start_paused = true)]
+    async fn a_huge_estimate_waits_its_minute_without_a_slot_while_small_calls_go_by() {
+        let budget = Budget::new(0, 600, &crate::config::LimitsConfig::default(), None, None);
+        let f = Flow::new(2, 2, budget);
+        let start = Instant::now();
+        let first = f.acquire(Turn::new("alice", 1, 0), 1_000_000).await;
+        assert_eq!(
+            first.tokens(),
+            600,
+            "charged the bucket's capacity, not into debt"
+        );
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (tenant, tokens) in [("alice", 1_000_000), ("bob", 10), ("bob", 10), ("bob", 10)] {
+            let (f, order) = (f.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let permit = f.acquire(Turn::new(tenant, 1, 0), tokens).await;
+                order.lock().unwrap().push((tenant, start.elapsed()));
+                permit.tokens()
+            }));
+            tokio::task::yield_now().await;
+        }
+        // Ten tokens a second: Bob's three are paid within three seconds.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(
+            order
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(t, _)| *t)
+                .collect::<Vec<_>>(),
+            ["bob", "bob", "bob"]
+        );
+        assert_eq!(
+            f.in_flight(),
+            1,
+            "Alice's second holds no slot while it waits"
+        );
+        assert_eq!(f.waiting(), 1, "it waits for the budget");
+        let second = tasks.swap_remove(0).await.unwrap();
+        assert_eq!(second, 600);
+        let (_, at) = order.lock().unwrap()[3];
+        assert!(
+            (Duration::from_secs(60)..Duration::from_secs(64)).contains(&at),
+            "a minute for a minute's budget: {at:?}"
+        );
+        drop(first);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_hold_stops_new_calls_until_released() {
         let f = flow(1, 2);

@@ -8,6 +8,12 @@
 //! timeout, a cancelled call) gives its whole charge back. A bucket may run into debt, which
 //! later calls wait out, but never deeper than one minute of capacity: one request with an
 //! absurd estimate delays the others by a minute at most, not for hours.
+//!
+//! A deployment's calls take from its budgets through its [`super::line::Line`], a part at a
+//! time ([`Budget::try_request`], [`Budget::take_some_tokens`]): a call is charged at most the
+//! bucket's capacity and never starts into debt, only a usage correction can take a bucket
+//! below zero. A tenant's own budgets ([`Budget::take_request`], [`Budget::take_tokens`])
+//! serve one tenant's calls, whose debt is its own to wait out.
 
 use std::{
     sync::{Arc, Mutex},
@@ -23,25 +29,35 @@ use crate::{
     store::{keys, redis_conn::LazyConnection},
 };
 
-/// The atomic bucket: refills by elapsed server time, takes `cost` while the bucket is above
-/// zero (a large request runs into debt that later ones wait out, instead of starving), else
-/// answers how many milliseconds to wait. The level stays within one capacity of debt and
-/// one capacity of credit. `force` (a usage correction) always applies; a negative cost
-/// refunds. Answers `{wait_ms, charged}`: what was taken, for an exact refund later.
+/// The atomic bucket: refills by elapsed server time, then by `ARGV[4]` (a [`Mode`]): `0`
+/// takes `cost` while the bucket is above zero (a large request runs into debt that later
+/// ones wait out, instead of starving), else answers how many milliseconds to wait; `2`
+/// takes what the bucket holds up to `cost` and answers how long until the rest is there;
+/// `1` (a usage correction) always applies. A negative cost refunds. The level stays within
+/// one capacity of debt and one capacity of credit. Answers `{wait_ms, charged}`: what was
+/// taken, for an exact refund later.
 const BUCKET_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local cap = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
-local force = ARGV[4] == '1'
+local mode = ARGV[4]
 local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
 local tokens = tonumber(b[1]) or cap
 local ts = tonumber(b[2]) or now
 tokens = math.min(cap, tokens + math.max(0, now - ts) * rate)
 local wait = 0
 local charged = 0
-if force or cost <= 0 or tokens > 0 then
+if mode == '2' and cost > 0 then
+  if tokens > 0 then
+    charged = math.floor(math.min(tokens, cost))
+    tokens = tokens - charged
+  end
+  if charged < cost then
+    wait = math.max(1, math.ceil((cost - charged - tokens) / rate))
+  end
+elseif mode == '1' or cost <= 0 or tokens > 0 then
   local after = math.min(cap, math.max(-cap, tokens - cost))
   charged = tokens - after
   tokens = after
@@ -60,7 +76,7 @@ pub const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 const REDIS_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Longest single wait before the budget is asked again.
-const MAX_WAIT: Duration = Duration::from_secs(5);
+pub(super) const MAX_WAIT: Duration = Duration::from_secs(5);
 
 /// A per-minute budget of requests and of tokens.
 pub struct Budget {
@@ -71,6 +87,27 @@ pub struct Budget {
 enum Bucket {
     Local(LocalBucket),
     Shared(Box<SharedBucket>),
+}
+
+/// How a take treats a bucket (`ARGV[4]` of [`BUCKET_SCRIPT`]).
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// All of the cost once the bucket is above zero, into debt if need be.
+    Whole,
+    /// A usage correction: always, within one capacity of debt.
+    Force,
+    /// What the bucket holds, up to the cost.
+    Partial,
+}
+
+impl Mode {
+    fn arg(self) -> &'static str {
+        match self {
+            Mode::Whole => "0",
+            Mode::Force => "1",
+            Mode::Partial => "2",
+        }
+    }
 }
 
 impl Budget {
@@ -115,22 +152,51 @@ impl Budget {
         }
     }
 
-    /// Waits until one request and `tokens` tokens are in the budget, and takes them.
-    /// Answers the tokens taken: `tokens`, or less when the debt bound cut the charge. That is
-    /// what [`Self::settle`] corrects and a call without usage gives back.
-    pub async fn take(&self, tokens: u64) -> u64 {
-        self.take_request().await;
-        self.take_tokens(tokens).await
+    /// Whether it limits nothing.
+    pub fn is_unlimited(&self) -> bool {
+        self.requests.is_none() && self.tokens.is_none()
     }
 
-    /// The request half of [`Self::take`].
+    /// The most tokens one call is charged, the token bucket's capacity: a call whose
+    /// estimate is larger would wait for more than a full minute's budget (its usage settles
+    /// the difference). `None` without a token budget.
+    pub fn token_capacity(&self) -> Option<u64> {
+        match &self.tokens {
+            Some(Bucket::Local(b)) => Some(b.capacity as u64),
+            Some(Bucket::Shared(b)) => Some(b.capacity),
+            None => None,
+        }
+    }
+
+    /// Takes one request from the request budget if it holds one: `None` when taken (or
+    /// there is no request budget), else how long until it does.
+    pub async fn try_request(&self) -> Option<Duration> {
+        let b = self.requests.as_ref()?;
+        match b.take_some(1).await {
+            (1, _) => None,
+            (_, wait) => Some(wait),
+        }
+    }
+
+    /// Takes what the token budget holds, up to `tokens`: the tokens taken, and how long
+    /// until the rest is there (zero once all were taken, or without a token budget).
+    pub async fn take_some_tokens(&self, tokens: u64) -> (u64, Duration) {
+        match &self.tokens {
+            Some(b) => b.take_some(tokens).await,
+            None => (0, Duration::ZERO),
+        }
+    }
+
+    /// Waits until the request budget holds one request, and takes it (a tenant's own).
     pub async fn take_request(&self) {
         if let Some(b) = &self.requests {
             b.take(1).await;
         }
     }
 
-    /// The token half of [`Self::take`]: answers the tokens taken.
+    /// Waits until the token budget is above zero and takes `tokens`, into debt if need be (a
+    /// tenant's own): answers the tokens taken, `tokens` or less when the debt bound cut the
+    /// charge. That is what [`Self::settle`] corrects and a call without usage gives back.
     pub async fn take_tokens(&self, tokens: u64) -> u64 {
         match &self.tokens {
             Some(b) => b.take(tokens).await,
@@ -138,8 +204,7 @@ impl Budget {
         }
     }
 
-    /// Gives back the request [`Self::take`] took, for a call that never reached the
-    /// upstream.
+    /// Gives back a request taken, for a call that never reached the upstream.
     pub async fn give_back_request(&self) {
         if let Some(b) = &self.requests {
             b.adjust(1).await;
@@ -176,6 +241,13 @@ impl Bucket {
         match self {
             Bucket::Local(b) => b.take(cost).await,
             Bucket::Shared(b) => b.take(cost).await,
+        }
+    }
+
+    async fn take_some(&self, cost: u64) -> (u64, Duration) {
+        match self {
+            Bucket::Local(b) => b.take_some(cost),
+            Bucket::Shared(b) => b.take_some(cost).await,
         }
     }
 
@@ -233,6 +305,31 @@ impl LocalBucket {
         }
     }
 
+    /// Takes what the bucket holds, up to `cost`, never into debt: the tokens taken (whole
+    /// ones), and how long until the rest is there (zero once all were taken).
+    pub fn take_some(&self, cost: u64) -> (u64, Duration) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let (tokens, at) = *s;
+        let tokens =
+            (tokens + now.duration_since(at).as_secs_f64() * self.per_sec).min(self.capacity);
+        let cost = cost as f64;
+        let charged = if tokens > 0.0 {
+            tokens.min(cost).floor()
+        } else {
+            0.0
+        };
+        let after = tokens - charged;
+        *s = (after, now);
+        let left = cost - charged;
+        let wait = if left <= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((left - after) / self.per_sec).max(Duration::from_millis(1))
+        };
+        (charged as u64, wait)
+    }
+
     /// Gives back (positive) or charges (negative) tokens, within one capacity of debt.
     pub fn adjust(&self, refund: i64) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -265,7 +362,7 @@ impl SharedBucket {
     }
 
     /// Runs the bucket script: `(wait_ms, charged)`, or why Redis could not answer.
-    async fn call(&self, cost: i64, force: bool) -> Result<(u64, i64), String> {
+    async fn call(&self, cost: i64, mode: Mode) -> Result<(u64, i64), String> {
         // No retries here: a caller waiting on Redis holds a flow slot.
         let mut conn = self.conn.get().await.map_err(|e| e.to_string())?;
         let per_ms = self.capacity as f64 / 60_000.0;
@@ -274,7 +371,7 @@ impl SharedBucket {
             .arg(self.capacity)
             .arg(per_ms)
             .arg(cost)
-            .arg(if force { "1" } else { "0" })
+            .arg(mode.arg())
             .invoke_async(&mut conn)
             .await
             .map_err(|e| e.kind_str())
@@ -286,7 +383,7 @@ impl SharedBucket {
             if self.is_down() {
                 return self.fallback.take(cost).await;
             }
-            match self.call(cost_arg, false).await {
+            match self.call(cost_arg, Mode::Whole).await {
                 Ok((0, charged)) => return u64::try_from(charged).unwrap_or(0),
                 Ok((wait_ms, _)) => {
                     tokio::time::sleep(Duration::from_millis(wait_ms).min(MAX_WAIT)).await;
@@ -300,8 +397,33 @@ impl SharedBucket {
         }
     }
 
+    /// [`LocalBucket::take_some`] in Redis.
+    async fn take_some(&self, cost: u64) -> (u64, Duration) {
+        if !self.is_down() {
+            let cost_arg = i64::try_from(cost).unwrap_or(i64::MAX);
+            match self.call(cost_arg, Mode::Partial).await {
+                Ok((wait_ms, charged)) => {
+                    return (
+                        u64::try_from(charged).unwrap_or(0),
+                        Duration::from_millis(wait_ms),
+                    );
+                }
+                Err(e) => {
+                    warn!(error = %e, "shared rate limit unreachable; limiting this replica alone for a while");
+                    self.mark_down();
+                }
+            }
+        }
+        self.fallback.take_some(cost)
+    }
+
     async fn adjust(&self, refund: i64) {
-        if self.is_down() || self.call(refund.saturating_neg(), true).await.is_err() {
+        if self.is_down()
+            || self
+                .call(refund.saturating_neg(), Mode::Force)
+                .await
+                .is_err()
+        {
             self.fallback.adjust(refund);
         }
     }
@@ -401,6 +523,22 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::ZERO, "the budget is whole again");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_take_never_goes_into_debt_and_says_how_long_the_rest_takes() {
+        let b = LocalBucket::new(600); // ten a second
+        assert_eq!(b.take_some(1000), (600, Duration::from_secs(40)));
+        assert_eq!(b.take_some(10), (0, Duration::from_secs(1)));
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(b.take_some(10), (5, Duration::from_millis(500)));
+        assert_eq!(b.take_some(0), (0, Duration::ZERO));
+        b.adjust(-600);
+        assert_eq!(
+            b.take_some(10),
+            (0, Duration::from_secs(61)),
+            "a usage correction's debt is waited out first"
+        );
+    }
+
     /// A shared bucket at a key of its own in the Redis at `REDIS_URL`, deleted on drop.
     struct SharedFixture {
         bucket: SharedBucket,
@@ -467,6 +605,22 @@ mod tests {
         assert_eq!(f.level().await, "60", "given back, capped at capacity");
         f.bucket.adjust(-1_000_000).await;
         assert_eq!(f.level().await, "-60", "a correction is bounded too");
+        f.delete().await;
+    }
+
+    #[tokio::test]
+    async fn the_shared_bucket_takes_what_it_holds_without_debt() {
+        let f = SharedFixture::new(60);
+        let (taken, wait) = f.bucket.take_some(100).await;
+        assert!(!f.bucket.is_down(), "Redis answered");
+        assert_eq!(taken, 60, "a full bucket, no further");
+        assert!(
+            (Duration::from_secs(39)..=Duration::from_secs(40)).contains(&wait),
+            "forty tokens at one a second: {wait:?}"
+        );
+        let (taken, wait) = f.bucket.take_some(10).await;
+        assert_eq!(taken, 0, "nothing below zero");
+        assert!(wait >= Duration::from_secs(9), "{wait:?}");
         f.delete().await;
     }
 }

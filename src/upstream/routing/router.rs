@@ -145,7 +145,7 @@ impl Router {
         self.deployments.iter().map(|d| d.flow().in_flight()).sum()
     }
 
-    /// Calls waiting for a slot, at every deployment.
+    /// Calls waiting for a budget or a slot, at every deployment.
     pub fn waiting(&self) -> usize {
         self.deployments.iter().map(|d| d.flow().waiting()).sum()
     }

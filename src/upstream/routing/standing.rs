@@ -17,6 +17,12 @@
 //! With `limits.redis_url` every change is also written to Redis and every replica reads
 //! the others' each second ([`Standing::sync`]), so a deployment one replica found spent
 //! or down is left alone by the whole fleet; without it each replica keeps its own.
+//!
+//! Model names come from requests, and a deployment that serves any model answers a name it
+//! does not know with a 404, which holds it out of that model: one entry per name a tenant
+//! makes up. So a deployment is held out of at most [`MAX_MODELS_OUT`] models per reason,
+//! here and in Redis; a new one takes the place of the one whose time ends soonest. A model
+//! pushed out that way is called again, and answered as before.
 
 use std::{
     collections::HashMap,
@@ -24,10 +30,12 @@ use std::{
     time::Duration,
 };
 
-use redis::AsyncCommands;
 use tracing::{debug, warn};
 
-use super::refusals::Refusals;
+use super::{
+    fleet::{self, Field},
+    refusals::Refusals,
+};
 use crate::{config::RoutingConfig, store::redis_conn::LazyConnection};
 
 /// Why a deployment is not serving a model.
@@ -54,10 +62,11 @@ impl Why {
         }
     }
 
-    fn parse(s: &str) -> Option<Self> {
-        [Why::RateLimited, Why::Quota, Why::Refused, Why::Down]
-            .into_iter()
-            .find(|w| w.as_str() == s)
+    /// Every reason.
+    const ALL: [Why; 4] = [Why::RateLimited, Why::Quota, Why::Refused, Why::Down];
+
+    pub(super) fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|w| w.as_str() == s)
     }
 
     /// Whether the deployment comes back for this request within the wait of a rate limit:
@@ -86,22 +95,17 @@ pub enum Availability {
 /// What an entry holds a deployment out of: every model, or one. Typed, so that no model
 /// name (a request may name `*`) can stand for every model.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Scope {
+pub(super) enum Scope {
     /// Every model (a spent account).
     All,
     /// One routing model.
     Model(String),
 }
 
-impl Scope {
-    /// How `/upstreams` shows it.
-    fn label(&self) -> &str {
-        match self {
-            Scope::All => "*",
-            Scope::Model(m) => m,
-        }
-    }
-}
+/// Most models one deployment is held out of for one reason at a time, in each replica and
+/// in its hash in Redis: model names come from requests, so without a bound every name a
+/// tenant makes up would be kept for the cooldown, read by every replica each second.
+pub const MAX_MODELS_OUT: usize = 64;
 
 /// How long other calls wait before looking again while a probe is out: the probe usually
 /// answers within a call's time, so they look often rather than wait out the timeout.
@@ -112,16 +116,78 @@ pub struct Standing {
     inner: Mutex<Inner>,
     names: Vec<String>,
     rules: RoutingConfig,
-    shared: Option<Shared>,
+    shared: Option<fleet::Shared>,
 }
 
 #[derive(Default)]
 struct Inner {
-    /// (deployment, scope, why) -> until when. Expired entries are dropped as new ones come.
-    out: HashMap<(usize, Scope, Why), i64>,
+    /// (deployment, why) -> what it is held out of, until when.
+    out: HashMap<(usize, Why), Out>,
     breakers: Vec<Breaker>,
     /// Refusals in a row not confirmed yet.
     refusals: Refusals,
+}
+
+/// What one deployment is held out of for one reason, and until when (Unix ms): every
+/// model, or some, at most [`MAX_MODELS_OUT`]. Looked up by name, never scanned, on the
+/// routing path.
+#[derive(Debug, Default)]
+struct Out {
+    all: Option<i64>,
+    models: HashMap<String, i64>,
+}
+
+impl Out {
+    /// Until when it holds `model` out (for every model, or for this one), if it does at
+    /// `now`.
+    fn until(&self, model: &str, now: i64) -> Option<i64> {
+        let until = self.all.max(self.models.get(model).copied())?;
+        (until > now).then_some(until)
+    }
+
+    /// Holds `scope` out until `until`, unless it is held longer already. A model beyond
+    /// [`MAX_MODELS_OUT`] takes the place of the one ending soonest (expired ones go
+    /// first), or is left out when every one ends later. Answers whether it was recorded.
+    fn record(&mut self, scope: Scope, until: i64, now: i64) -> bool {
+        let model = match scope {
+            Scope::All => {
+                let newer = self.all.is_none_or(|u| u < until);
+                if newer {
+                    self.all = Some(until);
+                }
+                return newer;
+            }
+            Scope::Model(model) => model,
+        };
+        if let Some(known) = self.models.get_mut(&model) {
+            let newer = *known < until;
+            if newer {
+                *known = until;
+            }
+            return newer;
+        }
+        if self.models.len() >= MAX_MODELS_OUT {
+            self.models.retain(|_, u| *u > now);
+        }
+        if self.models.len() >= MAX_MODELS_OUT {
+            let soonest = self.models.iter().min_by_key(|(_, u)| **u);
+            match soonest.map(|(m, u)| (m.clone(), *u)) {
+                Some((m, u)) if u < until => {
+                    self.models.remove(&m);
+                }
+                _ => return false,
+            }
+        }
+        self.models.insert(model, until);
+        true
+    }
+
+    /// Its entries in force at `now`, as `(model, until)`, `*` for every model.
+    fn entries(&self, now: i64) -> impl Iterator<Item = (&str, i64)> {
+        let all = self.all.map(|u| ("*", u));
+        let models = self.models.iter().map(|(m, u)| (m.as_str(), *u));
+        all.into_iter().chain(models).filter(move |(_, u)| *u > now)
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -173,7 +239,7 @@ impl Standing {
             inner: Mutex::new(inner),
             names,
             rules,
-            shared: shared.map(|(conn, prefix)| Shared { conn, prefix }),
+            shared: shared.map(|(conn, prefix)| fleet::Shared::new(conn, prefix)),
         }
     }
 
@@ -257,7 +323,7 @@ impl Standing {
         if reopened {
             debug!(upstream = %self.name(d), "circuit breaker closed: the probe call got an answer");
             // Removed in Redis only if no replica opened it again since.
-            self.write(d, Field::Breaker, -now);
+            self.write(d, Field::Breaker, -now, now);
         }
     }
 
@@ -285,25 +351,19 @@ impl Standing {
             cooldown_secs = self.rules.breaker_cooldown_secs,
             "circuit breaker open: the deployment keeps failing; others serve meanwhile"
         );
-        self.write(d, Field::Breaker, until);
+        self.write(d, Field::Breaker, until, now);
         true
     }
 
-    /// Takes `d` out of `scope` for `why` until `until_ms`.
+    /// Takes `d` out of `scope` for `why` until `until_ms` (within [`MAX_MODELS_OUT`]).
     fn take_out(&self, d: usize, scope: Scope, why: Why, until_ms: i64, now: i64) {
         let newer = {
             let mut inner = self.inner();
-            // Model names come from requests: without this the map would only grow.
-            inner.out.retain(|_, until| *until > now);
-            let until = inner.out.entry((d, scope.clone(), why)).or_insert(0);
-            let newer = *until < until_ms;
-            if newer {
-                *until = until_ms;
-            }
-            newer
+            let out = inner.out.entry((d, why)).or_default();
+            out.record(scope.clone(), until_ms, now)
         };
         if newer {
-            self.write(d, Field::Out(why, scope), until_ms);
+            self.write(d, Field::Out(why, scope), until_ms, now);
         }
     }
 
@@ -354,11 +414,13 @@ impl Standing {
         let mut unavailable: Vec<Unavailable> = inner
             .out
             .iter()
-            .filter(|((dep, _, _), until)| *dep == d && **until > now)
-            .map(|((_, scope, why), until)| Unavailable {
-                model: scope.label().to_string(),
-                why: why.as_str(),
-                for_ms: until - now,
+            .filter(|((dep, _), _)| *dep == d)
+            .flat_map(|((_, why), out)| {
+                out.entries(now).map(|(model, until)| Unavailable {
+                    model: model.to_string(),
+                    why: why.as_str(),
+                    for_ms: until - now,
+                })
             })
             .collect();
         unavailable.sort_by(|a, b| a.model.cmp(&b.model));
@@ -373,43 +435,11 @@ impl Standing {
         self.names.get(d).map_or("?", String::as_str)
     }
 
-    /// Writes a change to Redis, in a task of its own: the call path never waits on it. A
-    /// time of `-now` removes the field if it holds no time later than `now`.
-    fn write(&self, d: usize, field: Field, until_ms: i64) {
-        let Some(shared) = &self.shared else {
-            return;
-        };
-        let (Ok(runtime), Some(name)) = (tokio::runtime::Handle::try_current(), self.names.get(d))
-        else {
-            return;
-        };
-        let key = shared.key(name);
-        let conn = shared.conn.clone();
-        runtime.spawn(async move {
-            let Ok(mut conn) = conn.get().await else {
-                return;
-            };
-            let field = field.to_string();
-            let written: redis::RedisResult<()> = if until_ms <= 0 {
-                redis::Script::new(DELETE_IF_PAST)
-                    .key(&key)
-                    .arg(&field)
-                    .arg(-until_ms)
-                    .invoke_async(&mut conn)
-                    .await
-            } else {
-                redis::pipe()
-                    .hset(&key, &field, until_ms)
-                    .ignore()
-                    .pexpire(&key, SHARED_TTL_MS)
-                    .ignore()
-                    .query_async(&mut conn)
-                    .await
-            };
-            if let Err(e) = written {
-                debug!(error = %e, "could not share an upstream's state through Redis");
-            }
-        });
+    /// Writes a change made at `now` to Redis ([`fleet::Shared::write`]).
+    fn write(&self, d: usize, field: Field, until_ms: i64, now: i64) {
+        if let (Some(shared), Some(name)) = (&self.shared, self.names.get(d)) {
+            shared.write(name, field, until_ms, now);
+        }
     }
 
     /// Reads the fleet's state from Redis into this replica's, once. Entries only ever
@@ -419,39 +449,14 @@ impl Standing {
         let Some(shared) = &self.shared else {
             return;
         };
-        let Ok(mut conn) = shared.conn.get().await else {
+        let Some(fleet) = shared.read(&self.names, now).await else {
             return;
         };
-        for (d, name) in self.names.iter().enumerate() {
-            let fields: redis::RedisResult<HashMap<String, i64>> =
-                conn.hgetall(shared.key(name)).await;
-            let fields = match fields {
-                Ok(fields) => fields,
-                Err(e) => {
-                    debug!(error = %e, "could not read the fleet's upstream state from Redis");
-                    return;
-                }
-            };
-            let expired: Vec<&String> = fields
-                .iter()
-                .filter(|(_, until)| **until <= now)
-                .map(|(field, _)| field)
-                .collect();
-            if !expired.is_empty() {
-                // Left by replicas long gone; removing a field another replica has just
-                // renewed costs nothing worse than a second look at that deployment.
-                let removed: redis::RedisResult<()> = conn.hdel(shared.key(name), &expired).await;
-                if let Err(e) = removed {
-                    debug!(error = %e, "could not prune the fleet's upstream state in Redis");
-                }
-            }
-            let mut inner = self.inner();
+        let mut inner = self.inner();
+        for (d, fields) in fleet.into_iter().enumerate() {
             for (field, until) in fields {
-                if until <= now {
-                    continue;
-                }
-                match Field::parse(&field) {
-                    Some(Field::Breaker) => {
+                match field {
+                    Field::Breaker => {
                         if let Some(b) = inner.breakers.get_mut(d)
                             && b.open_until.is_none_or(|u| u < until)
                         {
@@ -459,13 +464,13 @@ impl Standing {
                             b.probing_since = None;
                         }
                     }
-                    Some(Field::Out(why, scope)) => {
-                        let entry = inner.out.entry((d, scope, why)).or_insert(0);
-                        if *entry < until {
-                            *entry = until;
-                        }
+                    Field::Out(why, scope) => {
+                        inner
+                            .out
+                            .entry((d, why))
+                            .or_default()
+                            .record(scope, until, now);
                     }
-                    None => {}
                 }
             }
         }
@@ -500,17 +505,10 @@ fn unavailable(
     now: i64,
     probe_timeout: i64,
 ) -> Option<(i64, Why)> {
-    let mut worst: Option<(i64, Why)> = None;
-    let model = Scope::Model(model.to_string());
-    for ((dep, scope, why), &until) in &inner.out {
-        if *dep == d
-            && (*scope == Scope::All || *scope == model)
-            && until > now
-            && worst.is_none_or(|(u, w)| rank(*why) > rank(w) || (*why == w && until > u))
-        {
-            worst = Some((until, *why));
-        }
-    }
+    let worst = Why::ALL
+        .into_iter()
+        .filter_map(|why| Some((inner.out.get(&(d, why))?.until(model, now)?, why)))
+        .max_by_key(|(_, why)| rank(*why));
     if worst.is_some() {
         return worst;
     }
@@ -523,18 +521,6 @@ fn unavailable(
         _ => None,
     }
 }
-
-/// Removes `ARGV[1]` from the hash `KEYS[1]` unless it holds a time later than `ARGV[2]`:
-/// closing a breaker must not erase an opening another replica wrote since.
-const DELETE_IF_PAST: &str = r"
-local v = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') or 0
-if v <= tonumber(ARGV[2]) then redis.call('HDEL', KEYS[1], ARGV[1]) end
-return 0
-";
-
-/// Longest a shared entry lives in Redis without being written again (a day: the longest
-/// cooldown validation allows).
-const SHARED_TTL_MS: i64 = 86_400_000;
 
 /// The order in which reasons win when several hold: the longest-lasting kind first.
 fn rank(why: Why) -> u8 {
@@ -551,52 +537,10 @@ pub(crate) fn secs_ms(secs: u64) -> i64 {
     i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX / 2)
 }
 
-/// Redis, shared by the fleet.
-struct Shared {
-    conn: Arc<LazyConnection>,
-    prefix: String,
-}
-
-impl Shared {
-    /// The hash of one deployment: `<limits.key_prefix>:upstream:<name>`.
-    fn key(&self, name: &str) -> String {
-        crate::store::keys::upstream(&self.prefix, name)
-    }
-}
-
-/// A field of a deployment's hash in Redis; its value is a Unix ms time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Field {
-    /// `breaker`: open until then.
-    Breaker,
-    /// `<why>` (every model) or `<why>:<model>`: out until then.
-    Out(Why, Scope),
-}
-
-impl std::fmt::Display for Field {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Field::Breaker => f.write_str("breaker"),
-            Field::Out(why, Scope::All) => f.write_str(why.as_str()),
-            Field::Out(why, Scope::Model(model)) => write!(f, "{}:{model}", why.as_str()),
-        }
-    }
-}
-
-impl Field {
-    fn parse(s: &str) -> Option<Self> {
-        if s == "breaker" {
-            return Some(Field::Breaker);
-        }
-        match s.split_once(':') {
-            Some((why, model)) => Some(Field::Out(Why::parse(why)?, Scope::Model(model.into()))),
-            None => Some(Field::Out(Why::parse(s)?, Scope::All)),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use redis::AsyncCommands;
+
     use super::*;
 
     const NOW: i64 = 1_700_000_000_000;
@@ -745,17 +689,105 @@ mod tests {
         );
     }
 
+    /// A flood of made-up model names, each refused by a deployment that serves any model:
+    /// it is held out of the latest [`MAX_MODELS_OUT`] only, a cooldown of a real model and
+    /// a spent account stand, and `/upstreams` stays as short.
     #[test]
-    fn fields_round_trip() {
-        for f in [
-            Field::Breaker,
-            Field::Out(Why::RateLimited, Scope::Model("gpt-4o".into())),
-            Field::Out(Why::Quota, Scope::All),
-            Field::Out(Why::Refused, Scope::Model("*".into())),
-            Field::Out(Why::Refused, Scope::Model("a:b".into())),
-        ] {
-            assert_eq!(Field::parse(&f.to_string()), Some(f));
+    fn a_flood_of_model_names_holds_at_most_max_models_out_per_reason() {
+        let s = standing();
+        s.cool(0, "real", NOW + 3_600_000, NOW);
+        for i in 0..10_000 {
+            s.refused(0, &format!("made-up-{i}"), NOW + i);
         }
-        assert_eq!(Field::parse("nonsense"), None);
+        let now = NOW + 10_000;
+        {
+            let inner = s.inner();
+            let refused = &inner.out[&(0, Why::Refused)].models;
+            assert_eq!(refused.len(), MAX_MODELS_OUT);
+            let oldest = 10_000 - MAX_MODELS_OUT as i64;
+            assert!(
+                (oldest..10_000).all(|i| refused.contains_key(&format!("made-up-{i}"))),
+                "the latest are held"
+            );
+        }
+        assert!(!s.peek(0, "made-up-9999", now), "the latest is held out");
+        assert!(s.peek(0, "made-up-0", now), "the first was pushed out");
+        assert!(!s.peek(0, "real", now), "another reason's entries stand");
+        assert!(s.peek(1, "made-up-9999", now), "other deployments");
+        assert_eq!(s.report(0, now).unavailable.len(), MAX_MODELS_OUT + 1);
+        // A refusal that ends sooner than every one held is left out.
+        s.refused(0, "early", NOW - 1_000_000);
+        assert!(s.peek(0, "early", NOW - 1_000_000 + 1));
+        s.spent(0, now);
+        assert!(
+            !s.peek(0, "anything", now),
+            "every model, whatever the bound"
+        );
+    }
+
+    /// A test's own key prefix in the Redis at `REDIS_URL`, and a client to look at it.
+    fn shared() -> (Arc<LazyConnection>, String, redis::Client) {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let client = redis::Client::open(url).expect("URL");
+        let prefix = format!(
+            "llmq-test-standing-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        let conn = Arc::new(LazyConnection::new(client.clone(), Duration::from_secs(2)));
+        (conn, prefix, client)
+    }
+
+    /// The same flood in Redis: each replica writes what it refused, and the deployment's
+    /// hash, which every replica reads each second, ends with the latest
+    /// [`MAX_MODELS_OUT`] refusals and nothing more, whatever order the writes land in.
+    #[tokio::test]
+    async fn a_flood_of_model_names_holds_the_shared_hash_at_max_models_out() {
+        let (conn, prefix, client) = shared();
+        let rules = RoutingConfig::default();
+        let names = vec!["a".to_string()];
+        let s = Standing::new(
+            names.clone(),
+            rules.clone(),
+            Some((conn.clone(), prefix.clone())),
+        );
+        const FLOOD: i64 = 200;
+        for i in 0..FLOOD {
+            s.refused(0, &format!("made-up-{i}"), NOW + i);
+        }
+        let key = crate::store::keys::upstream(&prefix, "a");
+        let mut redis = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("the Redis at REDIS_URL answers");
+        let latest: std::collections::BTreeSet<String> = (FLOOD - MAX_MODELS_OUT as i64..FLOOD)
+            .map(|i| format!("refused:made-up-{i}"))
+            .collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let fields = loop {
+            let fields: std::collections::BTreeSet<String> =
+                redis.hkeys(&key).await.expect("HKEYS");
+            if fields == latest || tokio::time::Instant::now() > deadline {
+                break fields;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // A replica reading the hash holds as many; so it does of a hash that an older
+        // version filled beyond the bound.
+        let other = Standing::new(names, rules, Some((conn, prefix)));
+        other.sync(NOW + FLOOD).await;
+        let read = other.inner().out[&(0, Why::Refused)].models.len();
+        for i in 0..100 {
+            let _: () = redis
+                .hset(&key, format!("refused:older-{i}"), NOW + 600_000 + i)
+                .await
+                .expect("HSET");
+        }
+        other.sync(NOW + FLOOD).await;
+        let read_older = other.inner().out[&(0, Why::Refused)].models.len();
+        let _: () = redis.del(&key).await.expect("DEL");
+        assert_eq!(fields.len(), MAX_MODELS_OUT, "the hash is bounded");
+        assert_eq!(fields, latest, "the latest refusals");
+        assert_eq!(read, MAX_MODELS_OUT);
+        assert_eq!(read_older, MAX_MODELS_OUT);
     }
 }
