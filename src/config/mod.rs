@@ -298,6 +298,8 @@ mod tests {
                 reply_to_pattern: "replies\\..+".into(),
                 max_age_secs: 3600,
                 cancel_ttl_secs: 60,
+                cancels_per_minute: 30,
+                max_cancels_per_identity: 100,
             },
             retry: RetryConfig {
                 max_attempts: 2,

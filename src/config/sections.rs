@@ -330,8 +330,15 @@ pub struct WorkerConfig {
     /// property) are expired: not called, dead-lettered `expired`; 0 = no age limit.
     pub max_age_secs: u64,
     /// How long a cancel is remembered for requests not reached yet: in Redis when
-    /// `idempotency.store = "redis"` (fleet-wide), else in each replica.
+    /// `idempotency.store = "redis"` (fleet-wide), else in each replica. At most
+    /// `max_age_secs` when that is set: an older request is expired, not called, anyway.
     pub cancel_ttl_secs: u64,
+    /// Cancels each identity may have remembered per minute (a minute's worth at once, then
+    /// evenly); more are dropped and counted. 0: no limit.
+    pub cancels_per_minute: u64,
+    /// Cancels each identity may have remembered at once; more are dropped and counted. 0:
+    /// no cap.
+    pub max_cancels_per_identity: u64,
 }
 
 impl Default for WorkerConfig {
@@ -347,7 +354,9 @@ impl Default for WorkerConfig {
             max_result_bytes: 16 * 1024 * 1024,
             reply_to_pattern: String::new(),
             max_age_secs: 0,
-            cancel_ttl_secs: 86_400,
+            cancel_ttl_secs: 3600,
+            cancels_per_minute: 600,
+            max_cancels_per_identity: 10_000,
         }
     }
 }

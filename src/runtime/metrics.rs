@@ -64,6 +64,13 @@ pub struct UpstreamOutcome {
     pub outcome: String,
 }
 
+/// Why something was dropped.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// The reason.
+    pub reason: String,
+}
+
 /// A model a request moved from, and the one it moved to.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FallbackLabels {
@@ -110,6 +117,8 @@ pub struct Known {
     /// The queues whose depth is read (the work queues and the DLQ): 0 until the first
     /// read, a moment after connecting.
     pub queues: Vec<String>,
+    /// Every reason a cancel is dropped for.
+    pub cancel_drops: Vec<&'static str>,
 }
 
 /// Creates the series of `labels` in `family` at zero, unless it is there already.
@@ -170,6 +179,9 @@ const PUBLISH_BUCKETS: [f64; 10] = [
 metrics! {
     pub cancelled: Counter
         => "requests_cancelled", "Requests answered cancelled at their caller's request";
+    cancels_dropped: Family<ReasonLabel, Counter>
+        => "cancels_dropped",
+        "Cancels not remembered for requests not reached yet, by reason (rate_limited, full, no_identity); one for a request running here still stopped it";
     pub stream_deltas: Counter
         => "stream_deltas", "Delta messages of streamed answers published to reply_to";
     pub stream_restarts: Counter
@@ -307,6 +319,18 @@ impl Metrics {
             let queue = queue.clone();
             zeroed(&self.queue_depth, &QueueLabel { queue });
         }
+        for reason in &known.cancel_drops {
+            let reason = (*reason).into();
+            zeroed(&self.cancels_dropped, &ReasonLabel { reason });
+        }
+    }
+
+    /// A cancel was not remembered, for `reason`.
+    pub fn cancel_dropped(&self, reason: &str) {
+        let reason = reason.into();
+        self.cancels_dropped
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// An answer for a tenant (`label`: its name in `[tenants]`, or `other`) that used
@@ -445,6 +469,8 @@ mod tests {
     /// reworded, moved, dropped or added fails the test.
     const FAMILIES: &str = r#"# HELP llmq_requests_cancelled Requests answered cancelled at their caller's request.
 # TYPE llmq_requests_cancelled counter
+# HELP llmq_cancels_dropped Cancels not remembered for requests not reached yet, by reason (rate_limited, full, no_identity); one for a request running here still stopped it.
+# TYPE llmq_cancels_dropped counter
 # HELP llmq_stream_deltas Delta messages of streamed answers published to reply_to.
 # TYPE llmq_stream_deltas counter
 # HELP llmq_stream_restarts Restart markers published before a streamed request's next attempt.
@@ -504,6 +530,7 @@ mod tests {
     fn touched() -> Metrics {
         let m = Metrics::new();
         m.cancelled.inc();
+        m.cancel_dropped("full");
         m.stream_deltas.inc();
         m.stream_restarts.inc();
         m.tenant_answered("acme", 10, 0.5);
@@ -586,6 +613,7 @@ mod tests {
             tenants: vec!["acme".into(), "other".into()],
             fallbacks: vec![("gpt-4o".into(), "gpt-4o-mini".into())],
             queues: vec!["llm_processing".into()],
+            cancel_drops: vec!["rate_limited"],
         });
         let text = m.encode();
         for (family, samples) in families(&text) {
@@ -604,6 +632,7 @@ mod tests {
             "llmq_tenant_requests_total{tenant=\"other\"} 0",
             "llmq_upstream_latency_seconds_count{kind=\"chat\"} 0",
             "llmq_queue_depth{queue=\"llm_processing\"} 0",
+            "llmq_cancels_dropped_total{reason=\"rate_limited\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == series),

@@ -7,7 +7,7 @@
 //! | --- | --- | --- |
 //! | `<idempotency>:result:<scoped id>` | string | the idempotency store |
 //! | `<idempotency>:lease:<scoped id>` | string | the idempotency store |
-//! | `<idempotency>:cancel:<scoped id>` | string | cancels heard on the control exchange |
+//! | `<idempotency>:cancels:<identity>` | sorted set of request ids, scored with when each is let go (Unix ms) | cancels heard on the control exchange, at most `worker.max_cancels_per_identity` per identity |
 //! | `<limits>:requests`, `<limits>:tokens` | bucket | the `default` deployment's per-minute limits |
 //! | `<limits>:<deployment>:requests`, `...:tokens` | bucket | a deployment's per-minute limits |
 //! | `<limits>:upstream:<deployment>` | hash | the fleet's standing of a deployment |
@@ -16,7 +16,8 @@
 //! | `<limits>:usage:<YYYY-MM-DD>`, `<limits>:usage:<YYYY-MM>` | hash of `usd:<tenant>`, `tokens:<tenant>` | the ledger |
 //!
 //! A `<scoped id>` is the request id scoped by its sender's identity
-//! ([`crate::contract::Identity::scope`]); a `<tenant>` in a key is [`tenant_segment`]'s.
+//! ([`crate::contract::Identity::scope`]); a `<tenant>` or an `<identity>` in a key is
+//! [`tenant_segment`]'s.
 
 /// A stored result: `<prefix>:result:<id>`.
 pub fn result(prefix: &str, id: &str) -> String {
@@ -28,9 +29,9 @@ pub fn lease(prefix: &str, id: &str) -> String {
     format!("{prefix}:lease:{id}")
 }
 
-/// What goes before a scoped id in a cancel tombstone's key: `<prefix>:cancel:`.
-pub fn cancel_prefix(prefix: &str) -> String {
-    format!("{prefix}:cancel:")
+/// The cancels of one identity: `<prefix>:cancels:<identity>`.
+pub fn cancels(prefix: &str, identity: &str) -> String {
+    format!("{prefix}:cancels:{}", tenant_segment(identity))
 }
 
 /// What goes before a per-minute bucket's name: the limits prefix, with the scope (a
@@ -88,7 +89,7 @@ mod tests {
     fn layouts_are_pinned() {
         assert_eq!(result("llmq", "alice/r1"), "llmq:result:alice/r1");
         assert_eq!(lease("llmq", "r1"), "llmq:lease:r1");
-        assert_eq!(cancel_prefix("llmq"), "llmq:cancel:");
+        assert_eq!(cancels("llmq", "a:b%c"), "llmq:cancels:a%3Ab%25c");
         assert_eq!(bucket(&bucket_prefix("l", None), "tokens"), "l:tokens");
         assert_eq!(
             bucket(&bucket_prefix("l", Some("east")), "requests"),

@@ -130,6 +130,7 @@ fn known_labels(config: &Config, tenants: &Tenants) -> Known {
             topo.embeddings_queue.clone(),
             topo.dead_letter_queue.clone(),
         ],
+        cancel_drops: cancel::Dropped::ALL.map(cancel::Dropped::as_str).to_vec(),
     }
 }
 
@@ -170,7 +171,7 @@ impl Worker {
                 store,
                 lease_renewal: lease / 2,
                 health: Arc::default(),
-                cancels: Arc::new(cancel::Cancels::new(&config)),
+                cancels: Arc::new(cancel::Cancels::new(&config, metrics.clone())),
                 tenants,
                 lanes: lanes::Lanes::new(
                     config.topology.lanes,

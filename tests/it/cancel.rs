@@ -4,10 +4,14 @@
 
 use std::{sync::atomic::Ordering::Relaxed, time::Duration};
 
-use crate::helpers::{TestEnv, wait_until};
+use crate::helpers::{TestEnv, delete_redis_keys, wait_until};
 use lapin::{BasicProperties, options::BasicPublishOptions};
-use llmq::tools::{client, mock::MockOptions};
+use llmq::{
+    app::App,
+    tools::{client, mock::MockOptions},
+};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 async fn one_result(env: &TestEnv) -> Value {
     let q = env.config.topology.results_queue.clone();
@@ -132,20 +136,19 @@ async fn with_the_redis_store_a_cancel_reaches_replicas_started_later() {
     assert_eq!(one_result(&env).await["status"], "ok");
     client::cancel(&env.config, "later").await.unwrap();
     let redis_url = env.config.idempotency.redis_url.expose().to_string();
-    let key = format!(
-        "{}:cancel:anonymous:later",
-        env.config.idempotency.key_prefix
-    );
+    let key = format!("{}:cancels:anonymous", env.config.idempotency.key_prefix);
     let redis = redis::Client::open(redis_url.as_str()).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
     wait_until(Duration::from_secs(10), "the tombstone in Redis", || {
         let (mut conn, key) = (conn.clone(), key.clone());
         async move {
-            redis::cmd("EXISTS")
+            redis::cmd("ZSCORE")
                 .arg(&key)
-                .query_async::<bool>(&mut conn)
+                .arg("later")
+                .query_async::<Option<f64>>(&mut conn)
                 .await
                 .unwrap()
+                .is_some()
         }
     })
     .await;
@@ -166,5 +169,131 @@ async fn with_the_redis_store_a_cancel_reaches_replicas_started_later() {
         .query_async(&mut conn)
         .await
         .unwrap();
+    env.cleanup().await;
+}
+
+/// The worker's `/metrics` text.
+async fn metrics(base: &str) -> String {
+    llmq::install_crypto_provider();
+    let r = reqwest::get(format!("{base}/metrics")).await.unwrap();
+    r.text().await.unwrap()
+}
+
+/// With the Redis store, one publisher floods the control exchange with 500 cancels of ids
+/// that never come: its first `worker.max_cancels_per_identity` (50) are kept, in one
+/// sorted set in Redis that expires within `worker.cancel_ttl_secs`; the other 450 are
+/// dropped and counted in `llmq_cancels_dropped_total{reason="full"}`. A kept cancel still
+/// works, and another identity's cancels are not crowded out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_cancels_leaves_at_most_the_cap_in_redis_and_counts_the_rest() {
+    const FLOOD: usize = 500;
+    const CAP: u64 = 50;
+    let env = TestEnv::with(MockOptions::default(), |c| {
+        c.idempotency.store = llmq::config::StoreKind::Redis;
+        c.worker.cancels_per_minute = 0;
+        c.worker.max_cancels_per_identity = CAP;
+        c.worker.cancel_ttl_secs = 120;
+    })
+    .await;
+    let stop = CancellationToken::new();
+    let app = App::start(env.config.clone(), stop.clone()).await.unwrap();
+    let base = format!("http://{}", app.admin_addr().expect("an admin address"));
+    let task = tokio::spawn(app.run());
+    // Once a request is answered, the worker consumes, and its control queue is bound.
+    env.publish_chat(
+        &json!({"request_id": "warm", "prompt": "x"}),
+        BasicProperties::default(),
+    )
+    .await;
+    assert_eq!(one_result(&env).await["status"], "ok");
+
+    for i in 0..FLOOD {
+        cancel_as(&env, &format!("flood-{i}"), "llmq").await;
+    }
+    client::cancel(&env.config, "anon-1").await.unwrap();
+    let dropped = format!(
+        "llmq_cancels_dropped_total{{reason=\"full\"}} {}",
+        FLOOD as u64 - CAP
+    );
+    wait_until(Duration::from_secs(20), "the drops counted", || async {
+        metrics(&base).await.lines().any(|l| l == dropped)
+    })
+    .await;
+
+    let prefix = env.config.idempotency.key_prefix.clone();
+    let redis_url = env.config.idempotency.redis_url.expose().to_string();
+    let redis = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let flooder = format!("{prefix}:cancels:llmq");
+    let anonymous = format!("{prefix}:cancels:anonymous");
+    wait_until(Duration::from_secs(10), "the cancels kept in Redis", || {
+        let (mut conn, anonymous) = (conn.clone(), anonymous.clone());
+        async move {
+            redis::cmd("ZCARD")
+                .arg(&anonymous)
+                .query_async::<u64>(&mut conn)
+                .await
+                .unwrap()
+                == 1
+        }
+    })
+    .await;
+    let kept: u64 = redis::cmd("ZCARD")
+        .arg(&flooder)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kept, CAP, "the cap, and no more");
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    keys.retain(|k| k.contains(":cancel"));
+    keys.sort();
+    assert_eq!(
+        keys,
+        [anonymous.clone(), flooder.clone()],
+        "one key per identity"
+    );
+    let ttl_ms: i64 = redis::cmd("PTTL")
+        .arg(&flooder)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        (1..=120_000).contains(&ttl_ms),
+        "expires within the TTL: {ttl_ms} ms"
+    );
+
+    // A kept cancel works; one past the cap does not; the other identity's works.
+    let calls = env.chat_calls();
+    for (id, user) in [
+        ("flood-0", Some("llmq")),
+        ("flood-499", Some("llmq")),
+        ("anon-1", None),
+    ] {
+        let props = match user {
+            Some(user) => BasicProperties::default().with_user_id(user.into()),
+            None => BasicProperties::default(),
+        };
+        env.publish_chat(&json!({"request_id": id, "prompt": "x"}), props)
+            .await;
+        let r = one_result(&env).await;
+        let expected = if id == "flood-499" { "ok" } else { "cancelled" };
+        assert_eq!(
+            (&r["request_id"], &r["status"]),
+            (&json!(id), &json!(expected)),
+            "{r}"
+        );
+    }
+    assert_eq!(
+        env.chat_calls(),
+        calls + 1,
+        "only the one past the cap was called"
+    );
+    stop.cancel();
+    task.await.unwrap();
+    delete_redis_keys(&prefix).await;
     env.cleanup().await;
 }

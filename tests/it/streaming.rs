@@ -398,3 +398,90 @@ async fn a_cancelled_stream_ends_with_cancelled_and_nothing_after() {
     );
     env.cleanup().await;
 }
+
+/// With the Redis store, two replicas given the same streamed request at once (published
+/// twice, each replica taking one copy) never stream it both: one calls and streams, the other finds its lease, waits in
+/// the retry queue and then sends the stored result. On the reply queue, each `seq` of
+/// attempt 1 arrives once, then two equal results. (With the memory store each replica keeps
+/// its own leases, and both could stream it, with the same numbers: see Delivery
+/// guarantees.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_two_replicas_never_stream_one_request_at_once() {
+    let env = TestEnv::with(
+        MockOptions {
+            chunk_ms: 50,
+            ..Default::default()
+        },
+        |c| {
+            c.idempotency.store = llmq::config::StoreKind::Redis;
+            // One delivery in hand per replica: the second copy goes to the other one.
+            c.worker.consumers = 1;
+            c.worker.prefetch = 1;
+        },
+    )
+    .await;
+    let reply = reply_queue(&env).await;
+    let replicas = ["a", "b"].map(|r| {
+        let mut config = env.config.clone();
+        config.worker.id = format!("{}-{r}", env.config.worker.id);
+        env.start_worker_with(config)
+    });
+    let consumers = 2 * u32::from(env.config.worker.consumers);
+    let work = env.config.topology.processing_queue.clone();
+    crate::helpers::wait_until(
+        Duration::from_secs(20),
+        "both replicas consuming",
+        || async {
+            let ch = env.conn.create_channel().await.unwrap();
+            let depth = llmq::broker::topology::queue_depth(&ch, &work)
+                .await
+                .unwrap();
+            let _ = ch.close(200, "ok".into()).await;
+            depth.consumers == consumers
+        },
+    )
+    .await;
+    let body = json!({"request_id": "twice", "prompt": "one story told once, in several words", "stream": true});
+    for _ in 0..2 {
+        env.publish_chat(
+            &body,
+            BasicProperties::default()
+                .with_reply_to(reply.as_str().into())
+                .with_correlation_id("corr".into()),
+        )
+        .await;
+    }
+    let by_request = collect(&env, &reply, 2, Duration::from_secs(60)).await;
+    let messages = &by_request["corr"];
+    let (results, stream): (Vec<&Delivery>, Vec<&Delivery>) =
+        messages.iter().partition(|d| kind(d) == "llmq.result");
+    let numbers: Vec<(u64, u64)> = stream
+        .iter()
+        .map(|d| {
+            assert_eq!(kind(d), "delta", "no restart: one attempt");
+            let b = json(&d.data);
+            (b["attempt"].as_u64().unwrap(), b["seq"].as_u64().unwrap())
+        })
+        .collect();
+    let expected: Vec<(u64, u64)> = (0..numbers.len() as u64).map(|seq| (1, seq)).collect();
+    assert_eq!(numbers, expected, "one stream: each number once, in order");
+    let contents: Vec<Value> = results
+        .iter()
+        .map(|d| json(&d.data)["content"].clone())
+        .collect();
+    let content = json!("mock reply to: one story told once, in several words");
+    assert_eq!(contents, [content.clone(), content]);
+    assert_eq!(
+        env.mock
+            .stats()
+            .streams
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "one upstream stream in the fleet"
+    );
+    for replica in replicas {
+        replica.stop().await.expect("worker stops");
+    }
+    crate::helpers::delete_redis_keys(&env.config.idempotency.key_prefix).await;
+    env.cleanup().await;
+}

@@ -111,7 +111,10 @@ async fn settle(
     // `watch` fired already for a cancel this replica heard; only then is Redis spared.
     settling.tombstoned = settling.job.is_some()
         && !settling.watch.is_cancelled()
-        && ctx.cancels.tombstoned(&settling.key).await;
+        && ctx
+            .cancels
+            .tombstoned(&identity, &settling.route.request_id)
+            .await;
     settling.run().instrument(span).await;
 }
 
