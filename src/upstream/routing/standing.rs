@@ -697,7 +697,10 @@ mod tests {
         let s = standing();
         s.cool(0, "real", NOW + 3_600_000, NOW);
         for i in 0..10_000 {
-            s.refused(0, &format!("made-up-{i}"), NOW + i);
+            // Each name confirmed: `routing.auth_failures` (2 here) refusals in a row.
+            for _ in 0..2 {
+                s.refused(0, &format!("made-up-{i}"), NOW + i);
+            }
         }
         let now = NOW + 10_000;
         {
@@ -752,7 +755,10 @@ mod tests {
         );
         const FLOOD: i64 = 200;
         for i in 0..FLOOD {
-            s.refused(0, &format!("made-up-{i}"), NOW + i);
+            // Each name confirmed: `routing.auth_failures` refusals in a row.
+            for _ in 0..rules.auth_failures {
+                s.refused(0, &format!("made-up-{i}"), NOW + i);
+            }
         }
         let key = crate::store::keys::upstream(&prefix, "a");
         let mut redis = client
