@@ -94,6 +94,21 @@ impl Class {
     }
 }
 
+/// What a 429 that named a time holds back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Pushback {
+    /// The deployment, for the model, for that time: a rate (the default, as long as
+    /// nothing says otherwise).
+    #[default]
+    Rate,
+    /// The deployment, for the model, for that time: its budget is spent
+    /// (`x-ratelimit-remaining-*: 0`), which no lower concurrency cures.
+    Spent,
+    /// Only the refused call: a concurrency cap, found while other calls to the deployment
+    /// were running, whose limit was cut to them (see [`crate::upstream::flow::limit::Flow::on_capped`]).
+    Cap,
+}
+
 /// A failed call, classified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
@@ -102,6 +117,8 @@ pub struct Failure {
     /// When to come back, if the upstream said (`Retry-After`, `retry-after-ms`, the reset
     /// of an exhausted `x-ratelimit-*` budget) or the router knows (a cooldown's end).
     pub retry_after: Option<Duration>,
+    /// For a 429 with a time: whether that time holds the deployment or only this call.
+    pub pushback: Pushback,
     /// What happened, whole: for the logs, the error result and the dead letter.
     reason: String,
     /// Where in `reason` what happened starts, after the class's words.
@@ -115,6 +132,7 @@ impl Failure {
         Self {
             class,
             retry_after: None,
+            pushback: Pushback::Rate,
             reason: format!("{words}: {message}"),
             said_at: words.len() + 2,
         }
@@ -125,6 +143,7 @@ impl Failure {
         Self {
             class,
             retry_after: None,
+            pushback: Pushback::Rate,
             reason: reason.into(),
             said_at: 0,
         }
@@ -155,6 +174,11 @@ impl Failure {
             class: Class::Transient,
             ..self
         }
+    }
+
+    /// The same failure, as `pushback` says of its deployment.
+    pub fn with_pushback(self, pushback: Pushback) -> Self {
+        Self { pushback, ..self }
     }
 
     /// The same failure, said of the deployment `name`.

@@ -272,6 +272,42 @@ async fn one_refusal_does_not_dead_letter_the_backlog() {
     env.cleanup().await;
 }
 
+/// 1. A provider that caps concurrent calls at a number the worker is not told, and
+/// answers 429 with `Retry-After: 1` beyond it: the deployment's limit comes down to the
+/// cap and only the refused calls wait their second, so the work goes at about the cap's
+/// pace (4 calls of 200 ms at once: 20 jobs/s), with no error. Stopping the whole
+/// deployment for a second at each refusal, as a rate limit, serves a fraction of that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrency_cap_that_says_retry_after_cuts_the_limit_not_the_deployment() {
+    let env = TestEnv::with(
+        MockOptions {
+            latency_ms: 200,
+            max_concurrency: Some(4),
+            cap_retry_after: Some(1),
+            ..MockOptions::default()
+        },
+        |c| c.worker.max_inflight = 16,
+    )
+    .await;
+    const N: usize = 60;
+    publish(&env, "capped", N, "gpt-4o-mini").await;
+    let started = std::time::Instant::now();
+    let worker = env.start_worker();
+    let counts = by_upstream(&results(&env, N, Duration::from_secs(60)).await);
+    let took = started.elapsed();
+    assert_eq!(counts.values().sum::<usize>(), N);
+    // 60 / 4 x 0.2 s = 3 s at the cap's pace (about 3.7 s measured, the worker's start
+    // included); a second's stop of the deployment per wave of refusals takes about 15 s.
+    assert!(took < Duration::from_secs(6), "{took:?}");
+    assert!(env.mock.stats().peak_in_flight.load(Relaxed) <= 4);
+    assert_eq!(
+        env.queue_len(&env.config.topology.dead_letter_queue).await,
+        0
+    );
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 /// 2. A spent account (`insufficient_quota`) takes its deployment out: one call to it,
 /// every request answered elsewhere, and the operator sees it in `/upstreams` and the
 /// metrics. With no deployment left, the request is dead-lettered as `quota_exhausted`.

@@ -1,6 +1,8 @@
-//! (u): a provider's concurrency cap that it does not announce. The mock refuses at once,
-//! with 429 and no `Retry-After`, any call beyond 32 being answered, at 200 ms per call; the
-//! worker, with its default settings (`worker.max_inflight` 256), has to find the cap.
+//! (u) and (v): a provider's concurrency cap that it does not announce. The mock refuses at
+//! once, with 429, any call beyond 32 being answered, at 200 ms per call: without
+//! `Retry-After` in (u), with `Retry-After: 1` in (v), as providers that cap concurrent
+//! calls and still say when to come back do. The worker, with its default settings
+//! (`worker.max_inflight` 256), has to find the cap either way.
 
 use std::sync::atomic::Ordering;
 
@@ -15,7 +17,7 @@ const LATENCY_MS: u64 = 200;
 /// Jobs/s with every place under the cap always busy: 32 / 0.2 s.
 pub(super) const IDEAL_JOBS_PER_S: f64 = CAP as f64 * 1000.0 / LATENCY_MS as f64;
 
-/// What the (u) run saw.
+/// What a (u) or (v) run saw.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Capped {
     /// Ok results per second, from the first publish to the last result; NaN when it did
@@ -27,9 +29,23 @@ pub(super) struct Capped {
     pub(super) errors: Option<u64>,
 }
 
-/// (u), when `--only` asks for it.
+/// (u), when `--only` asks for it: refusals without a time.
 pub(super) async fn measure(bench: &Bench<'_>) -> Result<Capped, BenchError> {
-    if !bench.on('u') {
+    run(bench, 'u', None).await
+}
+
+/// (v), when `--only` asks for it: refusals with `Retry-After: 1`.
+pub(super) async fn measure_told(bench: &Bench<'_>) -> Result<Capped, BenchError> {
+    run(bench, 'v', Some(1)).await
+}
+
+/// The run of `letter`, the mock's refusals carrying `Retry-After: <retry_after>` if given.
+async fn run(
+    bench: &Bench<'_>,
+    letter: char,
+    retry_after: Option<u64>,
+) -> Result<Capped, BenchError> {
+    if !bench.on(letter) {
         return Ok(Capped {
             jobs_per_s: f64::NAN,
             over_cap: None,
@@ -37,12 +53,14 @@ pub(super) async fn measure(bench: &Bench<'_>) -> Result<Capped, BenchError> {
         });
     }
     let n = bench.args.capped_jobs;
+    let told = retry_after.map_or(String::new(), |s| format!(" with Retry-After: {s}"));
     eprintln!(
-        "(u) one replica, {LATENCY_MS} ms upstream that refuses calls beyond {CAP} at once: {n} jobs"
+        "({letter}) one replica, {LATENCY_MS} ms upstream that refuses calls beyond {CAP} at once{told}: {n} jobs"
     );
     bench.mock.set_options(MockOptions {
         latency_ms: LATENCY_MS,
         max_concurrency: Some(CAP),
+        cap_retry_after: retry_after,
         ..Default::default()
     });
     // Every 429 retried is a warning of the worker's: thousands in this run. Dead letters

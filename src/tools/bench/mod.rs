@@ -1,4 +1,4 @@
-//! `llmq bench`: one run, eleven figures, as ratios against the raw broker and the ideal.
+//! `llmq bench`: one run, twelve figures, as ratios against the raw broker and the ideal.
 //!
 //! Against the configured broker and an in-process mock upstream, with the worker as a real
 //! child process (`llmq run`) so its memory can be read:
@@ -25,6 +25,7 @@
 //!   settings (`worker.max_inflight` 256): ok jobs/s and the ratio to 32 / 0.2 s = 160,
 //!   the 429s the mock answered over its cap and the error results (requests whose retries
 //!   ran out);
+//! - (v) the same cap, its refusals saying `Retry-After: 1`: the same figures;
 //! - (s) streaming: 300 streams at once (`--streams`, `worker.max_inflight`), the mock
 //!   sending a word every 50 ms, `stream.flush_ms` = 50, every delta to one reply queue:
 //!   delta messages/s, the worker's CPU and peak RSS, the median and p99 time from the
@@ -41,7 +42,7 @@
 //!
 //! One file per family of runs: `broker` (the ceiling, and the publishing and collecting
 //! every run shares), `jobs` (b, c, e, g), `latency` (d), `embeddings` (f), `held` (h, h2),
-//! `capped` (u), `streaming` (s), `tenants` (t); `worker` starts and stops the worker
+//! `capped` (u, v), `streaming` (s), `tenants` (t); `worker` starts and stops the worker
 //! process and reads its figures from `/proc`. Around them: `options` (the command's
 //! [`BenchArgs`]), `report` (the figures and the [`Report`] they make) and `table` (the
 //! report as a table with the targets, [`table()`]).
@@ -97,6 +98,7 @@ pub async fn run(base: &Config, args: &BenchArgs) -> Result<Report, BenchError> 
         fast: jobs::measure_fast(&bench).await?,
         slow: jobs::measure_slow(&bench).await?,
         capped: capped::measure(&bench).await?,
+        capped_told: capped::measure_told(&bench).await?,
         latency: latency::measure(&bench).await?,
         embeddings: embeddings::measure(&bench).await?,
         held: held::measure(&bench, Protocol::Http1).await?,

@@ -29,7 +29,7 @@ pub struct BenchArgs {
     /// to be published and started before the first call ends.
     #[arg(long, default_value_t = 10)]
     pub inflight_latency_secs: u64,
-    /// Jobs for the run against an unannounced cap of 32 calls (u).
+    /// Jobs for each run against an unannounced cap of 32 calls (u, v).
     #[arg(long, default_value_t = 3_000)]
     pub capped_jobs: usize,
     /// Streams at once in the streaming run (s): its `worker.max_inflight`.
@@ -43,9 +43,9 @@ pub struct BenchArgs {
     /// tenant (the quiet one adds 50); the flood runs take twice as many.
     #[arg(long, default_value_t = 6_000)]
     pub tenant_jobs: usize,
-    /// Run only these measures (letters from "bcdfhHsut", H for (h2); the broker ceiling
+    /// Run only these measures (letters from "bcdfhHsuvt", H for (h2); the broker ceiling
     /// always runs, (g) is measured during (b)).
-    #[arg(long, default_value = "bcdfhHsut")]
+    #[arg(long, default_value = "bcdfhHsuvt")]
     pub only: String,
     /// Also write the report as JSON here.
     #[arg(long)]

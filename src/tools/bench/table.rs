@@ -104,27 +104,46 @@ fn held_rows(r: &Report) -> String {
     t
 }
 
-/// The rows of (u): throughput against an unannounced cap, and what it cost.
+/// The rows of (u) and (v): throughput against an unannounced cap, and what it cost.
 fn capped_rows(r: &Report) -> String {
-    let mut t = row(
-        "(u) unknown provider cap of 32, 200 ms upstream",
-        format!("{:.0} ok jobs/s", r.capped_jobs_per_s),
-        format!("{:.2} of ideal", r.capped_ratio),
-        ">= 0.85",
-        r.capped_ratio >= 0.85,
+    let u = (
+        r.capped_jobs_per_s,
+        r.capped_ratio,
+        r.capped_over_cap,
+        r.capped_errors,
     );
-    let (value, ok) = match (r.capped_over_cap, r.capped_errors) {
-        (Some(over_cap), Some(errors)) => (format!("{over_cap} / {errors}"), errors == 0),
-        // As `row` knows a run left out.
-        _ => ("NaN".to_string(), false),
-    };
-    t += &row(
-        "(u) 429s over the cap / error results",
-        value,
-        String::new(),
-        "0 errors",
-        ok,
+    let v = (
+        r.capped_told_jobs_per_s,
+        r.capped_told_ratio,
+        r.capped_told_over_cap,
+        r.capped_told_errors,
     );
+    let mut t = String::new();
+    for (name, (jobs_per_s, ratio, over_cap, errors)) in [
+        ("(u) unknown provider cap of 32, 200 ms upstream", u),
+        ("(v) the same, refusals with Retry-After: 1", v),
+    ] {
+        let letter = &name[..3];
+        t += &row(
+            name,
+            format!("{jobs_per_s:.0} ok jobs/s"),
+            format!("{ratio:.2} of ideal"),
+            ">= 0.85",
+            ratio >= 0.85,
+        );
+        let (value, ok) = match (over_cap, errors) {
+            (Some(over_cap), Some(errors)) => (format!("{over_cap} / {errors}"), errors == 0),
+            // As `row` knows a run left out.
+            _ => ("NaN".to_string(), false),
+        };
+        t += &row(
+            &format!("{letter} 429s over the cap / error results"),
+            value,
+            String::new(),
+            "0 errors",
+            ok,
+        );
+    }
     t
 }
 
@@ -315,6 +334,10 @@ mod tests {
             capped_ratio: 0.5,
             capped_over_cap: Some(1_234),
             capped_errors: Some(0),
+            capped_told_jobs_per_s: 150.0,
+            capped_told_ratio: 0.94,
+            capped_told_over_cap: Some(321),
+            capped_told_errors: Some(0),
             stream_concurrency: 300,
             stream_concurrency_reached: 300,
             stream_deltas_per_s: 5_700.0,

@@ -109,12 +109,17 @@ pub(super) async fn gate<'s>(
     }
     let Some(admitted) = Admitted::new(state, options.max_concurrency) else {
         state.stats.over_cap.fetch_add(1, Ordering::Relaxed);
-        return Err(api_error(
+        let mut refused = api_error(
             StatusCode::TOO_MANY_REQUESTS,
             "Too many concurrent requests",
             "rate_limit_error",
             Some("rate_limit_exceeded"),
-        ));
+        );
+        if let Some(secs) = options.cap_retry_after {
+            let headers = refused.headers_mut();
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        return Err(refused);
     };
     let jitter = match options.latency_jitter_ms {
         0 => 0,
@@ -301,6 +306,25 @@ mod tests {
         for task in again {
             assert_eq!(task.await.unwrap().unwrap().status(), 200);
         }
+    }
+
+    #[tokio::test]
+    async fn a_cap_may_say_when_to_come_back() {
+        let mock = start(MockOptions {
+            max_concurrency: Some(1),
+            latency_ms: 5_000,
+            cap_retry_after: Some(1),
+            ..Default::default()
+        })
+        .await;
+        let http = client(true);
+        let url = format!("{}/chat/completions", mock.base_url());
+        let held = tokio::spawn(http.post(&url).json(&chat_body("m")).send());
+        let in_flight = &mock.stats().in_flight;
+        assert!(wait_until(|| in_flight.load(Ordering::Relaxed) == 1).await);
+        let (status, _, retry_after) = refusal(chat(&mock, "/chat/completions", "m").await).await;
+        assert_eq!((status, retry_after), (429, true));
+        held.abort();
     }
 
     #[tokio::test]

@@ -69,11 +69,16 @@ pub struct MockOptions {
     #[arg(long)]
     pub no_usage: bool,
     /// Calls it answers at once, each counted from its arrival to its answer (its latency
-    /// included): a call beyond them is refused at once with 429 `rate_limit_exceeded` and
-    /// no `Retry-After`, as a provider enforces a concurrency cap it does not announce.
+    /// included): a call beyond them is refused at once with 429 `rate_limit_exceeded` (no
+    /// `Retry-After` unless `cap_retry_after`), as a provider enforces a concurrency cap it
+    /// does not announce.
     /// Counted in [`MockStats::over_cap`](super::MockStats::over_cap) and [`MockStats::peak_in_flight`](super::MockStats::peak_in_flight).
     #[arg(long)]
     pub max_concurrency: Option<u64>,
+    /// `Retry-After` seconds sent with refusals over `max_concurrency`, as a provider that
+    /// caps concurrent calls and still says when to come back.
+    #[arg(long)]
+    pub cap_retry_after: Option<u64>,
     /// Send injected 429s with OpenAI's `x-ratelimit-remaining-requests: 0` and
     /// `x-ratelimit-reset-requests: <retry_after or 1>s` instead of `Retry-After`.
     #[arg(long)]
@@ -131,6 +136,7 @@ impl Default for MockOptions {
             insufficient_quota: false,
             no_usage: false,
             max_concurrency: None,
+            cap_retry_after: None,
             rate_limit_headers: false,
             chunk_ms: 0,
             fail_mid_stream_after: None,
@@ -192,12 +198,15 @@ mod tests {
             "api-version=2024-10-21",
             "--fail-first",
             "2",
+            "--cap-retry-after",
+            "1",
         ])
         .unwrap();
         assert_eq!(all.models, ["a", "b"]);
         assert!(all.insufficient_quota && all.rate_limit_headers);
         assert_eq!(all.max_concurrency, Some(3));
         assert_eq!(all.fail_first, 2);
+        assert_eq!(all.cap_retry_after, Some(1));
         assert_eq!(all.model_suffix.as_deref(), Some("-2024-07-18"));
         assert_eq!(all.require_header.as_deref(), Some("api-key: secret"));
         assert_eq!(all.require_query.as_deref(), Some("api-version=2024-10-21"));

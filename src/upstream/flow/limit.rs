@@ -69,6 +69,9 @@ struct State {
     last_decrease: Option<Instant>,
     /// The limit a 429 last cut to: the deployment's cap, as far as it is known.
     ceiling: Option<usize>,
+    /// A call succeeded since the last 429: the deployment still answers at this
+    /// concurrency, so a 429 now is its cap, not a rate.
+    answered: bool,
 }
 
 /// Whose call waits for a slot, and how it ranks: its tenant and the tenant's weight decide
@@ -284,6 +287,7 @@ impl Flow {
                 successes: 0,
                 last_decrease: None,
                 ceiling: None,
+                answered: false,
             }),
             min,
             max,
@@ -451,6 +455,7 @@ impl Flow {
     pub fn on_success(self: &Arc<Self>) {
         let mut s = self.state();
         s.successes += 1;
+        s.answered = true;
         let windows = match s.ceiling {
             Some(ceiling) if s.limit >= ceiling => PROBE_WINDOWS,
             _ => 1,
@@ -467,17 +472,41 @@ impl Flow {
 
     /// A call was refused with a 429 while `others` other calls to the deployment were
     /// running: the cap is at most `others`, so the limit drops to it (a
-    /// 429 never raises it). Every 429 of a burst may lower it further.
-    pub fn on_rate_limited(&self, others: usize) {
+    /// 429 never raises it). Every 429 of a burst may lower it further. Answers whether it
+    /// did lower it.
+    pub fn on_rate_limited(&self, others: usize) -> bool {
         let mut s = self.state();
         let limit = others.clamp(self.min, s.limit.max(self.min));
         s.successes = 0;
+        s.answered = false;
         s.ceiling = Some(limit);
-        if limit != s.limit {
-            s.limit = limit;
-            drop(s);
-            self.limit_tx.send_replace(limit);
+        if limit == s.limit {
+            return false;
         }
+        s.limit = limit;
+        drop(s);
+        self.limit_tx.send_replace(limit);
+        true
+    }
+
+    /// A call let in when the limit was `admitted_at` was refused with a 429 that named a
+    /// time while `others` other calls to the deployment were running. Answers whether that
+    /// is a concurrency cap: other calls were running, and the limit could be cut to them
+    /// (as [`Self::on_rate_limited`] does), or more ran than the limit allows (the tail of
+    /// the burst that found the cap, let in above a limit cut since), or calls succeeded
+    /// since the last 429 (the provider's count of calls at once lags the answers it sent).
+    /// Not one when it came alone, or when the limit is at its floor, the call within it,
+    /// and nothing succeeds any more: the 429s go on at the reduced limit, so they are a
+    /// rate.
+    pub fn on_capped(&self, others: usize, admitted_at: usize) -> bool {
+        if others == 0 {
+            return false;
+        }
+        let (answered, limit) = {
+            let s = self.state();
+            (s.answered, s.limit)
+        };
+        self.on_rate_limited(others) || others >= limit || admitted_at > limit || answered
     }
 
     /// A call timed out: halve the limit, once per cooldown.
@@ -771,6 +800,32 @@ mod tests {
         );
         f.on_rate_limited(1);
         assert_eq!(f.limit(), 4, "never below the floor");
+    }
+
+    #[test]
+    fn a_429_with_a_time_is_a_cap_while_the_limit_can_come_down() {
+        let f = flow(4, 64);
+        assert!(f.on_capped(40, 64), "cut from 64 to 40");
+        assert_eq!(f.limit(), 40);
+        assert!(f.on_capped(50, 64), "the tail of the burst that found it");
+        assert_eq!(f.limit(), 40, "never raised");
+        assert!(f.on_capped(10, 40), "cut again");
+        assert!(f.on_capped(20, 10), "more running than the limit: its tail");
+        assert!(!f.on_capped(0, 64), "alone: a rate, whatever the limit");
+        assert_eq!(f.limit(), 10);
+        assert!(f.on_capped(3, 10));
+        assert_eq!(f.limit(), 4, "down to the floor");
+        assert!(f.on_capped(5, 4), "more running than the floor: its tail");
+        assert!(!f.on_capped(3, 4), "at the floor, within it: a rate");
+        f.on_success();
+        assert!(
+            f.on_capped(3, 4),
+            "at the floor, but answers came since the last 429: the cap, just met"
+        );
+        assert!(
+            !f.on_capped(3, 4),
+            "and nothing since: the 429s go on, a rate"
+        );
     }
 
     #[tokio::test(start_paused = true)]

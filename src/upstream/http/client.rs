@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 
 pub use super::answer::{ChatAnswer, EmbeddingAnswer};
 use super::{openai::OpenAi, provider::Provider};
-use crate::upstream::failure::Failure;
+use crate::upstream::failure::{Failure, Pushback};
 use crate::{
     config::{Secret, UpstreamConfig},
     contract::request::Kind,
@@ -302,7 +302,12 @@ impl LlmClient {
         let (bytes, _) = read_bounded(resp, limit)
             .await
             .map_err(|e| Failure::of_transport(&e))?;
-        Err(self.provider.failure(status, &bytes, retry_after))
+        let failure = self.provider.failure(status, &bytes, retry_after);
+        // A spent budget holds the whole deployment, whatever else is running.
+        Err(match spent_for {
+            Some(_) => failure.with_pushback(Pushback::Spent),
+            None => failure,
+        })
     }
 }
 

@@ -16,7 +16,7 @@ use crate::{
     contract::{Usage, request::Kind},
     runtime::metrics::Metrics,
     upstream::{
-        failure::{Class, Failure},
+        failure::{Class, Failure, Pushback},
         flow::limit::{Flow, Permit, Turn},
         http::{
             client::{ChatAnswer, EmbeddingAnswer, LlmClient},
@@ -58,6 +58,9 @@ pub struct Slot {
     /// Other calls to the deployment running when this one was admitted: with those running
     /// at its answer, what a 429 cuts the limit to.
     others: usize,
+    /// The deployment's limit when this one was admitted: a 429 for a call let in above a
+    /// limit cut since is the tail of the burst that found a cap.
+    limit: usize,
 }
 
 /// One OpenAI-compatible deployment: its name, what it serves, its client, its flow control
@@ -143,12 +146,18 @@ impl Deployment {
         let acquire = self.flow.acquire(turn, tokens);
         let permit = tokio::time::timeout_at(until, acquire).await.ok()?;
         let others = self.flow.in_flight().saturating_sub(1);
-        Some(Slot { permit, others })
+        let limit = self.flow.limit();
+        Some(Slot {
+            permit,
+            others,
+            limit,
+        })
     }
 
     /// Makes one call in `slot`, `make()`, and accounts for it: the latency metric, the AIMD
-    /// signal (per call, not per message it carries), a `Retry-After` pause and the token
-    /// budget (settled by the usage of an answer, given back in full without one).
+    /// signal (per call, not per message it carries), what a 429's time holds back
+    /// ([`Pushback`]) and the token budget (settled by the usage of an answer, given back in
+    /// full without one).
     ///
     /// The call is made here rather than passed in made: a future taken as an argument
     /// is kept twice in this one's state, as the argument and as what it awaits, and
@@ -160,7 +169,7 @@ impl Deployment {
         make: impl FnOnce() -> F,
     ) -> Result<T, Failure> {
         let started = Instant::now();
-        let answer = make().await;
+        let mut answer = make().await;
         // Settled below from here on; the slot gives back only what a dropped call left.
         let taken = slot.permit.take_tokens();
         // Other calls running when this one started, or when its answer came, whichever is
@@ -169,9 +178,13 @@ impl Deployment {
         // provider enforced; a 429 comes back at once, so the count at its answer is still
         // what the provider saw, or more. Either way the cut lands at or above the cap,
         // and later 429s bring it down to it.
-        let others = slot.others.max(self.flow.in_flight().saturating_sub(1));
+        let at_answer = self.flow.in_flight().saturating_sub(1);
+        let others = slot.others.max(at_answer);
+        let admitted_at = slot.limit;
         drop(slot);
         self.metrics.upstream_call(kind.as_str(), started.elapsed());
+        // A 429 found to be a concurrency cap, whose time then holds only this call.
+        let mut capped = false;
         match &answer {
             Ok(a) => {
                 self.metrics.upstream_outcome(&self.name, "ok");
@@ -181,18 +194,30 @@ impl Deployment {
             }
             Err(e) => {
                 self.metrics.upstream_outcome(&self.name, e.call_label());
-                match (e.class, e.retry_after) {
-                    // A 429 that says when to come back is a rate (requests or tokens per
-                    // minute): the deployment cools down for the model, and its concurrency
-                    // is not to blame. One that says nothing is taken for a concurrency cap.
-                    (Class::RateLimited, None) => self.flow.on_rate_limited(others),
-                    (Class::RateLimited, Some(_)) => {}
+                match (e.class, e.retry_after, e.pushback) {
+                    // A 429 that says nothing is taken for a concurrency cap.
+                    (Class::RateLimited, None, _) => {
+                        self.flow.on_rate_limited(others);
+                    }
+                    // One that says when to come back is a concurrency cap too while other
+                    // calls run and answers come: only this call waits its time, so the
+                    // limit comes down in one step, to the calls running at its answer
+                    // (still at least the cap). Else it is a rate: the deployment cools
+                    // down for the model.
+                    (Class::RateLimited, Some(_), Pushback::Rate) => {
+                        capped = self.flow.on_capped(at_answer, admitted_at);
+                    }
+                    // A spent budget: no lower concurrency cures it.
+                    (Class::RateLimited, Some(_), _) => {}
                     _ if e.is_throttle() => self.flow.on_timeout(),
                     _ => {}
                 }
                 // No answer, no usage: whatever the estimate was, nothing is counted.
                 self.flow.settle_tokens(taken, 0).await;
             }
+        }
+        if capped {
+            answer = answer.map_err(|e| e.with_pushback(Pushback::Cap));
         }
         answer
     }
@@ -347,6 +372,54 @@ mod tests {
             "{}",
             metrics.encode()
         );
+    }
+
+    #[tokio::test]
+    async fn a_429_with_a_time_while_others_run_is_a_cap_unless_the_budget_is_spent() {
+        let capped = |rate_limit_headers| MockOptions {
+            error_rate: 1.0,
+            status: 429,
+            retry_after: Some(1),
+            rate_limit_headers,
+            ..MockOptions::default()
+        };
+        let (server, d, flow, _metrics) = deployment(capped(false)).await;
+        let params = Map::new();
+        let messages = hello();
+        let refused = |others: usize| {
+            let (d, params, messages) = (&d, &params, &messages);
+            async move {
+                let running: Vec<Slot> = futures_util::future::join_all(
+                    (0..others).map(|_| d.admit(Turn::anyone(0), 0, far())),
+                )
+                .await
+                .into_iter()
+                .map(|s| s.expect("a free slot"))
+                .collect();
+                let slot = d.admit(Turn::anyone(0), 0, far()).await.expect("a slot");
+                let answer = d
+                    .call(Kind::Chat, slot, || d.client().chat("m", messages, params))
+                    .await;
+                drop(running);
+                answer.expect_err("the mock answers 429")
+            }
+        };
+        let f = refused(3).await;
+        assert_eq!((f.class, f.pushback), (Class::RateLimited, Pushback::Cap));
+        assert_eq!(
+            f.retry_after,
+            Some(Duration::from_secs(1)),
+            "held for its time"
+        );
+        assert_eq!(flow.limit(), 3, "cut to the three other calls running");
+        let alone = refused(0).await;
+        assert_eq!(alone.pushback, Pushback::Rate, "nothing else ran");
+        // x-ratelimit-remaining-requests: 0 says the budget is spent: the deployment
+        // cools down, its limit is left alone.
+        server.set_options(capped(true));
+        let spent = refused(2).await;
+        assert_eq!(spent.pushback, Pushback::Spent);
+        assert_eq!(flow.limit(), 3);
     }
 
     /// A budget of exactly `tokens` a minute, local.

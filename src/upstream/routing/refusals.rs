@@ -7,8 +7,9 @@
 use std::collections::HashMap;
 
 /// Most (deployment, model) pairs counted at once: model names come from requests, so the
-/// map is bounded. Past it a refusal is not counted (it still fails its own attempt), so a
-/// flood of unknown model names delays a confirmation at worst.
+/// map is bounded. Past it a new run takes the place of the one refused longest ago, so a
+/// flood of made-up model names, each refused once, cannot keep a real model's refusals
+/// from being counted.
 const MAX_PAIRS: usize = 1024;
 
 /// The runs of refusals, by deployment and model.
@@ -21,13 +22,15 @@ pub(super) struct Refusals {
 impl Refusals {
     /// Counts a refusal of `model` by `d` at `now`; answers the refusals in a row so far. A
     /// run whose last refusal is `window` ms old or more is over: this one starts another.
-    /// `None` when the map is full: not counted.
-    pub(super) fn count(&mut self, d: usize, model: &str, now: i64, window: i64) -> Option<u32> {
+    pub(super) fn count(&mut self, d: usize, model: &str, now: i64, window: i64) -> u32 {
         let key = (d, model.to_string());
         if !self.runs.contains_key(&key) {
             self.runs.retain(|_, (_, last)| now - *last < window);
             if self.runs.len() >= MAX_PAIRS {
-                return None;
+                let oldest = self.runs.iter().min_by_key(|(_, (_, last))| *last);
+                if let Some(oldest) = oldest.map(|(key, _)| key.clone()) {
+                    self.runs.remove(&oldest);
+                }
             }
         }
         let (count, last) = self.runs.entry(key).or_insert((0, now));
@@ -36,7 +39,7 @@ impl Refusals {
         }
         *count = count.saturating_add(1);
         *last = now;
-        Some(*count)
+        *count
     }
 
     /// Counts a refusal of `model` by `d` at `now` (as [`Self::count`]); answers whether it
@@ -49,7 +52,7 @@ impl Refusals {
         window: i64,
         needed: u32,
     ) -> bool {
-        let confirmed = self.count(d, model, now, window) >= Some(needed);
+        let confirmed = self.count(d, model, now, window) >= needed;
         if confirmed {
             self.clear(d, model);
         }
@@ -71,47 +74,40 @@ mod tests {
     #[test]
     fn refusals_count_in_a_row_per_deployment_and_model_until_cleared_or_stale() {
         let mut r = Refusals::default();
-        assert_eq!(r.count(0, "m", 0, 100), Some(1));
-        assert_eq!(r.count(0, "m", 10, 100), Some(2));
-        assert_eq!(r.count(0, "n", 10, 100), Some(1), "another model");
-        assert_eq!(r.count(1, "m", 10, 100), Some(1), "another deployment");
+        assert_eq!(r.count(0, "m", 0, 100), 1);
+        assert_eq!(r.count(0, "m", 10, 100), 2);
+        assert_eq!(r.count(0, "n", 10, 100), 1, "another model");
+        assert_eq!(r.count(1, "m", 10, 100), 1, "another deployment");
         r.clear(0, "m");
         assert_eq!(
             r.count(0, "m", 20, 100),
-            Some(1),
+            1,
             "an answer between ends the run"
         );
-        assert_eq!(
-            r.count(0, "m", 120, 100),
-            Some(1),
-            "a stale run starts again"
-        );
+        assert_eq!(r.count(0, "m", 120, 100), 1, "a stale run starts again");
         assert!(!r.confirms(0, "m", 130, 100, 3));
         assert!(r.confirms(0, "m", 140, 100, 3), "the third in a row");
-        assert_eq!(
-            r.count(0, "m", 150, 100),
-            Some(1),
-            "a confirmed run is over"
-        );
+        assert_eq!(r.count(0, "m", 150, 100), 1, "a confirmed run is over");
     }
 
     #[test]
-    fn the_map_is_bounded_and_stale_runs_make_room() {
+    fn the_map_is_bounded_and_a_flood_cannot_keep_a_real_model_from_being_counted() {
         let mut r = Refusals::default();
-        for i in 0..MAX_PAIRS {
-            assert_eq!(r.count(0, &format!("m{i}"), 0, 100), Some(1));
+        assert_eq!(r.count(0, "real", 0, 1_000), 1);
+        for i in 0..10 * MAX_PAIRS {
+            let now = 1 + i as i64 / 100;
+            r.count(0, &format!("made-up-{i}"), now, 1_000);
+            if i % 500 == 0 {
+                // The real model is refused again now and then: its run goes on.
+                r.count(0, "real", now, 1_000);
+            }
         }
-        assert_eq!(r.count(0, "one-more", 50, 100), None, "full: not counted");
+        assert!(r.runs.len() <= MAX_PAIRS, "{}", r.runs.len());
         assert_eq!(
-            r.count(0, "m0", 50, 100),
-            Some(2),
-            "runs already counted go on"
+            r.count(0, "real", 200, 1_000),
+            2 + (10 * MAX_PAIRS as u32 - 1) / 500 + 1,
+            "counted all along"
         );
-        assert_eq!(
-            r.count(0, "one-more", 100, 100),
-            Some(1),
-            "the stale ones left"
-        );
-        assert!(r.runs.len() <= 2, "{}", r.runs.len());
+        assert_eq!(r.count(0, "made-up-0", 200, 1_000), 1, "pushed out");
     }
 }

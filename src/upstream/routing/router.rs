@@ -34,7 +34,7 @@ use crate::{
     contract::{ErrorKind, request::Kind},
     runtime::{clock::unix_now_ms, metrics::Metrics},
     upstream::{
-        failure::{Class, Failure},
+        failure::{Class, Failure, Pushback},
         flow::admission::Admission,
         routing::deployment::{Answer, Deployment},
         routing::probe::ProbeGuard,
@@ -342,7 +342,11 @@ impl Router {
         match failure.class {
             Class::RateLimited => {
                 let retry_after = failure.retry_after;
-                if let Some(after) = retry_after {
+                // A concurrency cap's time holds only this call (its deployment's limit
+                // came down instead); a rate's or a spent budget's, the deployment.
+                if let Some(after) = retry_after
+                    && failure.pushback != Pushback::Cap
+                {
                     self.standing.cool(d, &model, now + millis(after), now);
                 }
                 route.failed_on(d);

@@ -697,7 +697,7 @@ mod tests {
         let s = standing();
         s.cool(0, "real", NOW + 3_600_000, NOW);
         for i in 0..10_000 {
-            // Each name confirmed: `routing.auth_failures` (2 here) refusals in a row.
+            // Confirmed: `routing.auth_failures` (2 here) in a row.
             for _ in 0..2 {
                 s.refused(0, &format!("made-up-{i}"), NOW + i);
             }
@@ -719,6 +719,7 @@ mod tests {
         assert!(s.peek(1, "made-up-9999", now), "other deployments");
         assert_eq!(s.report(0, now).unavailable.len(), MAX_MODELS_OUT + 1);
         // A refusal that ends sooner than every one held is left out.
+        s.refused(0, "early", NOW - 1_000_000);
         s.refused(0, "early", NOW - 1_000_000);
         assert!(s.peek(0, "early", NOW - 1_000_000 + 1));
         s.spent(0, now);
@@ -746,7 +747,11 @@ mod tests {
     #[tokio::test]
     async fn a_flood_of_model_names_holds_the_shared_hash_at_max_models_out() {
         let (conn, prefix, client) = shared();
-        let rules = RoutingConfig::default();
+        // Each refusal confirmed at once.
+        let rules = RoutingConfig {
+            auth_failures: 1,
+            ..RoutingConfig::default()
+        };
         let names = vec!["a".to_string()];
         let s = Standing::new(
             names.clone(),
@@ -755,10 +760,7 @@ mod tests {
         );
         const FLOOD: i64 = 200;
         for i in 0..FLOOD {
-            // Each name confirmed: `routing.auth_failures` refusals in a row.
-            for _ in 0..rules.auth_failures {
-                s.refused(0, &format!("made-up-{i}"), NOW + i);
-            }
+            s.refused(0, &format!("made-up-{i}"), NOW + i);
         }
         let key = crate::store::keys::upstream(&prefix, "a");
         let mut redis = client
