@@ -2,10 +2,22 @@
 //! `/embeddings` call of up to `batch.max_items` inputs or `batch.max_wait_ms`, whichever
 //! comes first. Each request still gets its own answer (and so its own result, confirm and
 //! ack); when the upstream refuses a batch as a whole, every request is tried alone, so one
-//! bad input fails only its own message. Once shutdown begins no batch call starts: the
+//! bad input fails only its own message.
+//!
+//! A batch not yet full at `batch.max_wait_ms` goes only if no batch of its model waits for
+//! a slot: otherwise it would wait in line too, and it keeps filling meanwhile. Without
+//! that, under a saturated upstream every request that arrives alone becomes a call of its
+//! own, each call frees as few deliveries as it carried, and the batches never grow back. Once shutdown begins no batch call starts: the
 //! requests waiting in a batch go back to their queue.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use serde_json::{Map, Value, json};
 use tokio::{
@@ -48,6 +60,37 @@ struct Pending {
     items: Vec<Item>,
     inputs: usize,
     deadline: Instant,
+    /// Calls of these model and parameters waiting for a slot.
+    in_line: Arc<AtomicUsize>,
+}
+
+/// A call counted among those waiting for a slot until it starts, or ends without starting.
+struct InLine {
+    count: Arc<AtomicUsize>,
+    left: AtomicBool,
+}
+
+impl InLine {
+    fn join(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self {
+            count: count.clone(),
+            left: AtomicBool::new(false),
+        }
+    }
+
+    /// Its call started: it no longer waits.
+    fn leave(&self) {
+        if !self.left.swap(true, Ordering::Relaxed) {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for InLine {
+    fn drop(&mut self) {
+        self.leave();
+    }
 }
 
 impl Batcher {
@@ -110,6 +153,7 @@ async fn call(
     model: &str,
     input: &[String],
     params: &Map<String, Value>,
+    in_line: &InLine,
 ) -> Routed<EmbeddingAnswer> {
     // The batch waits in the turn of its most urgent request, no longer than its most
     // hurried request may, and stops once every request has.
@@ -128,6 +172,7 @@ async fn call(
             Kind::Embedding,
             &admission,
             |deployment, model| async move {
+                in_line.leave();
                 deployment.client().embed(&model, input, params).await
             },
         )
@@ -146,6 +191,11 @@ fn still_wanted(items: Vec<Item>) -> Vec<Item> {
 
 async fn run(llm: Arc<Router>, mut rx: mpsc::Receiver<Item>, max_items: usize, max_wait: Duration) {
     let mut pending: HashMap<String, Pending> = HashMap::new();
+    // Per model and parameters: the calls waiting for a slot, kept while batches come and go.
+    let mut lines: HashMap<String, Arc<AtomicUsize>> = HashMap::new();
+    let go = |p: Pending| {
+        tokio::spawn(send(llm.clone(), p.items, InLine::join(&p.in_line)));
+    };
     loop {
         let next_deadline = pending.values().map(|p| p.deadline).min();
         let item = match next_deadline {
@@ -159,10 +209,20 @@ async fn run(llm: Arc<Router>, mut rx: mpsc::Receiver<Item>, max_items: usize, m
                         .map(|(k, _)| k.clone())
                         .collect();
                     for key in due {
+                        let Some(p) = pending.get_mut(&key) else { continue };
+                        if p.in_line.load(Ordering::Relaxed) > 0 && !p.any_stopped() {
+                            // A call of these waits for a slot: this one would wait behind
+                            // it, and fills meanwhile.
+                            p.deadline = now + max_wait;
+                            continue;
+                        }
                         if let Some(p) = pending.remove(&key) {
-                            tokio::spawn(send(llm.clone(), p.items));
+                            go(p);
                         }
                     }
+                    lines.retain(|key, line| {
+                        pending.contains_key(key) || Arc::strong_count(line) > 1
+                    });
                     continue;
                 }
             },
@@ -170,46 +230,56 @@ async fn run(llm: Arc<Router>, mut rx: mpsc::Receiver<Item>, max_items: usize, m
         };
         let Some(item) = item else {
             for (_, p) in pending.drain() {
-                tokio::spawn(send(llm.clone(), p.items));
+                go(p);
             }
             return;
         };
+        let key = format!("{}\u{0}{}", item.model, Value::Object(item.params.clone()));
+        let in_line = lines.entry(key.clone()).or_default().clone();
         if item.input.len() >= max_items {
-            tokio::spawn(send(llm.clone(), vec![item]));
+            tokio::spawn(send(llm.clone(), vec![item], InLine::join(&in_line)));
             continue;
         }
-        let key = format!("{}\u{0}{}", item.model, Value::Object(item.params.clone()));
         let batch = pending.entry(key.clone()).or_insert_with(|| Pending {
             items: Vec::new(),
             inputs: 0,
             deadline: Instant::now() + max_wait,
+            in_line,
         });
         if batch.inputs + item.input.len() > max_items {
             let full = std::mem::take(&mut batch.items);
             batch.inputs = 0;
             batch.deadline = Instant::now() + max_wait;
-            tokio::spawn(send(llm.clone(), full));
+            tokio::spawn(send(llm.clone(), full, InLine::join(&batch.in_line)));
         }
         batch.inputs += item.input.len();
         batch.items.push(item);
         if batch.inputs >= max_items
             && let Some(p) = pending.remove(&key)
         {
-            tokio::spawn(send(llm.clone(), p.items));
+            go(p);
         }
+    }
+}
+
+impl Pending {
+    /// Whether shutdown began for one of its requests: it goes now, to be handed back.
+    fn any_stopped(&self) -> bool {
+        self.items.iter().any(|i| i.admission.stop.is_stopped())
     }
 }
 
 /// One upstream call for `items`, its answer split back; a batch refused as a whole is
 /// retried one request at a time.
-async fn send(up: Arc<Router>, items: Vec<Item>) {
+async fn send(up: Arc<Router>, items: Vec<Item>, in_line: InLine) {
     let items = still_wanted(items);
     let Some(first) = items.first() else {
         return;
     };
     let (model, params) = (first.model.clone(), first.params.clone());
     let inputs: Vec<String> = items.iter().flat_map(|i| i.input.iter().cloned()).collect();
-    let answer = call(&up, &items, &model, &inputs, &params).await;
+    let answer = call(&up, &items, &model, &inputs, &params, &in_line).await;
+    in_line.leave();
     match answer {
         // Shutdown: the items are dropped unanswered.
         Routed::Stopped => {}
@@ -254,6 +324,7 @@ async fn send(up: Arc<Router>, items: Vec<Item>) {
             // fails.
             let singles = still_wanted(items).into_iter().map(|item| {
                 let up = up.clone();
+                let in_line = InLine::join(&in_line.count);
                 async move {
                     let answer = call(
                         &up,
@@ -261,6 +332,7 @@ async fn send(up: Arc<Router>, items: Vec<Item>) {
                         &item.model,
                         &item.input,
                         &item.params,
+                        &in_line,
                     )
                     .await;
                     if !matches!(answer, Routed::Stopped) {
@@ -343,6 +415,48 @@ mod tests {
         let (x, y) = tokio::join!(embed(&b, "x", &stop), embed(&b, "y", &stop));
         assert!(matches!(x, Some(Routed::Served(_))) && matches!(y, Some(Routed::Served(_))));
         assert_eq!(server.stats().embedding_calls.load(Relaxed), 1, "one batch");
+    }
+
+    #[tokio::test]
+    async fn a_partial_batch_fills_while_another_waits_for_a_slot() {
+        let (server, b, d, flow) = batcher().await;
+        let stop = CancellationToken::new();
+        let busy = d
+            .admit(Turn::anyone(0), 0, later())
+            .await
+            .expect("a free slot");
+        let spawn_embed = |text: &str| {
+            let (b, stop, input) = (b.clone(), stop.clone(), vec![text.to_string()]);
+            tokio::spawn(async move { b.embed("m", &input, &Map::new(), ticket(&stop)).await })
+        };
+        // x goes alone after 20 ms and waits for the slot.
+        let x = spawn_embed("x");
+        while flow.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // y and z come 20 ms apart while x waits: neither goes on its own.
+        tokio::time::pause();
+        let y = spawn_embed("y");
+        tokio::time::advance(Duration::from_millis(30)).await;
+        let z = spawn_embed("z");
+        tokio::time::advance(Duration::from_millis(30)).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(flow.waiting(), 1, "only x waits for the slot");
+        tokio::time::resume();
+        drop(busy);
+        for call in [x, y, z] {
+            let answer = call.await.expect("no panic");
+            assert!(matches!(answer, Some(Routed::Served(_))), "{answer:?}");
+        }
+        let stats = server.stats();
+        assert_eq!(
+            stats.embedding_calls.load(Relaxed),
+            2,
+            "x, then y and z together"
+        );
+        assert_eq!(stats.embedding_items.load(Relaxed), 3);
     }
 
     #[tokio::test]
