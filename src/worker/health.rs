@@ -14,6 +14,7 @@ use std::{
 use futures_util::{Stream, StreamExt};
 use lapin::{Connection, Event};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -37,9 +38,23 @@ pub struct Health {
     /// The broker blocks the publishing connection (a memory or disk alarm): no result can be
     /// confirmed, so no new upstream call starts.
     pub blocked: AtomicBool,
-    /// Ready messages of each lane queue at its last read, by name; see [`Health::lane_depth`].
-    lane_depths: Mutex<HashMap<String, u32>>,
+    /// Each lane queue's last read, by name; see [`Health::lane_depth`].
+    lane_depths: Mutex<HashMap<String, LaneRead>>,
 }
+
+/// A lane's last read.
+#[derive(Debug, Clone, Copy)]
+struct LaneRead {
+    /// Its ready messages, once read.
+    depth: Option<u32>,
+    /// When it last held messages, as far as the reads saw.
+    busy_at: Option<Instant>,
+}
+
+/// How long an embeddings lane is still consumed after it was last seen holding messages:
+/// while its tenant's requests keep being moved in, consumers take them as they come and a
+/// read may find it empty; a few reads in a row must, before it is left.
+pub const LANE_LINGER: Duration = Duration::from_secs(30);
 
 impl Health {
     /// Connected, consuming and able to publish: ready for traffic.
@@ -56,7 +71,18 @@ impl Health {
     /// lane does not exist), while the broker is unreachable, or for a name that is not a
     /// lane of this worker's topology.
     pub fn lane_depth(&self, queue: &str) -> Option<u32> {
-        self.lane_depths().get(queue).copied()
+        self.lane_depths().get(queue).and_then(|read| read.depth)
+    }
+
+    /// Whether the lane queue named `queue` held messages at a read within
+    /// [`LANE_LINGER`]; not when it is not known (see [`Health::lane_depth`]): the lanes are
+    /// read as soon as a session starts, and again every 5 seconds, so a lane that holds
+    /// messages is found busy within that.
+    pub fn lane_busy(&self, queue: &str) -> bool {
+        self.lane_depths()
+            .get(queue)
+            .and_then(|read| read.busy_at)
+            .is_some_and(|at| at.elapsed() < LANE_LINGER)
     }
 
     /// Records a lane's depth as read, `None` when it could not be read.
@@ -64,12 +90,30 @@ impl Health {
         let mut depths = self.lane_depths();
         match depth {
             Some(depth) => {
-                depths.insert(queue.to_string(), depth);
+                let before = depths.get(queue).and_then(|read| read.busy_at);
+                let busy_at = if depth > 0 {
+                    Some(Instant::now())
+                } else {
+                    before
+                };
+                let depth = Some(depth);
+                depths.insert(queue.to_string(), LaneRead { depth, busy_at });
             }
             None => {
                 depths.remove(queue);
             }
         }
+    }
+
+    /// Notes that this replica just moved a request into the lane queue named `queue`: it
+    /// is busy now, without waiting for the next read.
+    pub fn lane_moved_into(&self, queue: &str) {
+        let mut depths = self.lane_depths();
+        let read = depths.entry(queue.to_string()).or_insert(LaneRead {
+            depth: None,
+            busy_at: None,
+        });
+        read.busy_at = Some(Instant::now());
     }
 
     /// Forgets every lane's depth: none can be read.
@@ -79,7 +123,7 @@ impl Health {
 
     /// The lane depths; a panic while they were held left them whole (each write is one map
     /// operation), so a poisoned lock is used as it is.
-    fn lane_depths(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+    fn lane_depths(&self) -> std::sync::MutexGuard<'_, HashMap<String, LaneRead>> {
         self.lane_depths
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -163,7 +207,7 @@ pub(super) async fn poll_queue_depths(
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     topo: TopologyConfig,
-    lanes: watch::Receiver<super::subscribe::LaneSet>,
+    lanes: watch::Receiver<super::prefetch::LaneSet>,
     conn: Arc<Connection>,
     stop: CancellationToken,
 ) {
@@ -236,5 +280,28 @@ mod tests {
         health.set_lane_depth(&lane, Some(0));
         health.forget_lane_depths();
         assert_eq!(health.lane_depth(&lane), None, "the broker is unreachable");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lane_is_busy_until_it_was_seen_empty_for_a_while() {
+        let health = Health::default();
+        let lane = topology::lane_queue("llm_embeddings", 3);
+        assert!(!health.lane_busy(&lane), "not read yet");
+        health.set_lane_depth(&lane, Some(0));
+        assert!(!health.lane_busy(&lane), "never seen holding any");
+        health.set_lane_depth(&lane, Some(5));
+        tokio::time::advance(LANE_LINGER / 2).await;
+        health.set_lane_depth(&lane, Some(0));
+        assert!(health.lane_busy(&lane), "held messages a moment ago");
+        tokio::time::advance(LANE_LINGER / 2).await;
+        assert!(!health.lane_busy(&lane), "empty for {LANE_LINGER:?}");
+        health.lane_moved_into(&lane);
+        assert!(health.lane_busy(&lane), "a request was moved into it");
+        assert_eq!(health.lane_depth(&lane), Some(0), "as last read");
+        health.forget_lane_depths();
+        assert!(
+            !health.lane_busy(&lane),
+            "the broker is unreachable: not known"
+        );
     }
 }

@@ -30,9 +30,11 @@
 //! stays in the work queue instead, which the backlog has left, and its requests in hand are
 //! shared by weight as everyone's are.
 //!
-//! Chat and embeddings are counted apart. Only chat requests move: a batched embedding call
-//! carries many requests, so a lane would need as many in hand to keep its tenant's calls
-//! full, beyond the embeddings' byte budget; their fair share is admission by weight.
+//! Chat and embeddings are counted apart, and both move. For embeddings a replica's share
+//! is counted in requests (its call limit times the requests a batched call carries), and
+//! an embeddings lane is consumed only while it holds messages, sharing the embeddings'
+//! byte budget with the work queue ([`super::prefetch`]), so that a tenant moved there
+//! still fills whole batches.
 //! The tenant is always read from each message's identity, never from the lane it came
 //! from: anyone may publish into a queue by name.
 
@@ -331,7 +333,7 @@ mod tests {
         assert_eq!(
             lanes.route(Kind::Embedding, "alice", BUSY, empty),
             None,
-            "embeddings are counted apart"
+            "embeddings are counted apart: she holds none"
         );
         // Bound: alice's next requests follow, even below her share.
         drop(held);

@@ -23,6 +23,7 @@ pub mod health;
 pub mod lanes;
 mod lifecycle;
 pub mod policy;
+mod prefetch;
 mod settle;
 mod stream;
 mod subscribe;

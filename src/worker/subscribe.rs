@@ -20,10 +20,15 @@ use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
-use super::{Context, ack, health::Consuming, lanes::Origin, settle};
+use super::{
+    Context, ack,
+    health::Consuming,
+    lanes::Origin,
+    prefetch::{LaneSet, Plan},
+    settle,
+};
 use crate::{
     broker::{publish::Publisher, topology},
-    config::Config,
     contract::headers::RetryState,
     contract::request::Kind,
 };
@@ -61,9 +66,6 @@ pub(super) struct Links {
     /// each slot subscribes again when they change.
     pub lanes: Arc<watch::Sender<LaneSet>>,
 }
-
-/// The lanes to consume of each work queue (chat, embeddings), by number.
-pub(super) type LaneSet = [Vec<u16>; 2];
 
 /// How often the lanes in use are looked for again: a replica with a larger
 /// `topology.lanes` (one started during a rolling change of it) declares lanes this one did
@@ -182,6 +184,11 @@ pub(super) async fn follow_lanes(
 /// concurrency limit.
 const RESUBSCRIBE_EVERY: Duration = Duration::from_secs(1);
 
+/// How often a slot looks whether the embeddings lanes holding messages changed: the
+/// depths are read every 5 s ([`super::health`]), and a lane this replica moves a request
+/// into is busy at once.
+const PLAN_EVERY: Duration = Duration::from_secs(1);
+
 /// A delivery from one of a slot's consumers, or the end of that consumer's stream.
 type Tagged = (String, Origin, Option<Result<Delivery, lapin::Error>>);
 
@@ -214,11 +221,13 @@ async fn session(
     let mut current = *limit.borrow_and_update();
     let mut lanes = links.lanes.subscribe();
     let in_use = lanes.borrow_and_update().clone();
-    let mut consumers = Consumers::subscribe(ctx, &in_use, &channel, slot, current).await?;
+    let mut consumers =
+        Consumers::subscribe(ctx, plan(ctx, current, &in_use), &channel, slot).await?;
     let _consuming = Consuming::new(&ctx.health);
     let mut last_change = Instant::now();
     let mut resubscribe_at: Option<Instant> = None;
-    debug!(slot, prefetch = ?prefetches(&ctx.config, current), "consuming");
+    let mut look_again = tokio::time::interval(PLAN_EVERY);
+    debug!(slot, plan = ?consumers.plan, "consuming");
     loop {
         let next = tokio::select! {
             biased;
@@ -231,9 +240,7 @@ async fn session(
                     continue;
                 }
                 let wanted = *limit.borrow_and_update();
-                if prefetches(&ctx.config, wanted) != prefetches(&ctx.config, current)
-                    && resubscribe_at.is_none()
-                {
+                if plan(ctx, wanted, &lanes.borrow()) != consumers.plan && resubscribe_at.is_none() {
                     // Let the limit settle for a moment; whatever it is then wins. The loop
                     // keeps dispatching meanwhile.
                     resubscribe_at = Some(last_change + RESUBSCRIBE_EVERY);
@@ -243,21 +250,31 @@ async fn session(
             _ = tokio::time::sleep_until(resubscribe_at.unwrap_or_else(Instant::now).into()), if resubscribe_at.is_some() => {
                 resubscribe_at = None;
                 let wanted = *limit.borrow();
-                if prefetches(&ctx.config, wanted) == prefetches(&ctx.config, current) {
+                let next = plan(ctx, wanted, &lanes.borrow_and_update());
+                if next == consumers.plan {
                     continue;
                 }
-                let in_use = lanes.borrow_and_update().clone();
-                consumers.resubscribe(ctx, &in_use, &channel, slot, wanted).await?;
-                debug!(slot, from = ?prefetches(&ctx.config, current), to = ?prefetches(&ctx.config, wanted), "prefetch follows the concurrency limit");
+                debug!(slot, from = ?consumers.plan, to = ?next, "prefetch follows the concurrency limit");
+                consumers.resubscribe(ctx, next, &channel, slot).await?;
                 current = wanted;
                 last_change = Instant::now();
                 continue;
             }
             // Its sender is in `links`, alive as long as the session.
             Ok(()) = lanes.changed() => {
-                let in_use = lanes.borrow_and_update().clone();
-                consumers.resubscribe(ctx, &in_use, &channel, slot, current).await?;
-                debug!(slot, lanes = ?in_use, "consuming the lanes in use now");
+                let next = plan(ctx, current, &lanes.borrow_and_update());
+                debug!(slot, lanes = ?next.lanes, "consuming the lanes in use now");
+                consumers.resubscribe(ctx, next, &channel, slot).await?;
+                continue;
+            }
+            _ = look_again.tick() => {
+                // Embeddings lanes that began or ceased to hold messages.
+                let next = plan(ctx, current, &lanes.borrow());
+                if next != consumers.plan {
+                    debug!(slot, lanes = ?next.lanes, "consuming the embeddings lanes that hold messages");
+                    consumers.resubscribe(ctx, next, &channel, slot).await?;
+                    last_change = Instant::now();
+                }
                 continue;
             }
             next = consumers.streams.next() => next,
@@ -284,13 +301,14 @@ async fn session(
     }
 }
 
-/// The prefetch of the chat and the embeddings work queues' consumers under `limit`: when
-/// it changes, the slot subscribes again.
-fn prefetches(config: &Config, limit: usize) -> (u16, u16) {
-    (
-        prefetch_for(config, limit, Kind::Chat, Place::Work),
-        prefetch_for(config, limit, Kind::Embedding, Place::Work),
-    )
+/// The slot's plan under the concurrency limit `limit` with the lanes `in_use`: when it
+/// changes, the slot subscribes again. An embeddings lane is consumed while it holds
+/// messages, or did a moment ago ([`super::health::Health::lane_busy`]).
+fn plan(ctx: &Context, limit: usize, in_use: &LaneSet) -> Plan {
+    let queue = &ctx.config.topology.embeddings_queue;
+    Plan::new(&ctx.config, limit, in_use, |lane| {
+        ctx.health.lane_busy(&topology::lane_queue(queue, lane))
+    })
 }
 
 /// Settles a delivery in a task of its own, tracked for the drain.
@@ -315,8 +333,10 @@ fn settle_in_task(
 }
 
 /// A session's consumers on its channel: those of the current subscription, and those it
-/// cancelled for a new prefetch whose streams have not ended yet.
+/// cancelled for a new plan whose streams have not ended yet.
 struct Consumers {
+    /// What the current subscription consumes, and with which prefetch.
+    plan: Plan,
     /// The current subscription's consumer tags.
     live: Vec<String>,
     /// Tags the slot cancelled itself: the end of their stream is expected.
@@ -328,18 +348,18 @@ struct Consumers {
 }
 
 impl Consumers {
-    /// The first subscription of a session, with the prefetch for `limit`.
+    /// The first subscription of a session.
     async fn subscribe(
         ctx: &Context,
-        lanes: &LaneSet,
+        plan: Plan,
         channel: &lapin::Channel,
         slot: u16,
-        limit: usize,
     ) -> Result<Self, lapin::Error> {
         let generation = 0;
         let mut streams = Streams::new();
-        let live = subscribe(ctx, lanes, channel, slot, generation, limit, &mut streams).await?;
+        let live = subscribe(ctx, &plan, channel, slot, generation, &mut streams).await?;
         Ok(Self {
+            plan,
             live,
             cancelled: Vec::new(),
             streams,
@@ -347,29 +367,27 @@ impl Consumers {
         })
     }
 
-    /// Subscribes again to `lanes` with the prefetch for `limit`, then cancels the consumers
-    /// before: their deliveries stay valid on the channel, and their buffered ones still
-    /// come.
+    /// Subscribes again following `plan`, then cancels the consumers before: their
+    /// deliveries stay valid on the channel, and their buffered ones still come.
     async fn resubscribe(
         &mut self,
         ctx: &Context,
-        lanes: &LaneSet,
+        plan: Plan,
         channel: &lapin::Channel,
         slot: u16,
-        limit: usize,
     ) -> Result<(), lapin::Error> {
         self.generation += 1;
         let old = std::mem::take(&mut self.live);
         self.live = subscribe(
             ctx,
-            lanes,
+            &plan,
             channel,
             slot,
             self.generation,
-            limit,
             &mut self.streams,
         )
         .await?;
+        self.plan = plan;
         for tag in old {
             channel
                 .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
@@ -430,43 +448,29 @@ async fn unsubscribe(
     futures_util::future::join_all(give_back).await;
 }
 
-/// Sets the prefetch and subscribes to both work queues and every lane of each, all with
-/// the same prefetch (a tenant alone in its lane can fill the replica); returns the consumer
-/// tags. The broker delivers only from queues that hold messages, so idle lanes cost a
-/// consumer each and nothing more.
+/// Subscribes to both work queues and the lanes of each that `plan` names, each consumer
+/// with its kind's prefetch; returns the consumer tags. The broker delivers only from queues
+/// that hold messages, so an idle chat lane costs a consumer and nothing more.
 async fn subscribe(
     ctx: &Context,
-    lanes: &LaneSet,
+    plan: &Plan,
     channel: &lapin::Channel,
     slot: u16,
     generation: u32,
-    limit: usize,
     streams: &mut Streams,
 ) -> Result<Vec<String>, lapin::Error> {
     let topo = &ctx.config.topology;
     let mut tags = Vec::new();
     for kind in Kind::ALL {
         let queue = topo.work_queue(kind);
-        let lanes = &lanes[kind.index()];
-        let first_lane = lanes.first().copied();
-        let lanes = lanes
+        let lanes = plan.lanes[kind.index()]
             .iter()
             .map(|&lane| (Some(lane), topology::lane_queue(queue, lane)));
+        // basic.qos applies to the consumers created after it: set before each kind's.
+        channel
+            .basic_qos(plan.prefetch(kind), BasicQosOptions::default())
+            .await?;
         for (lane, queue) in std::iter::once((None, queue.to_string())).chain(lanes) {
-            // basic.qos applies to the consumers created after it: set before the work
-            // queue's, then before the first lane's.
-            if lane.is_none() || lane == first_lane {
-                let place = match lane {
-                    None => Place::Work,
-                    Some(_) => Place::Lane,
-                };
-                channel
-                    .basic_qos(
-                        prefetch_for(&ctx.config, limit, kind, place),
-                        BasicQosOptions::default(),
-                    )
-                    .await?;
-            }
             let origin = Origin { kind, lane };
             let mut tag = format!(
                 "llmq-{}-{slot}.{generation}-{}",
@@ -494,115 +498,4 @@ async fn subscribe(
         }
     }
     Ok(tags)
-}
-
-/// Which queue a consumer takes from, for its prefetch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Place {
-    /// A work queue.
-    Work,
-    /// One of a work queue's lanes.
-    Lane,
-}
-
-/// Each consumer's prefetch: fixed by `worker.prefetch`, else an equal share of the limit
-/// plus a quarter, for a work queue's and for each chat lane's alike: a tenant whose requests
-/// are in its lane has as many in hand as one in the work queue, and every lane holding
-/// requests adds at most that much.
-/// The limit counts upstream calls, and a batched embedding call carries up to
-/// `batch.max_items` messages, so the embeddings consumers take that many times more, up to
-/// their share of `batch.max_buffered_bytes` in bodies of `worker.max_body_bytes` (RabbitMQ
-/// ignores a prefetch in bytes). Embeddings are never moved to a lane (see
-/// [`super::lanes`]): their lanes hold only what an earlier version or someone publishing
-/// by name put there, taken one request per consumer at a time, beside the budget.
-fn prefetch_for(config: &Config, limit: usize, kind: Kind, place: Place) -> u16 {
-    match (kind, place) {
-        (Kind::Chat, _) => prefetch_by_limit(config, limit, kind),
-        (Kind::Embedding, Place::Work) => {
-            prefetch_by_limit(config, limit, kind).min(embeddings_prefetch_by_bytes(config))
-        }
-        (Kind::Embedding, Place::Lane) => 1,
-    }
-}
-
-/// The embeddings consumers' prefetch that keeps their buffered bodies within
-/// `batch.max_buffered_bytes`; at least 1.
-fn embeddings_prefetch_by_bytes(config: &Config) -> u16 {
-    let body = u64::try_from(config.worker.max_body_bytes.max(1)).unwrap_or(u64::MAX);
-    let consumers = u64::from(config.worker.consumers.max(1));
-    let each = config.batch.max_buffered_bytes / body / consumers;
-    u16::try_from(each.max(1)).unwrap_or(u16::MAX)
-}
-
-fn prefetch_by_limit(config: &Config, limit: usize, kind: Kind) -> u16 {
-    if config.worker.prefetch > 0 {
-        return config.worker.prefetch;
-    }
-    let per_call = match kind {
-        Kind::Chat => 1,
-        Kind::Embedding => config.batch.max_items.max(1),
-    };
-    let consumers = usize::from(config.worker.consumers.max(1));
-    // A quarter more than the calls allowed: deliveries whose result is being confirmed still
-    // count against the prefetch, and a few waiting ones let the highest priority go first.
-    let wanted = limit.saturating_mul(per_call).saturating_mul(5) / 4;
-    let share = wanted.div_ceil(consumers).max(1);
-    u16::try_from(share).unwrap_or(u16::MAX)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefetch_follows_the_limit_with_headroom() {
-        let mut c = Config::default();
-        c.worker.consumers = 4;
-        c.batch.max_items = 64;
-        c.worker.max_body_bytes = 1024;
-        assert_eq!(prefetch_for(&c, 256, Kind::Chat, Place::Work), 80);
-        assert_eq!(prefetch_for(&c, 4, Kind::Chat, Place::Work), 2);
-        assert_eq!(
-            prefetch_for(&c, 16, Kind::Embedding, Place::Work),
-            320,
-            "a batched call carries 64"
-        );
-        assert_eq!(
-            prefetch_for(&c, 100_000, Kind::Embedding, Place::Work),
-            u16::MAX
-        );
-        c.worker.max_body_bytes = 1024 * 1024;
-        assert_eq!(
-            prefetch_for(&c, 256, Kind::Embedding, Place::Work),
-            64,
-            "256 MiB of 1 MiB bodies, shared by 4 consumers"
-        );
-        assert_eq!(
-            prefetch_for(&c, 256, Kind::Chat, Place::Work),
-            80,
-            "chat is not bounded by bytes"
-        );
-        c.batch.max_buffered_bytes = 1024 * 1024;
-        assert_eq!(
-            prefetch_for(&c, 256, Kind::Embedding, Place::Work),
-            1,
-            "at least one"
-        );
-        assert_eq!(
-            prefetch_for(&c, 256, Kind::Chat, Place::Lane),
-            80,
-            "a chat lane's: the work queue's"
-        );
-        assert_eq!(
-            prefetch_for(&c, 256, Kind::Embedding, Place::Lane),
-            1,
-            "embeddings are never moved to a lane"
-        );
-        c.worker.prefetch = 7;
-        assert_eq!(
-            prefetch_for(&c, 256, Kind::Chat, Place::Work),
-            7,
-            "a fixed prefetch wins"
-        );
-    }
 }

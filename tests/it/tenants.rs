@@ -232,6 +232,31 @@ impl Tenant {
     /// broker checks), persistent, on a confirm channel; returns once the broker has
     /// confirmed them all, with the instant each was sent.
     async fn publish(&self, env: &TestEnv, ns: Range<usize>) -> Vec<Instant> {
+        let key = &env.config.topology.processing_key;
+        self.publish_as(env, key, ns, |id| json!({"request_id": id, "prompt": id}))
+            .await
+    }
+
+    /// The same for embedding requests, the id as the input.
+    async fn publish_embeddings(&self, env: &TestEnv, ns: Range<usize>) -> Vec<Instant> {
+        let key = &env.config.topology.embeddings_key;
+        self.publish_as(
+            env,
+            key,
+            ns,
+            |id| json!({"request_id": id, "kind": "embedding", "input": id}),
+        )
+        .await
+    }
+
+    /// Publishes the requests `ns`, each body made from its id, with routing key `key`.
+    async fn publish_as(
+        &self,
+        env: &TestEnv,
+        key: &str,
+        ns: Range<usize>,
+        body: impl Fn(&str) -> Value,
+    ) -> Vec<Instant> {
         let ch = self.conn.create_channel().await.unwrap();
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
@@ -241,12 +266,12 @@ impl Tenant {
         let mut confirms = Vec::with_capacity(ns.len());
         for n in ns {
             let id = self.id(n);
-            let body = json!({"request_id": id, "prompt": id}).to_string();
+            let body = body(&id).to_string();
             sent.push(Instant::now());
             let confirm = ch
                 .basic_publish(
                     topo.request_exchange.as_str().into(),
-                    topo.processing_key.as_str().into(),
+                    key.into(),
                     BasicPublishOptions {
                         mandatory: true,
                         ..Default::default()
@@ -506,6 +531,70 @@ async fn fairness_with(same_lane: bool) {
         "fairness: Bob's median latency from publish to result {:?} (behind {ALICE} of \
          Alice's, {K} calls of 100 ms at once)",
         waits[BOB / 2]
+    );
+    worker.stop().await.expect("worker stops");
+    BrokerUser::delete_all([alice.close().await, bob.close().await]);
+    env.cleanup().await;
+}
+
+/// The issue's embeddings scenario: 3,000 of Alice's embedding requests queued, then 20 of
+/// Bob's. First in, first out answers every one of hers before any of his. Her backlog is
+/// moved to her lane as a chat backlog is, and his are reached: half of his are answered
+/// before a third of hers (the issue: his median wait under a third of first in, first out),
+/// while batching goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_fairness() {
+    const ALICE: usize = 3000;
+    const BOB: usize = 20;
+    const ITEMS: usize = 16;
+    let [alice, bob] = alice_and_bob(false);
+    let env = TestEnv::with(recording(200), |c| {
+        fixed_concurrency(c, 2);
+        c.batch.max_items = ITEMS;
+    })
+    .await;
+    let (alice, bob) = (
+        Tenant::new(alice, "alice").await,
+        Tenant::new(bob, "bob").await,
+    );
+    alice.publish_embeddings(&env, 0..ALICE).await;
+    bob.publish_embeddings(&env, 0..BOB).await;
+    let started = Instant::now();
+    let worker = env.start_worker();
+    let got = collect(&env, &[&alice, &bob], |got| got.len() == ALICE + BOB).await;
+
+    let stats = env.mock.stats();
+    let items = stats
+        .embedding_items
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let calls = stats
+        .embedding_calls
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(items, (ALICE + BOB) as u64, "each request embedded once");
+    assert!(
+        calls <= items / (ITEMS as u64 / 2),
+        "batching kept: {calls} calls for {items} inputs, batches of up to {ITEMS}"
+    );
+    let mut bobs: Vec<Instant> = (0..BOB).map(|n| got[&bob.id(n)].at).collect();
+    bobs.sort();
+    let bob_median = bobs[BOB / 2];
+    let alice_before = (0..ALICE)
+        .filter(|n| got[&alice.id(*n)].at < bob_median)
+        .count();
+    let alice_last = (0..ALICE)
+        .map(|n| got[&alice.id(n)].at)
+        .max()
+        .expect("Alice's answers");
+    eprintln!(
+        "embeddings fairness: Bob's median answered {:?} after the worker started, Alice's \
+         last {:?} ({calls} calls for {items} inputs; {alice_before} of Alice's before Bob's \
+         median)",
+        bob_median - started,
+        alice_last - started
+    );
+    assert!(
+        alice_before < ALICE / 3,
+        "{alice_before} of Alice's {ALICE} were answered before Bob's median"
     );
     worker.stop().await.expect("worker stops");
     BrokerUser::delete_all([alice.close().await, bob.close().await]);

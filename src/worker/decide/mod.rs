@@ -16,10 +16,7 @@ pub use tally::{AfterAttempt, Attempted, CUT_AT_DEADLINE, Tally};
 use crate::{
     broker::retry::TIERS,
     config::OnStoreError,
-    contract::{
-        ErrorKind,
-        request::{InvalidRequest, Kind},
-    },
+    contract::{ErrorKind, request::InvalidRequest},
     upstream::call::Outcome,
     worker::policy::RetryPolicy,
 };
@@ -164,8 +161,6 @@ pub struct Sent {
 /// Where a delivery comes from, as far as moving it to its tenant's lane goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Arrival {
-    /// Its kind.
-    pub kind: Kind,
     /// Lanes per work queue (`topology.lanes`).
     pub lanes: u16,
     /// It comes from a lane, not from the work queue.
@@ -179,11 +174,10 @@ pub struct Arrival {
 ///
 /// Only a request from the work queue moves. A redelivered one is settled where it is: its
 /// redelivery is counted (and a stream it may have begun marked) there, and a request a lane
-/// refuses does not come back to be moved again and again. Embeddings never move: a batched
-/// call carries many requests, so a lane would need as many in hand to keep its tenant's
-/// calls full, beyond `batch.max_buffered_bytes`; their fair share is admission by weight.
+/// refuses does not come back to be moved again and again. Chat and embeddings alike: one
+/// tenant's embedding backlog would otherwise hold every other tenant's embeddings behind it.
 pub fn may_move(a: Arrival) -> bool {
-    a.lanes > 0 && a.kind == Kind::Chat && !a.from_lane && !a.redelivered
+    a.lanes > 0 && !a.from_lane && !a.redelivered
 }
 
 /// What the worker does next with a delivery.
@@ -1481,22 +1475,14 @@ mod tests {
     }
 
     #[test]
-    fn only_a_chat_request_fresh_from_the_work_queue_may_move_to_a_lane() {
+    fn only_a_request_fresh_from_the_work_queue_may_move_to_a_lane() {
         let a = Arrival {
-            kind: Kind::Chat,
             lanes: 16,
             from_lane: false,
             redelivered: false,
         };
         assert!(may_move(a));
         assert!(!may_move(Arrival { lanes: 0, ..a }), "lanes off");
-        assert!(
-            !may_move(Arrival {
-                kind: Kind::Embedding,
-                ..a
-            }),
-            "embeddings batch"
-        );
         assert!(
             !may_move(Arrival {
                 from_lane: true,

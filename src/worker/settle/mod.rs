@@ -54,7 +54,6 @@ pub(super) async fn handle(
         let identity = Identity::of(&delivery.properties, &ctx.config.tenancy.header);
         let weight = ctx.tenants.limits(identity.as_str()).weight;
         let arrival = Arrival {
-            kind,
             lanes: ctx.config.topology.lanes,
             from_lane: origin.lane.is_some(),
             redelivered: delivery.redelivered,
@@ -74,12 +73,17 @@ pub(super) async fn handle(
     }
 }
 
-/// The lane a chat request of `tenant` moves to, when the tenant is over its share here.
+/// The lane a request of `tenant` moves to, when the tenant is over its share here.
 fn lane_for(ctx: &Context, kind: Kind, tenant: &str, weight: u32) -> Option<String> {
     let router = ctx.upstream.router();
+    // A batched embedding call carries up to `batch.max_items` requests.
+    let per_call = match kind {
+        Kind::Chat => 1,
+        Kind::Embedding => ctx.config.batch.max_items.max(1),
+    };
     let pressure = Pressure {
         weight,
-        limit: router.limit(),
+        limit: router.limit().saturating_mul(per_call),
         waiting: router.waiting() > 0 || ctx.upstream.shares().waiting(tenant),
     };
     let queue = ctx.config.topology.work_queue(kind);
@@ -96,6 +100,9 @@ async fn move_to_lane(ctx: &Context, publisher: &Publisher, delivery: &Delivery,
         with_retries(|| publisher.republish(delivery, "", lane, headers.clone(), None)).await;
     if moved.is_ok() {
         ctx.metrics.lane_moves.inc();
+        // An embeddings lane is consumed while it is busy: this replica's slots take it up
+        // now rather than at its next read.
+        ctx.health.lane_moved_into(lane);
     }
     ack_if_confirmed(delivery, moved, &ctx.stop).await;
 }
