@@ -602,11 +602,7 @@ mod tests {
         config::{SecretUrl, UpstreamConfig},
         tools::mock::{MockOptions, MockServer},
         upstream::{
-            flow::{
-                admission::Stop,
-                limit::{Flow, Turn},
-                ratelimit::Budget,
-            },
+            flow::{admission::Stop, limit::Flow, ratelimit::Budget, turn::Turn},
             http::client::ChatAnswer,
         },
     };
