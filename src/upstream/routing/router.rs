@@ -37,8 +37,9 @@ use crate::{
         failure::{Class, Failure, Pushback},
         flow::admission::Admission,
         routing::deployment::{Answer, Deployment},
+        routing::out::Why,
         routing::probe::ProbeGuard,
-        routing::standing::{Availability, Standing, Why, secs_ms},
+        routing::standing::{Availability, Standing, secs_ms},
     },
 };
 
