@@ -207,6 +207,25 @@ impl TestEnv {
             .collect()
     }
 
+    /// An exclusive, server-named queue on the env's connection (a `reply_to`, or a queue of
+    /// the test's own): gone with the connection, and not auto-deleted, since a test may
+    /// consume it more than once.
+    pub async fn reply_queue(&self) -> String {
+        self.channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("a reply queue")
+            .name()
+            .to_string()
+    }
+
     /// Ready messages in `queue`.
     pub async fn queue_len(&self, queue: &str) -> u32 {
         let ch = self.conn.create_channel().await.unwrap();
@@ -628,14 +647,23 @@ fn regex_escape(s: &str) -> String {
         .collect()
 }
 
-/// Deletes every Redis key under `prefix:` (a test's budgets, usage ledger, shared state).
-pub async fn delete_redis_keys(prefix: &str) {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let client = redis::Client::open(url).expect("redis");
-    let mut conn = client
+/// The Redis the tests use: `REDIS_URL`, else the local one.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A connection to the tests' Redis.
+pub async fn redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .expect("redis url")
         .get_multiplexed_async_connection()
         .await
-        .expect("redis");
+        .expect("redis")
+}
+
+/// Deletes every Redis key under `prefix:` (a test's budgets, usage ledger, shared state).
+pub async fn delete_redis_keys(prefix: &str) {
+    let mut conn = redis().await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{prefix}:*"))
         .query_async(&mut conn)
