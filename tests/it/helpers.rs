@@ -207,6 +207,21 @@ impl TestEnv {
             .collect()
     }
 
+    /// Takes `n` dead letters, in the order of their bodies' request ids (to pair them with
+    /// what was sent, and with [`Self::results_by_id`]).
+    pub async fn dead_letters_by_id(&self, n: usize) -> Vec<Delivery> {
+        let mut dead = self.dead_letters(n).await;
+        dead.sort_by_key(|d| request_id(&json(&d.data)));
+        dead
+    }
+
+    /// Takes `n` results, parsed, in the order of their request ids.
+    pub async fn results_by_id(&self, n: usize) -> Vec<Value> {
+        let mut results: Vec<Value> = self.results(n).await.into_iter().map(|(_, b)| b).collect();
+        results.sort_by_key(request_id);
+        results
+    }
+
     /// An exclusive, server-named queue on the env's connection (a `reply_to`, or a queue of
     /// the test's own): gone with the connection, and not auto-deleted, since a test may
     /// consume it more than once.
@@ -645,6 +660,14 @@ fn regex_escape(s: &str) -> String {
             special.then_some('\\').into_iter().chain([c])
         })
         .collect()
+}
+
+/// The `request_id` of a request or result body.
+fn request_id(body: &Value) -> String {
+    body["request_id"]
+        .as_str()
+        .expect("a request id")
+        .to_string()
 }
 
 /// The Redis the tests use: `REDIS_URL`, else the local one.
