@@ -222,6 +222,29 @@ impl TestEnv {
         results
     }
 
+    /// Publishes each `(body, reason)` of `cases` (in the order of their request ids) as a
+    /// chat request and checks that each was refused as invalid for `reason`: its dead
+    /// letter is the request itself, with `x-error-kind` `invalid_request` and `x-error` the
+    /// reason, and its error result says the reason. Gives the results back, in the same
+    /// order, for more checks.
+    pub async fn refused_each(&self, cases: &[(Value, &str)]) -> Vec<Value> {
+        for (body, _) in cases {
+            self.publish_chat(body, BasicProperties::default()).await;
+        }
+        let dead = self.dead_letters_by_id(cases.len()).await;
+        let results = self.results_by_id(cases.len()).await;
+        for (((body, reason), d), result) in cases.iter().zip(&dead).zip(&results) {
+            assert_eq!(json(&d.data)["request_id"], body["request_id"]);
+            assert_eq!(
+                header(d, "x-error-kind").as_deref(),
+                Some("invalid_request")
+            );
+            assert_eq!(header(d, "x-error").as_deref(), Some(*reason));
+            assert_eq!(result["error"]["message"], *reason);
+        }
+        results
+    }
+
     /// An exclusive, server-named queue on the env's connection (a `reply_to`, or a queue of
     /// the test's own): gone with the connection, and not auto-deleted, since a test may
     /// consume it more than once.

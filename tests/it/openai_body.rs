@@ -8,7 +8,7 @@ use lapin::BasicProperties;
 use llmq::tools::mock::{MockOptions, mock_embedding, mock_embedding_base64};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestEnv, header, json as parse_json};
+use crate::helpers::TestEnv;
 
 /// A mock that keeps every body it receives.
 fn recording() -> MockOptions {
@@ -102,20 +102,7 @@ async fn an_unknown_top_level_field_is_refused_by_name_unless_allowed() {
              (1 and 2); give it once",
         ),
     ];
-    for (body, _) in &refused {
-        env.publish_chat(body, BasicProperties::default()).await;
-    }
-    let dead = env.dead_letters_by_id(refused.len()).await;
-    let results = env.results_by_id(refused.len()).await;
-    for (((body, reason), d), result) in refused.iter().zip(&dead).zip(&results) {
-        assert_eq!(parse_json(&d.data)["request_id"], body["request_id"]);
-        assert_eq!(
-            header(d, "x-error-kind").as_deref(),
-            Some("invalid_request")
-        );
-        assert_eq!(header(d, "x-error").as_deref(), Some(*reason));
-        assert_eq!(result["error"]["message"], *reason);
-    }
+    env.refused_each(&refused).await;
     assert_eq!(env.chat_calls(), 0, "no call for any of them");
 
     let allowed =
