@@ -650,14 +650,27 @@ mod tests {
         BasicProperties::default()
     }
 
+    /// `body` parsed as a delivery to the chat queue, with no properties, under `rules`.
+    fn chat_under(body: &[u8], rules: &Rules) -> Result<Job, InvalidRequest> {
+        parse(body, &props(), Kind::Chat, rules)
+    }
+
     fn ok(body: &str) -> Job {
-        parse(body.as_bytes(), &props(), Kind::Chat, &Rules::default()).expect("valid request")
+        chat_under(body.as_bytes(), &Rules::default()).expect("valid request")
     }
 
     fn err(body: &[u8]) -> String {
-        parse(body, &props(), Kind::Chat, &Rules::default())
+        chat_under(body, &Rules::default())
             .expect_err("invalid request")
             .message
+    }
+
+    /// Checks that each body is refused with a reason that contains what goes with it.
+    fn refused_saying<'a>(cases: impl IntoIterator<Item = (&'a [u8], &'a str)>) {
+        for (body, says) in cases {
+            let e = err(body);
+            assert!(e.contains(says), "{e}");
+        }
     }
 
     #[test]
@@ -797,7 +810,7 @@ mod tests {
             max_body_bytes: 64,
             ..Rules::default()
         };
-        let e = parse(&[b'x'; 100], &props(), Kind::Chat, &rules).expect_err("too large");
+        let e = chat_under(&[b'x'; 100], &rules).expect_err("too large");
         assert_eq!(e.kind, ErrorKind::TooLarge);
     }
 
@@ -861,7 +874,7 @@ mod tests {
             allowed_models: ["m1".to_string()].into(),
             ..Rules::default()
         };
-        let parse_model = |body: &str| parse(body.as_bytes(), &props(), Kind::Chat, &rules);
+        let parse_model = |body: &str| chat_under(body.as_bytes(), &rules);
         assert!(parse_model(r#"{"prompt":"x","model":"m1"}"#).is_ok());
         assert!(
             parse_model(r#"{"prompt":"x"}"#).is_ok(),
@@ -872,13 +885,8 @@ mod tests {
             e.message,
             "field `model`: \"m2\" is not one of llm.allowed_models"
         );
-        let e = parse(
-            br#"{"kind":"embedding","input":"x","model":"m2"}"#,
-            &props(),
-            Kind::Chat,
-            &rules,
-        )
-        .expect_err("embeddings too");
+        let e = parse_model(r#"{"kind":"embedding","input":"x","model":"m2"}"#)
+            .expect_err("embeddings too");
         assert!(e.message.contains("llm.allowed_models"));
     }
 
@@ -1012,15 +1020,7 @@ mod tests {
         );
         let mut rules = Rules::default();
         rules.allowed_params.insert("store".into());
-        assert!(
-            parse(
-                br#"{"prompt": "x", "store": true}"#,
-                &props(),
-                Kind::Chat,
-                &rules
-            )
-            .is_ok()
-        );
+        assert!(chat_under(br#"{"prompt": "x", "store": true}"#, &rules).is_ok());
     }
 
     #[test]
@@ -1034,7 +1034,7 @@ mod tests {
             Value::Object(params.clone()),
             serde_json::json!({"encoding_format": "base64", "dimensions": 8, "user": "u"})
         );
-        for (body, says) in [
+        refused_saying([
             (
                 &br#"{"kind": "embedding", "input": "a", "prompt": "b"}"#[..],
                 "field `prompt`: an embedding request takes `input`",
@@ -1051,10 +1051,7 @@ mod tests {
                 br#"{"prompt": "a", "input": "b"}"#,
                 "field `input`: a chat request takes `prompt` or `messages`",
             ),
-        ] {
-            let e = err(body);
-            assert!(e.contains(says), "{e}");
-        }
+        ]);
     }
 
     #[test]
@@ -1066,19 +1063,13 @@ mod tests {
             },
             ..Rules::default()
         };
-        let e = parse(br#"{"prompt": "x"}"#, &props(), Kind::Chat, &rules).expect_err("none");
+        let e = chat_under(br#"{"prompt": "x"}"#, &rules).expect_err("none");
         assert_eq!(e.kind, ErrorKind::InvalidRequest);
         assert!(e.message.contains("`user_id`"), "{e}");
         let alice = BasicProperties::default().with_user_id("alice".into());
         assert!(parse(br#"{"prompt": "x"}"#, &alice, Kind::Chat, &rules).is_ok());
         assert!(
-            parse(
-                br#"{"prompt": "x"}"#,
-                &props(),
-                Kind::Chat,
-                &Rules::default()
-            )
-            .is_ok(),
+            chat_under(br#"{"prompt": "x"}"#, &Rules::default()).is_ok(),
             "not required by default"
         );
     }
@@ -1094,7 +1085,7 @@ mod tests {
         };
         assert!(messages[1]["content"].is_null());
         assert_eq!(messages[2]["tool_call_id"], "c1");
-        for (body, says) in [
+        refused_saying([
             (
                 &br#"{"messages": [{"role": "tool", "content": "18"}]}"#[..],
                 "messages[0].tool_call_id",
@@ -1111,10 +1102,7 @@ mod tests {
                 br#"{"messages": [{"role": "assistant", "content": null}]}"#,
                 "messages[0].content",
             ),
-        ] {
-            let e = err(body);
-            assert!(e.contains(says), "{e}");
-        }
+        ]);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use lapin::BasicProperties;
 use llmq::{
     config::{Config, SecretUrl, StoreKind},
     tools::mock::MockOptions,
-    upstream::routing::standing::MAX_MODELS_OUT,
+    upstream::routing::out::MAX_MODELS_OUT,
     worker::Worker,
 };
 use serde_json::json;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use lapin::BasicProperties;
 use llmq::{
-    config::{Config, PriceConfig, SecretUrl, TenantConfig, Usd},
+    config::{PriceConfig, SecretUrl, TenantConfig, Usd},
     store::keys,
     tenant::spend::Period,
     tools::mock::MockOptions,
@@ -15,19 +15,7 @@ use llmq::{
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestEnv, unique};
-
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-async fn redis() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(redis_url())
-        .expect("redis url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis")
-}
+use crate::helpers::{TestEnv, delete_redis_keys, redis, redis_url, unique};
 
 /// A price of `output` dollars per completion token and nothing for the prompt, and
 /// `max_output_tokens`.
@@ -40,24 +28,45 @@ fn per_output_token(output: f64, max_output_tokens: Option<u64>) -> PriceConfig 
     }
 }
 
-/// `tenant` with a day's budget of `dollars`, through Redis under `prefix`, with `prices`.
-fn budgeted(
-    c: &mut Config,
+/// An env whose model costs `price` and whose `tenant` has a day's budget of `dollars`,
+/// kept in Redis under `prefix`.
+async fn env_with_budget(
+    mock: MockOptions,
     prefix: &str,
     tenant: &str,
     dollars: f64,
-    prices: BTreeMap<String, PriceConfig>,
-) {
-    c.limits.redis_url = SecretUrl::new(redis_url());
-    c.limits.key_prefix = prefix.to_string();
-    c.prices = prices;
-    c.tenants = BTreeMap::from([(
-        tenant.to_string(),
-        TenantConfig {
-            max_usd_per_day: Some(Usd::from_dollars(dollars).expect("a budget")),
-            ..Default::default()
-        },
-    )]);
+    price: PriceConfig,
+) -> TestEnv {
+    TestEnv::with(mock, |c| {
+        c.limits.redis_url = SecretUrl::new(redis_url());
+        c.limits.key_prefix = prefix.to_string();
+        c.prices = BTreeMap::from([(c.llm.model.clone(), price)]);
+        c.tenants = BTreeMap::from([(
+            tenant.to_string(),
+            TenantConfig {
+                max_usd_per_day: Some(Usd::from_dollars(dollars).expect("a budget")),
+                ..Default::default()
+            },
+        )]);
+    })
+    .await
+}
+
+/// The properties of a request published as `tenant`.
+fn as_tenant(tenant: &str) -> BasicProperties {
+    BasicProperties::default().with_user_id(tenant.into())
+}
+
+/// Publishes `body` as `tenant`'s chat request and takes the one result.
+async fn answer(env: &TestEnv, tenant: &str, body: Value) -> Value {
+    env.publish_chat(&body, as_tenant(tenant)).await;
+    env.results(1).await.remove(0).1
+}
+
+/// Removes what the test left in Redis under `prefix`, and its queues.
+async fn clean_up(env: TestEnv, prefix: &str) {
+    delete_redis_keys(prefix).await;
+    env.cleanup().await;
 }
 
 /// What the fleet's ledger holds as `tenant`'s spend today, micro-dollars.
@@ -78,14 +87,11 @@ async fn spent_today(prefix: &str, tenant: &str) -> i64 {
 async fn two_replicas_never_spend_past_a_budget_under_concurrency() {
     let prefix = unique("reserve");
     let tenant = unique("spender");
-    let env = TestEnv::with(MockOptions::default(), |c| {
-        // "mock reply to: q-NN" is 19 bytes: 4 tokens at the mock's 4 bytes a token, the
-        // bound each request sets; $2.50 a completion token makes each answer $10, and
-        // what is held for it $10.
-        let prices = BTreeMap::from([(c.llm.model.clone(), per_output_token(2.5, None))]);
-        budgeted(c, &prefix, &tenant, 100.0, prices);
-    })
-    .await;
+    // "mock reply to: q-NN" is 19 bytes: 4 tokens at the mock's 4 bytes a token, the bound
+    // each request sets; $2.50 a completion token makes each answer $10, and what is held
+    // for it $10.
+    let price = per_output_token(2.5, None);
+    let env = env_with_budget(MockOptions::default(), &prefix, &tenant, 100.0, price).await;
     let day = Period::at(llmq::runtime::clock::unix_now());
     let mut conn = redis().await;
     for period in [&day.day, &day.month] {
@@ -102,12 +108,9 @@ async fn two_replicas_never_spend_past_a_budget_under_concurrency() {
     let bodies: Vec<Value> = (0..40)
         .map(|i| json!({"request_id": format!("q-{i:02}"), "prompt": format!("q-{i:02}"), "max_tokens": 4}))
         .collect();
-    let publishes = bodies.iter().map(|body| {
-        env.publish_chat(
-            body,
-            BasicProperties::default().with_user_id(tenant.as_str().into()),
-        )
-    });
+    let publishes = bodies
+        .iter()
+        .map(|body| env.publish_chat(body, as_tenant(&tenant)));
     futures_util::future::join_all(publishes).await;
     let results = env.results(40).await;
     let ok: Vec<&Value> = results
@@ -129,8 +132,7 @@ async fn two_replicas_never_spend_past_a_budget_under_concurrency() {
     for (_, worker) in replicas {
         worker.stop().await.expect("worker stops");
     }
-    crate::helpers::delete_redis_keys(&prefix).await;
-    env.cleanup().await;
+    clean_up(env, &prefix).await;
 }
 
 /// Under a budget, a model without a price (and no `[prices.default]`) is refused by name
@@ -140,20 +142,11 @@ async fn two_replicas_never_spend_past_a_budget_under_concurrency() {
 async fn an_unpriced_model_is_refused_under_a_budget_unless_a_default_price_exists() {
     let prefix = unique("unpriced");
     let (tenant, free) = (unique("payer"), unique("free"));
-    let env = TestEnv::with(MockOptions::default(), |c| {
-        let prices = BTreeMap::from([(c.llm.model.clone(), per_output_token(0.001, Some(16)))]);
-        budgeted(c, &prefix, &tenant, 100.0, prices);
-    })
-    .await;
+    let price = per_output_token(0.001, Some(16));
+    let env = env_with_budget(MockOptions::default(), &prefix, &tenant, 100.0, price).await;
     let worker = env.start_worker();
-    let at = &env;
-    let ask = |id: &str, user: &str| {
-        let body = json!({"request_id": id, "prompt": "hi", "model": "no-price-model"});
-        let props = BasicProperties::default().with_user_id(user.into());
-        async move { at.publish_chat(&body, props).await }
-    };
-    ask("unpriced", &tenant).await;
-    let (_, refused) = env.results(1).await.remove(0);
+    let unpriced = |id: &str| json!({"request_id": id, "prompt": "hi", "model": "no-price-model"});
+    let refused = answer(&env, &tenant, unpriced("unpriced")).await;
     assert_eq!(refused["error"]["kind"], "invalid_request", "{refused}");
     let why = refused["error"]["message"].as_str().expect("a reason");
     assert!(
@@ -161,8 +154,7 @@ async fn an_unpriced_model_is_refused_under_a_budget_unless_a_default_price_exis
         "{why}"
     );
     assert_eq!(env.chat_calls(), 0);
-    ask("free", &free).await;
-    let (_, answered) = env.results(1).await.remove(0);
+    let answered = answer(&env, &free, unpriced("free")).await;
     assert_eq!(answered["status"], "ok", "{answered}");
     assert_eq!(env.chat_calls(), 1);
     worker.stop().await.expect("worker stops");
@@ -173,16 +165,14 @@ async fn an_unpriced_model_is_refused_under_a_budget_unless_a_default_price_exis
         .prices
         .insert("default".into(), per_output_token(0.5, Some(16)));
     let worker = env.start_worker_with(config);
-    ask("default-priced", &tenant).await;
-    let (_, priced) = env.results(1).await.remove(0);
+    let priced = answer(&env, &tenant, unpriced("default-priced")).await;
     assert_eq!(priced["status"], "ok", "{priced}");
     let tokens = priced["usage"]["completion_tokens"]
         .as_u64()
         .expect("tokens");
     assert_eq!(priced["cost_usd"], json!(tokens as f64 * 0.5), "{priced}");
     worker.stop().await.expect("worker stops");
-    crate::helpers::delete_redis_keys(&prefix).await;
-    env.cleanup().await;
+    clean_up(env, &prefix).await;
 }
 
 /// Under a budget, a chat request without `max_tokens` is sent with the model's
@@ -192,24 +182,22 @@ async fn an_unpriced_model_is_refused_under_a_budget_unless_a_default_price_exis
 async fn a_request_under_a_budget_is_sent_with_an_output_bound() {
     let prefix = unique("bound");
     let tenant = unique("bounded");
-    let env = TestEnv::with(MockOptions::default(), |c| {
-        let prices = BTreeMap::from([(c.llm.model.clone(), per_output_token(0.000_001, Some(3)))]);
-        budgeted(c, &prefix, &tenant, 100.0, prices);
-    })
-    .await;
+    let price = per_output_token(0.000_001, Some(3));
+    let env = env_with_budget(MockOptions::default(), &prefix, &tenant, 100.0, price).await;
     let worker = env.start_worker();
-    let prompt = "a question long enough that the reply is cut";
-    for (id, extra) in [("unset", json!({})), ("larger", json!({"max_tokens": 500}))] {
-        let mut body = json!({"request_id": id, "prompt": prompt});
-        body.as_object_mut()
-            .expect("an object")
-            .extend(extra.as_object().expect("an object").clone());
-        env.publish_chat(
-            &body,
-            BasicProperties::default().with_user_id(tenant.as_str().into()),
-        )
-        .await;
-        let (_, r) = env.results(1).await.remove(0);
+    // The request `id`, with `max_tokens` only when given.
+    let body = |id: &str, max_tokens: Option<u64>| {
+        let mut body = json!({
+            "request_id": id,
+            "prompt": "a question long enough that the reply is cut"
+        });
+        if let Some(max_tokens) = max_tokens {
+            body["max_tokens"] = json!(max_tokens);
+        }
+        body
+    };
+    for (id, max_tokens) in [("unset", None), ("larger", Some(500))] {
+        let r = answer(&env, &tenant, body(id, max_tokens)).await;
         assert_eq!(r["status"], "ok", "{r}");
         assert_eq!(r["usage"]["completion_tokens"], 3, "{id}: {r}");
         assert_eq!(r["finish_reason"], "length", "{id}: {r}");
@@ -217,25 +205,15 @@ async fn a_request_under_a_budget_is_sent_with_an_output_bound() {
     // Another tenant has no budget: no bound is added, but one larger than the model's
     // is still lowered to it.
     let other = unique("nobudget");
-    for (id, extra, finish) in [
-        ("other-unset", json!({}), "stop"),
-        ("other-larger", json!({"max_tokens": 500}), "length"),
+    for (id, max_tokens, finish) in [
+        ("other-unset", None, "stop"),
+        ("other-larger", Some(500), "length"),
     ] {
-        let mut body = json!({"request_id": id, "prompt": prompt});
-        body.as_object_mut()
-            .expect("an object")
-            .extend(extra.as_object().expect("an object").clone());
-        env.publish_chat(
-            &body,
-            BasicProperties::default().with_user_id(other.as_str().into()),
-        )
-        .await;
-        let (_, r) = env.results(1).await.remove(0);
+        let r = answer(&env, &other, body(id, max_tokens)).await;
         assert_eq!(r["finish_reason"], finish, "{id}: {r}");
     }
     worker.stop().await.expect("worker stops");
-    crate::helpers::delete_redis_keys(&prefix).await;
-    env.cleanup().await;
+    clean_up(env, &prefix).await;
 }
 
 /// An answer that comes without `usage` is charged what was held for it, never refunded.
@@ -243,32 +221,22 @@ async fn a_request_under_a_budget_is_sent_with_an_output_bound() {
 async fn an_answer_without_usage_is_charged_what_it_held() {
     let prefix = unique("nousage");
     let tenant = unique("unmetered");
-    let env = TestEnv::with(
-        MockOptions {
-            no_usage: true,
-            ..MockOptions::default()
-        },
-        |c| {
-            let prices = BTreeMap::from([(c.llm.model.clone(), per_output_token(0.25, Some(100)))]);
-            budgeted(c, &prefix, &tenant, 1000.0, prices);
-        },
-    )
-    .await;
+    let mock = MockOptions {
+        no_usage: true,
+        ..MockOptions::default()
+    };
+    let price = per_output_token(0.25, Some(100));
+    let env = env_with_budget(mock, &prefix, &tenant, 1000.0, price).await;
     let worker = env.start_worker();
-    env.publish_chat(
-        &json!({"request_id": "u1", "prompt": "hi", "max_tokens": 8}),
-        BasicProperties::default().with_user_id(tenant.as_str().into()),
-    )
-    .await;
-    let (_, r) = env.results(1).await.remove(0);
+    let body = json!({"request_id": "u1", "prompt": "hi", "max_tokens": 8});
+    let r = answer(&env, &tenant, body).await;
     assert_eq!(r["status"], "ok", "{r}");
     assert!(r.get("usage").is_none_or(Value::is_null), "{r}");
     // 8 tokens at $0.25: what was held, and what is spent.
     assert_eq!(r["cost_usd"], json!(2.0), "{r}");
     assert_eq!(spent_today(&prefix, &tenant).await, 2_000_000);
     worker.stop().await.expect("worker stops");
-    crate::helpers::delete_redis_keys(&prefix).await;
-    env.cleanup().await;
+    clean_up(env, &prefix).await;
 }
 
 /// Bytes of the text a delta carried: every string in its `delta` but the role.
@@ -291,38 +259,18 @@ fn text_bytes(v: &Value) -> u64 {
 async fn a_cut_stream_is_charged_for_what_it_streamed() {
     let prefix = unique("cutstream");
     let tenant = unique("streamer");
-    let env = TestEnv::with(
-        MockOptions {
-            chunk_ms: 300,
-            ..MockOptions::default()
-        },
-        |c| {
-            let prices = BTreeMap::from([(c.llm.model.clone(), per_output_token(1.0, None))]);
-            budgeted(c, &prefix, &tenant, 100_000.0, prices);
-        },
-    )
-    .await;
-    let reply = env
-        .channel
-        .queue_declare(
-            "".into(),
-            lapin::options::QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .expect("a reply queue")
-        .name()
-        .to_string();
+    let mock = MockOptions {
+        chunk_ms: 300,
+        ..MockOptions::default()
+    };
+    let price = per_output_token(1.0, None);
+    let env = env_with_budget(mock, &prefix, &tenant, 100_000.0, price).await;
+    let reply = env.reply_queue().await;
     let worker = env.start_worker();
     let now = llmq::runtime::clock::unix_now_ms() as f64 / 1000.0;
     env.publish_chat(
         &json!({"request_id": "cut", "prompt": "a long story that goes on and on, word after word, for many seconds yet", "stream": true, "max_tokens": 1000, "deadline": now + 2.5}),
-        BasicProperties::default()
-            .with_user_id(tenant.as_str().into())
-            .with_reply_to(reply.as_str().into()),
+        as_tenant(&tenant).with_reply_to(reply.as_str().into()),
     )
     .await;
     // Deltas until the result (the deadline's error) comes.
@@ -352,6 +300,5 @@ async fn a_cut_stream_is_charged_for_what_it_streamed() {
         spent_today(&prefix, &tenant).await,
         i64::try_from(streamed.div_ceil(4) * 1_000_000).expect("micros")
     );
-    crate::helpers::delete_redis_keys(&prefix).await;
-    env.cleanup().await;
+    clean_up(env, &prefix).await;
 }

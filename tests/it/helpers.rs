@@ -207,6 +207,63 @@ impl TestEnv {
             .collect()
     }
 
+    /// Takes `n` dead letters, in the order of their bodies' request ids (to pair them with
+    /// what was sent, and with [`Self::results_by_id`]).
+    pub async fn dead_letters_by_id(&self, n: usize) -> Vec<Delivery> {
+        let mut dead = self.dead_letters(n).await;
+        dead.sort_by_key(|d| request_id(&json(&d.data)));
+        dead
+    }
+
+    /// Takes `n` results, parsed, in the order of their request ids.
+    pub async fn results_by_id(&self, n: usize) -> Vec<Value> {
+        let mut results: Vec<Value> = self.results(n).await.into_iter().map(|(_, b)| b).collect();
+        results.sort_by_key(request_id);
+        results
+    }
+
+    /// Publishes each `(body, reason)` of `cases` (in the order of their request ids) as a
+    /// chat request and checks that each was refused as invalid for `reason`: its dead
+    /// letter is the request itself, with `x-error-kind` `invalid_request` and `x-error` the
+    /// reason, and its error result says the reason. Gives the results back, in the same
+    /// order, for more checks.
+    pub async fn refused_each(&self, cases: &[(Value, &str)]) -> Vec<Value> {
+        for (body, _) in cases {
+            self.publish_chat(body, BasicProperties::default()).await;
+        }
+        let dead = self.dead_letters_by_id(cases.len()).await;
+        let results = self.results_by_id(cases.len()).await;
+        for (((body, reason), d), result) in cases.iter().zip(&dead).zip(&results) {
+            assert_eq!(json(&d.data)["request_id"], body["request_id"]);
+            assert_eq!(
+                header(d, "x-error-kind").as_deref(),
+                Some("invalid_request")
+            );
+            assert_eq!(header(d, "x-error").as_deref(), Some(*reason));
+            assert_eq!(result["error"]["message"], *reason);
+        }
+        results
+    }
+
+    /// An exclusive, server-named queue on the env's connection (a `reply_to`, or a queue of
+    /// the test's own): gone with the connection, and not auto-deleted, since a test may
+    /// consume it more than once.
+    pub async fn reply_queue(&self) -> String {
+        self.channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("a reply queue")
+            .name()
+            .to_string()
+    }
+
     /// Ready messages in `queue`.
     pub async fn queue_len(&self, queue: &str) -> u32 {
         let ch = self.conn.create_channel().await.unwrap();
@@ -628,14 +685,31 @@ fn regex_escape(s: &str) -> String {
         .collect()
 }
 
-/// Deletes every Redis key under `prefix:` (a test's budgets, usage ledger, shared state).
-pub async fn delete_redis_keys(prefix: &str) {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let client = redis::Client::open(url).expect("redis");
-    let mut conn = client
+/// The `request_id` of a request or result body.
+fn request_id(body: &Value) -> String {
+    body["request_id"]
+        .as_str()
+        .expect("a request id")
+        .to_string()
+}
+
+/// The Redis the tests use: `REDIS_URL`, else the local one.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A connection to the tests' Redis.
+pub async fn redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .expect("redis url")
         .get_multiplexed_async_connection()
         .await
-        .expect("redis");
+        .expect("redis")
+}
+
+/// Deletes every Redis key under `prefix:` (a test's budgets, usage ledger, shared state).
+pub async fn delete_redis_keys(prefix: &str) {
+    let mut conn = redis().await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{prefix}:*"))
         .query_async(&mut conn)

@@ -8,7 +8,7 @@ use lapin::BasicProperties;
 use llmq::tools::mock::{MockOptions, mock_embedding, mock_embedding_base64};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestEnv, header, json as parse_json};
+use crate::helpers::TestEnv;
 
 /// A mock that keeps every body it receives.
 fn recording() -> MockOptions {
@@ -28,11 +28,13 @@ fn bodies(env: &TestEnv) -> Vec<Value> {
         .clone()
 }
 
-/// Results by request id, `n` of them.
-async fn results_by_id(env: &TestEnv, n: usize) -> Vec<Value> {
-    let mut results: Vec<Value> = env.results(n).await.into_iter().map(|(_, b)| b).collect();
-    results.sort_by_key(|b| b["request_id"].as_str().unwrap_or_default().to_string());
-    results
+/// Publishes `body` as a chat request, checks that it was answered, and gives the bodies
+/// the mock has received so far.
+async fn answered(env: &TestEnv, body: Value) -> Vec<Value> {
+    env.publish_chat(&body, BasicProperties::default()).await;
+    let result = &env.results_by_id(1).await[0];
+    assert_eq!(result["status"], "ok", "{result}");
+    bodies(env)
 }
 
 /// The issue's case: `seed`, `stop`, `top_p`, `max_completion_tokens`, `logit_bias` and
@@ -43,26 +45,20 @@ async fn a_chat_completions_body_reaches_the_upstream_whole() {
     let worker = env.start_worker();
     let messages =
         json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]);
-    env.publish_chat(
-        &json!({
-            "request_id": "openai-1",
-            "model": "gpt-4o-mini",
-            "messages": messages,
-            "seed": 42,
-            "stop": ["\n\n"],
-            "top_p": 0.25,
-            "max_completion_tokens": 64,
-            "logit_bias": {"1234": -100},
-            "user": "end-user-7",
-            "stream_options": {"include_usage": true}
-        }),
-        BasicProperties::default(),
-    )
-    .await;
-    let result = &results_by_id(&env, 1).await[0];
-    assert_eq!(result["status"], "ok", "{result}");
+    let body = json!({
+        "request_id": "openai-1",
+        "model": "gpt-4o-mini",
+        "messages": messages,
+        "seed": 42,
+        "stop": ["\n\n"],
+        "top_p": 0.25,
+        "max_completion_tokens": 64,
+        "logit_bias": {"1234": -100},
+        "user": "end-user-7",
+        "stream_options": {"include_usage": true}
+    });
     assert_eq!(
-        bodies(&env),
+        answered(&env, body).await,
         [json!({
             "model": "gpt-4o-mini",
             "messages": messages,
@@ -106,37 +102,13 @@ async fn an_unknown_top_level_field_is_refused_by_name_unless_allowed() {
              (1 and 2); give it once",
         ),
     ];
-    for (body, _) in &refused {
-        env.publish_chat(body, BasicProperties::default()).await;
-    }
-    let mut dead = env.dead_letters(refused.len()).await;
-    dead.sort_by_key(|d| {
-        parse_json(&d.data)["request_id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    });
-    let results = results_by_id(&env, refused.len()).await;
-    for (((body, reason), d), result) in refused.iter().zip(&dead).zip(&results) {
-        assert_eq!(parse_json(&d.data)["request_id"], body["request_id"]);
-        assert_eq!(
-            header(d, "x-error-kind").as_deref(),
-            Some("invalid_request")
-        );
-        assert_eq!(header(d, "x-error").as_deref(), Some(*reason));
-        assert_eq!(result["error"]["message"], *reason);
-    }
+    env.refused_each(&refused).await;
     assert_eq!(env.chat_calls(), 0, "no call for any of them");
 
-    env.publish_chat(
-        &json!({"request_id": "a-1", "prompt": "x", "prompt_cache_retention": "24h", "seed": 3}),
-        BasicProperties::default(),
-    )
-    .await;
-    let result = &results_by_id(&env, 1).await[0];
-    assert_eq!(result["status"], "ok", "{result}");
+    let allowed =
+        json!({"request_id": "a-1", "prompt": "x", "prompt_cache_retention": "24h", "seed": 3});
     assert_eq!(
-        bodies(&env),
+        answered(&env, allowed).await,
         [json!({
             "model": env.config.llm.model,
             "messages": [{"role": "user", "content": "x"}],
@@ -170,7 +142,7 @@ async fn base64_embeddings_come_back_as_the_upstream_sent_them() {
         )
         .await;
     }
-    let results = results_by_id(&env, 3).await;
+    let results = env.results_by_id(3).await;
     let [list, one, floats] = &results[..] else {
         panic!("three results: {results:?}");
     };

@@ -20,23 +20,6 @@ use serde_json::{Value, json};
 
 use crate::helpers::{TestEnv, json, unique};
 
-/// An exclusive, server-named queue on the test's connection (gone with it).
-async fn exclusive_queue(env: &TestEnv) -> String {
-    env.channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap()
-        .name()
-        .to_string()
-}
-
 /// Takes the one message now expected on `queue`, parsed.
 async fn take_one(env: &TestEnv, queue: &str) -> Value {
     json(&env.take(queue, 1, Duration::from_secs(30)).await[0].data)
@@ -76,7 +59,7 @@ async fn by_default_a_result_that_reached_its_reply_to_is_not_copied() {
         KeepResults::WithoutReplyTo
     );
     let topo = env.config.topology.clone();
-    let reply = exclusive_queue(&env).await;
+    let reply = env.reply_queue().await;
     let worker = env.start_worker();
     let ask = json!({"prompt": "reply to me", "request_id": "r-1"});
     env.publish_chat(&ask, replying_to(&reply)).await;
@@ -199,7 +182,7 @@ async fn always_copies_a_replied_result_to_the_results_queue() {
     })
     .await;
     let topo = env.config.topology.clone();
-    let reply = exclusive_queue(&env).await;
+    let reply = env.reply_queue().await;
     let worker = env.start_worker();
     env.publish_chat(
         &json!({"prompt": "both, please", "request_id": "r-always"}),
@@ -245,7 +228,7 @@ async fn never_declares_no_results_queue_and_replies_only_to_reply_to() {
         .await;
     assert!(declared.is_err(), "{} is not declared", topo.results_queue);
     // A user's own queue on the results exchange.
-    let own = exclusive_queue(&env).await;
+    let own = env.reply_queue().await;
     env.channel
         .queue_bind(
             own.as_str().into(),
@@ -256,7 +239,7 @@ async fn never_declares_no_results_queue_and_replies_only_to_reply_to() {
         )
         .await
         .unwrap();
-    let reply = exclusive_queue(&env).await;
+    let reply = env.reply_queue().await;
     let worker = env.start_worker();
     env.publish_chat(
         &json!({"prompt": "reply only", "request_id": "r-never"}),

@@ -8,31 +8,13 @@ use futures_util::StreamExt;
 use lapin::{
     BasicProperties,
     message::Delivery,
-    options::{BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions},
+    options::{BasicAckOptions, BasicConsumeOptions},
     types::FieldTable,
 };
 use llmq::tools::mock::MockOptions;
 use serde_json::{Value, json};
 
 use crate::helpers::{TestEnv, json, unique};
-
-/// An exclusive, server-named reply queue on the env's connection (gone with it; not
-/// auto-deleted, since each collection consumes it anew).
-async fn reply_queue(env: &TestEnv) -> String {
-    env.channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("a reply queue")
-        .name()
-        .to_string()
-}
 
 /// Everything that reaches `queue` until `results` results (AMQP type `llmq.result`) have
 /// come, in arrival order, grouped by correlation id.
@@ -154,7 +136,7 @@ async fn a_hundred_concurrent_streams_arrive_whole_and_in_order() {
         },
     )
     .await;
-    let reply = reply_queue(&env).await;
+    let reply = env.reply_queue().await;
     let worker = env.start_worker();
     for i in 0..100 {
         env.publish_chat(
@@ -211,7 +193,7 @@ async fn a_stream_that_breaks_off_is_retried_after_a_restart_marker() {
         ..Default::default()
     })
     .await;
-    let reply = reply_queue(&env).await;
+    let reply = env.reply_queue().await;
     let worker = env.start_worker();
     for (i, error_event) in [false, true].into_iter().enumerate() {
         env.mock.set_options(MockOptions {
@@ -279,7 +261,7 @@ async fn no_reply_to_no_stream_and_several_choices_are_indexed() {
     };
     assert_eq!(streams(), 0, "the upstream was not asked to stream");
 
-    let reply = reply_queue(&env).await;
+    let reply = env.reply_queue().await;
     env.publish_chat(
         &json!({"request_id": "two", "prompt": "hi there", "stream": true, "params": {"n": 2}}),
         BasicProperties::default()
@@ -327,7 +309,7 @@ async fn a_stream_cut_by_shutdown_restarts_with_its_marker() {
         },
     )
     .await;
-    let reply = reply_queue(&env).await;
+    let reply = env.reply_queue().await;
     let worker = env.start_worker();
     env.publish_chat(
         &json!({"request_id": "cut", "prompt": "a long story told slowly, word by word, until the end", "stream": true}),
@@ -369,7 +351,7 @@ async fn a_cancelled_stream_ends_with_cancelled_and_nothing_after() {
         ..Default::default()
     })
     .await;
-    let reply = reply_queue(&env).await;
+    let reply = env.reply_queue().await;
     let worker = env.start_worker();
     env.publish_chat(
         &json!({"request_id": "stop-me", "prompt": "a long story that nobody will hear the end of, for it goes on and on, word after word, for many seconds yet", "stream": true}),
@@ -420,7 +402,7 @@ async fn with_redis_two_replicas_never_stream_one_request_at_once() {
         },
     )
     .await;
-    let reply = reply_queue(&env).await;
+    let reply = env.reply_queue().await;
     let replicas = ["a", "b"].map(|r| {
         let mut config = env.config.clone();
         config.worker.id = format!("{}-{r}", env.config.worker.id);

@@ -2,13 +2,32 @@
 //! and upstream error text carrying a key. Each is refused (or scrubbed) before it can cost
 //! money, plant a message or leak a secret.
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::time::Duration;
 
 use lapin::{BasicProperties, options::QueueDeclareOptions, types::FieldTable};
 use llmq::{broker::topology::retry_queue, tools::mock::MockOptions};
 use serde_json::json;
 
 use crate::helpers::{TestEnv, header, json, unique};
+
+/// An exclusive, auto-deleted queue `name` (empty: one the server names) on the test's
+/// connection: gone with it, even when the test fails.
+async fn exclusive_queue(env: &TestEnv, name: &str) -> String {
+    env.channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .name()
+        .to_string()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reply_to_naming_an_llmq_queue_is_dead_lettered_and_nothing_lands_there() {
@@ -28,10 +47,8 @@ async fn reply_to_naming_an_llmq_queue_is_dead_lettered_and_nothing_lands_there(
         )
         .await;
     }
-    let mut dead = env.dead_letters(3).await;
-    dead.sort_by_key(|d| json(&d.data)["request_id"].as_str().unwrap().to_string());
-    let mut results: Vec<_> = env.results(3).await.into_iter().map(|(_, b)| b).collect();
-    results.sort_by_key(|b| b["request_id"].as_str().unwrap().to_string());
+    let dead = env.dead_letters_by_id(3).await;
+    let results = env.results_by_id(3).await;
     // Stopping drains in flight, so anything published anywhere has been by now.
     worker.stop().await.unwrap();
     let mut expected = targets.clone();
@@ -61,7 +78,7 @@ async fn reply_to_naming_an_llmq_queue_is_dead_lettered_and_nothing_lands_there(
     ] {
         assert_eq!(env.queue_len(queue).await, 0, "{queue} holds nothing more");
     }
-    assert_eq!(env.mock.stats().chat_calls.load(Ordering::Relaxed), 0);
+    assert_eq!(env.chat_calls(), 0);
     env.cleanup().await;
 }
 
@@ -73,27 +90,8 @@ async fn reply_to_pattern_restricts_where_results_go() {
         c.worker.reply_to_pattern = pattern.clone();
     })
     .await;
-    let declare = |name: String| {
-        let channel = env.channel.clone();
-        async move {
-            channel
-                .queue_declare(
-                    name.as_str().into(),
-                    QueueDeclareOptions {
-                        exclusive: true,
-                        auto_delete: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap()
-                .name()
-                .to_string()
-        }
-    };
-    let allowed = declare(format!("{replies}.mine")).await;
-    let server_named = declare(String::new()).await;
+    let allowed = exclusive_queue(&env, &format!("{replies}.mine")).await;
+    let server_named = exclusive_queue(&env, "").await;
     assert!(server_named.starts_with("amq.gen-"), "{server_named}");
     let worker = env.start_worker();
     env.publish_chat(
@@ -125,7 +123,7 @@ async fn reply_to_pattern_restricts_where_results_go() {
         "no copy of the allowed one"
     );
     assert_eq!(env.queue_len(&server_named).await, 0, "nothing went there");
-    assert_eq!(env.mock.stats().chat_calls.load(Ordering::Relaxed), 1);
+    assert_eq!(env.chat_calls(), 1);
     env.cleanup().await;
 }
 
@@ -140,29 +138,9 @@ async fn a_tenant_s_results_stay_out_of_other_tenants_queues() {
         c.tenants = [("llmq".to_string(), Default::default())].into();
     })
     .await;
-    // Exclusive to the test's connection: gone with it, even when the test fails.
-    let declare = |name: String| {
-        let channel = env.channel.clone();
-        async move {
-            channel
-                .queue_declare(
-                    name.as_str().into(),
-                    QueueDeclareOptions {
-                        exclusive: true,
-                        auto_delete: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap()
-                .name()
-                .to_string()
-        }
-    };
-    let others = declare(format!("{}.results", unique("tenant-b"))).await;
-    let own = declare(format!("llmq.{}", unique("results"))).await;
-    let server_named = declare(String::new()).await;
+    let others = exclusive_queue(&env, &format!("{}.results", unique("tenant-b"))).await;
+    let own = exclusive_queue(&env, &format!("llmq.{}", unique("results"))).await;
+    let server_named = exclusive_queue(&env, "").await;
     assert!(server_named.starts_with("amq.gen-"), "{server_named}");
     let worker = env.start_worker();
     for (id, queue) in [
@@ -241,30 +219,11 @@ async fn caps_and_allowlists_refuse_before_any_upstream_call() {
             "field `model`: \"gpt-4-32k\" is not one of llm.allowed_models",
         ),
     ];
-    for (body, _) in &cases {
-        env.publish_chat(body, BasicProperties::default()).await;
-    }
-    let mut dead = env.dead_letters(cases.len()).await;
-    dead.sort_by_key(|d| json(&d.data)["request_id"].as_str().unwrap().to_string());
-    let mut results: Vec<_> = env
-        .results(cases.len())
-        .await
-        .into_iter()
-        .map(|(_, b)| b)
-        .collect();
-    results.sort_by_key(|b| b["request_id"].as_str().unwrap().to_string());
-    for (((body, reason), d), result) in cases.iter().zip(&dead).zip(&results) {
-        assert_eq!(json(&d.data)["request_id"], body["request_id"]);
-        assert_eq!(
-            header(d, "x-error-kind").as_deref(),
-            Some("invalid_request")
-        );
-        assert_eq!(header(d, "x-error").as_deref(), Some(*reason));
+    for result in env.refused_each(&cases).await {
         assert_eq!(result["error"]["kind"], "invalid_request");
-        assert_eq!(result["error"]["message"], *reason);
     }
     worker.stop().await.unwrap();
-    assert_eq!(env.mock.stats().chat_calls.load(Ordering::Relaxed), 0);
+    assert_eq!(env.chat_calls(), 0);
     env.cleanup().await;
 }
 

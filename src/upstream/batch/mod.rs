@@ -362,8 +362,9 @@ mod tests {
         tools::mock::{MockOptions, MockServer},
         upstream::{
             flow::admission::Stop,
-            flow::limit::{Flow, Turn},
+            flow::limit::Flow,
             flow::ratelimit::Budget,
+            flow::turn::Turn,
             routing::deployment::{Deployment, test_deployment},
             routing::router::test_router,
         },

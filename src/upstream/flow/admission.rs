@@ -5,7 +5,7 @@
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::limit::Turn;
+use super::turn::Turn;
 
 /// A call's ticket for admission: the same four values go from [`crate::upstream::call`]
 /// through the embedding batcher and the router to [`super::limit::Flow`].

@@ -24,7 +24,6 @@
 use std::{
     cmp::Ordering,
     collections::{BinaryHeap, HashMap},
-    hash::{DefaultHasher, Hash, Hasher},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
@@ -37,6 +36,7 @@ use tokio::{
 use crate::upstream::flow::{
     line,
     ratelimit::{Budget, MAX_WAIT},
+    turn::Turn,
 };
 
 /// Shortest time between two decreases, so a burst of 429s from calls that were all in
@@ -72,45 +72,6 @@ struct State {
     /// A call succeeded since the last 429: the deployment still answers at this
     /// concurrency, so a 429 now is its cap, not a rate.
     answered: bool,
-}
-
-/// Whose call waits for a slot, and how it ranks: its tenant and the tenant's weight decide
-/// between tenants, its priority within the tenant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Turn {
-    /// The request's priority (0 to the work queue's `x-max-priority`).
-    pub priority: u8,
-    /// Its tenant, hashed ([`Turn::tenant_key`]).
-    pub tenant: u64,
-    /// The tenant's share under contention, at least 1.
-    pub weight: u32,
-}
-
-impl Turn {
-    /// A call of `tenant`, whose weight is `weight`, at `priority`.
-    pub fn new(tenant: &str, weight: u32, priority: u8) -> Self {
-        Self {
-            priority,
-            tenant: Self::tenant_key(tenant),
-            weight: weight.max(1),
-        }
-    }
-
-    /// A call of no tenant in particular (tools, tests): all such calls share one turn.
-    pub fn anyone(priority: u8) -> Self {
-        Self {
-            priority,
-            tenant: 0,
-            weight: 1,
-        }
-    }
-
-    /// The key a tenant's name is waited under. Only compared within this process.
-    pub fn tenant_key(tenant: &str) -> u64 {
-        let mut hasher = DefaultHasher::new();
-        tenant.hash(&mut hasher);
-        hasher.finish()
-    }
 }
 
 /// What one step of a weight-1 tenant advances its pass by; a tenant of weight `w` advances

@@ -22,7 +22,7 @@ use std::{
 
 use tokio::sync::Notify;
 
-use super::limit::Turn;
+use super::turn::Turn;
 
 /// What a charge of one token, divided by a weight of 1, adds to a tenant's pass (weights
 /// are at most 1000, so every step stays distinct).

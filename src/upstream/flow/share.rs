@@ -33,8 +33,9 @@ use crate::{
     config::{Config, TenantLimits, Tenants},
     store::{keys, redis_conn::LazyConnection},
     upstream::{
-        flow::limit::{Flow, Permit, Turn},
+        flow::limit::{Flow, Permit},
         flow::ratelimit::{Budget, REDIS_TIMEOUT},
+        flow::turn::Turn,
     },
 };
 

@@ -17,7 +17,8 @@ use crate::{
     runtime::metrics::Metrics,
     upstream::{
         failure::{Class, Failure, Pushback},
-        flow::limit::{Flow, Permit, Turn},
+        flow::limit::{Flow, Permit},
+        flow::turn::Turn,
         http::{
             client::{ChatAnswer, EmbeddingAnswer, LlmClient},
             stream::StreamLimits,

@@ -8,7 +8,7 @@ use std::{collections::HashMap, sync::Arc};
 use redis::AsyncCommands;
 use tracing::debug;
 
-use super::standing::{MAX_MODELS_OUT, Scope, Why};
+use super::out::{MAX_MODELS_OUT, Scope, Why};
 use crate::store::redis_conn::LazyConnection;
 
 /// Removes `ARGV[1]` from the hash `KEYS[1]` unless it holds a time later than `ARGV[2]`:

@@ -37,8 +37,9 @@ use crate::{
         failure::{Class, Failure, Pushback},
         flow::admission::Admission,
         routing::deployment::{Answer, Deployment},
+        routing::out::Why,
         routing::probe::ProbeGuard,
-        routing::standing::{Availability, Standing, Why, secs_ms},
+        routing::standing::{Availability, Standing, secs_ms},
     },
 };
 
@@ -602,11 +603,7 @@ mod tests {
         config::{SecretUrl, UpstreamConfig},
         tools::mock::{MockOptions, MockServer},
         upstream::{
-            flow::{
-                admission::Stop,
-                limit::{Flow, Turn},
-                ratelimit::Budget,
-            },
+            flow::{admission::Stop, limit::Flow, ratelimit::Budget, turn::Turn},
             http::client::ChatAnswer,
         },
     };
@@ -663,6 +660,58 @@ mod tests {
         }
     }
 
+    /// The wait a rate-limited call was told to take (`None`: none, try again now); panics
+    /// with `what` when the call was not rate limited.
+    fn rate_limited<T: std::fmt::Debug>(routed: Routed<T>, what: &str) -> Option<Duration> {
+        match routed {
+            Routed::RateLimited(Failure { retry_after, .. }) => retry_after,
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+
+    /// Whether `after` is what is left of a 30 s wait begun moments ago.
+    fn rest_of_30s(after: Duration) -> bool {
+        after > Duration::from_secs(25) && after <= Duration::from_secs(30)
+    }
+
+    fn calls_of(server: &MockServer) -> u64 {
+        server.stats().chat_calls.load(Relaxed)
+    }
+
+    /// A mock that answers every call with `status`.
+    fn failing(status: u16) -> MockOptions {
+        MockOptions {
+            error_rate: 1.0,
+            status,
+            ..MockOptions::default()
+        }
+    }
+
+    /// A mock that answers every call with a 429 saying to come back in 30 s.
+    fn cooling_30s() -> MockOptions {
+        MockOptions {
+            retry_after: Some(30),
+            ..failing(429)
+        }
+    }
+
+    /// A router of one deployment, "a" at `server`, serving any model.
+    fn alone(server: &MockServer, rules: RoutingConfig) -> Router {
+        test_router(vec![deployment("a", server, &[], 1)], rules)
+    }
+
+    /// A router of "a" at `first`, weighted so that it is the first choice nearly always,
+    /// and "b" at `spare`.
+    fn first_and_spare(first: &MockServer, spare: &MockServer, rules: RoutingConfig) -> Router {
+        test_router(
+            vec![
+                deployment("a", first, &[], 1000),
+                deployment("b", spare, &[], 1),
+            ],
+            rules,
+        )
+    }
+
     #[tokio::test]
     async fn weights_split_the_traffic() {
         let (a, b) = (
@@ -677,8 +726,8 @@ mod tests {
             let mut route = router.route("m");
             served(chat(&router, &mut route, &format!("{i}")).await);
         }
-        let on_a = a.stats().chat_calls.load(Relaxed);
-        assert_eq!(on_a + b.stats().chat_calls.load(Relaxed), 400);
+        let on_a = calls_of(&a);
+        assert_eq!(on_a + calls_of(&b), 400);
         // 3:1 is 300 of 400; a binomial's standard deviation here is about 9.
         assert!(
             (255..=345).contains(&on_a),
@@ -698,26 +747,14 @@ mod tests {
             panic!("unroutable");
         };
         assert_eq!(failure.kind(), ErrorKind::InvalidRequest);
-        assert_eq!(a.stats().chat_calls.load(Relaxed), 0);
+        assert_eq!(calls_of(&a), 0);
     }
 
     #[tokio::test]
     async fn a_429_cools_one_deployment_and_the_next_call_goes_elsewhere() {
-        let limited = mock(MockOptions {
-            error_rate: 1.0,
-            status: 429,
-            retry_after: Some(30),
-            ..MockOptions::default()
-        })
-        .await;
+        let limited = mock(cooling_30s()).await;
         let fine = mock(MockOptions::default()).await;
-        let router = test_router(
-            vec![
-                deployment("a", &limited, &[], 1000),
-                deployment("b", &fine, &[], 1),
-            ],
-            RoutingConfig::default(),
-        );
+        let router = first_and_spare(&limited, &fine, RoutingConfig::default());
         // The weights make "a" the first choice nearly always; try until it is taken.
         let mut route = router.route("m");
         let mut first = chat(&router, &mut route, "x").await;
@@ -725,12 +762,7 @@ mod tests {
             route = router.route("m");
             first = chat(&router, &mut route, "x").await;
         }
-        let Routed::RateLimited(Failure {
-            retry_after: after, ..
-        }) = first
-        else {
-            panic!("rate limited: {first:?}");
-        };
+        let after = rate_limited(first, "rate limited");
         assert_eq!(after, None, "another deployment can serve now");
         let again = served(chat(&router, &mut route, "x").await);
         assert_eq!(again.upstream, "b");
@@ -738,14 +770,10 @@ mod tests {
             let mut route = router.route("m");
             assert_eq!(served(chat(&router, &mut route, "y").await).upstream, "b");
         }
-        assert_eq!(
-            limited.stats().chat_calls.load(Relaxed),
-            1,
-            "cooling for 30 s"
-        );
+        assert_eq!(calls_of(&limited), 1, "cooling for 30 s");
         let mut other_model = router.route("n");
         let mut calls = 0;
-        while limited.stats().chat_calls.load(Relaxed) == 1 {
+        while calls_of(&limited) == 1 {
             let _ = chat(&router, &mut other_model, "z").await;
             calls += 1;
             assert!(calls < 200, "the other model still goes to a");
@@ -754,42 +782,16 @@ mod tests {
 
     #[tokio::test]
     async fn every_deployment_cooling_is_a_wait_not_a_call() {
-        let limited = mock(MockOptions {
-            error_rate: 1.0,
-            status: 429,
-            retry_after: Some(30),
-            ..MockOptions::default()
-        })
-        .await;
-        let router = test_router(
-            vec![deployment("a", &limited, &[], 1)],
-            RoutingConfig::default(),
-        );
+        let limited = mock(cooling_30s()).await;
+        let router = alone(&limited, RoutingConfig::default());
         let mut route = router.route("m");
-        let Routed::RateLimited(Failure {
-            retry_after: after, ..
-        }) = chat(&router, &mut route, "x").await
-        else {
-            panic!("rate limited");
-        };
+        let after = rate_limited(chat(&router, &mut route, "x").await, "rate limited");
         let after = after.expect("nowhere else: the Retry-After");
         assert_eq!(after, Duration::from_secs(30));
-        let Routed::RateLimited(Failure {
-            retry_after: after, ..
-        }) = chat(&router, &mut route, "x").await
-        else {
-            panic!("still cooling");
-        };
+        let after = rate_limited(chat(&router, &mut route, "x").await, "still cooling");
         let after = after.expect("a wait");
-        assert!(
-            after > Duration::from_secs(25) && after <= Duration::from_secs(30),
-            "{after:?}"
-        );
-        assert_eq!(
-            limited.stats().chat_calls.load(Relaxed),
-            1,
-            "no second call"
-        );
+        assert!(rest_of_30s(after), "{after:?}");
+        assert_eq!(calls_of(&limited), 1, "no second call");
     }
 
     #[tokio::test]
@@ -800,13 +802,7 @@ mod tests {
         })
         .await;
         let fine = mock(MockOptions::default()).await;
-        let router = test_router(
-            vec![
-                deployment("a", &refusing, &[], 1000),
-                deployment("b", &fine, &[], 1),
-            ],
-            RoutingConfig::default(),
-        );
+        let router = first_and_spare(&refusing, &fine, RoutingConfig::default());
         for _ in 0..20 {
             let mut route = router.route("m");
             assert_eq!(served(chat(&router, &mut route, "x").await).upstream, "b");
@@ -818,10 +814,7 @@ mod tests {
         );
         // Alone, it fails attempts as a transient failure until confirmed, then is
         // upstream_permanent without a call.
-        let lonely = test_router(
-            vec![deployment("a", &refusing, &[], 1)],
-            RoutingConfig::default(),
-        );
+        let lonely = alone(&refusing, RoutingConfig::default());
         let before = calls_of(&refusing);
         let mut route = lonely.route("m");
         for _ in 1..confirmed {
@@ -881,25 +874,23 @@ mod tests {
 
     #[tokio::test]
     async fn fallbacks_serve_when_the_model_cannot_be_served() {
-        let cooling = mock(MockOptions {
-            error_rate: 1.0,
-            status: 429,
-            retry_after: Some(30),
-            ..MockOptions::default()
-        })
-        .await;
+        let cooling = mock(cooling_30s()).await;
         let spare = mock(MockOptions::default()).await;
         let rules = RoutingConfig {
             fallbacks: [("gpt-4o".to_string(), vec!["gpt-4o-mini".to_string()])].into(),
             ..RoutingConfig::default()
         };
-        let router = test_router(
-            vec![
-                deployment("a", &cooling, &["gpt-4o"], 1),
-                deployment("b", &spare, &["gpt-4o-mini"], 1),
-            ],
-            rules.clone(),
-        );
+        // "a" serves gpt-4o (and cools down at its first call), "b" its fallback.
+        let router_of = |rules: RoutingConfig| {
+            test_router(
+                vec![
+                    deployment("a", &cooling, &["gpt-4o"], 1),
+                    deployment("b", &spare, &["gpt-4o-mini"], 1),
+                ],
+                rules,
+            )
+        };
+        let router = router_of(rules.clone());
         let mut route = router.route("gpt-4o");
         assert!(
             matches!(
@@ -915,27 +906,19 @@ mod tests {
         assert_eq!(answer.model, "gpt-4o-mini");
         assert_eq!(answer.fallback_from.as_deref(), Some("gpt-4o"));
         // With fallback_after_secs, a cooldown is waited out first.
-        let patient = test_router(
-            vec![
-                deployment("a", &cooling, &["gpt-4o"], 1),
-                deployment("b", &spare, &["gpt-4o-mini"], 1),
-            ],
-            RoutingConfig {
-                fallback_after_secs: 60,
-                ..rules
-            },
-        );
+        let patient = router_of(RoutingConfig {
+            fallback_after_secs: 60,
+            ..rules
+        });
         let mut route = patient.route("gpt-4o");
         let _ = chat(&patient, &mut route, "x").await;
-        let Routed::RateLimited(Failure {
-            retry_after: after, ..
-        }) = chat(&patient, &mut route, "x").await
-        else {
-            panic!("waits for gpt-4o rather than falling back");
-        };
+        let after = rate_limited(
+            chat(&patient, &mut route, "x").await,
+            "waits for gpt-4o rather than falling back",
+        );
         let after = after.expect("a wait");
         assert!(
-            after > Duration::from_secs(25) && after <= Duration::from_secs(30),
+            rest_of_30s(after),
             "until the cooldown ends, which is before the fallback's time: {after:?}"
         );
         // Once every deployment of gpt-4o has been unavailable for fallback_after_secs (as
@@ -951,18 +934,9 @@ mod tests {
         );
     }
 
-    fn calls_of(server: &MockServer) -> u64 {
-        server.stats().chat_calls.load(Relaxed)
-    }
-
     #[tokio::test]
     async fn a_request_does_not_bounce_between_failing_deployments() {
-        let failing = || MockOptions {
-            error_rate: 1.0,
-            status: 503,
-            ..MockOptions::default()
-        };
-        let (a, b) = (mock(failing()).await, mock(failing()).await);
+        let (a, b) = (mock(failing(503)).await, mock(failing(503)).await);
         let router = test_router(
             vec![deployment("a", &a, &[], 1), deployment("b", &b, &[], 1)],
             RoutingConfig::default(),
@@ -981,24 +955,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_deployment_opens_its_breaker_and_the_others_serve() {
-        let down = mock(MockOptions {
-            error_rate: 1.0,
-            status: 503,
-            ..MockOptions::default()
-        })
-        .await;
+        let down = mock(failing(503)).await;
         let fine = mock(MockOptions::default()).await;
         let rules = RoutingConfig {
             breaker_failures: 2,
             ..RoutingConfig::default()
         };
-        let router = test_router(
-            vec![
-                deployment("a", &down, &[], 1000),
-                deployment("b", &fine, &[], 1),
-            ],
-            rules,
-        );
+        let router = first_and_spare(&down, &fine, rules);
         let mut failures = 0;
         for _ in 0..50 {
             let mut route = router.route("m");
@@ -1012,24 +975,19 @@ mod tests {
             }
         }
         assert_eq!(failures, 2, "the breaker opened at the second failure");
-        assert_eq!(down.stats().chat_calls.load(Relaxed), 2);
+        assert_eq!(calls_of(&down), 2);
         assert_eq!(router.report(unix_now_ms())[0].standing.breaker, "open");
     }
 
     #[tokio::test]
     async fn every_deployment_down_is_an_outage_and_a_429_among_them_a_rate_limit() {
-        let failing = || MockOptions {
-            error_rate: 1.0,
-            status: 500,
-            ..MockOptions::default()
-        };
-        let down = mock(failing()).await;
+        let down = mock(failing(500)).await;
         let rules = RoutingConfig {
             breaker_failures: 1,
             breaker_cooldown_secs: 30,
             ..RoutingConfig::default()
         };
-        let router = test_router(vec![deployment("a", &down, &[], 1)], rules.clone());
+        let router = alone(&down, rules.clone());
         let mut route = router.route("m");
         assert!(matches!(
             chat(&router, &mut route, "x").await,
@@ -1040,19 +998,10 @@ mod tests {
         };
         assert_eq!(failure.kind(), ErrorKind::UpstreamUnavailable);
         let after = failure.retry_after.expect("until the breaker half-opens");
-        assert!(
-            after > Duration::from_secs(25) && after <= Duration::from_secs(30),
-            "{after:?}"
-        );
+        assert!(rest_of_30s(after), "{after:?}");
         assert_eq!(calls_of(&down), 1, "no call while it is open");
         // One deployment down and one cooling down after a 429: a rate limit.
-        let limited = mock(MockOptions {
-            error_rate: 1.0,
-            status: 429,
-            retry_after: Some(30),
-            ..MockOptions::default()
-        })
-        .await;
+        let limited = mock(cooling_30s()).await;
         let mixed = test_router(
             vec![
                 deployment("a", &down, &[], 1),
@@ -1078,10 +1027,7 @@ mod tests {
             ..MockOptions::default()
         })
         .await;
-        let router = test_router(
-            vec![deployment("a", &glitchy, &[], 1)],
-            RoutingConfig::default(),
-        );
+        let router = alone(&glitchy, RoutingConfig::default());
         let mut route = router.route("m");
         let Routed::Failed { failure, elsewhere } = chat(&router, &mut route, "x").await else {
             panic!("a failed attempt, not the model taken out");
@@ -1108,8 +1054,8 @@ mod tests {
             ..MockOptions::default()
         })
         .await;
-        let router = test_router(
-            vec![deployment("a", &slow, &[], 1)],
+        let router = alone(
+            &slow,
             RoutingConfig {
                 breaker_failures: 1,
                 breaker_cooldown_secs: 30,
