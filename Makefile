@@ -57,7 +57,9 @@ $(VENV)/.installed: tests/interop/requirements.txt tests/interop/deploy-requirem
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/interop/requirements.txt -r tests/interop/deploy-requirements.txt
 	@touch $@
 
-## Kubernetes (schemas shipped by kubernetes-validate), KEDA, Grafana and Prometheus files under deploy/.
+## Kubernetes (schemas shipped by kubernetes-validate; KEDA and RabbitmqCluster structurally;
+## kustomize overlays built and their patched objects checked), Grafana and Prometheus files
+## under deploy/.
 deploy-check: venv
 	PYTHON=$(VENV)/bin/python scripts/validate-deploy.sh
 
