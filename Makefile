@@ -57,18 +57,23 @@ $(VENV)/.installed: tests/interop/requirements.txt tests/interop/deploy-requirem
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/interop/requirements.txt -r tests/interop/deploy-requirements.txt
 	@touch $@
 
-## Kubernetes (schemas shipped by kubernetes-validate), KEDA, Grafana and Prometheus files under deploy/.
+## Kubernetes (schemas shipped by kubernetes-validate; KEDA and RabbitmqCluster structurally;
+## kustomize overlays built and their patched objects checked), Grafana and Prometheus files
+## under deploy/.
 deploy-check: venv
 	PYTHON=$(VENV)/bin/python scripts/validate-deploy.sh
 
-## Validates docker-compose.yml with Debian's docker-compose (installed when missing and root).
-compose-config:
+## Validates docker-compose.yml with Debian's docker-compose (installed when missing and root),
+## with each profile, and checks the cluster profile against rabbitmq/ (node names, definitions).
+compose-config: venv
 	@command -v docker-compose >/dev/null 2>&1 || { \
 		[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; }
 	docker-compose -f docker-compose.yml config --quiet
 	docker-compose -f docker-compose.yml --profile monitoring config --quiet
-	@echo "compose: docker-compose.yml is valid (with and without the monitoring profile)"
+	docker-compose -f docker-compose.yml --profile cluster config --quiet
+	$(VENV)/bin/python scripts/check-compose-cluster.py
+	@echo "compose: docker-compose.yml is valid (without a profile, with monitoring, with cluster)"
 
 clean:
 	cargo clean
