@@ -91,7 +91,7 @@ async fn broker_connection_cut_for_5s_loses_nothing() {
             latency_ms: 30,
             ..Default::default()
         },
-        |c| c.amqp.url = SecretUrl::new(amqp_url_via(proxy.addr)),
+        |c| c.amqp.url = Some(SecretUrl::new(amqp_url_via(proxy.addr))),
     )
     .await;
     const N: usize = 200;
@@ -636,7 +636,7 @@ async fn secrets_never_reach_the_logs() {
     let mut bad = config.clone();
     let mut url = url::Url::parse(&crate::helpers::amqp_url()).unwrap();
     url.set_password(Some("canary-amqp-pw")).unwrap();
-    bad.amqp.url = SecretUrl::new(url.to_string());
+    bad.amqp.url = Some(SecretUrl::new(url.to_string()));
     let bad_log = dir.path().join("bad.log");
     let mut bad_child = spawn_worker_process(&bad, &bad_log);
     config.worker.id = "secrets-test-worker".into();

@@ -47,7 +47,7 @@ pub fn unique(what: &str) -> String {
 pub fn test_config(base_url: &str) -> Config {
     let p = unique("t");
     let mut c = Config::default();
-    c.amqp.url = SecretUrl::new(amqp_url());
+    c.amqp.url = Some(SecretUrl::new(amqp_url()));
     c.llm.base_url = SecretUrl::new(base_url);
     c.llm.timeout_secs = 10;
     c.worker.id = format!("{p}-worker");

@@ -163,7 +163,7 @@ async fn every_family_and_dashboard_query_has_a_series_before_any_message() {
 async fn readyz_follows_the_broker_connection() {
     let proxy = crate::helpers::Proxy::start(broker_addr()).await;
     let env = TestEnv::with(MockOptions::default(), |c| {
-        c.amqp.url = SecretUrl::new(amqp_url_via(proxy.addr))
+        c.amqp.url = Some(SecretUrl::new(amqp_url_via(proxy.addr)))
     })
     .await;
     let (base, stop, task) = worker_with_admin(&env).await;
