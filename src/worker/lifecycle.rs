@@ -125,7 +125,8 @@ async fn set_up(
         Ok(conns) => conns,
         Err(e) => {
             let delay = after_failure(rotation, backoff);
-            warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker unreachable");
+            let next = &addresses[rotation.next()];
+            warn!(error = %e, %next, retry_in_ms = delay.as_millis() as u64, "broker unreachable");
             pause(&ctx.stop, delay).await;
             return Setup::Retry;
         }
