@@ -18,7 +18,8 @@ use llmq::{
 };
 use serde_json::json;
 
-async fn publish_many(env: &TestEnv, prefix: &str, n: usize) {
+/// Publishes `n` chat requests, `<prefix>-<i>` their prompt and request id.
+pub(crate) async fn publish_many(env: &TestEnv, prefix: &str, n: usize) {
     for i in 0..n {
         env.publish_chat(
             &json!({"prompt": format!("{prefix}-{i}"), "request_id": format!("{prefix}-{i}")}),
