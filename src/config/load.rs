@@ -203,6 +203,18 @@ mod tests {
         });
     }
 
+    /// The Docker image reads the shipped `config.toml`: a deployment that gives the broker
+    /// addresses as `LLMQ_AMQP__URLS` must not find `amqp.url` set there too.
+    #[test]
+    fn the_shipped_config_toml_takes_broker_urls_from_the_environment() {
+        let text = include_str!("../../config.toml");
+        let urls = "[amqp://u:pw@rabbitmq-1:5672/%2f, amqp://u:pw@rabbitmq-2:5672/%2f]";
+        assert_eq!(
+            problems(Some(text), &[("LLMQ_AMQP__URLS", urls)]),
+            Vec::<String>::new()
+        );
+    }
+
     /// Loads inside a jail (its own cwd and environment) with `file` as `./config.toml`.
     fn problems(file: Option<&str>, vars: &[(&str, &str)]) -> Vec<String> {
         let mut out = Vec::new();
