@@ -141,7 +141,7 @@ fn section(name: &str, value: &Value, problems: &mut Vec<String>) -> Option<Valu
 
 /// Keys whose values are secret or may hold one: their errors never quote the value. Every
 /// value of `[upstreams]` is treated so (keys, headers and URLs live there).
-const SECRET_KEYS: [&str; 5] = ["api_key", "url", "redis_url", "base_url", "headers"];
+const SECRET_KEYS: [&str; 6] = ["api_key", "url", "urls", "redis_url", "base_url", "headers"];
 
 /// A key's error, without its value when the key is `secret`.
 fn describe(secret: bool, e: &figment::Error) -> String {
@@ -201,6 +201,18 @@ mod tests {
             assert_eq!(loaded, Config::default());
             Ok(())
         });
+    }
+
+    /// The Docker image reads the shipped `config.toml`: a deployment that gives the broker
+    /// addresses as `LLMQ_AMQP__URLS` must not find `amqp.url` set there too.
+    #[test]
+    fn the_shipped_config_toml_takes_broker_urls_from_the_environment() {
+        let text = include_str!("../../config.toml");
+        let urls = "[amqp://u:pw@rabbitmq-1:5672/%2f, amqp://u:pw@rabbitmq-2:5672/%2f]";
+        assert_eq!(
+            problems(Some(text), &[("LLMQ_AMQP__URLS", urls)]),
+            Vec::<String>::new()
+        );
     }
 
     /// Loads inside a jail (its own cwd and environment) with `file` as `./config.toml`.
@@ -337,6 +349,73 @@ fallbacks = { "gpt-4o" = ["gpt-4o-mini"] }
             assert_eq!(c.tenancy.require_user_id, crate::config::Switch::Auto);
             Ok(())
         });
+    }
+
+    /// The addresses `Config::load` gives with these variables set.
+    fn addresses(vars: &[(&str, &str)]) -> Result<Vec<String>, String> {
+        let mut out = Err(String::new());
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            for (k, v) in vars {
+                jail.set_env(k, v);
+            }
+            out = Config::load(None)
+                .map(|c| {
+                    let urls = c.amqp.addresses().iter();
+                    urls.map(|u| u.expose().to_string()).collect()
+                })
+                .map_err(|e| e.problems.join("; "));
+            Ok(())
+        });
+        out
+    }
+
+    #[test]
+    fn broker_urls_load_from_the_environment() {
+        let (a, b) = (
+            "amqp://u:pw@node-a:5672/%2f",
+            "amqps://v:pw@node-b.example:5671/prod?heartbeat=5",
+        );
+        for list in [format!("[{a}, {b}]"), format!("[\"{a}\", \"{b}\"]")] {
+            assert_eq!(
+                addresses(&[("LLMQ_AMQP__URLS", &list)]),
+                Ok(vec![a.to_string(), b.to_string()]),
+                "{list}"
+            );
+        }
+        assert_eq!(
+            addresses(&[("LLMQ_AMQP__URLS", &format!("[{a}]"))]),
+            Ok(vec![a.to_string()])
+        );
+        assert_eq!(addresses(&[("LLMQ_AMQP__URL", a)]), Ok(vec![a.to_string()]));
+        assert_eq!(
+            addresses(&[]),
+            Ok(vec![crate::config::DEFAULT_AMQP_URL.to_string()])
+        );
+    }
+
+    #[test]
+    fn broker_url_and_urls_set_together_or_an_empty_list_are_refused() {
+        let both = addresses(&[
+            ("LLMQ_AMQP__URL", "amqp://u:pw@a/%2f"),
+            ("LLMQ_AMQP__URLS", "[amqp://u:pw@b/%2f]"),
+        ]);
+        let problem = both.expect_err("both set");
+        assert!(
+            problem.starts_with("amqp.urls (LLMQ_AMQP__URLS): amqp.url and amqp.urls are both set"),
+            "{problem}"
+        );
+        // The one in a file and the other in the environment, too.
+        let p = problems(
+            Some("[amqp]\nurls = [\"amqp://u:pw@a/%2f\"]\n"),
+            &[("LLMQ_AMQP__URL", "amqp://u:pw@b/%2f")],
+        );
+        assert!(p.len() == 1 && p[0].contains("both set"), "{p:?}");
+        let empty = addresses(&[("LLMQ_AMQP__URLS", "[]")]).expect_err("empty");
+        assert!(
+            empty.starts_with("amqp.urls (LLMQ_AMQP__URLS): must list at least one"),
+            "{empty}"
+        );
     }
 
     #[test]
@@ -509,7 +588,7 @@ fallbacks = { "gpt-4o" = ["gpt-4o-mini"] }
             jail.set_env("LLMQ_AMQP__URL", "amqp://user:canary-pw@host:5672/%2f");
             jail.set_env("LLMQ_LLM__API_KEY", "sk-canary");
             let c = Config::load(None).map_err(|e| e.to_string())?;
-            let printed = format!("{c:?} {} {}", c.amqp.url, c.llm.api_key);
+            let printed = format!("{c:?} {} {}", c.amqp.addresses()[0], c.llm.api_key);
             assert!(!printed.contains("canary"), "{printed}");
             assert!(
                 printed.contains("amqp://user:***@host:5672/%2f"),
@@ -520,6 +599,9 @@ fallbacks = { "gpt-4o" = ["gpt-4o-mini"] }
         for (var, value) in [
             ("LLMQ_AMQP__URL", "amqp://u:canary-pw@[bad/"),
             ("LLMQ_AMQP__URL", "amqp:u:canary-pw@host"),
+            ("LLMQ_AMQP__URLS", "[amqp://u:canary-pw@[bad/]"),
+            ("LLMQ_AMQP__URLS", "amqp://u:canary-pw@host"),
+            ("LLMQ_AMQP__URLS", "[[\"canary\"]]"),
             ("LLMQ_LLM__API_KEY", "12345canary"),
             ("LLMQ_LLM__API_KEY", "[\"canary\"]"),
         ] {

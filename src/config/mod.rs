@@ -31,9 +31,9 @@ pub use child::{ChildConfigError, ChildConfigFile, child_command, clean_command}
 pub use llm::{LlmConfig, PROVIDERS, RequestPolicy, UpstreamConfig};
 pub use secret::{Secret, SecretUrl, redact_url};
 pub use sections::{
-    AdminConfig, AmqpConfig, BatchConfig, IdempotencyConfig, KeepResults, LimitsConfig, LogConfig,
-    LogFormat, OnStoreError, RetryConfig, RoutingConfig, StoreKind, StreamConfig, TlsConfig,
-    TopologyConfig, WorkerConfig,
+    AdminConfig, AmqpConfig, BatchConfig, DEFAULT_AMQP_URL, IdempotencyConfig, KeepResults,
+    LimitsConfig, LogConfig, LogFormat, OnStoreError, RetryConfig, RoutingConfig, StoreKind,
+    StreamConfig, TlsConfig, TopologyConfig, WorkerConfig,
 };
 pub use tenancy::{
     DEFAULT_TENANT, OTHER_TENANTS, PriceConfig, Switch, TenancyConfig, TenantConfig, TenantLimits,
@@ -236,7 +236,13 @@ mod tests {
         let file = |name: &str| tls_dir.join(name).display().to_string();
         Config {
             amqp: AmqpConfig {
-                url: SecretUrl::new("amqps://user:pw@broker.example:5671/vhost"),
+                // `url` and `urls` exclude each other: `urls` here (two brokers, each with its
+                // own credentials), `url` in `one_broker_url_loads_back_equal`.
+                url: None,
+                urls: Some(vec![
+                    SecretUrl::new("amqps://user:pw@broker.example:5671/vhost"),
+                    SecretUrl::new("amqps://other:pw2@broker-2.example:5671/vhost"),
+                ]),
                 heartbeat_secs: 30,
                 tls: TlsConfig {
                     ca_file: file("ca.pem"),
@@ -458,9 +464,13 @@ mod tests {
     fn the_test_configuration_changes_every_key() {
         let defaults = keys(&Config::default());
         let changed = keys(&every_key_changed(Path::new("/tls")));
+        // Keys that are unset by default have no TOML form and are left out of the defaults:
+        // `amqp.url` and `amqp.urls`, of which the changed configuration sets `amqp.urls`.
+        let mut expected: BTreeSet<&str> = defaults.keys().map(String::as_str).collect();
+        expected.insert("amqp.urls");
         assert_eq!(
-            defaults.keys().collect::<Vec<_>>(),
-            changed.keys().collect::<Vec<_>>(),
+            expected,
+            changed.keys().map(String::as_str).collect::<BTreeSet<_>>(),
             "every key is serialized, empty or not"
         );
         for (key, default) in &defaults {
@@ -520,6 +530,23 @@ mod tests {
             )?;
             let back = Config::load(Some(Path::new("default.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(back, Config::default());
+            Ok(())
+        });
+    }
+
+    /// `amqp.url`, which the configuration with every key changed leaves unset, since it
+    /// sets `amqp.urls`.
+    #[test]
+    fn one_broker_url_loads_back_equal() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            let mut config = Config::default();
+            config.amqp.url = Some(SecretUrl::new("amqps://user:pw@broker.example:5671/vhost"));
+            let text = config.to_toml().map_err(|e| e.to_string())?;
+            assert!(!text.contains("urls"), "an unset key is left out: {text}");
+            jail.create_file("child.toml", &text)?;
+            let back = Config::load(Some(Path::new("child.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(back, config);
             Ok(())
         });
     }

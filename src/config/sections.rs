@@ -7,12 +7,24 @@ use serde::{Deserialize, Serialize};
 use super::SecretUrl;
 use crate::contract::request::Kind;
 
+/// The broker a worker connects to when neither `amqp.url` nor `amqp.urls` is set.
+pub const DEFAULT_AMQP_URL: &str = "amqp://llmq:llmq@127.0.0.1:5672/%2f";
+
 /// Broker connection settings.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpConfig {
-    /// `amqp://` or `amqps://` URL; its password is redacted wherever it is printed.
-    pub url: SecretUrl,
+    /// One broker's `amqp://` or `amqps://` URL; its password is redacted wherever it is
+    /// printed. `None` when the configuration does not set it (then [`DEFAULT_AMQP_URL`],
+    /// unless `urls` is set), so that setting both is an error the default does not trip.
+    /// Read the addresses through [`Self::addresses`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<SecretUrl>,
+    /// Several brokers' URLs (the nodes of a cluster, each with its own credentials and
+    /// vhost if need be), tried in turn; instead of `url`. `None` when not set, so that an
+    /// empty list is an error rather than the default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub urls: Option<Vec<SecretUrl>>,
     /// AMQP heartbeat, so a dead TCP connection is noticed within about two intervals.
     pub heartbeat_secs: u16,
     /// TLS settings for `amqps://` URLs.
@@ -38,6 +50,18 @@ pub struct TlsConfig {
 }
 
 impl AmqpConfig {
+    /// The broker addresses in the order they are tried: `urls`, else `url`, else
+    /// [`DEFAULT_AMQP_URL`]. Every connection llmq opens goes to one of these.
+    pub fn addresses(&self) -> &[SecretUrl] {
+        static DEFAULT: std::sync::LazyLock<SecretUrl> =
+            std::sync::LazyLock::new(|| SecretUrl::new(DEFAULT_AMQP_URL));
+        match (&self.urls, &self.url) {
+            (Some(urls), _) => urls,
+            (None, Some(url)) => std::slice::from_ref(url),
+            (None, None) => std::slice::from_ref(&*DEFAULT),
+        }
+    }
+
     /// How long a delivery may wait in the worker before a call starts: half of
     /// [`Self::consumer_timeout_secs`], so that the call and its publish still fit.
     pub fn hand_off_after(&self) -> Duration {
@@ -48,7 +72,8 @@ impl AmqpConfig {
 impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
-            url: SecretUrl::new("amqp://llmq:llmq@127.0.0.1:5672/%2f"),
+            url: None,
+            urls: None,
             heartbeat_secs: 10,
             tls: TlsConfig::default(),
             consumer_timeout_secs: 1800,

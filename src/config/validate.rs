@@ -75,15 +75,25 @@ impl Problems {
 }
 
 fn validate_amqp(amqp: &AmqpConfig, p: &mut Problems) {
-    if let Some(u) = p.url("amqp.url", &amqp.url, &["amqp", "amqps"]) {
-        p.check(
-            u.has_host() && !u.cannot_be_a_base(),
-            "amqp.url",
-            format!(
-                "needs a host: amqp://user:password@host:5672/vhost, got {}",
-                amqp.url
-            ),
-        );
+    match (&amqp.url, &amqp.urls) {
+        (Some(_), Some(_)) => p.add(
+            "amqp.urls",
+            "amqp.url and amqp.urls are both set: set amqp.url for one broker, or amqp.urls \
+             for several, not both",
+        ),
+        (None, Some(urls)) if urls.is_empty() => p.add(
+            "amqp.urls",
+            "must list at least one broker URL (leave it out for amqp.url)",
+        ),
+        _ => {}
+    }
+    if let Some(url) = &amqp.url {
+        amqp_url(p, "amqp.url", "", url);
+    }
+    let urls = amqp.urls.as_deref().unwrap_or_default();
+    for (i, url) in urls.iter().enumerate() {
+        let which = format!("address {} of {}: ", i + 1, urls.len());
+        amqp_url(p, "amqp.urls", &which, url);
     }
     let tls = &amqp.tls;
     for (key, path) in [
@@ -104,6 +114,22 @@ fn validate_amqp(amqp: &AmqpConfig, p: &mut Problems) {
         "amqp.tls.client_key",
         "amqp.tls.client_cert and amqp.tls.client_key go together",
     );
+}
+
+/// Checks one broker URL of `key`; `which` says which of a list it is (`address 2 of 3: `).
+fn amqp_url(p: &mut Problems, key: &str, which: &str, url: &SecretUrl) {
+    match url::Url::parse(url.expose()) {
+        Ok(u) if !["amqp", "amqps"].contains(&u.scheme()) => p.add(
+            key,
+            format!("{which}scheme must be amqp or amqps, got {}", u.scheme()),
+        ),
+        Ok(u) => p.check(
+            u.has_host() && !u.cannot_be_a_base(),
+            key,
+            format!("{which}needs a host: amqp://user:password@host:5672/vhost, got {url}"),
+        ),
+        Err(e) => p.add(key, format!("{which}not a URL ({e}): {url}")),
+    }
 }
 
 fn validate_llm(llm: &LlmConfig, p: &mut Problems) {
@@ -625,7 +651,7 @@ mod tests {
     #[test]
     fn amqp_url_scheme() {
         assert_eq!(
-            only_problem(|c| c.amqp.url = SecretUrl::new("http://u:pw@host/")),
+            only_problem(|c| c.amqp.url = Some(SecretUrl::new("http://u:pw@host/"))),
             "amqp.url (LLMQ_AMQP__URL): scheme must be amqp or amqps, got http"
         );
     }
@@ -633,7 +659,7 @@ mod tests {
     #[test]
     fn amqp_url_needs_a_host() {
         assert_eq!(
-            only_problem(|c| c.amqp.url = SecretUrl::new("amqp:u:pw@host")),
+            only_problem(|c| c.amqp.url = Some(SecretUrl::new("amqp:u:pw@host"))),
             "amqp.url (LLMQ_AMQP__URL): needs a host: amqp://user:password@host:5672/vhost, \
              got amqp://***"
         );
@@ -642,9 +668,71 @@ mod tests {
     #[test]
     fn amqp_url_must_parse() {
         assert_eq!(
-            only_problem(|c| c.amqp.url = SecretUrl::new("amqp://u:pw@[::1")),
+            only_problem(|c| c.amqp.url = Some(SecretUrl::new("amqp://u:pw@[::1"))),
             "amqp.url (LLMQ_AMQP__URL): not a URL (invalid IPv6 address): amqp://***"
         );
+    }
+
+    /// `amqp.urls` = these URLs.
+    fn urls(list: &[&str]) -> Option<Vec<SecretUrl>> {
+        Some(list.iter().map(|u| SecretUrl::new(*u)).collect())
+    }
+
+    #[test]
+    fn amqp_url_and_urls_are_not_both_set() {
+        assert_eq!(
+            only_problem(|c| {
+                c.amqp.url = Some(SecretUrl::new("amqp://u:pw@a/%2f"));
+                c.amqp.urls = urls(&["amqp://u:pw@b/%2f"]);
+            }),
+            "amqp.urls (LLMQ_AMQP__URLS): amqp.url and amqp.urls are both set: set amqp.url \
+             for one broker, or amqp.urls for several, not both"
+        );
+    }
+
+    #[test]
+    fn amqp_urls_is_not_empty() {
+        assert_eq!(
+            only_problem(|c| c.amqp.urls = urls(&[])),
+            "amqp.urls (LLMQ_AMQP__URLS): must list at least one broker URL (leave it out for \
+             amqp.url)"
+        );
+    }
+
+    #[test]
+    fn amqp_urls_are_each_checked_and_named_by_position() {
+        assert_eq!(
+            only_problem(|c| c.amqp.urls = urls(&["amqp://u:pw@a/%2f", "http://u:pw@b/"])),
+            "amqp.urls (LLMQ_AMQP__URLS): address 2 of 2: scheme must be amqp or amqps, got http"
+        );
+        assert_eq!(
+            only_problem(|c| c.amqp.urls = urls(&["amqp:u:pw@a", "amqps://u:pw@b/%2f"])),
+            "amqp.urls (LLMQ_AMQP__URLS): address 1 of 2: needs a host: \
+             amqp://user:password@host:5672/vhost, got amqp://***"
+        );
+        assert_eq!(
+            only_problem(|c| c.amqp.urls = urls(&["amqp://u:pw@[::1"])),
+            "amqp.urls (LLMQ_AMQP__URLS): address 1 of 1: not a URL (invalid IPv6 address): \
+             amqp://***"
+        );
+    }
+
+    #[test]
+    fn the_addresses_are_urls_else_url_else_the_default() {
+        let mut c = Config::default();
+        let expose = |c: &Config| -> Vec<String> {
+            c.amqp
+                .addresses()
+                .iter()
+                .map(|u| u.expose().to_string())
+                .collect()
+        };
+        assert_eq!(expose(&c), [crate::config::DEFAULT_AMQP_URL]);
+        c.amqp.url = Some(SecretUrl::new("amqp://u:pw@a/%2f"));
+        assert_eq!(expose(&c), ["amqp://u:pw@a/%2f"]);
+        c.amqp.url = None;
+        c.amqp.urls = urls(&["amqp://u:pw@b/%2f", "amqps://v:pw@c/other"]);
+        assert_eq!(expose(&c), ["amqp://u:pw@b/%2f", "amqps://v:pw@c/other"]);
     }
 
     #[test]
@@ -1184,7 +1272,8 @@ mod tests {
     #[test]
     fn secrets_are_never_quoted() {
         let mut c = Config::default();
-        c.amqp.url = SecretUrl::new("amqp://u:canary@[::1");
+        c.amqp.url = Some(SecretUrl::new("amqp://u:canary@[::1"));
+        c.amqp.urls = Some(vec![SecretUrl::new("amqp:u:canary@host")]);
         c.llm.base_url = SecretUrl::new("gopher://u:canary@host/");
         c.llm.api_key = Secret::new("canary");
         c.limits.redis_url = SecretUrl::new("redis://:canary@[::1");

@@ -37,23 +37,29 @@ pub(super) async fn run(ctx: Arc<Context>) {
 }
 
 /// Sets up the connections and consumes on them, again after every lost connection, until
-/// shutdown. Returns the last connections consumed on: they stay open for the drain to ack
-/// and nack on.
+/// shutdown: at the broker addresses in turn (see [`connection::Rotation`]), starting after
+/// the last one that failed. Returns the last connections consumed on: they stay open for
+/// the drain to ack and nack on.
 async fn consume_until_stopped(ctx: &Arc<Context>, tracker: &TaskTracker) -> Option<Links> {
     let worker = ctx.worker().to_string();
     let conn_name = format!("llmq worker {worker}");
     let mut backoff = reconnect_backoff();
+    let mut rotation = connection::Rotation::new(ctx.config.amqp.addresses().len());
     let mut last: Option<Links> = None;
     while !ctx.stop.is_cancelled() {
-        let (links, events) = match set_up(ctx, &conn_name, &mut backoff).await {
+        let (links, events) = match set_up(ctx, &conn_name, &mut rotation, &mut backoff).await {
             Setup::Ready(links, events) => (links, events),
             Setup::Retry => continue,
             Setup::Stopped => break,
         };
+        rotation.connected();
         health::unblock(&ctx.health, ctx.upstream.router());
         backoff = reconnect_backoff();
+        let addresses = ctx.config.amqp.addresses();
         info!(
-            url = %ctx.config.amqp.url,
+            url = %addresses[rotation.next()],
+            address = rotation.next() + 1,
+            addresses = addresses.len(),
             worker = %worker,
             consumers = ctx.config.worker.consumers,
             max_inflight = ctx.config.worker.max_inflight,
@@ -69,7 +75,12 @@ async fn consume_until_stopped(ctx: &Arc<Context>, tracker: &TaskTracker) -> Opt
             None => break,
             Some(e) => {
                 ctx.metrics.reconnects.inc();
-                warn!(error = %e, "broker connection lost; reconnecting");
+                rotation.lost();
+                warn!(
+                    error = %e,
+                    next = %addresses[rotation.next()],
+                    "broker connection lost; reconnecting"
+                );
             }
         }
     }
@@ -91,23 +102,31 @@ enum Setup {
     Stopped,
 }
 
-/// Connects both connections, declares the topology (and finds the lanes in use), and
-/// checks that the broker refuses impersonation. A failed step is logged, its connections
-/// closed, and the next delay of `backoff` waited out (shutdown cuts it short).
+/// Connects both connections to the address `rotation` is at, declares the topology (and
+/// finds the lanes in use), and checks that the broker refuses impersonation. A failed step
+/// is logged, its connections closed, and the rotation moved on to the next address; after a
+/// whole round of failures, the next delay of `backoff` is waited out first (shutdown cuts
+/// it short).
 async fn set_up(
     ctx: &Context,
     conn_name: &str,
+    rotation: &mut connection::Rotation,
     backoff: &mut impl Iterator<Item = Duration>,
 ) -> Setup {
+    let addresses = ctx.config.amqp.addresses();
+    // Never out of range: the rotation goes round these, and there is at least one
+    // (`Worker::new`).
+    let url = &addresses[rotation.next()];
     let conns = tokio::select! {
         _ = ctx.stop.cancelled() => return Setup::Stopped,
-        conns = connection::connect_pair(&ctx.config.amqp, conn_name) => conns,
+        conns = connection::connect_pair(&ctx.config.amqp, url, conn_name) => conns,
     };
     let conns = match conns {
         Ok(conns) => conns,
         Err(e) => {
-            let delay = next_delay(backoff);
-            warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker unreachable");
+            let delay = after_failure(rotation, backoff);
+            let next = &addresses[rotation.next()];
+            warn!(error = %e, %next, retry_in_ms = delay.as_millis() as u64, "broker unreachable");
             pause(&ctx.stop, delay).await;
             return Setup::Retry;
         }
@@ -128,8 +147,8 @@ async fn set_up(
             links.lanes.send_replace(lanes);
         }
         Err(e) => {
-            let delay = next_delay(backoff);
-            warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "declaring the topology failed");
+            let delay = after_failure(rotation, backoff);
+            warn!(error = %e, %url, retry_in_ms = delay.as_millis() as u64, "declaring the topology failed");
             close(&links, "topology failed").await;
             pause(&ctx.stop, delay).await;
             return Setup::Retry;
@@ -145,8 +164,8 @@ async fn set_up(
         checked = publish::check_impersonation(&links.publish) => checked,
     };
     if let Err(e) = checked {
-        let delay = next_delay(backoff);
-        error!(error = %e, retry_in_ms = delay.as_millis() as u64, "not consuming");
+        let delay = after_failure(rotation, backoff);
+        error!(error = %e, %url, retry_in_ms = delay.as_millis() as u64, "not consuming");
         close(&links, "impersonation refused").await;
         pause(&ctx.stop, delay).await;
         return Setup::Retry;
@@ -220,13 +239,25 @@ fn reconnect_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-/// The next reconnection delay; the backoff never ends, 30 s should it.
-fn next_delay(backoff: &mut impl Iterator<Item = Duration>) -> Duration {
-    backoff.next().unwrap_or(Duration::from_secs(30))
+/// How long to wait after the address at `rotation` failed: nothing while other addresses
+/// of the round are left to try, else the next delay of `backoff` (which never ends; 30 s
+/// should it).
+fn after_failure(
+    rotation: &mut connection::Rotation,
+    backoff: &mut impl Iterator<Item = Duration>,
+) -> Duration {
+    if rotation.failed() {
+        backoff.next().unwrap_or(Duration::from_secs(30))
+    } else {
+        Duration::ZERO
+    }
 }
 
 /// Waits `delay`, or until shutdown.
 async fn pause(stop: &CancellationToken, delay: Duration) {
+    if delay.is_zero() {
+        return;
+    }
     tokio::select! {
         _ = stop.cancelled() => {}
         _ = tokio::time::sleep(delay) => {}

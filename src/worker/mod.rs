@@ -60,6 +60,9 @@ pub enum WorkerError {
     /// `worker.reply_to_pattern` does not compile (validation reports it first).
     #[error("worker.reply_to_pattern: {0}")]
     ReplyToPattern(#[from] regex::Error),
+    /// `amqp.urls` is an empty list (validation reports it first).
+    #[error("amqp.urls: no broker address to connect to")]
+    NoBroker,
 }
 
 /// What every delivery task shares.
@@ -143,6 +146,9 @@ pub struct Worker {
 impl Worker {
     /// Builds the deployments and their router, and the idempotency store.
     pub fn new(config: Config, shutdown: CancellationToken) -> Result<Self, WorkerError> {
+        if config.amqp.addresses().is_empty() {
+            return Err(WorkerError::NoBroker);
+        }
         let worker = config.worker.worker_id();
         let metrics = Arc::new(Metrics::default());
         let tenants = Tenants::new(&config.tenants);

@@ -18,7 +18,8 @@ use llmq::{
 };
 use serde_json::json;
 
-async fn publish_many(env: &TestEnv, prefix: &str, n: usize) {
+/// Publishes `n` chat requests, `<prefix>-<i>` their prompt and request id.
+pub(crate) async fn publish_many(env: &TestEnv, prefix: &str, n: usize) {
     for i in 0..n {
         env.publish_chat(
             &json!({"prompt": format!("{prefix}-{i}"), "request_id": format!("{prefix}-{i}")}),
@@ -91,7 +92,7 @@ async fn broker_connection_cut_for_5s_loses_nothing() {
             latency_ms: 30,
             ..Default::default()
         },
-        |c| c.amqp.url = SecretUrl::new(amqp_url_via(proxy.addr)),
+        |c| c.amqp.url = Some(SecretUrl::new(amqp_url_via(proxy.addr))),
     )
     .await;
     const N: usize = 200;
@@ -636,7 +637,7 @@ async fn secrets_never_reach_the_logs() {
     let mut bad = config.clone();
     let mut url = url::Url::parse(&crate::helpers::amqp_url()).unwrap();
     url.set_password(Some("canary-amqp-pw")).unwrap();
-    bad.amqp.url = SecretUrl::new(url.to_string());
+    bad.amqp.url = Some(SecretUrl::new(url.to_string()));
     let bad_log = dir.path().join("bad.log");
     let mut bad_child = spawn_worker_process(&bad, &bad_log);
     config.worker.id = "secrets-test-worker".into();

@@ -47,7 +47,7 @@ pub fn unique(what: &str) -> String {
 pub fn test_config(base_url: &str) -> Config {
     let p = unique("t");
     let mut c = Config::default();
-    c.amqp.url = SecretUrl::new(amqp_url());
+    c.amqp.url = Some(SecretUrl::new(amqp_url()));
     c.llm.base_url = SecretUrl::new(base_url);
     c.llm.timeout_secs = 10;
     c.worker.id = format!("{p}-worker");
@@ -435,11 +435,18 @@ where
     }
 }
 
-/// A TCP proxy between the worker and the broker that can cut every connection.
+/// A TCP proxy between the worker and the broker that can cut every connection (for a
+/// while or for good), or fall silent like a node whose host is gone.
 pub struct Proxy {
     /// Where the worker connects.
     pub addr: std::net::SocketAddr,
     refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Cancelled when the proxy falls silent.
+    silent: CancellationToken,
+    /// Connections it has accepted while not refusing, ever.
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Connections it has refused, ever.
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -447,28 +454,57 @@ pub struct Proxy {
 impl Proxy {
     /// Proxies 127.0.0.1:<random> to `upstream`.
     pub async fn start(upstream: std::net::SocketAddr) -> Self {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst},
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (r, c) = (refusing.clone(), conns.clone());
+        let refusing = Arc::new(AtomicBool::new(false));
+        let (accepted, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let silent = CancellationToken::new();
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (r, a, no, quiet, c) = (
+            refusing.clone(),
+            accepted.clone(),
+            refused.clone(),
+            silent.clone(),
+            conns.clone(),
+        );
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
-                if r.load(std::sync::atomic::Ordering::SeqCst) {
+                if r.load(SeqCst) {
                     drop(inbound);
+                    no.fetch_add(1, SeqCst);
                     continue;
                 }
+                let quiet = quiet.clone();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if quiet.is_cancelled() {
+                        // Accepted, never answered: held open until the proxy goes.
+                        let _held = inbound;
+                        return std::future::pending().await;
+                    }
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        // Nothing more goes either way, and both sockets stay open: neither
+                        // end hears of it but by its heartbeats.
+                        () = quiet.cancelled() => std::future::pending().await,
                     }
                 });
+                a.fetch_add(1, SeqCst);
                 c.lock().unwrap().push(task.abort_handle());
             }
         });
         Self {
             addr,
             refusing,
+            silent,
+            accepted,
+            refused,
             conns,
             accept,
         }
@@ -476,14 +512,40 @@ impl Proxy {
 
     /// Drops every proxied connection and refuses new ones for `outage`.
     pub async fn cut_for(&self, outage: Duration) {
+        self.cut();
+        tokio::time::sleep(outage).await;
+        self.restore();
+    }
+
+    /// Takes new connections again after [`Self::cut`].
+    pub fn restore(&self) {
+        self.refusing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Drops every proxied connection and refuses new ones from now on: a node gone for good.
+    pub fn cut(&self) {
         self.refusing
             .store(true, std::sync::atomic::Ordering::SeqCst);
         for conn in self.conns.lock().unwrap().drain(..) {
             conn.abort();
         }
-        tokio::time::sleep(outage).await;
-        self.refusing
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Forwards nothing more on any connection, keeping each open, and accepts new ones
+    /// without ever answering: a node whose host froze or dropped off the network.
+    pub fn fall_silent(&self) {
+        self.silent.cancel();
+    }
+
+    /// How many connections it has accepted (forwarded, or held when silent).
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How many connections it has refused while cut.
+    pub fn refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 

@@ -10,6 +10,7 @@ mod budgets;
 mod cancel;
 mod cli;
 mod end_to_end;
+mod failover;
 mod faults;
 mod flow;
 mod guarantees;

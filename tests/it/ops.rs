@@ -20,7 +20,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 /// A worker with its admin server on a free port; returns the base URL.
-async fn worker_with_admin(
+pub(crate) async fn worker_with_admin(
     env: &TestEnv,
 ) -> (String, CancellationToken, tokio::task::JoinHandle<()>) {
     let stop = CancellationToken::new();
@@ -32,7 +32,8 @@ async fn worker_with_admin(
     (format!("http://{addr}"), stop, task)
 }
 
-async fn get(url: &str) -> (u16, String) {
+/// GETs `url`: its status and body.
+pub(crate) async fn get(url: &str) -> (u16, String) {
     llmq::install_crypto_provider();
     let r = reqwest::get(url).await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
@@ -163,7 +164,7 @@ async fn every_family_and_dashboard_query_has_a_series_before_any_message() {
 async fn readyz_follows_the_broker_connection() {
     let proxy = crate::helpers::Proxy::start(broker_addr()).await;
     let env = TestEnv::with(MockOptions::default(), |c| {
-        c.amqp.url = SecretUrl::new(amqp_url_via(proxy.addr))
+        c.amqp.url = Some(SecretUrl::new(amqp_url_via(proxy.addr)))
     })
     .await;
     let (base, stop, task) = worker_with_admin(&env).await;

@@ -68,7 +68,7 @@ async fn amqps_with_a_private_ca() {
     url.set_host(Some("localhost")).unwrap();
     url.set_port(Some(port)).unwrap();
     let env = TestEnv::with(MockOptions::default(), |c| {
-        c.amqp.url = SecretUrl::new(url.to_string());
+        c.amqp.url = Some(SecretUrl::new(url.to_string()));
         c.amqp.tls.ca_file = ca_file.display().to_string();
     })
     .await;
