@@ -21,7 +21,8 @@
 #              afterwards (only if this call started it), whatever CMD's exit status
 #
 # LLMQ_CLUSTER_DIR (default /tmp/llmq-cluster) and LLMQ_CLUSTER_PORT (node 1's AMQP port,
-# default 5681; nodes 2 and 3 take the next two) move it elsewhere. Run as root, the nodes
+# default 5681; nodes 2 and 3 take the next two) move it elsewhere; the node names stay, so
+# one such cluster runs on a machine at a time. Run as root, the nodes
 # run as the `rabbitmq` user with the main broker's Erlang cookie (/var/lib/rabbitmq), so the
 # package's rabbitmqctl reaches them; run as another user, they run as that user with the
 # cookie in its home.
@@ -115,8 +116,8 @@ prepare_node() {
   local n="$1" d
   d="$(node_dir "$n")"
   mkdir -p "$d/mnesia" "$d/log"
+  # The AMQP listener is RABBITMQ_NODE_IP_ADDRESS and RABBITMQ_NODE_PORT (node_env).
   cat >"$d/rabbitmq.conf" <<EOF
-listeners.tcp.local = 127.0.0.1:$(amqp_port "$n")
 log.file.level = info
 log.console = false
 load_definitions = $DIR/definitions.json
@@ -370,16 +371,16 @@ cmd_leader() {
 
 cmd_with() {
   [ "$#" -gt 0 ] || die "usage: $0 with COMMAND..."
+  # Ours to stop only when no node ran: a cluster started by hand, even with a node down
+  # (which the start below brings back), stays up.
   local mine=0
-  all_up || mine=1
+  any_up || mine=1
   # Stopped whatever the command's outcome, interrupted (during the start too) included.
   # shellcheck disable=SC2064
   trap "[ $mine = 1 ] && cmd_stop" EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
-  if [ "$mine" = 1 ]; then
-    cmd_start >/dev/null
-  fi
+  cmd_start >/dev/null
   LLMQ_TEST_CLUSTER_URLS="$(cmd_urls)" "$@"
 }
 
