@@ -10,13 +10,17 @@ export INTEROP_PYTHON
 .PHONY: test lint fmt build run mock services venv compose-config deploy-check bench clean
 
 ## Every test: unit, integration (real broker), the Python interop client, the compose file.
+## The node-loss tests run on a local three-node RabbitMQ cluster (scripts/cluster.sh),
+## started for the run when it is not up and stopped after it, whatever the outcome; the
+## script gives the tests its addresses in LLMQ_TEST_CLUSTER_URLS.
 test: services venv compose-config deploy-check
-	@if cargo nextest --version >/dev/null 2>&1; then \
+	@scripts/cluster.sh with sh -c '\
+	if cargo nextest --version >/dev/null 2>&1; then \
 		cargo nextest run --all-targets --no-fail-fast; \
 	else \
 		cargo test --all-targets --no-fail-fast -- --skip alarm:: && \
 		cargo test --test it --no-fail-fast alarm:: -- --test-threads=1; \
-	fi
+	fi'
 
 ## fmt and clippy, warnings denied.
 lint:

@@ -1,6 +1,7 @@
 //! The integration tests, one binary: every suite runs against the real RabbitMQ at
 //! `AMQP_URL` (and Redis at `REDIS_URL`) with the mock upstream in-process, through the
-//! shared [`helpers`].
+//! shared [`helpers`]; the node-loss tests also use the local three-node cluster of
+//! `scripts/cluster.sh`, through [`cluster`].
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod alarm;
@@ -9,6 +10,7 @@ mod bounds;
 mod budgets;
 mod cancel;
 mod cli;
+mod cluster;
 mod end_to_end;
 mod failover;
 mod faults;
