@@ -103,15 +103,21 @@ impl TestEnv {
 
     /// Like [`Self::new`], with the config adjusted first.
     pub async fn with(mock: MockOptions, adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::on_broker(&amqp_url(), mock, adjust).await
+    }
+
+    /// Like [`Self::with`], connected to the broker at `url` (a node of the test cluster,
+    /// say) rather than `AMQP_URL`; `adjust` points the worker's configuration at it.
+    pub async fn on_broker(url: &str, mock: MockOptions, adjust: impl FnOnce(&mut Config)) -> Self {
         init_logs();
         let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), mock)
             .await
             .expect("mock starts");
         let mut config = test_config(&mock.base_url());
         adjust(&mut config);
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        let conn = Connection::connect(url, ConnectionProperties::default())
             .await
-            .expect("the broker at AMQP_URL answers");
+            .unwrap_or_else(|e| panic!("the broker at {url} answers: {e}"));
         let channel = conn.create_channel().await.unwrap();
         channel
             .confirm_select(ConfirmSelectOptions::default())
