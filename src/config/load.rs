@@ -185,7 +185,7 @@ fn without_source(message: &str) -> String {
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
-    use crate::config::{KeepResults, redact_url};
+    use crate::config::{KeepResults, QueueType, redact_url};
     use figment::Jail;
 
     /// The repository's `config.toml` (copied into the Docker image) holds the defaults and
@@ -572,6 +572,44 @@ fallbacks = { "gpt-4o" = ["gpt-4o-mini"] }
             number.starts_with("topology.keep_results (LLMQ_TOPOLOGY__KEEP_RESULTS): invalid type")
                 && number.contains("\"without_reply_to\""),
             "{number}"
+        );
+    }
+
+    #[test]
+    fn queue_type_is_classic_unless_set_in_the_file_or_the_environment() {
+        let load = |file: Option<&str>, vars: &[(&str, &str)]| {
+            let mut out = Err(String::new());
+            Jail::expect_with(|jail| {
+                jail.clear_env();
+                if let Some(text) = file {
+                    jail.create_file("config.toml", text)?;
+                }
+                for (k, v) in vars {
+                    jail.set_env(k, v);
+                }
+                out = Config::load(None)
+                    .map(|c| c.topology.queue_type)
+                    .map_err(|e| e.problems.join("; "));
+                Ok(())
+            });
+            out
+        };
+        let var = "LLMQ_TOPOLOGY__QUEUE_TYPE";
+        assert_eq!(load(None, &[]), Ok(QueueType::Classic), "the default");
+        let file = "[topology]\nqueue_type = \"quorum\"\n";
+        assert_eq!(load(Some(file), &[]), Ok(QueueType::Quorum));
+        assert_eq!(load(None, &[(var, "quorum")]), Ok(QueueType::Quorum));
+        assert_eq!(
+            load(Some(file), &[(var, "classic")]),
+            Ok(QueueType::Classic),
+            "the environment wins"
+        );
+        let wrong = load(None, &[(var, "stream")]).unwrap_err();
+        assert!(
+            wrong.starts_with("topology.queue_type (LLMQ_TOPOLOGY__QUEUE_TYPE)")
+                && wrong.contains("classic")
+                && wrong.contains("quorum"),
+            "{wrong}"
         );
     }
 

@@ -32,8 +32,8 @@ pub use llm::{LlmConfig, PROVIDERS, RequestPolicy, UpstreamConfig};
 pub use secret::{Secret, SecretUrl, redact_url};
 pub use sections::{
     AdminConfig, AmqpConfig, BatchConfig, DEFAULT_AMQP_URL, IdempotencyConfig, KeepResults,
-    LimitsConfig, LogConfig, LogFormat, OnStoreError, RetryConfig, RoutingConfig, StoreKind,
-    StreamConfig, TlsConfig, TopologyConfig, WorkerConfig,
+    LimitsConfig, LogConfig, LogFormat, OnStoreError, QueueType, RetryConfig, RoutingConfig,
+    StoreKind, StreamConfig, TlsConfig, TopologyConfig, WorkerConfig,
 };
 pub use tenancy::{
     DEFAULT_TENANT, OTHER_TENANTS, PriceConfig, Switch, TenancyConfig, TenantConfig, TenantLimits,
@@ -258,6 +258,7 @@ mod tests {
                 embeddings_queue: "x.embeddings".into(),
                 embeddings_key: "x-embed".into(),
                 max_priority: 5,
+                queue_type: QueueType::Quorum,
                 lanes: 4,
                 results_exchange: "x.results".into(),
                 results_key: "x-result".into(),

@@ -95,9 +95,15 @@ pub struct TopologyConfig {
     pub embeddings_queue: String,
     /// Routing key binding `embeddings_queue` to `request_exchange`.
     pub embeddings_key: String,
-    /// `x-max-priority` of both work queues. Clients that declare the queue themselves must
-    /// use the same value, so the default is the one common tutorials use.
+    /// `x-max-priority` of both work queues and their lanes when they are classic queues.
+    /// Clients that declare the queue themselves must use the same value, so the default is
+    /// the one common tutorials use. Quorum queues take no such argument (their priorities
+    /// depend on the broker's version, see [`crate::broker::arguments`]).
     pub max_priority: u8,
+    /// The type of the work queues, their lanes, the dead-letter queue, `results_queue` and
+    /// `unroutable_queue` (see [`QueueType`]). The delayed-retry tiers are quorum queues
+    /// either way.
+    pub queue_type: QueueType,
     /// Lane queues per work queue for fair share between tenants: a tenant that holds more
     /// than its share of a saturated replica has its requests moved to
     /// `<work queue>.lane.<nn>`, the lane its name hashes to (see the README's Fair share
@@ -150,6 +156,7 @@ impl Default for TopologyConfig {
             embeddings_queue: "llm_embeddings".into(),
             embeddings_key: "embed".into(),
             max_priority: 10,
+            queue_type: QueueType::default(),
             lanes: 16,
             results_exchange: "llm_results".into(),
             results_key: "result".into(),
@@ -165,6 +172,44 @@ impl Default for TopologyConfig {
             control_exchange: "llm_control".into(),
             results_ttl_secs: 86_400,
         }
+    }
+}
+
+/// The type of the queues llmq declares. A queue's type cannot change in place: moving an
+/// existing topology to the other type is `llmq topology convert`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Classic queues: one node holds each; what earlier versions declared, and the only
+    /// type a client's tutorial-style declaration (`x-max-priority` 10) matches.
+    #[default]
+    Classic,
+    /// Quorum queues: replicated over a cluster's nodes (Raft), so a queue survives the
+    /// loss of a minority of them.
+    Quorum,
+}
+
+impl QueueType {
+    /// The other type: what `llmq topology convert` moves from.
+    pub fn other(self) -> Self {
+        match self {
+            QueueType::Classic => QueueType::Quorum,
+            QueueType::Quorum => QueueType::Classic,
+        }
+    }
+
+    /// Its name in the configuration and in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+impl std::fmt::Display for QueueType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
