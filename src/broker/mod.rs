@@ -1,4 +1,5 @@
-//! The broker: connections, the topology, confirmed publishing and the delayed-retry tiers.
+//! The broker: connections and the broker's version, the topology and what each queue is
+//! declared with, confirmed publishing and the delayed-retry tiers.
 
 pub mod confirm;
 pub mod connection;
@@ -7,3 +8,4 @@ pub mod publish;
 pub mod retry;
 pub mod returns;
 pub mod topology;
+pub mod version;

@@ -21,6 +21,7 @@ mod identity;
 mod interop;
 mod openai_body;
 mod ops;
+mod quorum;
 mod results;
 mod routing;
 mod streaming;
