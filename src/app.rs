@@ -70,8 +70,11 @@ impl App {
     }
 
     /// Runs the worker until shutdown and its drain are over, then stops the admin server.
-    pub async fn run(self) {
-        self.worker.run().await;
+    /// An error when the worker stopped on its own because it must not consume the topology
+    /// it found (see [`Worker::run`]).
+    pub async fn run(self) -> Result<(), AppError> {
+        let ran = self.worker.run().await;
         self.admin_stop.cancel();
+        Ok(ran?)
     }
 }

@@ -257,11 +257,12 @@ async fn dlq(config: &Config, command: DlqCommand) -> ExitCode {
 
 /// The worker and its admin server until SIGTERM or SIGINT, then the drain.
 async fn run(config: Config) -> ExitCode {
-    match App::start(config, shutdown::install()).await {
-        Ok(app) => {
-            app.run().await;
-            ExitCode::SUCCESS
-        }
+    let ran = match App::start(config, shutdown::install()).await {
+        Ok(app) => app.run().await,
+        Err(e) => Err(e),
+    };
+    match ran {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "llmq failed to start");
             ExitCode::FAILURE

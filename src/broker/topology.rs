@@ -1,9 +1,11 @@
 //! The broker topology, declared idempotently at start-up.
 //!
 //! - `llm_requests` (direct) -> `llm_processing` (key `process`) and `llm_embeddings` (key
-//!   `embed`), both durable with exactly `{x-max-priority: 10}`, so a client that declares
-//!   the queue the way tutorials do gets no PRECONDITION_FAILED. Broker-side dead-lettering
-//!   of expired messages is a policy (`rabbitmq/definitions.json`), not a queue argument.
+//!   `embed`), both durable. As classic queues (`topology.queue_type`, the default) their
+//!   arguments are exactly `{x-max-priority: 10}`, so a client that declares the queue the
+//!   way tutorials do gets no PRECONDITION_FAILED; as quorum queues they have what
+//!   [`crate::broker::arguments`] gives them. Broker-side dead-lettering of expired messages
+//!   is a policy (`rabbitmq/definitions.json`), not a queue argument.
 //! - `llm_processing.lane.<nn>` and `llm_embeddings.lane.<nn>`, `topology.lanes` of each
 //!   (16 by default, none with 0): the fair-share lanes, durable with exactly the work queues'
 //!   arguments and bound to no exchange. The worker moves a tenant's requests into the lane
@@ -14,11 +16,17 @@
 //! - `llm_requests.retry.q` (headers) -> `llm_requests.retry.q.{5s,30s,2m,10m,1h}`, each
 //!   matched on the `llmq-retry-tier` header and dead-lettering expired messages back to
 //!   `llm_requests` with their routing key (see [`crate::broker::retry`]). The tiers are
-//!   quorum queues with at-least-once dead-lettering: the broker republishes an expired
-//!   message with confirms, and keeps it until the work queue takes it.
+//!   quorum queues with at-least-once dead-lettering, whatever `topology.queue_type`: the
+//!   broker republishes an expired message with confirms, and keeps it until the work queue
+//!   takes it.
 //! - `llm_unroutable` (fanout) -> durable queue `llm_unroutable`: the alternate exchange that
 //!   a policy (`rabbitmq/definitions.json`, never an exchange argument, which would make
 //!   every existing declaration fail) gives the request, dead-letter and retry exchanges.
+//!
+//! The work queues, their lanes, the dead-letter, results and unroutable queues are of
+//! `topology.queue_type` ([`typed_queues`]). A queue's type cannot change in place: when one
+//! exists as the other type, [`declare_on`] says so ([`DeclareError::TypeMismatch`]) with the
+//! procedure (`llmq topology convert`).
 
 use lapin::{
     Channel, Connection, ExchangeKind,
@@ -27,16 +35,143 @@ use lapin::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::{broker::retry, config::TopologyConfig, contract::headers};
+use crate::{
+    broker::{arguments, retry},
+    config::{QueueType, TopologyConfig},
+    contract::headers,
+};
 
-/// The arguments of both work queues: `x-max-priority` and nothing else.
+/// The arguments of both work queues and their lanes, for `topology.queue_type`: as classic
+/// queues `x-max-priority` and nothing else. The same on every broker version
+/// ([`arguments::work_queues`]).
 pub fn work_queue_arguments(topo: &TopologyConfig) -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-max-priority".into(),
-        AMQPValue::LongInt(topo.max_priority.into()),
-    );
-    args
+    arguments::work_queues(topo.queue_type, topo.max_priority, None).arguments
+}
+
+/// What a queue of `topology.queue_type` is for, which decides its arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A work queue or one of its lanes: requests wait there, by priority.
+    Work,
+    /// The dead-letter, results or unroutable queue: messages wait there for a reader.
+    Holding,
+}
+
+/// A queue whose type follows `topology.queue_type`, and where it is bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypedQueue {
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    pub role: Role,
+    /// The exchange and routing key it is bound with; `None` for a lane (filled through the
+    /// default exchange).
+    pub binding: Option<(String, String)>,
+}
+
+impl TypedQueue {
+    /// A lane of a work queue.
+    pub fn lane(name: String) -> Self {
+        Self {
+            name,
+            role: Role::Work,
+            binding: None,
+        }
+    }
+
+    /// Its arguments as a queue of `queue_type` (the same on every broker version).
+    pub fn arguments(&self, topo: &TopologyConfig, queue_type: QueueType) -> FieldTable {
+        match self.role {
+            Role::Work => arguments::work_queues(queue_type, topo.max_priority, None).arguments,
+            Role::Holding => arguments::holding_queue(queue_type),
+        }
+    }
+}
+
+/// Every queue of `topology.queue_type` the worker declares, in the order it declares them:
+/// the configured lanes of both work queues, the work queues, the dead-letter queue, the
+/// unroutable queue and, when it keeps results, the results queue.
+pub fn typed_queues(topo: &TopologyConfig) -> Vec<TypedQueue> {
+    let bound = |name: &str, role, exchange: &str, key: &str| TypedQueue {
+        name: name.to_string(),
+        role,
+        binding: Some((exchange.to_string(), key.to_string())),
+    };
+    let mut queues: Vec<TypedQueue> = lanes(topo).map(TypedQueue::lane).collect();
+    queues.extend([
+        bound(
+            &topo.processing_queue,
+            Role::Work,
+            &topo.request_exchange,
+            &topo.processing_key,
+        ),
+        bound(
+            &topo.embeddings_queue,
+            Role::Work,
+            &topo.request_exchange,
+            &topo.embeddings_key,
+        ),
+        bound(
+            &topo.dead_letter_queue,
+            Role::Holding,
+            &topo.dead_letter_exchange,
+            &topo.dead_letter_key,
+        ),
+        // A fanout exchange ignores the binding key.
+        bound(
+            &topo.unroutable_queue,
+            Role::Holding,
+            &topo.unroutable_exchange,
+            "",
+        ),
+    ]);
+    if topo.keep_results.declares_queue() {
+        queues.push(bound(
+            &topo.results_queue,
+            Role::Holding,
+            &topo.results_exchange,
+            &topo.results_key,
+        ));
+    }
+    queues
+}
+
+/// Why the topology could not be declared.
+#[derive(Debug, thiserror::Error)]
+pub enum DeclareError {
+    /// A queue's declaration failed (its arguments differ from the existing queue's, say);
+    /// the broker closed the channel with it.
+    #[error("declaring the queue {queue}: {source}")]
+    Queue {
+        /// The queue.
+        queue: String,
+        /// What the broker said.
+        #[source]
+        source: lapin::Error,
+    },
+    /// Any other broker error (an exchange, a binding, the channel).
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
+    /// A queue exists as the other type than `topology.queue_type`: the fleet must move it
+    /// before it can start.
+    #[error(
+        "the queue {queue} exists as a {existing} queue, and topology.queue_type is \
+         \"{configured}\" (LLMQ_TOPOLOGY__QUEUE_TYPE): a queue's type cannot change in place. \
+         To move the topology to {configured} queues: 1. stop every worker of the fleet; \
+         2. run `llmq topology convert --to {configured}` with this configuration \
+         (`--dry-run` first lists what it will do): it moves every message of every queue, \
+         none lost or duplicated; 3. start the fleet with topology.queue_type = \
+         \"{configured}\". To keep the queues as they are, set topology.queue_type = \
+         \"{existing}\" instead."
+    )]
+    TypeMismatch {
+        /// The first queue found of the other type.
+        queue: String,
+        /// Its type.
+        existing: QueueType,
+        /// `topology.queue_type`.
+        configured: QueueType,
+    },
 }
 
 /// The name of lane `lane` of work queue `queue`: `<queue>.lane.<nn>`, `nn` two lowercase hex
@@ -134,90 +269,61 @@ pub fn retry_queue_arguments(topo: &TopologyConfig) -> FieldTable {
 
 /// Declares every exchange, queue and binding. Safe to run any number of times, from any
 /// number of replicas.
-pub async fn declare(channel: &Channel, topo: &TopologyConfig) -> Result<(), lapin::Error> {
+pub async fn declare(channel: &Channel, topo: &TopologyConfig) -> Result<(), DeclareError> {
     let durable_exchange = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
     };
-    let durable_queue = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    for exchange in [
-        &topo.request_exchange,
-        &topo.results_exchange,
-        &topo.dead_letter_exchange,
-    ] {
+    let exchanges = [
+        (&topo.request_exchange, ExchangeKind::Direct),
+        (&topo.results_exchange, ExchangeKind::Direct),
+        (&topo.dead_letter_exchange, ExchangeKind::Direct),
+        (&topo.control_exchange, ExchangeKind::Fanout),
+        (&topo.unroutable_exchange, ExchangeKind::Fanout),
+    ];
+    for (exchange, kind) in exchanges {
         channel
             .exchange_declare(
                 exchange.as_str().into(),
-                ExchangeKind::Direct,
+                kind,
                 durable_exchange,
                 FieldTable::default(),
             )
             .await?;
     }
-    channel
-        .exchange_declare(
-            topo.control_exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await?;
-    let mut queues = vec![
-        (
-            &topo.processing_queue,
-            &topo.request_exchange,
-            &topo.processing_key,
-            work_queue_arguments(topo),
-        ),
-        (
-            &topo.embeddings_queue,
-            &topo.request_exchange,
-            &topo.embeddings_key,
-            work_queue_arguments(topo),
-        ),
-        (
-            &topo.dead_letter_queue,
-            &topo.dead_letter_exchange,
-            &topo.dead_letter_key,
-            FieldTable::default(),
-        ),
-    ];
     declare_retry_tiers(channel, topo).await?;
-    declare_lanes(channel, topo).await?;
-    channel
-        .exchange_declare(
-            topo.unroutable_exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await?;
-    // A fanout exchange ignores the binding key.
-    let any_key = String::new();
-    queues.push((
-        &topo.unroutable_queue,
-        &topo.unroutable_exchange,
-        &any_key,
-        FieldTable::default(),
-    ));
-    if topo.keep_results.declares_queue() {
-        queues.push((
-            &topo.results_queue,
-            &topo.results_exchange,
-            &topo.results_key,
-            FieldTable::default(),
-        ));
+    for queue in typed_queues(topo) {
+        declare_typed(channel, topo, &queue, topo.queue_type).await?;
     }
-    for (queue, exchange, key, args) in queues {
-        channel
-            .queue_declare(queue.as_str().into(), durable_queue, args)
-            .await?;
+    Ok(())
+}
+
+/// Declares `queue` as a queue of `queue_type` and binds it.
+pub async fn declare_typed(
+    channel: &Channel,
+    topo: &TopologyConfig,
+    queue: &TypedQueue,
+    queue_type: QueueType,
+) -> Result<(), DeclareError> {
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(
+            queue.name.as_str().into(),
+            durable_queue,
+            queue.arguments(topo, queue_type),
+        )
+        .await
+        .map_err(|source| DeclareError::Queue {
+            queue: queue.name.clone(),
+            source,
+        })?;
+    if let Some((exchange, key)) = &queue.binding {
         channel
             .queue_bind(
-                queue.as_str().into(),
+                queue.name.as_str().into(),
                 exchange.as_str().into(),
                 key.as_str().into(),
                 QueueBindOptions::default(),
@@ -229,32 +335,80 @@ pub async fn declare(channel: &Channel, topo: &TopologyConfig) -> Result<(), lap
 }
 
 /// [`declare`] on a channel of its own, closed afterwards: a failed declaration closes its
-/// channel, and must not take a consumer's with it.
-pub async fn declare_on(conn: &Connection, topo: &TopologyConfig) -> Result<(), lapin::Error> {
+/// channel, and must not take a consumer's with it. A queue that exists as the other type
+/// than `topology.queue_type` is a [`DeclareError::TypeMismatch`].
+pub async fn declare_on(conn: &Connection, topo: &TopologyConfig) -> Result<(), DeclareError> {
     let setup = conn.create_channel().await?;
-    declare(&setup, topo).await?;
-    let _ = setup.close(200, "topology declared".into()).await;
-    Ok(())
+    match declare(&setup, topo).await {
+        Ok(()) => {
+            let _ = setup.close(200, "topology declared".into()).await;
+            Ok(())
+        }
+        Err(DeclareError::Queue { queue, source }) => {
+            // Its arguments may differ only because it is of the other type: a queue that
+            // takes the other type's declaration as it is, is of that type.
+            let other = topo.queue_type.other();
+            match typed_queues(topo).into_iter().find(|q| q.name == queue) {
+                Some(typed) if type_of(conn, topo, &typed).await? == Found::Is(other) => {
+                    Err(DeclareError::TypeMismatch {
+                        queue,
+                        existing: other,
+                        configured: topo.queue_type,
+                    })
+                }
+                _ => Err(DeclareError::Queue { queue, source }),
+            }
+        }
+        Err(e) => Err(e),
+    }
 }
 
-/// Every lane of both work queues ([`lanes`]): durable, with exactly the work queues'
-/// arguments ([`work_queue_arguments`]), so a request moved into a lane keeps its priority;
-/// bound to no exchange, since the worker fills them through the default exchange.
-async fn declare_lanes(channel: &Channel, topo: &TopologyConfig) -> Result<(), lapin::Error> {
+/// What a queue of `topology.queue_type` is on the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// It does not exist.
+    Missing,
+    /// It exists as a queue of this type, with the arguments llmq gives that type.
+    Is(QueueType),
+    /// It exists with arguments llmq gives neither type (declared by someone else, or by
+    /// another version of llmq).
+    Neither,
+}
+
+/// What `queue` is on the broker: each type's declaration is tried on a channel of its own
+/// (the broker closes the channel of a declaration that does not match). A declaration that
+/// matches changes nothing, and one is only tried once the queue is known to exist, so this
+/// creates nothing.
+pub async fn type_of(
+    conn: &Connection,
+    topo: &TopologyConfig,
+    queue: &TypedQueue,
+) -> Result<Found, lapin::Error> {
+    let mut reader = DepthReader::new(conn);
+    let exists = reader.read(&queue.name).await?.is_some();
+    reader.close().await;
+    if !exists {
+        return Ok(Found::Missing);
+    }
     let durable_queue = QueueDeclareOptions {
         durable: true,
         ..Default::default()
     };
-    for lane in lanes(topo) {
-        channel
+    for queue_type in [topo.queue_type, topo.queue_type.other()] {
+        let channel = conn.create_channel().await?;
+        let declared = channel
             .queue_declare(
-                lane.as_str().into(),
+                queue.name.as_str().into(),
                 durable_queue,
-                work_queue_arguments(topo),
+                queue.arguments(topo, queue_type),
             )
-            .await?;
+            .await;
+        if declared.is_ok() {
+            let _ = channel.close(200, "queue type read".into()).await;
+            return Ok(Found::Is(queue_type));
+        }
     }
-    Ok(())
+    Ok(Found::Neither)
 }
 
 /// The headers exchange of the delayed-retry tiers and one queue per tier, each
@@ -533,6 +687,106 @@ mod tests {
             &retry_queue(&t, "5s"),
         ] {
             assert!(!pattern.is_match(other), "{other}");
+        }
+    }
+
+    /// Byte for byte what earlier versions declared, so existing deployments redeclare
+    /// without PRECONDITION_FAILED.
+    #[test]
+    fn classic_queues_are_declared_as_before() {
+        let t = TopologyConfig::default();
+        let queues = typed_queues(&t);
+        let names: Vec<&str> = queues.iter().map(|q| q.name.as_str()).collect();
+        assert_eq!(names.len(), 32 + 5);
+        assert_eq!(names[0], "llm_processing.lane.00");
+        assert_eq!(
+            names[32..],
+            [
+                "llm_processing",
+                "llm_embeddings",
+                "llm_processing.dlq",
+                "llm_unroutable",
+                "llm_results"
+            ]
+        );
+        for q in &queues {
+            let args = q.arguments(&t, QueueType::Classic);
+            match q.role {
+                Role::Work => {
+                    assert_eq!(args.inner().len(), 1, "{}", q.name);
+                    assert_eq!(
+                        args.inner().get("x-max-priority"),
+                        Some(&AMQPValue::LongInt(10))
+                    );
+                }
+                Role::Holding => assert_eq!(args, FieldTable::default(), "{}", q.name),
+            }
+        }
+        assert_eq!(
+            work_queue_arguments(&t),
+            queues[0].arguments(&t, t.queue_type)
+        );
+        let bound = |name: &str| {
+            queues
+                .iter()
+                .find(|q| q.name == name)
+                .and_then(|q| q.binding.clone())
+        };
+        assert_eq!(bound("llm_processing.lane.0f"), None);
+        assert_eq!(
+            bound("llm_processing"),
+            Some(("llm_requests".into(), "process".into()))
+        );
+        assert_eq!(
+            bound("llm_processing.dlq"),
+            Some(("llm_requests.dlx".into(), "dead".into()))
+        );
+        assert_eq!(
+            bound("llm_unroutable"),
+            Some(("llm_unroutable".into(), String::new()))
+        );
+        assert_eq!(
+            bound("llm_results"),
+            Some(("llm_results".into(), "result".into()))
+        );
+    }
+
+    #[test]
+    fn the_results_queue_is_typed_only_when_it_is_declared() {
+        let t = TopologyConfig {
+            keep_results: crate::config::KeepResults::Never,
+            lanes: 0,
+            ..TopologyConfig::default()
+        };
+        let names: Vec<String> = typed_queues(&t).into_iter().map(|q| q.name).collect();
+        assert_eq!(
+            names,
+            [
+                "llm_processing",
+                "llm_embeddings",
+                "llm_processing.dlq",
+                "llm_unroutable"
+            ]
+        );
+    }
+
+    #[test]
+    fn quorum_queues_say_their_type_and_only_work_queues_dead_letter_at_least_once() {
+        let t = TopologyConfig {
+            queue_type: QueueType::Quorum,
+            ..TopologyConfig::default()
+        };
+        for q in typed_queues(&t) {
+            let args = q.arguments(&t, t.queue_type);
+            let get = |k: &str| args.inner().get(k).cloned();
+            assert_eq!(
+                get("x-queue-type"),
+                Some(AMQPValue::LongString("quorum".into()))
+            );
+            assert!(get("x-max-priority").is_none(), "{}", q.name);
+            assert!(get("x-delivery-limit").is_some(), "{}", q.name);
+            let at_least_once = get("x-dead-letter-strategy").is_some();
+            assert_eq!(at_least_once, q.role == Role::Work, "{}", q.name);
         }
     }
 

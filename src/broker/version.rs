@@ -24,7 +24,10 @@ use lapin::{
     uri::{AMQPUri, SASLMechanism},
 };
 
-use crate::{broker::connection::tls_config, config::TlsConfig};
+use crate::{
+    broker::connection::tls_config,
+    config::{SecretUrl, TlsConfig},
+};
 
 /// A RabbitMQ version, `major.minor.patch`, ordered as versions are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -109,6 +112,25 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest frame accepted: a `connection.start` is well under 1 KiB, and a broker (or
 /// whatever answers on its port) must not make llmq allocate what it likes.
 const MAX_FRAME: usize = 64 * 1024;
+
+/// The version of the broker at `url`, for the declarations and the logs: `None`, with a
+/// warning that says why, when it cannot be read or parsed. Never an error: what depends on
+/// it (how quorum queues treat priorities) is reported as unknown, nothing stops.
+pub async fn announced(url: &SecretUrl, tls: &TlsConfig) -> Option<BrokerVersion> {
+    match read(url.expose(), tls).await {
+        Ok(raw) => {
+            let parsed = BrokerVersion::parse(&raw);
+            if parsed.is_none() {
+                tracing::warn!(url = %url.redacted(), version = %raw.escape_debug(), "the broker's version is not one llmq can read");
+            }
+            parsed
+        }
+        Err(e) => {
+            tracing::warn!(url = %url.redacted(), error = %e, "cannot read the broker's version");
+            None
+        }
+    }
+}
 
 /// The `version` property the broker at `url` announces (e.g. `3.13.7`), as it says it.
 /// `tls` as for the worker's own connections.

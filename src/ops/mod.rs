@@ -23,6 +23,9 @@ pub enum OpsError {
     /// A broker operation failed.
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
+    /// The topology could not be declared.
+    #[error(transparent)]
+    Topology(#[from] crate::broker::topology::DeclareError),
     /// A republished dead letter was not confirmed; it stays in the DLQ.
     #[error(
         "the broker did not confirm the replay of {request_id}; it stays in the dead-letter queue: {source}"

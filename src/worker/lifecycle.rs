@@ -18,7 +18,11 @@ use super::{
     Context, health,
     subscribe::{self, Links, SessionEnd},
 };
-use crate::broker::{connection, publish, topology};
+use crate::broker::{
+    arguments, connection, publish,
+    topology::{self, DeclareError},
+    version::{self, BrokerVersion},
+};
 
 /// After the shutdown grace period, how long aborted tasks get to hand their work back.
 const ABORT_GRACE: Duration = Duration::from_secs(3);
@@ -138,13 +142,23 @@ async fn set_up(
         publish: Arc::new(conns.publish),
         lanes: Arc::new(tokio::sync::watch::Sender::default()),
     };
+    let version = version::announced(url, &ctx.config.amqp.tls).await;
     let declared = match topology::declare_on(&links.consume, &ctx.config.topology).await {
-        Ok(()) => subscribe::lanes_in_use(&links.consume, &ctx.config.topology).await,
+        Ok(()) => subscribe::lanes_in_use(&links.consume, &ctx.config.topology)
+            .await
+            .map_err(DeclareError::from),
         Err(e) => Err(e),
     };
     match declared {
         Ok(lanes) => {
+            log_queue_type(ctx, version);
             links.lanes.send_replace(lanes);
+        }
+        // Waiting would not change it: the fleet must be stopped and the topology moved.
+        Err(e @ DeclareError::TypeMismatch { .. }) => {
+            close(&links, "queue type mismatch").await;
+            ctx.refuse(e);
+            return Setup::Stopped;
         }
         Err(e) => {
             let delay = after_failure(rotation, backoff);
@@ -171,6 +185,18 @@ async fn set_up(
         return Setup::Retry;
     }
     Setup::Ready(links, events)
+}
+
+/// Says what the work queues are and what a message's priority does in them on this broker.
+fn log_queue_type(ctx: &Context, version: Option<BrokerVersion>) {
+    let topo = &ctx.config.topology;
+    let queues = arguments::work_queues(topo.queue_type, topo.max_priority, version);
+    info!(
+        queue_type = %topo.queue_type,
+        broker_version = %version.map_or_else(|| "unknown".to_string(), |v| v.to_string()),
+        priorities = %queues.priorities,
+        "topology declared"
+    );
 }
 
 /// Waits for the work in flight for `worker.shutdown_grace_secs`, then aborts what is left

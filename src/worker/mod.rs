@@ -63,6 +63,10 @@ pub enum WorkerError {
     /// `amqp.urls` is an empty list (validation reports it first).
     #[error("amqp.urls: no broker address to connect to")]
     NoBroker,
+    /// The broker holds a topology the worker must not consume as it is (a queue of the
+    /// other type than `topology.queue_type`): waiting would not change it.
+    #[error(transparent)]
+    Topology(#[from] crate::broker::topology::DeclareError),
 }
 
 /// What every delivery task shares.
@@ -95,12 +99,23 @@ struct Context {
     stop: CancellationToken,
     /// Cancelled when the shutdown grace period is over: abandon upstream calls.
     abort: CancellationToken,
+    /// Why the worker stopped on its own at start-up, for [`Worker::run`] to return.
+    refused: std::sync::Mutex<Option<WorkerError>>,
 }
 
 impl Context {
     /// This replica's name.
     fn worker(&self) -> &str {
         self.upstream.worker()
+    }
+
+    /// Stops the worker for good because of `why`, which [`Worker::run`] returns once the
+    /// worker is stopped.
+    fn refuse(&self, why: impl Into<WorkerError>) {
+        if let Ok(mut refused) = self.refused.lock() {
+            refused.get_or_insert(why.into());
+        }
+        self.stop.cancel();
     }
 }
 
@@ -190,6 +205,7 @@ impl Worker {
                 metrics,
                 stop: shutdown,
                 abort: CancellationToken::new(),
+                refused: std::sync::Mutex::default(),
                 config,
             }),
         })
@@ -213,12 +229,18 @@ impl Worker {
 
     /// Runs until the shutdown token is cancelled, then drains in-flight work within
     /// `worker.shutdown_grace_secs` and returns. Broker outages are waited out, not
-    /// returned.
-    pub async fn run(self) {
+    /// returned; a topology the worker must not consume as it is (a queue of the other type
+    /// than `topology.queue_type`) stops it, and is returned.
+    pub async fn run(self) -> Result<(), WorkerError> {
         // What the fleet learned about the deployments (spent accounts, open breakers) is
         // read before the first delivery, not a second after it.
         let standing = self.ctx.upstream.router().standing().clone();
         standing.sync(crate::runtime::clock::unix_now_ms()).await;
-        lifecycle::run(self.ctx).await
+        lifecycle::run(self.ctx.clone()).await;
+        let refused = match self.ctx.refused.lock() {
+            Ok(mut refused) => refused.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        refused.map_or(Ok(()), Err)
     }
 }

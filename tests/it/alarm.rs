@@ -87,7 +87,7 @@ async fn worker(env: &TestEnv) -> (String, CancellationToken, tokio::task::JoinH
     (
         format!("http://{addr}/readyz"),
         stop,
-        tokio::spawn(app.run()),
+        tokio::spawn(async move { app.run().await.expect("the worker runs") }),
     )
 }
 

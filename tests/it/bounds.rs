@@ -235,7 +235,7 @@ async fn a_delivery_stuck_behind_higher_priorities_goes_to_the_retry_queue_uncou
     expected.push("low".into());
     assert_eq!(calls, expected, "one call each, the low one last");
     stop.cancel();
-    task.await.unwrap();
+    task.await.unwrap().unwrap();
     env.cleanup().await;
 }
 

@@ -198,7 +198,7 @@ async fn a_flood_of_cancels_leaves_at_most_the_cap_in_redis_and_counts_the_rest(
     let stop = CancellationToken::new();
     let app = App::start(env.config.clone(), stop.clone()).await.unwrap();
     let base = format!("http://{}", app.admin_addr().expect("an admin address"));
-    let task = tokio::spawn(app.run());
+    let task = tokio::spawn(async move { app.run().await.expect("the worker runs") });
     // Once a request is answered, the worker consumes, and its control queue is bound.
     env.publish_chat(
         &json!({"request_id": "warm", "prompt": "x"}),

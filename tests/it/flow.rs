@@ -105,7 +105,7 @@ async fn aimd_halves_on_429s_prefetch_follows_and_it_climbs_back() {
         flow.limit()
     );
     stop.cancel();
-    task.await.unwrap();
+    task.await.unwrap().unwrap();
     env.cleanup().await;
 }
 
@@ -158,7 +158,7 @@ async fn shared_redis_budget_holds_across_two_workers() {
     );
     stop.cancel();
     for task in tasks {
-        task.await.unwrap();
+        task.await.unwrap().unwrap();
     }
     crate::helpers::delete_redis_keys(&env.config.limits.key_prefix).await;
     env.cleanup().await;

@@ -144,10 +144,7 @@ impl TestEnv {
     pub fn start_worker_with(&self, config: Config) -> Worker {
         let stop = CancellationToken::new();
         let token = stop.clone();
-        let task = tokio::spawn(async move {
-            App::start(config, token).await?.run().await;
-            Ok(())
-        });
+        let task = tokio::spawn(async move { App::start(config, token).await?.run().await });
         Worker { stop, task }
     }
 

@@ -28,7 +28,7 @@ pub(crate) async fn worker_with_admin(
     let addr = app
         .admin_addr()
         .expect("admin.addr is set by the test config");
-    let task = tokio::spawn(app.run());
+    let task = tokio::spawn(async move { app.run().await.expect("the worker runs") });
     (format!("http://{addr}"), stop, task)
 }
 

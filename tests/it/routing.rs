@@ -41,7 +41,7 @@ async fn worker_with_metrics(
     (
         format!("http://{addr}/metrics"),
         stop,
-        tokio::spawn(app.run()),
+        tokio::spawn(async move { app.run().await.expect("the worker runs") }),
     )
 }
 

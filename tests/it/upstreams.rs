@@ -80,7 +80,11 @@ async fn start_with_admin(
     let addr = app
         .admin_addr()
         .expect("admin.addr is set by the test config");
-    (format!("http://{addr}"), stop, tokio::spawn(app.run()))
+    (
+        format!("http://{addr}"),
+        stop,
+        tokio::spawn(async move { app.run().await.expect("the worker runs") }),
+    )
 }
 
 async fn get(url: &str) -> String {

@@ -82,6 +82,9 @@ pub enum BenchError {
     /// A broker operation failed.
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
+    /// The run's topology could not be declared.
+    #[error(transparent)]
+    Topology(#[from] crate::broker::topology::DeclareError),
     /// The mock or the worker process could not start.
     #[error("{0}")]
     Setup(String),
