@@ -194,7 +194,7 @@ fn main() -> ExitCode {
                 Err(e) => fail("status", e),
             },
             Command::Topology => match topology::declare(&config).await {
-                Ok(()) => print(topology::describe(&config.topology)),
+                Ok(version) => print(topology::describe(&config.topology, version)),
                 Err(e) => fail("topology", e),
             },
             Command::Run | Command::Probe { .. } | Command::MockLlm { .. } => run(config).await,

@@ -80,17 +80,23 @@ impl Priorities {
 impl fmt::Display for Priorities {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Priorities::Strict { max } => write!(f, "strict, 0 to {max} (x-max-priority {max})"),
-            Priorities::QuorumStrict => {
-                f.write_str("strict, 0 to 31 (a message without a priority counts as 4)")
+            Priorities::Strict { max } => {
+                write!(f, "strict, 0 to {max} (classic, x-max-priority {max})")
             }
-            Priorities::TwoLevels => {
-                f.write_str("two levels: a priority above 4 is high, delivered two for one normal")
+            Priorities::QuorumStrict => f.write_str(
+                "strict, 0 to 31, a message without a priority counts as 4 (quorum, RabbitMQ \
+                 4.3 and later)",
+            ),
+            Priorities::TwoLevels => f.write_str(
+                "two levels, a priority above 4 is high, two high delivered for one normal \
+                 (quorum, RabbitMQ 4.0 to 4.2)",
+            ),
+            Priorities::None => {
+                f.write_str("none, first in first out (quorum, before RabbitMQ 4.0)")
             }
-            Priorities::None => f.write_str("none: first in, first out (quorum queues before 4.0)"),
             Priorities::Unknown => f.write_str(
-                "unknown: the broker did not say its version (quorum queues have none before \
-                 4.0, two levels in 4.0 to 4.2, strict from 4.3)",
+                "unknown: the broker did not say its version (quorum: none before 4.0, two \
+                 levels in 4.0 to 4.2, strict from 4.3)",
             ),
         }
     }
@@ -288,7 +294,7 @@ mod tests {
     fn priorities_read_as_what_they_do() {
         assert_eq!(
             Priorities::Strict { max: 10 }.to_string(),
-            "strict, 0 to 10 (x-max-priority 10)"
+            "strict, 0 to 10 (classic, x-max-priority 10)"
         );
         assert!(
             Priorities::TwoLevels

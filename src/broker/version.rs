@@ -26,7 +26,7 @@ use lapin::{
 
 use crate::{
     broker::connection::tls_config,
-    config::{SecretUrl, TlsConfig},
+    config::{AmqpConfig, SecretUrl, TlsConfig},
 };
 
 /// A RabbitMQ version, `major.minor.patch`, ordered as versions are.
@@ -130,6 +130,29 @@ pub async fn announced(url: &SecretUrl, tls: &TlsConfig) -> Option<BrokerVersion
             None
         }
     }
+}
+
+/// The version of the broker a one-shot command (`llmq status`, `llmq topology`) talks to:
+/// the first of `amqp.url(s)` that answers, in the order the command's connection tries them
+/// ([`crate::broker::connection::connect`]). `None`, with a warning, as [`announced`].
+pub async fn announced_by_any(amqp: &AmqpConfig) -> Option<BrokerVersion> {
+    let mut last = None;
+    for url in amqp.addresses() {
+        match read(url.expose(), &amqp.tls).await {
+            Ok(raw) => {
+                let parsed = BrokerVersion::parse(&raw);
+                if parsed.is_none() {
+                    tracing::warn!(url = %url.redacted(), version = %raw.escape_debug(), "the broker's version is not one llmq can read");
+                }
+                return parsed;
+            }
+            Err(e) => last = Some((url.redacted(), e)),
+        }
+    }
+    if let Some((url, error)) = last {
+        tracing::warn!(%url, %error, "cannot read the broker's version");
+    }
+    None
 }
 
 /// The `version` property the broker at `url` announces (e.g. `3.13.7`), as it says it.

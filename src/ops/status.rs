@@ -4,7 +4,9 @@
 //! empty, so the table folds them: under each work queue one line `<queue>.lane.* (<n>
 //! lanes)` with their messages summed and the fewest consumers any of them has (a lane
 //! nobody consumes shows as 0), then only the lanes that hold messages. `--json` lists every
-//! queue, each lane included, flat.
+//! queue, each lane included, flat. What a message's priority does in the work queues and
+//! their lanes (their type and the broker's version decide it) closes the table, and is each
+//! of their rows' `priorities` in JSON.
 
 use std::{collections::HashSet, fmt::Write};
 
@@ -13,8 +15,10 @@ use serde::Serialize;
 use super::OpsError;
 use crate::{
     broker::{
+        arguments::{self, Priorities},
         connection, retry,
         topology::{self, DepthReader},
+        version,
     },
     config::{Config, TopologyConfig},
 };
@@ -31,27 +35,36 @@ pub struct QueueStatus {
     /// For a fair-share lane, the work queue it is a lane of; absent for every other queue.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lane_of: Option<String>,
+    /// For a work queue or a lane, what a message's priority does there; absent for every
+    /// other queue.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priorities: Option<Priorities>,
 }
 
 /// Depths and consumers of every queue of the topology (missing ones are skipped), each work
 /// queue followed by its lanes.
 pub async fn status(config: &Config) -> Result<Vec<QueueStatus>, OpsError> {
     let conn = connection::connect(&config.amqp, "llmq status").await?;
+    let broker = version::announced_by_any(&config.amqp).await;
     // The lanes of an earlier, larger topology.lanes too, while they are there.
     let t = &config.topology;
     let lanes = [
         topology::lanes_in_use(&conn, &t.processing_queue, t.lanes).await?,
         topology::lanes_in_use(&conn, &t.embeddings_queue, t.lanes).await?,
     ];
+    let priorities = arguments::work_queues(t.queue_type, t.max_priority, broker).priorities;
+    let work = [&t.processing_queue, &t.embeddings_queue];
     let mut reader = DepthReader::new(&conn);
     let mut out = Vec::new();
     for (queue, lane_of) in queues(t, &lanes) {
         if let Some(depth) = reader.read(&queue).await? {
+            let waits_by_priority = lane_of.is_some() || work.contains(&&queue);
             out.push(QueueStatus {
                 queue,
                 messages: depth.messages,
                 consumers: depth.consumers,
                 lane_of,
+                priorities: waits_by_priority.then_some(priorities),
             });
         }
     }
@@ -99,6 +112,12 @@ pub fn table(queues: &[QueueStatus]) -> String {
             Some(_) => {}
         }
     }
+    if let Some(priorities) = queues.iter().find_map(|q| q.priorities) {
+        let _ = writeln!(
+            out,
+            "priorities in the work queues and their lanes: {priorities}"
+        );
+    }
     out
 }
 
@@ -143,6 +162,7 @@ mod tests {
             messages,
             consumers,
             lane_of: lane_of.map(String::from),
+            priorities: None,
         }
     }
 
@@ -195,6 +215,32 @@ mod tests {
                 vec!["llm_processing.dlq", "1", "0"],
             ]
         );
+    }
+
+    #[test]
+    fn the_table_ends_with_the_work_queues_priorities() {
+        let two = Some(Priorities::TwoLevels);
+        let rows = [
+            QueueStatus {
+                priorities: two,
+                ..queue("llm_processing", 1, 1, None)
+            },
+            queue("llm_processing.dlq", 0, 0, None),
+        ];
+        let text = table(&rows);
+        assert_eq!(
+            text.lines().last(),
+            Some(
+                format!(
+                    "priorities in the work queues and their lanes: {}",
+                    Priorities::TwoLevels
+                )
+                .as_str()
+            )
+        );
+        let json = serde_json::to_value(&rows).expect("serializes");
+        assert_eq!(json[0]["priorities"], Priorities::TwoLevels.to_string());
+        assert!(json[1].get("priorities").is_none());
     }
 
     #[test]

@@ -1,41 +1,54 @@
 //! `llmq topology`: declare the topology as a worker does at start-up, without consuming,
-//! and describe it.
+//! and describe it. `llmq topology convert` is [`super::convert`].
 
-use super::{OpsError, open};
+use super::OpsError;
 use crate::{
-    broker::{retry, topology},
-    config::{Config, KeepResults, TopologyConfig},
+    broker::{
+        arguments, connection, retry, topology,
+        version::{self, BrokerVersion},
+    },
+    config::{Config, KeepResults, QueueType, TopologyConfig},
     contract::request::Kind,
 };
 
-/// Declares the topology (as a worker does at start-up) without consuming.
-pub async fn declare(config: &Config) -> Result<(), OpsError> {
-    let (conn, channel) = open(config, "llmq topology").await?;
-    topology::declare(&channel, &config.topology).await?;
+/// Declares the topology (as a worker does at start-up) without consuming; the broker's
+/// version, when it says it. A queue of the other type than `topology.queue_type` is an
+/// error that gives the procedure, as at a worker's start.
+pub async fn declare(config: &Config) -> Result<Option<BrokerVersion>, OpsError> {
+    let conn = connection::connect(&config.amqp, "llmq topology").await?;
+    let declared = topology::declare_on(&conn, &config.topology).await;
     let _ = conn.close(200, "done".into()).await;
-    Ok(())
+    declared?;
+    Ok(version::announced_by_any(&config.amqp).await)
 }
 
-/// The exchanges and queues, one per line, as `llmq topology` prints them.
-pub fn describe(t: &TopologyConfig) -> String {
+/// The exchanges and queues, one per line, as `llmq topology` prints them, then what a
+/// message's priority does in the work queues on a broker of `version`.
+pub fn describe(t: &TopologyConfig, version: Option<BrokerVersion>) -> String {
     let mut out = String::new();
     let mut line = |s: String| {
         out.push_str(&s);
         out.push('\n');
     };
+    // How the work queues and their lanes are declared, after their key.
+    let work = match t.queue_type {
+        QueueType::Classic => format!("x-max-priority {}", t.max_priority),
+        QueueType::Quorum => "quorum".to_string(),
+    };
+    // The same for the dead-letter, results and unroutable queues.
+    let holding = match t.queue_type {
+        QueueType::Classic => "",
+        QueueType::Quorum => ", quorum",
+    };
     line(format!("exchange {} (direct)", t.request_exchange));
     for (queue, key) in Kind::ALL.map(|k| (t.work_queue(k), t.work_key(k))) {
-        line(format!(
-            "  -> queue {queue} (key {key}, x-max-priority {})",
-            t.max_priority
-        ));
+        line(format!("  -> queue {queue} (key {key}, {work})"));
     }
     for queue in Kind::ALL.map(|k| t.work_queue(k)) {
         if let Some(lanes) = lane_range(queue, t.lanes) {
             line(format!(
-                "queues {lanes} (fair-share lanes, x-max-priority {}, bound to no exchange: \
-                 filled through the default exchange)",
-                t.max_priority
+                "queues {lanes} (fair-share lanes, {work}, bound to no exchange: filled \
+                 through the default exchange)"
             ));
         }
     }
@@ -47,13 +60,13 @@ pub fn describe(t: &TopologyConfig) -> String {
     };
     if let Some(kept) = kept {
         line(format!(
-            "  -> queue {} (key {}; keeps {kept})",
+            "  -> queue {} (key {}{holding}; keeps {kept})",
             t.results_queue, t.results_key
         ));
     }
     line(format!("exchange {} (direct)", t.dead_letter_exchange));
     line(format!(
-        "  -> queue {} (key {})",
+        "  -> queue {} (key {}{holding})",
         t.dead_letter_queue, t.dead_letter_key
     ));
     line(format!("exchange {} (headers)", t.retry_exchange));
@@ -68,7 +81,10 @@ pub fn describe(t: &TopologyConfig) -> String {
         "exchange {} (fanout; the alternate exchange of {}, {} and {} by policy)",
         t.unroutable_exchange, t.request_exchange, t.dead_letter_exchange, t.retry_exchange
     ));
-    line(format!("  -> queue {}", t.unroutable_queue));
+    match t.queue_type {
+        QueueType::Classic => line(format!("  -> queue {}", t.unroutable_queue)),
+        QueueType::Quorum => line(format!("  -> queue {} (quorum)", t.unroutable_queue)),
+    }
     line(format!(
         "exchange {} (fanout; control messages such as {{\"cancel\": \"<request_id>\"}})",
         t.control_exchange
@@ -76,6 +92,11 @@ pub fn describe(t: &TopologyConfig) -> String {
     line(format!(
         "  -> queue {}.<uuid> per worker (exclusive)",
         t.control_exchange
+    ));
+    let broker = version.map_or_else(|| "unknown".to_string(), |v| v.to_string());
+    let priorities = arguments::work_queues(t.queue_type, t.max_priority, version).priorities;
+    line(format!(
+        "priorities in the work queues and their lanes (RabbitMQ {broker}): {priorities}"
     ));
     out
 }
@@ -97,7 +118,7 @@ mod tests {
     #[test]
     fn describes_every_exchange_and_queue() {
         let t = TopologyConfig::default();
-        let text = describe(&t);
+        let text = describe(&t, None);
         assert!(text.starts_with(&format!("exchange {} (direct)\n", t.request_exchange)));
         for name in [
             &t.processing_queue,
@@ -126,12 +147,15 @@ mod tests {
             t.results_queue, t.results_key
         );
         let with = |keep_results| {
-            describe(&TopologyConfig {
-                keep_results,
-                ..t.clone()
-            })
+            describe(
+                &TopologyConfig {
+                    keep_results,
+                    ..t.clone()
+                },
+                None,
+            )
         };
-        let default = describe(&t);
+        let default = describe(&t, None);
         assert!(
             default.contains(&format!("{queue} results that reached no reply_to)\n")),
             "{default}"
@@ -150,14 +174,46 @@ mod tests {
     }
 
     #[test]
+    fn describes_the_queue_type_and_the_priorities_on_this_broker() {
+        let classic = describe(&TopologyConfig::default(), None);
+        assert!(
+            classic.contains("  -> queue llm_processing (key process, x-max-priority 10)\n"),
+            "{classic}"
+        );
+        assert!(
+            classic.ends_with(
+                "priorities in the work queues and their lanes (RabbitMQ unknown): strict, 0 to \
+                 10 (classic, x-max-priority 10)\n"
+            ),
+            "{classic}"
+        );
+        let t = TopologyConfig {
+            queue_type: QueueType::Quorum,
+            ..TopologyConfig::default()
+        };
+        let quorum = describe(&t, Some(BrokerVersion::new(4, 1, 2)));
+        for expected in [
+            "  -> queue llm_processing (key process, quorum)\n",
+            "(fair-share lanes, quorum, bound to no exchange",
+            "  -> queue llm_processing.dlq (key dead, quorum)\n",
+            "  -> queue llm_results (key result, quorum; keeps",
+            "  -> queue llm_unroutable (quorum)\n",
+            "(RabbitMQ 4.1.2): two levels, a priority above 4 is high",
+        ] {
+            assert!(quorum.contains(expected), "{expected} missing in\n{quorum}");
+        }
+        assert!(!quorum.contains("x-max-priority"), "{quorum}");
+    }
+
+    #[test]
     fn describes_the_lanes_unless_there_are_none() {
         let t = TopologyConfig::default();
-        let text = describe(&t);
+        let text = describe(&t, None);
         for queue in [&t.processing_queue, &t.embeddings_queue] {
             let range = format!("queues {queue}.lane.00 .. {queue}.lane.0f (fair-share lanes");
             assert!(text.contains(&range), "{range} missing in\n{text}");
         }
-        let off = describe(&TopologyConfig { lanes: 0, ..t });
+        let off = describe(&TopologyConfig { lanes: 0, ..t }, None);
         assert!(!off.contains(".lane."), "{off}");
     }
 }
