@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 use llmq::{
     app::App,
     config::Config,
+    config::QueueType,
     ops::{
+        convert,
         dlq::{self, Selection},
         status, topology, usage,
     },
@@ -71,7 +73,10 @@ enum Command {
         json: bool,
     },
     /// Declare the topology (as a worker does) and print it, without consuming.
-    Topology,
+    Topology {
+        #[command(subcommand)]
+        command: Option<TopologyCommand>,
+    },
     /// What each tenant spent, used and asked for today and this month (UTC), from Redis
     /// (`limits.redis_url`).
     Usage {
@@ -88,6 +93,20 @@ enum Command {
     Probe {
         /// The URL to fetch.
         url: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopologyCommand {
+    /// Move every queue of the topology to the other queue type, keeping each message once
+    /// (stop every worker first; then start them with topology.queue_type set to it).
+    Convert {
+        /// The queue type to move to.
+        #[arg(long, value_enum)]
+        to: QueueType,
+        /// Only list what would be done.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -193,10 +212,13 @@ fn main() -> ExitCode {
                 Ok(queues) => print(status::table(&queues)),
                 Err(e) => fail("status", e),
             },
-            Command::Topology => match topology::declare(&config).await {
+            Command::Topology { command: None } => match topology::declare(&config).await {
                 Ok(version) => print(topology::describe(&config.topology, version)),
                 Err(e) => fail("topology", e),
             },
+            Command::Topology {
+                command: Some(TopologyCommand::Convert { to, dry_run }),
+            } => convert_topology(&config, to, dry_run).await,
             Command::Run | Command::Probe { .. } | Command::MockLlm { .. } => run(config).await,
         }
     })
@@ -252,6 +274,25 @@ async fn dlq(config: &Config, command: DlqCommand) -> ExitCode {
             Ok(n) => print(format!("{n} dead letters purged")),
             Err(e) => fail("dlq purge", e),
         },
+    }
+}
+
+/// `llmq topology convert`: what it would do, then (unless `dry_run`) what it did.
+async fn convert_topology(config: &Config, to: QueueType, dry_run: bool) -> ExitCode {
+    let plan = match convert::plan(config, to).await {
+        Ok(plan) => plan,
+        Err(e) => return fail("topology convert", e),
+    };
+    println!("{}", plan.to_string().trim_end());
+    if dry_run && plan.refusals().is_empty() {
+        return print("--dry-run: nothing changed");
+    }
+    if dry_run {
+        return fail("topology convert", "--dry-run: it would be refused");
+    }
+    match convert::convert(config, to).await {
+        Ok(done) => print(convert::report(&done, to)),
+        Err(e) => fail("topology convert", e),
     }
 }
 

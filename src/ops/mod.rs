@@ -1,7 +1,8 @@
 //! Operating llmq: the admin HTTP endpoints, and the commands `llmq dlq`, `llmq status`,
-//! `llmq topology` and `llmq usage`.
+//! `llmq topology` (and `llmq topology convert`) and `llmq usage`.
 
 pub mod admin;
+pub mod convert;
 pub mod dlq;
 pub mod status;
 pub mod topology;
@@ -33,6 +34,27 @@ pub enum OpsError {
     NotConfirmed {
         /// The dead letter's request id.
         request_id: String,
+        /// What the broker said.
+        #[source]
+        source: PublishError,
+    },
+    /// The command cannot do what it was asked now, for this reason (nothing was changed
+    /// unless it says so).
+    #[error("{0}")]
+    Refused(String),
+    /// A message could not be moved between queues; it stays where it was, with the ones
+    /// not moved yet, and running the command again goes on from there.
+    #[error(
+        "a message could not be moved from {from} to {to} ({moved} moved before it); it \
+         stays in {from}, and running the command again goes on from there: {source}"
+    )]
+    NotMoved {
+        /// Where it was.
+        from: String,
+        /// Where it was going.
+        to: String,
+        /// How many were moved before it.
+        moved: u64,
         /// What the broker said.
         #[source]
         source: PublishError,
