@@ -156,10 +156,12 @@ pub async fn replay(
     Ok(replayed)
 }
 
-/// Puts taken messages back in their order: nacked one by one, last first, so each lands at
-/// the head of the queue in front of the ones after it.
+/// Puts taken messages back in their order: nacked one by one, first first. A classic queue
+/// puts a requeued message back where it was, whatever the order of the nacks; a quorum
+/// queue delivers requeued messages first, in the order they came back, so they must come
+/// back in the order they were taken.
 async fn requeue_in_order(taken: &[BasicGetMessage]) -> Result<(), OpsError> {
-    for m in taken.iter().rev() {
+    for m in taken {
         m.delivery
             .acker
             .nack(BasicNackOptions {

@@ -556,3 +556,39 @@ async fn convert_moves_every_message_once_to_quorum_and_back() {
     assert!(again.is_empty(), "{again:?}");
     env.cleanup().await;
 }
+
+/// `llmq dlq list` on a quorum dead-letter queue neither removes nor reorders: the dead
+/// letters it took come back in the order they were in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_a_quorum_dead_letter_queue_keeps_its_order() {
+    let env = TestEnv::with(MockOptions::default(), quorum).await;
+    let t = env.config.topology.clone();
+    let ids: Vec<String> = (0..5).map(|i| format!("dead-{i}")).collect();
+    for id in &ids {
+        let body = json!({"request_id": id, "prompt": "x"}).to_string();
+        publish(
+            &env,
+            &t.dead_letter_exchange,
+            &t.dead_letter_key,
+            &(body.into_bytes(), BasicProperties::default()),
+        )
+        .await;
+    }
+    for _ in 0..3 {
+        let listed: Vec<String> = llmq::ops::dlq::list(&env.config, 3)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.request_id)
+            .collect();
+        assert_eq!(listed, ids[..3], "the head, in order, every time");
+    }
+    let all: Vec<String> = llmq::ops::dlq::list(&env.config, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.request_id)
+        .collect();
+    assert_eq!(all, ids);
+    env.cleanup().await;
+}
