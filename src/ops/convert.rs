@@ -423,7 +423,20 @@ async fn move_all(conn: &Connection, from: &str, to: &str, expected: u32) -> Res
             )));
         }
         let props = copy_properties(&m.delivery.properties);
-        if let Err(source) = publish_one(&publisher, to, &m.delivery.data, props).await {
+        let published = publish_one(&publisher, to, &m.delivery.data, props).await;
+        if let Err(PublishError::Unconfirmed { .. }) = published {
+            // Sent, maybe, and not confirmed (a broker alarm blocks publishing): the copy may
+            // still arrive, so the original cannot be said to be in one place only.
+            let _ = m.delivery.acker.nack(requeue).await;
+            return Err(OpsError::Refused(format!(
+                "the broker did not confirm the copy of a message from {from} to {to} within \
+                 {}s (does a memory or disk alarm block publishing?); {moved} moved before \
+                 it. The copy may still arrive while the original stays in {from}: compare \
+                 them before running the command again",
+                CONFIRM_TIMEOUT.as_secs()
+            )));
+        }
+        if let Err(source) = published {
             let _ = m.delivery.acker.nack(requeue).await;
             return Err(OpsError::NotMoved {
                 from: from.to_string(),
