@@ -19,6 +19,7 @@ mod guarantees;
 mod helpers;
 mod identity;
 mod interop;
+mod node_loss;
 mod openai_body;
 mod ops;
 mod quorum;
