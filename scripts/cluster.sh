@@ -278,17 +278,27 @@ fresh_start() {
   wait_clustered 1
 }
 
+# Whether every node has its data folder.
+all_have_data() {
+  local n
+  for n in "${NODES[@]}"; do
+    [ -d "$(node_dir "$n")/mnesia" ] || return 1
+  done
+}
+
 cmd_start() {
   local n started
   started=$(date +%s)
   if all_up; then
     log "already running"
-  elif any_up; then
+  elif any_up && all_have_data; then
     # Part of it runs (a node-loss test failed before restoring it): bring the rest back.
     for n in "${NODES[@]}"; do
       node_up "$n" || cmd_restart "$n"
     done
   else
+    # Nothing runs, or a stray node runs without the folders of the rest (another run
+    # stopped the cluster under it): start afresh, stray nodes stopped first.
     log "starting three nodes under $DIR"
     fresh_start
     log "up in $(($(date +%s) - started))s"
