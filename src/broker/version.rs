@@ -26,7 +26,7 @@ use lapin::{
 
 use crate::{
     broker::connection::tls_config,
-    config::{AmqpConfig, SecretUrl, TlsConfig},
+    config::{AmqpConfig, QueueType, SecretUrl, TlsConfig},
 };
 
 /// A RabbitMQ version, `major.minor.patch`, ordered as versions are.
@@ -129,6 +129,16 @@ pub async fn announced(url: &SecretUrl, tls: &TlsConfig) -> Option<BrokerVersion
             tracing::warn!(url = %url.redacted(), error = %e, "cannot read the broker's version");
             None
         }
+    }
+}
+
+/// The broker's version when the declarations depend on it, that is for quorum queues
+/// (classic queues' priorities are the same on every version): a classic topology opens no
+/// extra connection to read it. `None` for classic, else as [`announced_by_any`].
+pub async fn when_quorum(amqp: &AmqpConfig, queue_type: QueueType) -> Option<BrokerVersion> {
+    match queue_type {
+        QueueType::Classic => None,
+        QueueType::Quorum => announced_by_any(amqp).await,
     }
 }
 

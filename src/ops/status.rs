@@ -45,7 +45,7 @@ pub struct QueueStatus {
 /// queue followed by its lanes.
 pub async fn status(config: &Config) -> Result<Vec<QueueStatus>, OpsError> {
     let conn = connection::connect(&config.amqp, "llmq status").await?;
-    let broker = version::announced_by_any(&config.amqp).await;
+    let broker = version::when_quorum(&config.amqp, config.topology.queue_type).await;
     // The lanes of an earlier, larger topology.lanes too, while they are there.
     let t = &config.topology;
     let lanes = [

@@ -12,14 +12,14 @@ use crate::{
 };
 
 /// Declares the topology (as a worker does at start-up) without consuming; the broker's
-/// version, when it says it. A queue of the other type than `topology.queue_type` is an
+/// version, when it says it and the queues are quorum ones (see [`version::when_quorum`]). A queue of the other type than `topology.queue_type` is an
 /// error that gives the procedure, as at a worker's start.
 pub async fn declare(config: &Config) -> Result<Option<BrokerVersion>, OpsError> {
     let conn = connection::connect(&config.amqp, "llmq topology").await?;
     let declared = topology::declare_on(&conn, &config.topology).await;
     let _ = conn.close(200, "done".into()).await;
     declared?;
-    Ok(version::announced_by_any(&config.amqp).await)
+    Ok(version::when_quorum(&config.amqp, config.topology.queue_type).await)
 }
 
 /// The exchanges and queues, one per line, as `llmq topology` prints them, then what a
@@ -93,11 +93,19 @@ pub fn describe(t: &TopologyConfig, version: Option<BrokerVersion>) -> String {
         "  -> queue {}.<uuid> per worker (exclusive)",
         t.control_exchange
     ));
-    let broker = version.map_or_else(|| "unknown".to_string(), |v| v.to_string());
     let priorities = arguments::work_queues(t.queue_type, t.max_priority, version).priorities;
-    line(format!(
-        "priorities in the work queues and their lanes (RabbitMQ {broker}): {priorities}"
-    ));
+    match t.queue_type {
+        // The same on every version: the version is not read.
+        QueueType::Classic => line(format!(
+            "priorities in the work queues and their lanes: {priorities}"
+        )),
+        QueueType::Quorum => {
+            let broker = version.map_or_else(|| "unknown".to_string(), |v| v.to_string());
+            line(format!(
+                "priorities in the work queues and their lanes (RabbitMQ {broker}): {priorities}"
+            ));
+        }
+    }
     out
 }
 
@@ -182,8 +190,8 @@ mod tests {
         );
         assert!(
             classic.ends_with(
-                "priorities in the work queues and their lanes (RabbitMQ unknown): strict, 0 to \
-                 10 (classic, x-max-priority 10)\n"
+                "priorities in the work queues and their lanes: strict, 0 to 10 (classic, \
+                 x-max-priority 10)\n"
             ),
             "{classic}"
         );

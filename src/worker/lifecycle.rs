@@ -18,10 +18,13 @@ use super::{
     Context, health,
     subscribe::{self, Links, SessionEnd},
 };
-use crate::broker::{
-    arguments, connection, publish,
-    topology::{self, DeclareError},
-    version::{self, BrokerVersion},
+use crate::{
+    broker::{
+        arguments, connection, publish,
+        topology::{self, DeclareError},
+        version::{self, BrokerVersion},
+    },
+    config::QueueType,
 };
 
 /// After the shutdown grace period, how long aborted tasks get to hand their work back.
@@ -142,7 +145,11 @@ async fn set_up(
         publish: Arc::new(conns.publish),
         lanes: Arc::new(tokio::sync::watch::Sender::default()),
     };
-    let version = version::announced(url, &ctx.config.amqp.tls).await;
+    // Only quorum queues' priorities depend on it: classic ones open no extra connection.
+    let version = match ctx.config.topology.queue_type {
+        QueueType::Quorum => version::announced(url, &ctx.config.amqp.tls).await,
+        QueueType::Classic => None,
+    };
     let declared = match topology::declare_on(&links.consume, &ctx.config.topology).await {
         Ok(()) => subscribe::lanes_in_use(&links.consume, &ctx.config.topology)
             .await
@@ -191,12 +198,19 @@ async fn set_up(
 fn log_queue_type(ctx: &Context, version: Option<BrokerVersion>) {
     let topo = &ctx.config.topology;
     let queues = arguments::work_queues(topo.queue_type, topo.max_priority, version);
-    info!(
-        queue_type = %topo.queue_type,
-        broker_version = %version.map_or_else(|| "unknown".to_string(), |v| v.to_string()),
-        priorities = %queues.priorities,
-        "topology declared"
-    );
+    match topo.queue_type {
+        QueueType::Classic => info!(
+            queue_type = %topo.queue_type,
+            priorities = %queues.priorities,
+            "topology declared"
+        ),
+        QueueType::Quorum => info!(
+            queue_type = %topo.queue_type,
+            broker_version = %version.map_or_else(|| "unknown".to_string(), |v| v.to_string()),
+            priorities = %queues.priorities,
+            "topology declared"
+        ),
+    }
 }
 
 /// Waits for the work in flight for `worker.shutdown_grace_secs`, then aborts what is left

@@ -32,10 +32,10 @@ fn set_urls(c: &mut Config, urls: &[String]) {
     c.amqp.urls = Some(urls.iter().map(SecretUrl::new).collect());
 }
 
-/// Connections a worker opens to a broker address when it connects: the consuming and the
-/// publishing one, and a short one that reads the broker's version (lapin keeps none of the
-/// server's properties).
-const PER_CONNECT: usize = 3;
+/// Connections a worker with classic queues (the tests' default) opens to a broker address
+/// when it connects: the consuming and the publishing one. (Quorum queues add a short one
+/// that reads the broker's version.)
+const PER_CONNECT: usize = 2;
 
 /// Publishes `n` requests and checks each is answered ok.
 async fn answers(env: &TestEnv, prefix: &str, n: usize) {
