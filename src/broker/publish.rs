@@ -347,9 +347,11 @@ impl Publisher {
     }
 }
 
-/// Copies every property but headers, delivery mode and expiration from `from` onto `to`.
-/// The `user_id` is kept: it is the request's identity, which every republish keeps.
-fn copy_properties(from: &BasicProperties, mut to: BasicProperties) -> BasicProperties {
+/// Copies every property but headers, delivery mode, expiration and cluster id from `from`
+/// onto `to`: what every republish keeps (a retry, a lane move, a give-back; the others are
+/// set afresh by each). The `user_id` is kept: it is the request's identity.
+/// `llmq topology convert` copies the rest too ([`crate::ops::convert::copy_properties`]).
+pub fn copy_properties(from: &BasicProperties, mut to: BasicProperties) -> BasicProperties {
     if let Some(v) = from.content_type() {
         to = to.with_content_type(v.clone());
     }

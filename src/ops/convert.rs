@@ -46,7 +46,7 @@ use crate::{
     broker::{
         arguments,
         confirm::{CONFIRM_TIMEOUT, PublishError},
-        connection, impersonation,
+        connection, impersonation, publish,
         topology::{self, DepthReader, Found, Role, TypedQueue, declare_typed, type_of},
         version::{self, BrokerVersion},
     },
@@ -529,41 +529,13 @@ pub fn copy_properties(from: &BasicProperties) -> BasicProperties {
             to = to.with_headers(kept);
         }
     }
-    if let Some(v) = from.content_type() {
-        to = to.with_content_type(v.clone());
-    }
-    if let Some(v) = from.content_encoding() {
-        to = to.with_content_encoding(v.clone());
-    }
+    // What every republish keeps, then what a republish sets afresh and a move keeps.
+    to = publish::copy_properties(from, to);
     if let Some(v) = from.delivery_mode() {
         to = to.with_delivery_mode(*v);
     }
-    if let Some(v) = from.priority() {
-        to = to.with_priority(*v);
-    }
-    if let Some(v) = from.correlation_id() {
-        to = to.with_correlation_id(v.clone());
-    }
-    if let Some(v) = from.reply_to() {
-        to = to.with_reply_to(v.clone());
-    }
     if let Some(v) = from.expiration() {
         to = to.with_expiration(v.clone());
-    }
-    if let Some(v) = from.message_id() {
-        to = to.with_message_id(v.clone());
-    }
-    if let Some(v) = from.timestamp() {
-        to = to.with_timestamp(*v);
-    }
-    if let Some(v) = from.kind() {
-        to = to.with_type(v.clone());
-    }
-    if let Some(v) = from.user_id() {
-        to = to.with_user_id(v.clone());
-    }
-    if let Some(v) = from.app_id() {
-        to = to.with_app_id(v.clone());
     }
     if let Some(v) = from.cluster_id() {
         to = to.with_cluster_id(v.clone());
