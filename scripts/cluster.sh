@@ -6,14 +6,15 @@
 #   node N (1..3)  llmq-cN@localhost, AMQP on 127.0.0.1:(5680+N), distribution on 25680+N,
 #                  data, logs and config under /tmp/llmq-cluster/cN
 #
-# Usage: scripts/cluster.sh start | stop | status | urls | kill N | restart N | leader QUEUE
-#                           | ctl N ARGS... | with COMMAND...
+# Usage: scripts/cluster.sh start | stop | status | urls | kill N | shutdown N | restart N
+#                           | leader QUEUE | ctl N ARGS... | with COMMAND...
 #   start      starts the cluster (does nothing when all three nodes answer; restarts the
 #              missing ones when only some do) and prints the nodes' AMQP URLs
 #   stop       stops the three nodes and removes their folders
 #   status     one line per node; exits 1 unless all three answer
 #   urls       the AMQP URLs, comma-separated (LLMQ_TEST_CLUSTER_URLS for the tests)
 #   kill N     SIGKILLs node N (the node-loss tests' broker crash)
+#   shutdown N stops node N gracefully, as a rolling upgrade does (its folders stay)
 #   restart N  starts node N again and waits until it is back in the cluster
 #   leader Q   the number of the node holding quorum queue Q's leader (empty when none)
 #   ctl N ...  rabbitmqctl against node N, as the user and with the cookie the nodes use
@@ -349,6 +350,15 @@ cmd_kill() {
   die "node $n still runs 10s after SIGKILL"
 }
 
+cmd_shutdown() {
+  local n="$1"
+  check_node_number "$n"
+  [ -n "$(node_pids "$n")" ] || die "node $n ($(node_name "$n")) is not running"
+  # `shutdown` returns once the node's VM has exited, its queues handed over first.
+  ctl "$n" -q shutdown >/dev/null || die "node $n did not shut down"
+  log "node $n shut down"
+}
+
 cmd_restart() {
   local n="$1"
   check_node_number "$n"
@@ -400,6 +410,7 @@ case "${1:-}" in
   status) cmd_status ;;
   urls) cmd_urls ;;
   kill) cmd_kill "${2:-}" ;;
+  shutdown) cmd_shutdown "${2:-}" ;;
   restart) cmd_restart "${2:-}" ;;
   leader) [ -n "${2:-}" ] || die "usage: $0 leader QUEUE"; cmd_leader "$2" ;;
   ctl) check_node_number "${2:-}"; n="$2"; shift 2; ctl "$n" "$@" ;;

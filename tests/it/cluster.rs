@@ -167,7 +167,7 @@ impl Cluster {
 /// cluster, so the next test finds three nodes even after a failure.
 pub struct ExclusiveCluster {
     cluster: Cluster,
-    /// Nodes this test killed and has not restarted yet.
+    /// Nodes this test killed or shut down and has not restarted yet.
     killed: Mutex<BTreeSet<usize>>,
 }
 
@@ -187,6 +187,14 @@ impl ExclusiveCluster {
         // Recorded first: should the script fail half-way, the drop still restarts the node.
         self.killed.lock().unwrap().insert(node);
         script(&["kill", &node.to_string()]).await;
+    }
+
+    /// Stops node `node` gracefully, as a rolling upgrade does: its queue leaders handed
+    /// over, its connections closed by the broker. Returns once it is stopped.
+    pub async fn shutdown_node(&self, node: usize) {
+        self.url(node);
+        self.killed.lock().unwrap().insert(node);
+        script(&["shutdown", &node.to_string()]).await;
     }
 
     /// Starts node `node` again and waits until it accepts connections and sees all three

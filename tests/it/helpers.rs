@@ -74,6 +74,8 @@ pub struct TestEnv {
     pub conn: Connection,
     /// A confirm-mode channel for publishing requests and inspecting queues.
     pub channel: Channel,
+    /// The broker this env declared its topology on, where a failed test's drop deletes it.
+    url: String,
     cleaned: bool,
 }
 
@@ -129,6 +131,7 @@ impl TestEnv {
             mock,
             conn,
             channel,
+            url: url.to_string(),
             cleaned: false,
         }
     }
@@ -300,15 +303,14 @@ impl Drop for TestEnv {
             return;
         }
         let topo = self.config.topology.clone();
+        let url = self.url.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async {
-                if let Ok(conn) =
-                    Connection::connect(&amqp_url(), ConnectionProperties::default()).await
-                {
+                if let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await {
                     delete_topology(&conn, &topo).await;
                     let _ = conn.close(200, "test cleanup".into()).await;
                 }

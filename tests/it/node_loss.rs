@@ -9,14 +9,14 @@ use lapin::{
     options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions},
 };
 use llmq::{
-    config::{QueueType, SecretUrl},
+    config::{QueueType, SecretUrl, StoreKind},
     tools::mock::MockOptions,
 };
 use serde_json::json;
 
 use crate::{
     cluster::{self, Cluster},
-    helpers::{TestEnv, delete_topology, json, wait_until},
+    helpers::{TestEnv, delete_redis_keys, delete_topology, json, redis_url, unique, wait_until},
 };
 
 /// A test env on the cluster: its topology quorum, declared through `first`, and the worker
@@ -151,8 +151,120 @@ async fn killing_the_node_of_the_queue_leaders_mid_load_loses_nothing() {
     );
     assert!(!worker.task.is_finished(), "the worker never stopped");
     worker.stop().await.expect("worker stops");
+    // Back first: deleting a quorum queue with a member down waits for it, minutes in all.
+    cluster.restart_node(leader).await;
     delete_topology(&side, &env.config.topology).await;
     let _ = side.close(200, "ok".into()).await;
     env.cleanup().await;
-    cluster.restart_node(leader).await;
+}
+
+/// A rolling upgrade: under load, each node in turn shut down gracefully and started again,
+/// waiting for it to rejoin before the next. The worker, given every address, follows its
+/// connections and its queues' leaders from node to node; every request is answered `ok`
+/// and the worker never stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_every_node_in_turn_under_load_loses_nothing() {
+    // 20 calls of a second at a time: a minute of work, longer than the three restarts
+    // (about 12 s each here), so each happens with deliveries in flight.
+    const N: usize = 1200;
+    let cluster = Cluster::exclusive().await;
+    let env = env_on(
+        &cluster,
+        1,
+        MockOptions {
+            latency_ms: 1000,
+            ..Default::default()
+        },
+    )
+    .await;
+    let side = cluster::connect(&cluster, 1).await;
+    publish_all(&side, &env, "roll", N).await;
+    let _ = side.close(200, "published".into()).await;
+    let mut config = env.config.clone();
+    config.worker.max_inflight = 20;
+    config.worker.min_inflight = 20;
+    config.worker.prefetch = 0;
+    let worker = env.start_worker_with(config);
+    for node in 1..=3 {
+        let before = env.mock.stats().chat_calls.load(Relaxed);
+        wait_until(Duration::from_secs(60), "calls under way", || async {
+            env.mock.stats().chat_calls.load(Relaxed) >= before + 20
+        })
+        .await;
+        cluster.shutdown_node(node).await;
+        cluster.restart_node(node).await;
+    }
+    let calls_by_then = env.mock.stats().chat_calls.load(Relaxed);
+    assert!(
+        calls_by_then < N as u64,
+        "the load ended before the last restart ({calls_by_then} calls of {N})"
+    );
+    let duplicates = answered(&cluster, 2, &env, N, Duration::from_secs(240)).await;
+    eprintln!(
+        "rolling restart: {N} answered, {duplicates} duplicate results, {} upstream calls",
+        env.mock.stats().chat_calls.load(Relaxed)
+    );
+    assert!(!worker.task.is_finished(), "the worker never stopped");
+    worker.stop().await.expect("worker stops");
+    let conn = cluster::connect(&cluster, 2).await;
+    delete_topology(&conn, &env.config.topology).await;
+    let _ = conn.close(200, "ok".into()).await;
+    env.cleanup().await;
+}
+
+/// The node the worker is connected to (both its connections) SIGKILLed while it holds
+/// deliveries whose calls are under way; the queues' leaders live on another node. The
+/// deliveries come back, on the connection the worker opens to a survivor, and the Redis
+/// idempotency store settles them: the calls that were under way finish, their results are
+/// saved and republished, and no request is sent upstream twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_workers_own_node_makes_no_second_upstream_call_with_redis() {
+    const N: usize = 300;
+    let cluster = Cluster::exclusive().await;
+    // Declared through node 2: the queues' leaders are there.
+    let env = env_on(
+        &cluster,
+        2,
+        MockOptions {
+            latency_ms: 1500,
+            ..Default::default()
+        },
+    )
+    .await;
+    let prefix = unique("own-node");
+    let work = env.config.topology.processing_queue.clone();
+    let leader = cluster.leader_of(&work).await;
+    // The worker's node: one that does not hold the leaders.
+    let own = if leader == 1 { 3 } else { 1 };
+    let side = cluster::connect(&cluster, leader).await;
+    publish_all(&side, &env, "own", N).await;
+    let mut config = env.config.clone();
+    config.worker.max_inflight = 100;
+    config.worker.min_inflight = 100;
+    config.worker.prefetch = 0;
+    config.idempotency.store = StoreKind::Redis;
+    config.idempotency.redis_url = SecretUrl::new(redis_url());
+    config.idempotency.key_prefix = prefix.clone();
+    let mut urls: Vec<String> = cluster.urls().to_vec();
+    urls.rotate_left(own - 1);
+    config.amqp.urls = Some(urls.iter().map(|u| SecretUrl::new(u.as_str())).collect());
+    let worker = env.start_worker_with(config);
+    // A hundred calls under way, none finished yet (each takes 1.5 s).
+    wait_until(Duration::from_secs(60), "calls under way", || async {
+        env.mock.stats().chat_calls.load(Relaxed) >= 100
+    })
+    .await;
+    cluster.kill_node(own).await;
+    let duplicates = answered(&cluster, leader, &env, N, Duration::from_secs(240)).await;
+    let calls = env.mock.stats().chat_calls.load(Relaxed);
+    eprintln!("own node lost: {N} answered, {duplicates} duplicate results, {calls} calls");
+    assert_eq!(calls, N as u64, "one upstream call per request");
+    assert!(!worker.task.is_finished(), "the worker never stopped");
+    worker.stop().await.expect("worker stops");
+    // Back first: deleting a quorum queue with a member down waits for it, minutes in all.
+    cluster.restart_node(own).await;
+    delete_topology(&side, &env.config.topology).await;
+    let _ = side.close(200, "ok".into()).await;
+    env.cleanup().await;
+    delete_redis_keys(&prefix).await;
 }
