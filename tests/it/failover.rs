@@ -3,11 +3,11 @@
 //! while no address answers; one-shot commands try each address in turn. Every address is
 //! the local broker, directly or through a [`Proxy`] that plays the node that goes.
 
-use std::{net::SocketAddr, path::Path, process::Output, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use llmq::{
     broker::connection::CONNECT_TIMEOUT,
-    config::{Config, SecretUrl, child_command},
+    config::{Config, SecretUrl},
     tools::mock::MockOptions,
 };
 use serde_json::Value;
@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::{
     faults::publish_many,
     helpers::{
-        Proxy, TestEnv, amqp_url, amqp_url_via, bin, broker_addr, drain_results, wait_until,
+        Proxy, TestEnv, amqp_url, amqp_url_via, broker_addr, drain_results, llmq_with, wait_until,
     },
     ops::{get, worker_with_admin},
 };
@@ -201,18 +201,6 @@ async fn readyz_is_503_while_no_address_answers() {
     stop.cancel();
     task.await.unwrap();
     env.cleanup().await;
-}
-
-/// Runs `llmq <args>` with `config` as its whole configuration.
-async fn llmq_with(config: &Config, args: &[&str]) -> Output {
-    let (cmd, _file) = child_command(Path::new(bin()), config).unwrap();
-    tokio::process::Command::from(cmd)
-        .args(args)
-        .current_dir(std::env::temp_dir())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -382,6 +382,18 @@ pub fn bin() -> &'static str {
     })
 }
 
+/// Runs `llmq <args>` with `config` as its whole configuration, to its end.
+pub async fn llmq_with(config: &Config, args: &[&str]) -> std::process::Output {
+    let (cmd, _file) = child_command(std::path::Path::new(bin()), config).unwrap();
+    tokio::process::Command::from(cmd)
+        .args(args)
+        .current_dir(std::env::temp_dir())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap()
+}
+
 /// A worker started from the `llmq` binary.
 pub struct WorkerProcess {
     /// The process.

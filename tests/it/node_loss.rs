@@ -16,7 +16,9 @@ use serde_json::json;
 
 use crate::{
     cluster::{self, Cluster},
-    helpers::{TestEnv, delete_redis_keys, delete_topology, json, redis_url, unique, wait_until},
+    helpers::{
+        TestEnv, delete_redis_keys, delete_topology, json, llmq_with, redis_url, unique, wait_until,
+    },
 };
 
 /// A test env on the cluster: its topology quorum, declared through `first`, and the worker
@@ -267,4 +269,51 @@ async fn killing_the_workers_own_node_makes_no_second_upstream_call_with_redis()
     let _ = side.close(200, "ok".into()).await;
     env.cleanup().await;
     delete_redis_keys(&prefix).await;
+}
+
+/// `llmq dlq replay` and `llmq publish`, given every node's address with a dead node's
+/// first, pass over it to a surviving node: the dead letter is replayed and the request
+/// published, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shot_commands_fail_over_to_a_surviving_node() {
+    let cluster = Cluster::exclusive().await;
+    // Declared through node 2: the queues' leaders are there, and node 1 goes.
+    let env = env_on(&cluster, 2, MockOptions::default()).await;
+    let topo = env.config.topology.clone();
+    // Refused by the worker (no prompt): a dead letter.
+    env.publish_chat(
+        &json!({"request_id": "dead-1"}),
+        BasicProperties::default().with_content_type("application/json".into()),
+    )
+    .await;
+    let worker = env.start_worker();
+    wait_until(Duration::from_secs(30), "the dead letter", || async {
+        env.queue_len(&topo.dead_letter_queue).await == 1
+    })
+    .await;
+    worker.stop().await.expect("worker stops");
+    cluster.kill_node(1).await;
+    let mut config = env.config.clone();
+    config.amqp.urls = Some(cluster.urls().iter().map(SecretUrl::new).collect());
+    let ok = |out: &std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let out = llmq_with(&config, &["dlq", "replay", "--all"]).await;
+    ok(&out);
+    assert_eq!(env.queue_len(&topo.dead_letter_queue).await, 0, "replayed");
+    assert_eq!(env.queue_len(&topo.processing_queue).await, 1, "once");
+    let out = llmq_with(&config, &["publish", "hi", "--request-id", "published-1"]).await;
+    ok(&out);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "published-1");
+    assert_eq!(
+        env.queue_len(&topo.processing_queue).await,
+        2,
+        "published once"
+    );
+    cluster.restart_node(1).await;
+    env.cleanup().await;
 }
