@@ -12,15 +12,23 @@ export INTEROP_PYTHON
 ## Every test: unit, integration (real broker), the Python interop client, the compose file.
 ## The node-loss tests run on a local three-node RabbitMQ cluster (scripts/cluster.sh),
 ## started for the run when it is not up and stopped after it, whatever the outcome; the
-## script gives the tests its addresses in LLMQ_TEST_CLUSTER_URLS.
+## script gives the tests its addresses in LLMQ_TEST_CLUSTER_URLS. Then the end-to-end,
+## faults and guarantees suites run again with quorum queues on the cluster's node 1.
+SUITES_ON_QUORUM := end_to_end faults guarantees
+ON_QUORUM := AMQP_URL="$${LLMQ_TEST_CLUSTER_URLS%%,*}" LLMQ_TEST_QUEUE_TYPE=quorum \
+	LLMQ_TEST_RABBITMQ_NODE=llmq-c1@localhost
 test: services venv compose-config deploy-check
 	@scripts/cluster.sh with sh -c '\
 	if cargo nextest --version >/dev/null 2>&1; then \
-		cargo nextest run --all-targets --no-fail-fast; \
+		cargo nextest run --all-targets --no-fail-fast; all=$$?; \
+		$(ON_QUORUM) cargo nextest run --test it --no-fail-fast \
+			-E "$(foreach s,$(SUITES_ON_QUORUM),test(/^$(s)::/) |) none()"; quorum=$$?; \
 	else \
 		cargo test --all-targets --no-fail-fast -- --skip alarm:: && \
-		cargo test --test it --no-fail-fast alarm:: -- --test-threads=1; \
-	fi'
+		cargo test --test it --no-fail-fast alarm:: -- --test-threads=1; all=$$?; \
+		$(ON_QUORUM) cargo test --test it --no-fail-fast -- $(SUITES_ON_QUORUM:%=%::); quorum=$$?; \
+	fi; \
+	[ $$all = 0 ] && [ $$quorum = 0 ]'
 
 ## fmt and clippy, warnings denied.
 lint:

@@ -9,7 +9,10 @@ use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable},
 };
-use llmq::{config::StoreKind, tools::mock::MockOptions};
+use llmq::{
+    config::{QueueType, StoreKind},
+    tools::mock::MockOptions,
+};
 use serde_json::{Value, json};
 
 use crate::helpers::{
@@ -193,6 +196,24 @@ async fn a_refusing_results_queue_backs_off_through_the_retry_queue() {
         &exactly(&[&topo.results_queue]),
         &json!({"max-length": 0, "overflow": "reject-publish"}),
     );
+    // A quorum queue refuses only once over its limit: one message first puts it there.
+    let quorum = env.config.topology.queue_type == QueueType::Quorum;
+    if quorum {
+        let filler = env
+            .channel
+            .basic_publish(
+                "".into(),
+                topo.results_queue.as_str().into(),
+                BasicPublishOptions::default(),
+                b"filler",
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(filler, lapin::Confirmation::Ack(None), "the filler taken");
+    }
     env.publish_chat(
         &json!({"prompt": "hi", "request_id": "refused-results"}),
         BasicProperties::default(),
@@ -206,6 +227,12 @@ async fn a_refusing_results_queue_backs_off_through_the_retry_queue() {
         || async { env.queue_len(&tier).await == 1 },
     )
     .await;
+    if quorum {
+        env.channel
+            .queue_purge(topo.results_queue.as_str().into(), Default::default())
+            .await
+            .unwrap();
+    }
     drop(full);
     let results = env.results(1).await;
     assert_eq!(results[0].1["status"], "ok");

@@ -16,7 +16,7 @@ use lapin::{
 use llmq::{
     app::{App, AppError},
     broker::topology,
-    config::{ChildConfigFile, Config, SecretUrl, child_command},
+    config::{ChildConfigFile, Config, QueueType, SecretUrl, child_command},
     tools::mock::{MockOptions, MockServer},
 };
 use serde_json::Value;
@@ -32,9 +32,21 @@ pub fn init_logs() {
         .try_init();
 }
 
-/// The broker the tests use.
+/// The broker the tests use: `AMQP_URL`, the single local broker unless a run points the
+/// suites at a node of the test cluster (see [`queue_type`]).
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://llmq:llmq@127.0.0.1:5672/%2f".into())
+}
+
+/// The queue type the tests declare: `classic`, unless `LLMQ_TEST_QUEUE_TYPE=quorum`, which
+/// `make test` sets for its second run of the end-to-end, faults and guarantees suites, on
+/// the test cluster (with `AMQP_URL` and `LLMQ_TEST_RABBITMQ_NODE` naming one of its nodes).
+pub fn queue_type() -> QueueType {
+    match std::env::var("LLMQ_TEST_QUEUE_TYPE").as_deref() {
+        Ok("quorum") => QueueType::Quorum,
+        Ok("classic") | Err(_) => QueueType::Classic,
+        Ok(other) => panic!("LLMQ_TEST_QUEUE_TYPE is classic or quorum, not {other:?}"),
+    }
 }
 
 /// A name no other test uses.
@@ -58,6 +70,7 @@ pub fn test_config(base_url: &str) -> Config {
     c.retry.initial_delay_ms = 50;
     c.retry.max_delay_secs = 1;
     c.topology = c.topology.with_prefix(&p);
+    c.topology.queue_type = queue_type();
     c.idempotency.key_prefix = p;
     // Results the tests store in the shared Redis expire soon after.
     c.idempotency.ttl_secs = 300;
@@ -633,10 +646,13 @@ pub async fn drain_results(
     (all, ok)
 }
 
-/// Runs `rabbitmqctl` on this machine's broker (installed with rabbitmq-server); its
-/// trimmed output. Panics when it fails.
+/// Runs `rabbitmqctl` on this machine's broker (installed with rabbitmq-server), or on the
+/// node `LLMQ_TEST_RABBITMQ_NODE` names (a node of the test cluster, whose users and
+/// policies are the cluster's); its trimmed output. Panics when it fails.
 pub fn rabbitmqctl(args: &[&str]) -> String {
+    let node = std::env::var("LLMQ_TEST_RABBITMQ_NODE").ok();
     let out = std::process::Command::new("rabbitmqctl")
+        .args(node.iter().flat_map(|n| ["-n", n.as_str()]))
         .args(args)
         .output()
         .expect("rabbitmqctl runs (these tests need the broker on this machine)");
