@@ -54,13 +54,17 @@ services:
 
 ## Broker ceiling vs the worker, latency, memory, batching, CPU per job, memory with 10 000
 ## calls in flight over HTTP/1.1 (h) and HTTP/2 (h2), 300 streams to reply_to (s), fair
-## share between tenants with lanes and without (t): one run, a table and target/bench.json.
+## share between tenants with lanes and without (t), classic vs quorum queues on a cluster (q):
+## one run, a table and target/bench.json.
 ## (h) holds a socket per call in the bench (mock) and in the worker, hence the raised
 ## open-files limit.
+## (q) runs on the local three-node cluster (scripts/cluster.sh), started for the run when
+## it is not up and stopped after it.
 bench: services
 	cargo build --release
 	ulimit -n 65536 2>/dev/null || ulimit -n "$$(ulimit -Hn)"; \
-	target/release/llmq bench --json target/bench.json
+	scripts/cluster.sh with sh -c \
+		'target/release/llmq bench --json target/bench.json --cluster-urls "$$LLMQ_TEST_CLUSTER_URLS"'
 
 ## A venv with aio-pika for tests/interop (from PyPI).
 venv: $(VENV)/.installed

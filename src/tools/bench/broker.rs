@@ -10,23 +10,39 @@ use lapin::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
         ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
     },
-    types::FieldTable,
+    types::{AMQPValue, FieldTable},
 };
 
 use super::{Bench, BenchError, worker::RunConfig};
-use crate::{broker::connection, config::Config};
+use crate::{
+    broker::connection,
+    config::{AmqpConfig, QueueType},
+};
 
 /// (a), which always runs: the broker's ceiling, messages/s.
 pub(super) async fn measure_ceiling(bench: &Bench<'_>) -> Result<f64, BenchError> {
     let n = bench.args.raw_messages;
     eprintln!("(a) broker ceiling: {n} x 1 KiB");
-    let a = broker_ceiling(&bench.conn, bench.base.config, n).await?;
+    let a = broker_ceiling(&bench.conn, &bench.base.config.amqp, n, QueueType::Classic).await?;
     eprintln!("    {a:.0} msg/s");
     Ok(a)
 }
 
-/// (a): publish with confirms (a window of them outstanding) while a consumer acks each.
-async fn broker_ceiling(conn: &Connection, base: &Config, n: usize) -> Result<f64, BenchError> {
+/// (a): publish with confirms (a window of them outstanding) to a durable queue of
+/// `queue_type` while a consumer on a connection of its own to `amqp` acks each.
+pub(super) async fn broker_ceiling(
+    conn: &Connection,
+    amqp: &AmqpConfig,
+    n: usize,
+    queue_type: QueueType,
+) -> Result<f64, BenchError> {
+    let mut arguments = FieldTable::default();
+    if queue_type == QueueType::Quorum {
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
     let queue = format!(
         "llmq-bench-raw-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -42,10 +58,10 @@ async fn broker_ceiling(conn: &Connection, base: &Config, n: usize) -> Result<f6
                 durable: true,
                 ..Default::default()
             },
-            FieldTable::default(),
+            arguments,
         )
         .await?;
-    let consumer_conn = connection::connect(&base.amqp, "llmq bench consumer").await?;
+    let consumer_conn = connection::connect(amqp, "llmq bench consumer").await?;
     let consumer_ch = consumer_conn.create_channel().await?;
     consumer_ch
         .basic_qos(1000, BasicQosOptions::default())

@@ -34,7 +34,7 @@ pub(super) struct JobsRun {
 
 impl JobsRun {
     /// The figures of a run left out by `--only`.
-    const SKIPPED: Self = Self {
+    pub(super) const SKIPPED: Self = Self {
         jobs_per_s: f64::NAN,
         peak_rss_kib: 0,
         cpu_us_per_job: f64::NAN,

@@ -38,17 +38,21 @@
 //!   without, goal >= 0.9; noisy (one tenant's `--tenant-jobs`, then another's 50): the
 //!   latter's time from publish to result, p50 and p99; flood (one sender that names none,
 //!   0 ms upstream, (b)'s setup): jobs/s with lanes over without, goal >= 0.9; and each
-//!   lanes run's moves to a lane.
+//!   lanes run's moves to a lane;
+//! - (q) the (b) run on a RabbitMQ cluster (`--cluster-urls`; `make bench` starts the local
+//!   one of `scripts/cluster.sh`), the worker given every node's address: with classic
+//!   queues, then with quorum queues, and quorum over classic (goal >= 0.8).
 //!
 //! One file per family of runs: `broker` (the ceiling, and the publishing and collecting
 //! every run shares), `jobs` (b, c, e, g), `latency` (d), `embeddings` (f), `held` (h, h2),
-//! `capped` (u, v), `streaming` (s), `tenants` (t); `worker` starts and stops the worker
+//! `capped` (u, v), `streaming` (s), `tenants` (t), `cluster` (q); `worker` starts and stops the worker
 //! process and reads its figures from `/proc`. Around them: `options` (the command's
 //! [`BenchArgs`]), `report` (the figures and the [`Report`] they make) and `table` (the
 //! report as a table with the targets, [`table()`]).
 
 mod broker;
 mod capped;
+mod cluster;
 mod embeddings;
 mod held;
 mod jobs;
@@ -108,6 +112,7 @@ pub async fn run(base: &Config, args: &BenchArgs) -> Result<Report, BenchError> 
         held_h2: held::measure(&bench, Protocol::Http2).await?,
         streaming: streaming::measure(&bench).await?,
         tenants: tenants::measure(&bench).await?,
+        cluster: cluster::measure(&bench).await?,
     };
     let _ = bench.conn.close(200, "bench done".into()).await;
     Ok(figures.report())

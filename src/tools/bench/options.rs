@@ -43,9 +43,16 @@ pub struct BenchArgs {
     /// tenant (the quiet one adds 50); the flood runs take twice as many.
     #[arg(long, default_value_t = 6_000)]
     pub tenant_jobs: usize,
-    /// Run only these measures (letters from "bcdfhHsuvt", H for (h2); the broker ceiling
+    /// The AMQP URLs of a RabbitMQ cluster's nodes, comma-separated, for (q); `make bench`
+    /// gives the local cluster's (`scripts/cluster.sh`). Without them (q) is skipped.
+    #[arg(long)]
+    pub cluster_urls: Option<String>,
+    /// Jobs of each run of (q), classic and quorum.
+    #[arg(long, default_value_t = 10_000)]
+    pub cluster_jobs: usize,
+    /// Run only these measures (letters from "bcdfhHsuvtq", H for (h2); the broker ceiling
     /// always runs, (g) is measured during (b)).
-    #[arg(long, default_value = "bcdfhHsuvt")]
+    #[arg(long, default_value = "bcdfhHsuvtq")]
     pub only: String,
     /// Also write the report as JSON here.
     #[arg(long)]

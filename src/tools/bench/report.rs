@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::{capped, embeddings, held, jobs, latency, streaming, tenants};
+use super::{capped, cluster, embeddings, held, jobs, latency, streaming, tenants};
 
 /// The figures of one run.
 #[derive(Debug, Clone, Serialize)]
@@ -134,6 +134,20 @@ pub struct Report {
     pub tenants_flood_lane_moves: Vec<Option<u64>>,
     /// (t) results with `status: error`, every run; target 0.
     pub tenants_errors: Option<u64>,
+    /// (q) jobs/s on the cluster with classic queues.
+    pub cluster_classic_jobs_per_s: f64,
+    /// (q) jobs/s on the cluster with quorum queues.
+    pub cluster_quorum_jobs_per_s: f64,
+    /// (q) quorum / classic; goal >= 0.8 (issue 21's).
+    pub cluster_quorum_ratio: f64,
+    /// (q) the worker's CPU per job, classic then quorum, µs.
+    pub cluster_cpu_us_per_job: [f64; 2],
+    /// (q) results with `status: error`, both runs; target 0.
+    pub cluster_errors: u64,
+    /// (q) (a) on the cluster, a classic queue, messages/s.
+    pub cluster_classic_ceiling_msgs_per_s: f64,
+    /// (q) (a) on the cluster, a quorum queue, messages/s.
+    pub cluster_quorum_ceiling_msgs_per_s: f64,
 }
 
 /// What each measurement saw, before the ratios.
@@ -160,6 +174,8 @@ pub(super) struct Figures {
     pub(super) streaming: streaming::Streaming,
     /// (t).
     pub(super) tenants: tenants::Tenants,
+    /// (q).
+    pub(super) cluster: cluster::OnCluster,
 }
 
 impl Figures {
@@ -238,6 +254,16 @@ impl Figures {
             tenants_flood_ratio: flood.ratio(),
             tenants_flood_lane_moves: flood.lanes.moves.clone(),
             tenants_errors: self.tenants.errors(),
+            cluster_classic_jobs_per_s: self.cluster.classic.jobs_per_s,
+            cluster_quorum_jobs_per_s: self.cluster.quorum.jobs_per_s,
+            cluster_quorum_ratio: self.cluster.ratio(),
+            cluster_cpu_us_per_job: [
+                self.cluster.classic.cpu_us_per_job,
+                self.cluster.quorum.cpu_us_per_job,
+            ],
+            cluster_errors: self.cluster.classic.errors + self.cluster.quorum.errors,
+            cluster_classic_ceiling_msgs_per_s: self.cluster.ceilings[0],
+            cluster_quorum_ceiling_msgs_per_s: self.cluster.ceilings[1],
         }
     }
 }

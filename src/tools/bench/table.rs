@@ -70,6 +70,46 @@ pub fn table(r: &Report) -> String {
     t += &capped_rows(r);
     t += &streaming_rows(r);
     t += &tenants_rows(r);
+    t += &cluster_rows(r);
+    t
+}
+
+/// The rows of (q): the broker's ceiling on the cluster, classic and quorum; llmq's jobs/s
+/// with each, and their ratio.
+fn cluster_rows(r: &Report) -> String {
+    let (classic, quorum) = (
+        r.cluster_classic_ceiling_msgs_per_s,
+        r.cluster_quorum_ceiling_msgs_per_s,
+    );
+    let mut t = figure_row(
+        "(q) cluster ceiling, classic / quorum queue",
+        format!("{classic:.0} / {quorum:.0} msg/s"),
+        format!("{:.2} quorum/classic", quorum / classic),
+    );
+    t += &figure_row(
+        "(q) cluster, classic queues, 0 ms upstream",
+        format!("{:.0} jobs/s", r.cluster_classic_jobs_per_s),
+        format!("{:.1} µs/job", r.cluster_cpu_us_per_job[0]),
+    );
+    t += &row(
+        "(q) cluster, quorum queues, 0 ms upstream",
+        format!("{:.0} jobs/s", r.cluster_quorum_jobs_per_s),
+        format!("{:.2} of classic", r.cluster_quorum_ratio),
+        ">= 0.8",
+        r.cluster_quorum_ratio >= 0.8,
+    );
+    let errors = if r.cluster_classic_jobs_per_s.is_nan() {
+        "NaN".to_string()
+    } else {
+        r.cluster_errors.to_string()
+    };
+    t += &row(
+        "(q) error results",
+        errors,
+        String::new(),
+        "0",
+        r.cluster_errors == 0,
+    );
     t
 }
 
@@ -369,6 +409,13 @@ mod tests {
             tenants_flood_ratio: 0.5,
             tenants_flood_lane_moves: vec![Some(11_000), Some(11_500)],
             tenants_errors: Some(0),
+            cluster_classic_jobs_per_s: 2_000.0,
+            cluster_quorum_jobs_per_s: 1_700.0,
+            cluster_quorum_ratio: 0.85,
+            cluster_cpu_us_per_job: [70.0, 75.0],
+            cluster_errors: 0,
+            cluster_classic_ceiling_msgs_per_s: 8_000.0,
+            cluster_quorum_ceiling_msgs_per_s: 4_000.0,
         }
     }
 
@@ -409,6 +456,47 @@ mod tests {
 
     fn line<'t>(t: &'t str, start: &str) -> &'t str {
         t.lines().find(|l| l.starts_with(start)).unwrap_or_default()
+    }
+
+    #[test]
+    fn cluster_rows_compare_quorum_with_classic() {
+        let mut r = report(10_000, 10_000, 200.0);
+        let t = table(&r);
+        let ceiling = line(&t, "| (q) cluster ceiling");
+        assert!(
+            ceiling.contains("8000 / 4000 msg/s") && ceiling.contains("0.50 quorum/classic"),
+            "{ceiling}"
+        );
+        let classic = line(&t, "| (q) cluster, classic");
+        assert!(
+            classic.contains("2000 jobs/s") && classic.contains("70.0 µs/job"),
+            "{classic}"
+        );
+        let quorum = line(&t, "| (q) cluster, quorum");
+        assert!(
+            quorum.contains("1700 jobs/s") && quorum.contains("0.85 of classic"),
+            "{quorum}"
+        );
+        assert!(quorum.ends_with("| met |"), "{quorum}");
+        assert!(line(&t, "| (q) error results").ends_with("| met |"));
+        r.cluster_quorum_ratio = 0.79;
+        r.cluster_errors = 2;
+        let t = table(&r);
+        assert!(line(&t, "| (q) cluster, quorum").ends_with("| NOT met |"));
+        assert!(line(&t, "| (q) error results").ends_with("| NOT met |"));
+        // No cluster given: every row skipped.
+        r.cluster_classic_jobs_per_s = f64::NAN;
+        r.cluster_quorum_jobs_per_s = f64::NAN;
+        r.cluster_quorum_ratio = f64::NAN;
+        r.cluster_errors = 0;
+        let t = table(&r);
+        for start in [
+            "| (q) cluster, classic",
+            "| (q) cluster, quorum",
+            "| (q) error",
+        ] {
+            assert!(line(&t, start).ends_with("| skipped |"), "{t}");
+        }
     }
 
     #[test]
