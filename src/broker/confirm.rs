@@ -84,6 +84,13 @@ impl PublishError {
             PublishError::Nacked { .. } | PublishError::Returned { .. }
         )
     }
+
+    /// The channel or its connection failed: a broker node lost or restarted, which the
+    /// worker reconnects from. The delivery goes back to the broker with the connection,
+    /// so this is a warning, not an error, at every job then in flight.
+    pub fn channel_lost(&self) -> bool {
+        matches!(self, PublishError::Broker { .. })
+    }
 }
 
 /// Publishes on a confirm-mode `channel` and waits for the broker's confirm: a nack, a

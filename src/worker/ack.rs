@@ -31,7 +31,11 @@ pub(super) async fn ack_if_confirmed(
     match published {
         Ok(()) => ack(delivery).await,
         Err(e) => {
-            error!(error = %e, "the outcome could not be confirmed by the broker; handing the request back");
+            if e.channel_lost() {
+                warn!(error = %e, "the outcome could not be confirmed: the broker connection is lost; the request goes back to the queue");
+            } else {
+                error!(error = %e, "the outcome could not be confirmed by the broker; handing the request back");
+            }
             nack_after_a_pause(delivery, stop).await;
         }
     }

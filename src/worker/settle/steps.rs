@@ -297,6 +297,10 @@ impl Settling<'_> {
                 warn!(error = %e, "the results queue refused the result; the request waits in a retry queue");
                 Err(Confirm::Refused)
             }
+            Err(e) if e.channel_lost() => {
+                warn!(error = %e, "the result could not be confirmed: the broker connection is lost; the request goes back to the queue");
+                Err(Confirm::Unconfirmed)
+            }
             Err(e) => {
                 error!(error = %e, "the result could not be confirmed by the broker; handing the request back");
                 Err(Confirm::Unconfirmed)
@@ -434,6 +438,10 @@ impl Settling<'_> {
                 ctx.metrics.cancelled.inc();
                 Err(Confirm::Refused)
             }
+            Err(e) if e.channel_lost() => {
+                warn!(error = %e, "the cancelled notice could not be confirmed: the broker connection is lost; the request goes back to the queue");
+                Err(Confirm::Unconfirmed)
+            }
             Err(e) => {
                 error!(error = %e, "the cancelled notice could not be confirmed by the broker; handing the request back");
                 Err(Confirm::Unconfirmed)
@@ -477,7 +485,11 @@ fn sent(what: Sending, confirm: Result<(), Confirm>) -> Sent {
 /// there is handed back like any other failure).
 fn unconfirmed(published: Result<(), PublishError>) -> Result<(), Confirm> {
     published.map_err(|e| {
-        error!(error = %e, "the outcome could not be confirmed by the broker; handing the request back");
+        if e.channel_lost() {
+            warn!(error = %e, "the outcome could not be confirmed: the broker connection is lost; the request goes back to the queue");
+        } else {
+            error!(error = %e, "the outcome could not be confirmed by the broker; handing the request back");
+        }
         Confirm::Unconfirmed
     })
 }
