@@ -18,7 +18,7 @@ WORKDIR /build
 # 1. Dependencies only. With just the manifests and empty targets, this layer
 #    is rebuilt only when Cargo.toml or Cargo.lock change, not on every edit
 #    under src/.
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY .cargo ./.cargo
 RUN mkdir src \
     && echo 'fn main() {}' > src/main.rs \
@@ -29,6 +29,10 @@ RUN mkdir src \
 # 2. The real sources. The dummy crate's artifacts are deleted because cargo
 #    compares modification times, and COPY may keep timestamps older than the
 #    dummy files just built: without this, cargo could keep the empty binary.
+#    The commit `llmq --version` names (build.rs): the context has no .git, so
+#    it comes as a build argument, e.g.
+#    docker build --build-arg LLMQ_COMMIT="$(git rev-parse --short=12 HEAD)" .
+ARG LLMQ_COMMIT=unknown
 COPY src ./src
 RUN rm -rf target/release/.fingerprint/llmq-* \
            target/release/deps/llmq-* \

@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use llmq::{
     app::App,
     config::Config,
@@ -31,19 +31,33 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// EX_USAGE from sysexits.h: the configuration or the command line is wrong.
 const EX_USAGE: u8 = 64;
 
+/// What `--version` prints: the crate's version and the commit it was built from
+/// (`build.rs`: `LLMQ_COMMIT` when set, as the Dockerfile does, else `git`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("LLMQ_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
-#[command(name = "llmq", version, about = "RabbitMQ workers for LLM requests")]
+#[command(
+    name = "llmq",
+    version = VERSION,
+    about = "RabbitMQ workers for LLM requests",
+    arg_required_else_help = true
+)]
 struct Cli {
     /// Configuration file (default: ./config.toml when it exists).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
-    command: Option<Command>,
+    command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the worker (the default).
+    /// Run the worker.
     Run,
     /// Serve a deterministic OpenAI-compatible mock upstream.
     MockLlm {
@@ -72,10 +86,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Declare the topology (as a worker does) and print it, without consuming.
+    /// Print the topology this configuration declares (nothing is declared without
+    /// `--declare`).
     Topology {
+        /// Declare it first, as a worker does at start-up, without consuming.
+        #[arg(long)]
+        declare: bool,
         #[command(subcommand)]
         command: Option<TopologyCommand>,
+    },
+    /// Check the configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Print a shell completion script (e.g. `llmq completions bash > /etc/bash_completion.d/llmq`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// What each tenant spent, used and asked for today and this month (UTC), from Redis
     /// (`limits.redis_url`).
@@ -111,6 +140,13 @@ enum TopologyCommand {
 }
 
 #[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration (file, then `LLMQ_*` variables) and print it in effect,
+    /// secrets hidden; exit 64 listing every problem.
+    Check,
+}
+
+#[derive(Subcommand)]
 enum DlqCommand {
     /// Show dead letters without removing or reordering them.
     List {
@@ -141,13 +177,21 @@ enum DlqCommand {
         #[arg(long)]
         reset_attempts: bool,
     },
-    /// Delete every dead letter.
-    Purge,
+    /// Delete every dead letter, after asking (on a terminal) unless `--yes`.
+    Purge {
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Command::Run);
+    let command = cli.command;
+    if let Command::Completions { shell } = command {
+        clap_complete::generate(shell, &mut Cli::command(), "llmq", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -169,6 +213,18 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
+    if let Command::Config {
+        command: ConfigCommand::Check,
+    } = command
+    {
+        return match config.to_redacted_toml() {
+            Ok(toml) => {
+                eprintln!("llmq config check: the configuration is valid; in effect:");
+                print(toml)
+            }
+            Err(e) => fail("config check", e),
+        };
+    }
     logs::init(&config.log);
     runtime.block_on(async move {
         match command {
@@ -212,14 +268,34 @@ fn main() -> ExitCode {
                 Ok(queues) => print(status::table(&queues)),
                 Err(e) => fail("status", e),
             },
-            Command::Topology { command: None } => match topology::declare(&config).await {
+            Command::Topology {
+                declare: true,
+                command: None,
+            } => match topology::declare(&config).await {
                 Ok(version) => print(topology::describe(&config.topology, version)),
                 Err(e) => fail("topology", e),
             },
             Command::Topology {
+                declare: false,
+                command: None,
+            } => {
+                let version = topology::version(&config).await;
+                println!(
+                    "{}",
+                    topology::describe(&config.topology, version).trim_end()
+                );
+                print("(not declared: `llmq topology --declare` declares it)")
+            }
+            Command::Topology {
                 command: Some(TopologyCommand::Convert { to, dry_run }),
+                ..
             } => convert_topology(&config, to, dry_run).await,
-            Command::Run | Command::Probe { .. } | Command::MockLlm { .. } => run(config).await,
+            Command::Run => run(config).await,
+            // Handled before the configuration is loaded.
+            Command::Probe { .. }
+            | Command::MockLlm { .. }
+            | Command::Completions { .. }
+            | Command::Config { .. } => ExitCode::FAILURE,
         }
     })
 }
@@ -270,11 +346,42 @@ async fn dlq(config: &Config, command: DlqCommand) -> ExitCode {
                 Err(e) => fail("dlq replay", e),
             }
         }
-        DlqCommand::Purge => match dlq::purge(config).await {
-            Ok(n) => print(format!("{n} dead letters purged")),
-            Err(e) => fail("dlq purge", e),
-        },
+        DlqCommand::Purge { yes } => {
+            if !yes {
+                match confirm_purge(config).await {
+                    Ok(true) => {}
+                    Ok(false) => return fail("dlq purge", "not confirmed; nothing purged"),
+                    Err(e) => return fail("dlq purge", e),
+                }
+            }
+            match dlq::purge(config).await {
+                Ok(n) => print(format!("{n} dead letters purged")),
+                Err(e) => fail("dlq purge", e),
+            }
+        }
     }
+}
+
+/// Asks on the terminal whether to purge the DLQ, saying how many dead letters it holds.
+/// Without a terminal there is no one to ask: an error that names `--yes`.
+async fn confirm_purge(config: &Config) -> Result<bool, String> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let queue = &config.topology.dead_letter_queue;
+    if !std::io::stdin().is_terminal() {
+        return Err(format!(
+            "refusing to purge {queue} without confirmation: stdin is not a terminal; pass \
+             --yes to purge without asking"
+        ));
+    }
+    let n = dlq::count(config).await.map_err(|e| e.to_string())?;
+    eprint!("Delete the {n} dead letters in {queue}? They cannot be replayed after. [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|e| e.to_string())?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
 }
 
 /// `llmq topology convert`: what it would do, then (unless `dry_run`) what it did.

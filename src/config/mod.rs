@@ -186,6 +186,12 @@ impl Config {
     pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
         toml::to_string(self)
     }
+
+    /// The configuration as TOML with every secret hidden (API keys as `***`, URLs with
+    /// their password as `***`): what `llmq config check` prints.
+    pub fn to_redacted_toml(&self) -> Result<String, toml::ser::Error> {
+        secret::redacted(|| toml::to_string(self))
+    }
 }
 
 /// `[llm]`'s connection keys, which make the default deployment: those a deployment of

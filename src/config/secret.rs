@@ -1,20 +1,56 @@
 //! Secrets that never print: an API key, and URLs whose password is hidden.
 //!
-//! `Debug` and `Display` hide them; `Serialize` writes the real value, because the one
+//! `Debug` and `Display` hide them; `Serialize` writes the real value, because the
 //! serialized form of the configuration ([`Config::to_toml`](crate::config::Config::to_toml))
 //! is the private file handed to a child `llmq` process
 //! ([`child_command`](crate::config::child_command)), which needs the secrets to work. Never
-//! log or return a serialized configuration.
+//! log or return it. The one form that may be printed is
+//! [`Config::to_redacted_toml`](crate::config::Config::to_redacted_toml) (`llmq config
+//! check`): serialized inside [`redacted`], every secret writes itself hidden.
 
-use std::fmt;
+use std::{cell::Cell, fmt};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
+
+thread_local! {
+    /// Set while [`redacted`] runs on this thread: secrets serialize hidden.
+    static REDACTING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every [`Secret`] and [`SecretUrl`] serialized as it prints (`***`, a URL
+/// with its password hidden). Serialization is synchronous, so the thread's flag covers
+/// exactly what `f` serializes; it is reset even if `f` panics.
+pub fn redacted<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            REDACTING.with(|r| r.set(self.0));
+        }
+    }
+    let _reset = Reset(REDACTING.with(|r| r.replace(true)));
+    f()
+}
+
+fn redacting() -> bool {
+    REDACTING.with(Cell::get)
+}
 
 /// A secret string: prints as `***` in `Debug` and `Display`, so it never reaches a log.
-/// `Serialize` writes the value itself (see the module documentation).
-#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+/// `Serialize` writes the value itself, except inside [`redacted`] (see the module
+/// documentation).
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match redacting() {
+            // An unset secret stays visibly unset.
+            true if !self.0.is_empty() => s.serialize_str("***"),
+            _ => s.serialize_str(&self.0),
+        }
+    }
+}
 
 impl Secret {
     /// Wraps a value.
@@ -44,10 +80,21 @@ impl fmt::Display for Secret {
 }
 
 /// A URL whose password prints as `***` (`amqp://user:***@host:5672/%2f`). `Serialize`
-/// writes the URL with its password (see the module documentation).
-#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+/// writes the URL with its password, except inside [`redacted`] (see the module
+/// documentation).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct SecretUrl(String);
+
+impl Serialize for SecretUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if redacting() {
+            s.serialize_str(&self.redacted())
+        } else {
+            s.serialize_str(&self.0)
+        }
+    }
+}
 
 impl SecretUrl {
     /// Wraps a URL.
@@ -92,5 +139,34 @@ pub fn redact_url(raw: &str) -> String {
             Some((scheme, _)) => format!("{scheme}://***"),
             None => "***".into(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn a_redacted_configuration_hides_every_secret_and_only_there() {
+        let mut c = Config::default();
+        c.amqp.url = Some(SecretUrl::new("amqp://u:canary-amqp@broker:5672/%2f"));
+        c.llm.api_key = Secret::new("sk-canary-key");
+        c.idempotency.redis_url = SecretUrl::new("redis://:canary-redis@cache:6379");
+        let redacted = c.to_redacted_toml().unwrap();
+        assert!(!redacted.contains("canary"), "{redacted}");
+        assert!(
+            redacted.contains("amqp://u:***@broker:5672/%2f"),
+            "{redacted}"
+        );
+        assert!(redacted.contains("api_key = \"***\""), "{redacted}");
+        // The child's file, serialized after, still carries them: the flag was reset.
+        let full = c.to_toml().unwrap();
+        for secret in ["canary-amqp", "sk-canary-key", "canary-redis"] {
+            assert!(full.contains(secret), "{secret}");
+        }
+        // An unset key stays visibly unset.
+        let unset = Config::default().to_redacted_toml().unwrap();
+        assert!(unset.contains("api_key = \"\""), "{unset}");
     }
 }

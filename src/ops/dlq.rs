@@ -199,6 +199,14 @@ fn cleaned(props: &BasicProperties, reset_attempts: bool) -> BasicProperties {
         .with_headers(headers::for_replay(props, reset_attempts))
 }
 
+/// How many dead letters the DLQ holds (what `llmq dlq purge` asks about).
+pub async fn count(config: &Config) -> Result<u32, OpsError> {
+    let (conn, channel) = open(config, "llmq dlq purge").await?;
+    let depth = queue_depth(&channel, &config.topology.dead_letter_queue).await;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(depth?.messages)
+}
+
 /// Empties the DLQ; returns how many messages it held.
 pub async fn purge(config: &Config) -> Result<u32, OpsError> {
     let (conn, channel) = open(config, "llmq dlq purge").await?;

@@ -22,6 +22,12 @@ pub async fn declare(config: &Config) -> Result<Option<BrokerVersion>, OpsError>
     Ok(version::when_quorum(&config.amqp, config.topology.queue_type).await)
 }
 
+/// The broker's version for [`describe`], declaring nothing: read only for quorum queues
+/// (see [`version::when_quorum`]).
+pub async fn version(config: &Config) -> Option<BrokerVersion> {
+    version::when_quorum(&config.amqp, config.topology.queue_type).await
+}
+
 /// The exchanges and queues, one per line, as `llmq topology` prints them, then what a
 /// message's priority does in the work queues on a broker of `version`.
 pub fn describe(t: &TopologyConfig, version: Option<BrokerVersion>) -> String {

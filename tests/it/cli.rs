@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use crate::helpers::{TestEnv, bin};
+use crate::helpers::{TestEnv, bin, llmq_with};
 use llmq::{config::clean_command, tools::mock::MockOptions};
 
 /// The binary with none of this process's configuration variables, away from any
@@ -203,4 +203,214 @@ async fn mock_llm_serves_and_probe_checks_it() {
         .status()
         .unwrap();
     assert!(!status.success(), "probe fails when nothing answers");
+}
+
+/// Bare `llmq` starts nothing: it prints its usage, with the commands, and fails as a usage
+/// error.
+#[test]
+fn bare_llmq_prints_help_and_starts_nothing() {
+    let out = llmq().stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Usage: llmq [OPTIONS] <COMMAND>"), "{err}");
+    for command in ["run", "publish", "dlq", "topology", "config", "completions"] {
+        assert!(
+            err.contains(&format!("\n  {command} ")),
+            "{command} listed: {err}"
+        );
+    }
+}
+
+/// `--version`: the crate's version and the commit the binary was built from.
+#[test]
+fn version_names_the_commit() {
+    let out = llmq().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let git = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let commit = std::env::var("LLMQ_COMMIT")
+        .ok()
+        .or(git)
+        .unwrap_or_else(|| "unknown".into());
+    assert_eq!(
+        printed,
+        format!("llmq {} (commit {commit})", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// `llmq completions SHELL` prints a completion script that knows the subcommands.
+#[test]
+fn completions_are_printed_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "_llmq()"),
+        ("zsh", "#compdef llmq"),
+        ("fish", "complete -c llmq"),
+    ] {
+        let out = llmq().args(["completions", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.contains(marker), "{shell}: {script}");
+        assert!(script.contains("purge"), "{shell} completes dlq purge");
+    }
+    let out = llmq().args(["completions", "tcsh"]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}
+
+/// `llmq config check` prints the configuration in effect (file, then variables), with
+/// every secret hidden; an invalid one exits 64 naming each problem.
+#[test]
+fn config_check_prints_the_effective_configuration_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, "[worker]\nmax_inflight = 12\n").unwrap();
+    let out = llmq()
+        .args(["config", "check", "--config", file.to_str().unwrap()])
+        .env("LLMQ_WORKER__CONSUMERS", "3")
+        .env("LLMQ_AMQP__URL", "amqp://u:canary-amqp@broker:5672/%2f")
+        .env("LLMQ_LLM__API_KEY", "sk-canary-key")
+        .env(
+            "LLMQ_IDEMPOTENCY__REDIS_URL",
+            "redis://:canary-redis@cache:6379",
+        )
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("the configuration is valid"), "{stderr}");
+    assert!(
+        !stdout.contains("canary") && !stderr.contains("canary"),
+        "{stdout}"
+    );
+    let printed: toml::Value = toml::from_str(&stdout).expect("TOML");
+    assert_eq!(
+        printed["worker"]["max_inflight"].as_integer(),
+        Some(12),
+        "the file"
+    );
+    assert_eq!(
+        printed["worker"]["consumers"].as_integer(),
+        Some(3),
+        "the variable"
+    );
+    assert_eq!(
+        printed["amqp"]["url"].as_str(),
+        Some("amqp://u:***@broker:5672/%2f")
+    );
+    assert_eq!(printed["llm"]["api_key"].as_str(), Some("***"));
+    assert_eq!(
+        printed["idempotency"]["redis_url"].as_str(),
+        Some("redis://:***@cache:6379")
+    );
+    let out = llmq()
+        .args(["config", "check", "--config", file.to_str().unwrap()])
+        .env("LLMQ_WORKER__MAX_INFLIGHT", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("worker.max_inflight"), "{err}");
+}
+
+/// `llmq dlq purge` without a terminal to ask on refuses unless `--yes`, and purges nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_purge_asks_unless_yes() {
+    let env = TestEnv::new(MockOptions::default()).await;
+    let dlq = env.config.topology.dead_letter_queue.clone();
+    let confirm = env
+        .channel
+        .basic_publish(
+            "".into(),
+            dlq.as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"{}",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(confirm, lapin::Confirmation::Ack(None));
+    let out = llmq_with(&env.config, &["dlq", "purge"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--yes") && err.contains("not a terminal"),
+        "{err}"
+    );
+    assert_eq!(env.queue_len(&dlq).await, 1, "nothing purged");
+    let out = llmq_with(&env.config, &["dlq", "purge", "--yes"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1 dead letters purged"
+    );
+    assert_eq!(env.queue_len(&dlq).await, 0);
+    env.cleanup().await;
+}
+
+/// `llmq topology` prints what this configuration declares and declares nothing;
+/// `--declare` declares it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_prints_without_declaring_unless_asked() {
+    let mut config = crate::helpers::test_config("http://127.0.0.1:1");
+    config.topology.lanes = 0;
+    let t = config.topology.clone();
+    let out = llmq_with(&config, &["topology"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.starts_with(&format!("exchange {} (direct)\n", t.request_exchange)),
+        "{printed}"
+    );
+    assert!(printed.contains("not declared"), "{printed}");
+    let conn = lapin::Connection::connect(
+        &crate::helpers::amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let exists = |queue: String| {
+        let conn = &conn;
+        async move {
+            let ch = conn.create_channel().await.unwrap();
+            llmq::broker::topology::queue_depth(&ch, &queue)
+                .await
+                .is_ok()
+        }
+    };
+    assert!(
+        !exists(t.processing_queue.clone()).await,
+        "nothing declared"
+    );
+    let out = llmq_with(&config, &["topology", "--declare"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(exists(t.processing_queue.clone()).await, "declared");
+    assert!(exists(t.dead_letter_queue.clone()).await, "declared");
+    crate::helpers::delete_topology(&conn, &t).await;
+    let _ = conn.close(200, "done".into()).await;
 }
