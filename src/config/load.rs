@@ -39,19 +39,49 @@ impl Config {
                 .split("__"),
         );
         let mut config = Self::from_figment(&figment, &mut problems);
-        // The fallback serves the one deployment of `[llm]`; each of `[upstreams]` names
-        // its own key.
-        if config.llm.api_key.is_empty()
-            && config.upstreams.is_empty()
-            && let Ok(key) = std::env::var("OPENAI_API_KEY")
+        config.resolve_references(&mut problems);
+        // The fallback serves the one deployment of `[llm]`, and each of `[upstreams]` that
+        // is OpenAI's own and names no key of its own.
+        if let Some(key) = std::env::var("OPENAI_API_KEY")
+            .ok()
+            .filter(|k| !k.is_empty())
         {
-            config.llm.api_key = Secret::new(key);
+            if config.llm.api_key.is_empty() && config.upstreams.is_empty() {
+                config.llm.api_key = Secret::new(key.clone());
+            }
+            for upstream in config.upstreams.values_mut() {
+                if upstream.api_key.is_empty() && is_openai(upstream.base_url.expose()) {
+                    upstream.api_key = Secret::new(key.clone());
+                }
+            }
         }
         problems.extend(config.validate());
         if problems.is_empty() {
             Ok(config)
         } else {
             Err(ConfigError { problems })
+        }
+    }
+
+    /// Replaces every secret given by reference, `env:NAME`, with the value of the
+    /// environment variable `NAME`: `llm.api_key`, and each of `[upstreams]`'s `api_key`
+    /// and header values. A variable that is unset or empty is a problem naming the key and
+    /// the variable, never a value.
+    fn resolve_references(&mut self, problems: &mut Vec<String>) {
+        resolve(&mut self.llm.api_key, "llm.api_key", problems);
+        for (name, upstream) in &mut self.upstreams {
+            resolve(
+                &mut upstream.api_key,
+                &format!("upstreams.{name}.api_key"),
+                problems,
+            );
+            for (header, value) in &mut upstream.headers {
+                resolve(
+                    value,
+                    &format!("upstreams.{name}.headers.{header}"),
+                    problems,
+                );
+            }
         }
     }
 
@@ -178,6 +208,34 @@ fn without_source(message: &str) -> String {
     } else {
         format!("{first}: {}", rest.join(" "))
     }
+}
+
+/// The prefix of a secret given by reference to an environment variable.
+pub const ENV_REFERENCE: &str = "env:";
+
+/// `secret`, when it reads `env:NAME`, replaced by the variable `NAME`'s value; `key` names
+/// it in a problem.
+fn resolve(secret: &mut Secret, key: &str, problems: &mut Vec<String>) {
+    let Some(name) = secret.expose().strip_prefix(ENV_REFERENCE) else {
+        return;
+    };
+    let name = name.trim();
+    match std::env::var(name) {
+        Ok(value) if !name.is_empty() && !value.is_empty() => *secret = Secret::new(value),
+        _ if name.is_empty() => problems.push(format!(
+            "{key} ({}): `env:` names no variable",
+            env_name(key)
+        )),
+        _ => problems.push(format!(
+            "{key} ({}): refers to the environment variable {name}, which is unset or empty",
+            env_name(key)
+        )),
+    }
+}
+
+/// Whether `base_url` is OpenAI's own API (`api.openai.com`), which `OPENAI_API_KEY` serves.
+fn is_openai(base_url: &str) -> bool {
+    url::Url::parse(base_url).is_ok_and(|u| u.host_str() == Some("api.openai.com"))
 }
 
 #[cfg(test)]
@@ -416,6 +474,81 @@ fallbacks = { "gpt-4o" = ["gpt-4o-mini"] }
             empty.starts_with("amqp.urls (LLMQ_AMQP__URLS): must list at least one"),
             "{empty}"
         );
+    }
+
+    #[test]
+    fn secrets_given_by_reference_are_read_from_the_environment() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file(
+                "c.toml",
+                r#"
+[upstreams.azure]
+base_url = "https://res.openai.azure.com/openai/deployments/mini"
+api_key = "env:AZURE_KEY"
+headers = { "api-key" = "env:AZURE_HEADER", "x-plain" = "as-is" }
+"#,
+            )?;
+            jail.set_env("AZURE_KEY", "sk-azure-from-env");
+            jail.set_env("AZURE_HEADER", "header-from-env");
+            jail.set_env("LLMQ_LLM__API_KEY", "env:LLM_KEY");
+            jail.set_env("LLM_KEY", "sk-llm-from-env");
+            let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            let azure = &c.upstreams["azure"];
+            assert_eq!(azure.api_key.expose(), "sk-azure-from-env");
+            assert_eq!(azure.headers["api-key"].expose(), "header-from-env");
+            assert_eq!(azure.headers["x-plain"].expose(), "as-is");
+            assert_eq!(c.llm.api_key.expose(), "sk-llm-from-env");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_reference_to_an_unset_variable_is_a_problem_naming_both() {
+        let problems = problems(
+            Some("[upstreams.a]\nbase_url = \"http://a/v1\"\napi_key = \"env:NOT_SET_HERE\"\n"),
+            &[("LLMQ_LLM__API_KEY", "env:")],
+        );
+        let all = problems.join("\n");
+        assert!(
+            all.contains(
+                "upstreams.a.api_key (LLMQ_UPSTREAMS__A__API_KEY): refers to the environment \
+                 variable NOT_SET_HERE, which is unset or empty"
+            ),
+            "{all}"
+        );
+        assert!(
+            all.contains("llm.api_key (LLMQ_LLM__API_KEY): `env:` names no variable"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn openai_api_key_serves_openais_own_upstreams_without_a_key() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file(
+                "c.toml",
+                r#"
+[upstreams.openai]
+base_url = "https://api.openai.com/v1"
+
+[upstreams.named]
+base_url = "https://api.openai.com/v1"
+api_key = "sk-its-own"
+
+[upstreams.vllm]
+base_url = "http://vllm:8000/v1"
+"#,
+            )?;
+            jail.set_env("OPENAI_API_KEY", "sk-x");
+            let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.upstreams["openai"].api_key.expose(), "sk-x");
+            assert_eq!(c.upstreams["named"].api_key.expose(), "sk-its-own");
+            assert_eq!(c.upstreams["vllm"].api_key.expose(), "", "not OpenAI's");
+            assert_eq!(c.llm.api_key.expose(), "", "[llm] is not a deployment here");
+            Ok(())
+        });
     }
 
     #[test]
