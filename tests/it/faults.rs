@@ -13,7 +13,7 @@ use crate::helpers::{
 };
 use lapin::{BasicProperties, options::QueueDeleteOptions};
 use llmq::{
-    config::{SecretUrl, StoreKind},
+    config::{QueueType, SecretUrl, StoreKind},
     tools::mock::MockOptions,
 };
 use serde_json::json;
@@ -516,16 +516,19 @@ async fn deleted_queue_is_redeclared_and_consumed_again() {
         .await
         .unwrap();
     // Consumers subscribe after the whole topology (queue and binding) is declared again.
-    wait_until(
-        Duration::from_secs(15),
-        "the queue redeclared and consumed",
-        || async {
-            let ch = env.conn.create_channel().await.unwrap();
-            let depth = llmq::broker::topology::queue_depth(&ch, &q).await;
-            let _ = ch.close(200, "ok".into()).await;
-            depth.is_ok_and(|d| d.consumers > 0)
-        },
-    )
+    // Deleting a quorum queue under its consumers took the 3.10 test cluster up to 20 s once
+    // (it then closed the worker's connection with INTERNAL_ERROR, and the worker
+    // reconnected): a longer bound there.
+    let within = match env.config.topology.queue_type {
+        QueueType::Classic => Duration::from_secs(15),
+        QueueType::Quorum => Duration::from_secs(60),
+    };
+    wait_until(within, "the queue redeclared and consumed", || async {
+        let ch = env.conn.create_channel().await.unwrap();
+        let depth = llmq::broker::topology::queue_depth(&ch, &q).await;
+        let _ = ch.close(200, "ok".into()).await;
+        depth.is_ok_and(|d| d.consumers > 0)
+    })
     .await;
     env.publish_chat(
         &json!({"prompt": "after", "request_id": "after"}),
