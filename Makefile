@@ -7,7 +7,7 @@ PYTHON ?= python3
 INTEROP_PYTHON := $(CURDIR)/$(VENV)/bin/python
 export INTEROP_PYTHON
 
-.PHONY: test lint fmt build run mock services venv compose-config deploy-check bench clean
+.PHONY: test lint fmt build run mock services venv compose-config deploy-check bench clean demo demo-stop
 
 ## Every test: unit, integration (real broker), the Python interop client, the compose file.
 ## The node-loss tests run on a local three-node RabbitMQ cluster (scripts/cluster.sh),
@@ -47,6 +47,15 @@ run:
 
 mock:
 	cargo run --release -- mock-llm --addr 127.0.0.1:8080
+
+## A first answer without Docker: RabbitMQ (with the llmq user) and Redis when missing, the
+## mock and a worker in the background, one request and its result; they keep running.
+demo:
+	@scripts/demo.sh start
+
+## Stops what `make demo` started.
+demo-stop:
+	@scripts/demo.sh stop
 
 ## RabbitMQ and Redis for the tests (started when they do not answer).
 services:
