@@ -9,7 +9,7 @@ use lapin::{
     options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions},
 };
 use llmq::{
-    config::{QueueType, SecretUrl, StoreKind},
+    config::{Config, QueueType, SecretUrl, StoreKind},
     tools::mock::MockOptions,
 };
 use serde_json::json;
@@ -21,17 +21,34 @@ use crate::{
     },
 };
 
+/// Every node's address, node `first`'s first.
+fn addresses(cluster: &Cluster, first: usize) -> Vec<SecretUrl> {
+    let mut urls: Vec<String> = cluster.urls().to_vec();
+    urls.rotate_left(first - 1);
+    urls.iter().map(SecretUrl::new).collect()
+}
+
 /// A test env on the cluster: its topology quorum, declared through `first`, and the worker
 /// given every node's address, `first`'s first.
 async fn env_on(cluster: &Cluster, first: usize, mock: MockOptions) -> TestEnv {
-    let mut urls: Vec<String> = cluster.urls().to_vec();
-    urls.rotate_left(first - 1);
-    TestEnv::on_broker(&urls[0].clone(), mock, |c| {
+    let urls = addresses(cluster, first);
+    TestEnv::on_broker(urls[0].expose(), mock, |c| {
         c.amqp.url = None;
-        c.amqp.urls = Some(urls.iter().map(|u| SecretUrl::new(u.as_str())).collect());
+        c.amqp.urls = Some(urls.clone());
         c.topology.queue_type = QueueType::Quorum;
     })
     .await
+}
+
+/// `env`'s worker configuration with `calls` upstream calls at once (a fixed limit, the
+/// prefetch following it), connecting to node `first` first.
+fn worker_config(env: &TestEnv, cluster: &Cluster, first: usize, calls: u16) -> Config {
+    let mut config = env.config.clone();
+    config.worker.max_inflight = calls;
+    config.worker.min_inflight = calls;
+    config.worker.prefetch = 0;
+    config.amqp.urls = Some(addresses(cluster, first));
+    config
 }
 
 /// Publishes `n` chat requests `<tag>-<i>` through `conn`, persistent, confirmed.
@@ -132,14 +149,7 @@ async fn killing_the_node_of_the_queue_leaders_mid_load_loses_nothing() {
     let other = if leader == 1 { 2 } else { 1 };
     let side = cluster::connect(&cluster, other).await;
     publish_all(&side, &env, "r", N).await;
-    let mut config = env.config.clone();
-    config.worker.max_inflight = 100;
-    config.worker.min_inflight = 100;
-    config.worker.prefetch = 0;
-    let mut urls: Vec<String> = cluster.urls().to_vec();
-    urls.rotate_left(leader - 1);
-    config.amqp.urls = Some(urls.iter().map(|u| SecretUrl::new(u.as_str())).collect());
-    let worker = env.start_worker_with(config);
+    let worker = env.start_worker_with(worker_config(&env, &cluster, leader, 100));
     // A few seconds in: a tenth answered.
     wait_until(Duration::from_secs(60), "a tenth answered", || async {
         env.mock.stats().chat_calls.load(Relaxed) >= (N / 10) as u64
@@ -182,11 +192,7 @@ async fn restarting_every_node_in_turn_under_load_loses_nothing() {
     let side = cluster::connect(&cluster, 1).await;
     publish_all(&side, &env, "roll", N).await;
     let _ = side.close(200, "published".into()).await;
-    let mut config = env.config.clone();
-    config.worker.max_inflight = 20;
-    config.worker.min_inflight = 20;
-    config.worker.prefetch = 0;
-    let worker = env.start_worker_with(config);
+    let worker = env.start_worker_with(worker_config(&env, &cluster, 1, 20));
     for node in 1..=3 {
         let before = env.mock.stats().chat_calls.load(Relaxed);
         wait_until(Duration::from_secs(60), "calls under way", || async {
@@ -240,16 +246,10 @@ async fn killing_the_workers_own_node_makes_no_second_upstream_call_with_redis()
     let own = if leader == 1 { 3 } else { 1 };
     let side = cluster::connect(&cluster, leader).await;
     publish_all(&side, &env, "own", N).await;
-    let mut config = env.config.clone();
-    config.worker.max_inflight = 100;
-    config.worker.min_inflight = 100;
-    config.worker.prefetch = 0;
+    let mut config = worker_config(&env, &cluster, own, 100);
     config.idempotency.store = StoreKind::Redis;
     config.idempotency.redis_url = SecretUrl::new(redis_url());
     config.idempotency.key_prefix = prefix.clone();
-    let mut urls: Vec<String> = cluster.urls().to_vec();
-    urls.rotate_left(own - 1);
-    config.amqp.urls = Some(urls.iter().map(|u| SecretUrl::new(u.as_str())).collect());
     let worker = env.start_worker_with(config);
     // A hundred calls under way, none finished yet (each takes 1.5 s).
     wait_until(Duration::from_secs(60), "calls under way", || async {
@@ -294,7 +294,7 @@ async fn one_shot_commands_fail_over_to_a_surviving_node() {
     worker.stop().await.expect("worker stops");
     cluster.kill_node(1).await;
     let mut config = env.config.clone();
-    config.amqp.urls = Some(cluster.urls().iter().map(SecretUrl::new).collect());
+    config.amqp.urls = Some(addresses(&cluster, 1));
     let ok = |out: &std::process::Output| {
         assert!(
             out.status.success(),
